@@ -1,0 +1,204 @@
+//! Trip acceptance: what both implementations share — the request, the pre-checks, the
+//! reject, the reply — and the two strategies side by side in [`legacy`] and
+//! [`atomic_async`]. Each is a `tower::Service<AcceptCommand>`; the rollout router picks
+//! one per request.
+
+pub mod atomic_async;
+pub mod legacy;
+
+use serde_json::{Map, Value};
+
+use crate::error::{ApiError, FieldError, Outcome};
+use crate::rollout::Cohort;
+use crate::storage::{AssignOutcome, Storage};
+
+/// What the driver asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TripAction {
+    /// Take the trip.
+    Accepted,
+    /// Decline the offer.
+    Rejected,
+}
+
+/// One driver request, after authentication and validation.
+#[derive(Debug, Clone)]
+pub struct AcceptCommand {
+    /// The acting driver: always the token's subject, never from the body.
+    pub driver_id: String,
+    /// The trip (a UUID).
+    pub trip_id: String,
+    /// Accept or reject.
+    pub action: TripAction,
+    /// When the request arrived (ms), for OTP delivery time.
+    pub received_at_ms: i64,
+    /// The cohort the router chose.
+    pub cohort: Cohort,
+}
+
+/// A successful answer: 200 with `default_update_200`.
+#[derive(Debug, Clone)]
+pub struct AcceptReply {
+    /// accepted | rejected | retry
+    pub outcome: Outcome,
+    /// For a person.
+    pub message: &'static str,
+    /// The trip (full on legacy, minimal on atomic_async), or null for a reject.
+    pub data: Value,
+}
+
+impl AcceptReply {
+    fn rejected() -> Self {
+        Self {
+            outcome: Outcome::Rejected,
+            message: "Trip request rejected.",
+            data: Value::Null,
+        }
+    }
+}
+
+/// Parses the request body `{"trip_request_id": "<uuid>", "action": "accepted"|"rejected"}`,
+/// naming every invalid field.
+pub fn parse_request(body: &[u8]) -> Result<(String, TripAction), ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid("body", format!("The request body is not valid JSON: {e}")))?;
+    let Value::Object(fields) = value else {
+        return Err(ApiError::invalid("body", "The request body must be a JSON object."));
+    };
+    let mut errors = Vec::new();
+    let trip_id = uuid_field(&fields, "trip_request_id", &mut errors);
+    let action = match fields.get("action") {
+        None | Some(Value::Null) => {
+            errors.push(FieldError::new("action", "The action field is required."));
+            None
+        }
+        Some(Value::String(s)) if s == "accepted" => Some(TripAction::Accepted),
+        Some(Value::String(s)) if s == "rejected" => Some(TripAction::Rejected),
+        Some(_) => {
+            errors.push(FieldError::new("action", "The action must be accepted or rejected."));
+            None
+        }
+    };
+    match (trip_id, action) {
+        (Some(t), Some(a)) if errors.is_empty() => Ok((t, a)),
+        _ => Err(ApiError::Invalid(errors)),
+    }
+}
+
+/// A required UUID string field, normalised to lowercase hyphenated form.
+pub fn uuid_field(fields: &Map<String, Value>, name: &str, errors: &mut Vec<FieldError>) -> Option<String> {
+    match fields.get(name) {
+        None | Some(Value::Null) => {
+            errors.push(FieldError::new(name, format!("The {name} field is required.")));
+            None
+        }
+        Some(Value::String(s)) => match uuid::Uuid::parse_str(s) {
+            Ok(id) => Some(id.to_string()),
+            Err(_) => {
+                errors.push(FieldError::new(name, format!("The {name} must be a valid UUID.")));
+                None
+            }
+        },
+        Some(_) => {
+            errors.push(FieldError::new(name, format!("The {name} must be a string.")));
+            None
+        }
+    }
+}
+
+/// What the pre-checks decided.
+#[derive(Debug)]
+pub(crate) enum Precheck {
+    /// Go ahead with this vehicle.
+    Proceed { vehicle_id: String },
+    /// The trip already has this driver.
+    AlreadyMine,
+}
+
+/// The validations both cohorts run before their accept transaction, in this order:
+/// the trip exists; it has no driver (or has this one); it is pending; the driver is
+/// online and available; their vehicle is in the trip's category.
+pub(crate) async fn precheck(store: &Storage, cmd: &AcceptCommand) -> Result<Precheck, ApiError> {
+    let trip = store.trip_snapshot(&cmd.trip_id).await?.ok_or(ApiError::TripNotFound)?;
+    match &trip.driver_id {
+        Some(d) if *d == cmd.driver_id => return Ok(Precheck::AlreadyMine),
+        Some(_) => return Err(ApiError::TripTaken),
+        None => {}
+    }
+    if trip.current_status != "pending" {
+        return Err(ApiError::TripNotPending);
+    }
+    let driver = store.driver_snapshot(&cmd.driver_id).await?;
+    let driver = driver.filter(|d| d.is_available()).ok_or(ApiError::DriverUnavailable)?;
+    match (driver.vehicle_id, driver.vehicle_category_id) {
+        (Some(vehicle_id), Some(category)) if category == trip.vehicle_category_id => {
+            Ok(Precheck::Proceed { vehicle_id })
+        }
+        _ => Err(ApiError::VehicleMismatch),
+    }
+}
+
+/// A driver declines an offer: recorded, 200. Same in both cohorts.
+pub(crate) async fn reject(store: &Storage, cmd: &AcceptCommand) -> Result<AcceptReply, ApiError> {
+    store.trip_snapshot(&cmd.trip_id).await?.ok_or(ApiError::TripNotFound)?;
+    store.record_rejection(&cmd.trip_id, &cmd.driver_id).await?;
+    Ok(AcceptReply::rejected())
+}
+
+/// The error for an accept transaction that did not commit.
+pub(crate) fn refusal(outcome: AssignOutcome) -> ApiError {
+    match outcome {
+        AssignOutcome::NotFound => ApiError::TripNotFound,
+        AssignOutcome::NotPending => ApiError::TripNotPending,
+        AssignOutcome::DriverBusy => ApiError::DriverUnavailable,
+        AssignOutcome::Taken | AssignOutcome::AlreadyMine => ApiError::TripTaken,
+        AssignOutcome::Accepted { .. } => ApiError::Internal("accepted trip treated as a refusal".into()),
+    }
+}
+
+/// A four-digit OTP.
+pub(crate) fn new_otp() -> String {
+    format!("{:04}", rand::random_range(0..10_000))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn codes(body: &str) -> Vec<String> {
+        match parse_request(body.as_bytes()) {
+            Err(ApiError::Invalid(errors)) => errors.into_iter().map(|e| e.error_code).collect(),
+            other => panic!("{body}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn request_validation_names_fields() {
+        let id = "6f1c2b8e-7a8e-4a3e-9d7c-6a0c1f7b2d11";
+        let ok = parse_request(format!(r#"{{"trip_request_id":"{id}","action":"accepted"}}"#).as_bytes()).unwrap();
+        assert_eq!(ok, (id.to_string(), TripAction::Accepted));
+        assert_eq!(codes("{"), ["body"]);
+        assert_eq!(codes("[]"), ["body"]);
+        assert_eq!(codes("{}"), ["trip_request_id", "action"]);
+        assert_eq!(
+            codes(r#"{"trip_request_id":"nope","action":"accepted"}"#),
+            ["trip_request_id"]
+        );
+        assert_eq!(
+            codes(&format!(r#"{{"trip_request_id":"{id}","action":"maybe"}}"#)),
+            ["action"]
+        );
+        assert_eq!(
+            codes(r#"{"trip_request_id":7,"action":1}"#),
+            ["trip_request_id", "action"]
+        );
+    }
+
+    #[test]
+    fn otp_is_four_digits() {
+        for _ in 0..100 {
+            let otp = new_otp();
+            assert!(otp.len() == 4 && otp.chars().all(|c| c.is_ascii_digit()), "{otp}");
+        }
+    }
+}

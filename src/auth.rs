@@ -1,0 +1,174 @@
+//! Bearer tokens: HS256 JWTs with `sub`, `role` and `exp` (`nbf` honoured when present).
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+/// Who a token speaks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// A driver: may accept and reject trips.
+    Driver,
+    /// A customer: may create, cancel and read their trips.
+    Customer,
+    /// Operations: admin listener.
+    Admin,
+}
+
+impl Role {
+    /// The `role` claim's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Driver => "driver",
+            Self::Customer => "customer",
+            Self::Admin => "admin",
+        }
+    }
+}
+
+/// The claims tripgate issues and accepts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    /// The user's id (`admin` for admin tokens).
+    pub sub: String,
+    /// The user's role.
+    pub role: Role,
+    /// Expiry, seconds since the epoch.
+    pub exp: u64,
+    /// Issued at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
+    /// Not valid before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
+}
+
+/// Signs and verifies tokens with one HS256 key.
+#[derive(Clone)]
+pub struct TokenKeys {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+    ttl_s: u64,
+}
+
+impl std::fmt::Debug for TokenKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenKeys(..)")
+    }
+}
+
+impl TokenKeys {
+    /// Keys for `secret`; minted tokens live `ttl_s` seconds.
+    pub fn new(secret: &str, ttl_s: u64) -> Self {
+        // Only HS256: a token signed with anything else (`none`, RS256 with our secret as a
+        // "public key") is refused before its signature is even looked at.
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.validate_nbf = true;
+        validation.leeway = 5;
+        Self {
+            encoding: EncodingKey::from_secret(secret.as_bytes()),
+            decoding: DecodingKey::from_secret(secret.as_bytes()),
+            validation,
+            ttl_s,
+        }
+    }
+
+    /// A token for `sub` in `role`, valid from now for the configured lifetime.
+    pub fn mint(&self, sub: &str, role: Role) -> Result<String, jsonwebtoken::errors::Error> {
+        let now = now_s();
+        self.sign(&Claims {
+            sub: sub.to_owned(),
+            role,
+            exp: now + self.ttl_s,
+            iat: Some(now),
+            nbf: None,
+        })
+    }
+
+    /// Signs arbitrary claims (tests use it for expired and not-yet-valid tokens).
+    pub fn sign(&self, claims: &Claims) -> Result<String, jsonwebtoken::errors::Error> {
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.encoding)
+    }
+
+    /// The claims of a valid token, or `None` for anything else.
+    pub fn verify(&self, token: &str) -> Option<Claims> {
+        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .ok()
+            .map(|data| data.claims)
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_refusals() {
+        let keys = TokenKeys::new("0123456789abcdef", 60);
+        let token = keys.mint("d1", Role::Driver).unwrap();
+        let claims = keys.verify(&token).unwrap();
+        assert_eq!((claims.sub.as_str(), claims.role), ("d1", Role::Driver));
+
+        let other = TokenKeys::new("another-secret-0123", 60);
+        assert!(other.verify(&token).is_none(), "wrong key");
+
+        let now = now_s();
+        let expired = keys
+            .sign(&Claims {
+                sub: "d1".into(),
+                role: Role::Driver,
+                exp: now - 60,
+                iat: None,
+                nbf: None,
+            })
+            .unwrap();
+        assert!(keys.verify(&expired).is_none(), "expired");
+        let early = keys
+            .sign(&Claims {
+                sub: "d1".into(),
+                role: Role::Driver,
+                exp: now + 600,
+                iat: None,
+                nbf: Some(now + 300),
+            })
+            .unwrap();
+        assert!(keys.verify(&early).is_none(), "not yet valid");
+
+        // alg=none: header {"alg":"none"}, same claims, empty signature.
+        let none = format!(
+            "{}.{}.",
+            b64("{\"alg\":\"none\",\"typ\":\"JWT\"}"),
+            b64(&format!("{{\"sub\":\"d1\",\"role\":\"driver\",\"exp\":{}}}", now + 600))
+        );
+        assert!(keys.verify(&none).is_none(), "alg none");
+        assert!(keys.verify("garbage").is_none());
+    }
+
+    fn b64(s: &str) -> String {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let bytes = s.as_bytes();
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let n = chunk
+                .iter()
+                .enumerate()
+                .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+            for i in 0..=chunk.len() {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,590 @@
+//! `config.toml`: one struct per section, validated at load.
+//!
+//! Every key can be overridden from the environment as `TRIPGATE_<SECTION>_<KEY>`
+//! (`TRIPGATE_DATABASE_URL`, `TRIPGATE_PROVIDERS_SMS_KIND`, …). A bad file or value fails
+//! with one line that names the key, so `tripgate` can refuse to start with a clear reason.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Why a configuration could not be used; the message is one line that names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file exists but could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// The I/O failure.
+        source: std::io::Error,
+    },
+    /// TOML syntax error.
+    #[error("{path}: {message}")]
+    Syntax {
+        /// The config file.
+        path: PathBuf,
+        /// The parser's message, flattened to one line.
+        message: String,
+    },
+    /// A key has a value of the wrong type or range, or is unknown.
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        /// The config file (or `environment` for an override).
+        path: PathBuf,
+        /// Dotted key, e.g. `server.listen`.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// The whole configuration, one field per section of `config.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Listeners and per-request limits.
+    pub server: ServerConfig,
+    /// The durable store: SQLite (embedded default) or PostgreSQL.
+    pub database: DatabaseConfig,
+    /// The lock store and event bus; empty URL means in-process.
+    pub redis: RedisConfig,
+    /// Where the rollout flags live.
+    pub flags: FlagsConfig,
+    /// Token verification.
+    pub auth: AuthConfig,
+    /// What the driver app tolerates.
+    pub client: ClientConfig,
+    /// SMS and push providers.
+    pub providers: ProvidersConfig,
+    /// The durable job queue.
+    pub jobs: JobsConfig,
+    /// Log output.
+    pub log: LogConfig,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Driver and customer API.
+    pub listen: SocketAddr,
+    /// `/metrics`, health and `/admin/*`; kept apart so it is never exposed with the API.
+    pub admin_listen: SocketAddr,
+    /// Larger request bodies get 413.
+    pub max_body_bytes: usize,
+    /// Requests per second per driver, with an equal burst; over it: 429.
+    pub rate_limit_per_driver: u32,
+    /// How long in-flight requests may run after a shutdown signal.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            max_body_bytes: 16 * 1024,
+            rate_limit_per_driver: 20,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+/// `[database]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `sqlite://relative.db`, `sqlite:///absolute.db` or `postgres://…`.
+    pub url: String,
+    /// Pool size.
+    pub max_connections: u32,
+    /// Bound on acquiring a connection; past it the request gets 503.
+    pub acquire_timeout_ms: u64,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://data/tripgate.db".into(),
+            max_connections: 8,
+            acquire_timeout_ms: 2_000,
+        }
+    }
+}
+
+/// `[redis]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// Empty: in-process lock store and event bus (one instance only).
+    pub url: String,
+    /// Expiry of a trip lock.
+    pub lock_ttl_s: u64,
+    /// Bound on every lock-store call; past it the SQL fence alone decides.
+    pub timeout_ms: u64,
+    /// Prefix of every key and channel, so several deployments (or tests) share a Redis.
+    pub key_prefix: String,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            lock_ttl_s: 300,
+            timeout_ms: 50,
+            key_prefix: "tripgate".into(),
+        }
+    }
+}
+
+/// `[flags]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlagsConfig {
+    /// The rollout flags file, watched for changes.
+    pub path: PathBuf,
+}
+
+impl Default for FlagsConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("flags/rollout.toml"),
+        }
+    }
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// HS256 key for bearer tokens; at least 16 bytes.
+    pub hs256_secret: String,
+    /// Lifetime of tokens minted by `tripgate token`.
+    pub token_ttl_s: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            hs256_secret: String::new(),
+            token_ttl_s: 7 * 24 * 3600,
+        }
+    }
+}
+
+/// `[client]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientConfig {
+    /// The driver app gives up after this; slower requests count as timeouts.
+    pub timeout_ms: u64,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self { timeout_ms: 7_000 }
+    }
+}
+
+/// `[providers]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProvidersConfig {
+    /// SMS gateway (OTP and parcel SMS).
+    pub sms: ProviderConfig,
+    /// Push notifications (FCM).
+    pub push: ProviderConfig,
+}
+
+impl Default for ProvidersConfig {
+    fn default() -> Self {
+        Self {
+            sms: ProviderConfig::simulated(1_500),
+            push: ProviderConfig::simulated(800),
+        }
+    }
+}
+
+/// Which kind of provider to talk to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// Sleeps `latency_ms` and fails at `failure_rate`: the design document's timings.
+    Simulated,
+    /// HTTP POST of the message as JSON to `url`.
+    Webhook,
+    /// Logs the message and succeeds.
+    Log,
+}
+
+/// `[providers.sms]` / `[providers.push]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProviderConfig {
+    /// simulated | webhook | log
+    pub kind: ProviderKind,
+    /// simulated: how long a call takes.
+    pub latency_ms: u64,
+    /// simulated: probability in 0..=1 that a call fails.
+    pub failure_rate: f64,
+    /// webhook: where to POST.
+    pub url: String,
+    /// webhook: bound on one call.
+    pub timeout_ms: u64,
+}
+
+impl ProviderConfig {
+    fn simulated(latency_ms: u64) -> Self {
+        Self {
+            kind: ProviderKind::Simulated,
+            latency_ms,
+            failure_rate: 0.0,
+            url: String::new(),
+            timeout_ms: 3_000,
+        }
+    }
+}
+
+impl Default for ProviderConfig {
+    fn default() -> Self {
+        Self::simulated(0)
+    }
+}
+
+/// `[jobs]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// Concurrent jobs per process.
+    pub workers: usize,
+    /// After this many failed attempts a job is `dead`.
+    pub max_attempts: u32,
+    /// First retry delay; doubles each attempt, with jitter.
+    pub backoff_base_ms: u64,
+    /// A claimed job not finished within this is taken again (its worker is presumed dead).
+    pub visibility_timeout_s: u64,
+    /// Slow poll in case a wake-up is missed.
+    pub poll_interval_ms: u64,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            workers: 8,
+            max_attempts: 8,
+            backoff_base_ms: 200,
+            visibility_timeout_s: 60,
+            poll_interval_ms: 1_000,
+        }
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` for people, `json` for log pipelines.
+    pub format: LogFormat,
+    /// `tracing` filter directive, e.g. `info,tripgate=debug`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The storage backend a database URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatabaseKind {
+    /// Embedded default.
+    Sqlite,
+    /// Production.
+    Postgres,
+}
+
+impl DatabaseConfig {
+    /// The backend named by `url`, or `None` for an unsupported scheme.
+    pub fn kind(&self) -> Option<DatabaseKind> {
+        if self.url.starts_with("sqlite:") {
+            Some(DatabaseKind::Sqlite)
+        } else if self.url.starts_with("postgres://") || self.url.starts_with("postgresql://") {
+            Some(DatabaseKind::Postgres)
+        } else {
+            None
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path` (a missing file means all defaults), applies `TRIPGATE_*` overrides
+    /// from the process environment, and validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        };
+        Self::from_toml(path, &text, |name| std::env::var(name).ok())
+    }
+
+    /// Parses `text`, applies overrides looked up by `env`, and validates. `path` only
+    /// names the source in error messages.
+    pub fn from_toml(path: &Path, text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let file: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
+            path: path.to_owned(),
+            message: one_line(e.message()),
+        })?;
+        // Start from the defaults so every key exists and can be overridden from the
+        // environment even when the file leaves it out.
+        let mut merged = toml::Table::try_from(Config::default()).map_err(|e| ConfigError::Syntax {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        merge(&mut merged, file);
+        apply_env(&mut merged, "TRIPGATE", &env);
+        let invalid = |key: String, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            message,
+        };
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(merged))
+            .map_err(|e| invalid(e.path().to_string(), one_line(&e.inner().to_string())))?;
+        config
+            .validate()
+            .map_err(|(key, message)| invalid(key.into(), message))?;
+        Ok(config)
+    }
+
+    /// Range and consistency checks serde cannot express.
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.database.kind().is_none() {
+            return Err((
+                "database.url",
+                format!(
+                    "unsupported URL {:?}: use sqlite://path.db or postgres://…",
+                    self.database.url
+                ),
+            ));
+        }
+        if self.database.max_connections == 0 {
+            return Err(("database.max_connections", "must be at least 1".into()));
+        }
+        if !(self.redis.url.is_empty()
+            || self.redis.url.starts_with("redis://")
+            || self.redis.url.starts_with("rediss://"))
+        {
+            return Err((
+                "redis.url",
+                format!(
+                    "{:?} is not a redis:// URL (leave it empty for in-process)",
+                    self.redis.url
+                ),
+            ));
+        }
+        if self.redis.lock_ttl_s == 0 {
+            return Err(("redis.lock_ttl_s", "must be at least 1".into()));
+        }
+        if self.redis.timeout_ms == 0 {
+            return Err(("redis.timeout_ms", "must be at least 1".into()));
+        }
+        if self.auth.hs256_secret.len() < 16 {
+            return Err((
+                "auth.hs256_secret",
+                "must be set, at least 16 bytes (or TRIPGATE_AUTH_HS256_SECRET)".into(),
+            ));
+        }
+        if self.client.timeout_ms == 0 {
+            return Err(("client.timeout_ms", "must be at least 1".into()));
+        }
+        for (key, provider) in [
+            ("providers.sms", &self.providers.sms),
+            ("providers.push", &self.providers.push),
+        ] {
+            if !(0.0..=1.0).contains(&provider.failure_rate) {
+                return Err((
+                    if key == "providers.sms" {
+                        "providers.sms.failure_rate"
+                    } else {
+                        "providers.push.failure_rate"
+                    },
+                    format!("{} is not in 0..=1", provider.failure_rate),
+                ));
+            }
+            if provider.kind == ProviderKind::Webhook && !provider.url.starts_with("http") {
+                return Err((
+                    if key == "providers.sms" {
+                        "providers.sms.url"
+                    } else {
+                        "providers.push.url"
+                    },
+                    "a webhook provider needs an http(s):// url".into(),
+                ));
+            }
+        }
+        if self.jobs.workers == 0 {
+            return Err(("jobs.workers", "must be at least 1".into()));
+        }
+        if self.jobs.max_attempts == 0 {
+            return Err(("jobs.max_attempts", "must be at least 1".into()));
+        }
+        if self.jobs.visibility_timeout_s == 0 {
+            return Err(("jobs.visibility_timeout_s", "must be at least 1".into()));
+        }
+        if self.server.max_body_bytes == 0 {
+            return Err(("server.max_body_bytes", "must be at least 1".into()));
+        }
+        if self.server.rate_limit_per_driver == 0 {
+            return Err(("server.rate_limit_per_driver", "must be at least 1".into()));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(("log.level", format!("{:?} is not a tracing filter", self.log.level)));
+        }
+        Ok(())
+    }
+
+    /// `client.timeout_ms` as a duration.
+    pub fn client_timeout(&self) -> Duration {
+        Duration::from_millis(self.client.timeout_ms)
+    }
+}
+
+/// Overlays `over` onto `base`, table by table.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+/// Replaces every leaf whose `PREFIX_SECTION_KEY` variable is set. A value that parses as
+/// a TOML literal of the leaf's type (number, bool) is taken as such, anything else as a string.
+fn apply_env(table: &mut toml::Table, prefix: &str, env: &impl Fn(&str) -> Option<String>) {
+    for (key, value) in table.iter_mut() {
+        let name = format!("{prefix}_{}", key.to_ascii_uppercase());
+        match value {
+            toml::Value::Table(inner) => apply_env(inner, &name, env),
+            leaf => {
+                if let Some(raw) = env(&name) {
+                    *leaf = parse_env_value(&raw, leaf);
+                }
+            }
+        }
+    }
+}
+
+fn parse_env_value(raw: &str, like: &toml::Value) -> toml::Value {
+    if !like.is_str()
+        && let Ok(t) = format!("v = {raw}").parse::<toml::Table>()
+        && let Some(v) = t.get("v")
+    {
+        return v.clone();
+    }
+    toml::Value::String(raw.to_owned())
+}
+
+fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "[auth]\nhs256_secret = \"0123456789abcdef\"\n";
+
+    fn parse(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Config::from_toml(Path::new("config.toml"), text, move |name| {
+            env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+        })
+    }
+
+    #[test]
+    fn defaults_fill_missing_keys() {
+        let c = parse(SECRET, &[]).unwrap();
+        assert_eq!(c.client.timeout_ms, 7_000);
+        assert_eq!(c.providers.sms.latency_ms, 1_500);
+        assert_eq!(c.providers.push.latency_ms, 800);
+        assert_eq!(c.database.kind(), Some(DatabaseKind::Sqlite));
+    }
+
+    #[test]
+    fn env_overrides_any_key() {
+        let c = parse(
+            SECRET,
+            &[
+                ("TRIPGATE_DATABASE_URL", "postgres://u@h/db"),
+                ("TRIPGATE_REDIS_URL", "redis://127.0.0.1:6379"),
+                ("TRIPGATE_PROVIDERS_SMS_LATENCY_MS", "5"),
+                ("TRIPGATE_PROVIDERS_PUSH_KIND", "log"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.database.kind(), Some(DatabaseKind::Postgres));
+        assert_eq!(c.redis.url, "redis://127.0.0.1:6379");
+        assert_eq!(c.providers.sms.latency_ms, 5);
+        assert_eq!(c.providers.push.kind, ProviderKind::Log);
+    }
+
+    #[test]
+    fn bad_values_name_their_key_on_one_line() {
+        let cases = [
+            ("[server]\nlisten = \"nowhere\"\n", "server.listen"),
+            ("[server]\nlistne = \"127.0.0.1:1\"\n", "listne"),
+            ("[jobs]\nworkers = \"many\"\n", "jobs.workers"),
+            ("[database]\nurl = \"mysql://x\"\n", "database.url"),
+            ("[providers.sms]\nfailure_rate = 2.0\n", "providers.sms.failure_rate"),
+            ("[providers.push]\nkind = \"webhook\"\n", "providers.push.url"),
+            ("[providers.sms]\nkind = \"carrier-pigeon\"\n", "providers.sms.kind"),
+        ];
+        for (text, key) in cases {
+            let err = parse(&format!("{SECRET}{text}"), &[]).unwrap_err().to_string();
+            assert!(err.contains(key), "{text:?} gave {err:?}");
+            assert!(!err.contains('\n'), "{err:?} spans lines");
+        }
+        let err = parse("", &[]).unwrap_err().to_string();
+        assert!(err.contains("auth.hs256_secret"), "{err}");
+        let err = parse("[server\n", &[]).unwrap_err().to_string();
+        assert!(!err.contains('\n'), "{err:?}");
+        let err = parse(SECRET, &[("TRIPGATE_CLIENT_TIMEOUT_MS", "soon")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("client.timeout_ms"), "{err}");
+    }
+
+    #[test]
+    fn shipped_config_is_valid() {
+        let text = include_str!("../config.toml");
+        let c = parse(text, &[]).unwrap();
+        assert_eq!(c.providers.sms.kind, ProviderKind::Simulated);
+        assert_eq!(c.providers.sms.latency_ms, 1_500);
+        assert_eq!(c.providers.push.latency_ms, 800);
+    }
+}

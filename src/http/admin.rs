@@ -1,0 +1,181 @@
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, and the admin API (flags, audit,
+//! jobs), which needs an admin token.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Extension, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{AppState, AuthUser, json_body};
+use crate::error::ApiError;
+use crate::flags::{self, watcher};
+use crate::storage::{AuditEntry, now_ms};
+
+/// The admin routes.
+pub fn routes(state: AppState) -> Router {
+    let admin = Router::new()
+        .route("/admin/flags", get(get_flags))
+        .route("/admin/flags/{name}", put(put_flag))
+        .route("/admin/audit", get(audit))
+        .route("/admin/jobs", get(jobs))
+        .route("/admin/jobs/{id}/retry", post(retry_job))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), super::admins));
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .merge(admin)
+        .fallback(|| async { ApiError::NotFound("route").into_response() })
+        .with_state(state)
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    // Job gauges are read at scrape time; a database that does not answer quickly leaves
+    // the last values in place rather than stalling the scrape.
+    if let Ok(Ok(counts)) = tokio::time::timeout(Duration::from_millis(500), state.store.job_counts()).await {
+        state.metrics.set_job_counts(&counts);
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Ready when the database answers and migrations ran. Redis down does not make the
+/// gateway unready (the SQL fence decides alone) but is named in the body.
+async fn readyz(State(state): State<AppState>) -> Response {
+    let timeout = Duration::from_secs(1);
+    let database = matches!(tokio::time::timeout(timeout, state.store.ping()).await, Ok(Ok(())));
+    let migrated = state.migrated.load(Ordering::Acquire);
+    let redis = match &state.redis {
+        None => "disabled",
+        Some(redis) => {
+            if redis.ping().await.is_ok() {
+                "up"
+            } else {
+                "down"
+            }
+        }
+    };
+    let ready = database && migrated;
+    let body = json!({
+        "status": if ready { "ready" } else { "not_ready" },
+        "database": if database { "up" } else { "down" },
+        "migrated": migrated,
+        "redis": redis,
+        "lock_store": state.locks.backend(),
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+async fn get_flags(State(state): State<AppState>) -> Json<Value> {
+    let snapshot = state.flags.snapshot();
+    let flags: serde_json::Map<String, Value> = snapshot
+        .set
+        .flags
+        .iter()
+        .map(|(name, f)| {
+            (
+                name.clone(),
+                json!({"percent": f.percent(), "salt": f.salt, "allow": f.allow, "deny": f.deny}),
+            )
+        })
+        .collect();
+    Json(json!({
+        "flags": flags,
+        "version": snapshot.version,
+        "loaded_at": snapshot.loaded_at_ms,
+        "path": snapshot.path.display().to_string(),
+    }))
+}
+
+/// Writes the new percentage to the flags file (the single source of truth), then loads
+/// it at once so the change is in force when the answer arrives.
+async fn put_flag(
+    State(state): State<AppState>,
+    Extension(user): Extension<AuthUser>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = json_body(&headers, body)?;
+    let value: Value =
+        serde_json::from_slice(&body).map_err(|e| ApiError::invalid("body", format!("not valid JSON: {e}")))?;
+    let percent = value
+        .get("percent")
+        .and_then(Value::as_f64)
+        .ok_or_else(|| ApiError::invalid("percent", "The percent must be a number in 0..=100."))?;
+    flags::percent_to_threshold(percent).map_err(|reason| ApiError::invalid("percent", reason))?;
+    let path = state.config.flags.path.clone();
+    let name_for_write = name.clone();
+    let written = tokio::task::spawn_blocking(move || flags::write_percent(&path, &name_for_write, percent))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let from = match written {
+        Ok(from) => from,
+        Err(flags::FlagsError::Missing(_)) => return Err(ApiError::NotFound("flag")),
+        Err(flags::FlagsError::Invalid { reason, .. }) => return Err(ApiError::invalid("percent", reason)),
+        Err(e) => return Err(ApiError::Internal(e.to_string())),
+    };
+    if let Ok(watcher::Reload::Changed(_)) = watcher::reload(&state.flags, &state.config.flags.path) {
+        let snapshot = state.flags.snapshot();
+        state.metrics.flags_reload("ok");
+        state.metrics.flags_loaded(&snapshot.set, snapshot.loaded_at_ms);
+    }
+    let entry = AuditEntry {
+        at: now_ms(),
+        actor: user.id,
+        source: "api".into(),
+        flag: name.clone(),
+        from: Some(from),
+        to: percent,
+    };
+    state.store.record_flag_change(&entry).await?;
+    Ok(get_flags(State(state)).await.into_response())
+}
+
+async fn audit(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let entries = state.store.flag_audit().await?;
+    Ok(Json(json!({"entries": entries})))
+}
+
+#[derive(Deserialize)]
+struct JobsQuery {
+    state: Option<String>,
+}
+
+async fn jobs(State(state): State<AppState>, Query(q): Query<JobsQuery>) -> Result<Json<Value>, ApiError> {
+    if let Some(s) = &q.state
+        && !["queued", "running", "done", "dead"].contains(&s.as_str())
+    {
+        return Err(ApiError::invalid(
+            "state",
+            "The state must be queued, running, done or dead.",
+        ));
+    }
+    let jobs = state.store.list_jobs(q.state.as_deref()).await?;
+    Ok(Json(json!({"jobs": jobs})))
+}
+
+async fn retry_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let job = state
+        .store
+        .retry_job(&id)
+        .await?
+        .ok_or(ApiError::NotFound("dead job"))?;
+    Ok(Json(serde_json::to_value(job).unwrap_or_default()))
+}

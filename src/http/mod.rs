@@ -1,0 +1,158 @@
+//! HTTP: the driver and customer API (`server.listen`) and the admin listener
+//! (`server.admin_listen`), built with axum.
+//!
+//! Layers, outside in: request id → per-request log line (and metrics) → body limit →
+//! auth (401/403 before anything reads the body) → for the driver routes, the rollout
+//! router → the cohort's handler.
+
+pub mod admin;
+pub mod customer;
+pub mod driver;
+pub mod observe;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use crate::auth::{Role, TokenKeys};
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::flags::FlagsHandle;
+use crate::lock_store::LockStore;
+use crate::redis_conn::RedisHandle;
+use crate::storage::Storage;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    /// The configuration in force.
+    pub config: Arc<Config>,
+    /// Storage.
+    pub store: Storage,
+    /// Token verification.
+    pub keys: TokenKeys,
+    /// The rollout flags in force.
+    pub flags: FlagsHandle,
+    /// Redis, when configured (for `/readyz`).
+    pub redis: Option<RedisHandle>,
+    /// The lock store (for `/readyz`).
+    pub locks: Arc<dyn LockStore>,
+    /// True once migrations ran: until then `/readyz` answers 503.
+    pub migrated: Arc<AtomicBool>,
+    /// Request metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// The authenticated caller, from a verified token; set as a request extension by the
+/// auth layer and copied onto the response for the log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthUser {
+    /// Token subject: the user's id.
+    pub id: String,
+    /// Token role.
+    pub role: Role,
+}
+
+/// Verifies the bearer token: valid signature and times, and (drivers and customers) a
+/// user that exists with that role. Then the role must be one of `allowed`.
+pub async fn authenticate(state: &AppState, headers: &HeaderMap, allowed: &[Role]) -> Result<AuthUser, ApiError> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+        .ok_or(ApiError::Unauthorized)?;
+    let claims = state.keys.verify(token).ok_or(ApiError::Unauthorized)?;
+    if claims.role != Role::Admin {
+        let user_type = state.store.user_type(&claims.sub).await?;
+        if user_type.as_deref() != Some(claims.role.as_str()) {
+            return Err(ApiError::Unauthorized);
+        }
+    }
+    if !allowed.contains(&claims.role) {
+        return Err(ApiError::Forbidden);
+    }
+    Ok(AuthUser {
+        id: claims.sub,
+        role: claims.role,
+    })
+}
+
+/// Middleware: authenticate as one of `allowed`, or answer 401/403.
+async fn require(state: AppState, allowed: &'static [Role], mut req: Request, next: Next) -> Response {
+    match authenticate(&state, req.headers(), allowed).await {
+        Ok(user) => {
+            req.extensions_mut().insert(user.clone());
+            let mut res = next.run(req).await;
+            res.extensions_mut().insert(user);
+            res
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Middleware: drivers only.
+pub async fn drivers(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    require(s, &[Role::Driver], req, next).await
+}
+
+/// Middleware: customers only.
+pub async fn customers(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    require(s, &[Role::Customer], req, next).await
+}
+
+/// Middleware: customers and admins.
+pub async fn customers_or_admins(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    require(s, &[Role::Customer, Role::Admin], req, next).await
+}
+
+/// Middleware: admins only.
+pub async fn admins(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    require(s, &[Role::Admin], req, next).await
+}
+
+/// The body of a JSON request: 413 past the limit, 415 for another content type.
+pub fn json_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge
+        } else {
+            ApiError::invalid("body", rejection.body_text())
+        }
+    })?;
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| {
+            let mime = mime.trim().to_ascii_lowercase();
+            mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+        });
+    if !is_json {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    Ok(body)
+}
+
+/// The API router (driver and customer routes) with its layers.
+pub fn api_router(state: AppState, accept: driver::AcceptServices) -> Router {
+    let limit = state.config.server.max_body_bytes;
+    let router = Router::new()
+        .merge(driver::routes(&state, accept))
+        .merge(customer::routes(&state))
+        .fallback(|| async { ApiError::NotFound("route").into_response() })
+        .layer(DefaultBodyLimit::max(limit));
+    observe::wrap(router, state.metrics.clone())
+}
+
+/// The admin router.
+pub fn admin_router(state: AppState) -> Router {
+    observe::wrap(admin::routes(state.clone()), state.metrics.clone())
+}

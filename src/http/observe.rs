@@ -1,0 +1,80 @@
+//! Request ids, the per-request log line and the request metrics.
+//!
+//! One structured line per request: request id, method, route template, status, driver,
+//! cohort, outcome, latency. The cohort and outcome come from response extensions the
+//! router and the handlers set, so nothing parses bodies.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::HeaderName;
+use axum::middleware::Next;
+use axum::response::Response;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+
+use super::AuthUser;
+use crate::error::Outcome;
+use crate::metrics::Metrics;
+use crate::rollout::Cohort;
+
+/// The request id header, set when the client did not send one and echoed back.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Wraps `router` in the request-id and observe layers (the request id outermost, so the
+/// log line has it).
+pub fn wrap(router: Router, metrics: Arc<Metrics>) -> Router {
+    router
+        .layer(axum::middleware::from_fn_with_state(metrics, observe))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+}
+
+async fn observe(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = req.method().clone();
+    let request_id = req
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let response = next.run(req).await;
+    let elapsed = started.elapsed();
+    let status = response.status();
+    let cohort = response.extensions().get::<Cohort>().copied();
+    let outcome = response
+        .extensions()
+        .get::<Outcome>()
+        .copied()
+        .unwrap_or(if status.is_server_error() {
+            Outcome::Error
+        } else if status.is_client_error() {
+            Outcome::Invalid
+        } else {
+            Outcome::Accepted
+        });
+    let driver = response
+        .extensions()
+        .get::<AuthUser>()
+        .map(|u| u.id.as_str())
+        .unwrap_or("");
+    tracing::info!(
+        request_id = %request_id,
+        method = %method,
+        route = %route,
+        status = status.as_u16(),
+        driver = %driver,
+        cohort = cohort.map_or("none", Cohort::as_str),
+        outcome = outcome.as_str(),
+        latency_ms = elapsed.as_secs_f64() * 1000.0,
+        "request"
+    );
+    metrics.request(cohort, &route, outcome, status.as_u16(), elapsed);
+    response
+}

@@ -1,0 +1,181 @@
+//! The durable job queue's workers.
+//!
+//! A job is claimed with a lease (`jobs.visibility_timeout_s`): a worker that dies holding
+//! one simply lets the lease run out, and the job is claimed again. A failed attempt is
+//! retried with exponential backoff and jitter; after `jobs.max_attempts` it is `dead`
+//! (visible in `/admin/jobs?state=dead`, retryable by hand). Workers sleep until an enqueue
+//! wakes them (in-process, or Postgres `NOTIFY`), with a slow poll as a fallback.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::config::JobsConfig;
+use crate::effects::{EffectRunner, Schedule};
+use crate::storage::{Job, JobResult, Storage, now_ms};
+
+/// Retry policy of `[jobs]`.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// After this many attempts a failing job is dead.
+    pub max_attempts: u32,
+    /// First delay; doubles per attempt.
+    pub backoff_base_ms: u64,
+}
+
+impl RetryPolicy {
+    /// From `[jobs]`.
+    pub fn from_config(config: &JobsConfig) -> Self {
+        Self {
+            max_attempts: config.max_attempts,
+            backoff_base_ms: config.backoff_base_ms,
+        }
+    }
+
+    /// Delay before attempt `attempts + 1`: `base × 2^(attempts-1)`, capped at 5 minutes,
+    /// of which a random half is jitter (so retries of many jobs spread out).
+    pub fn backoff_ms(&self, attempts: u32, jitter: f64) -> u64 {
+        let exp = attempts.saturating_sub(1).min(20);
+        let delay = self.backoff_base_ms.saturating_mul(1 << exp).min(300_000);
+        delay / 2 + ((delay / 2) as f64 * jitter.clamp(0.0, 1.0)) as u64
+    }
+
+    /// What becomes of a job after attempt number `attempts` ended with `failures`.
+    pub fn after_attempt(&self, attempts: i64, failures: &[String]) -> JobResult {
+        if failures.is_empty() {
+            return JobResult::Done;
+        }
+        let reason = failures.join("; ");
+        if attempts >= i64::from(self.max_attempts) {
+            JobResult::Dead(reason)
+        } else {
+            let delay = self.backoff_ms(attempts.max(1) as u32, rand::random());
+            JobResult::RetryAt(now_ms() + delay as i64, reason)
+        }
+    }
+}
+
+/// Runs one attempt of `job` and records its result.
+pub async fn run_job(
+    store: &Storage,
+    runner: &EffectRunner,
+    policy: &RetryPolicy,
+    job: &Job,
+    schedule: Schedule,
+) -> JobResult {
+    let started = std::time::Instant::now();
+    let failures = match runner.run(&job.trip_id, schedule).await {
+        Ok(failures) => failures
+            .into_iter()
+            .map(|(e, reason)| format!("{}: {reason}", e.as_str()))
+            .collect(),
+        Err(e) => vec![format!("storage: {e}")],
+    };
+    let result = policy.after_attempt(job.attempts, &failures);
+    match &result {
+        JobResult::Done => {
+            tracing::debug!(job_id = %job.id, trip_id = %job.trip_id, elapsed_ms = started.elapsed().as_millis() as u64, "job done")
+        }
+        JobResult::RetryAt(at, reason) => {
+            tracing::warn!(job_id = %job.id, attempts = job.attempts, retry_in_ms = at - now_ms(), %reason, "job failed, will retry")
+        }
+        JobResult::Dead(reason) => tracing::error!(job_id = %job.id, attempts = job.attempts, %reason, "job dead"),
+    }
+    if let Err(e) = store.finish_job(&job.id, &result).await {
+        // The lease runs out and another attempt is made: effects already recorded done are
+        // skipped then, so nothing is sent twice.
+        tracing::warn!(job_id = %job.id, error = %e, "could not record job result");
+    }
+    result
+}
+
+/// A pool of job workers in this process.
+pub struct Workers {
+    tasks: JoinSet<()>,
+}
+
+impl Workers {
+    /// Starts `config.workers` workers that run until `shutdown` turns true. A job in hand
+    /// when it does is finished first (or, if the process is killed, its lease runs out).
+    pub fn start(store: Storage, runner: EffectRunner, config: &JobsConfig, shutdown: watch::Receiver<bool>) -> Self {
+        store.forward_wakeups();
+        let mut tasks = JoinSet::new();
+        for _ in 0..config.workers {
+            let worker = Worker {
+                store: store.clone(),
+                runner: runner.clone(),
+                policy: RetryPolicy::from_config(config),
+                lease_ms: (config.visibility_timeout_s * 1000) as i64,
+                poll: Duration::from_millis(config.poll_interval_ms.max(10)),
+                shutdown: shutdown.clone(),
+            };
+            tasks.spawn(worker.run());
+        }
+        Self { tasks }
+    }
+
+    /// Waits for every worker to stop.
+    pub async fn join(mut self) {
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+struct Worker {
+    store: Storage,
+    runner: EffectRunner,
+    policy: RetryPolicy,
+    lease_ms: i64,
+    poll: Duration,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Worker {
+    async fn run(mut self) {
+        let wake = self.store.job_wake();
+        while !*self.shutdown.borrow() {
+            match self.store.claim_job(self.lease_ms).await {
+                Ok(Some(job)) => {
+                    run_job(&self.store, &self.runner, &self.policy, &job, Schedule::Parallel).await;
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "job claim failed"),
+            }
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(self.poll) => {}
+                _ = self.shutdown.changed() => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_bounded_jitter() {
+        let p = RetryPolicy {
+            max_attempts: 3,
+            backoff_base_ms: 200,
+        };
+        assert_eq!(p.backoff_ms(1, 0.0), 100);
+        assert_eq!(p.backoff_ms(1, 1.0), 200);
+        assert_eq!(p.backoff_ms(2, 1.0), 400);
+        assert_eq!(p.backoff_ms(3, 0.5), 600);
+        assert_eq!(p.backoff_ms(60, 1.0), 300_000);
+    }
+
+    #[test]
+    fn dead_after_max_attempts() {
+        let p = RetryPolicy {
+            max_attempts: 3,
+            backoff_base_ms: 10,
+        };
+        assert!(matches!(p.after_attempt(1, &[]), JobResult::Done));
+        assert!(matches!(p.after_attempt(2, &["x".into()]), JobResult::RetryAt(..)));
+        assert!(matches!(p.after_attempt(3, &["x".into()]), JobResult::Dead(..)));
+    }
+}

@@ -1,0 +1,343 @@
+//! Prometheus metrics: one typed struct with its own registry (the crates.io pattern).
+//!
+//! Names and labels are the contract the dashboards and alert rules use (SPEC §7). Label
+//! values come only from closed sets (cohorts, outcomes, effects, matched route templates),
+//! and the children for the fixed sets are created at start-up, so every family is present
+//! in `/metrics` before the first request and the hot path does no label hashing.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::effects::Effect;
+use crate::error::Outcome;
+use crate::rollout::Cohort;
+use crate::storage::EffectContext;
+
+/// The cohort label of requests that never reached a cohort (unauthenticated, malformed,
+/// customer and admin routes).
+pub const NO_COHORT: &str = "none";
+
+/// The driver routes: their children are created up front.
+pub const DRIVER_ROUTES: [&str; 2] = ["/api/driver/trip/request-action", "/api/driver/ride/trip-action"];
+
+/// Request duration buckets, 1 ms to 60 s (7 s is the driver app's timeout).
+const LATENCY_BUCKETS: [f64; 18] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 20.0, 30.0, 60.0,
+];
+
+/// Every metric tripgate exports.
+pub struct Metrics {
+    registry: Registry,
+    http_duration: HistogramVec,
+    http_requests: IntCounterVec,
+    http_timeouts: IntCounterVec,
+    http_errors: IntCounterVec,
+    otp_delivery: HistogramVec,
+    side_effects: IntCounterVec,
+    jobs: IntGaugeVec,
+    job_duration: HistogramVec,
+    job_attempts: IntCounterVec,
+    lock_duration: HistogramVec,
+    lock_errors: IntCounterVec,
+    rollout_percent: GaugeVec,
+    cohort_assignments: IntCounterVec,
+    flags_reloads: IntCounterVec,
+    flags_last_reload: Gauge,
+    /// `client.timeout_ms`: slower requests count as timeouts.
+    client_timeout: Duration,
+    /// Cached children for (cohort, route, outcome) of the driver routes.
+    request_children: HashMap<(&'static str, &'static str, Outcome), (Histogram, IntCounter)>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics(..)")
+    }
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> HistogramVec {
+    let vec = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels).expect("valid histogram");
+    registry.register(Box::new(vec.clone())).expect("unique metric");
+    vec
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let vec = IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter");
+    registry.register(Box::new(vec.clone())).expect("unique metric");
+    vec
+}
+
+impl Metrics {
+    /// A fresh registry with every family and the fixed children; requests slower than
+    /// `client_timeout` count as timeouts.
+    pub fn new(client_timeout: Duration) -> Self {
+        // Metric definitions are constants: a failure here is a programming error caught
+        // by the first test that builds a Metrics, so `expect` is the honest choice.
+        let r = Registry::new();
+        let http_duration = histogram(
+            &r,
+            "tripgate_http_request_duration_seconds",
+            "Request latency by cohort, route and outcome.",
+            &["cohort", "route", "outcome"],
+            LATENCY_BUCKETS.to_vec(),
+        );
+        let http_requests = counter(
+            &r,
+            "tripgate_http_requests_total",
+            "Requests by cohort, route and outcome.",
+            &["cohort", "route", "outcome"],
+        );
+        let http_timeouts = counter(
+            &r,
+            "tripgate_http_timeouts_total",
+            "Requests slower than client.timeout_ms (the driver app gave up).",
+            &["cohort", "route"],
+        );
+        let http_errors = counter(
+            &r,
+            "tripgate_http_errors_total",
+            "Requests answered 5xx.",
+            &["cohort", "route"],
+        );
+        let otp_delivery = histogram(
+            &r,
+            "tripgate_otp_delivery_seconds",
+            "From the accept request's arrival to the OTP SMS handed to the provider.",
+            &["cohort"],
+            vec![
+                0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0, 120.0,
+            ],
+        );
+        let side_effects = counter(
+            &r,
+            "tripgate_side_effects_total",
+            "Side-effect executions by result: ok, failed, repeat (a provider call made again for the same effect).",
+            &["cohort", "effect", "result"],
+        );
+        let jobs = IntGaugeVec::new(Opts::new("tripgate_jobs", "Jobs by state."), &["state"]).expect("valid gauge");
+        r.register(Box::new(jobs.clone())).expect("unique metric");
+        let job_duration = histogram(
+            &r,
+            "tripgate_job_duration_seconds",
+            "Duration of one job attempt.",
+            &["kind"],
+            vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0],
+        );
+        let job_attempts = counter(
+            &r,
+            "tripgate_job_attempts_total",
+            "Job attempts by result: done, retry, dead.",
+            &["kind", "result"],
+        );
+        let lock_duration = histogram(
+            &r,
+            "tripgate_lock_duration_seconds",
+            "Lock-store call latency.",
+            &["backend"],
+            vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+            ],
+        );
+        let lock_errors = counter(
+            &r,
+            "tripgate_lock_errors_total",
+            "Lock-store calls that failed or timed out (the fence decided alone).",
+            &["backend"],
+        );
+        let rollout_percent = GaugeVec::new(
+            Opts::new("tripgate_rollout_percent", "Rollout percentage in force (0-100)."),
+            &["flag"],
+        )
+        .expect("valid gauge");
+        r.register(Box::new(rollout_percent.clone())).expect("unique metric");
+        let cohort_assignments = counter(
+            &r,
+            "tripgate_cohort_assignments_total",
+            "Cohort decisions by flag and cohort.",
+            &["flag", "cohort"],
+        );
+        let flags_reloads = counter(
+            &r,
+            "tripgate_flags_reloads_total",
+            "Flags file reloads by result: ok, unchanged, error.",
+            &["result"],
+        );
+        let flags_last_reload = Gauge::new(
+            "tripgate_flags_last_reload_timestamp_seconds",
+            "When the flags in force were loaded (Unix time).",
+        )
+        .expect("valid gauge");
+        r.register(Box::new(flags_last_reload.clone())).expect("unique metric");
+
+        let mut request_children = HashMap::new();
+        for cohort in [Cohort::Legacy.as_str(), Cohort::AtomicAsync.as_str(), NO_COHORT] {
+            for route in DRIVER_ROUTES {
+                http_timeouts.with_label_values(&[cohort, route]);
+                http_errors.with_label_values(&[cohort, route]);
+                for outcome in Outcome::ALL {
+                    let labels = [cohort, route, outcome.as_str()];
+                    request_children.insert(
+                        (cohort, route, outcome),
+                        (
+                            http_duration.with_label_values(&labels),
+                            http_requests.with_label_values(&labels),
+                        ),
+                    );
+                }
+            }
+        }
+        for cohort in Cohort::ALL {
+            otp_delivery.with_label_values(&[cohort.as_str()]);
+            cohort_assignments.with_label_values(&[crate::flags::TRIP_ACCEPT_FLAG, cohort.as_str()]);
+            for effect in Effect::ORDER {
+                for result in ["ok", "failed", "repeat"] {
+                    side_effects.with_label_values(&[cohort.as_str(), effect.as_str(), result]);
+                }
+            }
+        }
+        for state in ["queued", "running", "done", "dead"] {
+            jobs.with_label_values(&[state]);
+        }
+        for result in ["done", "retry", "dead"] {
+            job_attempts.with_label_values(&["trip_accepted", result]);
+        }
+        job_duration.with_label_values(&["trip_accepted"]);
+        for backend in ["redis", "memory"] {
+            lock_duration.with_label_values(&[backend]);
+            lock_errors.with_label_values(&[backend]);
+        }
+        rollout_percent.with_label_values(&[crate::flags::TRIP_ACCEPT_FLAG]);
+        for result in ["ok", "unchanged", "error"] {
+            flags_reloads.with_label_values(&[result]);
+        }
+        Self {
+            registry: r,
+            http_duration,
+            http_requests,
+            http_timeouts,
+            http_errors,
+            otp_delivery,
+            side_effects,
+            jobs,
+            job_duration,
+            job_attempts,
+            lock_duration,
+            lock_errors,
+            rollout_percent,
+            cohort_assignments,
+            flags_reloads,
+            flags_last_reload,
+            client_timeout,
+            request_children,
+        }
+    }
+
+    /// Records one finished request.
+    pub fn request(&self, cohort: Option<Cohort>, route: &str, outcome: Outcome, status: u16, elapsed: Duration) {
+        let cohort = cohort.map_or(NO_COHORT, Cohort::as_str);
+        let secs = elapsed.as_secs_f64();
+        match DRIVER_ROUTES
+            .iter()
+            .find(|r| **r == route)
+            .and_then(|r| self.request_children.get(&(cohort, *r, outcome)))
+        {
+            Some((histogram, counter)) => {
+                histogram.observe(secs);
+                counter.inc();
+            }
+            None => {
+                let labels = [cohort, route, outcome.as_str()];
+                self.http_duration.with_label_values(&labels).observe(secs);
+                self.http_requests.with_label_values(&labels).inc();
+            }
+        }
+        if elapsed > self.client_timeout {
+            self.http_timeouts.with_label_values(&[cohort, route]).inc();
+        }
+        if status >= 500 {
+            self.http_errors.with_label_values(&[cohort, route]).inc();
+        }
+    }
+
+    /// A cohort decision.
+    pub fn cohort_assigned(&self, flag: &str, cohort: Cohort) {
+        self.cohort_assignments
+            .with_label_values(&[flag, cohort.as_str()])
+            .inc();
+    }
+
+    /// One side effect ended. `calls_before` > 0 means its provider was called before:
+    /// this call is a repeat (a crash fell between an earlier call and its record).
+    pub fn effect_done(&self, ctx: &EffectContext, effect: Effect, ok: bool, handed_at_ms: i64, calls_before: i64) {
+        let cohort = ctx.cohort.as_str();
+        let result = if ok { "ok" } else { "failed" };
+        self.side_effects
+            .with_label_values(&[cohort, effect.as_str(), result])
+            .inc();
+        if calls_before > 0 {
+            self.side_effects
+                .with_label_values(&[cohort, effect.as_str(), "repeat"])
+                .inc();
+        }
+        if ok
+            && effect == Effect::OtpSms
+            && let Some(requested) = ctx.requested_at_ms
+        {
+            let secs = (handed_at_ms - requested).max(0) as f64 / 1000.0;
+            self.otp_delivery.with_label_values(&[cohort]).observe(secs);
+        }
+    }
+
+    /// One job attempt ended: `result` is done, retry or dead.
+    pub fn job_attempt(&self, kind: &str, result: &str, elapsed: Duration) {
+        self.job_duration
+            .with_label_values(&[kind])
+            .observe(elapsed.as_secs_f64());
+        self.job_attempts.with_label_values(&[kind, result]).inc();
+    }
+
+    /// Sets the job gauges from counts per state (states not listed are 0).
+    pub fn set_job_counts(&self, counts: &[(String, i64)]) {
+        for state in ["queued", "running", "done", "dead"] {
+            let n = counts.iter().find(|(s, _)| s == state).map_or(0, |(_, n)| *n);
+            self.jobs.with_label_values(&[state]).set(n);
+        }
+    }
+
+    /// One lock-store call.
+    pub fn lock_call(&self, backend: &'static str, elapsed: Duration, ok: bool) {
+        self.lock_duration
+            .with_label_values(&[backend])
+            .observe(elapsed.as_secs_f64());
+        if !ok {
+            self.lock_errors.with_label_values(&[backend]).inc();
+        }
+    }
+
+    /// A flags reload: `result` is ok, unchanged or error.
+    pub fn flags_reload(&self, result: &str) {
+        self.flags_reloads.with_label_values(&[result]).inc();
+    }
+
+    /// The flags in force changed (or were first loaded).
+    pub fn flags_loaded(&self, flags: &crate::flags::FlagSet, loaded_at_ms: i64) {
+        for (name, flag) in &flags.flags {
+            self.rollout_percent.with_label_values(&[name]).set(flag.percent());
+        }
+        self.flags_last_reload.set(loaded_at_ms as f64 / 1000.0);
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "metrics encoding failed");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

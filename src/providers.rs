@@ -1,0 +1,155 @@
+//! SMS and push providers: `simulated` (the design document's latencies), `webhook` (an
+//! HTTP POST a real provider adapter receives), and `log`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::config::{ProviderConfig, ProviderKind, ProvidersConfig};
+
+/// What a message is for; the webhook's `kind` field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageKind {
+    /// OTP by SMS to the customer.
+    OtpSms,
+    /// Parcel SMS to the receiver.
+    ParcelSms,
+    /// OTP by push to the customer.
+    OtpPush,
+    /// "Trip taken" push to the other offered drivers.
+    TripTakenPush,
+    /// Driver arrival estimate push to the customer.
+    ArrivalPush,
+}
+
+/// One message handed to a provider; exactly the webhook's JSON body.
+#[derive(Debug, Clone, Serialize)]
+pub struct Message {
+    /// What it is for.
+    pub kind: MessageKind,
+    /// The trip it is about.
+    pub trip_id: String,
+    /// Phone number or device token(s, comma-separated).
+    pub to: String,
+    /// Text.
+    pub body: String,
+    /// Same for every attempt of the same effect, so a provider can drop repeats.
+    pub idempotency_key: String,
+}
+
+/// A provider call that did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// The simulated provider drew a failure.
+    #[error("simulated provider failure")]
+    Simulated,
+    /// The webhook answered with a non-2xx status.
+    #[error("webhook answered {0}")]
+    Status(u16),
+    /// The webhook could not be reached or timed out.
+    #[error("webhook call failed: {0}")]
+    Transport(String),
+}
+
+/// Sends messages of one channel (SMS or push).
+#[async_trait::async_trait]
+pub trait Provider: Send + Sync {
+    /// Hands `message` to the provider.
+    async fn send(&self, message: &Message) -> Result<(), ProviderError>;
+}
+
+/// Sleeps `latency`, then fails with probability `failure_rate`.
+#[derive(Debug)]
+pub struct SimulatedProvider {
+    latency: Duration,
+    failure_rate: f64,
+}
+
+#[async_trait::async_trait]
+impl Provider for SimulatedProvider {
+    async fn send(&self, _message: &Message) -> Result<(), ProviderError> {
+        tokio::time::sleep(self.latency).await;
+        if self.failure_rate > 0.0 && rand::random::<f64>() < self.failure_rate {
+            return Err(ProviderError::Simulated);
+        }
+        Ok(())
+    }
+}
+
+/// POSTs the message as JSON to `url`, with an `Idempotency-Key` header as well.
+#[derive(Debug)]
+pub struct WebhookProvider {
+    client: reqwest::Client,
+    url: String,
+    timeout: Duration,
+}
+
+#[async_trait::async_trait]
+impl Provider for WebhookProvider {
+    async fn send(&self, message: &Message) -> Result<(), ProviderError> {
+        let response = self
+            .client
+            .post(&self.url)
+            .timeout(self.timeout)
+            .header("idempotency-key", &message.idempotency_key)
+            .json(message)
+            .send()
+            .await
+            .map_err(|e| ProviderError::Transport(e.to_string()))?;
+        if response.status().is_success() {
+            Ok(())
+        } else {
+            Err(ProviderError::Status(response.status().as_u16()))
+        }
+    }
+}
+
+/// Logs the message and succeeds.
+#[derive(Debug)]
+pub struct LogProvider;
+
+#[async_trait::async_trait]
+impl Provider for LogProvider {
+    async fn send(&self, message: &Message) -> Result<(), ProviderError> {
+        tracing::info!(kind = ?message.kind, trip_id = %message.trip_id, to = %message.to, body = %message.body, "provider message");
+        Ok(())
+    }
+}
+
+/// The SMS and push providers the side effects use.
+#[derive(Clone)]
+pub struct Providers {
+    /// OTP and parcel SMS.
+    pub sms: Arc<dyn Provider>,
+    /// Pushes.
+    pub push: Arc<dyn Provider>,
+}
+
+impl Providers {
+    /// Builds both providers from `[providers]`.
+    pub fn from_config(config: &ProvidersConfig) -> Self {
+        // One HTTP client: its connection pool is shared by both webhooks.
+        let client = reqwest::Client::new();
+        Self {
+            sms: build(&config.sms, &client),
+            push: build(&config.push, &client),
+        }
+    }
+}
+
+fn build(config: &ProviderConfig, client: &reqwest::Client) -> Arc<dyn Provider> {
+    match config.kind {
+        ProviderKind::Simulated => Arc::new(SimulatedProvider {
+            latency: Duration::from_millis(config.latency_ms),
+            failure_rate: config.failure_rate,
+        }),
+        ProviderKind::Webhook => Arc::new(WebhookProvider {
+            client: client.clone(),
+            url: config.url.clone(),
+            timeout: Duration::from_millis(config.timeout_ms),
+        }),
+        ProviderKind::Log => Arc::new(LogProvider),
+    }
+}

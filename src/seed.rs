@@ -1,0 +1,140 @@
+//! Demo data: vehicle categories, online drivers with vehicles (spread over the
+//! categories round-robin), customers, and pending trips offered to drivers of their
+//! category.
+
+use serde::Serialize;
+
+use crate::storage::{LatLng, NewDriver, NewTrip, Receiver, Storage, TripType};
+
+/// How much to create.
+#[derive(Debug, Clone, Copy)]
+pub struct SeedPlan {
+    /// Drivers.
+    pub drivers: usize,
+    /// Customers.
+    pub customers: usize,
+    /// Pending trips.
+    pub trips: usize,
+}
+
+/// A created category.
+#[derive(Debug, Clone, Serialize)]
+pub struct SeededCategory {
+    /// Id.
+    pub id: String,
+    /// Name.
+    pub name: String,
+}
+
+/// A created driver.
+#[derive(Debug, Clone, Serialize)]
+pub struct SeededDriver {
+    /// Id.
+    pub id: String,
+    /// Their vehicle's category.
+    pub vehicle_category_id: String,
+    /// Their vehicle.
+    pub vehicle_id: String,
+}
+
+/// A created id.
+#[derive(Debug, Clone, Serialize)]
+pub struct SeededId {
+    /// Id.
+    pub id: String,
+}
+
+/// Everything created (`seed --json`).
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Seeded {
+    /// Vehicle categories (at least two).
+    pub vehicle_categories: Vec<SeededCategory>,
+    /// Drivers, online and available.
+    pub drivers: Vec<SeededDriver>,
+    /// Customers.
+    pub customers: Vec<SeededId>,
+    /// Pending trips.
+    pub trips: Vec<SeededId>,
+}
+
+/// Centre of the demo city (Dhaka, where DriveMond is deployed).
+const CENTRE: LatLng = LatLng {
+    lat: 23.8103,
+    lng: 90.4125,
+};
+
+fn near(i: usize, spread: f64) -> LatLng {
+    let angle = i as f64 * 2.399_963; // golden angle: points spread evenly
+    let r = spread * ((i % 97) as f64 / 97.0).sqrt();
+    LatLng {
+        lat: CENTRE.lat + r * angle.sin(),
+        lng: CENTRE.lng + r * angle.cos(),
+    }
+}
+
+/// Creates the data of `plan`, calling `progress` after each row.
+pub async fn seed(store: &Storage, plan: SeedPlan, mut progress: impl FnMut()) -> Result<Seeded, sqlx::Error> {
+    let mut out = Seeded::default();
+    for name in ["Standard", "Premium"] {
+        let id = store.create_vehicle_category(name).await?;
+        out.vehicle_categories.push(SeededCategory { id, name: name.into() });
+        progress();
+    }
+    for i in 0..plan.drivers {
+        let category = &out.vehicle_categories[i % out.vehicle_categories.len()];
+        let (id, vehicle_id) = store
+            .create_driver(&NewDriver {
+                name: format!("Driver {i}"),
+                phone: format!("+8801{:09}", i),
+                vehicle_category_id: category.id.clone(),
+                online: true,
+                position: near(i, 0.05),
+            })
+            .await?;
+        out.drivers.push(SeededDriver {
+            id,
+            vehicle_category_id: category.id.clone(),
+            vehicle_id,
+        });
+        progress();
+    }
+    for i in 0..plan.customers.max(usize::from(plan.trips > 0)) {
+        let id = store
+            .create_customer(&format!("Customer {i}"), &format!("+8802{:09}", i))
+            .await?;
+        out.customers.push(SeededId { id });
+        progress();
+    }
+    for i in 0..plan.trips {
+        let category = &out.vehicle_categories[i % out.vehicle_categories.len()];
+        let offered_to: Vec<String> = out
+            .drivers
+            .iter()
+            .filter(|d| d.vehicle_category_id == category.id)
+            .skip(i % 7)
+            .take(5)
+            .map(|d| d.id.clone())
+            .collect();
+        let parcel = i % 5 == 4;
+        let trip = NewTrip {
+            customer_id: out.customers[i % out.customers.len()].id.clone(),
+            vehicle_category_id: category.id.clone(),
+            trip_type: if parcel { TripType::Parcel } else { TripType::Ride },
+            estimated_fare_cents: 25_000 + (i as i64 % 50) * 500,
+            offered_to,
+            pickup: near(i + 11, 0.03),
+            destination: near(i + 57, 0.08),
+            receiver: parcel.then(|| Receiver {
+                name: format!("Receiver {i}"),
+                phone: format!("+8803{:09}", i),
+            }),
+            bid_on_fare: false,
+        };
+        match store.create_trip(&trip).await? {
+            Ok(id) => out.trips.push(SeededId { id }),
+            Err(field) => return Err(sqlx::Error::Protocol(format!("seed trip refused: {field}"))),
+        }
+        progress();
+    }
+    Ok(out)
+}

@@ -1,0 +1,289 @@
+//! Wiring: builds storage, lock store, providers, the two implementations, the router and
+//! the listeners from a [`Config`], and runs them until a shutdown signal.
+//!
+//! Shutdown is one `watch` channel passed down (the mini-redis pattern): the listeners
+//! stop accepting and finish in-flight requests within `server.shutdown_grace_ms`, and the
+//! workers finish the job in hand.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::accept::atomic_async::AtomicAsyncAccept;
+use crate::accept::legacy::LegacyAccept;
+use crate::auth::TokenKeys;
+use crate::config::Config;
+use crate::effects::EffectRunner;
+use crate::events::EventBus;
+use crate::flags::{FlagSet, FlagsHandle, watcher::FlagsWatcher};
+use crate::http::{AppState, admin_router, api_router, driver::AcceptServices};
+use crate::jobs::{RetryPolicy, Workers};
+use crate::lock_store::{LockStore, MemoryLockStore, RedisLockStore};
+use crate::metrics::Metrics;
+use crate::providers::Providers;
+use crate::redis_conn::RedisHandle;
+use crate::storage::Storage;
+
+/// What to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// API, admin listener and workers (`tripgate serve`).
+    Serve,
+    /// Workers only (`tripgate worker`).
+    Worker,
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Database URL or options unusable.
+    #[error("database.url: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Redis URL unusable.
+    #[error("redis.url: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// Flags file unusable at start (there are no last good flags to keep).
+    #[error("flags.path: {0}")]
+    Flags(#[from] crate::flags::FlagsError),
+    /// A listener could not bind.
+    #[error("{key}: cannot listen on {addr}: {source}")]
+    Bind {
+        /// `server.listen` or `server.admin_listen`.
+        key: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A running gateway.
+pub struct Running {
+    /// Where the driver API listens (the bound port when the config said 0).
+    pub api_addr: Option<SocketAddr>,
+    /// Where the admin listener listens.
+    pub admin_addr: Option<SocketAddr>,
+    /// Storage, for callers that want to inspect it (tests, `drive`).
+    pub store: Storage,
+    /// The flags in force.
+    pub flags: FlagsHandle,
+    /// The metrics.
+    pub metrics: Arc<Metrics>,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Signals shutdown and waits until every listener and worker stopped.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+    }
+
+    /// Waits until the gateway stops by itself (after a signal).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+
+    /// A sender that triggers shutdown (for signal handlers).
+    pub fn shutdown_trigger(&self) -> watch::Sender<bool> {
+        self.shutdown.clone()
+    }
+}
+
+/// Starts the gateway described by `config`. Returns once the listeners are bound; the
+/// database may still be down (then migrations are retried in the background and
+/// `/readyz` says 503 until they ran).
+pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
+    let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::new(config.client_timeout()));
+    let store = Storage::connect(&config.database)?;
+    let flag_set = FlagSet::load(&config.flags.path)?;
+    let flags = FlagsHandle::new(flag_set, config.flags.path.clone());
+    {
+        let snapshot = flags.snapshot();
+        metrics.flags_loaded(&snapshot.set, snapshot.loaded_at_ms);
+    }
+
+    let redis = if config.redis.url.is_empty() {
+        tracing::warn!("redis.url is empty: in-process lock store and event bus — run a single instance only");
+        None
+    } else {
+        Some(RedisHandle::new(&config.redis)?)
+    };
+    let (locks, events): (Arc<dyn LockStore>, EventBus) = match &redis {
+        Some(r) => (
+            Arc::new(RedisLockStore::new(r.clone(), config.redis.lock_ttl_s)),
+            EventBus::Redis(r.clone()),
+        ),
+        None => (
+            Arc::new(MemoryLockStore::new(Duration::from_secs(config.redis.lock_ttl_s))),
+            EventBus::in_process(),
+        ),
+    };
+    let providers = Providers::from_config(&config.providers);
+    let runner = EffectRunner::new(store.clone(), providers, events, metrics.clone());
+    let policy = RetryPolicy::from_config(&config.jobs);
+    let lease_ms = (config.jobs.visibility_timeout_s * 1000) as i64;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let migrated = Arc::new(AtomicBool::new(false));
+    let mut api_addr = None;
+    let mut admin_addr = None;
+    let mut servers: Vec<JoinHandle<()>> = Vec::new();
+
+    if role == Role::Serve {
+        let state = AppState {
+            config: config.clone(),
+            store: store.clone(),
+            keys: TokenKeys::new(&config.auth.hs256_secret, config.auth.token_ttl_s),
+            flags: flags.clone(),
+            redis: redis.clone(),
+            locks: locks.clone(),
+            migrated: migrated.clone(),
+            metrics: metrics.clone(),
+        };
+        let services = AcceptServices {
+            legacy: LegacyAccept::new(store.clone(), runner.clone(), policy.clone(), lease_ms),
+            atomic: AtomicAsyncAccept::new(
+                store.clone(),
+                locks.clone(),
+                (config.client_timeout() / 2).min(Duration::from_secs(3)),
+                metrics.clone(),
+            ),
+        };
+        let api = bind("server.listen", config.server.listen).await?;
+        let admin = bind("server.admin_listen", config.server.admin_listen).await?;
+        api_addr = api.local_addr().ok();
+        admin_addr = admin.local_addr().ok();
+        let grace = Duration::from_millis(config.server.shutdown_grace_ms);
+        servers.push(serve_http(
+            api,
+            api_router(state.clone(), services),
+            shutdown_rx.clone(),
+            grace,
+        ));
+        servers.push(serve_http(admin, admin_router(state), shutdown_rx.clone(), grace));
+        tracing::info!(api = ?api_addr, admin = ?admin_addr, database = ?store.kind(), "tripgate listening");
+        servers.push(FlagsWatcher::spawn(
+            flags.clone(),
+            config.flags.path.clone(),
+            store.clone(),
+            metrics.clone(),
+            shutdown_rx.clone(),
+        ));
+    }
+
+    // Migrations, then workers. Retried until the database answers.
+    let worker_task = {
+        let store = store.clone();
+        let migrated = migrated.clone();
+        let jobs = config.jobs.clone();
+        let mut shutdown = shutdown_rx.clone();
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(200);
+            loop {
+                match store.migrate().await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "database not ready; retrying migrations")
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.changed() => return,
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            migrated.store(true, Ordering::Release);
+            Workers::start(store, runner, &jobs, shutdown).join().await;
+        })
+    };
+    servers.push(worker_task);
+
+    let task = tokio::spawn(async move {
+        for server in servers {
+            let _ = server.await;
+        }
+    });
+    Ok(Running {
+        api_addr,
+        admin_addr,
+        store,
+        flags,
+        metrics,
+        shutdown: shutdown_tx,
+        task,
+    })
+}
+
+async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { key, addr, source })
+}
+
+fn serve_http(
+    listener: TcpListener,
+    router: axum::Router,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut signal = shutdown.clone();
+        let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+            let _ = signal.wait_for(|stop| *stop).await;
+        });
+        let server = std::pin::pin!(server.into_future());
+        tokio::select! {
+            result = server => {
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "listener failed");
+                }
+            }
+            // In-flight requests get the grace period, then are cut.
+            _ = async {
+                let _ = shutdown.wait_for(|stop| *stop).await;
+                tokio::time::sleep(grace).await;
+            } => tracing::warn!("shutdown grace period over; closing remaining connections"),
+        }
+    })
+}
+
+/// Waits for SIGTERM or SIGINT (Ctrl-C), then triggers `shutdown`; a second signal exits
+/// at once.
+pub async fn shutdown_on_signal(shutdown: watch::Sender<bool>) {
+    wait_for_signal().await;
+    tracing::info!("shutdown signal received; finishing in-flight work");
+    let _ = shutdown.send(true);
+    wait_for_signal().await;
+    tracing::warn!("second signal: exiting now");
+    std::process::exit(130);
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
