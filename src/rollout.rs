@@ -93,12 +93,21 @@ where
     }
 }
 
-fn tag_legacy(mut res: Response) -> Response {
-    res.extensions_mut().insert(Cohort::Legacy);
+/// The response header naming the cohort that served a request (for ops and debugging;
+/// the driver app ignores it).
+pub const COHORT_HEADER: &str = "x-tripgate-cohort";
+
+fn tag(mut res: Response, cohort: Cohort) -> Response {
+    res.headers_mut()
+        .insert(COHORT_HEADER, axum::http::HeaderValue::from_static(cohort.as_str()));
+    res.extensions_mut().insert(cohort);
     res
 }
 
-fn tag_atomic(mut res: Response) -> Response {
-    res.extensions_mut().insert(Cohort::AtomicAsync);
-    res
+fn tag_legacy(res: Response) -> Response {
+    tag(res, Cohort::Legacy)
+}
+
+fn tag_atomic(res: Response) -> Response {
+    tag(res, Cohort::AtomicAsync)
 }

@@ -74,6 +74,8 @@ pub struct Running {
     pub flags: FlagsHandle,
     /// The metrics.
     pub metrics: Arc<Metrics>,
+    /// The lock store (tests look for leftover locks).
+    pub locks: Arc<dyn LockStore>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -217,6 +219,7 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
         store,
         flags,
         metrics,
+        locks,
         shutdown: shutdown_tx,
         task,
     })

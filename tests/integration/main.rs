@@ -1,1 +1,10 @@
-fn main() {}
+//! All integration tests, in one binary (one link, parallel test threads). Each test gets
+//! its own database (SQLite file or Postgres database) and Redis key prefix.
+
+mod support;
+
+mod api;
+mod atomic;
+mod cli;
+mod flags;
+mod jobs;

@@ -1,0 +1,329 @@
+//! The driver API contract (SPEC §5) on the legacy path, the customer routes, auth.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tripgate::auth::{Claims, Role, now_s};
+use tripgate::storage::TripType;
+
+use crate::backend_tests;
+use crate::support::{Backend, Gateway, Options, Proxy, TestDb, WebhookStub, World, race};
+
+backend_tests!(
+    spec_table_rows_legacy,
+    legacy_race_five_drivers,
+    driver_holding_a_trip_cannot_take_another,
+    effects_reach_the_webhook_provider,
+    customer_routes,
+);
+
+fn code(body: &Value) -> &str {
+    body["response_code"].as_str().unwrap_or("")
+}
+
+async fn spec_table_rows_legacy(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let stub = WebhookStub::start().await;
+    let gw = Gateway::start(&db, Options { webhook: Some(format!("http://{}", stub.addr)), ..Options::default() }).await;
+    let w = World::new(&gw.store).await;
+    let (d1, d2) = (w.driver().await, w.driver().await);
+    let t1 = w.trip(&[d1.clone(), d2.clone()]).await;
+
+    // Accepted: 200, the full trip with its relations, effects already sent (inline).
+    let (status, body, cohort) = gw.accept(&d1, &t1).await;
+    assert_eq!((status, code(&body), cohort.as_str()), (200, "default_update_200", "legacy"), "{body}");
+    let data = &body["data"];
+    assert_eq!(data["id"], t1.as_str());
+    assert_eq!(data["driver_id"], d1.as_str());
+    assert_eq!(data["current_status"], "accepted");
+    for relation in ["customer", "driver", "vehicle", "vehicle_category", "coordinate", "fee", "time", "offered_to"] {
+        assert!(!data[relation].is_null(), "legacy answer lacks {relation}: {data}");
+    }
+    assert_eq!(stub.calls_for("otp_sms", &t1).len(), 1, "legacy sends the OTP before answering");
+    assert_eq!(body["errors"], json!([]));
+
+    // Same driver again: refused, as today.
+    let (status, body, _) = gw.accept(&d1, &t1).await;
+    assert_eq!((status, code(&body)), (403, "trip_request_driver_403"));
+    // Another driver.
+    let (status, body, _) = gw.accept(&d2, &t1).await;
+    assert_eq!((status, code(&body)), (403, "trip_request_driver_403"));
+
+    let t2 = w.trip(&[]).await;
+    // Offline driver.
+    let offline = w.driver().await;
+    gw.store.set_driver_status(&offline, false, "unavailable").await.unwrap();
+    let (status, body, _) = gw.accept(&offline, &t2).await;
+    assert_eq!((status, code(&body)), (403, "driver_unavailable_403"));
+    // Vehicle in another category.
+    let premium = w.driver_in(&w.other_category).await;
+    let (status, body, _) = gw.accept(&premium, &t2).await;
+    assert_eq!((status, code(&body)), (403, "vehicle_category_mismatch_403"));
+    // Cancelled trip.
+    let t3 = w.trip(&[]).await;
+    assert!(gw.store.cancel_trip(&t3).await.unwrap());
+    let (status, body, _) = gw.accept(&d2, &t3).await;
+    assert_eq!((status, code(&body)), (403, "trip_not_pending_403"));
+    // No such trip.
+    let (status, body, _) = gw.accept(&d2, &uuid::Uuid::new_v4().to_string()).await;
+    assert_eq!((status, code(&body)), (404, "trip_request_404"));
+
+    // Malformed input: 400 naming the field, nothing written.
+    let token = gw.token(&d2, Role::Driver);
+    let path = "/api/driver/trip/request-action";
+    let cases: [(&[u8], &str); 5] = [
+        (b"{not json", "body"),
+        (b"[1,2]", "body"),
+        (br#"{"action":"accepted"}"#, "trip_request_id"),
+        (br#"{"trip_request_id":"not-a-uuid","action":"accepted"}"#, "trip_request_id"),
+        (format!(r#"{{"trip_request_id":"{t2}","action":"grab"}}"#).leak().as_bytes(), "action"),
+    ];
+    for (raw, field) in cases {
+        let (status, body, _) = gw.post_raw(path, Some(&token), "application/json", raw.to_vec()).await;
+        assert_eq!((status, code(&body)), (400, "default_400"), "{}", String::from_utf8_lossy(raw));
+        assert_eq!(body["errors"][0]["error_code"], field, "{body}");
+    }
+    // Too large, wrong content type.
+    let big = format!(r#"{{"trip_request_id":"{t2}","action":"accepted","pad":"{}"}}"#, "x".repeat(20_000));
+    let (status, body, _) = gw.post_raw(path, Some(&token), "application/json", big.into_bytes()).await;
+    assert_eq!((status, code(&body)), (413, "default_400"));
+    let ok_body = json!({"trip_request_id": t2, "action": "accepted"}).to_string().into_bytes();
+    let (status, body, _) = gw.post_raw(path, Some(&token), "text/plain", ok_body.clone()).await;
+    assert_eq!((status, code(&body)), (415, "default_400"));
+
+    // Tokens: none, garbage, wrong key, expired, not yet valid, unknown user → 401; a
+    // customer's token → 403.
+    let now = now_s();
+    let claims = |exp: u64, nbf: Option<u64>, sub: &str| Claims { sub: sub.into(), role: Role::Driver, exp, iat: None, nbf };
+    let other_key = tripgate::auth::TokenKeys::new("some-other-secret-0123456789", 60);
+    let refused = [
+        None,
+        Some("garbage".to_owned()),
+        Some(other_key.mint(&d2, Role::Driver).unwrap()),
+        Some(gw.keys.sign(&claims(now - 120, None, &d2)).unwrap()),
+        Some(gw.keys.sign(&claims(now + 600, Some(now + 300), &d2)).unwrap()),
+        Some(gw.token(&uuid::Uuid::new_v4().to_string(), Role::Driver)),
+        Some(gw.token(&w.customer, Role::Driver)),
+    ];
+    for token in refused {
+        let (status, body, _) = gw.post_raw(path, token.as_deref(), "application/json", ok_body.clone()).await;
+        assert_eq!((status, code(&body)), (401, "auth_login_401"), "{token:?}");
+    }
+    let customer = gw.token(&w.customer, Role::Customer);
+    let (status, body, _) = gw.post_raw(path, Some(&customer), "application/json", ok_body.clone()).await;
+    assert_eq!((status, code(&body)), (403, "auth_forbidden_403"));
+
+    // None of that wrote anything.
+    let t2_now = gw.store.trip_snapshot(&t2).await.unwrap().unwrap();
+    assert_eq!((t2_now.driver_id, t2_now.current_status.as_str()), (None, "pending"));
+    assert_eq!(gw.store.driver_snapshot(&d2).await.unwrap().unwrap().availability_status, "available");
+
+    // The same body with everything right is accepted — on the app's path too.
+    let (status, body, _) = gw
+        .post_raw("/api/driver/ride/trip-action", Some(&token), "application/json", ok_body)
+        .await;
+    assert_eq!((status, code(&body)), (200, "default_update_200"), "{body}");
+
+    // Reject: 200 and recorded.
+    let t4 = w.trip(&[d1.clone()]).await;
+    let (status, body, _) = gw.action(&premium, &t4, "rejected").await;
+    assert_eq!((status, code(&body)), (200, "default_update_200"));
+    let full = gw.store.trip_with_relations(&t4).await.unwrap().unwrap();
+    assert_eq!(full["rejected_drivers"][0]["user_id"], premium.as_str());
+    gw.shutdown().await;
+    db.drop_db().await;
+}
+
+async fn legacy_race_five_drivers(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let gw = Gateway::start(&db, Options { provider_latency_ms: 20, ..Options::default() }).await;
+    let w = World::new(&gw.store).await;
+    let drivers = w.drivers(5).await;
+    let trip = w.trip(&drivers).await;
+    let results = race(&gw, &drivers, &trip).await;
+    let winners: Vec<usize> = (0..5).filter(|i| results[*i].0 == 200).collect();
+    assert_eq!(winners.len(), 1, "{results:?}");
+    for (i, (status, body, _)) in results.iter().enumerate() {
+        if i != winners[0] {
+            assert_eq!((*status, code(body)), (403, "trip_request_driver_403"));
+        }
+    }
+    let winner = &drivers[winners[0]];
+    let snapshot = gw.store.trip_snapshot(&trip).await.unwrap().unwrap();
+    assert_eq!(snapshot.driver_id.as_ref(), Some(winner));
+    assert_eq!(gw.store.driver_snapshot(winner).await.unwrap().unwrap().availability_status, "on_trip");
+    for loser in drivers.iter().filter(|d| *d != winner) {
+        assert_eq!(gw.store.driver_snapshot(loser).await.unwrap().unwrap().availability_status, "available");
+    }
+    gw.shutdown().await;
+    db.drop_db().await;
+}
+
+async fn driver_holding_a_trip_cannot_take_another(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let gw = Gateway::start(&db, Options::default()).await;
+    let w = World::new(&gw.store).await;
+    let d = w.driver().await;
+    let (t1, t2) = (w.trip(&[]).await, w.trip(&[]).await);
+    assert_eq!(gw.accept(&d, &t1).await.0, 200);
+    let (status, body, _) = gw.accept(&d, &t2).await;
+    assert_eq!((status, code(&body)), (403, "driver_unavailable_403"));
+
+    // The same driver on two trips at once: exactly one wins.
+    let d2 = w.driver().await;
+    let trips = [w.trip(&[]).await, w.trip(&[]).await, w.trip(&[]).await];
+    let results = futures_util::future::join_all(trips.iter().map(|t| gw.accept(&d2, t))).await;
+    assert_eq!(results.iter().filter(|r| r.0 == 200).count(), 1, "{results:?}");
+    assert_eq!(gw.store.double_assignments().await.unwrap(), 0);
+    gw.shutdown().await;
+    db.drop_db().await;
+}
+
+async fn effects_reach_the_webhook_provider(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let stub = WebhookStub::start().await;
+    let gw = Gateway::start(&db, Options { webhook: Some(format!("http://{}", stub.addr)), ..Options::default() }).await;
+    let w = World::new(&gw.store).await;
+    let (d1, d2, other) = (w.driver().await, w.driver().await, w.driver().await);
+
+    let parcel = w.trip_of(TripType::Parcel, &[d1.clone(), other.clone()]).await;
+    assert_eq!(gw.accept(&d1, &parcel).await.0, 200);
+    let sms = stub.calls_for("parcel_sms", &parcel);
+    assert_eq!(sms.len(), 1, "{:?}", stub.calls());
+    assert_eq!(sms[0]["to"], "+8809999999999", "to the receiver");
+    assert_eq!(sms[0]["idempotency_key"], format!("{parcel}:parcel_sms"));
+    assert!(stub.calls_for("otp_sms", &parcel).is_empty(), "no OTP SMS for a parcel");
+    let taken = stub.calls_for("trip_taken_push", &parcel);
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0]["to"], format!("fcm-{other}"), "only the other offered driver");
+
+    let ride = w.trip(&[d2.clone()]).await;
+    assert_eq!(gw.accept(&d2, &ride).await.0, 200);
+    let otp_sms = stub.calls_for("otp_sms", &ride);
+    assert_eq!(otp_sms.len(), 1);
+    assert_eq!(otp_sms[0]["to"], "+8800000000001", "to the customer's phone");
+    let otp = gw.store.trip_with_relations(&ride).await.unwrap().unwrap()["otp"].as_str().unwrap().to_owned();
+    assert!(otp_sms[0]["body"].as_str().unwrap().contains(&otp));
+    let push = stub.calls_for("otp_push", &ride);
+    assert_eq!(push.len(), 1);
+    assert_eq!(push[0]["to"], format!("fcm-{}", w.customer));
+    assert_eq!(stub.calls_for("arrival_push", &ride).len(), 1);
+    assert!(stub.calls_for("parcel_sms", &ride).is_empty());
+    let details = gw.details(&ride).await;
+    assert_eq!(details["side_effects"]["otp_sms"], "done");
+    assert_eq!(details["side_effects"]["trip_accepted_event"], "done");
+    gw.shutdown().await;
+    db.drop_db().await;
+}
+
+async fn customer_routes(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let gw = Gateway::start(&db, Options::default()).await;
+    let w = World::new(&gw.store).await;
+    let d = w.driver().await;
+    let customer = gw.token(&w.customer, Role::Customer);
+    let create = "/api/customer/ride/create";
+    let body = json!({
+        "vehicle_category_id": w.category, "type": "ride_request", "estimated_fare": 250.5,
+        "offered_to": [d], "pickup": {"lat": 23.8, "lng": 90.4}, "destination": {"lat": 23.7, "lng": 90.3},
+        "bid_on_fare": false
+    });
+    let (status, created, _) = gw.post_raw(create, Some(&customer), "application/json", body.to_string().into_bytes()).await;
+    assert_eq!(status, 200, "{created}");
+    let trip = created["data"]["id"].as_str().unwrap().to_owned();
+    let details = gw.details(&trip).await;
+    assert_eq!((details["id"].as_str(), details["current_status"].as_str()), (Some(trip.as_str()), Some("pending")));
+    assert!(details["driver_id"].is_null());
+    assert_eq!(details["estimated_fare_cents"], 25050);
+
+    // Validation names every bad field.
+    let bad = json!({"vehicle_category_id": "x", "type": "boat", "estimated_fare": -1, "pickup": {"lat": 91, "lng": 0}});
+    let (status, body, _) = gw.post_raw(create, Some(&customer), "application/json", bad.to_string().into_bytes()).await;
+    assert_eq!(status, 400);
+    let fields: Vec<&str> = body["errors"].as_array().unwrap().iter().map(|e| e["error_code"].as_str().unwrap()).collect();
+    assert_eq!(fields, ["vehicle_category_id", "type", "estimated_fare", "pickup", "destination"]);
+    let parcel = json!({"vehicle_category_id": w.category, "type": "parcel", "estimated_fare": 10,
+        "pickup": {"lat": 1, "lng": 1}, "destination": {"lat": 1, "lng": 2}});
+    let (status, body, _) = gw.post_raw(create, Some(&customer), "application/json", parcel.to_string().into_bytes()).await;
+    assert_eq!((status, body["errors"][0]["error_code"].as_str()), (400, Some("receiver")));
+    let unknown = json!({"vehicle_category_id": uuid::Uuid::new_v4(), "estimated_fare": 10,
+        "pickup": {"lat": 1, "lng": 1}, "destination": {"lat": 1, "lng": 2}});
+    let (status, body, _) = gw.post_raw(create, Some(&customer), "application/json", unknown.to_string().into_bytes()).await;
+    assert_eq!((status, body["errors"][0]["error_code"].as_str()), (400, Some("vehicle_category_id")));
+
+    // A driver may not create; another customer may not read or cancel.
+    let driver = gw.token(&d, Role::Driver);
+    let (status, _, _) = gw.post_raw(create, Some(&driver), "application/json", b"{}".to_vec()).await;
+    assert_eq!(status, 403);
+    let stranger = gw.store.create_customer("Other", "+1").await.unwrap();
+    let stranger = gw.token(&stranger, Role::Customer);
+    let res = gw
+        .http
+        .get(format!("{}/api/customer/ride/details/{trip}", gw.api))
+        .bearer_auth(&stranger)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+    let cancel = format!("/api/customer/ride/cancel/{trip}");
+    let (status, _, _) = gw.post_raw(&cancel, Some(&stranger), "application/json", vec![]).await;
+    assert_eq!(status, 403);
+    // The owner cancels; then nobody can accept.
+    let (status, body, _) = gw.post_raw(&cancel, Some(&customer), "application/json", vec![]).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body, _) = gw.accept(&d, &trip).await;
+    assert_eq!((status, code(&body)), (403, "trip_not_pending_403"));
+    let (status, body, _) = gw.post_raw(&cancel, Some(&customer), "application/json", vec![]).await;
+    assert_eq!((status, code(&body)), (403, "trip_not_pending_403"));
+    gw.shutdown().await;
+    db.drop_db().await;
+}
+
+/// Database unavailable: 503 `service_unavailable_503`, quickly, and nothing half-done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn database_down_answers_503_quickly() {
+    let Some(base) = crate::support::postgres_url() else { return };
+    let db = TestDb::new(Backend::Postgres).await;
+    let target: std::net::SocketAddr = {
+        let host = base.split('@').nth(1).unwrap_or("127.0.0.1:5432");
+        let host = host.split('/').next().unwrap();
+        tokio::net::lookup_host(host).await.unwrap().next().unwrap()
+    };
+    let proxy = Proxy::start(target).await;
+    let proxied = db.url.replacen(&target.port().to_string(), &proxy.port.to_string(), 1);
+    let direct = db.store().await;
+    let w = World::new(&direct).await;
+    let d = w.driver().await;
+    let trip = w.trip(&[]).await;
+    let dir = crate::support::TempDir::new();
+    let options = Options { acquire_timeout_ms: 500, ..Options::default() };
+    let mut config = crate::support::config(&proxied, dir.path(), &options);
+    config.database.url = proxied;
+    let gw = Gateway::start_with(config, dir).await;
+    for percent in [0.0, 100.0] {
+        proxy.cut();
+        std::fs::write(&gw.config.flags.path, crate::support::flags_text(percent, &[])).unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let started = Instant::now();
+        let (status, body, _) = gw.accept(&d, &trip).await;
+        assert_eq!((status, code(&body)), (503, "service_unavailable_503"), "{body}");
+        assert!(started.elapsed() < Duration::from_secs(3), "503 took {:?}", started.elapsed());
+        let res = gw.http.get(format!("{}/readyz", gw.admin)).send().await.unwrap();
+        assert_eq!(res.status(), 503);
+        proxy.restore();
+    }
+    let snapshot = direct.trip_snapshot(&trip).await.unwrap().unwrap();
+    assert_eq!((snapshot.driver_id, snapshot.current_status.as_str()), (None, "pending"));
+    // Once the database is back, the same request succeeds without a restart.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _, _) = gw.accept(&d, &trip).await;
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no recovery after the database came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    gw.shutdown().await;
+    db.drop_db().await;
+}

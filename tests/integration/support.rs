@@ -1,0 +1,682 @@
+//! Test harness: fresh databases per test (a SQLite file, or a new Postgres database on the
+//! shared server), a unique Redis key prefix, in-process gateways on `127.0.0.1:0`, a
+//! webhook stub that records provider calls, private Redis servers and a cuttable TCP
+//! proxy for fault tests.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::http::StatusCode;
+use serde_json::{Value, json};
+use sqlx::Connection;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tripgate::auth::{Role, TokenKeys};
+use tripgate::config::{Config, ProviderKind};
+use tripgate::server::{Role as ServerRole, Running, start};
+use tripgate::storage::{LatLng, NewDriver, NewTrip, Receiver, Storage, TripType};
+
+pub const SECRET: &str = "integration-test-secret-0123456789";
+
+/// Which database a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Generates one test per backend: `name::sqlite` and `name::postgres`.
+#[macro_export]
+macro_rules! backend_tests {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn sqlite() {
+                    super::$name($crate::support::Backend::Sqlite).await
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn postgres() {
+                    if $crate::support::postgres_url().is_some() {
+                        super::$name($crate::support::Backend::Postgres).await
+                    }
+                }
+            }
+        )*
+    };
+}
+
+fn required() -> bool {
+    std::env::var("TRIPGATE_TEST_REQUIRE_SERVICES").is_ok_and(|v| v == "1")
+}
+
+/// The shared Postgres server's URL, or `None` (loudly) when the tests run without one.
+pub fn postgres_url() -> Option<String> {
+    match std::env::var("TRIPGATE_TEST_POSTGRES_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            assert!(!required(), "TRIPGATE_TEST_REQUIRE_SERVICES=1 but TRIPGATE_TEST_POSTGRES_URL is not set");
+            eprintln!("SKIPPED (Postgres): set TRIPGATE_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test to run");
+            None
+        }
+    }
+}
+
+/// The shared Redis server's URL, or `None` (loudly).
+pub fn redis_url() -> Option<String> {
+    match std::env::var("TRIPGATE_TEST_REDIS_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            assert!(!required(), "TRIPGATE_TEST_REQUIRE_SERVICES=1 but TRIPGATE_TEST_REDIS_URL is not set");
+            eprintln!("SKIPPED (Redis): set TRIPGATE_TEST_REDIS_URL=redis://127.0.0.1:6379 to run");
+            None
+        }
+    }
+}
+
+/// Whether `redis-server` can be started for private fault-test instances.
+pub fn redis_server_available() -> bool {
+    let ok = std::process::Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(!required(), "TRIPGATE_TEST_REQUIRE_SERVICES=1 but redis-server is not installed");
+        eprintln!("SKIPPED (private Redis): redis-server not installed");
+    }
+    ok
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A temp directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> Self {
+        let dir = std::env::temp_dir().join(unique("tripgate-test"));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A database of its own for one test.
+pub struct TestDb {
+    pub backend: Backend,
+    pub url: String,
+    pg_name: Option<String>,
+    _dir: TempDir,
+}
+
+impl TestDb {
+    pub async fn new(backend: Backend) -> Self {
+        let dir = TempDir::new();
+        match backend {
+            Backend::Sqlite => Self {
+                backend,
+                url: format!("sqlite://{}", dir.path().join("tripgate.db").display()),
+                pg_name: None,
+                _dir: dir,
+            },
+            Backend::Postgres => {
+                let base = postgres_url().expect("postgres tests only run with a URL");
+                let name = unique("tg_test");
+                let mut conn = sqlx::PgConnection::connect(&base).await.unwrap();
+                sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.unwrap();
+                Self {
+                    backend,
+                    url: with_database(&base, &name),
+                    pg_name: Some(name),
+                    _dir: dir,
+                }
+            }
+        }
+    }
+
+    /// A storage handle on this database, migrated.
+    pub async fn store(&self) -> Storage {
+        let mut config = Config::default();
+        config.database.url = self.url.clone();
+        let store = Storage::connect(&config.database).unwrap();
+        store.migrate().await.unwrap();
+        store
+    }
+
+    /// Drops the Postgres database (SQLite files go with the temp dir).
+    pub async fn drop_db(self) {
+        if let (Some(name), Some(base)) = (&self.pg_name, postgres_url()) {
+            if let Ok(mut conn) = sqlx::PgConnection::connect(&base).await {
+                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut conn)
+                    .await;
+            }
+        }
+    }
+}
+
+/// `url` with its database name replaced.
+pub fn with_database(url: &str, name: &str) -> String {
+    let (head, query) = url.split_once('?').map_or((url, None), |(h, q)| (h, Some(q)));
+    let scheme_end = head.find("://").map_or(0, |i| i + 3);
+    let base = match head[scheme_end..].find('/') {
+        Some(i) => &head[..scheme_end + i],
+        None => head,
+    };
+    match query {
+        Some(q) => format!("{base}/{name}?{q}"),
+        None => format!("{base}/{name}"),
+    }
+}
+
+// === webhook stub ===
+
+/// A local provider endpoint: records every call, can fail or be slow on demand.
+#[derive(Clone)]
+pub struct WebhookStub {
+    pub addr: SocketAddr,
+    calls: Arc<Mutex<Vec<Value>>>,
+    fail: Arc<AtomicBool>,
+    delay_ms: Arc<AtomicU64>,
+}
+
+impl WebhookStub {
+    pub async fn start() -> Self {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let fail = Arc::new(AtomicBool::new(false));
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let (c, f, d) = (calls.clone(), fail.clone(), delay_ms.clone());
+        let app = axum::Router::new().route(
+            "/{channel}",
+            axum::routing::post(move |Json(body): Json<Value>| {
+                let (c, f, d) = (c.clone(), f.clone(), d.clone());
+                async move {
+                    c.lock().unwrap().push(body);
+                    let delay = d.load(Ordering::SeqCst);
+                    if delay > 0 {
+                        tokio::time::sleep(Duration::from_millis(delay)).await;
+                    }
+                    if f.load(Ordering::SeqCst) {
+                        (StatusCode::INTERNAL_SERVER_ERROR, "provider down")
+                    } else {
+                        (StatusCode::OK, "ok")
+                    }
+                }
+            }),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self { addr, calls, fail, delay_ms }
+    }
+
+    pub fn url(&self, channel: &str) -> String {
+        format!("http://{}/{channel}", self.addr)
+    }
+    pub fn set_failing(&self, fail: bool) {
+        self.fail.store(fail, Ordering::SeqCst);
+    }
+    pub fn set_delay(&self, ms: u64) {
+        self.delay_ms.store(ms, Ordering::SeqCst);
+    }
+    pub fn calls(&self) -> Vec<Value> {
+        self.calls.lock().unwrap().clone()
+    }
+    /// Calls of `kind` about `trip_id`.
+    pub fn calls_for(&self, kind: &str, trip_id: &str) -> Vec<Value> {
+        self.calls()
+            .into_iter()
+            .filter(|c| c["kind"] == kind && c["trip_id"] == trip_id)
+            .collect()
+    }
+    /// Calls of `kind`.
+    pub fn count(&self, kind: &str) -> usize {
+        self.calls().iter().filter(|c| c["kind"] == kind).count()
+    }
+}
+
+// === gateway ===
+
+/// How to configure a test gateway.
+#[derive(Clone)]
+pub struct Options {
+    pub percent: f64,
+    pub redis_url: Option<String>,
+    pub webhook: Option<String>,
+    pub provider_latency_ms: u64,
+    pub lock_ttl_s: u64,
+    pub max_attempts: u32,
+    pub backoff_base_ms: u64,
+    pub visibility_timeout_s: u64,
+    pub client_timeout_ms: u64,
+    pub allow: Vec<String>,
+    pub acquire_timeout_ms: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            percent: 0.0,
+            redis_url: None,
+            webhook: None,
+            provider_latency_ms: 0,
+            lock_ttl_s: 300,
+            max_attempts: 5,
+            backoff_base_ms: 20,
+            visibility_timeout_s: 60,
+            client_timeout_ms: 7_000,
+            allow: Vec::new(),
+            acquire_timeout_ms: 2_000,
+        }
+    }
+}
+
+/// The flags file text for `percent` and an allow list.
+pub fn flags_text(percent: f64, allow: &[String]) -> String {
+    let allow: Vec<String> = allow.iter().map(|a| format!("{a:?}")).collect();
+    format!(
+        "# test flags\n[trip_accept_v2]\npercent = {percent}\nsalt = \"trip_accept_v2\"\nallow = [{}]\ndeny = []\n",
+        allow.join(", ")
+    )
+}
+
+/// A config for a test gateway on `db`.
+pub fn config(db_url: &str, dir: &Path, o: &Options) -> Config {
+    let flags = dir.join("flags").join("rollout.toml");
+    if !flags.exists() {
+        std::fs::create_dir_all(flags.parent().unwrap()).unwrap();
+        std::fs::write(&flags, flags_text(o.percent, &o.allow)).unwrap();
+    }
+    let mut c = Config::default();
+    c.server.listen = "127.0.0.1:0".parse().unwrap();
+    c.server.admin_listen = "127.0.0.1:0".parse().unwrap();
+    c.server.shutdown_grace_ms = 2_000;
+    c.database.url = db_url.to_owned();
+    c.database.max_connections = 16;
+    c.database.acquire_timeout_ms = o.acquire_timeout_ms;
+    c.redis.url = o.redis_url.clone().unwrap_or_default();
+    c.redis.key_prefix = unique("tgtest");
+    c.redis.lock_ttl_s = o.lock_ttl_s;
+    c.redis.timeout_ms = 200;
+    c.flags.path = flags;
+    c.auth.hs256_secret = SECRET.into();
+    c.client.timeout_ms = o.client_timeout_ms;
+    for (provider, channel) in [(&mut c.providers.sms, "sms"), (&mut c.providers.push, "push")] {
+        match &o.webhook {
+            Some(base) => {
+                provider.kind = ProviderKind::Webhook;
+                provider.url = format!("{base}/{channel}");
+                provider.timeout_ms = 3_000;
+            }
+            None => {
+                provider.kind = ProviderKind::Simulated;
+                provider.latency_ms = o.provider_latency_ms;
+            }
+        }
+    }
+    c.jobs.workers = 4;
+    c.jobs.max_attempts = o.max_attempts;
+    c.jobs.backoff_base_ms = o.backoff_base_ms;
+    c.jobs.visibility_timeout_s = o.visibility_timeout_s;
+    c.jobs.poll_interval_ms = 200;
+    c
+}
+
+/// An in-process gateway on its own database, with an HTTP client.
+pub struct Gateway {
+    pub running: Option<Running>,
+    pub api: String,
+    pub admin: String,
+    pub store: Storage,
+    pub config: Config,
+    pub http: reqwest::Client,
+    pub keys: TokenKeys,
+    pub dir: TempDir,
+}
+
+impl Gateway {
+    pub async fn start(db: &TestDb, options: Options) -> Self {
+        let dir = TempDir::new();
+        let config = config(&db.url, dir.path(), &options);
+        Self::start_with(config, dir).await
+    }
+
+    pub async fn start_with(config: Config, dir: TempDir) -> Self {
+        let running = start(config.clone(), ServerRole::Serve).await.unwrap();
+        let api = format!("http://{}", running.api_addr.unwrap());
+        let admin = format!("http://{}", running.admin_addr.unwrap());
+        let store = running.store.clone();
+        let gw = Self {
+            running: Some(running),
+            api,
+            admin,
+            store,
+            keys: TokenKeys::new(SECRET, 3600),
+            config,
+            http: reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap(),
+            dir,
+        };
+        gw.wait_ready().await;
+        gw
+    }
+
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = self.http.get(format!("{}/readyz", self.admin)).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "gateway not ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn token(&self, sub: &str, role: Role) -> String {
+        self.keys.mint(sub, role).unwrap()
+    }
+
+    /// POST the trip action as `driver`.
+    pub async fn action(&self, driver: &str, trip: &str, action: &str) -> (u16, Value, String) {
+        let token = self.token(driver, Role::Driver);
+        let body = json!({"trip_request_id": trip, "action": action});
+        self.post_raw(
+            "/api/driver/trip/request-action",
+            Some(&token),
+            "application/json",
+            body.to_string().into_bytes(),
+        )
+        .await
+    }
+
+    pub async fn accept(&self, driver: &str, trip: &str) -> (u16, Value, String) {
+        self.action(driver, trip, "accepted").await
+    }
+
+    /// A raw POST; returns status, JSON body (or Null) and the cohort header.
+    pub async fn post_raw(&self, path: &str, token: Option<&str>, content_type: &str, body: Vec<u8>) -> (u16, Value, String) {
+        let mut req = self
+            .http
+            .post(format!("{}{path}", self.api))
+            .header("content-type", content_type)
+            .body(body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let res = req.send().await.unwrap();
+        let status = res.status().as_u16();
+        let cohort = res
+            .headers()
+            .get("x-tripgate-cohort")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let body = res.json::<Value>().await.unwrap_or(Value::Null);
+        (status, body, cohort)
+    }
+
+    pub async fn admin_get(&self, path: &str) -> (u16, Value) {
+        let token = self.token("admin", Role::Admin);
+        let res = self
+            .http
+            .get(format!("{}{path}", self.admin))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        (res.status().as_u16(), res.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Trip details as an admin sees them.
+    pub async fn details(&self, trip: &str) -> Value {
+        let token = self.token("admin", Role::Admin);
+        let res = self
+            .http
+            .get(format!("{}/api/customer/ride/details/{trip}", self.api))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        res.json::<Value>().await.unwrap()["data"].clone()
+    }
+
+    /// Waits until every side effect of `trip` is done.
+    pub async fn wait_effects_done(&self, trip: &str, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let states = self.store.effect_states(trip).await.unwrap();
+            if !states.is_empty() && states.values().all(|s| s == "done") {
+                return self.details(trip).await;
+            }
+            assert!(Instant::now() < deadline, "effects of {trip} not done: {states:?}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+    }
+}
+
+// === world ===
+
+/// Creates categories, drivers, customers and trips directly in storage.
+pub struct World {
+    pub store: Storage,
+    pub category: String,
+    pub other_category: String,
+    pub customer: String,
+}
+
+impl World {
+    pub async fn new(store: &Storage) -> Self {
+        let category = store.create_vehicle_category("Standard").await.unwrap();
+        let other_category = store.create_vehicle_category("Premium").await.unwrap();
+        let customer = store.create_customer("Test Customer", "+8800000000001").await.unwrap();
+        Self {
+            store: store.clone(),
+            category,
+            other_category,
+            customer,
+        }
+    }
+
+    pub async fn driver(&self) -> String {
+        self.driver_in(&self.category.clone()).await
+    }
+
+    pub async fn driver_in(&self, category: &str) -> String {
+        let n = uuid::Uuid::new_v4().as_u128() % 1_000_000_000;
+        self.store
+            .create_driver(&NewDriver {
+                name: format!("Driver {n}"),
+                phone: format!("+8801{n:09}"),
+                vehicle_category_id: category.to_owned(),
+                online: true,
+                position: LatLng { lat: 23.80, lng: 90.41 },
+            })
+            .await
+            .unwrap()
+            .0
+    }
+
+    pub async fn drivers(&self, n: usize) -> Vec<String> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(self.driver().await);
+        }
+        out
+    }
+
+    pub async fn trip(&self, offered_to: &[String]) -> String {
+        self.trip_of(TripType::Ride, offered_to).await
+    }
+
+    pub async fn trip_of(&self, trip_type: TripType, offered_to: &[String]) -> String {
+        let trip = NewTrip {
+            customer_id: self.customer.clone(),
+            vehicle_category_id: self.category.clone(),
+            trip_type,
+            estimated_fare_cents: 25_000,
+            offered_to: offered_to.to_vec(),
+            pickup: LatLng { lat: 23.81, lng: 90.41 },
+            destination: LatLng { lat: 23.75, lng: 90.39 },
+            receiver: (trip_type == TripType::Parcel).then(|| Receiver {
+                name: "Rahim".into(),
+                phone: "+8809999999999".into(),
+            }),
+            bid_on_fare: false,
+        };
+        self.store.create_trip(&trip).await.unwrap().unwrap()
+    }
+}
+
+// === private Redis ===
+
+/// A `redis-server` of the test's own on a free port; killed on drop.
+pub struct PrivateRedis {
+    pub port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateRedis {
+    pub async fn start() -> Self {
+        let port = free_port();
+        let mut r = Self { port, child: None };
+        r.restart().await;
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn restart(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
+            assert!(Instant::now() < deadline, "private redis did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+// === TCP proxy ===
+
+/// A TCP proxy in front of a server; `cut` drops every connection and refuses new ones
+/// (the server "goes away"), `restore` lets them through again.
+pub struct Proxy {
+    pub port: u16,
+    up: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accept: JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = Arc::new(AtomicBool::new(true));
+        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::new(Mutex::new(Vec::new()));
+        let (u, c) = (up.clone(), conns.clone());
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { continue };
+                if !u.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                c.lock().unwrap().push(task);
+            }
+        });
+        Self { port, up, conns, accept }
+    }
+
+    pub fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for task in self.conns.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+/// Runs `n` accepts of `drivers` on `trip` at once; returns (status, body, cohort) each.
+pub async fn race(gw: &Gateway, drivers: &[String], trip: &str) -> Vec<(u16, Value, String)> {
+    let barrier = Arc::new(tokio::sync::Barrier::new(drivers.len()));
+    let futures = drivers.iter().map(|d| {
+        let barrier = barrier.clone();
+        async move {
+            barrier.wait().await;
+            gw.accept(d, trip).await
+        }
+    });
+    futures_util::future::join_all(futures).await
+}
