@@ -24,22 +24,46 @@ fn code(body: &Value) -> &str {
 async fn spec_table_rows_legacy(backend: Backend) {
     let db = TestDb::new(backend).await;
     let stub = WebhookStub::start().await;
-    let gw = Gateway::start(&db, Options { webhook: Some(format!("http://{}", stub.addr)), ..Options::default() }).await;
+    let gw = Gateway::start(
+        &db,
+        Options {
+            webhook: Some(format!("http://{}", stub.addr)),
+            ..Options::default()
+        },
+    )
+    .await;
     let w = World::new(&gw.store).await;
     let (d1, d2) = (w.driver().await, w.driver().await);
     let t1 = w.trip(&[d1.clone(), d2.clone()]).await;
 
     // Accepted: 200, the full trip with its relations, effects already sent (inline).
     let (status, body, cohort) = gw.accept(&d1, &t1).await;
-    assert_eq!((status, code(&body), cohort.as_str()), (200, "default_update_200", "legacy"), "{body}");
+    assert_eq!(
+        (status, code(&body), cohort.as_str()),
+        (200, "default_update_200", "legacy"),
+        "{body}"
+    );
     let data = &body["data"];
     assert_eq!(data["id"], t1.as_str());
     assert_eq!(data["driver_id"], d1.as_str());
     assert_eq!(data["current_status"], "accepted");
-    for relation in ["customer", "driver", "vehicle", "vehicle_category", "coordinate", "fee", "time", "offered_to"] {
+    for relation in [
+        "customer",
+        "driver",
+        "vehicle",
+        "vehicle_category",
+        "coordinate",
+        "fee",
+        "time",
+        "offered_to",
+    ] {
         assert!(!data[relation].is_null(), "legacy answer lacks {relation}: {data}");
     }
-    assert_eq!(stub.calls_for("otp_sms", &t1).len(), 1, "legacy sends the OTP before answering");
+    assert_eq!(
+        stub.calls_for("otp_sms", &t1).len(),
+        1,
+        "legacy sends the OTP before answering"
+    );
     assert_eq!(body["errors"], json!([]));
 
     // Same driver again: refused, as today.
@@ -52,7 +76,10 @@ async fn spec_table_rows_legacy(backend: Backend) {
     let t2 = w.trip(&[]).await;
     // Offline driver.
     let offline = w.driver().await;
-    gw.store.set_driver_status(&offline, false, "unavailable").await.unwrap();
+    gw.store
+        .set_driver_status(&offline, false, "unavailable")
+        .await
+        .unwrap();
     let (status, body, _) = gw.accept(&offline, &t2).await;
     assert_eq!((status, code(&body)), (403, "driver_unavailable_403"));
     // Vehicle in another category.
@@ -75,26 +102,52 @@ async fn spec_table_rows_legacy(backend: Backend) {
         (b"{not json", "body"),
         (b"[1,2]", "body"),
         (br#"{"action":"accepted"}"#, "trip_request_id"),
-        (br#"{"trip_request_id":"not-a-uuid","action":"accepted"}"#, "trip_request_id"),
-        (format!(r#"{{"trip_request_id":"{t2}","action":"grab"}}"#).leak().as_bytes(), "action"),
+        (
+            br#"{"trip_request_id":"not-a-uuid","action":"accepted"}"#,
+            "trip_request_id",
+        ),
+        (
+            format!(r#"{{"trip_request_id":"{t2}","action":"grab"}}"#)
+                .leak()
+                .as_bytes(),
+            "action",
+        ),
     ];
     for (raw, field) in cases {
         let (status, body, _) = gw.post_raw(path, Some(&token), "application/json", raw.to_vec()).await;
-        assert_eq!((status, code(&body)), (400, "default_400"), "{}", String::from_utf8_lossy(raw));
+        assert_eq!(
+            (status, code(&body)),
+            (400, "default_400"),
+            "{}",
+            String::from_utf8_lossy(raw)
+        );
         assert_eq!(body["errors"][0]["error_code"], field, "{body}");
     }
     // Too large, wrong content type.
-    let big = format!(r#"{{"trip_request_id":"{t2}","action":"accepted","pad":"{}"}}"#, "x".repeat(20_000));
-    let (status, body, _) = gw.post_raw(path, Some(&token), "application/json", big.into_bytes()).await;
+    let big = format!(
+        r#"{{"trip_request_id":"{t2}","action":"accepted","pad":"{}"}}"#,
+        "x".repeat(20_000)
+    );
+    let (status, body, _) = gw
+        .post_raw(path, Some(&token), "application/json", big.into_bytes())
+        .await;
     assert_eq!((status, code(&body)), (413, "default_400"));
-    let ok_body = json!({"trip_request_id": t2, "action": "accepted"}).to_string().into_bytes();
+    let ok_body = json!({"trip_request_id": t2, "action": "accepted"})
+        .to_string()
+        .into_bytes();
     let (status, body, _) = gw.post_raw(path, Some(&token), "text/plain", ok_body.clone()).await;
     assert_eq!((status, code(&body)), (415, "default_400"));
 
     // Tokens: none, garbage, wrong key, expired, not yet valid, unknown user → 401; a
     // customer's token → 403.
     let now = now_s();
-    let claims = |exp: u64, nbf: Option<u64>, sub: &str| Claims { sub: sub.into(), role: Role::Driver, exp, iat: None, nbf };
+    let claims = |exp: u64, nbf: Option<u64>, sub: &str| Claims {
+        sub: sub.into(),
+        role: Role::Driver,
+        exp,
+        iat: None,
+        nbf,
+    };
     let other_key = tripgate::auth::TokenKeys::new("some-other-secret-0123456789", 60);
     let refused = [
         None,
@@ -106,21 +159,38 @@ async fn spec_table_rows_legacy(backend: Backend) {
         Some(gw.token(&w.customer, Role::Driver)),
     ];
     for token in refused {
-        let (status, body, _) = gw.post_raw(path, token.as_deref(), "application/json", ok_body.clone()).await;
+        let (status, body, _) = gw
+            .post_raw(path, token.as_deref(), "application/json", ok_body.clone())
+            .await;
         assert_eq!((status, code(&body)), (401, "auth_login_401"), "{token:?}");
     }
     let customer = gw.token(&w.customer, Role::Customer);
-    let (status, body, _) = gw.post_raw(path, Some(&customer), "application/json", ok_body.clone()).await;
+    let (status, body, _) = gw
+        .post_raw(path, Some(&customer), "application/json", ok_body.clone())
+        .await;
     assert_eq!((status, code(&body)), (403, "auth_forbidden_403"));
 
     // None of that wrote anything.
     let t2_now = gw.store.trip_snapshot(&t2).await.unwrap().unwrap();
     assert_eq!((t2_now.driver_id, t2_now.current_status.as_str()), (None, "pending"));
-    assert_eq!(gw.store.driver_snapshot(&d2).await.unwrap().unwrap().availability_status, "available");
+    assert_eq!(
+        gw.store
+            .driver_snapshot(&d2)
+            .await
+            .unwrap()
+            .unwrap()
+            .availability_status,
+        "available"
+    );
 
     // The same body with everything right is accepted — on the app's path too.
     let (status, body, _) = gw
-        .post_raw("/api/driver/ride/trip-action", Some(&token), "application/json", ok_body)
+        .post_raw(
+            "/api/driver/ride/trip-action",
+            Some(&token),
+            "application/json",
+            ok_body,
+        )
         .await;
     assert_eq!((status, code(&body)), (200, "default_update_200"), "{body}");
 
@@ -136,7 +206,14 @@ async fn spec_table_rows_legacy(backend: Backend) {
 
 async fn legacy_race_five_drivers(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let gw = Gateway::start(&db, Options { provider_latency_ms: 20, ..Options::default() }).await;
+    let gw = Gateway::start(
+        &db,
+        Options {
+            provider_latency_ms: 20,
+            ..Options::default()
+        },
+    )
+    .await;
     let w = World::new(&gw.store).await;
     let drivers = w.drivers(5).await;
     let trip = w.trip(&drivers).await;
@@ -151,9 +228,25 @@ async fn legacy_race_five_drivers(backend: Backend) {
     let winner = &drivers[winners[0]];
     let snapshot = gw.store.trip_snapshot(&trip).await.unwrap().unwrap();
     assert_eq!(snapshot.driver_id.as_ref(), Some(winner));
-    assert_eq!(gw.store.driver_snapshot(winner).await.unwrap().unwrap().availability_status, "on_trip");
+    assert_eq!(
+        gw.store
+            .driver_snapshot(winner)
+            .await
+            .unwrap()
+            .unwrap()
+            .availability_status,
+        "on_trip"
+    );
     for loser in drivers.iter().filter(|d| *d != winner) {
-        assert_eq!(gw.store.driver_snapshot(loser).await.unwrap().unwrap().availability_status, "available");
+        assert_eq!(
+            gw.store
+                .driver_snapshot(loser)
+                .await
+                .unwrap()
+                .unwrap()
+                .availability_status,
+            "available"
+        );
     }
     gw.shutdown().await;
     db.drop_db().await;
@@ -182,7 +275,14 @@ async fn driver_holding_a_trip_cannot_take_another(backend: Backend) {
 async fn effects_reach_the_webhook_provider(backend: Backend) {
     let db = TestDb::new(backend).await;
     let stub = WebhookStub::start().await;
-    let gw = Gateway::start(&db, Options { webhook: Some(format!("http://{}", stub.addr)), ..Options::default() }).await;
+    let gw = Gateway::start(
+        &db,
+        Options {
+            webhook: Some(format!("http://{}", stub.addr)),
+            ..Options::default()
+        },
+    )
+    .await;
     let w = World::new(&gw.store).await;
     let (d1, d2, other) = (w.driver().await, w.driver().await, w.driver().await);
 
@@ -202,7 +302,10 @@ async fn effects_reach_the_webhook_provider(backend: Backend) {
     let otp_sms = stub.calls_for("otp_sms", &ride);
     assert_eq!(otp_sms.len(), 1);
     assert_eq!(otp_sms[0]["to"], "+8800000000001", "to the customer's phone");
-    let otp = gw.store.trip_with_relations(&ride).await.unwrap().unwrap()["otp"].as_str().unwrap().to_owned();
+    let otp = gw.store.trip_with_relations(&ride).await.unwrap().unwrap()["otp"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert!(otp_sms[0]["body"].as_str().unwrap().contains(&otp));
     let push = stub.calls_for("otp_push", &ride);
     assert_eq!(push.len(), 1);
@@ -228,32 +331,80 @@ async fn customer_routes(backend: Backend) {
         "offered_to": [d], "pickup": {"lat": 23.8, "lng": 90.4}, "destination": {"lat": 23.7, "lng": 90.3},
         "bid_on_fare": false
     });
-    let (status, created, _) = gw.post_raw(create, Some(&customer), "application/json", body.to_string().into_bytes()).await;
+    let (status, created, _) = gw
+        .post_raw(
+            create,
+            Some(&customer),
+            "application/json",
+            body.to_string().into_bytes(),
+        )
+        .await;
     assert_eq!(status, 200, "{created}");
     let trip = created["data"]["id"].as_str().unwrap().to_owned();
     let details = gw.details(&trip).await;
-    assert_eq!((details["id"].as_str(), details["current_status"].as_str()), (Some(trip.as_str()), Some("pending")));
+    assert_eq!(
+        (details["id"].as_str(), details["current_status"].as_str()),
+        (Some(trip.as_str()), Some("pending"))
+    );
     assert!(details["driver_id"].is_null());
     assert_eq!(details["estimated_fare_cents"], 25050);
 
     // Validation names every bad field.
-    let bad = json!({"vehicle_category_id": "x", "type": "boat", "estimated_fare": -1, "pickup": {"lat": 91, "lng": 0}});
-    let (status, body, _) = gw.post_raw(create, Some(&customer), "application/json", bad.to_string().into_bytes()).await;
+    let bad =
+        json!({"vehicle_category_id": "x", "type": "boat", "estimated_fare": -1, "pickup": {"lat": 91, "lng": 0}});
+    let (status, body, _) = gw
+        .post_raw(
+            create,
+            Some(&customer),
+            "application/json",
+            bad.to_string().into_bytes(),
+        )
+        .await;
     assert_eq!(status, 400);
-    let fields: Vec<&str> = body["errors"].as_array().unwrap().iter().map(|e| e["error_code"].as_str().unwrap()).collect();
-    assert_eq!(fields, ["vehicle_category_id", "type", "estimated_fare", "pickup", "destination"]);
+    let fields: Vec<&str> = body["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["error_code"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        fields,
+        ["vehicle_category_id", "type", "estimated_fare", "pickup", "destination"]
+    );
     let parcel = json!({"vehicle_category_id": w.category, "type": "parcel", "estimated_fare": 10,
         "pickup": {"lat": 1, "lng": 1}, "destination": {"lat": 1, "lng": 2}});
-    let (status, body, _) = gw.post_raw(create, Some(&customer), "application/json", parcel.to_string().into_bytes()).await;
-    assert_eq!((status, body["errors"][0]["error_code"].as_str()), (400, Some("receiver")));
+    let (status, body, _) = gw
+        .post_raw(
+            create,
+            Some(&customer),
+            "application/json",
+            parcel.to_string().into_bytes(),
+        )
+        .await;
+    assert_eq!(
+        (status, body["errors"][0]["error_code"].as_str()),
+        (400, Some("receiver"))
+    );
     let unknown = json!({"vehicle_category_id": uuid::Uuid::new_v4(), "estimated_fare": 10,
         "pickup": {"lat": 1, "lng": 1}, "destination": {"lat": 1, "lng": 2}});
-    let (status, body, _) = gw.post_raw(create, Some(&customer), "application/json", unknown.to_string().into_bytes()).await;
-    assert_eq!((status, body["errors"][0]["error_code"].as_str()), (400, Some("vehicle_category_id")));
+    let (status, body, _) = gw
+        .post_raw(
+            create,
+            Some(&customer),
+            "application/json",
+            unknown.to_string().into_bytes(),
+        )
+        .await;
+    assert_eq!(
+        (status, body["errors"][0]["error_code"].as_str()),
+        (400, Some("vehicle_category_id"))
+    );
 
     // A driver may not create; another customer may not read or cancel.
     let driver = gw.token(&d, Role::Driver);
-    let (status, _, _) = gw.post_raw(create, Some(&driver), "application/json", b"{}".to_vec()).await;
+    let (status, _, _) = gw
+        .post_raw(create, Some(&driver), "application/json", b"{}".to_vec())
+        .await;
     assert_eq!(status, 403);
     let stranger = gw.store.create_customer("Other", "+1").await.unwrap();
     let stranger = gw.token(&stranger, Role::Customer);
@@ -282,7 +433,9 @@ async fn customer_routes(backend: Backend) {
 /// Database unavailable: 503 `service_unavailable_503`, quickly, and nothing half-done.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn database_down_answers_503_quickly() {
-    let Some(base) = crate::support::postgres_url() else { return };
+    let Some(base) = crate::support::postgres_url() else {
+        return;
+    };
     let db = TestDb::new(Backend::Postgres).await;
     let target: std::net::SocketAddr = {
         let host = base.split('@').nth(1).unwrap_or("127.0.0.1:5432");
@@ -296,7 +449,10 @@ async fn database_down_answers_503_quickly() {
     let d = w.driver().await;
     let trip = w.trip(&[]).await;
     let dir = crate::support::TempDir::new();
-    let options = Options { acquire_timeout_ms: 500, ..Options::default() };
+    let options = Options {
+        acquire_timeout_ms: 500,
+        ..Options::default()
+    };
     let mut config = crate::support::config(&proxied, dir.path(), &options);
     config.database.url = proxied;
     let gw = Gateway::start_with(config, dir).await;
@@ -307,13 +463,20 @@ async fn database_down_answers_503_quickly() {
         let started = Instant::now();
         let (status, body, _) = gw.accept(&d, &trip).await;
         assert_eq!((status, code(&body)), (503, "service_unavailable_503"), "{body}");
-        assert!(started.elapsed() < Duration::from_secs(3), "503 took {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "503 took {:?}",
+            started.elapsed()
+        );
         let res = gw.http.get(format!("{}/readyz", gw.admin)).send().await.unwrap();
         assert_eq!(res.status(), 503);
         proxy.restore();
     }
     let snapshot = direct.trip_snapshot(&trip).await.unwrap().unwrap();
-    assert_eq!((snapshot.driver_id, snapshot.current_status.as_str()), (None, "pending"));
+    assert_eq!(
+        (snapshot.driver_id, snapshot.current_status.as_str()),
+        (None, "pending")
+    );
     // Once the database is back, the same request succeeds without a restart.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

@@ -1,1 +1,426 @@
-//! placeholder
+//! The atomic_async path: one winner under every kind of race, idempotent retries, the
+//! lock released on failure, Redis down, two gateway instances.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::backend_tests;
+use crate::support::{
+    Backend, Gateway, Options, PrivateRedis, Process, TempDir, TestDb, WebhookStub, World, eventually, execute_sql,
+    race, redis_server_available,
+};
+
+backend_tests!(
+    race_of_5_and_50_drivers,
+    mixed_cohort_race,
+    retry_storm_is_idempotent,
+    retry_after_lock_expiry_is_idempotent,
+    failed_fence_releases_the_lock,
+);
+
+fn code(body: &Value) -> &str {
+    body["response_code"].as_str().unwrap_or("")
+}
+
+/// Postgres runs with real Redis (the production pair), SQLite with the in-process store.
+fn options(backend: Backend, stub: &WebhookStub) -> Options {
+    Options {
+        percent: 100.0,
+        redis_url: match backend {
+            Backend::Postgres => crate::support::redis_url(),
+            Backend::Sqlite => None,
+        },
+        webhook: Some(format!("http://{}", stub.addr)),
+        ..Options::default()
+    }
+}
+
+async fn race_of_5_and_50_drivers(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let stub = WebhookStub::start().await;
+    let gw = Gateway::start(&db, options(backend, &stub)).await;
+    let w = World::new(&gw.store).await;
+    for n in [5, 50] {
+        let drivers = w.drivers(n).await;
+        let trip = w.trip(&drivers).await;
+        let results = race(&gw, &drivers, &trip).await;
+        let winners: Vec<usize> = (0..n).filter(|i| results[*i].0 == 200).collect();
+        assert_eq!(winners.len(), 1, "{n} drivers: {results:?}");
+        assert!(results.iter().all(|r| r.2 == "atomic_async"));
+        for (i, (status, body, _)) in results.iter().enumerate() {
+            if i != winners[0] {
+                assert_eq!((*status, code(body)), (403, "trip_request_driver_403"), "{body}");
+            }
+        }
+        let winner = &drivers[winners[0]];
+        // Minimal trip in the answer.
+        let data = &results[winners[0]].1["data"];
+        assert_eq!(
+            (data["id"].as_str(), data["current_status"].as_str()),
+            (Some(trip.as_str()), Some("accepted"))
+        );
+        assert!(data["customer"]["name"].is_string() && data["coordinate"].is_null());
+        gw.wait_effects_done(&trip, Duration::from_secs(10)).await;
+        assert_eq!(
+            gw.store.trip_snapshot(&trip).await.unwrap().unwrap().driver_id.as_ref(),
+            Some(winner)
+        );
+        let jobs: Vec<_> = gw
+            .store
+            .list_jobs(None)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|j| j.trip_id == trip)
+            .collect();
+        assert_eq!(jobs.len(), 1, "one job per accepted trip");
+        assert_eq!(stub.calls_for("otp_sms", &trip).len(), 1, "one OTP SMS");
+        assert_eq!(stub.calls_for("otp_push", &trip).len(), 1);
+    }
+    assert_eq!(gw.store.double_assignments().await.unwrap(), 0);
+    gw.shutdown().await;
+    db.drop_db().await;
+}
+
+async fn mixed_cohort_race(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let stub = WebhookStub::start().await;
+    let mut o = options(backend, &stub);
+    o.percent = 0.0;
+    let world_store = db.store().await;
+    let w = World::new(&world_store).await;
+    for round in 0..3 {
+        let drivers = w.drivers(10).await;
+        // Half the drivers on atomic_async through the allow list, half on legacy.
+        o.allow = drivers.iter().step_by(2).cloned().collect();
+        let gw = Gateway::start(&db, o.clone()).await;
+        let trip = w.trip(&drivers).await;
+        let results = race(&gw, &drivers, &trip).await;
+        let cohorts: std::collections::BTreeSet<&str> = results.iter().map(|r| r.2.as_str()).collect();
+        assert_eq!(cohorts.len(), 2, "both cohorts raced");
+        assert_eq!(
+            results.iter().filter(|r| r.0 == 200).count(),
+            1,
+            "round {round}: {results:?}"
+        );
+        assert!(
+            results
+                .iter()
+                .all(|r| r.0 == 200 || code(&r.1) == "trip_request_driver_403")
+        );
+        gw.wait_effects_done(&trip, Duration::from_secs(10)).await;
+        assert_eq!(stub.calls_for("otp_sms", &trip).len(), 1);
+        gw.shutdown().await;
+    }
+    assert_eq!(world_store.double_assignments().await.unwrap(), 0);
+    db.drop_db().await;
+}
+
+async fn retry_storm_is_idempotent(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let stub = WebhookStub::start().await;
+    let gw = Gateway::start(&db, options(backend, &stub)).await;
+    let w = World::new(&gw.store).await;
+    let d = w.driver().await;
+    let trip = w.trip(&[d.clone()]).await;
+    // The first request and three retries, all in flight at once.
+    let results = race(&gw, &[d.clone(), d.clone(), d.clone(), d.clone()], &trip).await;
+    for (status, body, _) in &results {
+        assert_eq!((*status, code(body)), (200, "default_update_200"), "{body}");
+        assert_eq!(body["data"]["id"], trip.as_str());
+    }
+    let retries = results
+        .iter()
+        .filter(|r| r.1["data"]["already_accepted"] == true)
+        .count();
+    assert_eq!(retries, 3, "{results:?}");
+    // And a later one.
+    let (status, body, _) = gw.accept(&d, &trip).await;
+    assert_eq!((status, body["data"]["already_accepted"].as_bool()), (200, Some(true)));
+    gw.wait_effects_done(&trip, Duration::from_secs(10)).await;
+    assert_eq!(stub.calls_for("otp_sms", &trip).len(), 1, "one OTP SMS");
+    let jobs = gw.store.list_jobs(None).await.unwrap();
+    assert_eq!(jobs.iter().filter(|j| j.trip_id == trip).count(), 1);
+    gw.shutdown().await;
+    db.drop_db().await;
+}
+
+async fn retry_after_lock_expiry_is_idempotent(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let stub = WebhookStub::start().await;
+    let gw = Gateway::start(
+        &db,
+        Options {
+            lock_ttl_s: 1,
+            ..options(backend, &stub)
+        },
+    )
+    .await;
+    let w = World::new(&gw.store).await;
+    let (d, other) = (w.driver().await, w.driver().await);
+    let trip = w.trip(&[d.clone()]).await;
+    assert_eq!(gw.accept(&d, &trip).await.0, 200);
+    let locks = gw.running.as_ref().unwrap().locks.clone();
+    assert!(
+        locks.holder(&trip).await.unwrap().is_some(),
+        "the winner keeps the lock"
+    );
+    eventually(Duration::from_secs(5), "lock expiry", || {
+        let locks = locks.clone();
+        let trip = trip.clone();
+        async move { locks.holder(&trip).await.unwrap().is_none().then_some(()) }
+    })
+    .await;
+    // The database, not the lock, decides: the winner's retry is still a success…
+    let (status, body, _) = gw.accept(&d, &trip).await;
+    assert_eq!(
+        (status, body["data"]["already_accepted"].as_bool()),
+        (200, Some(true)),
+        "{body}"
+    );
+    // …and another driver is still refused.
+    let (status, body, _) = gw.accept(&other, &trip).await;
+    assert_eq!((status, code(&body)), (403, "trip_request_driver_403"));
+    gw.shutdown().await;
+    db.drop_db().await;
+}
+
+async fn failed_fence_releases_the_lock(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let stub = WebhookStub::start().await;
+    let gw = Gateway::start(&db, options(backend, &stub)).await;
+    let w = World::new(&gw.store).await;
+    let (d1, d2) = (w.driver().await, w.driver().await);
+    let trip = w.trip(&[d1.clone(), d2.clone()]).await;
+    // The job insert fails inside the accept transaction (after the lock was taken and
+    // the fence matched): a connection-class error on Postgres, an abort on SQLite.
+    let (inject, heal) = match backend {
+        Backend::Postgres => (
+            "CREATE FUNCTION tg_fail() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             RAISE EXCEPTION 'injected' USING ERRCODE = '08006'; END $$; \
+             CREATE TRIGGER tg_fail BEFORE INSERT ON jobs FOR EACH ROW EXECUTE FUNCTION tg_fail();",
+            "DROP TRIGGER tg_fail ON jobs;",
+        ),
+        Backend::Sqlite => (
+            "CREATE TRIGGER tg_fail BEFORE INSERT ON jobs BEGIN SELECT RAISE(ABORT, 'injected'); END;",
+            "DROP TRIGGER tg_fail;",
+        ),
+    };
+    execute_sql(&db, inject).await;
+    let (status, body, _) = gw.accept(&d1, &trip).await;
+    assert!(status >= 500, "{status} {body}");
+    if backend == Backend::Postgres {
+        assert_eq!((status, code(&body)), (503, "service_unavailable_503"));
+    }
+    // Nothing half-done: no driver on the trip, no job, the driver still available, and
+    // no lock left to block the trip.
+    let snapshot = gw.store.trip_snapshot(&trip).await.unwrap().unwrap();
+    assert_eq!(
+        (snapshot.driver_id, snapshot.current_status.as_str()),
+        (None, "pending")
+    );
+    assert!(gw.store.list_jobs(None).await.unwrap().is_empty());
+    assert_eq!(
+        gw.store
+            .driver_snapshot(&d1)
+            .await
+            .unwrap()
+            .unwrap()
+            .availability_status,
+        "available"
+    );
+    let locks = gw.running.as_ref().unwrap().locks.clone();
+    assert_eq!(locks.holder(&trip).await.unwrap(), None, "lock released");
+    execute_sql(&db, heal).await;
+    let (status, body, _) = gw.accept(&d2, &trip).await;
+    assert_eq!(status, 200, "the trip is not blocked: {body}");
+    gw.shutdown().await;
+    db.drop_db().await;
+}
+
+/// Redis stopped in the middle: the SQL fence alone still lets exactly one driver win,
+/// the lock errors are counted, `/readyz` stays 200 and names Redis as down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_down_fence_alone_decides() {
+    if !redis_server_available() {
+        return;
+    }
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        if backend == Backend::Postgres && crate::support::postgres_url().is_none() {
+            continue;
+        }
+        let mut redis = PrivateRedis::start().await;
+        let db = TestDb::new(backend).await;
+        let stub = WebhookStub::start().await;
+        let gw = Gateway::start(
+            &db,
+            Options {
+                percent: 100.0,
+                redis_url: Some(redis.url()),
+                webhook: Some(format!("http://{}", stub.addr)),
+                max_attempts: 12,
+                backoff_base_ms: 10,
+                ..Options::default()
+            },
+        )
+        .await;
+        let w = World::new(&gw.store).await;
+        let drivers = w.drivers(10).await;
+        let trip = w.trip(&drivers).await;
+        assert_eq!(
+            race(&gw, &drivers, &trip).await.iter().filter(|r| r.0 == 200).count(),
+            1
+        );
+
+        redis.stop();
+        let drivers = w.drivers(10).await;
+        let trip = w.trip(&drivers).await;
+        let results = race(&gw, &drivers, &trip).await;
+        assert_eq!(results.iter().filter(|r| r.0 == 200).count(), 1, "{results:?}");
+        assert!(
+            results
+                .iter()
+                .all(|r| r.0 == 200 || code(&r.1) == "trip_request_driver_403"),
+            "{results:?}"
+        );
+        // The OTP goes out; only the trip.accepted event (Redis pub/sub) waits for Redis.
+        let down_trip = trip.clone();
+        eventually(Duration::from_secs(10), "OTP SMS with Redis down", || {
+            let store = gw.store.clone();
+            let trip = down_trip.clone();
+            async move { (store.effect_states(&trip).await.ok()?.get("otp_sms")? == "done").then_some(()) }
+        })
+        .await;
+        assert_eq!(stub.calls_for("otp_sms", &trip).len(), 1);
+        assert_ne!(
+            gw.store.effect_states(&trip).await.unwrap()["trip_accepted_event"],
+            "done"
+        );
+        let metrics = gw.metrics().await;
+        let errors: f64 = metrics
+            .lines()
+            .find(|l| l.starts_with("tripgate_lock_errors_total{backend=\"redis\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        assert!(errors >= 1.0, "lock errors counted");
+        let ready = gw.http.get(format!("{}/readyz", gw.admin)).send().await.unwrap();
+        assert_eq!(ready.status(), 200);
+        let ready: Value = ready.json().await.unwrap();
+        assert_eq!(ready["redis"], "down");
+
+        // Redis back: the lock store is used again without a restart.
+        redis.restart().await;
+        let drivers = w.drivers(5).await;
+        let trip = w.trip(&drivers).await;
+        eventually(Duration::from_secs(10), "redis reconnect", || {
+            let http = gw.http.clone();
+            let url = format!("{}/readyz", gw.admin);
+            async move {
+                let body: Value = http.get(url).send().await.ok()?.json().await.ok()?;
+                (body["redis"] == "up").then_some(())
+            }
+        })
+        .await;
+        assert_eq!(
+            race(&gw, &drivers, &trip).await.iter().filter(|r| r.0 == 200).count(),
+            1
+        );
+        // The event held back during the outage is published by the job's retries.
+        gw.wait_effects_done(&down_trip, Duration::from_secs(30)).await;
+        assert_eq!(
+            stub.calls_for("otp_sms", &down_trip).len(),
+            1,
+            "no OTP resent by the retries"
+        );
+        gw.shutdown().await;
+        db.drop_db().await;
+    }
+}
+
+/// The same race through two `tripgate serve` processes sharing Postgres and Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_one_winner() {
+    let (Some(_), Some(redis_url)) = (crate::support::postgres_url(), crate::support::redis_url()) else {
+        return;
+    };
+    let db = TestDb::new(Backend::Postgres).await;
+    let stub = WebhookStub::start().await;
+    let dir = TempDir::new();
+    let store = db.store().await;
+    let w = World::new(&store).await;
+    let options = Options {
+        percent: 50.0,
+        redis_url: Some(redis_url),
+        webhook: Some(format!("http://{}", stub.addr)),
+        ..Options::default()
+    };
+    let mut instances = Vec::new();
+    let mut prefix = None;
+    for _ in 0..2 {
+        let mut config = crate::support::config(&db.url, dir.path(), &options);
+        config.server.listen = format!("127.0.0.1:{}", crate::support::free_port()).parse().unwrap();
+        config.server.admin_listen = format!("127.0.0.1:{}", crate::support::free_port()).parse().unwrap();
+        // One deployment: the same key prefix on both instances.
+        config.redis.key_prefix = prefix.get_or_insert_with(|| config.redis.key_prefix.clone()).clone();
+        let process = Process::spawn("serve", &config, dir.path());
+        instances.push((process, config));
+    }
+    let http = reqwest::Client::new();
+    for (_, config) in &instances {
+        let url = format!("http://{}/readyz", config.server.admin_listen);
+        eventually(Duration::from_secs(20), "instance ready", || {
+            let (http, url) = (http.clone(), url.clone());
+            async move { (http.get(url).send().await.ok()?.status() == 200).then_some(()) }
+        })
+        .await;
+    }
+    let keys = tripgate::auth::TokenKeys::new(crate::support::SECRET, 600);
+    for round in 0..5 {
+        let drivers = w.drivers(10).await;
+        let trip = w.trip(&drivers).await;
+        let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(drivers.len()));
+        let requests = drivers.iter().enumerate().map(|(i, d)| {
+            let url = format!(
+                "http://{}/api/driver/trip/request-action",
+                instances[i % 2].1.server.listen
+            );
+            let token = keys.mint(d, tripgate::auth::Role::Driver).unwrap();
+            let (http, barrier, trip) = (http.clone(), barrier.clone(), trip.clone());
+            async move {
+                barrier.wait().await;
+                let res = http
+                    .post(url)
+                    .bearer_auth(token)
+                    .json(&serde_json::json!({"trip_request_id": trip, "action": "accepted"}))
+                    .send()
+                    .await
+                    .unwrap();
+                res.status().as_u16()
+            }
+        });
+        let statuses = futures_util::future::join_all(requests).await;
+        assert_eq!(
+            statuses.iter().filter(|s| **s == 200).count(),
+            1,
+            "round {round}: {statuses:?}"
+        );
+        assert!(statuses.iter().all(|s| *s == 200 || *s == 403), "{statuses:?}");
+        let trip_id = trip.clone();
+        eventually(Duration::from_secs(10), "effects", || {
+            let store = store.clone();
+            let trip = trip_id.clone();
+            async move {
+                let states = store.effect_states(&trip).await.ok()?;
+                (!states.is_empty() && states.values().all(|s| s == "done")).then_some(())
+            }
+        })
+        .await;
+        assert_eq!(stub.calls_for("otp_sms", &trip).len(), 1);
+    }
+    assert_eq!(store.double_assignments().await.unwrap(), 0);
+    drop(instances);
+    store.close().await;
+    db.drop_db().await;
+}

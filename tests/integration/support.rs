@@ -61,8 +61,13 @@ pub fn postgres_url() -> Option<String> {
     match std::env::var("TRIPGATE_TEST_POSTGRES_URL") {
         Ok(url) if !url.is_empty() => Some(url),
         _ => {
-            assert!(!required(), "TRIPGATE_TEST_REQUIRE_SERVICES=1 but TRIPGATE_TEST_POSTGRES_URL is not set");
-            eprintln!("SKIPPED (Postgres): set TRIPGATE_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test to run");
+            assert!(
+                !required(),
+                "TRIPGATE_TEST_REQUIRE_SERVICES=1 but TRIPGATE_TEST_POSTGRES_URL is not set"
+            );
+            eprintln!(
+                "SKIPPED (Postgres): set TRIPGATE_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test to run"
+            );
             None
         }
     }
@@ -73,7 +78,10 @@ pub fn redis_url() -> Option<String> {
     match std::env::var("TRIPGATE_TEST_REDIS_URL") {
         Ok(url) if !url.is_empty() => Some(url),
         _ => {
-            assert!(!required(), "TRIPGATE_TEST_REQUIRE_SERVICES=1 but TRIPGATE_TEST_REDIS_URL is not set");
+            assert!(
+                !required(),
+                "TRIPGATE_TEST_REQUIRE_SERVICES=1 but TRIPGATE_TEST_REDIS_URL is not set"
+            );
             eprintln!("SKIPPED (Redis): set TRIPGATE_TEST_REDIS_URL=redis://127.0.0.1:6379 to run");
             None
         }
@@ -87,7 +95,10 @@ pub fn redis_server_available() -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     if !ok {
-        assert!(!required(), "TRIPGATE_TEST_REQUIRE_SERVICES=1 but redis-server is not installed");
+        assert!(
+            !required(),
+            "TRIPGATE_TEST_REQUIRE_SERVICES=1 but redis-server is not installed"
+        );
         eprintln!("SKIPPED (private Redis): redis-server not installed");
     }
     ok
@@ -139,7 +150,10 @@ impl TestDb {
                 let base = postgres_url().expect("postgres tests only run with a URL");
                 let name = unique("tg_test");
                 let mut conn = sqlx::PgConnection::connect(&base).await.unwrap();
-                sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.unwrap();
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
                 Self {
                     backend,
                     url: with_database(&base, &name),
@@ -194,6 +208,8 @@ pub struct WebhookStub {
     calls: Arc<Mutex<Vec<Value>>>,
     fail: Arc<AtomicBool>,
     delay_ms: Arc<AtomicU64>,
+    /// (kind, delay) pairs: slow down one kind of call only.
+    kind_delays: Arc<Mutex<Vec<(String, u64)>>>,
 }
 
 impl WebhookStub {
@@ -201,14 +217,17 @@ impl WebhookStub {
         let calls = Arc::new(Mutex::new(Vec::new()));
         let fail = Arc::new(AtomicBool::new(false));
         let delay_ms = Arc::new(AtomicU64::new(0));
-        let (c, f, d) = (calls.clone(), fail.clone(), delay_ms.clone());
+        let kind_delays: Arc<Mutex<Vec<(String, u64)>>> = Arc::new(Mutex::new(Vec::new()));
+        let (c, f, d, k) = (calls.clone(), fail.clone(), delay_ms.clone(), kind_delays.clone());
         let app = axum::Router::new().route(
             "/{channel}",
             axum::routing::post(move |Json(body): Json<Value>| {
-                let (c, f, d) = (c.clone(), f.clone(), d.clone());
+                let (c, f, d, k) = (c.clone(), f.clone(), d.clone(), k.clone());
                 async move {
+                    let kind = body["kind"].as_str().unwrap_or_default().to_owned();
                     c.lock().unwrap().push(body);
-                    let delay = d.load(Ordering::SeqCst);
+                    let per_kind = k.lock().unwrap().iter().find(|(n, _)| *n == kind).map(|(_, ms)| *ms);
+                    let delay = per_kind.unwrap_or_else(|| d.load(Ordering::SeqCst));
                     if delay > 0 {
                         tokio::time::sleep(Duration::from_millis(delay)).await;
                     }
@@ -223,7 +242,20 @@ impl WebhookStub {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
-        Self { addr, calls, fail, delay_ms }
+        Self {
+            addr,
+            calls,
+            fail,
+            delay_ms,
+            kind_delays,
+        }
+    }
+
+    /// Slows down calls of `kind` only.
+    pub fn set_delay_for(&self, kind: &str, ms: u64) {
+        let mut delays = self.kind_delays.lock().unwrap();
+        delays.retain(|(k, _)| k != kind);
+        delays.push((kind.to_owned(), ms));
     }
 
     pub fn url(&self, channel: &str) -> String {
@@ -411,7 +443,13 @@ impl Gateway {
     }
 
     /// A raw POST; returns status, JSON body (or Null) and the cohort header.
-    pub async fn post_raw(&self, path: &str, token: Option<&str>, content_type: &str, body: Vec<u8>) -> (u16, Value, String) {
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> (u16, Value, String) {
         let mut req = self
             .http
             .post(format!("{}{path}", self.api))
@@ -583,7 +621,16 @@ impl PrivateRedis {
 
     pub async fn restart(&mut self) {
         let child = std::process::Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server");
@@ -610,7 +657,11 @@ impl Drop for PrivateRedis {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 // === TCP proxy ===
@@ -633,7 +684,9 @@ impl Proxy {
         let (u, c) = (up.clone(), conns.clone());
         let accept = tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else { continue };
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
                 if !u.load(Ordering::SeqCst) {
                     drop(inbound);
                     continue;
@@ -646,7 +699,12 @@ impl Proxy {
                 c.lock().unwrap().push(task);
             }
         });
-        Self { port, up, conns, accept }
+        Self {
+            port,
+            up,
+            conns,
+            accept,
+        }
     }
 
     pub fn cut(&self) {
@@ -679,4 +737,71 @@ pub async fn race(gw: &Gateway, drivers: &[String], trip: &str) -> Vec<(u16, Val
         }
     });
     futures_util::future::join_all(futures).await
+}
+
+/// Polls `check` every 25 ms until it returns `Some`, or panics after `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Runs SQL on the test database directly (fault injection).
+pub async fn execute_sql(db: &TestDb, sql: &str) {
+    match db.backend {
+        Backend::Sqlite => {
+            let mut conn = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+            sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
+        }
+        Backend::Postgres => {
+            let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+            sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
+        }
+    }
+}
+
+/// A `tripgate` process of its own (serve or worker), killed on drop.
+pub struct Process {
+    pub child: std::process::Child,
+    pub config_path: PathBuf,
+}
+
+impl Process {
+    /// Writes `config` as TOML beside its flags and starts `tripgate <command>`.
+    pub fn spawn(command: &str, config: &Config, dir: &Path) -> Self {
+        let config_path = dir.join(format!("{}.toml", unique(command)));
+        std::fs::write(&config_path, toml::to_string(config).unwrap()).unwrap();
+        let log = std::fs::File::create(config_path.with_extension("log")).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_tripgate"))
+            .arg(command)
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Self { child, config_path }
+    }
+
+    /// SIGKILL: no cleanup, no graceful anything.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill9();
+    }
 }
