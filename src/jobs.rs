@@ -73,6 +73,12 @@ pub async fn run_job(
         Err(e) => vec![format!("storage: {e}")],
     };
     let result = policy.after_attempt(job.attempts, &failures);
+    let label = match &result {
+        JobResult::Done => "done",
+        JobResult::RetryAt(..) => "retry",
+        JobResult::Dead(_) => "dead",
+    };
+    runner.metrics().job_attempt(&job.kind, label, started.elapsed());
     match &result {
         JobResult::Done => {
             tracing::debug!(job_id = %job.id, trip_id = %job.trip_id, elapsed_ms = started.elapsed().as_millis() as u64, "job done")

@@ -14,7 +14,7 @@ use super::{AcceptCommand, AcceptReply, Precheck, TripAction, new_otp, precheck,
 use crate::effects::{EffectRunner, Schedule};
 use crate::error::{ApiError, Outcome};
 use crate::jobs::{RetryPolicy, run_job};
-use crate::storage::{AssignOutcome, Assignment, Job, Storage};
+use crate::storage::{AssignOutcome, Assignment, JOB_KIND_TRIP_ACCEPTED, Job, Storage};
 
 /// The legacy accept implementation.
 #[derive(Clone)]
@@ -71,7 +71,7 @@ impl Inner {
         // arrival estimate, "trip taken" pushes, the trip.accepted event.
         let job = Job {
             id: job_id,
-            kind: String::new(),
+            kind: JOB_KIND_TRIP_ACCEPTED.into(),
             trip_id: cmd.trip_id.clone(),
             cohort: cmd.cohort.as_str().into(),
             state: "running".into(),

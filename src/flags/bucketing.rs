@@ -52,3 +52,57 @@ mod tests {
         assert_eq!(hash("gr1", "123"), murmur("gr1:123", 0));
     }
 }
+
+#[cfg(test)]
+mod distribution {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::flags::Flag;
+    use crate::rollout::Cohort;
+
+    fn flag(threshold: u32, salt: &str) -> Flag {
+        Flag {
+            threshold,
+            salt: salt.to_owned(),
+            allow: Default::default(),
+            deny: Default::default(),
+        }
+    }
+
+    /// 100,000 driver ids (UUIDs, as the database issues them): the share on
+    /// atomic_async is within ±0.5 percentage points of the rollout percentage.
+    #[test]
+    fn shares_match_the_percentage() {
+        let ids: Vec<String> = (0..100_000u128)
+            .map(|i| uuid::Uuid::from_u128(i.wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835)).to_string())
+            .collect();
+        for percent in [1u32, 10, 50, 90] {
+            let f = flag(percent * 100, "trip_accept_v2");
+            let on = ids.iter().filter(|id| f.decide(id) == Cohort::AtomicAsync).count();
+            let share = on as f64 / ids.len() as f64 * 100.0;
+            assert!((share - f64::from(percent)).abs() <= 0.5, "{percent}%: {share:.3}%");
+        }
+    }
+
+    proptest! {
+        /// Raising the percentage never moves a driver from atomic_async back to legacy.
+        #[test]
+        fn raising_the_percentage_only_adds_drivers(id in "[a-z0-9-]{1,40}", salt in "[a-z_]{1,20}", a in 0u32..=10_000, b in 0u32..=10_000) {
+            let (low, high) = (a.min(b), a.max(b));
+            if flag(low, &salt).decide(&id) == Cohort::AtomicAsync {
+                prop_assert_eq!(flag(high, &salt).decide(&id), Cohort::AtomicAsync);
+            }
+        }
+
+        /// The cohort depends only on salt, id and percentage: the same on every instance
+        /// and after every restart (no process state, no randomness).
+        #[test]
+        fn cohort_is_deterministic(id in ".{0,64}", salt in ".{1,32}", threshold in 0u32..=10_000) {
+            let bucket = bucket(&salt, &id);
+            prop_assert_eq!(bucket, murmur3::murmur3_32(&mut format!("{salt}:{id}").as_bytes(), 0).unwrap() % BUCKETS);
+            prop_assert_eq!(flag(threshold, &salt).decide(&id), flag(threshold, &salt).decide(&id));
+            prop_assert_eq!(flag(threshold, &salt).decide(&id) == Cohort::AtomicAsync, bucket < threshold);
+        }
+    }
+}

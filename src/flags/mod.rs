@@ -394,6 +394,21 @@ mod tests {
         assert!((0..1000).all(|i| all.decide(&format!("x{i}")) == Cohort::Legacy));
     }
 
+    proptest::proptest! {
+        /// Whatever bytes the file holds, parsing never panics: it validates or is refused.
+        #[test]
+        fn parser_never_panics(text in ".{0,400}") {
+            let _ = FlagSet::parse(&text);
+        }
+
+        /// Any valid percentage survives a write and a parse unchanged.
+        #[test]
+        fn percentages_round_trip(bp in 0u32..=10_000) {
+            let text = format!("[trip_accept_v2]\npercent = {}\n", f64::from(bp) / 100.0);
+            proptest::prop_assert_eq!(FlagSet::parse(&text).unwrap().flags[TRIP_ACCEPT_FLAG].threshold, bp);
+        }
+    }
+
     #[test]
     fn bad_files_are_refused() {
         let cases = [

@@ -350,7 +350,8 @@ pub struct Storage {
     lock_trip_sql: Arc<str>,
 }
 
-const JOB_KIND_TRIP_ACCEPTED: &str = "trip_accepted";
+/// The kind of the job an accept enqueues: run the trip's side effects.
+pub const JOB_KIND_TRIP_ACCEPTED: &str = "trip_accepted";
 
 impl Storage {
     /// Connects to `config.url`; on SQLite creates the file and its folder if missing.

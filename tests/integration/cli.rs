@@ -1,1 +1,146 @@
-//! placeholder
+//! The `tripgate` binary: bad configuration, token, seed, flags.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use tripgate::auth::{Role, TokenKeys};
+
+use crate::support::{Backend, SECRET, TempDir, TestDb, flags_text};
+
+fn tripgate(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tripgate"))
+        .current_dir(dir)
+        .args(args)
+        .env_remove("TRIPGATE_DATABASE_URL")
+        .output()
+        .unwrap()
+}
+
+fn write_config(dir: &Path, db_url: &str, extra: &str) {
+    std::fs::create_dir_all(dir.join("flags")).unwrap();
+    std::fs::write(dir.join("flags/rollout.toml"), flags_text(10.0, &["vip".to_owned()])).unwrap();
+    std::fs::write(
+        dir.join("config.toml"),
+        format!("[database]\nurl = \"{db_url}\"\n[auth]\nhs256_secret = \"{SECRET}\"\n{extra}"),
+    )
+    .unwrap();
+}
+
+#[test]
+fn bad_configuration_fails_with_one_line_naming_the_key() {
+    let dir = TempDir::new();
+    let cases = [
+        ("[server]\nlisten = \"not an address\"\n", "server.listen"),
+        ("[jobs]\nworkers = 0\n", "jobs.workers"),
+        ("[providers.sms]\nkind = \"webhook\"\n", "providers.sms.url"),
+        ("[redis]\nurl = \"http://wrong\"\n", "redis.url"),
+        ("[surprise]\nkey = 1\n", "surprise"),
+    ];
+    for (extra, key) in cases {
+        write_config(dir.path(), "sqlite://data/t.db", extra);
+        for command in [["serve"].as_slice(), &["migrate"], &["seed"], &["token", "--admin"]] {
+            let out = tripgate(dir.path(), command);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{command:?} with {extra:?}: {stderr}");
+            assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+            assert!(stderr.contains(key), "{command:?}: {stderr:?} should name {key}");
+        }
+    }
+    // Environment overrides are validated too.
+    write_config(dir.path(), "sqlite://data/t.db", "");
+    let out = Command::new(env!("CARGO_BIN_EXE_tripgate"))
+        .current_dir(dir.path())
+        .args(["migrate"])
+        .env("TRIPGATE_DATABASE_URL", "mysql://nope")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("database.url"));
+}
+
+#[test]
+fn token_prints_a_verifiable_token_alone() {
+    let dir = TempDir::new();
+    write_config(dir.path(), "sqlite://data/t.db", "");
+    let keys = TokenKeys::new(SECRET, 60);
+    for (args, sub, role) in [
+        (["token", "--driver", "d-1"].as_slice(), "d-1", Role::Driver),
+        (&["token", "--customer", "c-1"], "c-1", Role::Customer),
+        (&["token", "--admin"], "admin", Role::Admin),
+    ] {
+        let out = tripgate(dir.path(), args);
+        assert!(out.status.success());
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(stdout.lines().count(), 1);
+        let claims = keys.verify(stdout.trim()).unwrap();
+        assert_eq!((claims.sub.as_str(), claims.role), (sub, role));
+    }
+    assert!(!tripgate(dir.path(), &["token"]).status.success());
+}
+
+async fn seed_json_shape(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let dir = TempDir::new();
+    write_config(dir.path(), &db.url, "");
+    let out = tripgate(dir.path(), &["seed", "--drivers", "5", "--customers", "2", "--trips", "3", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let seeded: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let categories = seeded["vehicle_categories"].as_array().unwrap();
+    assert!(categories.len() >= 2);
+    assert!(categories.iter().all(|c| c["id"].is_string() && c["name"].is_string()));
+    let drivers = seeded["drivers"].as_array().unwrap();
+    assert_eq!(drivers.len(), 5);
+    for (i, d) in drivers.iter().enumerate() {
+        assert_eq!(d["vehicle_category_id"], categories[i % categories.len()]["id"], "round-robin");
+        assert!(d["id"].is_string() && d["vehicle_id"].is_string());
+    }
+    assert_eq!(seeded["customers"].as_array().unwrap().len(), 2);
+    assert_eq!(seeded["trips"].as_array().unwrap().len(), 3);
+    let store = db.store().await;
+    for d in drivers {
+        let snapshot = store.driver_snapshot(d["id"].as_str().unwrap()).await.unwrap().unwrap();
+        assert!(snapshot.is_available(), "seeded drivers are online and available");
+    }
+    for t in seeded["trips"].as_array().unwrap() {
+        let snapshot = store.trip_snapshot(t["id"].as_str().unwrap()).await.unwrap().unwrap();
+        assert_eq!(snapshot.current_status, "pending");
+    }
+    store.close().await;
+    db.drop_db().await;
+}
+
+crate::backend_tests!(seed_json_shape);
+
+#[test]
+fn flags_show_set_explain() {
+    let dir = TempDir::new();
+    write_config(dir.path(), "sqlite://data/t.db", "");
+    let out = tripgate(dir.path(), &["flags", "explain", "trip_accept_v2", "vip", "--json"]);
+    assert!(out.status.success());
+    let e: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((e["flag"].as_str(), e["driver_id"].as_str(), e["list"].as_str(), e["cohort"].as_str()), (Some("trip_accept_v2"), Some("vip"), Some("allow"), Some("atomic_async")));
+    assert_eq!(e["threshold"], 1000);
+    let bucket = e["bucket"].as_u64().unwrap();
+    assert_eq!(bucket, u64::from(tripgate::flags::bucketing::bucket("trip_accept_v2", "vip")));
+
+    let out = tripgate(dir.path(), &["flags", "explain", "trip_accept_v2", "someone", "--json"]);
+    let e: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(e["list"].is_null());
+    let expected = if e["bucket"].as_u64().unwrap() < 1000 { "atomic_async" } else { "legacy" };
+    assert_eq!(e["cohort"], expected);
+
+    let before = std::fs::read_to_string(dir.path().join("flags/rollout.toml")).unwrap();
+    for bad in ["150", "-3", "abc", "10.001"] {
+        let out = tripgate(dir.path(), &["flags", "set", "trip_accept_v2", "--", bad]);
+        assert!(!out.status.success(), "{bad}");
+    }
+    assert_eq!(std::fs::read_to_string(dir.path().join("flags/rollout.toml")).unwrap(), before);
+    let out = tripgate(dir.path(), &["flags", "set", "trip_accept_v2", "50"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let after = std::fs::read_to_string(dir.path().join("flags/rollout.toml")).unwrap();
+    assert!(after.starts_with("# test flags") && after.contains("percent = 50"), "{after}");
+    let out = tripgate(dir.path(), &["flags", "show", "--json"]);
+    let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["flags"]["trip_accept_v2"]["percent"], 50.0);
+}

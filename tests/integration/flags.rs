@@ -1,1 +1,266 @@
-//! placeholder
+//! Rollout flags with a running gateway: hot reload for each write style, bad files keep
+//! the routing, a rollout 10 → 50 → 100 → 0 under steady load, the admin API.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tripgate::auth::Role;
+use tripgate::flags::FlagSet;
+
+use crate::support::{Backend, Gateway, Options, TestDb, World, flags_text};
+
+async fn percent_in_force(gw: &Gateway) -> (f64, u64) {
+    let (status, body) = gw.admin_get("/admin/flags").await;
+    assert_eq!(status, 200);
+    (
+        body["flags"]["trip_accept_v2"]["percent"].as_f64().unwrap(),
+        body["version"].as_u64().unwrap(),
+    )
+}
+
+/// Time until the gateway reports `percent` in force.
+async fn time_to_reload(gw: &Gateway, percent: f64, started: Instant) -> Duration {
+    loop {
+        if percent_in_force(gw).await.0 == percent {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "{percent}% never loaded");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn metric(text: &str, line_start: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reload_within_a_second_for_each_write_style() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let gw = Gateway::start(&db, Options { percent: 10.0, ..Options::default() }).await;
+    let path = gw.config.flags.path.clone();
+    let dir = path.parent().unwrap().to_owned();
+
+    // 1. In place (truncate and write).
+    let started = Instant::now();
+    std::fs::write(&path, flags_text(20.0, &[])).unwrap();
+    let took = time_to_reload(&gw, 20.0, started).await;
+    assert!(took < Duration::from_secs(1), "in-place write took {took:?}");
+
+    // 2. Editor save: temp file + rename.
+    let started = Instant::now();
+    let tmp = dir.join(".rollout.toml.swp");
+    std::fs::write(&tmp, flags_text(30.0, &[])).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    let took = time_to_reload(&gw, 30.0, started).await;
+    assert!(took < Duration::from_secs(1), "rename took {took:?}");
+
+    // 3. Kubernetes ConfigMap: rollout.toml -> ..data/rollout.toml, ..data -> ..<ts>;
+    //    an update writes a new ..<ts> folder and swaps the ..data symlink.
+    let v1 = dir.join("..2026_11_26_v1");
+    std::fs::create_dir_all(&v1).unwrap();
+    std::fs::write(v1.join("rollout.toml"), flags_text(40.0, &[])).unwrap();
+    std::os::unix::fs::symlink("..2026_11_26_v1", dir.join("..data")).unwrap();
+    let started = Instant::now();
+    std::fs::remove_file(&path).unwrap();
+    std::os::unix::fs::symlink("..data/rollout.toml", &path).unwrap();
+    let took = time_to_reload(&gw, 40.0, started).await;
+    assert!(took < Duration::from_secs(1), "symlink install took {took:?}");
+    let v2 = dir.join("..2026_11_26_v2");
+    std::fs::create_dir_all(&v2).unwrap();
+    std::fs::write(v2.join("rollout.toml"), flags_text(50.0, &[])).unwrap();
+    let started = Instant::now();
+    std::os::unix::fs::symlink("..2026_11_26_v2", dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    let took = time_to_reload(&gw, 50.0, started).await;
+    assert!(took < Duration::from_secs(1), "ConfigMap swap took {took:?}");
+    std::fs::remove_dir_all(&v1).unwrap();
+
+    // File edits are audited with actor `file`.
+    let (_, audit) = gw.admin_get("/admin/audit").await;
+    let entries = audit["entries"].as_array().unwrap();
+    let tos: Vec<f64> = entries.iter().map(|e| e["to"].as_f64().unwrap()).collect();
+    assert_eq!(tos, [20.0, 30.0, 40.0, 50.0], "{audit}");
+    assert!(entries.iter().all(|e| e["actor"] == "file" && e["source"] == "file"));
+    assert_eq!(metric(&gw.metrics().await, "tripgate_rollout_percent{flag=\"trip_accept_v2\"}"), 50.0);
+    gw.shutdown().await;
+}
+
+/// The cohort each driver is served by now. A reject goes through the router like an
+/// accept and writes only a rejection, so it can be repeated.
+async fn cohorts_of(gw: &Gateway, w: &World, drivers: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for d in drivers {
+        let trip = w.trip(&[]).await;
+        let (status, _, cohort) = gw.action(d, &trip, "rejected").await;
+        assert_eq!(status, 200);
+        out.push(cohort);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_files_keep_the_last_good_flags() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let gw = Gateway::start(&db, Options { percent: 50.0, ..Options::default() }).await;
+    let w = World::new(&gw.store).await;
+    let drivers = w.drivers(20).await;
+    let path = gw.config.flags.path.clone();
+    let before = cohorts_of(&gw, &w, &drivers).await;
+    assert!(before.iter().any(|c| c == "legacy") && before.iter().any(|c| c == "atomic_async"));
+    let (_, version) = percent_in_force(&gw).await;
+    let bad = [
+        "[trip_accept_v2\npercent = 100\n".to_owned(),
+        "[trip_accept_v2]\npercent = 150\nsalt = \"trip_accept_v2\"\n".to_owned(),
+        "[trip_accept_v2]\npercent = 100\nsalt = \"trip_accept_v2\"\ncolour = \"red\"\n".to_owned(),
+        String::new(),
+        "[trip_accept_v2]\npercent = 10".chars().take(12).collect(),
+    ];
+    for (i, text) in bad.iter().enumerate() {
+        let errors_before = metric(&gw.metrics().await, "tripgate_flags_reloads_total{result=\"error\"}");
+        std::fs::write(&path, text).unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(percent_in_force(&gw).await, (50.0, version), "bad file {i} changed the flags");
+        let errors = metric(&gw.metrics().await, "tripgate_flags_reloads_total{result=\"error\"}");
+        assert!(errors > errors_before, "bad file {i} not counted");
+    }
+    std::fs::remove_file(&path).unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(percent_in_force(&gw).await, (50.0, version), "deleted file changed the flags");
+    assert_eq!(cohorts_of(&gw, &w, &drivers).await, before, "routing changed");
+    // A good file again is taken.
+    std::fs::write(&path, flags_text(100.0, &[])).unwrap();
+    time_to_reload(&gw, 100.0, Instant::now()).await;
+    assert!(cohorts_of(&gw, &w, &drivers).await.iter().all(|c| c == "atomic_async"));
+    gw.shutdown().await;
+}
+
+/// While a client sends a steady stream of accepts, ops move the rollout 10 → 50 → 100 → 0.
+/// No request fails, and every request's cohort is the one the flags in force decide.
+async fn rollout_under_steady_load(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let gw = Arc::new(Gateway::start(&db, Options { percent: 10.0, ..Options::default() }).await);
+    let w = World::new(&gw.store).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
+    // Background stream: any failure during a switch fails the test.
+    let background = {
+        let (gw, stop, sent) = (gw.clone(), stop.clone(), sent.clone());
+        let pool: Vec<(String, String)> = {
+            let mut v = Vec::new();
+            for _ in 0..150 {
+                let d = w.driver().await;
+                v.push((d, w.trip(&[]).await));
+            }
+            v
+        };
+        tokio::spawn(async move {
+            for (d, t) in pool {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let (status, body, _) = gw.accept(&d, &t).await;
+                assert_eq!(status, 200, "request failed during the rollout: {body}");
+                sent.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    let admin = gw.token("admin", Role::Admin);
+    for percent in [10.0, 50.0, 100.0, 0.0] {
+        let res = gw
+            .http
+            .put(format!("{}/admin/flags/trip_accept_v2", gw.admin))
+            .bearer_auth(&admin)
+            .json(&json!({"percent": percent}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        let set = FlagSet::load(&gw.config.flags.path).unwrap();
+        let flag = &set.flags["trip_accept_v2"];
+        for _ in 0..15 {
+            let d = w.driver().await;
+            let t = w.trip(&[]).await;
+            let (status, body, cohort) = gw.accept(&d, &t).await;
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(cohort, flag.decide(&d).as_str(), "driver {d} at {percent}%");
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    background.await.unwrap();
+    assert!(sent.load(Ordering::SeqCst) > 0);
+    let (_, audit) = gw.admin_get("/admin/audit").await;
+    let changes: Vec<(f64, f64)> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["from"].as_f64().unwrap(), e["to"].as_f64().unwrap()))
+        .collect();
+    assert_eq!(changes, [(10.0, 10.0), (10.0, 50.0), (50.0, 100.0), (100.0, 0.0)]);
+    assert!(audit["entries"].as_array().unwrap().iter().all(|e| e["actor"] == "admin" && e["source"] == "api"));
+    match Arc::try_unwrap(gw) {
+        Ok(gw) => gw.shutdown().await,
+        Err(_) => panic!("gateway still shared"),
+    }
+    db.drop_db().await;
+}
+
+crate::backend_tests!(rollout_under_steady_load);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn admin_api_refuses_bad_tokens_and_values() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let gw = Gateway::start(&db, Options { percent: 10.0, ..Options::default() }).await;
+    let w = World::new(&gw.store).await;
+    let driver = w.driver().await;
+    let path: &Path = &gw.config.flags.path;
+    let original = std::fs::read_to_string(path).unwrap();
+    let url = format!("{}/admin/flags/trip_accept_v2", gw.admin);
+    let put = |token: Option<String>, body: Value| {
+        let mut req = gw.http.put(&url).json(&body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(put(None, json!({"percent": 50})).await, 401);
+    assert_eq!(put(Some("nonsense".into()), json!({"percent": 50})).await, 401);
+    assert_eq!(put(Some(gw.token(&driver, Role::Driver)), json!({"percent": 50})).await, 403);
+    let admin = gw.token("admin", Role::Admin);
+    for bad in [json!({"percent": 150}), json!({"percent": -1}), json!({"percent": "50"}), json!({"percent": 10.001}), json!({})] {
+        assert_eq!(put(Some(admin.clone()), bad.clone()).await, 400, "{bad}");
+    }
+    let res = gw
+        .http
+        .put(format!("{}/admin/flags/no_such_flag", gw.admin))
+        .bearer_auth(&admin)
+        .json(&json!({"percent": 5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+    for path_ in ["/admin/flags", "/admin/audit", "/admin/jobs"] {
+        let res = gw.http.get(format!("{}{path_}", gw.admin)).send().await.unwrap();
+        assert_eq!(res.status(), 401, "{path_}");
+    }
+    assert_eq!(std::fs::read_to_string(path).unwrap(), original, "nothing changed");
+    assert_eq!(percent_in_force(&gw).await.0, 10.0);
+    let (_, audit) = gw.admin_get("/admin/audit").await;
+    assert_eq!(audit["entries"], json!([]));
+    // And a good one: the file keeps its comments; GET shows the contract's shape.
+    assert_eq!(put(Some(admin.clone()), json!({"percent": 12.5})).await, 200);
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.starts_with("# test flags") && text.contains("percent = 12.5"), "{text}");
+    let (_, flags) = gw.admin_get("/admin/flags").await;
+    let f = &flags["flags"]["trip_accept_v2"];
+    assert_eq!((f["percent"].as_f64(), f["salt"].as_str()), (Some(12.5), Some("trip_accept_v2")));
+    assert!(f["allow"].is_array() && f["deny"].is_array());
+    assert!(flags["version"].is_u64() && flags["loaded_at"].is_i64() && flags["path"].is_string());
+    gw.shutdown().await;
+}
