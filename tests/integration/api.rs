@@ -195,7 +195,7 @@ async fn spec_table_rows_legacy(backend: Backend) {
     assert_eq!((status, code(&body)), (200, "default_update_200"), "{body}");
 
     // Reject: 200 and recorded.
-    let t4 = w.trip(&[d1.clone()]).await;
+    let t4 = w.trip(std::slice::from_ref(&d1)).await;
     let (status, body, _) = gw.action(&premium, &t4, "rejected").await;
     assert_eq!((status, code(&body)), (200, "default_update_200"));
     let full = gw.store.trip_with_relations(&t4).await.unwrap().unwrap();
@@ -297,7 +297,7 @@ async fn effects_reach_the_webhook_provider(backend: Backend) {
     assert_eq!(taken.len(), 1);
     assert_eq!(taken[0]["to"], format!("fcm-{other}"), "only the other offered driver");
 
-    let ride = w.trip(&[d2.clone()]).await;
+    let ride = w.trip(std::slice::from_ref(&d2)).await;
     assert_eq!(gw.accept(&d2, &ride).await.0, 200);
     let otp_sms = stub.calls_for("otp_sms", &ride);
     assert_eq!(otp_sms.len(), 1);

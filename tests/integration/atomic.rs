@@ -123,7 +123,7 @@ async fn retry_storm_is_idempotent(backend: Backend) {
     let gw = Gateway::start(&db, options(backend, &stub)).await;
     let w = World::new(&gw.store).await;
     let d = w.driver().await;
-    let trip = w.trip(&[d.clone()]).await;
+    let trip = w.trip(std::slice::from_ref(&d)).await;
     // The first request and three retries, all in flight at once.
     let results = race(&gw, &[d.clone(), d.clone(), d.clone(), d.clone()], &trip).await;
     for (status, body, _) in &results {
@@ -159,7 +159,7 @@ async fn retry_after_lock_expiry_is_idempotent(backend: Backend) {
     .await;
     let w = World::new(&gw.store).await;
     let (d, other) = (w.driver().await, w.driver().await);
-    let trip = w.trip(&[d.clone()]).await;
+    let trip = w.trip(std::slice::from_ref(&d)).await;
     assert_eq!(gw.accept(&d, &trip).await.0, 200);
     let locks = gw.running.as_ref().unwrap().locks.clone();
     assert!(

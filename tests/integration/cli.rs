@@ -83,7 +83,10 @@ async fn seed_json_shape(backend: Backend) {
     let db = TestDb::new(backend).await;
     let dir = TempDir::new();
     write_config(dir.path(), &db.url, "");
-    let out = tripgate(dir.path(), &["seed", "--drivers", "5", "--customers", "2", "--trips", "3", "--json"]);
+    let out = tripgate(
+        dir.path(),
+        &["seed", "--drivers", "5", "--customers", "2", "--trips", "3", "--json"],
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let seeded: Value = serde_json::from_slice(&out.stdout).unwrap();
     let categories = seeded["vehicle_categories"].as_array().unwrap();
@@ -92,7 +95,11 @@ async fn seed_json_shape(backend: Backend) {
     let drivers = seeded["drivers"].as_array().unwrap();
     assert_eq!(drivers.len(), 5);
     for (i, d) in drivers.iter().enumerate() {
-        assert_eq!(d["vehicle_category_id"], categories[i % categories.len()]["id"], "round-robin");
+        assert_eq!(
+            d["vehicle_category_id"],
+            categories[i % categories.len()]["id"],
+            "round-robin"
+        );
         assert!(d["id"].is_string() && d["vehicle_id"].is_string());
     }
     assert_eq!(seeded["customers"].as_array().unwrap().len(), 2);
@@ -119,15 +126,30 @@ fn flags_show_set_explain() {
     let out = tripgate(dir.path(), &["flags", "explain", "trip_accept_v2", "vip", "--json"]);
     assert!(out.status.success());
     let e: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!((e["flag"].as_str(), e["driver_id"].as_str(), e["list"].as_str(), e["cohort"].as_str()), (Some("trip_accept_v2"), Some("vip"), Some("allow"), Some("atomic_async")));
+    assert_eq!(
+        (
+            e["flag"].as_str(),
+            e["driver_id"].as_str(),
+            e["list"].as_str(),
+            e["cohort"].as_str()
+        ),
+        (Some("trip_accept_v2"), Some("vip"), Some("allow"), Some("atomic_async"))
+    );
     assert_eq!(e["threshold"], 1000);
     let bucket = e["bucket"].as_u64().unwrap();
-    assert_eq!(bucket, u64::from(tripgate::flags::bucketing::bucket("trip_accept_v2", "vip")));
+    assert_eq!(
+        bucket,
+        u64::from(tripgate::flags::bucketing::bucket("trip_accept_v2", "vip"))
+    );
 
     let out = tripgate(dir.path(), &["flags", "explain", "trip_accept_v2", "someone", "--json"]);
     let e: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(e["list"].is_null());
-    let expected = if e["bucket"].as_u64().unwrap() < 1000 { "atomic_async" } else { "legacy" };
+    let expected = if e["bucket"].as_u64().unwrap() < 1000 {
+        "atomic_async"
+    } else {
+        "legacy"
+    };
     assert_eq!(e["cohort"], expected);
 
     let before = std::fs::read_to_string(dir.path().join("flags/rollout.toml")).unwrap();
@@ -135,11 +157,17 @@ fn flags_show_set_explain() {
         let out = tripgate(dir.path(), &["flags", "set", "trip_accept_v2", "--", bad]);
         assert!(!out.status.success(), "{bad}");
     }
-    assert_eq!(std::fs::read_to_string(dir.path().join("flags/rollout.toml")).unwrap(), before);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("flags/rollout.toml")).unwrap(),
+        before
+    );
     let out = tripgate(dir.path(), &["flags", "set", "trip_accept_v2", "50"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let after = std::fs::read_to_string(dir.path().join("flags/rollout.toml")).unwrap();
-    assert!(after.starts_with("# test flags") && after.contains("percent = 50"), "{after}");
+    assert!(
+        after.starts_with("# test flags") && after.contains("percent = 50"),
+        "{after}"
+    );
     let out = tripgate(dir.path(), &["flags", "show", "--json"]);
     let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(shown["flags"]["trip_accept_v2"]["percent"], 50.0);

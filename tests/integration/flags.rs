@@ -43,7 +43,14 @@ fn metric(text: &str, line_start: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reload_within_a_second_for_each_write_style() {
     let db = TestDb::new(Backend::Sqlite).await;
-    let gw = Gateway::start(&db, Options { percent: 10.0, ..Options::default() }).await;
+    let gw = Gateway::start(
+        &db,
+        Options {
+            percent: 10.0,
+            ..Options::default()
+        },
+    )
+    .await;
     let path = gw.config.flags.path.clone();
     let dir = path.parent().unwrap().to_owned();
 
@@ -88,7 +95,10 @@ async fn reload_within_a_second_for_each_write_style() {
     let tos: Vec<f64> = entries.iter().map(|e| e["to"].as_f64().unwrap()).collect();
     assert_eq!(tos, [20.0, 30.0, 40.0, 50.0], "{audit}");
     assert!(entries.iter().all(|e| e["actor"] == "file" && e["source"] == "file"));
-    assert_eq!(metric(&gw.metrics().await, "tripgate_rollout_percent{flag=\"trip_accept_v2\"}"), 50.0);
+    assert_eq!(
+        metric(&gw.metrics().await, "tripgate_rollout_percent{flag=\"trip_accept_v2\"}"),
+        50.0
+    );
     gw.shutdown().await;
 }
 
@@ -108,7 +118,14 @@ async fn cohorts_of(gw: &Gateway, w: &World, drivers: &[String]) -> Vec<String> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_files_keep_the_last_good_flags() {
     let db = TestDb::new(Backend::Sqlite).await;
-    let gw = Gateway::start(&db, Options { percent: 50.0, ..Options::default() }).await;
+    let gw = Gateway::start(
+        &db,
+        Options {
+            percent: 50.0,
+            ..Options::default()
+        },
+    )
+    .await;
     let w = World::new(&gw.store).await;
     let drivers = w.drivers(20).await;
     let path = gw.config.flags.path.clone();
@@ -126,13 +143,21 @@ async fn bad_files_keep_the_last_good_flags() {
         let errors_before = metric(&gw.metrics().await, "tripgate_flags_reloads_total{result=\"error\"}");
         std::fs::write(&path, text).unwrap();
         tokio::time::sleep(Duration::from_millis(400)).await;
-        assert_eq!(percent_in_force(&gw).await, (50.0, version), "bad file {i} changed the flags");
+        assert_eq!(
+            percent_in_force(&gw).await,
+            (50.0, version),
+            "bad file {i} changed the flags"
+        );
         let errors = metric(&gw.metrics().await, "tripgate_flags_reloads_total{result=\"error\"}");
         assert!(errors > errors_before, "bad file {i} not counted");
     }
     std::fs::remove_file(&path).unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(percent_in_force(&gw).await, (50.0, version), "deleted file changed the flags");
+    assert_eq!(
+        percent_in_force(&gw).await,
+        (50.0, version),
+        "deleted file changed the flags"
+    );
     assert_eq!(cohorts_of(&gw, &w, &drivers).await, before, "routing changed");
     // A good file again is taken.
     std::fs::write(&path, flags_text(100.0, &[])).unwrap();
@@ -145,7 +170,16 @@ async fn bad_files_keep_the_last_good_flags() {
 /// No request fails, and every request's cohort is the one the flags in force decide.
 async fn rollout_under_steady_load(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let gw = Arc::new(Gateway::start(&db, Options { percent: 10.0, ..Options::default() }).await);
+    let gw = Arc::new(
+        Gateway::start(
+            &db,
+            Options {
+                percent: 10.0,
+                ..Options::default()
+            },
+        )
+        .await,
+    );
     let w = World::new(&gw.store).await;
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicUsize::new(0));
@@ -203,7 +237,13 @@ async fn rollout_under_steady_load(backend: Backend) {
         .map(|e| (e["from"].as_f64().unwrap(), e["to"].as_f64().unwrap()))
         .collect();
     assert_eq!(changes, [(10.0, 10.0), (10.0, 50.0), (50.0, 100.0), (100.0, 0.0)]);
-    assert!(audit["entries"].as_array().unwrap().iter().all(|e| e["actor"] == "admin" && e["source"] == "api"));
+    assert!(
+        audit["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["actor"] == "admin" && e["source"] == "api")
+    );
     match Arc::try_unwrap(gw) {
         Ok(gw) => gw.shutdown().await,
         Err(_) => panic!("gateway still shared"),
@@ -216,7 +256,14 @@ crate::backend_tests!(rollout_under_steady_load);
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn admin_api_refuses_bad_tokens_and_values() {
     let db = TestDb::new(Backend::Sqlite).await;
-    let gw = Gateway::start(&db, Options { percent: 10.0, ..Options::default() }).await;
+    let gw = Gateway::start(
+        &db,
+        Options {
+            percent: 10.0,
+            ..Options::default()
+        },
+    )
+    .await;
     let w = World::new(&gw.store).await;
     let driver = w.driver().await;
     let path: &Path = &gw.config.flags.path;
@@ -231,9 +278,18 @@ async fn admin_api_refuses_bad_tokens_and_values() {
     };
     assert_eq!(put(None, json!({"percent": 50})).await, 401);
     assert_eq!(put(Some("nonsense".into()), json!({"percent": 50})).await, 401);
-    assert_eq!(put(Some(gw.token(&driver, Role::Driver)), json!({"percent": 50})).await, 403);
+    assert_eq!(
+        put(Some(gw.token(&driver, Role::Driver)), json!({"percent": 50})).await,
+        403
+    );
     let admin = gw.token("admin", Role::Admin);
-    for bad in [json!({"percent": 150}), json!({"percent": -1}), json!({"percent": "50"}), json!({"percent": 10.001}), json!({})] {
+    for bad in [
+        json!({"percent": 150}),
+        json!({"percent": -1}),
+        json!({"percent": "50"}),
+        json!({"percent": 10.001}),
+        json!({}),
+    ] {
         assert_eq!(put(Some(admin.clone()), bad.clone()).await, 400, "{bad}");
     }
     let res = gw
@@ -256,10 +312,16 @@ async fn admin_api_refuses_bad_tokens_and_values() {
     // And a good one: the file keeps its comments; GET shows the contract's shape.
     assert_eq!(put(Some(admin.clone()), json!({"percent": 12.5})).await, 200);
     let text = std::fs::read_to_string(path).unwrap();
-    assert!(text.starts_with("# test flags") && text.contains("percent = 12.5"), "{text}");
+    assert!(
+        text.starts_with("# test flags") && text.contains("percent = 12.5"),
+        "{text}"
+    );
     let (_, flags) = gw.admin_get("/admin/flags").await;
     let f = &flags["flags"]["trip_accept_v2"];
-    assert_eq!((f["percent"].as_f64(), f["salt"].as_str()), (Some(12.5), Some("trip_accept_v2")));
+    assert_eq!(
+        (f["percent"].as_f64(), f["salt"].as_str()),
+        (Some(12.5), Some("trip_accept_v2"))
+    );
     assert!(f["allow"].is_array() && f["deny"].is_array());
     assert!(flags["version"].is_u64() && flags["loaded_at"].is_i64() && flags["path"].is_string());
     gw.shutdown().await;

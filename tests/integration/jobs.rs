@@ -10,7 +10,10 @@ use tripgate::storage::{AssignOutcome, Assignment, now_ms};
 use crate::backend_tests;
 use crate::support::{Backend, Gateway, Options, Process, TempDir, TestDb, WebhookStub, World, eventually};
 
-backend_tests!(killed_worker_effects_exactly_once, failing_provider_dead_then_admin_retry);
+backend_tests!(
+    killed_worker_effects_exactly_once,
+    failing_provider_dead_then_admin_retry
+);
 
 /// `kill -9` of a `tripgate worker` while it runs a job: after a new worker takes the job
 /// (lease expired), every effect is recorded once; effects finished before the kill are not
@@ -39,17 +42,25 @@ async fn killed_worker_effects_exactly_once(backend: Backend) {
     // The OTP SMS hangs at the provider; everything else is quick.
     stub.set_delay_for("otp_sms", 30_000);
     let dir = TempDir::new();
-    let options = Options { webhook: Some(format!("http://{}", stub.addr)), visibility_timeout_s: 2, ..Options::default() };
+    let options = Options {
+        webhook: Some(format!("http://{}", stub.addr)),
+        visibility_timeout_s: 2,
+        ..Options::default()
+    };
     let config = crate::support::config(&db.url, dir.path(), &options);
     let mut worker = Process::spawn("worker", &config, dir.path());
-    eventually(Duration::from_secs(20), "OTP SMS in flight and the other effects done", || {
-        let (store, stub, trip) = (store.clone(), stub.clone(), trip.clone());
-        async move {
-            let states = store.effect_states(&trip).await.ok()?;
-            let others_done = states.iter().filter(|(k, _)| *k != "otp_sms").all(|(_, s)| s == "done");
-            (others_done && stub.calls_for("otp_sms", &trip).len() == 1).then_some(())
-        }
-    })
+    eventually(
+        Duration::from_secs(20),
+        "OTP SMS in flight and the other effects done",
+        || {
+            let (store, stub, trip) = (store.clone(), stub.clone(), trip.clone());
+            async move {
+                let states = store.effect_states(&trip).await.ok()?;
+                let others_done = states.iter().filter(|(k, _)| *k != "otp_sms").all(|(_, s)| s == "done");
+                (others_done && stub.calls_for("otp_sms", &trip).len() == 1).then_some(())
+            }
+        },
+    )
     .await;
     worker.kill9();
     assert_eq!(store.effect_states(&trip).await.unwrap()["otp_sms"], "pending");
@@ -65,7 +76,11 @@ async fn killed_worker_effects_exactly_once(backend: Backend) {
     })
     .await;
     for kind in ["otp_push", "arrival_push", "trip_taken_push"] {
-        assert_eq!(stub.calls_for(kind, &trip).len(), 1, "{kind} was done before the kill: not repeated");
+        assert_eq!(
+            stub.calls_for(kind, &trip).len(),
+            1,
+            "{kind} was done before the kill: not repeated"
+        );
     }
     let sms = stub.calls_for("otp_sms", &trip);
     assert_eq!(sms.len(), 2, "the call in flight at the kill is made again");
@@ -90,12 +105,18 @@ async fn failing_provider_dead_then_admin_retry(backend: Backend) {
     stub.set_failing(true);
     let gw = Gateway::start(
         &db,
-        Options { percent: 100.0, webhook: Some(format!("http://{}", stub.addr)), max_attempts: 3, backoff_base_ms: 20, ..Options::default() },
+        Options {
+            percent: 100.0,
+            webhook: Some(format!("http://{}", stub.addr)),
+            max_attempts: 3,
+            backoff_base_ms: 20,
+            ..Options::default()
+        },
     )
     .await;
     let w = World::new(&gw.store).await;
     let d = w.driver().await;
-    let trip = w.trip(&[d.clone()]).await;
+    let trip = w.trip(std::slice::from_ref(&d)).await;
     assert_eq!(gw.accept(&d, &trip).await.0, 200);
 
     let dead = eventually(Duration::from_secs(20), "job dead", || async {
@@ -106,12 +127,18 @@ async fn failing_provider_dead_then_admin_retry(backend: Backend) {
     .await;
     assert_eq!(dead.len(), 1);
     let job = &dead[0];
-    assert_eq!((job["trip_id"].as_str(), job["state"].as_str(), job["attempts"].as_i64()), (Some(trip.as_str()), Some("dead"), Some(3)));
+    assert_eq!(
+        (job["trip_id"].as_str(), job["state"].as_str(), job["attempts"].as_i64()),
+        (Some(trip.as_str()), Some("dead"), Some(3))
+    );
     assert!(job["last_error"].as_str().unwrap().contains("otp_sms"), "{job}");
     assert_eq!(stub.calls_for("otp_sms", &trip).len(), 3, "one call per attempt");
     let details = gw.details(&trip).await;
     assert_eq!(details["side_effects"]["otp_sms"], "failed");
-    assert_eq!(details["side_effects"]["bidding"], "done", "effects that succeeded are kept");
+    assert_eq!(
+        details["side_effects"]["bidding"], "done",
+        "effects that succeeded are kept"
+    );
     let metrics = gw.metrics().await;
     assert!(metrics.contains("tripgate_jobs{state=\"dead\"} 1"), "dead jobs gauge");
     assert!(metrics.contains("tripgate_job_attempts_total{kind=\"trip_accepted\",result=\"dead\"} 1"));
@@ -121,20 +148,37 @@ async fn failing_provider_dead_then_admin_retry(backend: Backend) {
     // Only admins.
     assert_eq!(gw.http.post(&retry).send().await.unwrap().status(), 401);
     let driver = gw.token(&d, Role::Driver);
-    assert_eq!(gw.http.post(&retry).bearer_auth(driver).send().await.unwrap().status(), 403);
-    assert_eq!(gw.store.get_job(id).await.unwrap().unwrap().state, "dead", "refused retries change nothing");
+    assert_eq!(
+        gw.http.post(&retry).bearer_auth(driver).send().await.unwrap().status(),
+        403
+    );
+    assert_eq!(
+        gw.store.get_job(id).await.unwrap().unwrap().state,
+        "dead",
+        "refused retries change nothing"
+    );
 
     stub.set_failing(false);
     let admin = gw.token("admin", Role::Admin);
     let res = gw.http.post(&retry).bearer_auth(&admin).send().await.unwrap();
     assert_eq!(res.status(), 200);
     let body: Value = res.json().await.unwrap();
-    assert_eq!((body["id"].as_str(), body["state"].as_str()), (Some(id), Some("queued")));
+    assert_eq!(
+        (body["id"].as_str(), body["state"].as_str()),
+        (Some(id), Some("queued"))
+    );
     gw.wait_effects_done(&trip, Duration::from_secs(10)).await;
     assert_eq!(gw.store.get_job(id).await.unwrap().unwrap().state, "done");
-    assert_eq!(stub.calls_for("otp_push", &trip).len(), 4, "pushes failed 3 times, then once more");
+    assert_eq!(
+        stub.calls_for("otp_push", &trip).len(),
+        4,
+        "pushes failed 3 times, then once more"
+    );
     let unknown = format!("{}/admin/jobs/{}/retry", gw.admin, uuid::Uuid::new_v4());
-    assert_eq!(gw.http.post(unknown).bearer_auth(&admin).send().await.unwrap().status(), 404);
+    assert_eq!(
+        gw.http.post(unknown).bearer_auth(&admin).send().await.unwrap().status(),
+        404
+    );
     gw.shutdown().await;
     db.drop_db().await;
 }

@@ -175,12 +175,12 @@ impl TestDb {
 
     /// Drops the Postgres database (SQLite files go with the temp dir).
     pub async fn drop_db(self) {
-        if let (Some(name), Some(base)) = (&self.pg_name, postgres_url()) {
-            if let Ok(mut conn) = sqlx::PgConnection::connect(&base).await {
-                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .execute(&mut conn)
-                    .await;
-            }
+        if let (Some(name), Some(base)) = (&self.pg_name, postgres_url())
+            && let Ok(mut conn) = sqlx::PgConnection::connect(&base).await
+        {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .execute(&mut conn)
+                .await;
         }
     }
 }
@@ -411,10 +411,10 @@ impl Gateway {
     pub async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(r) = self.http.get(format!("{}/readyz", self.admin)).send().await {
-                if r.status() == 200 {
-                    return;
-                }
+            if let Ok(r) = self.http.get(format!("{}/readyz", self.admin)).send().await
+                && r.status() == 200
+            {
+                return;
             }
             assert!(Instant::now() < deadline, "gateway not ready");
             tokio::time::sleep(Duration::from_millis(20)).await;
