@@ -15,9 +15,20 @@ pub fn bucket(salt: &str, driver_id: &str) -> u32 {
 
 /// `murmur3_x86_32("{salt}:{driver_id}", 0)`.
 pub fn hash(salt: &str, driver_id: &str) -> u32 {
-    let mut stream = salt.as_bytes().chain(&b":"[..]).chain(driver_id.as_bytes());
-    // Reading from in-memory slices cannot fail.
-    murmur3::murmur3_32(&mut stream, 0).unwrap_or_default()
+    // The joined key is built on the stack (no allocation on the request path); reading
+    // from an in-memory slice cannot fail.
+    let (salt, id) = (salt.as_bytes(), driver_id.as_bytes());
+    let len = salt.len() + 1 + id.len();
+    let mut buf = [0u8; 128];
+    if len <= buf.len() {
+        buf[..salt.len()].copy_from_slice(salt);
+        buf[salt.len()] = b':';
+        buf[salt.len() + 1..len].copy_from_slice(id);
+        murmur3::murmur3_32(&mut &buf[..len], 0).unwrap_or_default()
+    } else {
+        let mut stream = salt.chain(&b":"[..]).chain(id);
+        murmur3::murmur3_32(&mut stream, 0).unwrap_or_default()
+    }
 }
 
 #[cfg(test)]
