@@ -2,6 +2,9 @@
 //! calls, `/api/driver/ride/trip-action`). Auth first, then the rollout router, then the
 //! cohort's handler — the same code for both cohorts, over a different implementation.
 
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -31,12 +34,31 @@ pub struct AcceptServices {
     pub atomic: AtomicAsyncAccept,
 }
 
+/// Per-driver request budget (`server.rate_limit_per_driver` per second, equal burst),
+/// shared by both cohorts: one misbehaving app cannot starve the others.
+pub type DriverLimiter = governor::DefaultKeyedRateLimiter<String>;
+
+/// A cohort's handler state: its implementation and the shared rate limiter.
+#[derive(Clone)]
+struct CohortHandler<S> {
+    service: S,
+    limiter: Arc<DriverLimiter>,
+}
+
 /// The driver routes.
 pub fn routes(state: &AppState, services: AcceptServices) -> Router {
+    let per_second = NonZeroU32::new(state.config.server.rate_limit_per_driver).unwrap_or(NonZeroU32::MIN);
+    let limiter = Arc::new(governor::RateLimiter::keyed(governor::Quota::per_second(per_second)));
     let router = RolloutRouter::new(
         state.flags.clone(),
-        trip_action::<LegacyAccept>.with_state(services.legacy),
-        trip_action::<AtomicAsyncAccept>.with_state(services.atomic),
+        trip_action::<LegacyAccept>.with_state(CohortHandler {
+            service: services.legacy,
+            limiter: limiter.clone(),
+        }),
+        trip_action::<AtomicAsyncAccept>.with_state(CohortHandler {
+            service: services.atomic,
+            limiter,
+        }),
     );
     let mut routes = Router::new();
     for path in DRIVER_ROUTES {
@@ -65,7 +87,7 @@ async fn count_cohort(
 
 /// The handler both cohorts share: validate, then hand the command to `S`.
 async fn trip_action<S>(
-    State(service): State<S>,
+    State(CohortHandler { service, limiter }): State<CohortHandler<S>>,
     Extension(user): Extension<AuthUser>,
     Extension(cohort): Extension<Cohort>,
     headers: HeaderMap,
@@ -76,6 +98,13 @@ where
     S::Future: Send,
 {
     let received_at_ms = now_ms();
+    if limiter.check_key(&user.id).is_err() {
+        return ApiError::RateLimited.into_response();
+    }
+    // Forget drivers idle for a while now and then, so the limiter's map stays small.
+    if rand::random_ratio(1, 4096) {
+        limiter.retain_recent();
+    }
     let parsed = json_body(&headers, body).and_then(|body| parse_request(&body));
     let (trip_id, action) = match parsed {
         Ok(parsed) => parsed,

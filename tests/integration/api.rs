@@ -15,6 +15,7 @@ backend_tests!(
     driver_holding_a_trip_cannot_take_another,
     effects_reach_the_webhook_provider,
     customer_routes,
+    per_driver_rate_limit,
 );
 
 fn code(body: &Value) -> &str {
@@ -487,6 +488,58 @@ async fn database_down_answers_503_quickly() {
         assert!(Instant::now() < deadline, "no recovery after the database came back");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    gw.shutdown().await;
+    db.drop_db().await;
+}
+
+/// One driver over `server.rate_limit_per_driver` gets 429, counted in its cohort; other
+/// drivers are not affected, and the same driver is served again once within the limit.
+async fn per_driver_rate_limit(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let gw = Gateway::start(
+        &db,
+        Options {
+            percent: 50.0,
+            rate_limit_per_driver: 5,
+            ..Options::default()
+        },
+    )
+    .await;
+    let w = World::new(&gw.store).await;
+    let (noisy, quiet) = (w.driver().await, w.driver().await);
+    let trip = w.trip(&[]).await;
+    let mut statuses = Vec::new();
+    let mut cohort = String::new();
+    for _ in 0..12 {
+        let (status, body, c) = gw.action(&noisy, &trip, "rejected").await;
+        if status == 429 {
+            assert_eq!(code(&body), "too_many_requests_429");
+        }
+        statuses.push(status);
+        cohort = c;
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        5,
+        "burst of 5: {statuses:?}"
+    );
+    assert!(statuses.iter().all(|s| *s == 200 || *s == 429));
+    assert_eq!(
+        gw.action(&quiet, &trip, "rejected").await.0,
+        200,
+        "another driver is not limited"
+    );
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_eq!(
+        gw.action(&noisy, &trip, "rejected").await.0,
+        200,
+        "within the limit again"
+    );
+    let metrics = gw.metrics().await;
+    let line = format!(
+        "tripgate_http_requests_total{{cohort=\"{cohort}\",outcome=\"rate_limited\",route=\"/api/driver/trip/request-action\"}} 7"
+    );
+    assert!(metrics.contains(&line), "{line} in metrics");
     gw.shutdown().await;
     db.drop_db().await;
 }

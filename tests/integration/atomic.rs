@@ -17,6 +17,7 @@ backend_tests!(
     retry_storm_is_idempotent,
     retry_after_lock_expiry_is_idempotent,
     failed_fence_releases_the_lock,
+    client_hang_up_cannot_cut_an_accept_in_half,
 );
 
 fn code(body: &Value) -> &str {
@@ -422,5 +423,85 @@ async fn two_instances_one_winner() {
     assert_eq!(store.double_assignments().await.unwrap(), 0);
     drop(instances);
     store.close().await;
+    db.drop_db().await;
+}
+
+/// The driver app gives up while the accept is stuck in the database (another transaction
+/// holds the trip row / the write lock). The accept still completes as a whole: lock, trip,
+/// job and effects — never a lock without an accept, nor an accept without its job.
+async fn client_hang_up_cannot_cut_an_accept_in_half(backend: Backend) {
+    use sqlx::Connection;
+    let db = TestDb::new(backend).await;
+    let stub = WebhookStub::start().await;
+    let gw = Gateway::start(&db, options(backend, &stub)).await;
+    let w = World::new(&gw.store).await;
+    let d = w.driver().await;
+    let trip = w.trip(std::slice::from_ref(&d)).await;
+    // Hold the row (Postgres) or the database write lock (SQLite).
+    enum Blocker {
+        Pg(sqlx::PgConnection),
+        Lite(sqlx::SqliteConnection),
+    }
+    let mut blocker = match backend {
+        Backend::Postgres => {
+            let mut c = sqlx::PgConnection::connect(&db.url).await.unwrap();
+            sqlx::raw_sql(&format!(
+                "BEGIN; SELECT 1 FROM trip_requests WHERE id = '{trip}' FOR UPDATE;"
+            ))
+            .execute(&mut c)
+            .await
+            .unwrap();
+            Blocker::Pg(c)
+        }
+        Backend::Sqlite => {
+            let mut c = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+            sqlx::raw_sql("BEGIN IMMEDIATE; UPDATE users SET is_active = TRUE WHERE 0;")
+                .execute(&mut c)
+                .await
+                .unwrap();
+            Blocker::Lite(c)
+        }
+    };
+    let token = gw.token(&d, tripgate::auth::Role::Driver);
+    let hung_up = gw
+        .http
+        .post(format!("{}/api/driver/trip/request-action", gw.api))
+        .bearer_auth(token)
+        .json(&serde_json::json!({"trip_request_id": trip, "action": "accepted"}))
+        .timeout(Duration::from_millis(400))
+        .send()
+        .await;
+    assert!(hung_up.is_err(), "the client gave up: {hung_up:?}");
+    let locks = gw.running.as_ref().unwrap().locks.clone();
+    assert!(
+        locks.holder(&trip).await.unwrap().is_some(),
+        "the accept had taken the lock"
+    );
+    match &mut blocker {
+        Blocker::Pg(c) => sqlx::raw_sql("ROLLBACK").execute(c).await.map(|_| ()).unwrap(),
+        Blocker::Lite(c) => sqlx::raw_sql("ROLLBACK").execute(c).await.map(|_| ()).unwrap(),
+    }
+    gw.wait_effects_done(&trip, Duration::from_secs(15)).await;
+    assert_eq!(
+        gw.store.trip_snapshot(&trip).await.unwrap().unwrap().driver_id.as_ref(),
+        Some(&d)
+    );
+    assert_eq!(
+        gw.store
+            .list_jobs(None)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|j| j.trip_id == trip)
+            .count(),
+        1
+    );
+    let holder = locks.holder(&trip).await.unwrap().unwrap();
+    assert!(
+        holder.starts_with(&format!("{d}:")),
+        "the lock belongs to the accepted driver"
+    );
+    assert_eq!(stub.calls_for("otp_sms", &trip).len(), 1);
+    gw.shutdown().await;
     db.drop_db().await;
 }

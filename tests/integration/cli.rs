@@ -168,6 +168,28 @@ fn flags_show_set_explain() {
         after.starts_with("# test flags") && after.contains("percent = 50"),
         "{after}"
     );
+    // The CLI's change is audited as such.
+    let out = tripgate(dir.path(), &["migrate"]);
+    assert!(out.status.success());
+    let audit = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let mut config = tripgate::config::Config::default();
+        config.database.url = format!("sqlite://{}", dir.path().join("data/t.db").display());
+        tripgate::storage::Storage::connect(&config.database)
+            .unwrap()
+            .flag_audit()
+            .await
+            .unwrap()
+    });
+    assert_eq!(audit.len(), 1);
+    assert_eq!(
+        (
+            audit[0].source.as_str(),
+            audit[0].actor.as_str(),
+            audit[0].from,
+            audit[0].to
+        ),
+        ("cli", "cli", Some(10.0), 50.0)
+    );
     let out = tripgate(dir.path(), &["flags", "show", "--json"]);
     let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(shown["flags"]["trip_accept_v2"]["percent"], 50.0);

@@ -12,8 +12,76 @@ use crate::support::{Backend, Gateway, Options, Process, TempDir, TestDb, Webhoo
 
 backend_tests!(
     killed_worker_effects_exactly_once,
-    failing_provider_dead_then_admin_retry
+    failing_provider_dead_then_admin_retry,
+    two_worker_processes_share_the_queue,
 );
+
+/// Accepts `trip` for `driver` directly in storage (atomic_async: a queued job).
+async fn accepted(store: &tripgate::storage::Storage, driver: &str, trip: &str) {
+    let vehicle = store
+        .driver_snapshot(driver)
+        .await
+        .unwrap()
+        .unwrap()
+        .vehicle_id
+        .unwrap();
+    let outcome = store
+        .accept_fenced(&Assignment {
+            trip_id: trip.to_owned(),
+            driver_id: driver.to_owned(),
+            vehicle_id: vehicle,
+            otp: "4321".into(),
+            cohort: Cohort::AtomicAsync,
+            requested_at_ms: now_ms(),
+        })
+        .await
+        .unwrap();
+    assert!(matches!(outcome, AssignOutcome::Accepted { .. }));
+}
+
+/// Two `tripgate worker` processes on one queue: every job runs once, every effect is
+/// called once.
+async fn two_worker_processes_share_the_queue(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let stub = WebhookStub::start().await;
+    stub.set_delay(20);
+    let store = db.store().await;
+    let w = World::new(&store).await;
+    let mut trips = Vec::new();
+    for _ in 0..30 {
+        let d = w.driver().await;
+        let t = w.trip(&[]).await;
+        accepted(&store, &d, &t).await;
+        trips.push(t);
+    }
+    let dir = TempDir::new();
+    let options = Options {
+        webhook: Some(format!("http://{}", stub.addr)),
+        ..Options::default()
+    };
+    let config = crate::support::config(&db.url, dir.path(), &options);
+    let _workers = [
+        Process::spawn("worker", &config, dir.path()),
+        Process::spawn("worker", &config, dir.path()),
+    ];
+    eventually(Duration::from_secs(60), "all jobs done", || {
+        let store = store.clone();
+        async move { (store.list_jobs(Some("done")).await.ok()?.len() == 30).then_some(()) }
+    })
+    .await;
+    for t in &trips {
+        assert_eq!(stub.calls_for("otp_sms", t).len(), 1, "trip {t}");
+        for r in store.effect_rows(t).await.unwrap() {
+            assert_eq!(
+                (r.effect.as_str(), r.state.as_str(), r.calls),
+                (r.effect.as_str(), "done", 1)
+            );
+        }
+    }
+    assert!(store.list_jobs(None).await.unwrap().iter().all(|j| j.attempts == 1));
+    store.close().await;
+    db.drop_db().await;
+}
 
 /// `kill -9` of a `tripgate worker` while it runs a job: after a new worker takes the job
 /// (lease expired), every effect is recorded once; effects finished before the kill are not
@@ -25,19 +93,7 @@ async fn killed_worker_effects_exactly_once(backend: Backend) {
     let w = World::new(&store).await;
     let (d, other) = (w.driver().await, w.driver().await);
     let trip = w.trip(&[d.clone(), other]).await;
-    let vehicle = store.driver_snapshot(&d).await.unwrap().unwrap().vehicle_id.unwrap();
-    let outcome = store
-        .accept_fenced(&Assignment {
-            trip_id: trip.clone(),
-            driver_id: d.clone(),
-            vehicle_id: vehicle,
-            otp: "4321".into(),
-            cohort: Cohort::AtomicAsync,
-            requested_at_ms: now_ms(),
-        })
-        .await
-        .unwrap();
-    assert!(matches!(outcome, AssignOutcome::Accepted { .. }));
+    accepted(&store, &d, &trip).await;
 
     // The OTP SMS hangs at the provider; everything else is quick.
     stub.set_delay_for("otp_sms", 30_000);

@@ -299,6 +299,7 @@ pub struct Options {
     pub client_timeout_ms: u64,
     pub allow: Vec<String>,
     pub acquire_timeout_ms: u64,
+    pub rate_limit_per_driver: u32,
 }
 
 impl Default for Options {
@@ -315,6 +316,7 @@ impl Default for Options {
             client_timeout_ms: 7_000,
             allow: Vec::new(),
             acquire_timeout_ms: 2_000,
+            rate_limit_per_driver: 20,
         }
     }
 }
@@ -339,6 +341,7 @@ pub fn config(db_url: &str, dir: &Path, o: &Options) -> Config {
     c.server.listen = "127.0.0.1:0".parse().unwrap();
     c.server.admin_listen = "127.0.0.1:0".parse().unwrap();
     c.server.shutdown_grace_ms = 2_000;
+    c.server.rate_limit_per_driver = o.rate_limit_per_driver;
     c.database.url = db_url.to_owned();
     c.database.max_connections = 16;
     c.database.acquire_timeout_ms = o.acquire_timeout_ms;
