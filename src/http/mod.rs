@@ -149,10 +149,10 @@ pub fn api_router(state: AppState, accept: driver::AcceptServices) -> Router {
         .merge(customer::routes(&state))
         .fallback(|| async { ApiError::NotFound("route").into_response() })
         .layer(DefaultBodyLimit::max(limit));
-    observe::wrap(router, state.metrics.clone())
+    observe::wrap(router, Some(state.metrics.clone()))
 }
 
 /// The admin router.
 pub fn admin_router(state: AppState) -> Router {
-    observe::wrap(admin::routes(state.clone()), state.metrics.clone())
+    observe::wrap(admin::routes(state), None)
 }

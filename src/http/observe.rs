@@ -23,15 +23,16 @@ use crate::rollout::Cohort;
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Wraps `router` in the request-id and observe layers (the request id outermost, so the
-/// log line has it).
-pub fn wrap(router: Router, metrics: Arc<Metrics>) -> Router {
+/// log line has it). With `metrics` the requests are also counted (the API listener); the
+/// admin listener's requests (scrapes, health checks) are only logged.
+pub fn wrap(router: Router, metrics: Option<Arc<Metrics>>) -> Router {
     router
         .layer(axum::middleware::from_fn_with_state(metrics, observe))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
 }
 
-async fn observe(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
+async fn observe(State(metrics): State<Option<Arc<Metrics>>>, req: Request, next: Next) -> Response {
     let started = Instant::now();
     let route = req
         .extensions()
@@ -75,6 +76,8 @@ async fn observe(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) 
         latency_ms = elapsed.as_secs_f64() * 1000.0,
         "request"
     );
-    metrics.request(cohort, &route, outcome, status.as_u16(), elapsed);
+    if let Some(metrics) = metrics {
+        metrics.request(cohort, &route, outcome, status.as_u16(), elapsed);
+    }
     response
 }

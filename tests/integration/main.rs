@@ -8,3 +8,4 @@ mod atomic;
 mod cli;
 mod flags;
 mod jobs;
+mod observability;
