@@ -50,6 +50,36 @@ pub enum Command {
         #[arg(long, group = "who")]
         admin: bool,
     },
+    /// Drive load through a running gateway like the driver app does, report per cohort.
+    Drive {
+        /// race | retry-storm | burst | steady | rollout
+        #[arg(value_enum)]
+        scenario: crate::drive::Scenario,
+        /// Driver API base URL (default: server.listen).
+        #[arg(long)]
+        url: Option<String>,
+        /// Admin API base URL (default: server.admin_listen).
+        #[arg(long)]
+        admin_url: Option<String>,
+        /// Drivers (race: per trip; burst: total).
+        #[arg(long, default_value_t = 5)]
+        drivers: usize,
+        /// Trips (race, retry-storm: rounds; burst: total).
+        #[arg(long, default_value_t = 1)]
+        trips: usize,
+        /// Accepts per second (steady, rollout).
+        #[arg(long, default_value_t = 20.0)]
+        rate: f64,
+        /// Seconds (steady, rollout).
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Most requests in flight (burst; 0 = all at once).
+        #[arg(long, default_value_t = 0)]
+        concurrency: usize,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Create demo data.
     Seed {
         /// Drivers to create.
@@ -191,6 +221,36 @@ async fn run_async(config: Config, command: Command) -> anyhow::Result<ExitCode>
                     seeded.customers.len(),
                     seeded.trips.len()
                 );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Drive {
+            scenario,
+            url,
+            admin_url,
+            drivers,
+            trips,
+            rate,
+            duration,
+            concurrency,
+            json,
+        } => {
+            let options = crate::drive::DriveOptions {
+                scenario,
+                url: url.unwrap_or_else(|| format!("http://{}", config.server.listen)),
+                admin_url: admin_url.unwrap_or_else(|| format!("http://{}", config.server.admin_listen)),
+                drivers,
+                trips,
+                rate,
+                duration_s: duration,
+                timeout: config.client_timeout(),
+                concurrency,
+            };
+            let report = crate::drive::drive(&config, options).await?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", crate::drive::render(&report));
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -26,6 +26,7 @@
 //! | [`auth`] | HS256 bearer tokens |
 //! | [`error`] | the domain error and the response envelope |
 //! | [`seed`] | demo data |
+//! | [`drive`] | `tripgate drive`, the driver-app simulator |
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -33,6 +34,7 @@ pub mod accept;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod drive;
 pub mod effects;
 pub mod error;
 pub mod events;

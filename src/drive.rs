@@ -1,0 +1,580 @@
+//! `tripgate drive`: the driver-app simulator.
+//!
+//! Behaves like the Flutter driver app: one token per driver, keep-alive connections, a
+//! per-request timeout of `client.timeout_ms` and up to 3 automatic retries after a
+//! timeout. It prepares its own data (drivers and customers through storage, as `seed`
+//! does; trips through the customer API) against a running gateway that shares the
+//! configured database, drives a scenario, and reports per cohort: requests, latency
+//! quantiles, timeouts, retries, errors by `response_code`, OTP delivery (from the trip
+//! details), duplicate OTP SMS and double assignments (checked in the database).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{self, StreamExt};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::auth::{Role, TokenKeys};
+use crate::config::Config;
+use crate::flags::{Flag, FlagSet};
+use crate::rollout::Cohort;
+use crate::storage::{LatLng, NewDriver, Storage};
+
+/// What to simulate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// N drivers accept the same trip at once (per trip).
+    Race,
+    /// One driver on a slow network: the request and 3 retries in flight at once (per trip).
+    RetryStorm,
+    /// N drivers accept N trips at once.
+    Burst,
+    /// A rate of accepts for a duration.
+    Steady,
+    /// Steady load while the percentage moves 10 → 50 → 100 through the admin API.
+    Rollout,
+}
+
+/// Options of `tripgate drive`.
+#[derive(Debug, Clone)]
+pub struct DriveOptions {
+    /// The scenario.
+    pub scenario: Scenario,
+    /// Driver API base URL.
+    pub url: String,
+    /// Admin API base URL.
+    pub admin_url: String,
+    /// Drivers (race: per trip; burst: total).
+    pub drivers: usize,
+    /// Trips (race/retry-storm: rounds; burst: total).
+    pub trips: usize,
+    /// Accepts per second (steady, rollout).
+    pub rate: f64,
+    /// Seconds (steady, rollout).
+    pub duration_s: f64,
+    /// Per-request timeout (the app's).
+    pub timeout: Duration,
+    /// Most requests in flight at once (0: unbounded).
+    pub concurrency: usize,
+}
+
+/// Per-cohort figures (`drive --json`).
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct CohortReport {
+    /// HTTP requests sent (retries included).
+    pub requests: usize,
+    /// Latency quantiles of answered requests, ms.
+    pub p50_ms: f64,
+    /// 95th percentile.
+    pub p95_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// Slowest.
+    pub max_ms: f64,
+    /// Requests that hit the app's timeout.
+    pub timeouts: usize,
+    /// Automatic retries after a timeout (or the retry-storm's extra requests).
+    pub retries: usize,
+    /// Non-200 answers by `response_code` (`timeout`, `transport` for no answer).
+    pub errors: BTreeMap<String, usize>,
+    /// OTP delivery (accept arrival → OTP SMS handed to the provider), ms.
+    pub otp_p50_ms: f64,
+    /// 95th percentile.
+    pub otp_p95_ms: f64,
+    /// Accepted trips.
+    pub accepted: usize,
+}
+
+/// The whole report (`drive --json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Scenario name.
+    pub scenario: String,
+    /// Per cohort.
+    pub cohorts: BTreeMap<String, CohortReport>,
+    /// Drivers holding more than one active trip (must be 0).
+    pub double_assignments: i64,
+    /// Trips whose OTP SMS was handed to the provider more than once (must be 0).
+    pub duplicate_otps: i64,
+    /// Wall time of the driving phase, s.
+    pub elapsed_s: f64,
+}
+
+#[derive(Default)]
+struct Samples {
+    latencies_ms: Vec<f64>,
+    requests: usize,
+    timeouts: usize,
+    retries: usize,
+    errors: BTreeMap<String, usize>,
+    accepted_trips: Vec<String>,
+}
+
+/// One accept as the app makes it: send; on a timeout, retry (up to 3 times).
+struct App {
+    http: reqwest::Client,
+    url: String,
+    keys: TokenKeys,
+    timeout: Duration,
+    samples: Mutex<HashMap<Cohort, Samples>>,
+    flags: Mutex<Option<Flag>>,
+}
+
+impl App {
+    fn cohort_guess(&self, driver: &str) -> Cohort {
+        self.flags
+            .lock()
+            .map(|f| f.as_ref().map_or(Cohort::Legacy, |f| f.decide(driver)))
+            .unwrap_or(Cohort::Legacy)
+    }
+
+    fn record(&self, cohort: Cohort, f: impl FnOnce(&mut Samples)) {
+        if let Ok(mut samples) = self.samples.lock() {
+            f(samples.entry(cohort).or_default());
+        }
+    }
+
+    /// One HTTP attempt; returns (cohort, status or None on timeout/transport error).
+    async fn attempt(&self, driver: &str, trip: &str, token: &str) -> (Cohort, Option<u16>) {
+        let started = Instant::now();
+        let result = self
+            .http
+            .post(format!("{}/api/driver/trip/request-action", self.url))
+            .bearer_auth(token)
+            .timeout(self.timeout)
+            .json(&json!({"trip_request_id": trip, "action": "accepted"}))
+            .send()
+            .await;
+        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        match result {
+            Ok(res) => {
+                let cohort = res
+                    .headers()
+                    .get(crate::rollout::COHORT_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(Cohort::parse)
+                    .unwrap_or_else(|| self.cohort_guess(driver));
+                let status = res.status().as_u16();
+                let body: Value = res.json().await.unwrap_or(Value::Null);
+                let code = body["response_code"].as_str().unwrap_or("unknown").to_owned();
+                let first_accept = status == 200 && body["data"]["already_accepted"] != true;
+                self.record(cohort, |s| {
+                    s.requests += 1;
+                    s.latencies_ms.push(elapsed_ms);
+                    if status != 200 {
+                        *s.errors.entry(code).or_default() += 1;
+                    } else if first_accept {
+                        s.accepted_trips.push(trip.to_owned());
+                    }
+                });
+                (cohort, Some(status))
+            }
+            Err(e) => {
+                let cohort = self.cohort_guess(driver);
+                let kind = if e.is_timeout() { "timeout" } else { "transport" };
+                self.record(cohort, |s| {
+                    s.requests += 1;
+                    if e.is_timeout() {
+                        s.timeouts += 1;
+                    }
+                    *s.errors.entry(kind.into()).or_default() += 1;
+                });
+                (cohort, None)
+            }
+        }
+    }
+
+    /// The app's accept: up to 3 automatic retries after a timeout.
+    async fn accept(&self, driver: &str, trip: &str) -> Option<u16> {
+        let token = self.keys.mint(driver, Role::Driver).ok()?;
+        for attempt in 0..4 {
+            let (cohort, status) = self.attempt(driver, trip, &token).await;
+            if status.is_some() {
+                return status;
+            }
+            if attempt < 3 {
+                self.record(cohort, |s| s.retries += 1);
+            }
+        }
+        None
+    }
+}
+
+/// Runs a scenario against a running gateway and returns the report.
+pub async fn drive(config: &Config, options: DriveOptions) -> anyhow::Result<Report> {
+    let store = Storage::connect(&config.database)?;
+    store.migrate().await?;
+    let keys = TokenKeys::new(&config.auth.hs256_secret, 3600);
+    let admin_token = keys.mint("admin", Role::Admin)?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(4096)
+        .tcp_nodelay(true)
+        .build()?;
+    let app = Arc::new(App {
+        http: http.clone(),
+        url: options.url.trim_end_matches('/').to_owned(),
+        keys: keys.clone(),
+        timeout: options.timeout,
+        samples: Mutex::new(HashMap::new()),
+        flags: Mutex::new(None),
+    });
+    refresh_flags(&app, &http, &options.admin_url, &admin_token).await;
+
+    // === data ===
+    let pairs_needed = match options.scenario {
+        Scenario::Race | Scenario::RetryStorm => options.trips.max(1),
+        Scenario::Burst => options.drivers.max(options.trips).max(1),
+        Scenario::Steady | Scenario::Rollout => ((options.rate * options.duration_s).ceil() as usize).max(1),
+    };
+    let drivers_per_trip = if options.scenario == Scenario::Race {
+        options.drivers.max(2)
+    } else {
+        1
+    };
+    let bar = progress(pairs_needed * (drivers_per_trip + 1), "preparing");
+    let category = store
+        .create_vehicle_category(&format!("drive-{}", uuid::Uuid::new_v4().simple()))
+        .await?;
+    let customer = store.create_customer("Drive Customer", "+8802000000000").await?;
+    let customer_token = keys.mint(&customer, Role::Customer)?;
+    let mut drivers = Vec::with_capacity(pairs_needed * drivers_per_trip);
+    for i in 0..pairs_needed * drivers_per_trip {
+        let (id, _) = store
+            .create_driver(&NewDriver {
+                name: format!("Sim Driver {i}"),
+                phone: format!("+8801{:09}", i),
+                vehicle_category_id: category.clone(),
+                online: true,
+                position: LatLng { lat: 23.80, lng: 90.41 },
+            })
+            .await?;
+        drivers.push(id);
+        bar.inc(1);
+    }
+    let trips: Vec<String> = stream::iter(0..pairs_needed)
+        .map(|i| {
+            let offered: Vec<&String> = drivers[i * drivers_per_trip..(i + 1) * drivers_per_trip].iter().collect();
+            let body = json!({
+                "vehicle_category_id": category, "type": "ride_request", "estimated_fare": 250,
+                "offered_to": offered, "pickup": {"lat": 23.81, "lng": 90.41}, "destination": {"lat": 23.75, "lng": 90.39},
+            });
+            let (http, url, token, bar) = (http.clone(), app.url.clone(), customer_token.clone(), bar.clone());
+            async move {
+                let res = http.post(format!("{url}/api/customer/ride/create")).bearer_auth(token).json(&body).send().await;
+                bar.inc(1);
+                let body: Value = res.ok()?.json().await.ok()?;
+                body["data"]["id"].as_str().map(str::to_owned)
+            }
+        })
+        .buffered(32)
+        .filter_map(|t| async move { t })
+        .collect()
+        .await;
+    bar.finish_and_clear();
+    anyhow::ensure!(
+        trips.len() == pairs_needed,
+        "could not create trips through {}/api/customer/ride/create",
+        app.url
+    );
+
+    // === drive ===
+    let started = Instant::now();
+    match options.scenario {
+        Scenario::Race => {
+            let bar = progress(trips.len(), "race");
+            for (i, trip) in trips.iter().enumerate() {
+                let racers = &drivers[i * drivers_per_trip..(i + 1) * drivers_per_trip];
+                futures_util::future::join_all(racers.iter().map(|d| app.accept(d, trip))).await;
+                bar.inc(1);
+            }
+            bar.finish_and_clear();
+        }
+        Scenario::RetryStorm => {
+            let bar = progress(trips.len(), "retry-storm");
+            for (driver, trip) in drivers.iter().zip(&trips) {
+                // The first request and three retries, 20 ms apart, all in flight.
+                let sends = (0..4).map(|k| {
+                    let app = app.clone();
+                    async move {
+                        tokio::time::sleep(Duration::from_millis(20 * k)).await;
+                        if k > 0 {
+                            app.record(app.cohort_guess(driver), |s| s.retries += 1);
+                        }
+                        app.accept(driver, trip).await
+                    }
+                });
+                futures_util::future::join_all(sends).await;
+                bar.inc(1);
+            }
+            bar.finish_and_clear();
+        }
+        Scenario::Burst => {
+            let bar = progress(trips.len(), "burst");
+            let limit = if options.concurrency == 0 {
+                trips.len()
+            } else {
+                options.concurrency
+            };
+            stream::iter(drivers.iter().zip(&trips))
+                .for_each_concurrent(limit, |(d, t)| {
+                    let (app, bar) = (app.clone(), bar.clone());
+                    async move {
+                        app.accept(d, t).await;
+                        bar.inc(1);
+                    }
+                })
+                .await;
+            bar.finish_and_clear();
+        }
+        Scenario::Steady | Scenario::Rollout => {
+            let bar = progress(
+                trips.len(),
+                if options.scenario == Scenario::Steady {
+                    "steady"
+                } else {
+                    "rollout"
+                },
+            );
+            let interval = Duration::from_secs_f64(1.0 / options.rate.max(0.001));
+            let steps = [10.0, 50.0, 100.0];
+            let mut tasks = tokio::task::JoinSet::new();
+            for (i, (d, t)) in drivers.iter().cloned().zip(trips.iter().cloned()).enumerate() {
+                if options.scenario == Scenario::Rollout {
+                    let step = i * steps.len() / trips.len();
+                    if i == 0 || step != (i - 1) * steps.len() / trips.len() {
+                        set_percent(&http, &options.admin_url, &admin_token, steps[step]).await?;
+                        refresh_flags(&app, &http, &options.admin_url, &admin_token).await;
+                    }
+                }
+                let target = started + interval.mul_f64(i as f64);
+                tokio::time::sleep_until(target.into()).await;
+                let (app, bar) = (app.clone(), bar.clone());
+                tasks.spawn(async move {
+                    app.accept(&d, &t).await;
+                    bar.inc(1);
+                });
+            }
+            while tasks.join_next().await.is_some() {}
+            bar.finish_and_clear();
+        }
+    }
+    let elapsed_s = started.elapsed().as_secs_f64();
+
+    // === checks: OTP delivery and duplicates from the trip details, assignments in the db ===
+    let samples = std::mem::take(&mut *app.samples.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
+    let bar = progress(
+        samples.values().map(|s| s.accepted_trips.len()).sum(),
+        "checking OTP delivery",
+    );
+    let mut cohorts = BTreeMap::new();
+    let mut duplicate_otps = 0;
+    for (cohort, s) in samples {
+        let otps = otp_delivery(&http, &app.url, &admin_token, &s.accepted_trips, &bar).await;
+        duplicate_otps += otps.iter().filter(|(_, calls)| *calls > 1).count() as i64;
+        let mut otp_ms: Vec<f64> = otps.into_iter().map(|(ms, _)| ms).collect();
+        let mut latencies = s.latencies_ms;
+        let report = CohortReport {
+            requests: s.requests,
+            p50_ms: quantile(&mut latencies, 0.50),
+            p95_ms: quantile(&mut latencies, 0.95),
+            p99_ms: quantile(&mut latencies, 0.99),
+            max_ms: quantile(&mut latencies, 1.0),
+            timeouts: s.timeouts,
+            retries: s.retries,
+            errors: s.errors,
+            otp_p50_ms: quantile(&mut otp_ms, 0.50),
+            otp_p95_ms: quantile(&mut otp_ms, 0.95),
+            accepted: s.accepted_trips.len(),
+        };
+        cohorts.insert(cohort.as_str().to_owned(), report);
+    }
+    bar.finish_and_clear();
+    let double_assignments = store.double_assignments().await?;
+    store.close().await;
+    Ok(Report {
+        scenario: format!("{:?}", options.scenario)
+            .to_lowercase()
+            .replace("retrystorm", "retry-storm"),
+        cohorts,
+        double_assignments,
+        duplicate_otps,
+        elapsed_s,
+    })
+}
+
+/// For each trip: (OTP delivery ms, OTP SMS provider calls), once its OTP SMS is done
+/// (waits up to 60 s for the jobs to catch up).
+async fn otp_delivery(
+    http: &reqwest::Client,
+    url: &str,
+    admin_token: &str,
+    trips: &[String],
+    bar: &indicatif::ProgressBar,
+) -> Vec<(f64, i64)> {
+    stream::iter(trips.iter().cloned())
+        .map(|trip| {
+            let (http, url, token, bar) = (http.clone(), url.to_owned(), admin_token.to_owned(), bar.clone());
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let found = loop {
+                    let details: Option<Value> = async {
+                        let res = http
+                            .get(format!("{url}/api/customer/ride/details/{trip}"))
+                            .bearer_auth(&token)
+                            .send()
+                            .await
+                            .ok()?;
+                        res.json::<Value>().await.ok()
+                    }
+                    .await;
+                    let data = details.as_ref().map(|d| &d["data"]);
+                    let requested = data.and_then(|d| d["accept_requested_at"].as_i64());
+                    let otp = data.and_then(|d| {
+                        d["side_effect_details"]
+                            .as_array()?
+                            .iter()
+                            .find(|e| e["effect"] == "otp_sms" && e["state"] == "done")
+                            .cloned()
+                    });
+                    if let (Some(requested), Some(otp)) = (requested, otp) {
+                        let handed = otp["handed_at"].as_i64().unwrap_or(requested);
+                        break Some(((handed - requested) as f64, otp["calls"].as_i64().unwrap_or(1)));
+                    }
+                    if Instant::now() > deadline {
+                        break None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                };
+                bar.inc(1);
+                found
+            }
+        })
+        .buffer_unordered(32)
+        .filter_map(|x| async move { x })
+        .collect()
+        .await
+}
+
+async fn refresh_flags(app: &App, http: &reqwest::Client, admin_url: &str, admin_token: &str) {
+    let flag = async {
+        let body: Value = http
+            .get(format!("{}/admin/flags", admin_url.trim_end_matches('/')))
+            .bearer_auth(admin_token)
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let f = &body["flags"][crate::flags::TRIP_ACCEPT_FLAG];
+        let toml_text = format!(
+            "[{}]\npercent = {}\nsalt = {}\nallow = {}\ndeny = {}\n",
+            crate::flags::TRIP_ACCEPT_FLAG,
+            f["percent"],
+            f["salt"],
+            f["allow"],
+            f["deny"]
+        );
+        FlagSet::parse(&toml_text)
+            .ok()?
+            .flags
+            .remove(crate::flags::TRIP_ACCEPT_FLAG)
+    }
+    .await;
+    if let (Ok(mut slot), Some(flag)) = (app.flags.lock(), flag) {
+        *slot = Some(flag);
+    }
+}
+
+async fn set_percent(http: &reqwest::Client, admin_url: &str, admin_token: &str, percent: f64) -> anyhow::Result<()> {
+    let res = http
+        .put(format!(
+            "{}/admin/flags/{}",
+            admin_url.trim_end_matches('/'),
+            crate::flags::TRIP_ACCEPT_FLAG
+        ))
+        .bearer_auth(admin_token)
+        .json(&json!({ "percent": percent }))
+        .send()
+        .await?;
+    anyhow::ensure!(res.status().is_success(), "PUT /admin/flags answered {}", res.status());
+    Ok(())
+}
+
+fn progress(len: usize, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len as u64);
+    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!("{what:>22} {{bar:40}} {{pos}}/{{len}} {{elapsed}}"))
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+/// The `q` quantile (nearest rank) of `values`, 0 when empty. Sorts in place.
+pub fn quantile(values: &mut [f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let rank = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len());
+    (values[rank - 1] * 100.0).round() / 100.0
+}
+
+/// The report as a table for people.
+pub fn render(report: &Report) -> String {
+    let mut out = format!(
+        "scenario {}  ({:.1} s)\n{:<14}{:>9}{:>10}{:>10}{:>10}{:>10}{:>10}{:>9}{:>10}{:>11}{:>11}  errors\n",
+        report.scenario,
+        report.elapsed_s,
+        "cohort",
+        "requests",
+        "accepted",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "max ms",
+        "timeouts",
+        "retries",
+        "otp p50",
+        "otp p95"
+    );
+    for (cohort, c) in &report.cohorts {
+        out.push_str(&format!(
+            "{:<14}{:>9}{:>10}{:>10.1}{:>10.1}{:>10.1}{:>10.1}{:>9}{:>10}{:>11.0}{:>11.0}  {:?}\n",
+            cohort,
+            c.requests,
+            c.accepted,
+            c.p50_ms,
+            c.p95_ms,
+            c.p99_ms,
+            c.max_ms,
+            c.timeouts,
+            c.retries,
+            c.otp_p50_ms,
+            c.otp_p95_ms,
+            c.errors
+        ));
+    }
+    out.push_str(&format!(
+        "double assignments: {}   duplicate OTPs: {}\n",
+        report.double_assignments, report.duplicate_otps
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quantile;
+
+    #[test]
+    fn nearest_rank_quantiles() {
+        let mut v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(quantile(&mut v, 0.5), 50.0);
+        assert_eq!(quantile(&mut v, 0.99), 99.0);
+        assert_eq!(quantile(&mut v, 1.0), 100.0);
+        assert_eq!(quantile(&mut [], 0.5), 0.0);
+    }
+}

@@ -1,0 +1,92 @@
+//! `tripgate drive` against a running gateway: the report's shape and its checks.
+
+use serde_json::Value;
+
+use crate::support::{Backend, Gateway, Options, TestDb};
+
+fn drive(gw: &Gateway, args: &[&str]) -> Value {
+    let config_path = gw.dir.path().join("drive.toml");
+    std::fs::write(&config_path, toml::to_string(&gw.config).unwrap()).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tripgate"))
+        .arg("drive")
+        .args(args)
+        .args(["--url", &gw.api, "--admin-url", &gw.admin, "--json", "--config"])
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+async fn drive_reports_per_cohort(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let redis_url = if backend == Backend::Postgres {
+        crate::support::redis_url()
+    } else {
+        None
+    };
+    let gw = Gateway::start(
+        &db,
+        Options {
+            percent: 50.0,
+            provider_latency_ms: 5,
+            redis_url,
+            ..Options::default()
+        },
+    )
+    .await;
+
+    let race = drive(&gw, &["race", "--drivers", "5", "--trips", "4"]);
+    assert_eq!(race["scenario"], "race");
+    let cohorts = race["cohorts"].as_object().unwrap();
+    let requests: u64 = cohorts.values().map(|c| c["requests"].as_u64().unwrap()).sum();
+    assert_eq!(requests, 20);
+    let accepted: u64 = cohorts.values().map(|c| c["accepted"].as_u64().unwrap()).sum();
+    assert_eq!(accepted, 4, "one winner per trip: {race}");
+    let taken: u64 = cohorts
+        .values()
+        .map(|c| c["errors"]["trip_request_driver_403"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(taken, 16);
+    for c in cohorts.values() {
+        for key in [
+            "p50_ms",
+            "p95_ms",
+            "p99_ms",
+            "max_ms",
+            "timeouts",
+            "retries",
+            "otp_p50_ms",
+            "otp_p95_ms",
+        ] {
+            assert!(c[key].is_number(), "{key} in {c}");
+        }
+        assert!(c["otp_p50_ms"].as_f64().unwrap() > 0.0);
+    }
+    assert_eq!(
+        (race["double_assignments"].as_i64(), race["duplicate_otps"].as_i64()),
+        (Some(0), Some(0))
+    );
+
+    let burst = drive(&gw, &["burst", "--drivers", "60", "--trips", "60"]);
+    let cohorts = burst["cohorts"].as_object().unwrap();
+    assert_eq!(cohorts.len(), 2, "both cohorts at 50 %: {burst}");
+    let accepted: u64 = cohorts.values().map(|c| c["accepted"].as_u64().unwrap()).sum();
+    assert_eq!(accepted, 60);
+    assert_eq!(
+        (burst["double_assignments"].as_i64(), burst["duplicate_otps"].as_i64()),
+        (Some(0), Some(0))
+    );
+
+    let storm = drive(&gw, &["retry-storm", "--trips", "3"]);
+    let atomic_errors = &storm["cohorts"]["atomic_async"]["errors"];
+    assert!(
+        atomic_errors.as_object().is_none_or(|e| e.is_empty()),
+        "atomic_async answers retries with 200: {storm}"
+    );
+    assert_eq!(storm["duplicate_otps"], 0);
+    gw.shutdown().await;
+    db.drop_db().await;
+}
+
+crate::backend_tests!(drive_reports_per_cohort);
