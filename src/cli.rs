@@ -131,7 +131,7 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("tripgate: {}", one_line(&format!("{e:#}")));
+            eprintln!("tripgate: {}", one_line(&e.to_string()));
             ExitCode::from(2)
         }
     }

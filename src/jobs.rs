@@ -6,10 +6,12 @@
 //! (visible in `/admin/jobs?state=dead`, retryable by hand). Workers sleep until an enqueue
 //! wakes them (in-process, or Postgres `NOTIFY`), with a slow poll as a fallback.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
-use tokio::task::JoinSet;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::config::JobsConfig;
 use crate::effects::{EffectRunner, Schedule};
@@ -96,62 +98,120 @@ pub async fn run_job(
     result
 }
 
-/// A pool of job workers in this process.
+/// The job workers of this process: one dispatcher that claims jobs and runs up to
+/// `jobs.workers` of them at once. Jobs wait on providers most of the time, so many run
+/// concurrently without many threads or many idle pollers.
 pub struct Workers {
-    tasks: JoinSet<()>,
+    dispatcher: JoinHandle<()>,
 }
 
 impl Workers {
-    /// Starts `config.workers` workers that run until `shutdown` turns true. A job in hand
-    /// when it does is finished first (or, if the process is killed, its lease runs out).
-    pub fn start(store: Storage, runner: EffectRunner, config: &JobsConfig, shutdown: watch::Receiver<bool>) -> Self {
+    /// Starts claiming jobs until `shutdown` turns true. Jobs in hand then get `grace` to
+    /// finish; any still running after that are stopped and put back in the queue at once
+    /// (if the process is killed instead, their leases run out and they are taken again).
+    pub fn start(
+        store: Storage,
+        runner: EffectRunner,
+        config: &JobsConfig,
+        shutdown: watch::Receiver<bool>,
+        grace: Duration,
+    ) -> Self {
         store.forward_wakeups();
-        let mut tasks = JoinSet::new();
-        for _ in 0..config.workers {
-            let worker = Worker {
-                store: store.clone(),
-                runner: runner.clone(),
-                policy: RetryPolicy::from_config(config),
-                lease_ms: (config.visibility_timeout_s * 1000) as i64,
-                poll: Duration::from_millis(config.poll_interval_ms.max(10)),
-                shutdown: shutdown.clone(),
-            };
-            tasks.spawn(worker.run());
+        let dispatcher = Dispatcher {
+            store,
+            runner,
+            policy: RetryPolicy::from_config(config),
+            slots: Arc::new(Semaphore::new(config.workers)),
+            lease_ms: (config.visibility_timeout_s * 1000) as i64,
+            poll: Duration::from_millis(config.poll_interval_ms.max(10)),
+            shutdown,
+            grace,
+        };
+        Self {
+            dispatcher: tokio::spawn(dispatcher.run()),
         }
-        Self { tasks }
     }
 
-    /// Waits for every worker to stop.
-    pub async fn join(mut self) {
-        while self.tasks.join_next().await.is_some() {}
+    /// Waits until the dispatcher and its jobs stopped.
+    pub async fn join(self) {
+        let _ = self.dispatcher.await;
     }
 }
 
-struct Worker {
+struct Dispatcher {
     store: Storage,
     runner: EffectRunner,
     policy: RetryPolicy,
+    /// One permit per job that may run at once.
+    slots: Arc<Semaphore>,
     lease_ms: i64,
     poll: Duration,
     shutdown: watch::Receiver<bool>,
+    grace: Duration,
 }
 
-impl Worker {
+impl Dispatcher {
     async fn run(mut self) {
         let wake = self.store.job_wake();
+        let mut running: JoinSet<()> = JoinSet::new();
+        let mut in_hand: HashMap<tokio::task::Id, String> = HashMap::new();
         while !*self.shutdown.borrow() {
+            while let Some(done) = running.try_join_next_with_id() {
+                if let Ok((id, ())) = done {
+                    in_hand.remove(&id);
+                }
+            }
+            let permit = tokio::select! {
+                permit = self.slots.clone().acquire_owned() => permit,
+                _ = self.shutdown.changed() => continue,
+            };
+            let Ok(permit) = permit else { break };
             match self.store.claim_job(self.lease_ms).await {
                 Ok(Some(job)) => {
-                    run_job(&self.store, &self.runner, &self.policy, &job, Schedule::Parallel).await;
+                    let (store, runner, policy) = (self.store.clone(), self.runner.clone(), self.policy.clone());
+                    let job_id = job.id.clone();
+                    let handle = running.spawn(async move {
+                        run_job(&store, &runner, &policy, &job, Schedule::Parallel).await;
+                        drop(permit);
+                    });
+                    in_hand.insert(handle.id(), job_id);
                     continue;
                 }
                 Ok(None) => {}
                 Err(e) => tracing::warn!(error = %e, "job claim failed"),
             }
+            drop(permit);
             tokio::select! {
                 _ = wake.notified() => {}
                 _ = tokio::time::sleep(self.poll) => {}
                 _ = self.shutdown.changed() => {}
+            }
+        }
+        // Shutdown: finish what is in hand within the grace period, then give the rest back.
+        let deadline = tokio::time::Instant::now() + self.grace;
+        loop {
+            match tokio::time::timeout_at(deadline, running.join_next_with_id()).await {
+                Ok(Some(Ok((id, ())))) => {
+                    in_hand.remove(&id);
+                }
+                Ok(Some(Err(e))) => {
+                    in_hand.remove(&e.id());
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    running.abort_all();
+                    for job_id in in_hand.values() {
+                        let back = JobResult::RetryAt(now_ms(), "worker shut down mid-job".into());
+                        if let Err(e) = self.store.finish_job(job_id, &back).await {
+                            tracing::warn!(job_id, error = %e, "could not return job to the queue; its lease will expire");
+                        }
+                    }
+                    tracing::warn!(
+                        jobs = in_hand.len(),
+                        "shutdown grace over; unfinished jobs returned to the queue"
+                    );
+                    break;
+                }
             }
         }
     }

@@ -186,6 +186,7 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
         let store = store.clone();
         let migrated = migrated.clone();
         let jobs = config.jobs.clone();
+        let grace = Duration::from_millis(config.server.shutdown_grace_ms);
         let mut shutdown = shutdown_rx.clone();
         tokio::spawn(async move {
             let mut delay = Duration::from_millis(200);
@@ -203,7 +204,7 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
             migrated.store(true, Ordering::Release);
-            Workers::start(store, runner, &jobs, shutdown).join().await;
+            Workers::start(store, runner, &jobs, shutdown, grace).join().await;
         })
     };
     servers.push(worker_task);

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::BoxFuture;
 use serde_json::{Value, json};
 
-use super::{AcceptCommand, AcceptReply, Precheck, TripAction, new_otp, precheck, refusal, reject};
+use super::{AcceptCommand, AcceptReply, Precheck, TripAction, precheck, refusal, reject};
 use crate::error::{ApiError, Outcome};
 use crate::lock_store::{Claim, LockStore};
 use crate::metrics::Metrics;
@@ -68,8 +68,8 @@ impl Inner {
         // A second pass only happens when a same-driver request we waited for ended
         // without taking the trip.
         for _ in 0..2 {
-            let vehicle_id = match precheck(&self.store, &cmd).await? {
-                Precheck::Proceed { vehicle_id } => vehicle_id,
+            let assignment = match precheck(&self.store, &cmd).await? {
+                Precheck::Proceed(assignment) => assignment,
                 Precheck::AlreadyMine => return self.already_accepted(&cmd.trip_id).await,
             };
             let owner = format!("{}:{}", cmd.driver_id, uuid::Uuid::new_v4());
@@ -81,9 +81,9 @@ impl Inner {
                     continue;
                 }
                 Some(Claim::HeldBy(_)) => return Err(ApiError::TripTaken),
-                Some(Claim::Acquired) => return self.commit(&cmd, vehicle_id, Some(owner)).await,
+                Some(Claim::Acquired) => return self.commit(&cmd, assignment, Some(owner)).await,
                 // Lock store down or slow: the fence alone decides.
-                None => return self.commit(&cmd, vehicle_id, None).await,
+                None => return self.commit(&cmd, assignment, None).await,
             }
         }
         Err(ApiError::Unavailable(
@@ -122,17 +122,9 @@ impl Inner {
     async fn commit(
         &self,
         cmd: &AcceptCommand,
-        vehicle_id: String,
+        assignment: Assignment,
         owner: Option<String>,
     ) -> Result<AcceptReply, ApiError> {
-        let assignment = Assignment {
-            trip_id: cmd.trip_id.clone(),
-            driver_id: cmd.driver_id.clone(),
-            vehicle_id,
-            otp: new_otp(),
-            cohort: cmd.cohort,
-            requested_at_ms: cmd.received_at_ms,
-        };
         let outcome = self.store.accept_fenced(&assignment).await;
         match outcome {
             Ok(AssignOutcome::Accepted { .. }) => {

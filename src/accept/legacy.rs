@@ -10,11 +10,11 @@ use std::task::{Context, Poll};
 
 use futures_util::future::BoxFuture;
 
-use super::{AcceptCommand, AcceptReply, Precheck, TripAction, new_otp, precheck, refusal, reject};
+use super::{AcceptCommand, AcceptReply, Precheck, TripAction, precheck, refusal, reject};
 use crate::effects::{EffectRunner, Schedule};
 use crate::error::{ApiError, Outcome};
 use crate::jobs::{RetryPolicy, run_job};
-use crate::storage::{AssignOutcome, Assignment, JOB_KIND_TRIP_ACCEPTED, Job, Storage};
+use crate::storage::{AssignOutcome, JOB_KIND_TRIP_ACCEPTED, Job, Storage};
 
 /// The legacy accept implementation.
 #[derive(Clone)]
@@ -50,18 +50,10 @@ impl Inner {
         if cmd.action == TripAction::Rejected {
             return reject(&self.store, &cmd).await;
         }
-        let vehicle_id = match precheck(&self.store, &cmd).await? {
-            Precheck::Proceed { vehicle_id } => vehicle_id,
+        let assignment = match precheck(&self.store, &cmd).await? {
+            Precheck::Proceed(assignment) => assignment,
             // Today's behaviour: the driver's own retry is refused like anyone else's.
             Precheck::AlreadyMine => return Err(ApiError::TripTaken),
-        };
-        let assignment = Assignment {
-            trip_id: cmd.trip_id.clone(),
-            driver_id: cmd.driver_id.clone(),
-            vehicle_id,
-            otp: new_otp(),
-            cohort: cmd.cohort,
-            requested_at_ms: cmd.received_at_ms,
         };
         let job_id = match self.store.accept_locked(&assignment, self.lease_ms).await? {
             AssignOutcome::Accepted { job_id } => job_id,

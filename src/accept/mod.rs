@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 
 use crate::error::{ApiError, FieldError, Outcome};
 use crate::rollout::Cohort;
-use crate::storage::{AssignOutcome, Storage};
+use crate::storage::{AssignOutcome, Assignment, Storage};
 
 /// What the driver asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,8 +109,8 @@ pub fn uuid_field(fields: &Map<String, Value>, name: &str, errors: &mut Vec<Fiel
 /// What the pre-checks decided.
 #[derive(Debug)]
 pub(crate) enum Precheck {
-    /// Go ahead with this vehicle.
-    Proceed { vehicle_id: String },
+    /// Go ahead: the assignment to write if the transaction agrees.
+    Proceed(Assignment),
     /// The trip already has this driver.
     AlreadyMine,
 }
@@ -129,10 +129,26 @@ pub(crate) async fn precheck(store: &Storage, cmd: &AcceptCommand) -> Result<Pre
         return Err(ApiError::TripNotPending);
     }
     let driver = store.driver_snapshot(&cmd.driver_id).await?;
-    let driver = driver.filter(|d| d.is_available()).ok_or(ApiError::DriverUnavailable)?;
+    let Some(driver) = driver.filter(|d| d.is_available()) else {
+        // The driver may have become busy with *this* trip between the two reads (their
+        // own earlier request just committed): that is a retry, not an unavailable driver.
+        let now = store.trip_snapshot(&cmd.trip_id).await?;
+        if now.and_then(|t| t.driver_id).as_deref() == Some(cmd.driver_id.as_str()) {
+            return Ok(Precheck::AlreadyMine);
+        }
+        return Err(ApiError::DriverUnavailable);
+    };
     match (driver.vehicle_id, driver.vehicle_category_id) {
         (Some(vehicle_id), Some(category)) if category == trip.vehicle_category_id => {
-            Ok(Precheck::Proceed { vehicle_id })
+            Ok(Precheck::Proceed(Assignment {
+                trip_id: cmd.trip_id.clone(),
+                driver_id: cmd.driver_id.clone(),
+                vehicle_id,
+                otp: new_otp(),
+                cohort: cmd.cohort,
+                trip_type: trip.trip_type,
+                requested_at_ms: cmd.received_at_ms,
+            }))
         }
         _ => Err(ApiError::VehicleMismatch),
     }

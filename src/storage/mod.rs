@@ -220,6 +220,8 @@ pub struct TripSnapshot {
     pub driver_id: Option<String>,
     /// pending | accepted | ongoing | completed | cancelled
     pub current_status: String,
+    /// Ride or parcel.
+    pub trip_type: TripType,
 }
 
 /// An accept to write: who takes which trip with which vehicle.
@@ -235,6 +237,8 @@ pub struct Assignment {
     pub otp: String,
     /// Which implementation accepts.
     pub cohort: Cohort,
+    /// The trip's type (decides its side effects).
+    pub trip_type: TripType,
     /// When the accept request arrived (ms), for OTP delivery time.
     pub requested_at_ms: i64,
 }
@@ -391,7 +395,7 @@ impl Storage {
             backend.skip_locked()
         );
         let lock_trip_sql = format!(
-            "SELECT driver_id, current_status, vehicle_category_id FROM trip_requests WHERE id = $1 {}",
+            "SELECT driver_id, current_status, vehicle_category_id, type FROM trip_requests WHERE id = $1 {}",
             backend.lock_rows()
         );
         let job_wake = Arc::new(Notify::new());
@@ -672,10 +676,11 @@ impl Storage {
 
     /// The trip's state for the pre-checks.
     pub async fn trip_snapshot(&self, trip_id: &str) -> Result<Option<TripSnapshot>, sqlx::Error> {
-        let row = sqlx::query("SELECT driver_id, current_status, vehicle_category_id FROM trip_requests WHERE id = $1")
-            .bind(trip_id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT driver_id, current_status, vehicle_category_id, type FROM trip_requests WHERE id = $1")
+                .bind(trip_id)
+                .fetch_optional(&self.pool)
+                .await?;
         row.map(|r| trip_snapshot(&r)).transpose()
     }
 
@@ -778,20 +783,20 @@ impl Storage {
             .bind(now)
             .execute(&mut *tx)
             .await?;
-        let trip_type: String = sqlx::query_scalar("SELECT type FROM trip_requests WHERE id = $1")
-            .bind(&a.trip_id)
-            .fetch_one(&mut *tx)
-            .await?;
-        for effect in Effect::for_trip(TripType::parse(&trip_type)) {
-            sqlx::query(
-                "INSERT INTO side_effects (trip_request_id, effect, cohort, state, calls) VALUES ($1, $2, $3, 'pending', 0)",
-            )
-            .bind(&a.trip_id)
-            .bind(effect.as_str())
-            .bind(a.cohort.as_str())
-            .execute(&mut *tx)
-            .await?;
+        // One statement for all the effect records: ($1 trip, $2 cohort, $3.. effects).
+        let effects: Vec<Effect> = Effect::for_trip(a.trip_type).collect();
+        let values: Vec<String> = (0..effects.len())
+            .map(|i| format!("($1, ${}, $2, 'pending', 0)", i + 3))
+            .collect();
+        let sql = format!(
+            "INSERT INTO side_effects (trip_request_id, effect, cohort, state, calls) VALUES {}",
+            values.join(", ")
+        );
+        let mut insert = sqlx::query(&sql).bind(&a.trip_id).bind(a.cohort.as_str());
+        for effect in &effects {
+            insert = insert.bind(effect.as_str());
         }
+        insert.execute(&mut *tx).await?;
         let job_id = uuid::Uuid::new_v4().to_string();
         sqlx::query(
             "INSERT INTO jobs (id, kind, trip_request_id, cohort, state, attempts, run_at, locked_until, created_at, updated_at) \
@@ -1377,6 +1382,7 @@ fn trip_snapshot(r: &AnyRow) -> Result<TripSnapshot, sqlx::Error> {
         vehicle_category_id: r.try_get("vehicle_category_id")?,
         driver_id: r.try_get("driver_id")?,
         current_status: r.try_get("current_status")?,
+        trip_type: TripType::parse(&r.try_get::<String, _>("type")?),
     })
 }
 

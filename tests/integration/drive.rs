@@ -61,7 +61,9 @@ async fn drive_reports_per_cohort(backend: Backend) {
         ] {
             assert!(c[key].is_number(), "{key} in {c}");
         }
-        assert!(c["otp_p50_ms"].as_f64().unwrap() > 0.0);
+        // Milliseconds: an atomic_async OTP can be handed over within the same millisecond.
+        assert!(c["otp_p95_ms"].as_f64().unwrap() >= c["otp_p50_ms"].as_f64().unwrap());
+        assert!(c["otp_p50_ms"].as_f64().unwrap() >= 0.0);
     }
     assert_eq!(
         (race["double_assignments"].as_i64(), race["duplicate_otps"].as_i64()),

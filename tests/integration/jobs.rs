@@ -32,6 +32,7 @@ async fn accepted(store: &tripgate::storage::Storage, driver: &str, trip: &str) 
             vehicle_id: vehicle,
             otp: "4321".into(),
             cohort: Cohort::AtomicAsync,
+            trip_type: tripgate::storage::TripType::Ride,
             requested_at_ms: now_ms(),
         })
         .await

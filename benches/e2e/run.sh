@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# End-to-end benchmarks of BENCHMARKS.md, one command:  bash benches/e2e/run.sh
+# Needs PostgreSQL on 127.0.0.1:5432 (user postgres, trust) and Redis on 127.0.0.1:6379,
+# pgbench and redis-benchmark. Builds the release binary, runs `tripgate serve` on a fresh
+# database, drives each scenario with `tripgate drive --json`, measures the storage limit
+# with pgbench and redis-benchmark in the same run, and prints every report.
+# Env: SCENARIOS (default "compare burst-pg burst-sqlite saturation"), OUT (default
+# target/e2e).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PG=${PG:-postgres://postgres@127.0.0.1:5432}
+REDIS=${REDIS:-redis://127.0.0.1:6379}
+OUT=$(realpath -m "${OUT:-target/e2e}")
+SCENARIOS=${SCENARIOS:-"compare burst-pg burst-sqlite saturation"}
+mkdir -p "$OUT"
+cargo build --release --quiet
+BIN=$PWD/target/release/tripgate
+
+serve_pid=""
+stop() { [ -n "$serve_pid" ] && kill "$serve_pid" 2>/dev/null && wait "$serve_pid" 2>/dev/null; serve_pid=""; }
+trap stop EXIT
+
+# start NAME DB_URL REDIS_URL PERCENT SMS_MS PUSH_MS
+start() {
+  local name=$1 db=$2 redis=$3 percent=$4 sms=$5 push=$6 dir="$OUT/$1"
+  rm -rf "$dir"; mkdir -p "$dir/flags"
+  printf '[trip_accept_v2]\npercent = %s\nsalt = "trip_accept_v2"\nallow = []\ndeny = []\n' "$percent" > "$dir/flags/rollout.toml"
+  cat > "$dir/config.toml" <<TOML
+[server]
+listen = "127.0.0.1:18080"
+admin_listen = "127.0.0.1:19090"
+rate_limit_per_driver = 1000
+[database]
+url = "$db"
+max_connections = 16
+[redis]
+url = "$redis"
+key_prefix = "bench-$name-$$"
+[flags]
+path = "$dir/flags/rollout.toml"
+[auth]
+hs256_secret = "benchmark-secret-0123456789abcdef"
+[providers.sms]
+kind = "simulated"
+latency_ms = $sms
+[providers.push]
+kind = "simulated"
+latency_ms = $push
+[jobs]
+workers = 64
+[log]
+level = "warn"
+TOML
+  (cd "$dir" && exec "$BIN" serve --config config.toml >serve.log 2>&1) &
+  serve_pid=$!
+  for _ in $(seq 1 100); do curl -sf localhost:19090/readyz >/dev/null && return 0; sleep 0.1; done
+  echo "gateway did not start"; cat "$dir/serve.log"; exit 1
+}
+
+fresh_pg() { local db="tg_bench_$1"; psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" -qc "CREATE DATABASE $db"; echo "$PG/$db"; }
+drive() { local name=$1; shift; (cd "$OUT/$name" && "$BIN" drive --config config.toml --json "$@") | tee "$OUT/$name-$1.json"; echo; }
+
+for s in $SCENARIOS; do
+  case $s in
+    compare)  # legacy vs atomic_async, shipped provider latencies, 50 % rollout, Postgres + Redis
+      start compare "$(fresh_pg compare)" "$REDIS" 50 1500 800
+      drive compare steady --rate 10 --duration 60
+      drive compare race --drivers 5 --trips 20
+      stop ;;
+    burst-pg)  # 1,000 drivers x 1,000 trips at once, atomic_async, Postgres + Redis
+      start burst-pg "$(fresh_pg burst)" "$REDIS" 100 1500 800
+      drive burst-pg burst --drivers 1000 --trips 1000
+      stop ;;
+    burst-sqlite)  # the same on the embedded default
+      start burst-sqlite "sqlite://$PWD/$OUT/burst-sqlite.db" "" 100 1500 800
+      rm -f "$OUT"/burst-sqlite.db*
+      drive burst-sqlite burst --drivers 1000 --trips 1000
+      stop ;;
+    saturation)  # accepts/s at saturation vs the storage limit (pgbench, redis-benchmark)
+      url=$(fresh_pg saturation)
+      start saturation "$url" "$REDIS" 100 1500 800
+      drive saturation burst --drivers 5000 --trips 5000 --concurrency 64
+      stop
+      lim=$(fresh_pg limit)
+      TRIPGATE_DATABASE_URL=$lim "$BIN" migrate --config "$OUT/saturation/config.toml"
+      psql "$lim" -q -f benches/e2e/pgbench_setup.sql
+      pgbench -n -c 64 -j 2 -T 20 -f benches/e2e/pgbench_accept.sql "$lim" | tee "$OUT/pgbench.txt"
+      redis-benchmark -q -c 64 -n 200000 -r 100000 SET 'bench:trip-lock:{__rand_int__}' driver NX EX 300 | tee "$OUT/redis-benchmark.txt"
+      ;;
+  esac
+done
