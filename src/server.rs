@@ -156,6 +156,7 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
                 store.clone(),
                 locks.clone(),
                 (config.client_timeout() / 2).min(Duration::from_secs(3)),
+                config.client_timeout() + Duration::from_secs(1),
                 metrics.clone(),
             ),
         };

@@ -23,7 +23,7 @@ use super::{AcceptCommand, AcceptReply, Precheck, TripAction, precheck, refusal,
 use crate::error::{ApiError, Outcome};
 use crate::lock_store::{Claim, LockStore};
 use crate::metrics::Metrics;
-use crate::storage::{AssignOutcome, Assignment, Storage};
+use crate::storage::{AssignOutcome, Assignment, Storage, now_ms};
 
 /// The atomic_async accept implementation.
 #[derive(Clone)]
@@ -37,27 +37,47 @@ struct Inner {
     metrics: Arc<Metrics>,
     /// How long a retry waits for the same driver's request that is still running.
     in_flight_wait: Duration,
+    /// A lock older than this on a still-pending trip was left by a dead request.
+    stale_after: Duration,
 }
 
 impl AtomicAsyncAccept {
     /// An atomic_async handler over `store` and `locks`. `in_flight_wait` bounds how long
-    /// a retry waits for the outcome of the same driver's request still in flight.
-    pub fn new(store: Storage, locks: Arc<dyn LockStore>, in_flight_wait: Duration, metrics: Arc<Metrics>) -> Self {
+    /// a retry waits for the outcome of the same driver's request still in flight;
+    /// `stale_after` is how old a lock on a still-pending trip must be to count as left
+    /// behind by a dead request (longer than any request runs: the client timeout).
+    pub fn new(
+        store: Storage,
+        locks: Arc<dyn LockStore>,
+        in_flight_wait: Duration,
+        stale_after: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 store,
                 locks,
                 metrics,
                 in_flight_wait,
+                stale_after,
             }),
         }
     }
 }
 
-/// Lock owners are `{driver_id}:{request nonce}`: unique per request, yet a retry can see
-/// that the holder is the same driver.
+/// Lock owners are `{driver_id}:{request nonce}:{taken at, ms}`: unique per request, yet a
+/// retry can see that the holder is the same driver, and anyone can see how old it is.
+fn owner_token(driver_id: &str) -> String {
+    format!("{driver_id}:{}:{}", uuid::Uuid::new_v4().simple(), now_ms())
+}
+
 fn held_by_driver(holder: &str, driver_id: &str) -> bool {
     holder.strip_prefix(driver_id).is_some_and(|rest| rest.starts_with(':'))
+}
+
+/// When the lock was taken (ms), from its owner token.
+fn taken_at(holder: &str) -> Option<i64> {
+    holder.rsplit(':').next()?.parse().ok()
 }
 
 impl Inner {
@@ -72,7 +92,7 @@ impl Inner {
                 Precheck::Proceed(assignment) => assignment,
                 Precheck::AlreadyMine => return self.already_accepted(&cmd.trip_id).await,
             };
-            let owner = format!("{}:{}", cmd.driver_id, uuid::Uuid::new_v4());
+            let owner = owner_token(&cmd.driver_id);
             match self.acquire(&cmd.trip_id, &owner).await {
                 Some(Claim::HeldBy(holder)) if held_by_driver(&holder, &cmd.driver_id) => {
                     if let Some(answer) = self.await_in_flight(&cmd).await? {
@@ -80,7 +100,12 @@ impl Inner {
                     }
                     continue;
                 }
-                Some(Claim::HeldBy(_)) => return Err(ApiError::TripTaken),
+                Some(Claim::HeldBy(holder)) => {
+                    if self.clear_if_stale(&cmd.trip_id, &holder).await? {
+                        continue;
+                    }
+                    return Err(ApiError::TripTaken);
+                }
                 Some(Claim::Acquired) => return self.commit(&cmd, assignment, Some(owner)).await,
                 // Lock store down or slow: the fence alone decides.
                 None => return self.commit(&cmd, assignment, None).await,
@@ -89,6 +114,30 @@ impl Inner {
         Err(ApiError::Unavailable(
             "trip lock still held by an earlier request".into(),
         ))
+    }
+
+    /// A lock older than any request can run, on a trip the database says is still
+    /// pending without a driver, was left by a request that died between its claim and its
+    /// commit (a crash, `kill -9`). Remove it (compare-and-delete: only that exact lock) so
+    /// it does not block the trip until its TTL. Only old locks cost a database read.
+    async fn clear_if_stale(&self, trip_id: &str, holder: &str) -> Result<bool, ApiError> {
+        let old = taken_at(holder).is_some_and(|at| now_ms() - at > self.stale_after.as_millis() as i64);
+        if !old {
+            return Ok(false);
+        }
+        let trip = self.store.trip_snapshot(trip_id).await?;
+        if !trip.is_some_and(|t| t.driver_id.is_none() && t.current_status == "pending") {
+            return Ok(false);
+        }
+        tracing::warn!(
+            trip_id,
+            holder,
+            "removing a stale trip lock left by a request that did not finish"
+        );
+        let started = Instant::now();
+        let released = self.locks.release(trip_id, holder).await;
+        self.observe(started, released.is_ok());
+        Ok(true)
     }
 
     async fn acquire(&self, trip_id: &str, owner: &str) -> Option<Claim> {
@@ -225,6 +274,9 @@ mod tests {
     #[test]
     fn owner_tokens() {
         assert!(held_by_driver("d1:abc", "d1"));
+        let token = super::owner_token("d1");
+        assert!(held_by_driver(&token, "d1"));
+        assert!(super::taken_at(&token).is_some_and(|at| (super::now_ms() - at).abs() < 1000));
         assert!(!held_by_driver("d10:abc", "d1"));
         assert!(!held_by_driver("d1", "d1"));
     }

@@ -18,6 +18,7 @@ backend_tests!(
     retry_after_lock_expiry_is_idempotent,
     failed_fence_releases_the_lock,
     client_hang_up_cannot_cut_an_accept_in_half,
+    stale_lock_of_a_dead_request_does_not_block_the_trip,
 );
 
 fn code(body: &Value) -> &str {
@@ -502,6 +503,51 @@ async fn client_hang_up_cannot_cut_an_accept_in_half(backend: Backend) {
         "the lock belongs to the accepted driver"
     );
     assert_eq!(stub.calls_for("otp_sms", &trip).len(), 1);
+    gw.shutdown().await;
+    db.drop_db().await;
+}
+
+/// A lock left by a request that died between its claim and its commit (kill -9) must not
+/// block the trip until the TTL: once older than any request can run, and with the trip
+/// still pending in the database, the next driver clears it. A recent lock still turns
+/// others away without a database read.
+async fn stale_lock_of_a_dead_request_does_not_block_the_trip(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let stub = WebhookStub::start().await;
+    let gw = Gateway::start(&db, options(backend, &stub)).await;
+    let w = World::new(&gw.store).await;
+    let (d1, d2) = (w.driver().await, w.driver().await);
+    let locks = gw.running.as_ref().unwrap().locks.clone();
+
+    let fresh = w.trip(&[]).await;
+    let live = format!("someone:nonce:{}", tripgate::storage::now_ms());
+    assert_eq!(
+        locks.acquire(&fresh, &live).await.unwrap(),
+        tripgate::lock_store::Claim::Acquired
+    );
+    let (status, body, _) = gw.accept(&d1, &fresh).await;
+    assert_eq!(
+        (status, code(&body)),
+        (403, "trip_request_driver_403"),
+        "a live claim turns others away"
+    );
+
+    let abandoned = w.trip(&[]).await;
+    let dead = format!("ghost:nonce:{}", tripgate::storage::now_ms() - 60_000);
+    assert_eq!(
+        locks.acquire(&abandoned, &dead).await.unwrap(),
+        tripgate::lock_store::Claim::Acquired
+    );
+    let (status, body, _) = gw.accept(&d2, &abandoned).await;
+    assert_eq!(status, 200, "stale lock cleared: {body}");
+    assert!(
+        locks
+            .holder(&abandoned)
+            .await
+            .unwrap()
+            .unwrap()
+            .starts_with(&format!("{d2}:"))
+    );
     gw.shutdown().await;
     db.drop_db().await;
 }

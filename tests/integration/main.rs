@@ -9,4 +9,5 @@ mod cli;
 mod drive;
 mod flags;
 mod jobs;
+mod lifecycle;
 mod observability;

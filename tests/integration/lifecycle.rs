@@ -1,0 +1,238 @@
+//! The gateway as a process: graceful shutdown under load, `kill -9` under load and
+//! recovery after a restart.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde_json::json;
+use tripgate::auth::{Role, TokenKeys};
+
+use crate::support::{Backend, Options, Process, SECRET, TempDir, TestDb, WebhookStub, World, eventually, free_port};
+
+struct Load {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<(String, Result<u16, String>)>>,
+}
+
+/// Sends accepts from fresh drivers on fresh trips, 8 at a time, until stopped; returns
+/// each trip with its answer (status, or the transport error).
+fn start_load(url: String, pairs: Vec<(String, String)>) -> Load {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let task = tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        let keys = TokenKeys::new(SECRET, 600);
+        let mut results = Vec::new();
+        for chunk in pairs.chunks(8) {
+            if flag.load(Ordering::SeqCst) {
+                break;
+            }
+            let sends = chunk.iter().map(|(d, t)| {
+                let req = http
+                    .post(format!("{url}/api/driver/trip/request-action"))
+                    .bearer_auth(keys.mint(d, Role::Driver).unwrap())
+                    .json(&json!({"trip_request_id": t, "action": "accepted"}));
+                async move {
+                    (
+                        t.clone(),
+                        req.send().await.map(|r| r.status().as_u16()).map_err(|e| e.to_string()),
+                    )
+                }
+            });
+            results.extend(futures_util::future::join_all(sends).await);
+        }
+        results
+    });
+    Load { stop, task }
+}
+
+fn spawn_serve(
+    db: &TestDb,
+    dir: &TempDir,
+    stub: &WebhookStub,
+    api: u16,
+    admin: u16,
+    redis: Option<String>,
+) -> (Process, tripgate::config::Config) {
+    let options = Options {
+        percent: 50.0,
+        webhook: Some(format!("http://{}", stub.addr)),
+        redis_url: redis,
+        visibility_timeout_s: 2,
+        // A lock older than client timeout + 1 s on a pending trip counts as left behind.
+        client_timeout_ms: 2_000,
+        ..Options::default()
+    };
+    let mut config = crate::support::config(&db.url, dir.path(), &options);
+    config.server.listen = format!("127.0.0.1:{api}").parse().unwrap();
+    config.server.admin_listen = format!("127.0.0.1:{admin}").parse().unwrap();
+    config.server.shutdown_grace_ms = 10_000;
+    (Process::spawn("serve", &config, dir.path()), config)
+}
+
+async fn wait_ready(admin: u16) {
+    let http = reqwest::Client::new();
+    eventually(Duration::from_secs(20), "serve ready", || {
+        let http = http.clone();
+        async move {
+            (http
+                .get(format!("http://127.0.0.1:{admin}/readyz"))
+                .send()
+                .await
+                .ok()?
+                .status()
+                == 200)
+                .then_some(())
+        }
+    })
+    .await;
+}
+
+async fn pairs(w: &World, n: usize) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push((w.driver().await, w.trip(&[]).await));
+    }
+    out
+}
+
+/// Every accepted trip has each effect recorded done, and each provider message went out
+/// under one idempotency key.
+async fn assert_effects_exactly_once(store: &tripgate::storage::Storage, stub: &WebhookStub, trips: &[String]) {
+    for t in trips {
+        let t = t.clone();
+        eventually(Duration::from_secs(30), "effects after restart", || {
+            let (store, t) = (store.clone(), t.clone());
+            async move {
+                let states = store.effect_states(&t).await.ok()?;
+                (!states.is_empty() && states.values().all(|s| s == "done")).then_some(())
+            }
+        })
+        .await;
+        for kind in ["otp_sms", "otp_push", "arrival_push"] {
+            let calls = stub.calls_for(kind, &t);
+            assert!(!calls.is_empty(), "{kind} of {t} never sent");
+            let keys: std::collections::BTreeSet<_> = calls.iter().map(|c| c["idempotency_key"].to_string()).collect();
+            assert_eq!(keys.len(), 1, "{kind} of {t}: {calls:?}");
+        }
+    }
+}
+
+async fn accepted_trips(store: &tripgate::storage::Storage, pairs: &[(String, String)]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (_, t) in pairs {
+        if store.trip_snapshot(t).await.unwrap().unwrap().driver_id.is_some() {
+            out.push(t.clone());
+        }
+    }
+    out
+}
+
+/// SIGTERM during steady load: in-flight requests finish (no reset, no 5xx), the process
+/// exits 0, and every accepted trip's job completes (after a restart if need be).
+async fn sigterm_during_load_loses_nothing(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let stub = WebhookStub::start().await;
+    stub.set_delay(150);
+    let store = db.store().await;
+    let w = World::new(&store).await;
+    let dir = TempDir::new();
+    let (api, admin) = (free_port(), free_port());
+    let redis = if backend == Backend::Postgres {
+        crate::support::redis_url()
+    } else {
+        None
+    };
+    let (mut serve, _) = spawn_serve(&db, &dir, &stub, api, admin, redis.clone());
+    wait_ready(admin).await;
+    let load = start_load(format!("http://127.0.0.1:{api}"), pairs(&w, 400).await);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Stop issuing new requests and signal at once: what is in flight must complete.
+    load.stop.store(true, Ordering::SeqCst);
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &serve.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let results = load.task.await.unwrap();
+    assert!(results.len() >= 8, "load ran");
+    for (trip, result) in &results {
+        match result {
+            Ok(200) => {}
+            other => panic!("trip {trip}: {other:?} during graceful shutdown"),
+        }
+    }
+    let exit = tokio::task::spawn_blocking(move || serve.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(exit.code(), Some(0), "exit 0 after SIGTERM");
+    let (_serve, _) = spawn_serve(&db, &dir, &stub, api, admin, redis);
+    wait_ready(admin).await;
+    let all: Vec<(String, String)> = results.iter().map(|(t, _)| (String::new(), t.clone())).collect();
+    let accepted = accepted_trips(&store, &all).await;
+    assert_eq!(accepted.len(), results.len(), "every 200 is an accepted trip");
+    assert_effects_exactly_once(&store, &stub, &accepted).await;
+    assert_eq!(store.double_assignments().await.unwrap(), 0);
+    store.close().await;
+    db.drop_db().await;
+}
+
+/// `kill -9` during steady load on both cohorts, then a restart: every committed accept has
+/// its side effects exactly once, no trip has two drivers, and no lock blocks a trip that
+/// is still pending.
+async fn kill9_during_load_then_restart(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let stub = WebhookStub::start().await;
+    stub.set_delay(150);
+    let store = db.store().await;
+    let w = World::new(&store).await;
+    let dir = TempDir::new();
+    let (api, admin) = (free_port(), free_port());
+    let redis = if backend == Backend::Postgres {
+        crate::support::redis_url()
+    } else {
+        None
+    };
+    let (mut serve, _) = spawn_serve(&db, &dir, &stub, api, admin, redis.clone());
+    wait_ready(admin).await;
+    let pairs = pairs(&w, 400).await;
+    let load = start_load(format!("http://127.0.0.1:{api}"), pairs.clone());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    serve.kill9();
+    let killed_at = std::time::Instant::now();
+    load.stop.store(true, Ordering::SeqCst);
+    let _ = load.task.await.unwrap();
+    let accepted = accepted_trips(&store, &pairs).await;
+    assert!(!accepted.is_empty());
+
+    let (_serve, _) = spawn_serve(&db, &dir, &stub, api, admin, redis);
+    wait_ready(admin).await;
+    assert_effects_exactly_once(&store, &stub, &accepted).await;
+    assert_eq!(store.double_assignments().await.unwrap(), 0);
+    // Every trip still pending can be taken now: no lock left behind blocks it (a lock
+    // counts as left behind once older than any request can run).
+    tokio::time::sleep(Duration::from_millis(3_500).saturating_sub(killed_at.elapsed())).await;
+    let url = format!("http://127.0.0.1:{api}/api/driver/trip/request-action");
+    let http = reqwest::Client::new();
+    let keys = TokenKeys::new(SECRET, 600);
+    let mut retried = 0;
+    for (d, t) in &pairs {
+        if accepted.contains(t) || retried >= 40 {
+            continue;
+        }
+        retried += 1;
+        let res = http
+            .post(&url)
+            .bearer_auth(keys.mint(d, Role::Driver).unwrap())
+            .json(&json!({"trip_request_id": t, "action": "accepted"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "trip {t} blocked after the restart");
+    }
+    store.close().await;
+    db.drop_db().await;
+}
+
+crate::backend_tests!(sigterm_during_load_loses_nothing, kill9_during_load_then_restart);
