@@ -79,6 +79,10 @@ pub struct ServerConfig {
     pub rate_limit_per_driver: u32,
     /// How long in-flight requests may run after a shutdown signal.
     pub shutdown_grace_ms: u64,
+    /// Connections served at once per listener; one more gets a 503 and is closed.
+    pub max_connections: usize,
+    /// A client must send its request headers within this (slow-loris guard).
+    pub header_read_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -89,6 +93,8 @@ impl Default for ServerConfig {
             max_body_bytes: 16 * 1024,
             rate_limit_per_driver: 20,
             shutdown_grace_ms: 10_000,
+            max_connections: 16_384,
+            header_read_timeout_ms: 5_000,
         }
     }
 }
@@ -455,6 +461,12 @@ impl Config {
         }
         if self.server.max_body_bytes == 0 {
             return Err(("server.max_body_bytes", "must be at least 1".into()));
+        }
+        if self.server.max_connections == 0 {
+            return Err(("server.max_connections", "must be at least 1".into()));
+        }
+        if self.server.header_read_timeout_ms == 0 {
+            return Err(("server.header_read_timeout_ms", "must be at least 1".into()));
         }
         if self.server.rate_limit_per_driver == 0 {
             return Err(("server.rate_limit_per_driver", "must be at least 1".into()));

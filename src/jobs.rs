@@ -98,6 +98,9 @@ pub async fn run_job(
     result
 }
 
+/// Most jobs claimed by one statement.
+const CLAIM_BATCH: usize = 32;
+
 /// The job workers of this process: one dispatcher that claims jobs and runs up to
 /// `jobs.workers` of them at once. Jobs wait on providers most of the time, so many run
 /// concurrently without many threads or many idle pollers.
@@ -161,26 +164,39 @@ impl Dispatcher {
                     in_hand.remove(&id);
                 }
             }
-            let permit = tokio::select! {
+            let first = tokio::select! {
                 permit = self.slots.clone().acquire_owned() => permit,
                 _ = self.shutdown.changed() => continue,
             };
-            let Ok(permit) = permit else { break };
-            match self.store.claim_job(self.lease_ms).await {
-                Ok(Some(job)) => {
-                    let (store, runner, policy) = (self.store.clone(), self.runner.clone(), self.policy.clone());
-                    let job_id = job.id.clone();
-                    let handle = running.spawn(async move {
-                        run_job(&store, &runner, &policy, &job, Schedule::Parallel).await;
-                        drop(permit);
-                    });
-                    in_hand.insert(handle.id(), job_id);
-                    continue;
+            let Ok(first) = first else { break };
+            // Claim as many jobs as there are free slots (up to a batch) in one statement.
+            let mut permits = vec![first];
+            while permits.len() < CLAIM_BATCH {
+                match self.slots.clone().try_acquire_owned() {
+                    Ok(permit) => permits.push(permit),
+                    Err(_) => break,
                 }
-                Ok(None) => {}
+            }
+            let batch = permits.len();
+            match self.store.claim_jobs(self.lease_ms, batch).await {
+                Ok(jobs) => {
+                    let claimed = jobs.len();
+                    for (job, permit) in jobs.into_iter().zip(permits.drain(..)) {
+                        let (store, runner, policy) = (self.store.clone(), self.runner.clone(), self.policy.clone());
+                        let job_id = job.id.clone();
+                        let handle = running.spawn(async move {
+                            run_job(&store, &runner, &policy, &job, Schedule::Parallel).await;
+                            drop(permit);
+                        });
+                        in_hand.insert(handle.id(), job_id);
+                    }
+                    if claimed == batch {
+                        continue;
+                    }
+                }
                 Err(e) => tracing::warn!(error = %e, "job claim failed"),
             }
-            drop(permit);
+            drop(permits);
             tokio::select! {
                 _ = wake.notified() => {}
                 _ = tokio::time::sleep(self.poll) => {}

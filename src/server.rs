@@ -21,6 +21,7 @@ use crate::config::Config;
 use crate::effects::EffectRunner;
 use crate::events::EventBus;
 use crate::flags::{FlagSet, FlagsHandle, watcher::FlagsWatcher};
+use crate::http::listener::ConnectionLimits;
 use crate::http::{AppState, admin_router, api_router, driver::AcceptServices};
 use crate::jobs::{RetryPolicy, Workers};
 use crate::lock_store::{LockStore, MemoryLockStore, RedisLockStore};
@@ -164,14 +165,18 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
         let admin = bind("server.admin_listen", config.server.admin_listen).await?;
         api_addr = api.local_addr().ok();
         admin_addr = admin.local_addr().ok();
-        let grace = Duration::from_millis(config.server.shutdown_grace_ms);
+        let limits = ConnectionLimits {
+            max_connections: config.server.max_connections,
+            header_read_timeout: Duration::from_millis(config.server.header_read_timeout_ms),
+            shutdown_grace: Duration::from_millis(config.server.shutdown_grace_ms),
+        };
         servers.push(serve_http(
             api,
             api_router(state.clone(), services),
             shutdown_rx.clone(),
-            grace,
+            limits,
         ));
-        servers.push(serve_http(admin, admin_router(state), shutdown_rx.clone(), grace));
+        servers.push(serve_http(admin, admin_router(state), shutdown_rx.clone(), limits));
         tracing::info!(api = ?api_addr, admin = ?admin_addr, database = ?store.kind(), "tripgate listening");
         servers.push(FlagsWatcher::spawn(
             flags.clone(),
@@ -236,28 +241,10 @@ async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartE
 fn serve_http(
     listener: TcpListener,
     router: axum::Router,
-    mut shutdown: watch::Receiver<bool>,
-    grace: Duration,
+    shutdown: watch::Receiver<bool>,
+    limits: ConnectionLimits,
 ) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut signal = shutdown.clone();
-        let server = axum::serve(listener, router).with_graceful_shutdown(async move {
-            let _ = signal.wait_for(|stop| *stop).await;
-        });
-        let server = std::pin::pin!(server.into_future());
-        tokio::select! {
-            result = server => {
-                if let Err(e) = result {
-                    tracing::error!(error = %e, "listener failed");
-                }
-            }
-            // In-flight requests get the grace period, then are cut.
-            _ = async {
-                let _ = shutdown.wait_for(|stop| *stop).await;
-                tokio::time::sleep(grace).await;
-            } => tracing::warn!("shutdown grace period over; closing remaining connections"),
-        }
-    })
+    tokio::spawn(crate::http::listener::serve(listener, router, shutdown, limits))
 }
 
 /// Waits for SIGTERM or SIGINT (Ctrl-C), then triggers `shutdown`; a second signal exits

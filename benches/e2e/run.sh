@@ -47,7 +47,7 @@ latency_ms = $sms
 kind = "simulated"
 latency_ms = $push
 [jobs]
-workers = 64
+workers = 1024
 [log]
 level = "warn"
 TOML

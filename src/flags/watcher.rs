@@ -40,6 +40,8 @@ pub struct FlagsWatcher;
 
 /// How long to let a burst of filesystem events settle before reading the file.
 const DEBOUNCE: Duration = Duration::from_millis(75);
+/// How long a file change waits before it is audited as a plain edit (see `apply`).
+const AUDIT_SETTLE: Duration = Duration::from_secs(2);
 /// Fallback poll interval.
 const POLL: Duration = Duration::from_secs(5);
 
@@ -92,7 +94,14 @@ pub async fn apply(handle: &FlagsHandle, path: &Path, store: &Storage, metrics: 
                 let from = old.flags.get(name).map(|f| f.percent());
                 tracing::info!(flag = %name, from = ?from, to = flag.percent(), version = snapshot.version, "flags reloaded");
                 if from != Some(flag.percent()) {
-                    record_file_change(store, name, from, flag.percent()).await;
+                    // The API and the CLI audit their own writes, and may do so just
+                    // after this watcher saw the file change: let them, then audit what
+                    // nobody claimed as a plain file edit.
+                    let (store, name, to) = (store.clone(), name.clone(), flag.percent());
+                    tokio::spawn(async move {
+                        tokio::time::sleep(AUDIT_SETTLE).await;
+                        record_file_change(&store, &name, from, to).await;
+                    });
                 }
             }
         }

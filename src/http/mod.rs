@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod customer;
 pub mod driver;
+pub mod listener;
 pub mod observe;
 
 use std::sync::Arc;

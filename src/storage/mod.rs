@@ -388,9 +388,9 @@ impl Storage {
             .connect_lazy_with(options);
         let claim_sql = format!(
             "UPDATE jobs SET state = 'running', attempts = attempts + 1, locked_until = $1, updated_at = $2 \
-             WHERE id = (SELECT id FROM jobs \
-                         WHERE (state = 'queued' AND run_at <= $2) OR (state = 'running' AND locked_until < $2) \
-                         ORDER BY run_at LIMIT 1 {}) \
+             WHERE id IN (SELECT id FROM jobs \
+                          WHERE (state = 'queued' AND run_at <= $2) OR (state = 'running' AND locked_until < $2) \
+                          ORDER BY run_at LIMIT $3 {}) \
              RETURNING id, kind, trip_request_id, cohort, state, attempts, last_error",
             backend.skip_locked()
         );
@@ -1176,18 +1176,19 @@ impl Storage {
 
     // === jobs ===
 
-    /// Claims the next runnable job — queued and due, or running with an expired lease
-    /// (its worker died) — and leases it until `now + lease_ms`.
-    pub async fn claim_job(&self, lease_ms: i64) -> Result<Option<Job>, sqlx::Error> {
+    /// Claims up to `limit` runnable jobs — queued and due, or running with an expired
+    /// lease (their worker died) — in one statement, leased until `now + lease_ms`.
+    pub async fn claim_jobs(&self, lease_ms: i64, limit: usize) -> Result<Vec<Job>, sqlx::Error> {
         let now = now_ms();
         let mut tx = self.backend.begin_write(&self.pool).await?;
-        let row = sqlx::query(&self.claim_sql)
+        let rows = sqlx::query(&self.claim_sql)
             .bind(now + lease_ms)
             .bind(now)
-            .fetch_optional(&mut *tx)
+            .bind(limit as i64)
+            .fetch_all(&mut *tx)
             .await?;
         tx.commit().await?;
-        row.map(|r| job(&r)).transpose()
+        rows.iter().map(job).collect()
     }
 
     /// Records the end of an attempt.

@@ -89,8 +89,13 @@ async fn reload_within_a_second_for_each_write_style() {
     assert!(took < Duration::from_secs(1), "ConfigMap swap took {took:?}");
     std::fs::remove_dir_all(&v1).unwrap();
 
-    // File edits are audited with actor `file`.
-    let (_, audit) = gw.admin_get("/admin/audit").await;
+    // File edits are audited with actor `file` (after a short settle delay, which lets the
+    // API or CLI claim a write as theirs first).
+    let audit = crate::support::eventually(Duration::from_secs(10), "file edits audited", || async {
+        let (_, audit) = gw.admin_get("/admin/audit").await;
+        (audit["entries"].as_array()?.len() >= 4).then_some(audit)
+    })
+    .await;
     let entries = audit["entries"].as_array().unwrap();
     let tos: Vec<f64> = entries.iter().map(|e| e["to"].as_f64().unwrap()).collect();
     assert_eq!(tos, [20.0, 30.0, 40.0, 50.0], "{audit}");

@@ -6,6 +6,7 @@ mod support;
 mod api;
 mod atomic;
 mod cli;
+mod connections;
 mod drive;
 mod flags;
 mod jobs;

@@ -1,0 +1,216 @@
+//! Connection hygiene and hostile input: slow-loris, the connection cap, HTTP/1.1 and
+//! HTTP/2, 10,000 concurrent keep-alive connections, arbitrary request bodies.
+
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+use proptest::strategy::ValueTree;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tripgate::auth::Role;
+
+use crate::support::{Backend, Gateway, Options, Process, TempDir, TestDb, World, free_port};
+
+fn addr(url: &str) -> String {
+    url.trim_start_matches("http://").to_owned()
+}
+
+/// Sends one keep-alive request and reads one whole response; returns the status line.
+async fn request(stream: &mut TcpStream, path: &str) -> String {
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nhost: tripgate\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed mid-response");
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf);
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                return text.lines().next().unwrap().to_owned();
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_loris_is_cut_and_the_cap_refuses_cleanly() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let dir = TempDir::new();
+    let mut config = crate::support::config(&db.url, dir.path(), &Options::default());
+    config.server.header_read_timeout_ms = 300;
+    config.server.max_connections = 4;
+    let gw = Gateway::start_with(config, dir).await;
+    let api = addr(&gw.api);
+
+    // Slow-loris: half a request, then silence. The server hangs up.
+    let mut slow = TcpStream::connect(&api).await.unwrap();
+    slow.write_all(b"POST /api/driver/trip/request-action HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "slow client still connected after 5 s");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "cut after {:?}",
+        started.elapsed()
+    );
+
+    // The cap: 4 idle keep-alive connections are served; a 5th gets a clean 503.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut c = TcpStream::connect(&api).await.unwrap();
+        assert_eq!(request(&mut c, "/api/unknown").await, "HTTP/1.1 404 Not Found");
+        held.push(c);
+    }
+    let mut extra = TcpStream::connect(&api).await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), extra.read_to_string(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("service_unavailable_503"));
+    // The held connections still work (keep-alive); closing one frees a slot.
+    assert_eq!(request(&mut held[0], "/api/unknown").await, "HTTP/1.1 404 Not Found");
+    drop(held.pop());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut again = TcpStream::connect(&api).await.unwrap();
+    assert_eq!(request(&mut again, "/api/unknown").await, "HTTP/1.1 404 Not Found");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http1_keep_alive_and_http2_are_both_served() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let gw = Gateway::start(&db, Options::default()).await;
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let res = h2.get(format!("{}/healthz", gw.admin)).send().await.unwrap();
+    assert_eq!((res.status().as_u16(), res.version()), (200, reqwest::Version::HTTP_2));
+    let w = World::new(&gw.store).await;
+    let d = w.driver().await;
+    let t = w.trip(&[]).await;
+    let res = h2
+        .post(format!("{}/api/driver/trip/request-action", gw.api))
+        .bearer_auth(gw.token(&d, Role::Driver))
+        .json(&serde_json::json!({"trip_request_id": t, "action": "accepted"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!((res.status().as_u16(), res.version()), (200, reqwest::Version::HTTP_2));
+    // HTTP/1.1: several requests on one connection.
+    let mut c = TcpStream::connect(addr(&gw.admin)).await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(request(&mut c, "/healthz").await, "HTTP/1.1 200 OK");
+    }
+    gw.shutdown().await;
+}
+
+/// 10,000 concurrent keep-alive connections to a `tripgate serve` process, each answered,
+/// all still usable afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_thousand_keep_alive_connections() {
+    // Both processes need ~10k descriptors; raise the soft limit to the hard one (the
+    // child inherits it).
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap();
+    assert!(soft >= 10_500, "file descriptor limit {soft} < 10,500");
+    let db = TestDb::new(Backend::Sqlite).await;
+    let dir = TempDir::new();
+    let mut config = crate::support::config(&db.url, dir.path(), &Options::default());
+    let admin_port = free_port();
+    config.server.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    config.server.admin_listen = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    let _serve = Process::spawn("serve", &config, dir.path());
+    let target = format!("127.0.0.1:{admin_port}");
+    crate::support::eventually(Duration::from_secs(20), "serve up", || {
+        let target = target.clone();
+        async move { TcpStream::connect(target).await.ok().map(|_| ()) }
+    })
+    .await;
+    let started = Instant::now();
+    let mut conns = Vec::with_capacity(10_000);
+    for _ in 0..10_000 {
+        conns.push(TcpStream::connect(&target).await.unwrap());
+    }
+    // Every connection gets an answer while all are open…
+    let results = futures_util::future::join_all(conns.iter_mut().map(|c| request(c, "/healthz"))).await;
+    assert!(results.iter().all(|s| s == "HTTP/1.1 200 OK"));
+    // …and is kept alive for the next request.
+    let again = futures_util::future::join_all(conns.iter_mut().step_by(100).map(|c| request(c, "/healthz"))).await;
+    assert!(again.iter().all(|s| s == "HTTP/1.1 200 OK"));
+    assert!(started.elapsed() < Duration::from_secs(120));
+}
+
+fn arbitrary_body() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        proptest::collection::vec(any::<u8>(), 0..600),
+        ".{0,300}".prop_map(String::into_bytes),
+        (any::<Option<String>>(), any::<Option<String>>(), any::<bool>()).prop_map(|(id, action, extra)| {
+            let mut v = serde_json::json!({"trip_request_id": id, "action": action});
+            if extra {
+                v["more"] = serde_json::json!([1, {"x": null}]);
+            }
+            v.to_string().into_bytes()
+        }),
+    ]
+}
+
+/// Arbitrary bytes as a request body never produce a 5xx or a write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn arbitrary_bodies_never_5xx_or_write() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let gw = Gateway::start(
+        &db,
+        Options {
+            percent: 50.0,
+            rate_limit_per_driver: 100_000,
+            ..Options::default()
+        },
+    )
+    .await;
+    let w = World::new(&gw.store).await;
+    let drivers = [w.driver().await, w.driver().await];
+    let trip = w.trip(&[]).await;
+    let tokens: Vec<String> = drivers.iter().map(|d| gw.token(d, Role::Driver)).collect();
+    // Draw the bodies from the strategy (deterministic seed), then send each for real.
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let strategy = arbitrary_body();
+    let bodies: Vec<Vec<u8>> = (0..300)
+        .map(|_| strategy.new_tree(&mut runner).unwrap().current())
+        .collect();
+    for (i, body) in bodies.into_iter().enumerate() {
+        let token = &tokens[i % 2];
+        let (status, _, _) = gw
+            .post_raw(
+                "/api/driver/trip/request-action",
+                Some(token),
+                "application/json",
+                body.clone(),
+            )
+            .await;
+        assert!(status < 500, "{status} for {:?}", String::from_utf8_lossy(&body));
+    }
+    let snapshot = gw.store.trip_snapshot(&trip).await.unwrap().unwrap();
+    assert_eq!(
+        (snapshot.driver_id, snapshot.current_status.as_str()),
+        (None, "pending")
+    );
+    let full = gw.store.trip_with_relations(&trip).await.unwrap().unwrap();
+    assert_eq!(full["rejected_drivers"], serde_json::json!([]));
+    assert!(gw.store.list_jobs(None).await.unwrap().is_empty());
+    gw.shutdown().await;
+}
