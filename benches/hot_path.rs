@@ -77,4 +77,113 @@ fn metrics_per_request(c: &mut Criterion) {
 }
 
 criterion_group!(benches, cohort_decision, metrics_per_request);
-criterion_main!(benches);
+
+/// The gateway's own overhead: the same request (a reject, which writes one idempotent
+/// row, so it can repeat) through the full stack — HTTP over loopback, auth (token + user
+/// lookup), rollout router, metrics and log layers — vs the atomic_async implementation
+/// called directly. Embedded default (SQLite, in-process lock store).
+fn gateway_overhead(c: &mut Criterion) {
+    use tower::ServiceExt;
+    use tripgate::accept::atomic_async::AtomicAsyncAccept;
+    use tripgate::accept::{AcceptCommand, TripAction};
+    use tripgate::lock_store::MemoryLockStore;
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = std::env::temp_dir().join(format!("tripgate-bench-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("flags")).unwrap();
+    std::fs::write(
+        dir.join("flags/rollout.toml"),
+        "[trip_accept_v2]\npercent = 100\nsalt = \"trip_accept_v2\"\n",
+    )
+    .unwrap();
+    let mut config = tripgate::config::Config::default();
+    config.database.url = format!("sqlite://{}", dir.join("bench.db").display());
+    config.flags.path = dir.join("flags/rollout.toml");
+    config.auth.hs256_secret = "benchmark-secret-0123456789".into();
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    config.server.admin_listen = "127.0.0.1:0".parse().unwrap();
+    config.server.rate_limit_per_driver = 1_000_000_000;
+    let (running, driver, trip) = rt.block_on(async {
+        let running = tripgate::server::start(config.clone(), tripgate::server::Role::Serve)
+            .await
+            .unwrap();
+        let store = running.store.clone();
+        store.migrate().await.unwrap();
+        let category = store.create_vehicle_category("bench").await.unwrap();
+        let customer = store.create_customer("Bench", "+1").await.unwrap();
+        let (driver, _) = store
+            .create_driver(&tripgate::storage::NewDriver {
+                name: "Bench Driver".into(),
+                phone: "+2".into(),
+                vehicle_category_id: category.clone(),
+                online: true,
+                position: tripgate::storage::LatLng { lat: 0.0, lng: 0.0 },
+            })
+            .await
+            .unwrap();
+        let trip = store
+            .create_trip(&tripgate::storage::NewTrip {
+                customer_id: customer,
+                vehicle_category_id: category,
+                trip_type: tripgate::storage::TripType::Ride,
+                estimated_fare_cents: 100,
+                offered_to: vec![],
+                pickup: tripgate::storage::LatLng { lat: 0.0, lng: 0.0 },
+                destination: tripgate::storage::LatLng { lat: 0.0, lng: 0.1 },
+                receiver: None,
+                bid_on_fare: false,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        (running, driver, trip)
+    });
+    let direct = AtomicAsyncAccept::new(
+        running.store.clone(),
+        Arc::new(MemoryLockStore::new(Duration::from_secs(300))),
+        Duration::from_secs(3),
+        Duration::from_secs(8),
+        Arc::new(Metrics::new(Duration::from_secs(7))),
+    );
+    let keys = tripgate::auth::TokenKeys::new(&config.auth.hs256_secret, 3600);
+    let token = keys.mint(&driver, tripgate::auth::Role::Driver).unwrap();
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/api/driver/trip/request-action", running.api_addr.unwrap());
+    let body = serde_json::json!({"trip_request_id": trip, "action": "rejected"}).to_string();
+
+    let mut group = c.benchmark_group("gateway_overhead");
+    group.bench_function("handler_direct", |b| {
+        b.iter(|| {
+            rt.block_on(direct.clone().oneshot(AcceptCommand {
+                driver_id: driver.clone(),
+                trip_id: trip.clone(),
+                action: TripAction::Rejected,
+                received_at_ms: 0,
+                cohort: Cohort::AtomicAsync,
+            }))
+            .unwrap()
+        })
+    });
+    group.bench_function("full_stack_http", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let res = http
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(res.status(), 200);
+                res.bytes().await.unwrap()
+            })
+        })
+    });
+    group.finish();
+    rt.block_on(running.shutdown());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+criterion_group!(gateway, gateway_overhead);
+criterion_main!(benches, gateway);

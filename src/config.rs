@@ -274,6 +274,9 @@ pub struct JobsConfig {
     pub visibility_timeout_s: u64,
     /// Slow poll in case a wake-up is missed.
     pub poll_interval_ms: u64,
+    /// Database connections of the job workers, a pool apart from the API's, so side
+    /// effects never take the connections accepts need.
+    pub db_connections: u32,
 }
 
 impl Default for JobsConfig {
@@ -284,6 +287,7 @@ impl Default for JobsConfig {
             backoff_base_ms: 200,
             visibility_timeout_s: 60,
             poll_interval_ms: 1_000,
+            db_connections: 4,
         }
     }
 }
@@ -452,6 +456,9 @@ impl Config {
         }
         if self.jobs.workers == 0 {
             return Err(("jobs.workers", "must be at least 1".into()));
+        }
+        if self.jobs.db_connections == 0 {
+            return Err(("jobs.db_connections", "must be at least 1".into()));
         }
         if self.jobs.max_attempts == 0 {
             return Err(("jobs.max_attempts", "must be at least 1".into()));

@@ -130,7 +130,10 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
         ),
     };
     let providers = Providers::from_config(&config.providers);
-    let runner = EffectRunner::new(store.clone(), providers, events, metrics.clone());
+    // Legacy runs effects inline on the request's pool; the workers on a pool of their own.
+    let runner = EffectRunner::new(store.clone(), providers.clone(), events.clone(), metrics.clone());
+    let job_store = store.with_own_pool(config.jobs.db_connections, config.database.acquire_timeout_ms)?;
+    let job_runner = EffectRunner::new(job_store.clone(), providers, events, metrics.clone());
     let policy = RetryPolicy::from_config(&config.jobs);
     let lease_ms = (config.jobs.visibility_timeout_s * 1000) as i64;
 
@@ -210,7 +213,9 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
             migrated.store(true, Ordering::Release);
-            Workers::start(store, runner, &jobs, shutdown, grace).join().await;
+            Workers::start(job_store, job_runner, &jobs, shutdown, grace)
+                .join()
+                .await;
         })
     };
     servers.push(worker_task);

@@ -79,6 +79,27 @@ impl<'s> MigrationSource<'s> for Embedded {
     }
 }
 
+/// A pool that connects on first use (so `serve` starts while the database is down).
+fn lazy_pool(url: &str, max_connections: u32, acquire_timeout_ms: u64) -> Result<AnyPool, sqlx::Error> {
+    let options: AnyConnectOptions = url.parse()?;
+    Ok(AnyPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_millis(acquire_timeout_ms))
+        .after_connect(|conn, _meta| {
+            Box::pin(async move {
+                if conn.backend_name() == "SQLite" {
+                    conn.execute(
+                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                         PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;",
+                    )
+                    .await?;
+                }
+                Ok(())
+            })
+        })
+        .connect_lazy_with(options))
+}
+
 /// Milliseconds since the Unix epoch: every time column.
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -352,6 +373,8 @@ pub struct Storage {
     job_wake: Arc<Notify>,
     claim_sql: Arc<str>,
     lock_trip_sql: Arc<str>,
+    /// The connect URL (for [`Storage::with_own_pool`]).
+    url: Arc<str>,
 }
 
 /// The kind of the job an accept enqueues: run the trip's side effects.
@@ -372,20 +395,7 @@ impl Storage {
             ),
             _ => (Arc::new(sqlite::Sqlite), sqlite::prepare_url(&config.url)?),
         };
-        let options: AnyConnectOptions = url.parse()?;
-        let pool = AnyPoolOptions::new()
-            .max_connections(config.max_connections)
-            .acquire_timeout(Duration::from_millis(config.acquire_timeout_ms))
-            .after_connect(|conn, _meta| {
-                Box::pin(async move {
-                    if conn.backend_name() == "SQLite" {
-                        conn.execute("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;")
-                            .await?;
-                    }
-                    Ok(())
-                })
-            })
-            .connect_lazy_with(options);
+        let pool = lazy_pool(&url, config.max_connections, config.acquire_timeout_ms)?;
         let claim_sql = format!(
             "UPDATE jobs SET state = 'running', attempts = attempts + 1, locked_until = $1, updated_at = $2 \
              WHERE id IN (SELECT id FROM jobs \
@@ -405,6 +415,17 @@ impl Storage {
             job_wake,
             claim_sql: claim_sql.into(),
             lock_trip_sql: lock_trip_sql.into(),
+            url: url.into(),
+        })
+    }
+
+    /// The same database through a pool of its own of `max_connections` (the job workers
+    /// use one, so side effects can never take the connections the accept path needs).
+    /// Job wake-ups are shared with `self`.
+    pub fn with_own_pool(&self, max_connections: u32, acquire_timeout_ms: u64) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            pool: lazy_pool(&self.url, max_connections, acquire_timeout_ms)?,
+            ..self.clone()
         })
     }
 

@@ -300,12 +300,7 @@ async fn redis_down_fence_alone_decides() {
             "done"
         );
         let metrics = gw.metrics().await;
-        let errors: f64 = metrics
-            .lines()
-            .find(|l| l.starts_with("tripgate_lock_errors_total{backend=\"redis\"}"))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap();
+        let errors = crate::support::metric_value(&metrics, "tripgate_lock_errors_total{backend=\"redis\"}");
         assert!(errors >= 1.0, "lock errors counted");
         let ready = gw.http.get(format!("{}/readyz", gw.admin)).send().await.unwrap();
         assert_eq!(ready.status(), 200);

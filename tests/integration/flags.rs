@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tripgate::auth::Role;
 use tripgate::flags::FlagSet;
 
-use crate::support::{Backend, Gateway, Options, TestDb, World, flags_text};
+use crate::support::{Backend, Gateway, Options, TestDb, World, flags_text, metric_value as metric};
 
 async fn percent_in_force(gw: &Gateway) -> (f64, u64) {
     let (status, body) = gw.admin_get("/admin/flags").await;
@@ -30,14 +30,6 @@ async fn time_to_reload(gw: &Gateway, percent: f64, started: Instant) -> Duratio
         assert!(started.elapsed() < Duration::from_secs(5), "{percent}% never loaded");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-}
-
-fn metric(text: &str, line_start: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

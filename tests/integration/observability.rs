@@ -149,15 +149,7 @@ async fn metrics_after_traffic_pass_promtool() {
         let line = format!(
             "tripgate_http_requests_total{{cohort=\"{cohort}\",outcome=\"accepted\",route=\"/api/driver/trip/request-action\"}}"
         );
-        let value: f64 = text
-            .lines()
-            .find(|l| l.starts_with(&line))
-            .unwrap()
-            .rsplit(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let value = crate::support::metric_value(&text, &line);
         assert!(value >= 1.0, "{cohort}");
     }
     let mut child = Command::new(promtool)
@@ -224,14 +216,7 @@ async fn slow_legacy_requests_count_as_legacy_timeouts() {
     let value = |cohort: &str| -> f64 {
         let line =
             format!("tripgate_http_timeouts_total{{cohort=\"{cohort}\",route=\"/api/driver/trip/request-action\"}}");
-        text.lines()
-            .find(|l| l.starts_with(&line))
-            .unwrap()
-            .rsplit(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
+        crate::support::metric_value(&text, &line)
     };
     assert_eq!((value("legacy"), value("atomic_async")), (1.0, 0.0));
     gw.shutdown().await;

@@ -808,3 +808,15 @@ impl Drop for Process {
         self.kill9();
     }
 }
+
+/// The value of the sample in a `/metrics` exposition whose line starts with `series`
+/// (name and labels, as rendered); panics when there is none, so a renamed series fails
+/// loudly instead of reading as 0.
+pub fn metric_value(exposition: &str, series: &str) -> f64 {
+    exposition
+        .lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {series} in /metrics"))
+}
