@@ -153,6 +153,25 @@ mod tests {
             b64(&format!("{{\"sub\":\"d1\",\"role\":\"driver\",\"exp\":{}}}", now + 600))
         );
         assert!(keys.verify(&none).is_none(), "alg none");
+        // RS/HS confusion: a header claiming RS256 over a valid HMAC of our own secret.
+        let message = format!(
+            "{}.{}",
+            b64("{\"alg\":\"RS256\",\"typ\":\"JWT\"}"),
+            b64(&format!("{{\"sub\":\"d1\",\"role\":\"driver\",\"exp\":{}}}", now + 600))
+        );
+        let signature = jsonwebtoken::crypto::sign(message.as_bytes(), &keys.encoding, Algorithm::HS256).unwrap();
+        let confused = format!("{message}.{signature}");
+        assert!(keys.verify(&confused).is_none(), "RS256 header refused");
+        let honest = format!(
+            "{}.{}",
+            b64("{\"alg\":\"HS256\",\"typ\":\"JWT\"}"),
+            b64(&format!("{{\"sub\":\"d1\",\"role\":\"driver\",\"exp\":{}}}", now + 600))
+        );
+        let signature = jsonwebtoken::crypto::sign(honest.as_bytes(), &keys.encoding, Algorithm::HS256).unwrap();
+        assert!(
+            keys.verify(&format!("{honest}.{signature}")).is_some(),
+            "the same, honestly labelled, passes"
+        );
         assert!(keys.verify("garbage").is_none());
     }
 

@@ -236,3 +236,124 @@ async fn kill9_during_load_then_restart(backend: Backend) {
 }
 
 crate::backend_tests!(sigterm_during_load_loses_nothing, kill9_during_load_then_restart);
+
+/// Postgres goes away during steady load (a TCP proxy in front of it is cut) and comes
+/// back: requests during the outage get fast 503s, nothing is half-done, `/readyz` follows
+/// each state, and the gateway recovers by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_outage_under_load() {
+    let Some(base) = crate::support::postgres_url() else {
+        return;
+    };
+    let db = TestDb::new(Backend::Postgres).await;
+    let host = base
+        .split('@')
+        .nth(1)
+        .unwrap_or("127.0.0.1:5432")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let target = tokio::net::lookup_host(host).await.unwrap().next().unwrap();
+    let proxy = crate::support::Proxy::start(target).await;
+    let store = db.store().await;
+    let w = World::new(&store).await;
+    let pairs = pairs(&w, 240).await;
+    let dir = TempDir::new();
+    let options = Options {
+        percent: 50.0,
+        acquire_timeout_ms: 500,
+        redis_url: crate::support::redis_url(),
+        ..Options::default()
+    };
+    let mut config = crate::support::config(&db.url, dir.path(), &options);
+    config.database.url = db
+        .url
+        .replacen(&format!(":{}/", target.port()), &format!(":{}/", proxy.port), 1);
+    assert_ne!(config.database.url, db.url);
+    let gw = Arc::new(crate::support::Gateway::start_with(config, dir).await);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (gw, stop) = (gw.clone(), stop.clone());
+        let pairs = pairs.clone();
+        tokio::spawn(async move {
+            let mut out = Vec::new();
+            for chunk in pairs.chunks(4) {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let sends = chunk.iter().map(|(d, t)| {
+                    let gw = gw.clone();
+                    async move {
+                        let started = std::time::Instant::now();
+                        let (status, _, _) = gw.accept(d, t).await;
+                        (d.clone(), t.clone(), status, started.elapsed())
+                    }
+                });
+                out.extend(futures_util::future::join_all(sends).await);
+                // Paced by time, so the load outlasts the outage whatever the answers cost.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            out
+        })
+    };
+    let readyz = |gw: Arc<crate::support::Gateway>, want: u16| async move {
+        eventually(Duration::from_secs(10), "readyz", || {
+            let gw = gw.clone();
+            async move { (gw.http.get(format!("{}/readyz", gw.admin)).send().await.ok()?.status() == want).then_some(()) }
+        })
+        .await
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    proxy.cut();
+    readyz(gw.clone(), 503).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    proxy.restore();
+    readyz(gw.clone(), 200).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, Ordering::SeqCst);
+    let results = load.await.unwrap();
+
+    let refused: Vec<_> = results.iter().filter(|r| r.2 == 503).collect();
+    assert!(!refused.is_empty(), "the outage was seen");
+    assert!(
+        results.iter().all(|r| r.2 == 200 || r.2 == 503),
+        "only 200 or 503: {:?}",
+        results.iter().map(|r| r.2).collect::<Vec<_>>()
+    );
+    assert!(refused.iter().all(|r| r.3 < Duration::from_secs(3)), "503s are fast");
+    let last_refusal = results.iter().rposition(|r| r.2 == 503).unwrap();
+    assert!(
+        results[last_refusal + 1..].iter().any(|r| r.2 == 200),
+        "recovered without a restart"
+    );
+    // Nothing half-done: a 200 is an accepted trip of that driver; a 503 left the trip
+    // pending (or, if the commit went through as the connection died, whole with its job).
+    for (d, t, status, _) in &results {
+        let trip = store.trip_snapshot(t).await.unwrap().unwrap();
+        let jobs = store
+            .list_jobs(None)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|j| &j.trip_id == t)
+            .count();
+        match (status, trip.driver_id.as_deref()) {
+            (200, Some(driver)) => assert_eq!((driver, jobs), (d.as_str(), 1)),
+            (503, None) => {
+                assert_eq!((trip.current_status.as_str(), jobs), ("pending", 0));
+                assert!(store.driver_snapshot(d).await.unwrap().unwrap().is_available());
+            }
+            (503, Some(driver)) => assert_eq!((driver, jobs), (d.as_str(), 1)),
+            other => panic!("trip {t}: {other:?}"),
+        }
+    }
+    assert_eq!(store.double_assignments().await.unwrap(), 0);
+    match Arc::try_unwrap(gw) {
+        Ok(gw) => gw.shutdown().await,
+        Err(_) => panic!("gateway still shared"),
+    }
+    store.close().await;
+    db.drop_db().await;
+}
