@@ -357,3 +357,94 @@ async fn postgres_outage_under_load() {
     store.close().await;
     db.drop_db().await;
 }
+
+/// Redis stops and comes back during steady racing load: every trip still gets exactly one
+/// winner (the fence decides alone while Redis is down), nothing answers 5xx, `/readyz`
+/// stays 200 and names Redis down then up, and the lock store is used again afterwards
+/// without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_restart_under_load() {
+    if !crate::support::redis_server_available() {
+        return;
+    }
+    let mut redis = crate::support::PrivateRedis::start().await;
+    let db = TestDb::new(Backend::Sqlite).await;
+    let options = Options {
+        percent: 100.0,
+        redis_url: Some(redis.url()),
+        max_attempts: 50,
+        backoff_base_ms: 10,
+        ..Options::default()
+    };
+    let gw = Arc::new(crate::support::Gateway::start(&db, options).await);
+    let w = World::new(&gw.store).await;
+    let mut races = Vec::new();
+    for _ in 0..150 {
+        let drivers = vec![w.driver().await, w.driver().await, w.driver().await];
+        let trip = w.trip(&drivers).await;
+        races.push((drivers, trip));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (gw, stop) = (gw.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut out = Vec::new();
+            for (drivers, trip) in races {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let results = crate::support::race(&gw, &drivers, &trip).await;
+                out.push((trip, results.into_iter().map(|r| r.0).collect::<Vec<_>>()));
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            out
+        })
+    };
+    let redis_state = |gw: Arc<crate::support::Gateway>, want: &'static str| async move {
+        eventually(Duration::from_secs(15), want, || {
+            let gw = gw.clone();
+            async move {
+                let res = gw.http.get(format!("{}/readyz", gw.admin)).send().await.ok()?;
+                assert_eq!(res.status(), 200, "readyz stays 200 whatever Redis does");
+                let body: serde_json::Value = res.json().await.ok()?;
+                (body["redis"] == want).then_some(())
+            }
+        })
+        .await
+    };
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    redis.stop();
+    redis_state(gw.clone(), "down").await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    redis.restart().await;
+    redis_state(gw.clone(), "up").await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stop.store(true, Ordering::SeqCst);
+    let results = load.await.unwrap();
+    assert!(results.len() > 20);
+    for (trip, statuses) in &results {
+        assert_eq!(
+            statuses.iter().filter(|s| **s == 200).count(),
+            1,
+            "trip {trip}: {statuses:?}"
+        );
+        assert!(
+            statuses.iter().all(|s| *s == 200 || *s == 403),
+            "trip {trip}: {statuses:?}"
+        );
+    }
+    let metrics = gw.metrics().await;
+    assert!(crate::support::metric_value(&metrics, "tripgate_lock_errors_total{backend=\"redis\"}") >= 1.0);
+    // After the restart the winners hold Redis locks again.
+    let locks = gw.running.as_ref().unwrap().locks.clone();
+    let (last_trip, _) = results.last().unwrap();
+    assert!(
+        locks.holder(last_trip).await.unwrap().is_some(),
+        "lock store in use again"
+    );
+    assert_eq!(gw.store.double_assignments().await.unwrap(), 0);
+    match Arc::try_unwrap(gw) {
+        Ok(gw) => gw.shutdown().await,
+        Err(_) => panic!("gateway still shared"),
+    }
+}
