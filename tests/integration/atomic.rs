@@ -29,10 +29,7 @@ fn code(body: &Value) -> &str {
 fn options(backend: Backend, stub: &WebhookStub) -> Options {
     Options {
         percent: 100.0,
-        redis_url: match backend {
-            Backend::Postgres => crate::support::redis_url(),
-            Backend::Sqlite => None,
-        },
+        redis_url: crate::support::redis_for(backend),
         webhook: Some(format!("http://{}", stub.addr)),
         ..Options::default()
     }

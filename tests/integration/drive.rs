@@ -20,11 +20,7 @@ fn drive(gw: &Gateway, args: &[&str]) -> Value {
 
 async fn drive_reports_per_cohort(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let redis_url = if backend == Backend::Postgres {
-        crate::support::redis_url()
-    } else {
-        None
-    };
+    let redis_url = crate::support::redis_for(backend);
     let gw = Gateway::start(
         &db,
         Options {

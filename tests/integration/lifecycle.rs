@@ -129,23 +129,60 @@ async fn accepted_trips(store: &tripgate::storage::Storage, pairs: &[(String, St
     out
 }
 
+/// A `tripgate serve` process on a fresh database with a slow webhook provider (so legacy
+/// requests and jobs are in flight when it is stopped).
+struct Fixture {
+    db: TestDb,
+    stub: WebhookStub,
+    store: tripgate::storage::Storage,
+    w: World,
+    dir: TempDir,
+    api: u16,
+    admin: u16,
+    redis: Option<String>,
+    serve: Process,
+}
+
+impl Fixture {
+    async fn start(backend: Backend) -> Self {
+        let db = TestDb::new(backend).await;
+        let stub = WebhookStub::start().await;
+        stub.set_delay(150);
+        let store = db.store().await;
+        let w = World::new(&store).await;
+        let dir = TempDir::new();
+        let (api, admin) = (free_port(), free_port());
+        let redis = crate::support::redis_for(backend);
+        let (serve, _) = spawn_serve(&db, &dir, &stub, api, admin, redis.clone());
+        wait_ready(admin).await;
+        Self {
+            db,
+            stub,
+            store,
+            w,
+            dir,
+            api,
+            admin,
+            redis,
+            serve,
+        }
+    }
+}
+
 /// SIGTERM during steady load: in-flight requests finish (no reset, no 5xx), the process
 /// exits 0, and every accepted trip's job completes (after a restart if need be).
 async fn sigterm_during_load_loses_nothing(backend: Backend) {
-    let db = TestDb::new(backend).await;
-    let stub = WebhookStub::start().await;
-    stub.set_delay(150);
-    let store = db.store().await;
-    let w = World::new(&store).await;
-    let dir = TempDir::new();
-    let (api, admin) = (free_port(), free_port());
-    let redis = if backend == Backend::Postgres {
-        crate::support::redis_url()
-    } else {
-        None
-    };
-    let (mut serve, _) = spawn_serve(&db, &dir, &stub, api, admin, redis.clone());
-    wait_ready(admin).await;
+    let Fixture {
+        db,
+        stub,
+        store,
+        w,
+        dir,
+        api,
+        admin,
+        redis,
+        mut serve,
+    } = Fixture::start(backend).await;
     let load = start_load(format!("http://127.0.0.1:{api}"), pairs(&w, 400).await);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     // Stop issuing new requests and signal at once: what is in flight must complete.
@@ -182,20 +219,17 @@ async fn sigterm_during_load_loses_nothing(backend: Backend) {
 /// its side effects exactly once, no trip has two drivers, and no lock blocks a trip that
 /// is still pending.
 async fn kill9_during_load_then_restart(backend: Backend) {
-    let db = TestDb::new(backend).await;
-    let stub = WebhookStub::start().await;
-    stub.set_delay(150);
-    let store = db.store().await;
-    let w = World::new(&store).await;
-    let dir = TempDir::new();
-    let (api, admin) = (free_port(), free_port());
-    let redis = if backend == Backend::Postgres {
-        crate::support::redis_url()
-    } else {
-        None
-    };
-    let (mut serve, _) = spawn_serve(&db, &dir, &stub, api, admin, redis.clone());
-    wait_ready(admin).await;
+    let Fixture {
+        db,
+        stub,
+        store,
+        w,
+        dir,
+        api,
+        admin,
+        redis,
+        mut serve,
+    } = Fixture::start(backend).await;
     let pairs = pairs(&w, 400).await;
     let load = start_load(format!("http://127.0.0.1:{api}"), pairs.clone());
     tokio::time::sleep(Duration::from_millis(1500)).await;

@@ -88,6 +88,15 @@ pub fn redis_url() -> Option<String> {
     }
 }
 
+/// The Redis a test of `backend` runs with: the shared one with Postgres (the production
+/// pair), none (in-process lock store) with SQLite.
+pub fn redis_for(backend: Backend) -> Option<String> {
+    match backend {
+        Backend::Postgres => redis_url(),
+        Backend::Sqlite => None,
+    }
+}
+
 /// Whether `redis-server` can be started for private fault-test instances.
 pub fn redis_server_available() -> bool {
     let ok = std::process::Command::new("redis-server")
