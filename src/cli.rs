@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::auth::{Role, TokenKeys};
-use crate::config::{Config, LogFormat};
+use crate::config::{Config, LogFormat, one_line};
 use crate::flags::{self, FlagSet};
 use crate::storage::{AuditEntry, Storage, now_ms};
 
@@ -135,10 +135,6 @@ pub fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
-}
-
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {

@@ -528,7 +528,9 @@ fn parse_env_value(raw: &str, like: &toml::Value) -> toml::Value {
     toml::Value::String(raw.to_owned())
 }
 
-fn one_line(message: &str) -> String {
+/// `message` with every run of white space (newlines included) folded to one space, so
+/// an error reads as one line.
+pub fn one_line(message: &str) -> String {
     message.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 

@@ -141,9 +141,9 @@ impl FlagSet {
         if text.trim().is_empty() {
             return Err(FlagsError::Empty);
         }
-        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-            FlagsError::Syntax(e.message().split_whitespace().collect::<Vec<_>>().join(" "))
-        })?;
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| FlagsError::Syntax(crate::config::one_line(e.message())))?;
         let mut flags = BTreeMap::new();
         for (name, value) in table {
             let invalid = |key: &str, reason: String| FlagsError::Invalid {
