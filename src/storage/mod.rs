@@ -1261,23 +1261,24 @@ impl Storage {
     /// such dead job.
     pub async fn retry_job(&self, id: &str) -> Result<Option<Job>, sqlx::Error> {
         let now = now_ms();
-        let updated = sqlx::query(
+        // The job as this statement left it (queued): a worker may take it the moment the
+        // wake-up below goes out, and the caller is answered with what the retry did.
+        let row = sqlx::query(
             "UPDATE jobs SET state = 'queued', attempts = 0, run_at = $2, locked_until = NULL, updated_at = $2 \
-             WHERE id = $1 AND state = 'dead'",
+             WHERE id = $1 AND state = 'dead' \
+             RETURNING id, kind, trip_request_id, cohort, state, attempts, last_error",
         )
         .bind(id)
         .bind(now)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        if updated == 0 {
-            return Ok(None);
-        }
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let queued = job(&row)?;
         if let Some(notify) = self.backend.notify_statement() {
             sqlx::query(notify).execute(&self.pool).await?;
         }
         self.job_wake.notify_one();
-        self.get_job(id).await
+        Ok(Some(queued))
     }
 
     /// Number of jobs per state.
