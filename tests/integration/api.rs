@@ -447,21 +447,18 @@ async fn per_driver_rate_limit(backend: Backend) {
     let w = World::new(&gw.store).await;
     let (noisy, quiet) = (w.driver().await, w.driver().await);
     let trip = w.trip(&[]).await;
-    let mut statuses = Vec::new();
-    let mut cohort = String::new();
-    for _ in 0..12 {
-        let (status, body, c) = gw.action(&noisy, &trip, "rejected").await;
-        if status == 429 {
-            assert_eq!(code(&body), "too_many_requests_429");
+    // Twelve at once: the burst of 5 passes (a slow machine may refill one more token
+    // while they are in flight), the rest are refused.
+    let answers = futures_util::future::join_all((0..12).map(|_| gw.action(&noisy, &trip, "rejected"))).await;
+    let statuses: Vec<u16> = answers.iter().map(|a| a.0).collect();
+    for (status, body, _) in &answers {
+        if *status == 429 {
+            assert_eq!(code(body), "too_many_requests_429");
         }
-        statuses.push(status);
-        cohort = c;
     }
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 200).count(),
-        5,
-        "burst of 5: {statuses:?}"
-    );
+    let cohort = answers[0].2.clone();
+    let passed = statuses.iter().filter(|s| **s == 200).count();
+    assert!((5..=6).contains(&passed), "burst of 5: {statuses:?}");
     assert!(statuses.iter().all(|s| *s == 200 || *s == 429));
     assert_eq!(
         gw.action(&quiet, &trip, "rejected").await.0,
@@ -475,10 +472,14 @@ async fn per_driver_rate_limit(backend: Backend) {
         "within the limit again"
     );
     let metrics = gw.metrics().await;
-    let line = format!(
-        "tripgate_http_requests_total{{cohort=\"{cohort}\",outcome=\"rate_limited\",route=\"/api/driver/trip/request-action\"}} 7"
+    let series = format!(
+        "tripgate_http_requests_total{{cohort=\"{cohort}\",outcome=\"rate_limited\",route=\"/api/driver/trip/request-action\"}}"
     );
-    assert!(metrics.contains(&line), "{line} in metrics");
+    assert_eq!(
+        crate::support::metric_value(&metrics, &series),
+        (12 - passed) as f64,
+        "429s counted in the cohort"
+    );
     gw.shutdown().await;
     db.drop_db().await;
 }
