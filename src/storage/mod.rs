@@ -1198,17 +1198,17 @@ impl Storage {
     // === jobs ===
 
     /// Claims up to `limit` runnable jobs — queued and due, or running with an expired
-    /// lease (their worker died) — in one statement, leased until `now + lease_ms`.
+    /// lease (their worker died) — in one statement, leased until `now + lease_ms`. One
+    /// statement is atomic on its own (row locks with SKIP LOCKED on Postgres, the write
+    /// lock on SQLite), so it needs no explicit transaction.
     pub async fn claim_jobs(&self, lease_ms: i64, limit: usize) -> Result<Vec<Job>, sqlx::Error> {
         let now = now_ms();
-        let mut tx = self.backend.begin_write(&self.pool).await?;
         let rows = sqlx::query(&self.claim_sql)
             .bind(now + lease_ms)
             .bind(now)
             .bind(limit as i64)
-            .fetch_all(&mut *tx)
+            .fetch_all(&self.pool)
             .await?;
-        tx.commit().await?;
         rows.iter().map(job).collect()
     }
 
