@@ -202,7 +202,6 @@ async fn spec_table_rows_legacy(backend: Backend) {
     let full = gw.store.trip_with_relations(&t4).await.unwrap().unwrap();
     assert_eq!(full["rejected_drivers"][0]["user_id"], premium.as_str());
     gw.shutdown().await;
-    db.drop_db().await;
 }
 
 async fn legacy_race_five_drivers(backend: Backend) {
@@ -250,7 +249,6 @@ async fn legacy_race_five_drivers(backend: Backend) {
         );
     }
     gw.shutdown().await;
-    db.drop_db().await;
 }
 
 async fn driver_holding_a_trip_cannot_take_another(backend: Backend) {
@@ -270,7 +268,6 @@ async fn driver_holding_a_trip_cannot_take_another(backend: Backend) {
     assert_eq!(results.iter().filter(|r| r.0 == 200).count(), 1, "{results:?}");
     assert_eq!(gw.store.double_assignments().await.unwrap(), 0);
     gw.shutdown().await;
-    db.drop_db().await;
 }
 
 async fn effects_reach_the_webhook_provider(backend: Backend) {
@@ -317,7 +314,6 @@ async fn effects_reach_the_webhook_provider(backend: Backend) {
     assert_eq!(details["side_effects"]["otp_sms"], "done");
     assert_eq!(details["side_effects"]["trip_accepted_event"], "done");
     gw.shutdown().await;
-    db.drop_db().await;
 }
 
 async fn customer_routes(backend: Backend) {
@@ -428,7 +424,6 @@ async fn customer_routes(backend: Backend) {
     let (status, body, _) = gw.post_raw(&cancel, Some(&customer), "application/json", vec![]).await;
     assert_eq!((status, code(&body)), (403, "trip_not_pending_403"));
     gw.shutdown().await;
-    db.drop_db().await;
 }
 
 /// One driver over `server.rate_limit_per_driver` gets 429, counted in its cohort; other
@@ -481,5 +476,4 @@ async fn per_driver_rate_limit(backend: Backend) {
         "429s counted in the cohort"
     );
     gw.shutdown().await;
-    db.drop_db().await;
 }

@@ -79,7 +79,6 @@ async fn race_of_5_and_50_drivers(backend: Backend) {
     }
     assert_eq!(gw.store.double_assignments().await.unwrap(), 0);
     gw.shutdown().await;
-    db.drop_db().await;
 }
 
 async fn mixed_cohort_race(backend: Backend) {
@@ -113,7 +112,6 @@ async fn mixed_cohort_race(backend: Backend) {
         gw.shutdown().await;
     }
     assert_eq!(world_store.double_assignments().await.unwrap(), 0);
-    db.drop_db().await;
 }
 
 async fn retry_storm_is_idempotent(backend: Backend) {
@@ -142,7 +140,6 @@ async fn retry_storm_is_idempotent(backend: Backend) {
     let jobs = gw.store.list_jobs(None).await.unwrap();
     assert_eq!(jobs.iter().filter(|j| j.trip_id == trip).count(), 1);
     gw.shutdown().await;
-    db.drop_db().await;
 }
 
 async fn retry_after_lock_expiry_is_idempotent(backend: Backend) {
@@ -182,7 +179,6 @@ async fn retry_after_lock_expiry_is_idempotent(backend: Backend) {
     let (status, body, _) = gw.accept(&other, &trip).await;
     assert_eq!((status, code(&body)), (403, "trip_request_driver_403"));
     gw.shutdown().await;
-    db.drop_db().await;
 }
 
 async fn failed_fence_releases_the_lock(backend: Backend) {
@@ -235,7 +231,6 @@ async fn failed_fence_releases_the_lock(backend: Backend) {
     let (status, body, _) = gw.accept(&d2, &trip).await;
     assert_eq!(status, 200, "the trip is not blocked: {body}");
     gw.shutdown().await;
-    db.drop_db().await;
 }
 
 /// Redis stopped in the middle: the SQL fence alone still lets exactly one driver win,
@@ -329,7 +324,6 @@ async fn redis_down_fence_alone_decides() {
             "no OTP resent by the retries"
         );
         gw.shutdown().await;
-        db.drop_db().await;
     }
 }
 
@@ -416,7 +410,6 @@ async fn two_instances_one_winner() {
     assert_eq!(store.double_assignments().await.unwrap(), 0);
     drop(instances);
     store.close().await;
-    db.drop_db().await;
 }
 
 /// The driver app gives up while the accept is stuck in the database (another transaction
@@ -496,7 +489,6 @@ async fn client_hang_up_cannot_cut_an_accept_in_half(backend: Backend) {
     );
     assert_eq!(stub.calls_for("otp_sms", &trip).len(), 1);
     gw.shutdown().await;
-    db.drop_db().await;
 }
 
 /// A lock left by a request that died between its claim and its commit (kill -9) must not
@@ -541,5 +533,4 @@ async fn stale_lock_of_a_dead_request_does_not_block_the_trip(backend: Backend) 
             .starts_with(&format!("{d2}:"))
     );
     gw.shutdown().await;
-    db.drop_db().await;
 }

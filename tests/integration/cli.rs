@@ -114,7 +114,6 @@ async fn seed_json_shape(backend: Backend) {
         assert_eq!(snapshot.current_status, "pending");
     }
     store.close().await;
-    db.drop_db().await;
 }
 
 crate::backend_tests!(seed_json_shape);

@@ -84,7 +84,6 @@ async fn drive_reports_per_cohort(backend: Backend) {
     );
     assert_eq!(storm["duplicate_otps"], 0);
     gw.shutdown().await;
-    db.drop_db().await;
 }
 
 crate::backend_tests!(drive_reports_per_cohort);

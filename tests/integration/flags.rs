@@ -245,7 +245,6 @@ async fn rollout_under_steady_load(backend: Backend) {
         Ok(gw) => gw.shutdown().await,
         Err(_) => panic!("gateway still shared"),
     }
-    db.drop_db().await;
 }
 
 crate::backend_tests!(rollout_under_steady_load);

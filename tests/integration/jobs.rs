@@ -81,7 +81,6 @@ async fn two_worker_processes_share_the_queue(backend: Backend) {
     }
     assert!(store.list_jobs(None).await.unwrap().iter().all(|j| j.attempts == 1));
     store.close().await;
-    db.drop_db().await;
 }
 
 /// `kill -9` of a `tripgate worker` while it runs a job: after a new worker takes the job
@@ -151,7 +150,6 @@ async fn killed_worker_effects_exactly_once(backend: Backend) {
     assert_eq!(jobs.len(), 1);
     assert!(jobs[0].attempts >= 2, "taken again after the lease expired");
     store.close().await;
-    db.drop_db().await;
 }
 
 /// A provider that keeps failing: retries with backoff, then `dead` (visible in the admin
@@ -237,5 +235,4 @@ async fn failing_provider_dead_then_admin_retry(backend: Backend) {
         404
     );
     gw.shutdown().await;
-    db.drop_db().await;
 }

@@ -212,7 +212,6 @@ async fn sigterm_during_load_loses_nothing(backend: Backend) {
     assert_effects_exactly_once(&store, &stub, &accepted).await;
     assert_eq!(store.double_assignments().await.unwrap(), 0);
     store.close().await;
-    db.drop_db().await;
 }
 
 /// `kill -9` during steady load on both cohorts, then a restart: every committed accept has
@@ -266,7 +265,6 @@ async fn kill9_during_load_then_restart(backend: Backend) {
         assert_eq!(res.status(), 200, "trip {t} blocked after the restart");
     }
     store.close().await;
-    db.drop_db().await;
 }
 
 crate::backend_tests!(sigterm_during_load_loses_nothing, kill9_during_load_then_restart);
@@ -389,7 +387,6 @@ async fn postgres_outage_under_load() {
         Err(_) => panic!("gateway still shared"),
     }
     store.close().await;
-    db.drop_db().await;
 }
 
 /// Redis stops and comes back during steady racing load: every trip still gets exactly one

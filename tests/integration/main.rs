@@ -9,6 +9,7 @@ mod cli;
 mod connections;
 mod drive;
 mod flags;
+mod harness;
 mod jobs;
 mod lifecycle;
 mod observability;

@@ -137,11 +137,13 @@ impl Drop for TempDir {
     }
 }
 
-/// A database of its own for one test.
+/// A database of its own for one test. A guard: the Postgres database is dropped (and the
+/// SQLite file's temp dir removed) when it goes out of scope, also when the test panics.
 pub struct TestDb {
     pub backend: Backend,
     pub url: String,
-    pg_name: Option<String>,
+    /// On Postgres: the shared server's URL (its own database) and the test database's name.
+    pg: Option<(String, String)>,
     _dir: TempDir,
 }
 
@@ -152,7 +154,7 @@ impl TestDb {
             Backend::Sqlite => Self {
                 backend,
                 url: format!("sqlite://{}", dir.path().join("tripgate.db").display()),
-                pg_name: None,
+                pg: None,
                 _dir: dir,
             },
             Backend::Postgres => {
@@ -166,11 +168,16 @@ impl TestDb {
                 Self {
                     backend,
                     url: with_database(&base, &name),
-                    pg_name: Some(name),
+                    pg: Some((base, name)),
                     _dir: dir,
                 }
             }
         }
+    }
+
+    /// The Postgres database's name (`None` on SQLite).
+    pub fn pg_name(&self) -> Option<&str> {
+        self.pg.as_ref().map(|(_, name)| name.as_str())
     }
 
     /// A storage handle on this database, migrated.
@@ -181,15 +188,40 @@ impl TestDb {
         store.migrate().await.unwrap();
         store
     }
+}
 
-    /// Drops the Postgres database (SQLite files go with the temp dir).
-    pub async fn drop_db(self) {
-        if let (Some(name), Some(base)) = (&self.pg_name, postgres_url())
-            && let Ok(mut conn) = sqlx::PgConnection::connect(&base).await
-        {
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                .execute(&mut conn)
-                .await;
+impl Drop for TestDb {
+    /// Drops the Postgres database, waiting for it; never panics (it may run while a failed
+    /// test unwinds). `Drop` is synchronous and may run on a runtime's thread, so the
+    /// cleanup gets a thread and a small runtime of its own. `WITH (FORCE)` ends the
+    /// sessions still open on it (a gateway not shut down, a `tripgate` process).
+    fn drop(&mut self) {
+        let Some((server, name)) = self.pg.take() else {
+            return;
+        };
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            runtime.block_on(async {
+                let dropped = async {
+                    let mut conn = sqlx::PgConnection::connect(&server).await?;
+                    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&mut conn)
+                        .await?;
+                    conn.close().await
+                };
+                match tokio::time::timeout(Duration::from_secs(30), dropped).await {
+                    Ok(result) => result.map_err(|e| format!("{name}: {e}")),
+                    Err(_) => Err(format!("{name}: timed out")),
+                }
+            })
+        });
+        match cleanup.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("test database not dropped: {e}"),
+            Err(_) => eprintln!("test database not dropped: cleanup thread panicked"),
         }
     }
 }
