@@ -2,12 +2,12 @@
 
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use tripgate::auth::{Claims, Role, now_s};
 use tripgate::storage::TripType;
 
 use crate::backend_tests;
-use crate::support::{Backend, Gateway, Options, TestDb, WebhookStub, World, race};
+use crate::support::{Backend, Gateway, Options, TestDb, WebhookStub, World, code, race};
 
 backend_tests!(
     spec_table_rows_legacy,
@@ -17,10 +17,6 @@ backend_tests!(
     customer_routes,
     per_driver_rate_limit,
 );
-
-fn code(body: &Value) -> &str {
-    body["response_code"].as_str().unwrap_or("")
-}
 
 async fn spec_table_rows_legacy(backend: Backend) {
     let db = TestDb::new(backend).await;

@@ -7,8 +7,8 @@ use serde_json::Value;
 
 use crate::backend_tests;
 use crate::support::{
-    Backend, Gateway, Options, PrivateRedis, Process, TempDir, TestDb, WebhookStub, World, eventually, execute_sql,
-    race, redis_server_available,
+    Backend, Gateway, Options, PrivateRedis, Process, TempDir, TestDb, WebhookStub, World, code, eventually,
+    execute_sql, race, redis_server_available, wait_effects_done, wait_process_ready,
 };
 
 backend_tests!(
@@ -20,10 +20,6 @@ backend_tests!(
     client_hang_up_cannot_cut_an_accept_in_half,
     stale_lock_of_a_dead_request_does_not_block_the_trip,
 );
-
-fn code(body: &Value) -> &str {
-    body["response_code"].as_str().unwrap_or("")
-}
 
 /// Postgres runs with real Redis (the production pair), SQLite with the in-process store.
 fn options(backend: Backend, stub: &WebhookStub) -> Options {
@@ -355,15 +351,10 @@ async fn two_instances_one_winner() {
         let process = Process::spawn("serve", &config, dir.path());
         instances.push((process, config));
     }
-    let http = reqwest::Client::new();
     for (_, config) in &instances {
-        let url = format!("http://{}/readyz", config.server.admin_listen);
-        eventually(Duration::from_secs(20), "instance ready", || {
-            let (http, url) = (http.clone(), url.clone());
-            async move { (http.get(url).send().await.ok()?.status() == 200).then_some(()) }
-        })
-        .await;
+        wait_process_ready(config.server.admin_listen).await;
     }
+    let http = reqwest::Client::new();
     let keys = tripgate::auth::TokenKeys::new(crate::support::SECRET, 600);
     for round in 0..5 {
         let drivers = w.drivers(10).await;
@@ -395,16 +386,7 @@ async fn two_instances_one_winner() {
             "round {round}: {statuses:?}"
         );
         assert!(statuses.iter().all(|s| *s == 200 || *s == 403), "{statuses:?}");
-        let trip_id = trip.clone();
-        eventually(Duration::from_secs(10), "effects", || {
-            let store = store.clone();
-            let trip = trip_id.clone();
-            async move {
-                let states = store.effect_states(&trip).await.ok()?;
-                (!states.is_empty() && states.values().all(|s| s == "done")).then_some(())
-            }
-        })
-        .await;
+        wait_effects_done(&store, &trip, Duration::from_secs(10)).await;
         assert_eq!(stub.calls_for("otp_sms", &trip).len(), 1);
     }
     assert_eq!(store.double_assignments().await.unwrap(), 0);

@@ -8,7 +8,10 @@ use std::time::Duration;
 use serde_json::json;
 use tripgate::auth::{Role, TokenKeys};
 
-use crate::support::{Backend, Options, Process, SECRET, TempDir, TestDb, WebhookStub, World, eventually, free_port};
+use crate::support::{
+    Backend, Options, Process, SECRET, TempDir, TestDb, WebhookStub, World, eventually, free_port, wait_effects_done,
+    wait_process_ready,
+};
 
 struct Load {
     stop: Arc<AtomicBool>,
@@ -71,24 +74,6 @@ fn spawn_serve(
     (Process::spawn("serve", &config, dir.path()), config)
 }
 
-async fn wait_ready(admin: u16) {
-    let http = reqwest::Client::new();
-    eventually(Duration::from_secs(20), "serve ready", || {
-        let http = http.clone();
-        async move {
-            (http
-                .get(format!("http://127.0.0.1:{admin}/readyz"))
-                .send()
-                .await
-                .ok()?
-                .status()
-                == 200)
-                .then_some(())
-        }
-    })
-    .await;
-}
-
 async fn pairs(w: &World, n: usize) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for _ in 0..n {
@@ -101,17 +86,9 @@ async fn pairs(w: &World, n: usize) -> Vec<(String, String)> {
 /// under one idempotency key.
 async fn assert_effects_exactly_once(store: &tripgate::storage::Storage, stub: &WebhookStub, trips: &[String]) {
     for t in trips {
-        let t = t.clone();
-        eventually(Duration::from_secs(30), "effects after restart", || {
-            let (store, t) = (store.clone(), t.clone());
-            async move {
-                let states = store.effect_states(&t).await.ok()?;
-                (!states.is_empty() && states.values().all(|s| s == "done")).then_some(())
-            }
-        })
-        .await;
+        wait_effects_done(store, t, Duration::from_secs(30)).await;
         for kind in ["otp_sms", "otp_push", "arrival_push"] {
-            let calls = stub.calls_for(kind, &t);
+            let calls = stub.calls_for(kind, t);
             assert!(!calls.is_empty(), "{kind} of {t} never sent");
             let keys: std::collections::BTreeSet<_> = calls.iter().map(|c| c["idempotency_key"].to_string()).collect();
             assert_eq!(keys.len(), 1, "{kind} of {t}: {calls:?}");
@@ -154,7 +131,7 @@ impl Fixture {
         let (api, admin) = (free_port(), free_port());
         let redis = crate::support::redis_for(backend);
         let (serve, _) = spawn_serve(&db, &dir, &stub, api, admin, redis.clone());
-        wait_ready(admin).await;
+        wait_process_ready(format!("127.0.0.1:{admin}")).await;
         Self {
             db,
             stub,
@@ -205,7 +182,7 @@ async fn sigterm_during_load_loses_nothing(backend: Backend) {
         .unwrap();
     assert_eq!(exit.code(), Some(0), "exit 0 after SIGTERM");
     let (_serve, _) = spawn_serve(&db, &dir, &stub, api, admin, redis);
-    wait_ready(admin).await;
+    wait_process_ready(format!("127.0.0.1:{admin}")).await;
     let all: Vec<(String, String)> = results.iter().map(|(t, _)| (String::new(), t.clone())).collect();
     let accepted = accepted_trips(&store, &all).await;
     assert_eq!(accepted.len(), results.len(), "every 200 is an accepted trip");
@@ -240,7 +217,7 @@ async fn kill9_during_load_then_restart(backend: Backend) {
     assert!(!accepted.is_empty());
 
     let (_serve, _) = spawn_serve(&db, &dir, &stub, api, admin, redis);
-    wait_ready(admin).await;
+    wait_process_ready(format!("127.0.0.1:{admin}")).await;
     assert_effects_exactly_once(&store, &stub, &accepted).await;
     assert_eq!(store.double_assignments().await.unwrap(), 0);
     // Every trip still pending can be taken now: no lock left behind blocks it (a lock

@@ -10,19 +10,7 @@ use serde_json::Value;
 use crate::support::{Backend, Gateway, Options, TestDb, World};
 
 fn promtool() -> Option<&'static str> {
-    let ok = Command::new("promtool")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var("TRIPGATE_TEST_REQUIRE_SERVICES").as_deref() != Ok("1"),
-            "TRIPGATE_TEST_REQUIRE_SERVICES=1 but promtool is not installed (Debian package prometheus)"
-        );
-        eprintln!("SKIPPED (promtool): install Debian's prometheus package to run");
-        return None;
-    }
-    Some("promtool")
+    crate::support::program_installed("promtool", "prometheus").then_some("promtool")
 }
 
 fn dashboards() -> PathBuf {

@@ -99,16 +99,22 @@ pub fn redis_for(backend: Backend) -> Option<String> {
 
 /// Whether `redis-server` can be started for private fault-test instances.
 pub fn redis_server_available() -> bool {
-    let ok = std::process::Command::new("redis-server")
+    program_installed("redis-server", "redis-server")
+}
+
+/// Whether `program` runs (`program --version`); when not, `false` (loudly), or a failure
+/// under `TRIPGATE_TEST_REQUIRE_SERVICES=1`. `package` is the Debian package that has it.
+pub fn program_installed(program: &str, package: &str) -> bool {
+    let ok = std::process::Command::new(program)
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
     if !ok {
         assert!(
             !required(),
-            "TRIPGATE_TEST_REQUIRE_SERVICES=1 but redis-server is not installed"
+            "TRIPGATE_TEST_REQUIRE_SERVICES=1 but {program} is not installed (Debian package {package})"
         );
-        eprintln!("SKIPPED (private Redis): redis-server not installed");
+        eprintln!("SKIPPED ({program}): install Debian's {package} package to run");
     }
     ok
 }
@@ -550,17 +556,10 @@ impl Gateway {
         res.json::<Value>().await.unwrap()["data"].clone()
     }
 
-    /// Waits until every side effect of `trip` is done.
+    /// Waits until every side effect of `trip` is done; returns the trip's details.
     pub async fn wait_effects_done(&self, trip: &str, within: Duration) -> Value {
-        let deadline = Instant::now() + within;
-        loop {
-            let states = self.store.effect_states(trip).await.unwrap();
-            if !states.is_empty() && states.values().all(|s| s == "done") {
-                return self.details(trip).await;
-            }
-            assert!(Instant::now() < deadline, "effects of {trip} not done: {states:?}");
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        wait_effects_done(&self.store, trip, within).await;
+        self.details(trip).await
     }
 
     pub async fn shutdown(mut self) {
@@ -799,6 +798,35 @@ where
     }
 }
 
+/// Waits until `trip` has side effects recorded and every one is done (read in `store`,
+/// so also for the gateway processes of a test); panics with the states after `within`.
+pub async fn wait_effects_done(store: &Storage, trip: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let states = store.effect_states(trip).await;
+        if let Ok(states) = &states
+            && !states.is_empty()
+            && states.values().all(|s| s == "done")
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "effects of {trip} not done: {states:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Waits until a `tripgate serve` process answers 200 on `/readyz` of its admin listener
+/// (`host:port`).
+pub async fn wait_process_ready(admin: impl std::fmt::Display) {
+    let http = reqwest::Client::new();
+    let url = format!("http://{admin}/readyz");
+    eventually(Duration::from_secs(20), "serve ready", || {
+        let (http, url) = (http.clone(), url.clone());
+        async move { (http.get(url).send().await.ok()?.status() == 200).then_some(()) }
+    })
+    .await;
+}
+
 /// Runs SQL on the test database directly (fault injection).
 pub async fn execute_sql(db: &TestDb, sql: &str) {
     match db.backend {
@@ -848,6 +876,11 @@ impl Drop for Process {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// The `response_code` of an API answer (`""` when there is none).
+pub fn code(body: &Value) -> &str {
+    body["response_code"].as_str().unwrap_or("")
 }
 
 /// The value of the sample in a `/metrics` exposition whose line starts with `series`
