@@ -1,16 +1,18 @@
-//! The driver API contract (SPEC §5) on the legacy path, the customer routes, auth.
+//! The driver API contract (SPEC §5) in both cohorts, the customer routes, auth.
 
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{Value, json};
 use tripgate::auth::{Claims, Role, now_s};
+use tripgate::rollout::Cohort;
 use tripgate::storage::TripType;
 
 use crate::backend_tests;
-use crate::support::{Backend, Gateway, Options, TestDb, WebhookStub, World, code, race};
+use crate::support::{Backend, Gateway, Options, TestDb, WebhookStub, World, code, race, redis_for};
 
 backend_tests!(
     spec_table_rows_legacy,
+    spec_table_rows_atomic_async,
     legacy_race_five_drivers,
     driver_holding_a_trip_cannot_take_another,
     effects_reach_the_webhook_provider,
@@ -19,11 +21,27 @@ backend_tests!(
 );
 
 async fn spec_table_rows_legacy(backend: Backend) {
+    spec_table_rows(backend, Cohort::Legacy).await
+}
+
+async fn spec_table_rows_atomic_async(backend: Backend) {
+    spec_table_rows(backend, Cohort::AtomicAsync).await
+}
+
+/// SPEC §5's response table, row by row, with every driver in `cohort` (rollout percent 0 or
+/// 100; atomic_async with Redis where the backend has it, as the atomic tests). Each answer
+/// to an authenticated driver names that cohort. Rows that differ by cohort (the accepted
+/// trip, the same driver again) are asserted per cohort; every other row holds in both.
+async fn spec_table_rows(backend: Backend, cohort: Cohort) {
+    let legacy = cohort == Cohort::Legacy;
+    let served = cohort.as_str();
     let db = TestDb::new(backend).await;
     let stub = WebhookStub::start().await;
     let gw = Gateway::start(
         &db,
         Options {
+            percent: if legacy { 0.0 } else { 100.0 },
+            redis_url: if legacy { None } else { redis_for(backend) },
             webhook: Some(format!("http://{}", stub.addr)),
             ..Options::default()
         },
@@ -33,18 +51,18 @@ async fn spec_table_rows_legacy(backend: Backend) {
     let (d1, d2) = (w.driver().await, w.driver().await);
     let t1 = w.trip(&[d1.clone(), d2.clone()]).await;
 
-    // Accepted: 200, the full trip with its relations, effects already sent (inline).
-    let (status, body, cohort) = gw.accept(&d1, &t1).await;
+    // Accepted: 200 and the trip — legacy: the full trip with its relations, effects already
+    // sent (inline); atomic_async: a minimal trip, effects by the job after the answer.
+    let (status, body, c) = gw.accept(&d1, &t1).await;
     assert_eq!(
-        (status, code(&body), cohort.as_str()),
-        (200, "default_update_200", "legacy"),
+        (status, code(&body), c.as_str()),
+        (200, "default_update_200", served),
         "{body}"
     );
     let data = &body["data"];
     assert_eq!(data["id"], t1.as_str());
-    assert_eq!(data["driver_id"], d1.as_str());
     assert_eq!(data["current_status"], "accepted");
-    for relation in [
+    let relations = [
         "customer",
         "driver",
         "vehicle",
@@ -53,22 +71,48 @@ async fn spec_table_rows_legacy(backend: Backend) {
         "fee",
         "time",
         "offered_to",
-    ] {
-        assert!(!data[relation].is_null(), "legacy answer lacks {relation}: {data}");
+    ];
+    if legacy {
+        assert_eq!(data["driver_id"], d1.as_str());
+        for relation in relations {
+            assert!(!data[relation].is_null(), "legacy answer lacks {relation}: {data}");
+        }
+        assert_eq!(
+            stub.calls_for("otp_sms", &t1).len(),
+            1,
+            "legacy sends the OTP before answering"
+        );
+    } else {
+        assert_minimal_trip(data, &t1, &w.customer);
+        assert!(data["already_accepted"].is_null(), "a first accept: {data}");
+        gw.wait_effects_done(&t1, Duration::from_secs(10)).await;
+        assert_eq!(stub.calls_for("otp_sms", &t1).len(), 1, "the job sends the OTP once");
     }
-    assert_eq!(
-        stub.calls_for("otp_sms", &t1).len(),
-        1,
-        "legacy sends the OTP before answering"
-    );
     assert_eq!(body["errors"], json!([]));
 
-    // Same driver again: refused, as today.
-    let (status, body, _) = gw.accept(&d1, &t1).await;
-    assert_eq!((status, code(&body)), (403, "trip_request_driver_403"));
+    // Same driver again: legacy refuses, as today; atomic_async answers the same trip again.
+    let (status, body, c) = gw.accept(&d1, &t1).await;
+    if legacy {
+        assert_eq!(
+            (status, code(&body), c.as_str()),
+            (403, "trip_request_driver_403", served)
+        );
+    } else {
+        assert_eq!(
+            (status, code(&body), c.as_str()),
+            (200, "default_update_200", served),
+            "{body}"
+        );
+        assert_eq!(body["data"]["already_accepted"], true, "{body}");
+        assert_minimal_trip(&body["data"], &t1, &w.customer);
+        assert_eq!(body["data"]["current_status"], "accepted");
+    }
     // Another driver.
-    let (status, body, _) = gw.accept(&d2, &t1).await;
-    assert_eq!((status, code(&body)), (403, "trip_request_driver_403"));
+    let (status, body, c) = gw.accept(&d2, &t1).await;
+    assert_eq!(
+        (status, code(&body), c.as_str()),
+        (403, "trip_request_driver_403", served)
+    );
 
     let t2 = w.trip(&[]).await;
     // Offline driver.
@@ -77,20 +121,26 @@ async fn spec_table_rows_legacy(backend: Backend) {
         .set_driver_status(&offline, false, "unavailable")
         .await
         .unwrap();
-    let (status, body, _) = gw.accept(&offline, &t2).await;
-    assert_eq!((status, code(&body)), (403, "driver_unavailable_403"));
+    let (status, body, c) = gw.accept(&offline, &t2).await;
+    assert_eq!(
+        (status, code(&body), c.as_str()),
+        (403, "driver_unavailable_403", served)
+    );
     // Vehicle in another category.
     let premium = w.driver_in(&w.other_category).await;
-    let (status, body, _) = gw.accept(&premium, &t2).await;
-    assert_eq!((status, code(&body)), (403, "vehicle_category_mismatch_403"));
+    let (status, body, c) = gw.accept(&premium, &t2).await;
+    assert_eq!(
+        (status, code(&body), c.as_str()),
+        (403, "vehicle_category_mismatch_403", served)
+    );
     // Cancelled trip.
     let t3 = w.trip(&[]).await;
     assert!(gw.store.cancel_trip(&t3).await.unwrap());
-    let (status, body, _) = gw.accept(&d2, &t3).await;
-    assert_eq!((status, code(&body)), (403, "trip_not_pending_403"));
+    let (status, body, c) = gw.accept(&d2, &t3).await;
+    assert_eq!((status, code(&body), c.as_str()), (403, "trip_not_pending_403", served));
     // No such trip.
-    let (status, body, _) = gw.accept(&d2, &uuid::Uuid::new_v4().to_string()).await;
-    assert_eq!((status, code(&body)), (404, "trip_request_404"));
+    let (status, body, c) = gw.accept(&d2, &uuid::Uuid::new_v4().to_string()).await;
+    assert_eq!((status, code(&body), c.as_str()), (404, "trip_request_404", served));
 
     // Malformed input: 400 naming the field, nothing written.
     let token = gw.token(&d2, Role::Driver);
@@ -111,10 +161,10 @@ async fn spec_table_rows_legacy(backend: Backend) {
         ),
     ];
     for (raw, field) in cases {
-        let (status, body, _) = gw.post_raw(path, Some(&token), "application/json", raw.to_vec()).await;
+        let (status, body, c) = gw.post_raw(path, Some(&token), "application/json", raw.to_vec()).await;
         assert_eq!(
-            (status, code(&body)),
-            (400, "default_400"),
+            (status, code(&body), c.as_str()),
+            (400, "default_400", served),
             "{}",
             String::from_utf8_lossy(raw)
         );
@@ -125,18 +175,18 @@ async fn spec_table_rows_legacy(backend: Backend) {
         r#"{{"trip_request_id":"{t2}","action":"accepted","pad":"{}"}}"#,
         "x".repeat(20_000)
     );
-    let (status, body, _) = gw
+    let (status, body, c) = gw
         .post_raw(path, Some(&token), "application/json", big.into_bytes())
         .await;
-    assert_eq!((status, code(&body)), (413, "default_400"));
+    assert_eq!((status, code(&body), c.as_str()), (413, "default_400", served));
     let ok_body = json!({"trip_request_id": t2, "action": "accepted"})
         .to_string()
         .into_bytes();
-    let (status, body, _) = gw.post_raw(path, Some(&token), "text/plain", ok_body.clone()).await;
-    assert_eq!((status, code(&body)), (415, "default_400"));
+    let (status, body, c) = gw.post_raw(path, Some(&token), "text/plain", ok_body.clone()).await;
+    assert_eq!((status, code(&body), c.as_str()), (415, "default_400", served));
 
     // Tokens: none, garbage, wrong key, expired, not yet valid, unknown user → 401; a
-    // customer's token → 403.
+    // customer's token → 403. (Refused before any cohort is chosen.)
     let now = now_s();
     let claims = |exp: u64, nbf: Option<u64>, sub: &str| Claims {
         sub: sub.into(),
@@ -181,7 +231,7 @@ async fn spec_table_rows_legacy(backend: Backend) {
     );
 
     // The same body with everything right is accepted — on the app's path too.
-    let (status, body, _) = gw
+    let (status, body, c) = gw
         .post_raw(
             "/api/driver/ride/trip-action",
             Some(&token),
@@ -189,15 +239,39 @@ async fn spec_table_rows_legacy(backend: Backend) {
             ok_body,
         )
         .await;
-    assert_eq!((status, code(&body)), (200, "default_update_200"), "{body}");
+    assert_eq!(
+        (status, code(&body), c.as_str()),
+        (200, "default_update_200", served),
+        "{body}"
+    );
 
     // Reject: 200 and recorded.
     let t4 = w.trip(std::slice::from_ref(&d1)).await;
-    let (status, body, _) = gw.action(&premium, &t4, "rejected").await;
-    assert_eq!((status, code(&body)), (200, "default_update_200"));
+    let (status, body, c) = gw.action(&premium, &t4, "rejected").await;
+    assert_eq!((status, code(&body), c.as_str()), (200, "default_update_200", served));
     let full = gw.store.trip_with_relations(&t4).await.unwrap().unwrap();
     assert_eq!(full["rejected_drivers"][0]["user_id"], premium.as_str());
     gw.shutdown().await;
+}
+
+/// The minimal trip of an atomic_async accept (SPEC §5): id, status, customer id and name,
+/// fee — none of the full trip's other relations.
+fn assert_minimal_trip(data: &Value, trip: &str, customer: &str) {
+    assert_eq!(data["id"], trip, "{data}");
+    assert!(data["current_status"].is_string(), "{data}");
+    assert_eq!(data["customer"]["id"], customer, "{data}");
+    assert!(data["customer"]["name"].is_string(), "{data}");
+    assert!(data["fee"].is_object(), "{data}");
+    for relation in [
+        "driver",
+        "vehicle",
+        "vehicle_category",
+        "coordinate",
+        "time",
+        "offered_to",
+    ] {
+        assert!(data[relation].is_null(), "minimal trip has {relation}: {data}");
+    }
 }
 
 async fn legacy_race_five_drivers(backend: Backend) {
