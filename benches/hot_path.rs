@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use tripgate::domain::Cohort;
 use tripgate::error::Outcome;
 use tripgate::flags::{FlagSet, FlagsHandle};
 use tripgate::metrics::Metrics;
-use tripgate::rollout::Cohort;
 
 fn driver_ids() -> Vec<String> {
     (0..4096u128)
@@ -62,7 +62,7 @@ fn cohort_decision(c: &mut Criterion) {
 }
 
 fn metrics_per_request(c: &mut Criterion) {
-    let metrics = Metrics::new(Duration::from_secs(7));
+    let metrics = Metrics::new(Duration::from_secs(7), &tripgate::http::driver::ROUTES);
     c.bench_function("metrics_record_request", |b| {
         b.iter(|| {
             metrics.request(
@@ -84,9 +84,10 @@ criterion_group!(benches, cohort_decision, metrics_per_request);
 /// called directly. Embedded default (SQLite, in-process lock store).
 fn gateway_overhead(c: &mut Criterion) {
     use tower::ServiceExt;
+    use tripgate::accept::AcceptCommand;
     use tripgate::accept::atomic_async::AtomicAsyncAccept;
-    use tripgate::accept::{AcceptCommand, TripAction};
-    use tripgate::lock_store::MemoryLockStore;
+    use tripgate::domain::TripAction;
+    use tripgate::lock_store::{MemoryLockStore, TripLocks};
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = std::env::temp_dir().join(format!("tripgate-bench-{}", std::process::id()));
@@ -112,24 +113,24 @@ fn gateway_overhead(c: &mut Criterion) {
         let category = store.create_vehicle_category("bench").await.unwrap();
         let customer = store.create_customer("Bench", "+1").await.unwrap();
         let (driver, _) = store
-            .create_driver(&tripgate::storage::NewDriver {
+            .create_driver(&tripgate::storage::users::NewDriver {
                 name: "Bench Driver".into(),
                 phone: "+2".into(),
                 vehicle_category_id: category.clone(),
                 online: true,
-                position: tripgate::storage::LatLng { lat: 0.0, lng: 0.0 },
+                position: tripgate::domain::LatLng { lat: 0.0, lng: 0.0 },
             })
             .await
             .unwrap();
         let trip = store
-            .create_trip(&tripgate::storage::NewTrip {
+            .create_trip(&tripgate::storage::trips::NewTrip {
                 customer_id: customer,
                 vehicle_category_id: category,
-                trip_type: tripgate::storage::TripType::Ride,
+                trip_type: tripgate::domain::TripType::Ride,
                 estimated_fare_cents: 100,
                 offered_to: vec![],
-                pickup: tripgate::storage::LatLng { lat: 0.0, lng: 0.0 },
-                destination: tripgate::storage::LatLng { lat: 0.0, lng: 0.1 },
+                pickup: tripgate::domain::LatLng { lat: 0.0, lng: 0.0 },
+                destination: tripgate::domain::LatLng { lat: 0.0, lng: 0.1 },
                 receiver: None,
                 bid_on_fare: false,
             })
@@ -140,10 +141,12 @@ fn gateway_overhead(c: &mut Criterion) {
     });
     let direct = AtomicAsyncAccept::new(
         running.store.clone(),
-        Arc::new(MemoryLockStore::new(Duration::from_secs(300))),
+        TripLocks::new(
+            Arc::new(MemoryLockStore::new(Duration::from_secs(300))),
+            Arc::new(Metrics::new(Duration::from_secs(7), &tripgate::http::driver::ROUTES)),
+        ),
         Duration::from_secs(3),
         Duration::from_secs(8),
-        Arc::new(Metrics::new(Duration::from_secs(7))),
     );
     let keys = tripgate::auth::TokenKeys::new(&config.auth.hs256_secret, 3600);
     let token = keys.mint(&driver, tripgate::auth::Role::Driver).unwrap();
@@ -159,7 +162,6 @@ fn gateway_overhead(c: &mut Criterion) {
                 trip_id: trip.clone(),
                 action: TripAction::Rejected,
                 received_at_ms: 0,
-                cohort: Cohort::AtomicAsync,
             }))
             .unwrap()
         })

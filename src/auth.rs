@@ -1,9 +1,9 @@
 //! Bearer tokens: HS256 JWTs with `sub`, `role` and `exp` (`nbf` honoured when present).
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
+
+use crate::domain::now_ms;
 
 /// Who a token speaks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,12 +102,20 @@ impl TokenKeys {
     }
 }
 
-/// Seconds since the Unix epoch.
+/// The authenticated caller, from a verified token: set as a request extension by the
+/// auth layer (the rollout router buckets by its id) and copied onto the response for the
+/// log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthUser {
+    /// Token subject: the user's id.
+    pub id: String,
+    /// Token role.
+    pub role: Role,
+}
+
+/// Seconds since the Unix epoch, as token times are written (from the one clock).
 pub fn now_s() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default()
+    u64::try_from(now_ms() / 1000).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -8,8 +8,10 @@ use clap::{Parser, Subcommand};
 
 use crate::auth::{Role, TokenKeys};
 use crate::config::{Config, LogFormat, one_line};
+use crate::domain::now_ms;
 use crate::flags::{self, FlagSet};
-use crate::storage::{AuditEntry, Storage, now_ms};
+use crate::storage::Storage;
+use crate::storage::audit::AuditEntry;
 
 /// tripgate: phased rollout of trip acceptance, legacy → atomic_async.
 #[derive(Debug, Parser)]

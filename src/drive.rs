@@ -18,9 +18,10 @@ use serde_json::{Value, json};
 
 use crate::auth::{Role, TokenKeys};
 use crate::config::Config;
+use crate::domain::{Cohort, LatLng, TRIP_ACCEPT_FLAG};
 use crate::flags::{Flag, FlagSet};
-use crate::rollout::Cohort;
-use crate::storage::{LatLng, NewDriver, Storage};
+use crate::storage::Storage;
+use crate::storage::users::NewDriver;
 
 /// What to simulate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -152,7 +153,7 @@ impl App {
             Ok(res) => {
                 let cohort = res
                     .headers()
-                    .get(crate::rollout::COHORT_HEADER)
+                    .get(crate::http::driver::COHORT_HEADER)
                     .and_then(|v| v.to_str().ok())
                     .and_then(Cohort::parse)
                     .unwrap_or_else(|| self.cohort_guess(driver));
@@ -468,19 +469,12 @@ async fn refresh_flags(app: &App, http: &reqwest::Client, admin_url: &str, admin
             .json()
             .await
             .ok()?;
-        let f = &body["flags"][crate::flags::TRIP_ACCEPT_FLAG];
+        let f = &body["flags"][TRIP_ACCEPT_FLAG];
         let toml_text = format!(
             "[{}]\npercent = {}\nsalt = {}\nallow = {}\ndeny = {}\n",
-            crate::flags::TRIP_ACCEPT_FLAG,
-            f["percent"],
-            f["salt"],
-            f["allow"],
-            f["deny"]
+            TRIP_ACCEPT_FLAG, f["percent"], f["salt"], f["allow"], f["deny"]
         );
-        FlagSet::parse(&toml_text)
-            .ok()?
-            .flags
-            .remove(crate::flags::TRIP_ACCEPT_FLAG)
+        FlagSet::parse(&toml_text).ok()?.flags.remove(TRIP_ACCEPT_FLAG)
     }
     .await;
     if let (Ok(mut slot), Some(flag)) = (app.flags.lock(), flag) {
@@ -493,7 +487,7 @@ async fn set_percent(http: &reqwest::Client, admin_url: &str, admin_token: &str,
         .put(format!(
             "{}/admin/flags/{}",
             admin_url.trim_end_matches('/'),
-            crate::flags::TRIP_ACCEPT_FLAG
+            TRIP_ACCEPT_FLAG
         ))
         .bearer_auth(admin_token)
         .json(&json!({ "percent": percent }))

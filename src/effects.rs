@@ -11,73 +11,12 @@ use std::sync::Arc;
 use futures_util::future::join_all;
 use serde_json::json;
 
+use crate::domain::{Effect, EffectState, LatLng, now_ms};
 use crate::events::EventBus;
 use crate::metrics::Metrics;
 use crate::providers::{Message, MessageKind, Providers};
-use crate::storage::{EffectContext, LatLng, Storage, TripType, now_ms};
-
-/// One side effect of an accept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Effect {
-    /// Bidding bookkeeping: settle the fare, ignore the other bids.
-    Bidding,
-    /// SMS to a parcel's receiver.
-    ParcelSms,
-    /// Delete the trip's rejected-driver requests.
-    CleanupRejected,
-    /// OTP push to the customer.
-    OtpPush,
-    /// OTP SMS to the customer.
-    OtpSms,
-    /// Driver arrival estimate, pushed to the customer.
-    ArrivalPush,
-    /// "Trip taken" push to the other drivers who were offered the trip.
-    TripTakenPush,
-    /// `trip.accepted` on the event bus.
-    TripAcceptedEvent,
-}
-
-impl Effect {
-    /// Every effect, in the legacy handler's order.
-    pub const ORDER: [Effect; 8] = [
-        Self::Bidding,
-        Self::ParcelSms,
-        Self::CleanupRejected,
-        Self::OtpPush,
-        Self::OtpSms,
-        Self::ArrivalPush,
-        Self::TripTakenPush,
-        Self::TripAcceptedEvent,
-    ];
-
-    /// The effects an accepted trip of this type has, in the legacy order.
-    pub fn for_trip(trip_type: TripType) -> impl Iterator<Item = Effect> {
-        Self::ORDER.into_iter().filter(move |e| match e {
-            Self::ParcelSms => trip_type == TripType::Parcel,
-            Self::OtpPush | Self::OtpSms => trip_type == TripType::Ride,
-            _ => true,
-        })
-    }
-
-    /// The record's and the metric label's name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Bidding => "bidding",
-            Self::ParcelSms => "parcel_sms",
-            Self::CleanupRejected => "cleanup_rejected",
-            Self::OtpPush => "otp_push",
-            Self::OtpSms => "otp_sms",
-            Self::ArrivalPush => "arrival_push",
-            Self::TripTakenPush => "trip_taken_push",
-            Self::TripAcceptedEvent => "trip_accepted_event",
-        }
-    }
-
-    /// The effect named `s`.
-    pub fn parse(s: &str) -> Option<Effect> {
-        Self::ORDER.into_iter().find(|e| e.as_str() == s)
-    }
-}
+use crate::storage::Storage;
+use crate::storage::effects::EffectContext;
 
 /// How to run a trip's effects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,9 +61,9 @@ impl EffectRunner {
         let records = self.store.effect_rows(trip_id).await?;
         let todo: Vec<(Effect, i64)> = Effect::for_trip(ctx.trip_type)
             .filter_map(|e| {
-                let record = records.iter().find(|r| r.effect == e.as_str());
+                let record = records.iter().find(|r| r.effect == e);
                 match record {
-                    Some(r) if r.state == "done" => None,
+                    Some(r) if r.state == EffectState::Done => None,
                     Some(r) => Some((e, r.calls)),
                     None => Some((e, 0)),
                 }
@@ -162,8 +101,14 @@ impl EffectRunner {
         if let Err(reason) = &result {
             tracing::warn!(trip_id = %ctx.trip_id, effect = effect.as_str(), %reason, "side effect failed");
         }
-        self.metrics
-            .effect_done(ctx, effect, result.is_ok(), handed_at, calls_before);
+        self.metrics.effect_done(
+            ctx.cohort,
+            effect,
+            result.is_ok(),
+            calls_before,
+            handed_at,
+            ctx.requested_at_ms,
+        );
         self.store
             .effect_finished(&ctx.trip_id, effect, handed_at, result.clone())
             .await
@@ -261,28 +206,6 @@ pub fn arrival_minutes(from: LatLng, to: LatLng) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn effects_per_trip_type_keep_the_legacy_order() {
-        let ride: Vec<_> = Effect::for_trip(TripType::Ride).map(Effect::as_str).collect();
-        assert_eq!(
-            ride,
-            [
-                "bidding",
-                "cleanup_rejected",
-                "otp_push",
-                "otp_sms",
-                "arrival_push",
-                "trip_taken_push",
-                "trip_accepted_event"
-            ]
-        );
-        let parcel: Vec<_> = Effect::for_trip(TripType::Parcel).collect();
-        assert!(parcel.contains(&Effect::ParcelSms) && !parcel.contains(&Effect::OtpSms));
-        for e in Effect::ORDER {
-            assert_eq!(Effect::parse(e.as_str()), Some(e));
-        }
-    }
 
     #[test]
     fn arrival_estimate() {

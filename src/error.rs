@@ -1,7 +1,8 @@
 //! The domain error and the response envelope, mapped to HTTP in one place.
 //!
 //! Both cohorts answer through [`ApiError`] and [`Envelope`], so a driver app cannot tell
-//! which implementation served it from the shape of an answer.
+//! which implementation served it from the shape of an answer. (A database error becomes
+//! an `ApiError` in `storage`, which knows which of its errors mean "try again".)
 
 use axum::Json;
 use axum::http::StatusCode;
@@ -153,16 +154,6 @@ impl ApiError {
     }
 }
 
-impl From<sqlx::Error> for ApiError {
-    fn from(e: sqlx::Error) -> Self {
-        if crate::storage::is_unavailable(&e) {
-            Self::Unavailable(e.to_string())
-        } else {
-            Self::Internal(e.to_string())
-        }
-    }
-}
-
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if let Self::Internal(reason) | Self::Unavailable(reason) = &self {
@@ -237,11 +228,13 @@ pub enum Outcome {
     RateLimited,
     /// 5xx.
     Error,
+    /// A 2xx of a route that is not an accept (customer routes).
+    Ok,
 }
 
 impl Outcome {
     /// Every outcome, for creating metric children up front.
-    pub const ALL: [Outcome; 12] = [
+    pub const ALL: [Outcome; 13] = [
         Self::Accepted,
         Self::Rejected,
         Self::Retry,
@@ -254,6 +247,7 @@ impl Outcome {
         Self::Unauthorized,
         Self::RateLimited,
         Self::Error,
+        Self::Ok,
     ];
 
     /// The label value.
@@ -271,6 +265,7 @@ impl Outcome {
             Self::Unauthorized => "unauthorized",
             Self::RateLimited => "rate_limited",
             Self::Error => "error",
+            Self::Ok => "ok",
         }
     }
 }

@@ -1,16 +1,17 @@
 //! The event bus: `trip.accepted` and friends for realtime consumers. Redis pub/sub when
-//! Redis is configured (every instance's subscribers see it), in-process otherwise.
+//! Redis is configured (every instance's subscribers see it); without Redis the event is
+//! written to this process's log (target `tripgate::events`), where nobody else could
+//! subscribe anyway.
 
 use serde_json::Value;
-use tokio::sync::broadcast;
 
 use crate::redis_conn::{RedisError, RedisHandle};
 
 /// Where events go.
 #[derive(Clone, Debug)]
 pub enum EventBus {
-    /// Subscribers in this process only.
-    InProcess(broadcast::Sender<String>),
+    /// This process only: the log.
+    InProcess,
     /// `PUBLISH {prefix}:events`.
     Redis(RedisHandle),
 }
@@ -18,13 +19,13 @@ pub enum EventBus {
 impl EventBus {
     /// An in-process bus.
     pub fn in_process() -> Self {
-        Self::InProcess(broadcast::channel(1024).0)
+        Self::InProcess
     }
 
     /// The channel name events are published on.
     pub fn channel(&self) -> String {
         match self {
-            Self::InProcess(_) => "events".into(),
+            Self::InProcess => "events".into(),
             Self::Redis(redis) => format!("{}:events", redis.prefix),
         }
     }
@@ -33,9 +34,8 @@ impl EventBus {
     pub async fn publish(&self, name: &str, data: Value) -> Result<(), RedisError> {
         let payload = serde_json::json!({ "event": name, "data": data }).to_string();
         match self {
-            Self::InProcess(tx) => {
-                // No subscriber is not an error: nobody is listening right now.
-                let _ = tx.send(payload);
+            Self::InProcess => {
+                tracing::debug!(target: "tripgate::events", %payload, "event");
                 Ok(())
             }
             Self::Redis(redis) => {
@@ -50,14 +50,6 @@ impl EventBus {
                     .await?;
                 Ok(())
             }
-        }
-    }
-
-    /// Subscribes to in-process events (`None` for Redis: subscribe there).
-    pub fn subscribe(&self) -> Option<broadcast::Receiver<String>> {
-        match self {
-            Self::InProcess(tx) => Some(tx.subscribe()),
-            Self::Redis(_) => None,
         }
     }
 }

@@ -1,4 +1,9 @@
-//! The durable job queue's workers.
+//! The durable job queue's runner and workers.
+//!
+//! A [`JobRunner`] runs one attempt of a job — its trip's side effects — and records the
+//! result. The [`Workers`] claim jobs from the queue and hand them to a runner, effects in
+//! parallel; legacy asks a runner to [`JobRunner::run_inline`] the job its accept just
+//! wrote, effects in order, before it answers.
 //!
 //! A job is claimed with a lease (`jobs.visibility_timeout_s`): a worker that dies holding
 //! one simply lets the lease run out, and the job is claimed again. A failed attempt is
@@ -14,8 +19,10 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::config::JobsConfig;
+use crate::domain::now_ms;
 use crate::effects::{EffectRunner, Schedule};
-use crate::storage::{Job, JobResult, Storage, now_ms};
+use crate::storage::Storage;
+use crate::storage::jobs::{Job, JobResult};
 
 /// Retry policy of `[jobs]`.
 #[derive(Debug, Clone)]
@@ -58,44 +65,57 @@ impl RetryPolicy {
     }
 }
 
-/// Runs one attempt of `job` and records its result.
-pub async fn run_job(
-    store: &Storage,
-    runner: &EffectRunner,
-    policy: &RetryPolicy,
-    job: &Job,
-    schedule: Schedule,
-) -> JobResult {
-    let started = std::time::Instant::now();
-    let failures = match runner.run(&job.trip_id, schedule).await {
-        Ok(failures) => failures
-            .into_iter()
-            .map(|(e, reason)| format!("{}: {reason}", e.as_str()))
-            .collect(),
-        Err(e) => vec![format!("storage: {e}")],
-    };
-    let result = policy.after_attempt(job.attempts, &failures);
-    let label = match &result {
-        JobResult::Done => "done",
-        JobResult::RetryAt(..) => "retry",
-        JobResult::Dead(_) => "dead",
-    };
-    runner.metrics().job_attempt(&job.kind, label, started.elapsed());
-    match &result {
-        JobResult::Done => {
-            tracing::debug!(job_id = %job.id, trip_id = %job.trip_id, elapsed_ms = started.elapsed().as_millis() as u64, "job done")
-        }
-        JobResult::RetryAt(at, reason) => {
-            tracing::warn!(job_id = %job.id, attempts = job.attempts, retry_in_ms = at - now_ms(), %reason, "job failed, will retry")
-        }
-        JobResult::Dead(reason) => tracing::error!(job_id = %job.id, attempts = job.attempts, %reason, "job dead"),
+/// Runs job attempts and records their results.
+#[derive(Clone)]
+pub struct JobRunner {
+    store: Storage,
+    effects: EffectRunner,
+    policy: RetryPolicy,
+}
+
+impl JobRunner {
+    /// A runner recording to `store`, running effects with `effects`, retrying by `policy`.
+    pub fn new(store: Storage, effects: EffectRunner, policy: RetryPolicy) -> Self {
+        Self { store, effects, policy }
     }
-    if let Err(e) = store.finish_job(&job.id, &result).await {
-        // The lease runs out and another attempt is made: effects already recorded done are
-        // skipped then, so nothing is sent twice.
-        tracing::warn!(job_id = %job.id, error = %e, "could not record job result");
+
+    /// Runs one attempt of a job the caller has just written, already claimed (legacy's
+    /// accept): its effects one after another, in the legacy order. If the process dies
+    /// meanwhile, the job's lease runs out and a worker finishes what is not done.
+    pub async fn run_inline(&self, job: &Job) -> JobResult {
+        self.run(job, Schedule::Sequential).await
     }
-    result
+
+    /// Runs one attempt of a claimed `job` and records its result.
+    async fn run(&self, job: &Job, schedule: Schedule) -> JobResult {
+        let started = std::time::Instant::now();
+        let failures = match self.effects.run(&job.trip_id, schedule).await {
+            Ok(failures) => failures
+                .into_iter()
+                .map(|(e, reason)| format!("{}: {reason}", e.as_str()))
+                .collect(),
+            Err(e) => vec![format!("storage: {e}")],
+        };
+        let result = self.policy.after_attempt(job.attempts, &failures);
+        self.effects
+            .metrics()
+            .job_attempt(job.kind, result.label(), started.elapsed());
+        match &result {
+            JobResult::Done => {
+                tracing::debug!(job_id = %job.id, trip_id = %job.trip_id, elapsed_ms = started.elapsed().as_millis() as u64, "job done")
+            }
+            JobResult::RetryAt(at, reason) => {
+                tracing::warn!(job_id = %job.id, attempts = job.attempts, retry_in_ms = at - now_ms(), %reason, "job failed, will retry")
+            }
+            JobResult::Dead(reason) => tracing::error!(job_id = %job.id, attempts = job.attempts, %reason, "job dead"),
+        }
+        if let Err(e) = self.store.finish_job(&job.id, &result).await {
+            // The lease runs out and another attempt is made: effects already recorded done
+            // are skipped then, so nothing is sent twice.
+            tracing::warn!(job_id = %job.id, error = %e, "could not record job result");
+        }
+        result
+    }
 }
 
 /// Most jobs claimed by one statement.
@@ -112,18 +132,11 @@ impl Workers {
     /// Starts claiming jobs until `shutdown` turns true. Jobs in hand then get `grace` to
     /// finish; any still running after that are stopped and put back in the queue at once
     /// (if the process is killed instead, their leases run out and they are taken again).
-    pub fn start(
-        store: Storage,
-        runner: EffectRunner,
-        config: &JobsConfig,
-        shutdown: watch::Receiver<bool>,
-        grace: Duration,
-    ) -> Self {
-        store.forward_wakeups();
+    pub fn start(runner: JobRunner, config: &JobsConfig, shutdown: watch::Receiver<bool>, grace: Duration) -> Self {
+        runner.store.forward_wakeups();
         let dispatcher = Dispatcher {
-            store,
+            store: runner.store.clone(),
             runner,
-            policy: RetryPolicy::from_config(config),
             slots: Arc::new(Semaphore::new(config.workers)),
             lease_ms: (config.visibility_timeout_s * 1000) as i64,
             poll: Duration::from_millis(config.poll_interval_ms.max(10)),
@@ -143,8 +156,7 @@ impl Workers {
 
 struct Dispatcher {
     store: Storage,
-    runner: EffectRunner,
-    policy: RetryPolicy,
+    runner: JobRunner,
     /// One permit per job that may run at once.
     slots: Arc<Semaphore>,
     lease_ms: i64,
@@ -182,10 +194,10 @@ impl Dispatcher {
                 Ok(jobs) => {
                     let claimed = jobs.len();
                     for (job, permit) in jobs.into_iter().zip(permits.drain(..)) {
-                        let (store, runner, policy) = (self.store.clone(), self.runner.clone(), self.policy.clone());
+                        let runner = self.runner.clone();
                         let job_id = job.id.clone();
                         let handle = running.spawn(async move {
-                            run_job(&store, &runner, &policy, &job, Schedule::Parallel).await;
+                            runner.run(&job, Schedule::Parallel).await;
                             drop(permit);
                         });
                         in_hand.insert(handle.id(), job_id);

@@ -4,48 +4,50 @@
 //! hot-reloaded percentage) and runs the request on the `legacy` or the `atomic_async`
 //! implementation, measuring every request per cohort.
 //!
-//! # Layout
+//! # Layers
 //!
-//! | module | what it holds |
-//! |---|---|
-//! | [`config`] | `config.toml` sections, `TRIPGATE_*` overrides, validation |
-//! | [`cli`] | the `tripgate` commands (`serve`, `worker`, `migrate`, `flags`, `token`, `seed`) |
-//! | [`server`] | wiring and graceful shutdown |
-//! | [`http`] | axum routers: driver, customer and admin routes, auth, request log |
-//! | [`rollout`] | [`rollout::RolloutRouter`], the tower `Service` that picks the cohort |
-//! | [`flags`] | the flags file, its validation, bucketing ([`flags::bucketing`]) and watcher ([`flags::watcher`]) |
-//! | [`accept`] | what both cohorts share; [`accept::legacy`] and [`accept::atomic_async`] side by side |
-//! | [`lock_store`] | `LockStore`: Redis `SET NX EX` and the in-process store |
-//! | [`storage`] | every SQL statement; [`storage::postgres`] and [`storage::sqlite`] backends |
-//! | [`jobs`] | the durable job queue's workers, retry policy |
-//! | [`effects`] | the side effects of an accept (OTP, pushes, bidding, event…) |
-//! | [`providers`] | SMS and push providers: simulated, webhook, log |
-//! | [`events`] | the `trip.accepted` event bus (Redis pub/sub or in-process) |
-//! | [`redis_conn`] | the shared, lazily connected Redis connection |
-//! | [`metrics`] | the Prometheus metrics of SPEC §7 |
-//! | [`auth`] | HS256 bearer tokens |
-//! | [`error`] | the domain error and the response envelope |
-//! | [`seed`] | demo data |
-//! | [`drive`] | `tripgate drive`, the driver-app simulator |
+//! Each layer imports only from the layers below it (and from its own): an arrow only
+//! points down. `tests/integration/architecture.rs` reads `src/` and fails on an import
+//! that points up, or on a circle among the top-level modules.
+//!
+//! | layer | modules | what they hold |
+//! |---|---|---|
+//! | 0 domain | [`domain`] | plain types, no I/O: the cohort, the flag name, trip action / type / status, driver availability, job state and kind, effects, `LatLng`, the one clock |
+//! | 1 foundation | [`error`], [`config`], [`auth`] | the domain error and the envelope; `config.toml`; tokens and [`auth::AuthUser`] |
+//! | 2 adapters | [`storage`], [`lock_store`], [`redis_conn`], [`events`], [`providers`], [`metrics`], [`flags`] | every SQL statement (by aggregate); trip locks; Redis; the event bus; SMS/push providers; Prometheus metrics (plain values in); the flags file and bucketing (pure) |
+//! | 3 services | [`effects`], [`jobs`], [`flags::watcher`], [`accept`] | the side effects; the job runner and workers; the flags watcher; the two accept strategies, [`accept::legacy`] and [`accept::atomic_async`], side by side |
+//! | 4 edge | [`http`], [`rollout`] | axum routers (driver, customer, admin), auth middleware, request log; [`rollout::RolloutRouter`], the tower `Service` that picks the cohort |
+//! | 5 roof | [`server`], [`cli`], [`seed`], [`drive`] | wiring and graceful shutdown; the `tripgate` commands; demo data; the driver-app simulator |
+//!
+//! A request travels down and back: `http::driver` parses and authenticates it into an
+//! [`accept::AcceptCommand`] → `rollout` picks the cohort → `accept::legacy` or
+//! `accept::atomic_async` → `storage::assign` (and `lock_store`) → the answer, tagged with
+//! its cohort.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod accept;
+pub mod domain;
+
 pub mod auth;
-pub mod cli;
 pub mod config;
-pub mod drive;
-pub mod effects;
 pub mod error;
+
 pub mod events;
 pub mod flags;
-pub mod http;
-pub mod jobs;
 pub mod lock_store;
 pub mod metrics;
 pub mod providers;
 pub mod redis_conn;
+pub mod storage;
+
+pub mod accept;
+pub mod effects;
+pub mod jobs;
+
+pub mod http;
 pub mod rollout;
+
+pub mod cli;
+pub mod drive;
 pub mod seed;
 pub mod server;
-pub mod storage;

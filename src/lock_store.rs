@@ -2,12 +2,108 @@
 //! carry a Redis Cluster hash tag), or an in-process map with the same semantics for the
 //! embedded default. Release is compare-and-delete, so a request can only ever remove its
 //! own lock. The lock is an optimisation, never the source of truth: the SQL fence decides.
+//!
+//! [`TripLocks`] is how the accept path uses a store: owner tokens that say which driver's
+//! request took a lock and when, every call timed and counted, and a store that fails or is
+//! slow answered as [`TripClaim::Unanswered`] (the fence then decides alone).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::domain::now_ms;
+use crate::metrics::Metrics;
 use crate::redis_conn::{RedisError, RedisHandle};
+
+// === impl TripLocks ===
+
+/// A lock's owner token, `{driver_id}:{request nonce}:{taken at, ms}`: unique per request,
+/// yet anyone who reads it can tell which driver's request holds the lock and since when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner(String);
+
+impl Owner {
+    /// A fresh token for a request of `driver_id`, taken now.
+    pub fn new(driver_id: &str) -> Self {
+        Self(format!("{driver_id}:{}:{}", uuid::Uuid::new_v4().simple(), now_ms()))
+    }
+
+    /// The token as stored.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// True when a request of `driver_id` holds the lock.
+    pub fn is_driver(&self, driver_id: &str) -> bool {
+        self.0.strip_prefix(driver_id).is_some_and(|rest| rest.starts_with(':'))
+    }
+
+    /// How long ago the lock was taken (`None` for a token without a time).
+    pub fn age(&self) -> Option<Duration> {
+        let taken_at: i64 = self.0.rsplit(':').next()?.parse().ok()?;
+        Some(Duration::from_millis(u64::try_from(now_ms() - taken_at).unwrap_or(0)))
+    }
+}
+
+/// What a claim on a trip's lock found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TripClaim {
+    /// The lock is ours, under this token (release it unless the accept commits).
+    Acquired(Owner),
+    /// Another request holds it.
+    HeldBy(Owner),
+    /// The store failed or was too slow: nobody knows; the fence decides alone.
+    Unanswered,
+}
+
+/// The trip locks of the accept path over a [`LockStore`]: owner tokens, every call timed
+/// and counted (`tripgate_lock_*`), errors logged and answered as "no answer".
+#[derive(Clone)]
+pub struct TripLocks {
+    store: Arc<dyn LockStore>,
+    metrics: Arc<Metrics>,
+}
+
+impl TripLocks {
+    /// The trip locks kept in `store`, reporting to `metrics`.
+    pub fn new(store: Arc<dyn LockStore>, metrics: Arc<Metrics>) -> Self {
+        Self { store, metrics }
+    }
+
+    /// Claims `trip_id`'s lock for a request of `driver_id`.
+    pub async fn claim(&self, trip_id: &str, driver_id: &str) -> TripClaim {
+        let owner = Owner::new(driver_id);
+        match self.timed(self.store.acquire(trip_id, owner.as_str())).await {
+            Ok(Claim::Acquired) => TripClaim::Acquired(owner),
+            Ok(Claim::HeldBy(holder)) => TripClaim::HeldBy(Owner(holder)),
+            Err(e) => {
+                tracing::warn!(trip_id, error = %e, "lock store unavailable; the SQL fence decides alone");
+                TripClaim::Unanswered
+            }
+        }
+    }
+
+    /// Removes the lock if `owner` still holds it (compare-and-delete); a failure only
+    /// means the lock lives until its TTL.
+    pub async fn release(&self, trip_id: &str, owner: &Owner) {
+        if let Err(e) = self.timed(self.store.release(trip_id, owner.as_str())).await {
+            tracing::warn!(trip_id, error = %e, "could not release trip lock; it expires with its TTL");
+        }
+    }
+
+    /// Who holds `trip_id`'s lock now (`None` when nobody does or the store cannot say).
+    pub async fn holder(&self, trip_id: &str) -> Option<Owner> {
+        self.store.holder(trip_id).await.ok().flatten().map(Owner)
+    }
+
+    async fn timed<T>(&self, call: impl Future<Output = Result<T, LockError>>) -> Result<T, LockError> {
+        let started = Instant::now();
+        let result = call.await;
+        self.metrics
+            .lock_call(self.store.backend(), started.elapsed(), result.is_ok());
+        result
+    }
+}
 
 /// Result of a claim.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -178,6 +274,18 @@ impl LockStore for MemoryLockStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn owner_tokens() {
+        let token = Owner::new("d1");
+        assert!(token.is_driver("d1"));
+        assert!(!token.is_driver("d"), "a prefix of the id is another driver");
+        assert!(token.age().is_some_and(|age| age < Duration::from_secs(1)));
+        assert!(Owner("d1:abc".into()).is_driver("d1"));
+        assert!(!Owner("d10:abc".into()).is_driver("d1"));
+        assert!(!Owner("d1".into()).is_driver("d1"));
+        assert_eq!(Owner("d1:abc".into()).age(), None);
+    }
 
     #[tokio::test]
     async fn memory_store_semantics() {

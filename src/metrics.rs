@@ -4,6 +4,9 @@
 //! values come only from closed sets (cohorts, outcomes, effects, matched route templates),
 //! and the children for the fixed sets are created at start-up, so every family is present
 //! in `/metrics` before the first request and the hot path does no label hashing.
+//!
+//! The recorders take plain values (a cohort, an effect, a percentage): the metrics know
+//! nothing of the flags file, the storage rows or the effect runner that report to them.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -13,17 +16,12 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::effects::Effect;
+use crate::domain::{Cohort, Effect, JobKind, JobState, TRIP_ACCEPT_FLAG};
 use crate::error::Outcome;
-use crate::rollout::Cohort;
-use crate::storage::EffectContext;
 
 /// The cohort label of requests that never reached a cohort (unauthenticated, malformed,
 /// customer and admin routes).
 pub const NO_COHORT: &str = "none";
-
-/// The driver routes: their children are created up front.
-pub const DRIVER_ROUTES: [&str; 2] = ["/api/driver/trip/request-action", "/api/driver/ride/trip-action"];
 
 /// Request duration buckets, 1 ms to 60 s (7 s is the driver app's timeout).
 const LATENCY_BUCKETS: [f64; 18] = [
@@ -50,7 +48,9 @@ pub struct Metrics {
     flags_last_reload: Gauge,
     /// `client.timeout_ms`: slower requests count as timeouts.
     client_timeout: Duration,
-    /// Cached children for (cohort, route, outcome) of the driver routes.
+    /// The routes whose children are created up front (the driver routes).
+    hot_routes: Vec<&'static str>,
+    /// Cached children for (cohort, route, outcome) of the hot routes.
     request_children: HashMap<(&'static str, &'static str, Outcome), (Histogram, IntCounter)>,
 }
 
@@ -73,9 +73,10 @@ fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntC
 }
 
 impl Metrics {
-    /// A fresh registry with every family and the fixed children; requests slower than
-    /// `client_timeout` count as timeouts.
-    pub fn new(client_timeout: Duration) -> Self {
+    /// A fresh registry with every family and the fixed children, the request children of
+    /// `hot_routes` (route templates) included; requests slower than `client_timeout`
+    /// count as timeouts.
+    pub fn new(client_timeout: Duration, hot_routes: &[&'static str]) -> Self {
         // Metric definitions are constants: a failure here is a programming error caught
         // by the first test that builds a Metrics, so `expect` is the honest choice.
         let r = Registry::new();
@@ -176,7 +177,7 @@ impl Metrics {
 
         let mut request_children = HashMap::new();
         for cohort in [Cohort::Legacy.as_str(), Cohort::AtomicAsync.as_str(), NO_COHORT] {
-            for route in DRIVER_ROUTES {
+            for &route in hot_routes {
                 http_timeouts.with_label_values(&[cohort, route]);
                 http_errors.with_label_values(&[cohort, route]);
                 for outcome in Outcome::ALL {
@@ -193,25 +194,27 @@ impl Metrics {
         }
         for cohort in Cohort::ALL {
             otp_delivery.with_label_values(&[cohort.as_str()]);
-            cohort_assignments.with_label_values(&[crate::flags::TRIP_ACCEPT_FLAG, cohort.as_str()]);
-            for effect in Effect::ORDER {
+            cohort_assignments.with_label_values(&[TRIP_ACCEPT_FLAG, cohort.as_str()]);
+            for effect in Effect::ALL {
                 for result in ["ok", "failed", "repeat"] {
                     side_effects.with_label_values(&[cohort.as_str(), effect.as_str(), result]);
                 }
             }
         }
-        for state in ["queued", "running", "done", "dead"] {
-            jobs.with_label_values(&[state]);
+        for state in JobState::ALL {
+            jobs.with_label_values(&[state.as_str()]);
         }
-        for result in ["done", "retry", "dead"] {
-            job_attempts.with_label_values(&["trip_accepted", result]);
+        for kind in JobKind::ALL {
+            for result in ["done", "retry", "dead"] {
+                job_attempts.with_label_values(&[kind.as_str(), result]);
+            }
+            job_duration.with_label_values(&[kind.as_str()]);
         }
-        job_duration.with_label_values(&["trip_accepted"]);
         for backend in ["redis", "memory"] {
             lock_duration.with_label_values(&[backend]);
             lock_errors.with_label_values(&[backend]);
         }
-        rollout_percent.with_label_values(&[crate::flags::TRIP_ACCEPT_FLAG]);
+        rollout_percent.with_label_values(&[TRIP_ACCEPT_FLAG]);
         for result in ["ok", "unchanged", "error"] {
             flags_reloads.with_label_values(&[result]);
         }
@@ -233,6 +236,7 @@ impl Metrics {
             flags_reloads,
             flags_last_reload,
             client_timeout,
+            hot_routes: hot_routes.to_vec(),
             request_children,
         }
     }
@@ -241,7 +245,8 @@ impl Metrics {
     pub fn request(&self, cohort: Option<Cohort>, route: &str, outcome: Outcome, status: u16, elapsed: Duration) {
         let cohort = cohort.map_or(NO_COHORT, Cohort::as_str);
         let secs = elapsed.as_secs_f64();
-        match DRIVER_ROUTES
+        match self
+            .hot_routes
             .iter()
             .find(|r| **r == route)
             .and_then(|r| self.request_children.get(&(cohort, *r, outcome)))
@@ -271,10 +276,20 @@ impl Metrics {
             .inc();
     }
 
-    /// One side effect ended. `calls_before` > 0 means its provider was called before:
-    /// this call is a repeat (a crash fell between an earlier call and its record).
-    pub fn effect_done(&self, ctx: &EffectContext, effect: Effect, ok: bool, handed_at_ms: i64, calls_before: i64) {
-        let cohort = ctx.cohort.as_str();
+    /// One side effect of a trip accepted by `cohort` ended. `calls_before` > 0 means its
+    /// provider was called before: this call is a repeat (a crash fell between an earlier
+    /// call and its record). An OTP SMS handed over at `handed_at_ms` for a request that
+    /// arrived at `requested_at_ms` is an OTP delivery time.
+    pub fn effect_done(
+        &self,
+        cohort: Cohort,
+        effect: Effect,
+        ok: bool,
+        calls_before: i64,
+        handed_at_ms: i64,
+        requested_at_ms: Option<i64>,
+    ) {
+        let cohort = cohort.as_str();
         let result = if ok { "ok" } else { "failed" };
         self.side_effects
             .with_label_values(&[cohort, effect.as_str(), result])
@@ -286,7 +301,7 @@ impl Metrics {
         }
         if ok
             && effect == Effect::OtpSms
-            && let Some(requested) = ctx.requested_at_ms
+            && let Some(requested) = requested_at_ms
         {
             let secs = (handed_at_ms - requested).max(0) as f64 / 1000.0;
             self.otp_delivery.with_label_values(&[cohort]).observe(secs);
@@ -294,18 +309,18 @@ impl Metrics {
     }
 
     /// One job attempt ended: `result` is done, retry or dead.
-    pub fn job_attempt(&self, kind: &str, result: &str, elapsed: Duration) {
+    pub fn job_attempt(&self, kind: JobKind, result: &str, elapsed: Duration) {
         self.job_duration
-            .with_label_values(&[kind])
+            .with_label_values(&[kind.as_str()])
             .observe(elapsed.as_secs_f64());
-        self.job_attempts.with_label_values(&[kind, result]).inc();
+        self.job_attempts.with_label_values(&[kind.as_str(), result]).inc();
     }
 
     /// Sets the job gauges from counts per state (states not listed are 0).
-    pub fn set_job_counts(&self, counts: &[(String, i64)]) {
-        for state in ["queued", "running", "done", "dead"] {
-            let n = counts.iter().find(|(s, _)| s == state).map_or(0, |(_, n)| *n);
-            self.jobs.with_label_values(&[state]).set(n);
+    pub fn set_job_counts(&self, counts: &[(JobState, i64)]) {
+        for state in JobState::ALL {
+            let n = counts.iter().find(|(s, _)| *s == state).map_or(0, |(_, n)| *n);
+            self.jobs.with_label_values(&[state.as_str()]).set(n);
         }
     }
 
@@ -324,10 +339,10 @@ impl Metrics {
         self.flags_reloads.with_label_values(&[result]).inc();
     }
 
-    /// The flags in force changed (or were first loaded).
-    pub fn flags_loaded(&self, flags: &crate::flags::FlagSet, loaded_at_ms: i64) {
-        for (name, flag) in &flags.flags {
-            self.rollout_percent.with_label_values(&[name]).set(flag.percent());
+    /// The flags in force changed (or were first loaded): each flag's percentage.
+    pub fn flags_loaded<'a>(&self, percents: impl IntoIterator<Item = (&'a str, f64)>, loaded_at_ms: i64) {
+        for (name, percent) in percents {
+            self.rollout_percent.with_label_values(&[name]).set(percent);
         }
         self.flags_last_reload.set(loaded_at_ms as f64 / 1000.0);
     }

@@ -4,7 +4,10 @@
 
 use serde::Serialize;
 
-use crate::storage::{LatLng, NewDriver, NewTrip, Receiver, Storage, TripType};
+use crate::domain::{LatLng, Receiver, TripType};
+use crate::storage::Storage;
+use crate::storage::trips::NewTrip;
+use crate::storage::users::NewDriver;
 
 /// How much to create.
 #[derive(Debug, Clone, Copy)]

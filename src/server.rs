@@ -23,8 +23,8 @@ use crate::events::EventBus;
 use crate::flags::{FlagSet, FlagsHandle, watcher::FlagsWatcher};
 use crate::http::listener::ConnectionLimits;
 use crate::http::{AppState, admin_router, api_router, driver::AcceptServices};
-use crate::jobs::{RetryPolicy, Workers};
-use crate::lock_store::{LockStore, MemoryLockStore, RedisLockStore};
+use crate::jobs::{JobRunner, RetryPolicy, Workers};
+use crate::lock_store::{LockStore, MemoryLockStore, RedisLockStore, TripLocks};
 use crate::metrics::Metrics;
 use crate::providers::Providers;
 use crate::redis_conn::RedisHandle;
@@ -104,13 +104,13 @@ impl Running {
 /// `/readyz` says 503 until they ran).
 pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
     let config = Arc::new(config);
-    let metrics = Arc::new(Metrics::new(config.client_timeout()));
+    let metrics = Arc::new(Metrics::new(config.client_timeout(), &crate::http::driver::ROUTES));
     let store = Storage::connect(&config.database)?;
     let flag_set = FlagSet::load(&config.flags.path)?;
     let flags = FlagsHandle::new(flag_set, config.flags.path.clone());
     {
         let snapshot = flags.snapshot();
-        metrics.flags_loaded(&snapshot.set, snapshot.loaded_at_ms);
+        metrics.flags_loaded(snapshot.percents(), snapshot.loaded_at_ms);
     }
 
     let redis = if config.redis.url.is_empty() {
@@ -131,10 +131,18 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
     };
     let providers = Providers::from_config(&config.providers);
     // Legacy runs effects inline on the request's pool; the workers on a pool of their own.
-    let runner = EffectRunner::new(store.clone(), providers.clone(), events.clone(), metrics.clone());
-    let job_store = store.with_own_pool(config.jobs.db_connections, config.database.acquire_timeout_ms)?;
-    let job_runner = EffectRunner::new(job_store.clone(), providers, events, metrics.clone());
     let policy = RetryPolicy::from_config(&config.jobs);
+    let inline_jobs = JobRunner::new(
+        store.clone(),
+        EffectRunner::new(store.clone(), providers.clone(), events.clone(), metrics.clone()),
+        policy.clone(),
+    );
+    let job_store = store.with_own_pool(config.jobs.db_connections, config.database.acquire_timeout_ms)?;
+    let job_runner = JobRunner::new(
+        job_store.clone(),
+        EffectRunner::new(job_store, providers, events, metrics.clone()),
+        policy,
+    );
     let lease_ms = (config.jobs.visibility_timeout_s * 1000) as i64;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -155,13 +163,12 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
             metrics: metrics.clone(),
         };
         let services = AcceptServices {
-            legacy: LegacyAccept::new(store.clone(), runner.clone(), policy.clone(), lease_ms),
+            legacy: LegacyAccept::new(store.clone(), inline_jobs, lease_ms),
             atomic: AtomicAsyncAccept::new(
                 store.clone(),
-                locks.clone(),
+                TripLocks::new(locks.clone(), metrics.clone()),
                 (config.client_timeout() / 2).min(Duration::from_secs(3)),
                 config.client_timeout() + Duration::from_secs(1),
-                metrics.clone(),
             ),
         };
         let api = bind("server.listen", config.server.listen).await?;
@@ -213,9 +220,7 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
             migrated.store(true, Ordering::Release);
-            Workers::start(job_store, job_runner, &jobs, shutdown, grace)
-                .join()
-                .await;
+            Workers::start(job_runner, &jobs, shutdown, grace).join().await;
         })
     };
     servers.push(worker_task);

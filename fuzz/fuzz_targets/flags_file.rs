@@ -8,7 +8,7 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
     if let Ok(set) = tripgate::flags::FlagSet::parse(text) {
-        assert!(set.flags.contains_key(tripgate::flags::TRIP_ACCEPT_FLAG));
+        assert!(set.flags.contains_key(tripgate::domain::TRIP_ACCEPT_FLAG));
         for flag in set.flags.values() {
             assert!(flag.threshold <= 10_000);
             let _ = flag.decide("driver");

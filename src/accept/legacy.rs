@@ -1,76 +1,60 @@
 //! `legacy`: today's synchronous handler (the design document's "BEFORE").
 //!
-//! One transaction that locks the trip row and refuses a trip that already has a driver —
-//! the same driver's retry included (403, as today) — then every side effect inline, in
-//! order, and a reload of the trip with all its relations before the answer. Slow by
-//! design: this is the baseline the rollout migrates away from.
+//! The pre-checks; one transaction that locks the trip row and refuses a trip that already
+//! has a driver — the same driver's retry included (403, as today); then every side effect
+//! inline, in order, and a reload of the trip with all its relations before the answer.
+//! Slow by design: this is the baseline the rollout migrates away from.
+//!
+//! Round trips: the pre-checks (2 reads), the locking transaction (BEGIN, lock-read, 5
+//! writes, COMMIT), the effects (each a provider call and its records), the reload (one
+//! query per relation).
 
-use std::sync::Arc;
-use std::task::{Context, Poll};
-
-use futures_util::future::BoxFuture;
-
-use super::{AcceptCommand, AcceptReply, Precheck, TripAction, precheck, refusal, reject};
-use crate::effects::{EffectRunner, Schedule};
+use super::{Accept, AcceptCommand, AcceptReply, Precheck, Strategy, precheck, refusal};
+use crate::domain::Cohort;
 use crate::error::{ApiError, Outcome};
-use crate::jobs::{RetryPolicy, run_job};
-use crate::storage::{AssignOutcome, JOB_KIND_TRIP_ACCEPTED, Job, Storage};
+use crate::jobs::JobRunner;
+use crate::storage::Storage;
+use crate::storage::assign::AssignOutcome;
 
-/// The legacy accept implementation.
-#[derive(Clone)]
-pub struct LegacyAccept {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
-    store: Storage,
-    runner: EffectRunner,
-    policy: RetryPolicy,
-    /// How long the request's own claim on the job lasts; if the process dies while the
-    /// effects run inline, a worker finishes them after this.
-    lease_ms: i64,
-}
+/// The legacy accept service.
+pub type LegacyAccept = Accept<Legacy>;
 
 impl LegacyAccept {
-    /// A legacy handler over `store`.
-    pub fn new(store: Storage, runner: EffectRunner, policy: RetryPolicy, lease_ms: i64) -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                store,
-                runner,
-                policy,
-                lease_ms,
-            }),
-        }
+    /// A legacy handler over `store`, running effects inline with `jobs`. `lease_ms` is how
+    /// long the request's own claim on its job lasts: if the process dies while the effects
+    /// run, a worker finishes them after that.
+    pub fn new(store: Storage, jobs: JobRunner, lease_ms: i64) -> Self {
+        Self::from_strategy(Legacy { store, jobs, lease_ms })
     }
 }
 
-impl Inner {
-    async fn handle(&self, cmd: AcceptCommand) -> Result<AcceptReply, ApiError> {
-        if cmd.action == TripAction::Rejected {
-            return reject(&self.store, &cmd).await;
-        }
-        let assignment = match precheck(&self.store, &cmd).await? {
+/// The legacy strategy: lock, refuse any driver, assign, effects inline, reload.
+pub struct Legacy {
+    store: Storage,
+    jobs: JobRunner,
+    lease_ms: i64,
+}
+
+impl Strategy for Legacy {
+    const COHORT: Cohort = Cohort::Legacy;
+
+    fn store(&self) -> &Storage {
+        &self.store
+    }
+
+    async fn accept(&self, cmd: AcceptCommand) -> Result<AcceptReply, ApiError> {
+        let assignment = match precheck(&self.store, &cmd, Self::COHORT).await? {
             Precheck::Proceed(assignment) => assignment,
             // Today's behaviour: the driver's own retry is refused like anyone else's.
             Precheck::AlreadyMine => return Err(ApiError::TripTaken),
         };
-        let job_id = match self.store.accept_locked(&assignment, self.lease_ms).await? {
-            AssignOutcome::Accepted { job_id } => job_id,
+        let job = match self.store.accept_locked(&assignment, self.lease_ms).await? {
+            AssignOutcome::Accepted { job } => job,
             other => return Err(refusal(other)),
         };
         // Inline, before the answer: bidding, parcel SMS, cleanup, OTP push, OTP SMS,
         // arrival estimate, "trip taken" pushes, the trip.accepted event.
-        let job = Job {
-            id: job_id,
-            kind: JOB_KIND_TRIP_ACCEPTED.into(),
-            trip_id: cmd.trip_id.clone(),
-            cohort: cmd.cohort.as_str().into(),
-            state: "running".into(),
-            attempts: 1,
-            last_error: None,
-        };
-        run_job(&self.store, &self.runner, &self.policy, &job, Schedule::Sequential).await;
+        self.jobs.run_inline(&job).await;
         // The heavy reload with every relation.
         let trip = self
             .store
@@ -81,27 +65,6 @@ impl Inner {
             outcome: Outcome::Accepted,
             message: "Trip request accepted.",
             data: trip,
-        })
-    }
-}
-
-impl tower::Service<AcceptCommand> for LegacyAccept {
-    type Response = AcceptReply;
-    type Error = ApiError;
-    type Future = BoxFuture<'static, Result<AcceptReply, ApiError>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ApiError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, cmd: AcceptCommand) -> Self::Future {
-        let inner = self.inner.clone();
-        // On its own task: a driver app that hangs up mid-request must not cut the
-        // transaction and its effects in half.
-        let task = tokio::spawn(async move { inner.handle(cmd).await });
-        Box::pin(async move {
-            task.await
-                .map_err(|e| ApiError::Internal(format!("accept task failed: {e}")))?
         })
     }
 }

@@ -1,28 +1,26 @@
-//! Trip acceptance: what both implementations share — the request, the pre-checks, the
-//! reject, the reply — and the two strategies side by side in [`legacy`] and
-//! [`atomic_async`]. Each is a `tower::Service<AcceptCommand>`; the rollout router picks
-//! one per request.
+//! Trip acceptance: what both cohorts share — the command, the pre-checks, the reject, the
+//! reply, the `tower::Service` that runs a command on its own task — and the one thing that
+//! differs, a [`Strategy`], side by side in [`legacy`] and [`atomic_async`].
+//!
+//! The rollout router (`crate::rollout`) holds both services and sends each parsed,
+//! authenticated [`AcceptCommand`] to one of them.
 
 pub mod atomic_async;
 pub mod legacy;
 
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures_util::future::BoxFuture;
 use serde_json::{Map, Value};
 
+use crate::domain::{Cohort, TripAction};
 use crate::error::{ApiError, FieldError, Outcome};
-use crate::rollout::Cohort;
-use crate::storage::{AssignOutcome, Assignment, Storage};
-
-/// What the driver asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TripAction {
-    /// Take the trip.
-    Accepted,
-    /// Decline the offer.
-    Rejected,
-}
+use crate::storage::Storage;
+use crate::storage::assign::{AssignOutcome, Assignment};
 
 /// One driver request, after authentication and validation.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcceptCommand {
     /// The acting driver: always the token's subject, never from the body.
     pub driver_id: String,
@@ -32,12 +30,71 @@ pub struct AcceptCommand {
     pub action: TripAction,
     /// When the request arrived (ms), for OTP delivery time.
     pub received_at_ms: i64,
-    /// The cohort the router chose.
-    pub cohort: Cohort,
+}
+
+/// How one cohort takes a trip: the part of an accept that differs between cohorts.
+pub trait Strategy: Send + Sync + 'static {
+    /// The cohort this strategy serves (written on the trip, its job and its effects).
+    const COHORT: Cohort;
+
+    /// Takes the trip for the command's driver, or says why not.
+    fn accept(&self, cmd: AcceptCommand) -> impl Future<Output = Result<AcceptReply, ApiError>> + Send;
+
+    /// The storage the shared steps (reject) use.
+    fn store(&self) -> &Storage;
+}
+
+/// A cohort's accept service: a rejection is recorded the same way in both cohorts; an
+/// accept goes to the strategy `S`.
+pub struct Accept<S> {
+    strategy: Arc<S>,
+}
+
+impl<S> Clone for Accept<S> {
+    fn clone(&self) -> Self {
+        Self {
+            strategy: self.strategy.clone(),
+        }
+    }
+}
+
+impl<S: Strategy> Accept<S> {
+    /// The service over `strategy`.
+    pub fn from_strategy(strategy: S) -> Self {
+        Self {
+            strategy: Arc::new(strategy),
+        }
+    }
+}
+
+impl<S: Strategy> tower::Service<AcceptCommand> for Accept<S> {
+    type Response = AcceptReply;
+    type Error = ApiError;
+    type Future = BoxFuture<'static, Result<AcceptReply, ApiError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ApiError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, cmd: AcceptCommand) -> Self::Future {
+        let strategy = self.strategy.clone();
+        // On its own task: a driver app that hangs up mid-request must not cut a lock from
+        // its accept, a transaction from its job, or legacy's effects in half.
+        let task = tokio::spawn(async move {
+            match cmd.action {
+                TripAction::Rejected => reject(strategy.store(), &cmd).await,
+                TripAction::Accepted => strategy.accept(cmd).await,
+            }
+        });
+        Box::pin(async move {
+            task.await
+                .map_err(|e| ApiError::Internal(format!("accept task failed: {e}")))?
+        })
+    }
 }
 
 /// A successful answer: 200 with `default_update_200`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AcceptReply {
     /// accepted | rejected | retry
     pub outcome: Outcome,
@@ -58,7 +115,7 @@ impl AcceptReply {
 }
 
 /// Parses the request body `{"trip_request_id": "<uuid>", "action": "accepted"|"rejected"}`,
-/// naming every invalid field.
+/// naming every invalid field. Returns the trip id and the action.
 pub fn parse_request(body: &[u8]) -> Result<(String, TripAction), ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::invalid("body", format!("The request body is not valid JSON: {e}")))?;
@@ -72,8 +129,7 @@ pub fn parse_request(body: &[u8]) -> Result<(String, TripAction), ApiError> {
             errors.push(FieldError::new("action", "The action field is required."));
             None
         }
-        Some(Value::String(s)) if s == "accepted" => Some(TripAction::Accepted),
-        Some(Value::String(s)) if s == "rejected" => Some(TripAction::Rejected),
+        Some(Value::String(s)) if TripAction::parse(s).is_some() => TripAction::parse(s),
         Some(_) => {
             errors.push(FieldError::new("action", "The action must be accepted or rejected."));
             None
@@ -117,15 +173,16 @@ pub(crate) enum Precheck {
 
 /// The validations both cohorts run before their accept transaction, in this order:
 /// the trip exists; it has no driver (or has this one); it is pending; the driver is
-/// online and available; their vehicle is in the trip's category.
-pub(crate) async fn precheck(store: &Storage, cmd: &AcceptCommand) -> Result<Precheck, ApiError> {
+/// online and available; their vehicle is in the trip's category. Two reads (three when
+/// the driver turns out busy).
+pub(crate) async fn precheck(store: &Storage, cmd: &AcceptCommand, cohort: Cohort) -> Result<Precheck, ApiError> {
     let trip = store.trip_snapshot(&cmd.trip_id).await?.ok_or(ApiError::TripNotFound)?;
     match &trip.driver_id {
         Some(d) if *d == cmd.driver_id => return Ok(Precheck::AlreadyMine),
         Some(_) => return Err(ApiError::TripTaken),
         None => {}
     }
-    if trip.current_status != "pending" {
+    if !trip.is_open() {
         return Err(ApiError::TripNotPending);
     }
     let driver = store.driver_snapshot(&cmd.driver_id).await?;
@@ -145,7 +202,7 @@ pub(crate) async fn precheck(store: &Storage, cmd: &AcceptCommand) -> Result<Pre
                 driver_id: cmd.driver_id.clone(),
                 vehicle_id,
                 otp: new_otp(),
-                cohort: cmd.cohort,
+                cohort,
                 trip_type: trip.trip_type,
                 requested_at_ms: cmd.received_at_ms,
             }))

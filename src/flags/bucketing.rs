@@ -69,8 +69,8 @@ mod distribution {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::domain::Cohort;
     use crate::flags::Flag;
-    use crate::rollout::Cohort;
 
     fn flag(threshold: u32, salt: &str) -> Flag {
         Flag {

@@ -15,10 +15,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use serde::Serialize;
 
-use crate::rollout::Cohort;
-
-/// The flag that routes trip acceptance.
-pub const TRIP_ACCEPT_FLAG: &str = "trip_accept_v2";
+use crate::domain::{Cohort, TRIP_ACCEPT_FLAG, now_ms};
 
 /// Why a flags file was refused.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -258,6 +255,14 @@ impl Snapshot {
             .get(TRIP_ACCEPT_FLAG)
             .map_or(Cohort::Legacy, |flag| flag.decide(driver_id))
     }
+
+    /// Each flag's percentage in force, for the `tripgate_rollout_percent` gauge.
+    pub fn percents(&self) -> impl Iterator<Item = (&str, f64)> {
+        self.set
+            .flags
+            .iter()
+            .map(|(name, flag)| (name.as_str(), flag.percent()))
+    }
 }
 
 /// The lock-free handle the request path reads (`arc-swap`) and the watcher swaps.
@@ -273,7 +278,7 @@ impl FlagsHandle {
             current: Arc::new(ArcSwap::from_pointee(Snapshot {
                 set,
                 version: 1,
-                loaded_at_ms: crate::storage::now_ms(),
+                loaded_at_ms: now_ms(),
                 path,
             })),
         }
@@ -299,7 +304,7 @@ impl FlagsHandle {
         self.current.store(Arc::new(Snapshot {
             set,
             version: old.version + 1,
-            loaded_at_ms: crate::storage::now_ms(),
+            loaded_at_ms: now_ms(),
             path: old.path.clone(),
         }));
         Some(old.set.clone())

@@ -11,8 +11,10 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use super::{FlagSet, FlagsError, FlagsHandle};
+use crate::domain::now_ms;
 use crate::metrics::Metrics;
-use crate::storage::{AuditEntry, Storage, now_ms};
+use crate::storage::Storage;
+use crate::storage::audit::AuditEntry;
 
 /// What a reload did.
 #[derive(Debug, Clone, PartialEq)]
@@ -89,7 +91,7 @@ pub async fn apply(handle: &FlagsHandle, path: &Path, store: &Storage, metrics: 
         Ok(Reload::Changed(old)) => {
             let snapshot = handle.snapshot();
             metrics.flags_reload("ok");
-            metrics.flags_loaded(&snapshot.set, snapshot.loaded_at_ms);
+            metrics.flags_loaded(snapshot.percents(), snapshot.loaded_at_ms);
             for (name, flag) in &snapshot.set.flags {
                 let from = old.flags.get(name).map(|f| f.percent());
                 tracing::info!(flag = %name, from = ?from, to = flag.percent(), version = snapshot.version, "flags reloaded");

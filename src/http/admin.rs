@@ -14,10 +14,12 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{AppState, AuthUser, json_body};
+use super::{AppState, json_body};
+use crate::auth::AuthUser;
+use crate::domain::{JobState, now_ms};
 use crate::error::ApiError;
 use crate::flags::{self, watcher};
-use crate::storage::{AuditEntry, now_ms};
+use crate::storage::audit::AuditEntry;
 
 /// The admin routes.
 pub fn routes(state: AppState) -> Router {
@@ -134,7 +136,7 @@ async fn put_flag(
     if let Ok(watcher::Reload::Changed(_)) = watcher::reload(&state.flags, &state.config.flags.path) {
         let snapshot = state.flags.snapshot();
         state.metrics.flags_reload("ok");
-        state.metrics.flags_loaded(&snapshot.set, snapshot.loaded_at_ms);
+        state.metrics.flags_loaded(snapshot.percents(), snapshot.loaded_at_ms);
     }
     let entry = AuditEntry {
         at: now_ms(),
@@ -159,15 +161,17 @@ struct JobsQuery {
 }
 
 async fn jobs(State(state): State<AppState>, Query(q): Query<JobsQuery>) -> Result<Json<Value>, ApiError> {
-    if let Some(s) = &q.state
-        && !["queued", "running", "done", "dead"].contains(&s.as_str())
-    {
-        return Err(ApiError::invalid(
-            "state",
-            "The state must be queued, running, done or dead.",
-        ));
-    }
-    let jobs = state.store.list_jobs(q.state.as_deref()).await?;
+    let wanted = match q.state.as_deref().map(|s| JobState::parse(s).ok_or(s)) {
+        None => None,
+        Some(Ok(wanted)) => Some(wanted),
+        Some(Err(_)) => {
+            return Err(ApiError::invalid(
+                "state",
+                "The state must be queued, running, done or dead.",
+            ));
+        }
+    };
+    let jobs = state.store.list_jobs(wanted).await?;
     Ok(Json(json!({"jobs": jobs})))
 }
 

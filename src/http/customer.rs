@@ -10,11 +10,12 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Map, Value, json};
 
-use super::{AppState, AuthUser, json_body};
+use super::{AppState, json_body};
 use crate::accept::uuid_field;
-use crate::auth::Role;
+use crate::auth::{AuthUser, Role};
+use crate::domain::{LatLng, Receiver, TripType};
 use crate::error::{ApiError, Envelope, FieldError};
-use crate::storage::{LatLng, NewTrip, Receiver, TripType};
+use crate::storage::trips::NewTrip;
 
 /// The customer routes.
 pub fn routes(state: &AppState) -> Router {

@@ -1,29 +1,37 @@
 //! The driver route: `POST /api/driver/trip/request-action` (and the path the existing app
-//! calls, `/api/driver/ride/trip-action`). Auth first, then the rollout router, then the
-//! cohort's handler — the same code for both cohorts, over a different implementation.
-
-use std::num::NonZeroU32;
-use std::sync::Arc;
+//! calls, `/api/driver/ride/trip-action`).
+//!
+//! Auth first (401/403 before the body is read); then the body is parsed into an
+//! [`AcceptCommand`] (400 here: a malformed request never gets a cohort); then the rollout
+//! router sends the command to its cohort's service — the per-driver rate limit in front of
+//! each, one budget for both — and the answer goes out in the shared envelope, tagged with
+//! the cohort that produced it.
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Extension, State};
-use axum::handler::Handler;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post_service;
-use tower::{Service, ServiceExt};
+use axum::routing::post;
+use tower::{Layer, ServiceExt};
 
-use super::{AppState, AuthUser, json_body};
+use super::rate_limit::{DriverRateLimit, DriverRateLimitLayer};
+use super::{AppState, json_body};
 use crate::accept::atomic_async::AtomicAsyncAccept;
 use crate::accept::legacy::LegacyAccept;
-use crate::accept::{AcceptCommand, AcceptReply, parse_request};
-use crate::error::{ApiError, Envelope};
-use crate::flags::TRIP_ACCEPT_FLAG;
-use crate::metrics::DRIVER_ROUTES;
-use crate::rollout::{Cohort, RolloutRouter};
-use crate::storage::now_ms;
+use crate::accept::{AcceptCommand, parse_request};
+use crate::auth::AuthUser;
+use crate::domain::{Cohort, TRIP_ACCEPT_FLAG, now_ms};
+use crate::error::Envelope;
+use crate::rollout::{RolloutRouter, Routed};
+
+/// The driver routes (their metrics children are created up front).
+pub const ROUTES: [&str; 2] = ["/api/driver/trip/request-action", "/api/driver/ride/trip-action"];
+
+/// The response header naming the cohort that served a request (for ops and debugging;
+/// the driver app ignores it).
+pub const COHORT_HEADER: &str = "x-tripgate-cohort";
 
 /// The two implementations the router chooses between.
 #[derive(Clone)]
@@ -34,77 +42,44 @@ pub struct AcceptServices {
     pub atomic: AtomicAsyncAccept,
 }
 
-/// Per-driver request budget (`server.rate_limit_per_driver` per second, equal burst),
-/// shared by both cohorts: one misbehaving app cannot starve the others.
-pub type DriverLimiter = governor::DefaultKeyedRateLimiter<String>;
+/// The rollout router over both cohorts, each behind the shared rate limit.
+type DriverRouter = RolloutRouter<DriverRateLimit<LegacyAccept>, DriverRateLimit<AtomicAsyncAccept>>;
 
-/// A cohort's handler state: its implementation and the shared rate limiter.
 #[derive(Clone)]
-struct CohortHandler<S> {
-    service: S,
-    limiter: Arc<DriverLimiter>,
+struct DriverRoute {
+    router: DriverRouter,
+    state: AppState,
 }
 
 /// The driver routes.
 pub fn routes(state: &AppState, services: AcceptServices) -> Router {
-    let per_second = NonZeroU32::new(state.config.server.rate_limit_per_driver).unwrap_or(NonZeroU32::MIN);
-    let limiter = Arc::new(governor::RateLimiter::keyed(governor::Quota::per_second(per_second)));
+    let limit = DriverRateLimitLayer::new(state.config.server.rate_limit_per_driver);
     let router = RolloutRouter::new(
         state.flags.clone(),
-        trip_action::<LegacyAccept>.with_state(CohortHandler {
-            service: services.legacy,
-            limiter: limiter.clone(),
-        }),
-        trip_action::<AtomicAsyncAccept>.with_state(CohortHandler {
-            service: services.atomic,
-            limiter,
-        }),
+        limit.layer(services.legacy),
+        limit.layer(services.atomic),
     );
+    let route = DriverRoute {
+        router,
+        state: state.clone(),
+    };
     let mut routes = Router::new();
-    for path in DRIVER_ROUTES {
-        routes = routes.route(path, post_service(router.clone()));
+    for path in ROUTES {
+        routes = routes.route(path, post(trip_action));
     }
     routes
-        .layer(axum::middleware::from_fn_with_state(
-            state.metrics.clone(),
-            count_cohort,
-        ))
+        .with_state(route)
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), super::drivers))
 }
 
-/// Counts cohort decisions (the router tags the response).
-async fn count_cohort(
-    State(metrics): State<std::sync::Arc<crate::metrics::Metrics>>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let response = next.run(req).await;
-    if let Some(cohort) = response.extensions().get::<Cohort>() {
-        metrics.cohort_assigned(TRIP_ACCEPT_FLAG, *cohort);
-    }
-    response
-}
-
-/// The handler both cohorts share: validate, then hand the command to `S`.
-async fn trip_action<S>(
-    State(CohortHandler { service, limiter }): State<CohortHandler<S>>,
+/// Parse, route, answer.
+async fn trip_action(
+    State(route): State<DriverRoute>,
     Extension(user): Extension<AuthUser>,
-    Extension(cohort): Extension<Cohort>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Response
-where
-    S: Service<AcceptCommand, Response = AcceptReply, Error = ApiError> + Clone + Send + Sync + 'static,
-    S::Future: Send,
-{
+) -> Response {
     let received_at_ms = now_ms();
-    if limiter.check_key(&user.id).is_err() {
-        return ApiError::RateLimited.into_response();
-    }
-    // Forget drivers idle for a while now and then, so the limiter's map stays small.
-    if rand::random_ratio(1, 4096) {
-        limiter.retain_recent();
-    }
     let parsed = json_body(&headers, body).and_then(|body| parse_request(&body));
     let (trip_id, action) = match parsed {
         Ok(parsed) => parsed,
@@ -115,9 +90,13 @@ where
         trip_id,
         action,
         received_at_ms,
-        cohort,
     };
-    match service.oneshot(command).await {
+    let Routed { cohort, result } = match route.router.oneshot(command).await {
+        Ok(routed) => routed,
+        Err(e) => return e.into_response(),
+    };
+    route.state.metrics.cohort_assigned(TRIP_ACCEPT_FLAG, cohort);
+    let response = match result {
         Ok(reply) => {
             let mut response =
                 axum::Json(Envelope::ok("default_update_200", reply.message, reply.data)).into_response();
@@ -125,5 +104,16 @@ where
             response
         }
         Err(e) => e.into_response(),
-    }
+    };
+    tag(response, cohort)
+}
+
+/// Names the cohort on the response: a header for people, an extension for the log line
+/// and the metrics.
+fn tag(mut response: Response, cohort: Cohort) -> Response {
+    response
+        .headers_mut()
+        .insert(COHORT_HEADER, HeaderValue::from_static(cohort.as_str()));
+    response.extensions_mut().insert(cohort);
+    response
 }

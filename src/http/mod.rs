@@ -2,14 +2,15 @@
 //! (`server.admin_listen`), built with axum.
 //!
 //! Layers, outside in: request id → per-request log line (and metrics) → body limit →
-//! auth (401/403 before anything reads the body) → for the driver routes, the rollout
-//! router → the cohort's handler.
+//! auth (401/403 before anything reads the body) → the route's handler; for the driver
+//! routes that parses the command and hands it to the rollout router.
 
 pub mod admin;
 pub mod customer;
 pub mod driver;
 pub mod listener;
 pub mod observe;
+pub mod rate_limit;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -22,7 +23,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use crate::auth::{Role, TokenKeys};
+use crate::auth::{AuthUser, Role, TokenKeys};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::flags::FlagsHandle;
@@ -49,16 +50,6 @@ pub struct AppState {
     pub migrated: Arc<AtomicBool>,
     /// Request metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
-}
-
-/// The authenticated caller, from a verified token; set as a request extension by the
-/// auth layer and copied onto the response for the log line.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuthUser {
-    /// Token subject: the user's id.
-    pub id: String,
-    /// Token role.
-    pub role: Role,
 }
 
 /// Verifies the bearer token: valid signature and times, and (drivers and customers) a

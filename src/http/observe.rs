@@ -14,10 +14,10 @@ use axum::middleware::Next;
 use axum::response::Response;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
-use super::AuthUser;
+use crate::auth::AuthUser;
+use crate::domain::Cohort;
 use crate::error::Outcome;
 use crate::metrics::Metrics;
-use crate::rollout::Cohort;
 
 /// The request id header, set when the client did not send one and echoed back.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -58,7 +58,8 @@ async fn observe(State(metrics): State<Option<Arc<Metrics>>>, req: Request, next
         } else if status.is_client_error() {
             Outcome::Invalid
         } else {
-            Outcome::Accepted
+            // A 2xx that is not an accept's (those set their own outcome).
+            Outcome::Ok
         });
     let driver = response
         .extensions()

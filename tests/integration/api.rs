@@ -4,13 +4,13 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tripgate::auth::{Claims, Role, now_s};
-use tripgate::rollout::Cohort;
-use tripgate::storage::TripType;
+use tripgate::domain::{Availability, Cohort, TripType};
 
 use crate::backend_tests;
 use crate::support::{Backend, Gateway, Options, TestDb, WebhookStub, World, code, race, redis_for};
 
 backend_tests!(
+    double_assignments_counts_a_half_written_accept,
     spec_table_rows_legacy,
     spec_table_rows_atomic_async,
     legacy_race_five_drivers,
@@ -118,7 +118,7 @@ async fn spec_table_rows(backend: Backend, cohort: Cohort) {
     // Offline driver.
     let offline = w.driver().await;
     gw.store
-        .set_driver_status(&offline, false, "unavailable")
+        .set_driver_status(&offline, false, Availability::Unavailable)
         .await
         .unwrap();
     let (status, body, c) = gw.accept(&offline, &t2).await;
@@ -142,7 +142,8 @@ async fn spec_table_rows(backend: Backend, cohort: Cohort) {
     let (status, body, c) = gw.accept(&d2, &uuid::Uuid::new_v4().to_string()).await;
     assert_eq!((status, code(&body), c.as_str()), (404, "trip_request_404", served));
 
-    // Malformed input: 400 naming the field, nothing written.
+    // Malformed input: 400 naming the field, nothing written, and no cohort (SPEC §7:
+    // `cohort="none"`): a request is only routed once it parsed.
     let token = gw.token(&d2, Role::Driver);
     let path = "/api/driver/trip/request-action";
     let cases: [(&[u8], &str); 5] = [
@@ -164,7 +165,7 @@ async fn spec_table_rows(backend: Backend, cohort: Cohort) {
         let (status, body, c) = gw.post_raw(path, Some(&token), "application/json", raw.to_vec()).await;
         assert_eq!(
             (status, code(&body), c.as_str()),
-            (400, "default_400", served),
+            (400, "default_400", ""),
             "{}",
             String::from_utf8_lossy(raw)
         );
@@ -178,12 +179,23 @@ async fn spec_table_rows(backend: Backend, cohort: Cohort) {
     let (status, body, c) = gw
         .post_raw(path, Some(&token), "application/json", big.into_bytes())
         .await;
-    assert_eq!((status, code(&body), c.as_str()), (413, "default_400", served));
+    assert_eq!((status, code(&body), c.as_str()), (413, "default_400", ""));
     let ok_body = json!({"trip_request_id": t2, "action": "accepted"})
         .to_string()
         .into_bytes();
     let (status, body, c) = gw.post_raw(path, Some(&token), "text/plain", ok_body.clone()).await;
-    assert_eq!((status, code(&body), c.as_str()), (415, "default_400", served));
+    assert_eq!((status, code(&body), c.as_str()), (415, "default_400", ""));
+    let metrics = gw.metrics().await;
+    let invalid = |cohort: &str| {
+        let series =
+            format!("tripgate_http_requests_total{{cohort=\"{cohort}\",outcome=\"invalid\",route=\"{path}\"}}");
+        crate::support::metric_value(&metrics, &series)
+    };
+    assert_eq!(
+        (invalid("none"), invalid(served)),
+        (7.0, 0.0),
+        "the 7 malformed requests are counted without a cohort"
+    );
 
     // Tokens: none, garbage, wrong key, expired, not yet valid, unknown user → 401; a
     // customer's token → 403. (Refused before any cohort is chosen.)
@@ -219,14 +231,15 @@ async fn spec_table_rows(backend: Backend, cohort: Cohort) {
 
     // None of that wrote anything.
     let t2_now = gw.store.trip_snapshot(&t2).await.unwrap().unwrap();
-    assert_eq!((t2_now.driver_id, t2_now.current_status.as_str()), (None, "pending"));
+    assert_eq!((t2_now.driver_id, t2_now.status.as_str()), (None, "pending"));
     assert_eq!(
         gw.store
             .driver_snapshot(&d2)
             .await
             .unwrap()
             .unwrap()
-            .availability_status,
+            .availability
+            .as_str(),
         "available"
     );
 
@@ -304,7 +317,8 @@ async fn legacy_race_five_drivers(backend: Backend) {
             .await
             .unwrap()
             .unwrap()
-            .availability_status,
+            .availability
+            .as_str(),
         "on_trip"
     );
     for loser in drivers.iter().filter(|d| *d != winner) {
@@ -314,7 +328,8 @@ async fn legacy_race_five_drivers(backend: Backend) {
                 .await
                 .unwrap()
                 .unwrap()
-                .availability_status,
+                .availability
+                .as_str(),
             "available"
         );
     }
@@ -493,6 +508,38 @@ async fn customer_routes(backend: Backend) {
     assert_eq!((status, code(&body)), (403, "trip_not_pending_403"));
     let (status, body, _) = gw.post_raw(&cancel, Some(&customer), "application/json", vec![]).await;
     assert_eq!((status, code(&body)), (403, "trip_not_pending_403"));
+
+    // A customer route's 2xx is `outcome="ok"` (SPEC §7), never an accept's `accepted`.
+    let metrics = gw.metrics().await;
+    let count = |outcome: &str, route: &str| {
+        let series = format!("tripgate_http_requests_total{{cohort=\"none\",outcome=\"{outcome}\",route=\"{route}\"}}");
+        metrics
+            .lines()
+            .find(|l| l.starts_with(&series))
+            .map_or(0.0, |_| crate::support::metric_value(&metrics, &series))
+    };
+    assert_eq!(count("ok", create), 1.0, "one trip created");
+    assert_eq!(count("ok", "/api/customer/ride/cancel/{id}"), 1.0, "one cancel");
+    assert!(count("ok", "/api/customer/ride/details/{id}") >= 1.0);
+    assert_eq!(count("accepted", create), 0.0);
+    gw.shutdown().await;
+}
+
+/// The invariant check counts an accept written half: a trip accepted while its driver is
+/// not `on_trip`.
+async fn double_assignments_counts_a_half_written_accept(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let gw = Gateway::start(&db, Options::default()).await;
+    let w = World::new(&gw.store).await;
+    let d = w.driver().await;
+    let trip = w.trip(&[]).await;
+    assert_eq!(gw.accept(&d, &trip).await.0, 200);
+    assert_eq!(gw.store.double_assignments().await.unwrap(), 0);
+    gw.store
+        .set_driver_status(&d, true, Availability::Available)
+        .await
+        .unwrap();
+    assert_eq!(gw.store.double_assignments().await.unwrap(), 1);
     gw.shutdown().await;
 }
 

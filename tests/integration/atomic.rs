@@ -207,10 +207,7 @@ async fn failed_fence_releases_the_lock(backend: Backend) {
     // Nothing half-done: no driver on the trip, no job, the driver still available, and
     // no lock left to block the trip.
     let snapshot = gw.store.trip_snapshot(&trip).await.unwrap().unwrap();
-    assert_eq!(
-        (snapshot.driver_id, snapshot.current_status.as_str()),
-        (None, "pending")
-    );
+    assert_eq!((snapshot.driver_id, snapshot.status.as_str()), (None, "pending"));
     assert!(gw.store.list_jobs(None).await.unwrap().is_empty());
     assert_eq!(
         gw.store
@@ -218,7 +215,8 @@ async fn failed_fence_releases_the_lock(backend: Backend) {
             .await
             .unwrap()
             .unwrap()
-            .availability_status,
+            .availability
+            .as_str(),
         "available"
     );
     let locks = gw.running.as_ref().unwrap().locks.clone();
@@ -486,7 +484,7 @@ async fn stale_lock_of_a_dead_request_does_not_block_the_trip(backend: Backend) 
     let locks = gw.running.as_ref().unwrap().locks.clone();
 
     let fresh = w.trip(&[]).await;
-    let live = format!("someone:nonce:{}", tripgate::storage::now_ms());
+    let live = format!("someone:nonce:{}", tripgate::domain::now_ms());
     assert_eq!(
         locks.acquire(&fresh, &live).await.unwrap(),
         tripgate::lock_store::Claim::Acquired
@@ -499,7 +497,7 @@ async fn stale_lock_of_a_dead_request_does_not_block_the_trip(backend: Backend) 
     );
 
     let abandoned = w.trip(&[]).await;
-    let dead = format!("ghost:nonce:{}", tripgate::storage::now_ms() - 60_000);
+    let dead = format!("ghost:nonce:{}", tripgate::domain::now_ms() - 60_000);
     assert_eq!(
         locks.acquire(&abandoned, &dead).await.unwrap(),
         tripgate::lock_store::Claim::Acquired

@@ -111,7 +111,7 @@ async fn seed_json_shape(backend: Backend) {
     }
     for t in seeded["trips"].as_array().unwrap() {
         let snapshot = store.trip_snapshot(t["id"].as_str().unwrap()).await.unwrap().unwrap();
-        assert_eq!(snapshot.current_status, "pending");
+        assert_eq!(snapshot.status.as_str(), "pending");
     }
     store.close().await;
 }

@@ -205,10 +205,7 @@ async fn arbitrary_bodies_never_5xx_or_write() {
         assert!(status < 500, "{status} for {:?}", String::from_utf8_lossy(&body));
     }
     let snapshot = gw.store.trip_snapshot(&trip).await.unwrap().unwrap();
-    assert_eq!(
-        (snapshot.driver_id, snapshot.current_status.as_str()),
-        (None, "pending")
-    );
+    assert_eq!((snapshot.driver_id, snapshot.status.as_str()), (None, "pending"));
     let full = gw.store.trip_with_relations(&trip).await.unwrap().unwrap();
     assert_eq!(full["rejected_drivers"], serde_json::json!([]));
     assert!(gw.store.list_jobs(None).await.unwrap().is_empty());

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tripgate::auth::Role;
-use tripgate::rollout::Cohort;
-use tripgate::storage::{AssignOutcome, Assignment, now_ms};
+use tripgate::domain::{Cohort, Effect, JobState, TripType, now_ms};
+use tripgate::storage::assign::{AssignOutcome, Assignment};
 
 use crate::backend_tests;
 use crate::support::{Backend, Gateway, Options, Process, TempDir, TestDb, WebhookStub, World, eventually};
@@ -32,7 +32,7 @@ async fn accepted(store: &tripgate::storage::Storage, driver: &str, trip: &str) 
             vehicle_id: vehicle,
             otp: "4321".into(),
             cohort: Cohort::AtomicAsync,
-            trip_type: tripgate::storage::TripType::Ride,
+            trip_type: TripType::Ride,
             requested_at_ms: now_ms(),
         })
         .await
@@ -67,7 +67,7 @@ async fn two_worker_processes_share_the_queue(backend: Backend) {
     ];
     eventually(Duration::from_secs(60), "all jobs done", || {
         let store = store.clone();
-        async move { (store.list_jobs(Some("done")).await.ok()?.len() == 30).then_some(()) }
+        async move { (store.list_jobs(Some(JobState::Done)).await.ok()?.len() == 30).then_some(()) }
     })
     .await;
     for t in &trips {
@@ -143,10 +143,10 @@ async fn killed_worker_effects_exactly_once(backend: Backend) {
     assert_eq!(sms[0]["idempotency_key"], sms[1]["idempotency_key"]);
     let records = store.effect_rows(&trip).await.unwrap();
     for r in &records {
-        let expected_calls = if r.effect == "otp_sms" { 2 } else { 1 };
+        let expected_calls = if r.effect == Effect::OtpSms { 2 } else { 1 };
         assert_eq!((r.effect.as_str(), r.calls), (r.effect.as_str(), expected_calls));
     }
-    let jobs = store.list_jobs(Some("done")).await.unwrap();
+    let jobs = store.list_jobs(Some(JobState::Done)).await.unwrap();
     assert_eq!(jobs.len(), 1);
     assert!(jobs[0].attempts >= 2, "taken again after the lease expired");
     store.close().await;
@@ -209,7 +209,7 @@ async fn failing_provider_dead_then_admin_retry(backend: Backend) {
     );
     assert_eq!(
         gw.store.get_job(id).await.unwrap().unwrap().state,
-        "dead",
+        JobState::Dead,
         "refused retries change nothing"
     );
 
@@ -223,7 +223,7 @@ async fn failing_provider_dead_then_admin_retry(backend: Backend) {
         (Some(id), Some("queued"))
     );
     gw.wait_effects_done(&trip, Duration::from_secs(10)).await;
-    assert_eq!(gw.store.get_job(id).await.unwrap().unwrap().state, "done");
+    assert_eq!(gw.store.get_job(id).await.unwrap().unwrap().state, JobState::Done);
     assert_eq!(
         stub.calls_for("otp_push", &trip).len(),
         4,

@@ -351,7 +351,7 @@ async fn postgres_outage_under_load() {
         match (status, trip.driver_id.as_deref()) {
             (200, Some(driver)) => assert_eq!((driver, jobs), (d.as_str(), 1)),
             (503, None) => {
-                assert_eq!((trip.current_status.as_str(), jobs), ("pending", 0));
+                assert_eq!((trip.status.as_str(), jobs), ("pending", 0));
                 assert!(store.driver_snapshot(d).await.unwrap().unwrap().is_available());
             }
             (503, Some(driver)) => assert_eq!((driver, jobs), (d.as_str(), 1)),

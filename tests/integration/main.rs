@@ -4,6 +4,7 @@
 mod support;
 
 mod api;
+mod architecture;
 mod atomic;
 mod cli;
 mod connections;

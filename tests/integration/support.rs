@@ -19,8 +19,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tripgate::auth::{Role, TokenKeys};
 use tripgate::config::{Config, ProviderKind};
+use tripgate::domain::{LatLng, Receiver, TripType};
 use tripgate::server::{Role as ServerRole, Running, start};
-use tripgate::storage::{LatLng, NewDriver, NewTrip, Receiver, Storage, TripType};
+use tripgate::storage::Storage;
+use tripgate::storage::trips::NewTrip;
+use tripgate::storage::users::NewDriver;
 
 pub const SECRET: &str = "integration-test-secret-0123456789";
 

@@ -1,0 +1,168 @@
+//! What differs between the two databases, side by side: PostgreSQL (production: row locks
+//! with `FOR UPDATE`, a job queue shared with `SKIP LOCKED`, workers in other processes woken
+//! by `LISTEN/NOTIFY`) and SQLite (the embedded default: one writer at a time, so a write
+//! transaction takes the write lock up front and needs no row locks; workers are in this
+//! process and woken in-process).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use sqlx::migrate::{MigrationSource, MigrationType};
+use sqlx::{Any, AnyPool, Transaction};
+use tokio::sync::Notify;
+
+use crate::config::DatabaseKind;
+
+/// The channel an enqueue notifies and every worker process listens on (Postgres).
+const JOBS_CHANNEL: &str = "tripgate_jobs";
+
+/// Which SQL dialect a [`super::Storage`] speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// PostgreSQL.
+    Postgres,
+    /// SQLite.
+    Sqlite,
+}
+
+impl Dialect {
+    /// Which database this is.
+    pub fn kind(self) -> DatabaseKind {
+        match self {
+            Self::Postgres => DatabaseKind::Postgres,
+            Self::Sqlite => DatabaseKind::Sqlite,
+        }
+    }
+
+    /// The schema migrations, oldest first (`migrations/<database>/`).
+    pub fn migrations(self) -> Embedded {
+        Embedded(match self {
+            Self::Postgres => &[("init", include_str!("../../migrations/postgres/0001_init.sql"))],
+            Self::Sqlite => &[("init", include_str!("../../migrations/sqlite/0001_init.sql"))],
+        })
+    }
+
+    /// Starts a transaction that will write after it reads.
+    pub async fn begin_write(self, pool: &AnyPool) -> Result<Transaction<'static, Any>, sqlx::Error> {
+        match self {
+            Self::Postgres => pool.begin().await,
+            // A deferred transaction that reads before it writes cannot upgrade once another
+            // connection has committed (SQLITE_BUSY_SNAPSHOT, busy_timeout does not help).
+            Self::Sqlite => pool.begin_with("BEGIN IMMEDIATE").await,
+        }
+    }
+
+    /// Clause that locks the rows a `SELECT` reads until commit (empty on SQLite, where
+    /// [`Dialect::begin_write`] locks the whole database).
+    pub fn lock_rows(self) -> &'static str {
+        match self {
+            Self::Postgres => "FOR UPDATE",
+            Self::Sqlite => "",
+        }
+    }
+
+    /// Clause for the job claim's inner `SELECT`, so workers skip each other's rows.
+    pub fn skip_locked(self) -> &'static str {
+        match self {
+            Self::Postgres => "FOR UPDATE SKIP LOCKED",
+            Self::Sqlite => "",
+        }
+    }
+
+    /// Statement run in an enqueueing transaction to wake workers in other processes.
+    pub fn notify_statement(self) -> Option<&'static str> {
+        match self {
+            Self::Postgres => Some("NOTIFY tripgate_jobs"),
+            Self::Sqlite => None,
+        }
+    }
+
+    /// Forwards other processes' wake-ups into `wake` (Postgres `LISTEN` on a connection of
+    /// its own to `url`, reconnecting; nothing to do on SQLite).
+    pub fn forward_wakeups(self, url: &str, wake: Arc<Notify>) {
+        if self != Self::Postgres {
+            return;
+        }
+        let url = url.to_owned();
+        tokio::spawn(async move {
+            loop {
+                match listen(&url, &wake).await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "job LISTEN connection lost; workers fall back to polling until it is back");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
+    }
+}
+
+async fn listen(url: &str, wake: &Notify) -> Result<(), sqlx::Error> {
+    let mut listener = sqlx::postgres::PgListener::connect(url).await?;
+    listener.listen(JOBS_CHANNEL).await?;
+    loop {
+        listener.recv().await?;
+        wake.notify_one();
+    }
+}
+
+/// The embedded migrations of one dialect: `(description, sql)`, version = position + 1.
+#[derive(Debug)]
+pub struct Embedded(&'static [(&'static str, &'static str)]);
+
+impl<'s> MigrationSource<'s> for Embedded {
+    fn resolve(self) -> BoxFuture<'s, Result<Vec<sqlx::migrate::Migration>, sqlx::error::BoxDynError>> {
+        Box::pin(async move {
+            Ok(self
+                .0
+                .iter()
+                .zip(1..)
+                .map(|((description, sql), version)| {
+                    sqlx::migrate::Migration::new(
+                        version,
+                        (*description).into(),
+                        MigrationType::Simple,
+                        (*sql).into(),
+                        false,
+                    )
+                })
+                .collect())
+        })
+    }
+}
+
+/// The connect URL for a `sqlite://` URL: creates the file's folder and asks SQLite to
+/// create the file (`mode=rwc`) unless the URL chose a mode.
+pub(super) fn sqlite_url(url: &str) -> std::io::Result<String> {
+    let rest = url.trim_start_matches("sqlite:").trim_start_matches("//");
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if let Some(parent) = std::path::Path::new(path).parent()
+        && !parent.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(parent)?;
+    }
+    Ok(if query.contains("mode=") {
+        url.to_owned()
+    } else if query.is_empty() {
+        format!("{url}?mode=rwc")
+    } else {
+        format!("{url}&mode=rwc")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_and_absolute_sqlite_paths() {
+        let dir = std::env::temp_dir().join(format!("tg-sqlite-{}", std::process::id()));
+        let abs = format!("sqlite://{}/a/b.db", dir.display());
+        assert_eq!(sqlite_url(&abs).unwrap(), format!("{abs}?mode=rwc"));
+        assert!(dir.join("a").is_dir());
+        assert_eq!(sqlite_url("sqlite://x.db?mode=ro").unwrap(), "sqlite://x.db?mode=ro");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,168 @@
+//! The durable job queue: a job row per accepted trip (inserted by the accept transaction,
+//! see [`super::assign`]), claimed under a lease by the workers, finished, listed, retried.
+
+use serde::Serialize;
+use sqlx::any::AnyRow;
+use sqlx::{FromRow, Row};
+
+use super::{Storage, get_enum};
+use crate::domain::{Cohort, JobKind, JobState, now_ms};
+
+/// A job row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Job {
+    /// Id.
+    pub id: String,
+    /// What to run.
+    pub kind: JobKind,
+    /// The trip it is for.
+    pub trip_id: String,
+    /// Cohort that enqueued it.
+    pub cohort: Cohort,
+    /// Where it is in the queue.
+    pub state: JobState,
+    /// Attempts started.
+    pub attempts: i64,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+}
+
+impl Job {
+    /// The columns a [`Job`] is read from: every `SELECT` and `RETURNING` of a job.
+    const COLUMNS: &'static str = "id, kind, trip_request_id, cohort, state, attempts, last_error";
+}
+
+impl FromRow<'_, AnyRow> for Job {
+    fn from_row(r: &AnyRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            id: r.try_get("id")?,
+            kind: get_enum(r, "kind", JobKind::parse)?,
+            trip_id: r.try_get("trip_request_id")?,
+            cohort: get_enum(r, "cohort", Cohort::parse)?,
+            state: get_enum(r, "state", JobState::parse)?,
+            attempts: r.try_get("attempts")?,
+            last_error: r.try_get("last_error")?,
+        })
+    }
+}
+
+/// What to do with a job after an attempt.
+#[derive(Debug, Clone)]
+pub enum JobResult {
+    /// All effects recorded.
+    Done,
+    /// Try again at this time (ms).
+    RetryAt(i64, String),
+    /// Give up: visible in the admin API, retryable by hand.
+    Dead(String),
+}
+
+impl JobResult {
+    /// The metrics label: done, retry or dead.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Done => "done",
+            Self::RetryAt(..) => "retry",
+            Self::Dead(_) => "dead",
+        }
+    }
+}
+
+impl Storage {
+    /// Claims up to `limit` runnable jobs — queued and due, or running with an expired
+    /// lease (their worker died) — in one statement, leased until `now + lease_ms`. One
+    /// statement is atomic on its own (row locks with SKIP LOCKED on Postgres, the write
+    /// lock on SQLite), so it needs no explicit transaction.
+    pub async fn claim_jobs(&self, lease_ms: i64, limit: usize) -> Result<Vec<Job>, sqlx::Error> {
+        let sql = format!(
+            "UPDATE jobs SET state = 'running', attempts = attempts + 1, locked_until = $1, updated_at = $2 \
+             WHERE id IN (SELECT id FROM jobs \
+                          WHERE (state = 'queued' AND run_at <= $2) OR (state = 'running' AND locked_until < $2) \
+                          ORDER BY run_at LIMIT $3 {}) \
+             RETURNING {}",
+            self.dialect.skip_locked(),
+            Job::COLUMNS
+        );
+        let now = now_ms();
+        sqlx::query_as(&sql)
+            .bind(now + lease_ms)
+            .bind(now)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await
+    }
+
+    /// Records the end of an attempt.
+    pub async fn finish_job(&self, job_id: &str, result: &JobResult) -> Result<(), sqlx::Error> {
+        let now = now_ms();
+        let (state, run_at, error) = match result {
+            JobResult::Done => (JobState::Done, now, None),
+            JobResult::RetryAt(at, e) => (JobState::Queued, *at, Some(e.as_str())),
+            JobResult::Dead(e) => (JobState::Dead, now, Some(e.as_str())),
+        };
+        sqlx::query(
+            "UPDATE jobs SET state = $2, run_at = $3, last_error = COALESCE($4, last_error), locked_until = NULL, updated_at = $5 \
+             WHERE id = $1",
+        )
+        .bind(job_id)
+        .bind(state.as_str())
+        .bind(run_at)
+        .bind(error)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Jobs, optionally in one state, newest first (at most 500).
+    pub async fn list_jobs(&self, state: Option<JobState>) -> Result<Vec<Job>, sqlx::Error> {
+        let sql = format!(
+            "SELECT {} FROM jobs WHERE ($1 IS NULL OR state = $1) ORDER BY created_at DESC LIMIT 500",
+            Job::COLUMNS
+        );
+        sqlx::query_as(&sql)
+            .bind(state.map(JobState::as_str))
+            .fetch_all(&self.pool)
+            .await
+    }
+
+    /// One job.
+    pub async fn get_job(&self, id: &str) -> Result<Option<Job>, sqlx::Error> {
+        let sql = format!("SELECT {} FROM jobs WHERE id = $1", Job::COLUMNS);
+        sqlx::query_as(&sql).bind(id).fetch_optional(&self.pool).await
+    }
+
+    /// Puts a dead job back in the queue with a fresh attempt budget. `None` if there is no
+    /// such dead job.
+    pub async fn retry_job(&self, id: &str) -> Result<Option<Job>, sqlx::Error> {
+        // The job as this statement left it (queued): a worker may take it the moment the
+        // wake-up below goes out, and the caller is answered with what the retry did.
+        let sql = format!(
+            "UPDATE jobs SET state = 'queued', attempts = 0, run_at = $2, locked_until = NULL, updated_at = $2 \
+             WHERE id = $1 AND state = 'dead' RETURNING {}",
+            Job::COLUMNS
+        );
+        let queued: Option<Job> = sqlx::query_as(&sql)
+            .bind(id)
+            .bind(now_ms())
+            .fetch_optional(&self.pool)
+            .await?;
+        if queued.is_some() {
+            if let Some(notify) = self.dialect.notify_statement() {
+                sqlx::query(notify).execute(&self.pool).await?;
+            }
+            self.job_wake.notify_one();
+        }
+        Ok(queued)
+    }
+
+    /// Number of jobs per state.
+    pub async fn job_counts(&self) -> Result<Vec<(JobState, i64)>, sqlx::Error> {
+        let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((get_enum(r, "state", JobState::parse)?, r.try_get("n")?)))
+            .collect()
+    }
+}
