@@ -86,16 +86,13 @@ impl AtomicAsync {
             TripClaim::Acquired(owner) => self.commit(assignment, Some(owner)).await.map(Some),
             // The lock store is down or slow: the fence alone decides.
             TripClaim::Unanswered => self.commit(assignment, None).await.map(Some),
-            // This driver's earlier request holds it: its outcome is the answer.
+            // Another request holds it. One that died (this driver's or another's) left
+            // a lock older than any request runs: cleared, and we go again.
+            TripClaim::HeldBy(holder) if self.clear_if_abandoned(&cmd.trip_id, &holder).await? => Ok(None),
+            // This driver's earlier request, still running: its outcome is the answer.
             TripClaim::HeldBy(holder) if holder.is_driver(&cmd.driver_id) => self.await_in_flight(cmd).await,
-            // Another driver's request holds it: turned away, unless that request died.
-            TripClaim::HeldBy(holder) => {
-                if self.clear_if_abandoned(&cmd.trip_id, &holder).await? {
-                    Ok(None)
-                } else {
-                    Err(ApiError::TripTaken)
-                }
-            }
+            // Another driver's: turned away without a write.
+            TripClaim::HeldBy(_) => Err(ApiError::TripTaken),
         }
     }
 

@@ -93,7 +93,12 @@ impl Storage {
             Some(t) if !t.is_open() => return Ok(AssignOutcome::NotPending),
             Some(_) => {}
         }
-        bind_assignment(sqlx::query(ASSIGN_SQL), a).execute(&mut *tx).await?;
+        if assign(bind_assignment(sqlx::query(ASSIGN_SQL), a), &mut tx)
+            .await?
+            .is_none()
+        {
+            return Ok(AssignOutcome::DriverBusy);
+        }
         let start = JobStart {
             state: JobState::Running,
             locked_until: Some(now_ms() + lease_ms),
@@ -108,10 +113,9 @@ impl Storage {
     pub async fn accept_fenced(&self, a: &Assignment) -> Result<AssignOutcome, sqlx::Error> {
         let mut tx = self.dialect.begin_write(&self.pool).await?;
         let sql = format!("{ASSIGN_SQL}{FENCE}");
-        let fenced = bind_assignment(sqlx::query(&sql), a)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        let Some(fenced) = assign(bind_assignment(sqlx::query(&sql), a), &mut tx).await? else {
+            return Ok(AssignOutcome::DriverBusy);
+        };
         if fenced == 0 {
             drop(tx);
             let trip = self.trip_snapshot(&a.trip_id).await?;
@@ -223,6 +227,21 @@ impl Storage {
         )
         .fetch_one(&self.pool)
         .await
+    }
+}
+
+/// Runs the trip update; the rows it changed, or `None` when the partial unique index (one
+/// active trip per driver) refused it: this driver's accept of another trip committed
+/// meanwhile. (The index is checked at the update — waiting for that other transaction —
+/// not at commit, so this is where a same-driver race is decided.)
+async fn assign<'q>(
+    query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+) -> Result<Option<u64>, sqlx::Error> {
+    match query.execute(&mut **tx).await {
+        Ok(done) => Ok(Some(done.rows_affected())),
+        Err(e) if is_unique_violation(&e) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 

@@ -11,6 +11,7 @@ use crate::support::{Backend, Gateway, Options, TestDb, WebhookStub, World, code
 
 backend_tests!(
     double_assignments_counts_a_half_written_accept,
+    driver_holding_a_trip_cannot_take_another_atomic_async,
     spec_table_rows_legacy,
     spec_table_rows_atomic_async,
     legacy_race_five_drivers,
@@ -337,8 +338,27 @@ async fn legacy_race_five_drivers(backend: Backend) {
 }
 
 async fn driver_holding_a_trip_cannot_take_another(backend: Backend) {
+    one_trip_per_driver(backend, 0.0).await;
+}
+
+async fn driver_holding_a_trip_cannot_take_another_atomic_async(backend: Backend) {
+    one_trip_per_driver(backend, 100.0).await;
+}
+
+/// A driver on a trip is refused another; the same driver on several trips at once gets
+/// exactly one, and every other answer is `403 driver_unavailable_403` — never a 5xx (the
+/// one-active-trip index fires at the update of a racing transaction, not at its commit).
+async fn one_trip_per_driver(backend: Backend, percent: f64) {
     let db = TestDb::new(backend).await;
-    let gw = Gateway::start(&db, Options::default()).await;
+    let gw = Gateway::start(
+        &db,
+        Options {
+            percent,
+            redis_url: redis_for(backend),
+            ..Options::default()
+        },
+    )
+    .await;
     let w = World::new(&gw.store).await;
     let d = w.driver().await;
     let (t1, t2) = (w.trip(&[]).await, w.trip(&[]).await);
@@ -346,11 +366,22 @@ async fn driver_holding_a_trip_cannot_take_another(backend: Backend) {
     let (status, body, _) = gw.accept(&d, &t2).await;
     assert_eq!((status, code(&body)), (403, "driver_unavailable_403"));
 
-    // The same driver on two trips at once: exactly one wins.
-    let d2 = w.driver().await;
-    let trips = [w.trip(&[]).await, w.trip(&[]).await, w.trip(&[]).await];
-    let results = futures_util::future::join_all(trips.iter().map(|t| gw.accept(&d2, t))).await;
-    assert_eq!(results.iter().filter(|r| r.0 == 200).count(), 1, "{results:?}");
+    for _round in 0..4 {
+        let d2 = w.driver().await;
+        let mut trips = Vec::new();
+        for _ in 0..6 {
+            trips.push(w.trip(&[]).await);
+        }
+        let results = futures_util::future::join_all(trips.iter().map(|t| gw.accept(&d2, t))).await;
+        let answers: Vec<(u16, &str)> = results.iter().map(|(s, b, _)| (*s, code(b))).collect();
+        assert_eq!(answers.iter().filter(|a| a.0 == 200).count(), 1, "{answers:?}");
+        assert!(
+            answers
+                .iter()
+                .all(|a| *a == (200, "default_update_200") || *a == (403, "driver_unavailable_403")),
+            "{answers:?}"
+        );
+    }
     assert_eq!(gw.store.double_assignments().await.unwrap(), 0);
     gw.shutdown().await;
 }

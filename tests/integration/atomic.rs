@@ -512,5 +512,22 @@ async fn stale_lock_of_a_dead_request_does_not_block_the_trip(backend: Backend) 
             .unwrap()
             .starts_with(&format!("{d2}:"))
     );
+
+    // A driver whose own request died between its claim and its commit: the retry clears
+    // that lock as anyone else's (it used to wait for it and answer 503 until the TTL).
+    let d3 = w.driver().await;
+    let own = w.trip(&[]).await;
+    let dead_own = format!("{d3}:nonce:{}", tripgate::domain::now_ms() - 60_000);
+    assert_eq!(
+        locks.acquire(&own, &dead_own).await.unwrap(),
+        tripgate::lock_store::Claim::Acquired
+    );
+    let (status, body, _) = gw.accept(&d3, &own).await;
+    assert_eq!((status, code(&body)), (200, "default_update_200"), "{body}");
+    assert_eq!(
+        body["data"]["already_accepted"],
+        serde_json::Value::Null,
+        "a first accept: {body}"
+    );
     gw.shutdown().await;
 }
