@@ -12,8 +12,9 @@
 //!   that only matches a pending trip without a driver; of any number of concurrent accepts
 //!   (either cohort, any instance) exactly one commits.
 //!
-//! Round trips: legacy BEGIN, lock-read, update, driver, status, effects, job, (NOTIFY),
-//! COMMIT; atomic_async the same without the lock-read.
+//! Round trips: legacy BEGIN, lock-read, update, driver, status, effects, job, COMMIT;
+//! atomic_async the same without the lock-read. Workers are woken after the commit, never
+//! by a `NOTIFY` inside it (see `dialect::RemoteWake`).
 
 use super::{Storage, is_unique_violation};
 use crate::domain::{Cohort, Effect, JobKind, JobState, TripType, now_ms};
@@ -190,9 +191,6 @@ impl Storage {
         .bind(job.locked_until)
         .execute(&mut *tx)
         .await?;
-        if let Some(notify) = self.dialect.notify_statement() {
-            sqlx::query(notify).execute(&mut *tx).await?;
-        }
         match tx.commit().await {
             Ok(()) => {}
             // The partial unique index: this driver committed another trip meanwhile.
@@ -200,7 +198,7 @@ impl Storage {
             Err(e) => return Err(e),
         }
         if job.state == JobState::Queued {
-            self.job_wake.notify_one();
+            self.job_queued();
         }
         Ok(AssignOutcome::Accepted {
             job: Job {

@@ -4,7 +4,7 @@
 //! transaction takes the write lock up front and needs no row locks; workers are in this
 //! process and woken in-process).
 
-use std::sync::Arc;
+use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -70,10 +70,11 @@ impl Dialect {
         }
     }
 
-    /// Statement run in an enqueueing transaction to wake workers in other processes.
-    pub fn notify_statement(self) -> Option<&'static str> {
+    /// How workers in other processes are told a job is queued: Postgres `NOTIFY` (see
+    /// [`RemoteWake`]); nothing on SQLite, whose workers are all in this process.
+    pub fn remote_wake(self) -> Option<Arc<RemoteWake>> {
         match self {
-            Self::Postgres => Some("NOTIFY tripgate_jobs"),
+            Self::Postgres => Some(Arc::new(RemoteWake::default())),
             Self::Sqlite => None,
         }
     }
@@ -96,6 +97,48 @@ impl Dialect {
                 }
             }
         });
+    }
+}
+
+/// Wakes job workers in other processes with one `NOTIFY` sent after the enqueueing
+/// commit, never inside it (a notifying commit takes a cluster-wide lock held through its
+/// WAL flush, so notifying transactions commit one after another), and coalesced: however
+/// many jobs are queued meanwhile, at most one `NOTIFY` per [`RemoteWake::EVERY`] per
+/// process. The workers' poll is the backstop for a lost one.
+#[derive(Debug)]
+pub struct RemoteWake {
+    requested: Arc<Notify>,
+    started: Once,
+}
+
+impl Default for RemoteWake {
+    fn default() -> Self {
+        Self {
+            requested: Arc::new(Notify::new()),
+            started: Once::new(),
+        }
+    }
+}
+
+impl RemoteWake {
+    /// The shortest gap between two `NOTIFY`s of this process.
+    pub const EVERY: Duration = Duration::from_millis(5);
+
+    /// Asks for a `NOTIFY` through `pool` (the first call starts the sender task).
+    pub fn request(&self, pool: &AnyPool) {
+        self.started.call_once(|| {
+            let (requested, pool) = (self.requested.clone(), pool.clone());
+            tokio::spawn(async move {
+                loop {
+                    requested.notified().await;
+                    if let Err(e) = sqlx::query("NOTIFY tripgate_jobs").execute(&pool).await {
+                        tracing::debug!(error = %e, "job NOTIFY failed; other processes' workers poll");
+                    }
+                    tokio::time::sleep(Self::EVERY).await;
+                }
+            });
+        });
+        self.requested.notify_one();
     }
 }
 

@@ -148,10 +148,7 @@ impl Storage {
             .fetch_optional(&self.pool)
             .await?;
         if queued.is_some() {
-            if let Some(notify) = self.dialect.notify_statement() {
-                sqlx::query(notify).execute(&self.pool).await?;
-            }
-            self.job_wake.notify_one();
+            self.job_queued();
         }
         Ok(queued)
     }

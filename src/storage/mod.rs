@@ -58,6 +58,8 @@ pub struct Storage {
     dialect: Dialect,
     /// Woken after a job is enqueued so an idle worker starts it within milliseconds.
     job_wake: Arc<Notify>,
+    /// Wakes workers in other processes (Postgres), shared by every pool of this process.
+    remote_wake: Option<Arc<dialect::RemoteWake>>,
     /// The connect URL (for [`Storage::with_own_pool`] and Postgres `LISTEN`).
     url: Arc<str>,
 }
@@ -98,6 +100,7 @@ impl Storage {
             pool,
             dialect,
             job_wake: Arc::new(Notify::new()),
+            remote_wake: dialect.remote_wake(),
             url: url.into(),
         })
     }
@@ -133,6 +136,15 @@ impl Storage {
     /// [`Storage::forward_wakeups`] runs).
     pub fn job_wake(&self) -> Arc<Notify> {
         self.job_wake.clone()
+    }
+
+    /// Tells the job workers a job was queued (after its commit): this process's at once,
+    /// other processes' through a coalesced `NOTIFY` (see [`dialect::RemoteWake`]).
+    fn job_queued(&self) {
+        self.job_wake.notify_one();
+        if let Some(remote) = &self.remote_wake {
+            remote.request(&self.pool);
+        }
     }
 
     /// Starts forwarding other processes' job wake-ups (Postgres `LISTEN`).

@@ -11,6 +11,7 @@ use crate::backend_tests;
 use crate::support::{Backend, Gateway, Options, Process, TempDir, TestDb, WebhookStub, World, eventually};
 
 backend_tests!(
+    another_process_s_worker_is_woken_at_once,
     killed_worker_effects_exactly_once,
     failing_provider_dead_then_admin_retry,
     two_worker_processes_share_the_queue,
@@ -80,6 +81,53 @@ async fn two_worker_processes_share_the_queue(backend: Backend) {
         }
     }
     assert!(store.list_jobs(None).await.unwrap().iter().all(|j| j.attempts == 1));
+    store.close().await;
+}
+
+/// A job queued by one process is started by a worker in another within moments — woken
+/// after the commit (Postgres `NOTIFY`, coalesced, outside the accept's transaction), not
+/// by its poll, which is set to a minute here. (SQLite: one process, nothing to wake.)
+async fn another_process_s_worker_is_woken_at_once(backend: Backend) {
+    if backend == Backend::Sqlite {
+        return;
+    }
+    let db = TestDb::new(backend).await;
+    let stub = WebhookStub::start().await;
+    let store = db.store().await;
+    let w = World::new(&store).await;
+    let dir = TempDir::new();
+    let options = Options {
+        webhook: Some(format!("http://{}", stub.addr)),
+        ..Options::default()
+    };
+    let mut config = crate::support::config(&db.url, dir.path(), &options);
+    config.jobs.poll_interval_ms = 60_000;
+    let _worker = Process::spawn("worker", &config, dir.path());
+    // The worker claims what is queued when it starts: once this job is done it listens.
+    let (d, t) = (w.driver().await, w.trip(&[]).await);
+    accepted(&store, &d, &t).await;
+    let done = |trip: String| {
+        let store = store.clone();
+        move || {
+            let (store, trip) = (store.clone(), trip.clone());
+            async move {
+                let jobs = store.list_jobs(Some(JobState::Done)).await.ok()?;
+                jobs.iter().any(|j| j.trip_id == trip).then_some(())
+            }
+        }
+    };
+    eventually(Duration::from_secs(30), "the first job done", done(t)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..3 {
+        let (d, t) = (w.driver().await, w.trip(&[]).await);
+        accepted(&store, &d, &t).await;
+        eventually(
+            Duration::from_secs(5),
+            "a job queued elsewhere started at once",
+            done(t),
+        )
+        .await;
+    }
     store.close().await;
 }
 
