@@ -81,7 +81,7 @@ impl Storage {
     /// claimed (`running`, leased), because the legacy request runs the effects itself; if
     /// the process dies first, the lease expires and a worker finishes them.
     pub async fn accept_locked(&self, a: &Assignment, lease_ms: i64) -> Result<AssignOutcome, sqlx::Error> {
-        let mut tx = self.dialect.begin_write(&self.pool).await?;
+        let mut tx = self.begin().await?;
         let sql = format!(
             "SELECT {} FROM trip_requests WHERE id = $1 {}",
             TripSnapshot::COLUMNS,
@@ -112,7 +112,7 @@ impl Storage {
     /// trip has no driver and is pending, so of any number of concurrent accepts exactly one
     /// commits. When it matches nothing, one read says why.
     pub async fn accept_fenced(&self, a: &Assignment) -> Result<AssignOutcome, sqlx::Error> {
-        let mut tx = self.dialect.begin_write(&self.pool).await?;
+        let mut tx = self.begin().await?;
         let sql = format!("{ASSIGN_SQL}{FENCE}");
         let Some(fenced) = assign(bind_assignment(sqlx::query(&sql), a), &mut tx).await? else {
             return Ok(AssignOutcome::DriverBusy);
@@ -223,7 +223,7 @@ impl Storage {
                   + (SELECT COUNT(*) FROM trip_requests t JOIN driver_details dd ON dd.user_id = t.driver_id \
                      WHERE t.current_status IN ('accepted', 'ongoing') AND dd.availability_status <> 'on_trip')",
         )
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *self.conn().await?)
         .await
     }
 }

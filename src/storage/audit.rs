@@ -47,7 +47,7 @@ impl Storage {
             .bind(&e.flag)
             .bind(e.from.map(percent_to_bp))
             .bind(percent_to_bp(e.to))
-            .execute(&self.pool)
+            .execute(&mut *self.conn().await?)
             .await?;
         Ok(())
     }
@@ -55,7 +55,7 @@ impl Storage {
     /// The audit log, oldest first.
     pub async fn flag_audit(&self) -> Result<Vec<AuditEntry>, sqlx::Error> {
         sqlx::query_as("SELECT at, actor, source, flag, from_bp, to_bp FROM flag_audit ORDER BY id")
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *self.conn().await?)
             .await
     }
 }

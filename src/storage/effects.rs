@@ -133,7 +133,7 @@ impl Storage {
              WHERE t.id = $1",
         )
         .bind(trip_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?;
         let Some(mut ctx) = ctx else { return Ok(None) };
         ctx.other_drivers_push_tokens = sqlx::query_scalar(
@@ -142,7 +142,7 @@ impl Storage {
         )
         .bind(trip_id)
         .bind(&ctx.driver_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?;
         Ok(Some(ctx))
     }
@@ -167,7 +167,7 @@ impl Storage {
              WHERE trip_request_id = $1 ORDER BY effect",
         )
         .bind(trip_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await
     }
 
@@ -176,7 +176,7 @@ impl Storage {
         sqlx::query("UPDATE side_effects SET calls = calls + 1 WHERE trip_request_id = $1 AND effect = $2")
             .bind(trip_id)
             .bind(effect.as_str())
-            .execute(&self.pool)
+            .execute(&mut *self.conn().await?)
             .await?;
         Ok(())
     }
@@ -203,14 +203,14 @@ impl Storage {
         .bind(error)
         .bind(handed_at)
         .bind(now_ms())
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(())
     }
 
     /// Bidding bookkeeping: the winner's bid (if any) becomes the fare, the others are ignored.
     pub async fn settle_bids(&self, trip_id: &str, driver_id: &str) -> Result<(), sqlx::Error> {
-        let mut tx = self.dialect.begin_write(&self.pool).await?;
+        let mut tx = self.begin().await?;
         sqlx::query("UPDATE fare_biddings SET is_ignored = TRUE WHERE trip_request_id = $1 AND driver_id <> $2")
             .bind(trip_id)
             .bind(driver_id)
@@ -233,7 +233,7 @@ impl Storage {
     pub async fn cleanup_rejections(&self, trip_id: &str) -> Result<(), sqlx::Error> {
         sqlx::query("DELETE FROM rejected_driver_requests WHERE trip_request_id = $1")
             .bind(trip_id)
-            .execute(&self.pool)
+            .execute(&mut *self.conn().await?)
             .await?;
         Ok(())
     }

@@ -88,7 +88,7 @@ impl Storage {
             .bind(now + lease_ms)
             .bind(now)
             .bind(limit as i64)
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *self.conn().await?)
             .await
     }
 
@@ -109,7 +109,7 @@ impl Storage {
         .bind(run_at)
         .bind(error)
         .bind(now)
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(())
     }
@@ -122,14 +122,17 @@ impl Storage {
         );
         sqlx::query_as(&sql)
             .bind(state.map(JobState::as_str))
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *self.conn().await?)
             .await
     }
 
     /// One job.
     pub async fn get_job(&self, id: &str) -> Result<Option<Job>, sqlx::Error> {
         let sql = format!("SELECT {} FROM jobs WHERE id = $1", Job::COLUMNS);
-        sqlx::query_as(&sql).bind(id).fetch_optional(&self.pool).await
+        sqlx::query_as(&sql)
+            .bind(id)
+            .fetch_optional(&mut *self.conn().await?)
+            .await
     }
 
     /// Puts a dead job back in the queue with a fresh attempt budget. `None` if there is no
@@ -145,7 +148,7 @@ impl Storage {
         let queued: Option<Job> = sqlx::query_as(&sql)
             .bind(id)
             .bind(now_ms())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *self.conn().await?)
             .await?;
         if queued.is_some() {
             self.job_queued();
@@ -156,7 +159,7 @@ impl Storage {
     /// Number of jobs per state.
     pub async fn job_counts(&self) -> Result<Vec<(JobState, i64)>, sqlx::Error> {
         let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *self.conn().await?)
             .await?;
         rows.iter()
             .map(|r| Ok((get_enum(r, "state", JobState::parse)?, r.try_get("n")?)))

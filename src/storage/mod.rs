@@ -24,6 +24,15 @@
 //! the set of databases is closed (two), the differences are a handful of strings and two
 //! behaviours, and a `match` shows both side by side at each place they differ.
 //!
+//! # When the database is down
+//!
+//! Every statement takes its connection through [`Storage`]'s own `conn`/`begin`. Once
+//! the database is known unreachable (a connection failed, or the pool timed out), they
+//! fail at once — a 503 without waiting `database.acquire_timeout_ms` again — while a
+//! background probe tries a fresh connection (not the pool, so a pool that is merely busy
+//! under load is not taken for a dead database) every 200 ms and lifts the state when one
+//! succeeds.
+//!
 //! # Rows
 //!
 //! Code that decides reads typed rows: `sqlx::FromRow` structs (implemented by hand
@@ -39,12 +48,14 @@ pub mod jobs;
 pub mod trips;
 pub mod users;
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
 use sqlx::migrate::{MigrateError, Migrator};
-use sqlx::{AnyPool, Connection, Executor, Row};
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, AnyConnection, AnyPool, Connection, Executor, Row, Transaction};
 use tokio::sync::Notify;
 
 pub use self::dialect::Dialect;
@@ -60,9 +71,23 @@ pub struct Storage {
     job_wake: Arc<Notify>,
     /// Wakes workers in other processes (Postgres), shared by every pool of this process.
     remote_wake: Option<Arc<dialect::RemoteWake>>,
-    /// The connect URL (for [`Storage::with_own_pool`] and Postgres `LISTEN`).
+    /// The connect URL (for [`Storage::with_own_pool`], Postgres `LISTEN` and the probe).
     url: Arc<str>,
+    /// Whether the database is known unreachable; shared by every pool of this process.
+    reach: Arc<Reachability>,
 }
+
+/// The database is known unreachable until a probe connects again.
+#[derive(Debug)]
+struct Reachability {
+    down: AtomicBool,
+    /// Wakes the probe after a failure.
+    failed: Notify,
+    prober: Once,
+}
+
+/// How often the probe tries while the database is down.
+const PROBE_EVERY: Duration = Duration::from_millis(200);
 
 /// A pool that connects on first use (so `serve` starts while the database is down).
 fn lazy_pool(url: &str, max_connections: u32, acquire_timeout_ms: u64) -> Result<AnyPool, sqlx::Error> {
@@ -102,6 +127,11 @@ impl Storage {
             job_wake: Arc::new(Notify::new()),
             remote_wake: dialect.remote_wake(),
             url: url.into(),
+            reach: Arc::new(Reachability {
+                down: AtomicBool::new(false),
+                failed: Notify::new(),
+                prober: Once::new(),
+            }),
         })
     }
 
@@ -138,6 +168,58 @@ impl Storage {
         self.job_wake.clone()
     }
 
+    /// A connection from the pool; at once an error while the database is known down.
+    async fn conn(&self) -> Result<PoolConnection<Any>, sqlx::Error> {
+        self.reachable()?;
+        self.pool.acquire().await.inspect_err(|e| self.observe(e))
+    }
+
+    /// A write transaction (see [`Dialect::begin_write`]); at once an error while the
+    /// database is known down.
+    async fn begin(&self) -> Result<Transaction<'static, Any>, sqlx::Error> {
+        self.reachable()?;
+        self.dialect
+            .begin_write(&self.pool)
+            .await
+            .inspect_err(|e| self.observe(e))
+    }
+
+    fn reachable(&self) -> Result<(), sqlx::Error> {
+        if self.reach.down.load(Ordering::Acquire) {
+            return Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "database unreachable (a probe retries in the background)",
+            )));
+        }
+        Ok(())
+    }
+
+    /// After a failed acquire: a database server that cannot be reached is marked down and
+    /// the probe started. (Not SQLite: a local file is not unreachable, and a pool timeout
+    /// there is contention, which a probe would not see.)
+    fn observe(&self, e: &sqlx::Error) {
+        let unreachable = match e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::WorkerCrashed => true,
+            sqlx::Error::Database(db) => db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+            _ => false,
+        };
+        if self.dialect != Dialect::Postgres || !unreachable {
+            return;
+        }
+        if !self.reach.down.swap(true, Ordering::AcqRel) {
+            tracing::warn!(error = %e, "database unreachable; answering 503 at once until a probe connects");
+        }
+        let (reach, url) = (self.reach.clone(), self.url.clone());
+        self.reach.prober.call_once(|| {
+            tokio::spawn(probe(reach, url));
+        });
+        self.reach.failed.notify_one();
+    }
+
     /// Tells the job workers a job was queued (after its commit): this process's at once,
     /// other processes' through a coalesced `NOTIFY` (see [`dialect::RemoteWake`]).
     fn job_queued(&self) {
@@ -155,6 +237,26 @@ impl Storage {
     /// Closes the pool.
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+/// Lifts the down state once a fresh connection succeeds (runs for the process's life,
+/// asleep while the database is up).
+async fn probe(reach: Arc<Reachability>, url: Arc<str>) {
+    loop {
+        reach.failed.notified().await;
+        while reach.down.load(Ordering::Acquire) {
+            tokio::time::sleep(PROBE_EVERY).await;
+            let attempt = async {
+                let mut conn = AnyConnection::connect(&url).await?;
+                conn.ping().await?;
+                conn.close().await
+            };
+            if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(1), attempt).await {
+                reach.down.store(false, Ordering::Release);
+                tracing::info!("database reachable again");
+            }
+        }
     }
 }
 

@@ -5,7 +5,7 @@
 use serde::Serialize;
 use serde_json::{Value, json};
 use sqlx::any::AnyRow;
-use sqlx::{AnyPool, FromRow, Row};
+use sqlx::{AnyConnection, FromRow, Row};
 
 use super::{Storage, get_bool, get_enum};
 use crate::domain::{Cohort, LatLng, Receiver, TripStatus, TripType, now_ms};
@@ -143,7 +143,7 @@ impl Storage {
     pub async fn create_trip(&self, trip: &NewTrip) -> Result<Result<String, &'static str>, sqlx::Error> {
         let id = uuid::Uuid::new_v4().to_string();
         let now = now_ms();
-        let mut tx = self.dialect.begin_write(&self.pool).await?;
+        let mut tx = self.begin().await?;
         let category: Option<String> = sqlx::query_scalar("SELECT id FROM vehicle_categories WHERE id = $1")
             .bind(&trip.vehicle_category_id)
             .fetch_optional(&mut *tx)
@@ -222,14 +222,14 @@ impl Storage {
     pub async fn trip_owner(&self, trip_id: &str) -> Result<Option<String>, sqlx::Error> {
         sqlx::query_scalar("SELECT customer_id FROM trip_requests WHERE id = $1")
             .bind(trip_id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *self.conn().await?)
             .await
     }
 
     /// Cancels a pending trip. Returns false when it is not pending (any more).
     pub async fn cancel_trip(&self, trip_id: &str) -> Result<bool, sqlx::Error> {
         let now = now_ms();
-        let mut tx = self.dialect.begin_write(&self.pool).await?;
+        let mut tx = self.begin().await?;
         let updated = sqlx::query(
             "UPDATE trip_requests SET current_status = 'cancelled', version = version + 1, updated_at = $2 \
              WHERE id = $1 AND current_status = 'pending' AND driver_id IS NULL",
@@ -253,7 +253,10 @@ impl Storage {
     /// The trip's state for the pre-checks.
     pub async fn trip_snapshot(&self, trip_id: &str) -> Result<Option<TripSnapshot>, sqlx::Error> {
         let sql = format!("SELECT {} FROM trip_requests WHERE id = $1", TripSnapshot::COLUMNS);
-        sqlx::query_as(&sql).bind(trip_id).fetch_optional(&self.pool).await
+        sqlx::query_as(&sql)
+            .bind(trip_id)
+            .fetch_optional(&mut *self.conn().await?)
+            .await
     }
 
     /// Records that a driver declined a trip (idempotent).
@@ -265,7 +268,7 @@ impl Storage {
         .bind(trip_id)
         .bind(driver_id)
         .bind(now_ms())
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(())
     }
@@ -273,7 +276,10 @@ impl Storage {
     /// The trip row.
     pub async fn trip_row(&self, trip_id: &str) -> Result<Option<TripRow>, sqlx::Error> {
         let sql = format!("SELECT {} FROM trip_requests WHERE id = $1", TripRow::COLUMNS);
-        sqlx::query_as(&sql).bind(trip_id).fetch_optional(&self.pool).await
+        sqlx::query_as(&sql)
+            .bind(trip_id)
+            .fetch_optional(&mut *self.conn().await?)
+            .await
     }
 
     /// The trip with every relation, one query per relation: what the legacy handler's
@@ -282,7 +288,8 @@ impl Storage {
         let Some(row) = self.trip_row(trip_id).await? else {
             return Ok(None);
         };
-        let pool = &self.pool;
+        let mut conn = self.conn().await?;
+        let pool = &mut *conn;
         let mut trip = json!(row);
         trip["customer"] = one_json(pool, USER_SQL, &row.customer_id).await?;
         trip["driver"] = match &row.driver_id {
@@ -343,7 +350,7 @@ impl Storage {
              FROM trip_requests t JOIN users u ON u.id = t.customer_id WHERE t.id = $1",
         )
         .bind(trip_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?;
         row.map(|r| {
             let first: String = r.try_get("first_name")?;
@@ -374,7 +381,7 @@ impl Storage {
         let effects = self.effect_rows(trip_id).await?;
         trip["side_effects"] = effects.iter().map(|e| (e.effect.as_str(), json!(e.state))).collect();
         trip["side_effect_details"] = json!(effects);
-        trip["time"] = one_json(&self.pool, TRIP_TIMES_SQL, trip_id).await?;
+        trip["time"] = one_json(&mut *self.conn().await?, TRIP_TIMES_SQL, trip_id).await?;
         Ok(Some(trip))
     }
 }
@@ -410,21 +417,21 @@ fn row_json(row: &AnyRow) -> Value {
     Value::Object(obj)
 }
 
-async fn one_json(pool: &AnyPool, sql: &str, id: &str) -> Result<Value, sqlx::Error> {
+async fn one_json(conn: &mut AnyConnection, sql: &str, id: &str) -> Result<Value, sqlx::Error> {
     Ok(sqlx::query(sql)
         .bind(id)
-        .fetch_optional(pool)
+        .fetch_optional(conn)
         .await?
         .as_ref()
         .map(row_json)
         .unwrap_or(Value::Null))
 }
 
-async fn all_json(pool: &AnyPool, sql: &str, id: &str) -> Result<Value, sqlx::Error> {
+async fn all_json(conn: &mut AnyConnection, sql: &str, id: &str) -> Result<Value, sqlx::Error> {
     Ok(Value::Array(
         sqlx::query(sql)
             .bind(id)
-            .fetch_all(pool)
+            .fetch_all(conn)
             .await?
             .iter()
             .map(row_json)

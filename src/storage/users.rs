@@ -57,7 +57,7 @@ impl Storage {
     pub async fn user_type(&self, id: &str) -> Result<Option<String>, sqlx::Error> {
         sqlx::query_scalar("SELECT user_type FROM users WHERE id = $1 AND is_active = TRUE")
             .bind(id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *self.conn().await?)
             .await
     }
 
@@ -68,7 +68,7 @@ impl Storage {
             .bind(&id)
             .bind(name)
             .bind(now_ms())
-            .execute(&self.pool)
+            .execute(&mut *self.conn().await?)
             .await?;
         Ok(id)
     }
@@ -76,7 +76,7 @@ impl Storage {
     /// Creates a customer; returns their id.
     pub async fn create_customer(&self, name: &str, phone: &str) -> Result<String, sqlx::Error> {
         let id = uuid::Uuid::new_v4().to_string();
-        insert_user(&self.pool, &id, "customer", name, phone).await?;
+        insert_user(&mut *self.conn().await?, &id, "customer", name, phone).await?;
         Ok(id)
     }
 
@@ -90,7 +90,7 @@ impl Storage {
         } else {
             Availability::Unavailable
         };
-        let mut tx = self.dialect.begin_write(&self.pool).await?;
+        let mut tx = self.begin().await?;
         insert_user(&mut *tx, &id, "driver", &driver.name, &driver.phone).await?;
         sqlx::query(
             "INSERT INTO driver_details (user_id, is_online, availability_status, last_lat, last_lng, updated_at) \
@@ -132,7 +132,7 @@ impl Storage {
         .bind(online)
         .bind(availability.as_str())
         .bind(now_ms())
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(())
     }
@@ -145,7 +145,7 @@ impl Storage {
              WHERE d.user_id = $1",
         )
         .bind(driver_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await
     }
 }

@@ -246,6 +246,68 @@ async fn kill9_during_load_then_restart(backend: Backend) {
 
 crate::backend_tests!(sigterm_during_load_loses_nothing, kill9_during_load_then_restart);
 
+/// Once Postgres is known unreachable (here: gone silent, so a connection attempt hangs),
+/// accepts answer 503 at once instead of each waiting `database.acquire_timeout_ms` (3 s
+/// here) again; a background probe notices the database
+/// is back and accepts go through again, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_known_down_answers_503_at_once() {
+    let Some(base) = crate::support::postgres_url() else {
+        return;
+    };
+    let db = TestDb::new(Backend::Postgres).await;
+    let host = base
+        .split('@')
+        .nth(1)
+        .unwrap_or("127.0.0.1:5432")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let target = tokio::net::lookup_host(host).await.unwrap().next().unwrap();
+    let proxy = crate::support::Proxy::start(target).await;
+    let store = db.store().await;
+    let w = World::new(&store).await;
+    let d = w.driver().await;
+    let trips = [w.trip(&[]).await, w.trip(&[]).await];
+    let dir = TempDir::new();
+    let options = Options {
+        percent: 100.0,
+        acquire_timeout_ms: 3_000,
+        ..Options::default()
+    };
+    let mut config = crate::support::config(&db.url, dir.path(), &options);
+    config.database.url = db
+        .url
+        .replacen(&format!(":{}/", target.port()), &format!(":{}/", proxy.port), 1);
+    let gw = crate::support::Gateway::start_with(config, dir).await;
+    let (status, _, _) = gw.action(&d, &trips[0], "rejected").await;
+    assert_eq!(status, 200, "up");
+
+    proxy.go_silent();
+    // The first request finds out the hard way (the acquire timeout)…
+    let (status, body, _) = gw.accept(&d, &trips[0]).await;
+    assert_eq!((status, crate::support::code(&body)), (503, "service_unavailable_503"));
+    // …the next ones are told at once.
+    for _ in 0..5 {
+        let started = std::time::Instant::now();
+        let (status, body, _) = gw.accept(&d, &trips[0]).await;
+        let took = started.elapsed();
+        assert_eq!((status, crate::support::code(&body)), (503, "service_unavailable_503"));
+        assert!(took < Duration::from_millis(1_000), "503 after {took:?}: not at once");
+    }
+
+    proxy.restore();
+    eventually(Duration::from_secs(10), "accepts go through again", || {
+        let gw = &gw;
+        let trip = trips[1].clone();
+        let d = d.clone();
+        async move { (gw.accept(&d, &trip).await.0 == 200).then_some(()) }
+    })
+    .await;
+    gw.shutdown().await;
+}
+
 /// Postgres goes away during steady load (a TCP proxy in front of it is cut) and comes
 /// back: requests during the outage get fast 503s, nothing is half-done, `/readyz` follows
 /// each state, and the gateway recovers by itself.

@@ -717,6 +717,9 @@ pub fn free_port() -> u16 {
 pub struct Proxy {
     pub port: u16,
     up: Arc<AtomicBool>,
+    /// While cut: hold new connections open without an answer (a host that went silent)
+    /// instead of closing them (a host that refuses).
+    silent: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accept: JoinHandle<()>,
 }
@@ -726,15 +729,22 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let up = Arc::new(AtomicBool::new(true));
+        let silent = Arc::new(AtomicBool::new(false));
         let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::new(Mutex::new(Vec::new()));
-        let (u, c) = (up.clone(), conns.clone());
+        let (u, c, quiet) = (up.clone(), conns.clone(), silent.clone());
         let accept = tokio::spawn(async move {
             loop {
                 let Ok((mut inbound, _)) = listener.accept().await else {
                     continue;
                 };
                 if !u.load(Ordering::SeqCst) {
-                    drop(inbound);
+                    if quiet.load(Ordering::SeqCst) {
+                        let held = tokio::spawn(async move {
+                            let _inbound = inbound;
+                            std::future::pending::<()>().await
+                        });
+                        c.lock().unwrap().push(held);
+                    }
                     continue;
                 }
                 let task = tokio::spawn(async move {
@@ -748,9 +758,16 @@ impl Proxy {
         Self {
             port,
             up,
+            silent,
             conns,
             accept,
         }
+    }
+
+    /// Cuts every connection; new ones are held open and never answered.
+    pub fn go_silent(&self) {
+        self.silent.store(true, Ordering::SeqCst);
+        self.cut();
     }
 
     pub fn cut(&self) {
@@ -761,7 +778,12 @@ impl Proxy {
     }
 
     pub fn restore(&self) {
+        self.silent.store(false, Ordering::SeqCst);
         self.up.store(true, Ordering::SeqCst);
+        // Drop the connections held while silent.
+        for task in self.conns.lock().unwrap().drain(..) {
+            task.abort();
+        }
     }
 }
 
