@@ -59,6 +59,12 @@ impl EffectRunner {
             return Ok(vec![(Effect::TripAcceptedEvent, "trip has no accepted driver".into())]);
         };
         let records = self.store.effect_rows(trip_id).await?;
+        let unrecorded: Vec<Effect> = Effect::for_trip(ctx.trip_type)
+            .filter(|e| !records.iter().any(|r| r.effect == *e))
+            .collect();
+        self.store
+            .create_effect_records(trip_id, ctx.cohort, &unrecorded)
+            .await?;
         let todo: Vec<(Effect, i64)> = Effect::for_trip(ctx.trip_type)
             .filter_map(|e| {
                 let record = records.iter().find(|r| r.effect == e);

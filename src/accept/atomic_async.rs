@@ -1,12 +1,13 @@
 //! `atomic_async`: the new path (the design document's "AFTER", with its defects fixed).
 //!
-//! 1. The pre-checks (two reads) answer the plain refusals: no such trip, taken, not
-//!    pending, driver unavailable, wrong vehicle.
-//! 2. The lock store's claim (`SET NX EX`) turns the losers of a race away without a
-//!    write; the lock is never the judge: Redis down or slow just means step 3 decides alone.
-//! 3. One transaction: the conditional update (the fence) + driver `on_trip` + status +
-//!    effect records + the job row (outbox). Only the fence decides who wins.
-//! 4. Answer at once with a minimal trip (one read); a worker runs the side effects.
+//! 1. The lock store's claim (`SET NX EX`, one Redis round trip) turns the losers of a race
+//!    away without touching the database; the lock is never the judge: Redis down or slow
+//!    just means step 2 decides alone.
+//! 2. One statement (one database round trip, `Storage::accept_fenced`): the pre-checks —
+//!    no such trip, taken, not pending, driver unavailable, wrong vehicle, in that order —
+//!    and the fence with its writes (driver `on_trip`, status, the job row: outbox) on the
+//!    locked trip and driver rows; it returns the outcome and the minimal trip.
+//! 3. Answer at once with that trip; a worker runs the side effects.
 //!
 //! Fixed from the original: a retry by the winner is answered from the database (also
 //! after the lock expired); a retry that arrives while the same driver's first request
@@ -18,12 +19,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::{Accept, AcceptCommand, AcceptReply, Precheck, Strategy, precheck, refusal};
+use super::{Accept, AcceptCommand, AcceptReply, Strategy, new_otp, refusal};
 use crate::domain::Cohort;
 use crate::error::{ApiError, Outcome};
 use crate::lock_store::{Owner, TripClaim, TripLocks};
 use crate::storage::Storage;
-use crate::storage::assign::{AssignOutcome, Assignment};
+use crate::storage::assign::{AssignOutcome, Fence};
 
 /// The atomic_async accept service.
 pub type AtomicAsyncAccept = Accept<AtomicAsync>;
@@ -75,17 +76,13 @@ impl Strategy for AtomicAsync {
 }
 
 impl AtomicAsync {
-    /// One pass: pre-checks, claim, commit. `None` when the lock was in the way but its
-    /// holder is gone: try again.
+    /// One pass: claim, then the fenced statement. `None` when the lock was in the way but
+    /// its holder is gone: try again.
     async fn try_accept(&self, cmd: &AcceptCommand) -> Result<Option<AcceptReply>, ApiError> {
-        let assignment = match precheck(&self.store, cmd, Self::COHORT).await? {
-            Precheck::Proceed(assignment) => assignment,
-            Precheck::AlreadyMine => return self.already_accepted(&cmd.trip_id).await.map(Some),
-        };
         match self.locks.claim(&cmd.trip_id, &cmd.driver_id).await {
-            TripClaim::Acquired(owner) => self.commit(assignment, Some(owner)).await.map(Some),
+            TripClaim::Acquired(owner) => self.commit(cmd, Some(owner)).await.map(Some),
             // The lock store is down or slow: the fence alone decides.
-            TripClaim::Unanswered => self.commit(assignment, None).await.map(Some),
+            TripClaim::Unanswered => self.commit(cmd, None).await.map(Some),
             // Another request holds it. One that died (this driver's or another's) left
             // a lock older than any request runs: cleared, and we go again.
             TripClaim::HeldBy(holder) if self.clear_if_abandoned(&cmd.trip_id, &holder).await? => Ok(None),
@@ -96,21 +93,35 @@ impl AtomicAsync {
         }
     }
 
-    /// The fence transaction; on anything but a win, the lock (if we hold it) is released.
-    async fn commit(&self, assignment: Assignment, owner: Option<Owner>) -> Result<AcceptReply, ApiError> {
-        let outcome = self.store.accept_fenced(&assignment).await;
-        if !matches!(outcome, Ok(AssignOutcome::Accepted { .. } | AssignOutcome::AlreadyMine))
-            && let Some(owner) = &owner
-        {
-            self.locks.release(&assignment.trip_id, owner).await;
+    /// The fenced statement; on anything but a win (or this driver's own earlier win), the
+    /// lock, if we hold it, is released.
+    async fn commit(&self, cmd: &AcceptCommand, owner: Option<Owner>) -> Result<AcceptReply, ApiError> {
+        let fence = Fence {
+            trip_id: cmd.trip_id.clone(),
+            driver_id: cmd.driver_id.clone(),
+            otp: new_otp(),
+            cohort: Self::COHORT,
+            requested_at_ms: cmd.received_at_ms,
+        };
+        let fenced = self.store.accept_fenced(&fence).await;
+        let kept = matches!(
+            &fenced,
+            Ok(f) if matches!(f.outcome, AssignOutcome::Accepted { .. } | AssignOutcome::AlreadyMine)
+        );
+        if !kept && let Some(owner) = &owner {
+            self.locks.release(&cmd.trip_id, owner).await;
         }
-        match outcome? {
+        let fenced = fenced?;
+        let trip = fenced
+            .trip
+            .unwrap_or_else(|| json!({"id": cmd.trip_id, "current_status": "accepted"}));
+        match fenced.outcome {
             AssignOutcome::Accepted { .. } => Ok(AcceptReply {
                 outcome: Outcome::Accepted,
                 message: "Trip request accepted.",
-                data: self.minimal_trip(&assignment.trip_id).await,
+                data: trip,
             }),
-            AssignOutcome::AlreadyMine => self.already_accepted(&assignment.trip_id).await,
+            AssignOutcome::AlreadyMine => Ok(Self::already(trip)),
             refused => Err(refusal(refused)),
         }
     }
@@ -168,13 +179,17 @@ impl AtomicAsync {
     }
 
     async fn already_accepted(&self, trip_id: &str) -> Result<AcceptReply, ApiError> {
-        let mut trip = self.minimal_trip(trip_id).await;
+        Ok(Self::already(self.minimal_trip(trip_id).await))
+    }
+
+    /// The answer to this driver's retry of a trip they have: 200, `already_accepted`.
+    fn already(mut trip: Value) -> AcceptReply {
         trip["already_accepted"] = Value::Bool(true);
-        Ok(AcceptReply {
+        AcceptReply {
             outcome: Outcome::Retry,
             message: "Trip already accepted by you.",
             data: trip,
-        })
+        }
     }
 
     /// The minimal trip; if reading it fails after the commit, the id and status the

@@ -5,16 +5,16 @@
 //! inline, in order, and a reload of the trip with all its relations before the answer.
 //! Slow by design: this is the baseline the rollout migrates away from.
 //!
-//! Round trips: the pre-checks (2 reads), the locking transaction (BEGIN, lock-read, 5
+//! Round trips: the pre-checks (2 reads), the locking transaction (BEGIN, lock-read, 4
 //! writes, COMMIT), the effects (each a provider call and its records), the reload (one
 //! query per relation).
 
-use super::{Accept, AcceptCommand, AcceptReply, Precheck, Strategy, precheck, refusal};
+use super::{Accept, AcceptCommand, AcceptReply, Strategy, new_otp, refusal};
 use crate::domain::Cohort;
 use crate::error::{ApiError, Outcome};
 use crate::jobs::JobRunner;
 use crate::storage::Storage;
-use crate::storage::assign::AssignOutcome;
+use crate::storage::assign::{AssignOutcome, Assignment};
 
 /// The legacy accept service.
 pub type LegacyAccept = Accept<Legacy>;
@@ -66,5 +66,53 @@ impl Strategy for Legacy {
             message: "Trip request accepted.",
             data: trip,
         })
+    }
+}
+
+/// What the pre-checks decided.
+#[derive(Debug)]
+enum Precheck {
+    /// Go ahead: the assignment to write if the transaction agrees.
+    Proceed(Assignment),
+    /// The trip already has this driver.
+    AlreadyMine,
+}
+
+/// The validations before the accept transaction, in this order (atomic_async makes the
+/// same ones inside its one statement): the trip exists; it has no driver (or has this
+/// one); it is pending; the driver is online and available; their vehicle is in the
+/// trip's category. Two reads (three when the driver turns out busy).
+async fn precheck(store: &Storage, cmd: &AcceptCommand, cohort: Cohort) -> Result<Precheck, ApiError> {
+    let trip = store.trip_snapshot(&cmd.trip_id).await?.ok_or(ApiError::TripNotFound)?;
+    match &trip.driver_id {
+        Some(d) if *d == cmd.driver_id => return Ok(Precheck::AlreadyMine),
+        Some(_) => return Err(ApiError::TripTaken),
+        None => {}
+    }
+    if !trip.is_open() {
+        return Err(ApiError::TripNotPending);
+    }
+    let driver = store.driver_snapshot(&cmd.driver_id).await?;
+    let Some(driver) = driver.filter(|d| d.is_available()) else {
+        // The driver may have become busy with *this* trip between the two reads (their
+        // own earlier request just committed): that is a retry, not an unavailable driver.
+        let now = store.trip_snapshot(&cmd.trip_id).await?;
+        if now.and_then(|t| t.driver_id).as_deref() == Some(cmd.driver_id.as_str()) {
+            return Ok(Precheck::AlreadyMine);
+        }
+        return Err(ApiError::DriverUnavailable);
+    };
+    match (driver.vehicle_id, driver.vehicle_category_id) {
+        (Some(vehicle_id), Some(category)) if category == trip.vehicle_category_id => {
+            Ok(Precheck::Proceed(Assignment {
+                trip_id: cmd.trip_id.clone(),
+                driver_id: cmd.driver_id.clone(),
+                vehicle_id,
+                otp: new_otp(),
+                cohort,
+                requested_at_ms: cmd.received_at_ms,
+            }))
+        }
+        _ => Err(ApiError::VehicleMismatch),
     }
 }

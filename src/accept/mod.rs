@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 use crate::domain::{Cohort, TripAction};
 use crate::error::{ApiError, FieldError, Outcome};
 use crate::storage::Storage;
-use crate::storage::assign::{AssignOutcome, Assignment};
+use crate::storage::assign::AssignOutcome;
 
 /// One driver request, after authentication and validation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,55 +162,6 @@ pub fn uuid_field(fields: &Map<String, Value>, name: &str, errors: &mut Vec<Fiel
     }
 }
 
-/// What the pre-checks decided.
-#[derive(Debug)]
-pub(crate) enum Precheck {
-    /// Go ahead: the assignment to write if the transaction agrees.
-    Proceed(Assignment),
-    /// The trip already has this driver.
-    AlreadyMine,
-}
-
-/// The validations both cohorts run before their accept transaction, in this order:
-/// the trip exists; it has no driver (or has this one); it is pending; the driver is
-/// online and available; their vehicle is in the trip's category. Two reads (three when
-/// the driver turns out busy).
-pub(crate) async fn precheck(store: &Storage, cmd: &AcceptCommand, cohort: Cohort) -> Result<Precheck, ApiError> {
-    let trip = store.trip_snapshot(&cmd.trip_id).await?.ok_or(ApiError::TripNotFound)?;
-    match &trip.driver_id {
-        Some(d) if *d == cmd.driver_id => return Ok(Precheck::AlreadyMine),
-        Some(_) => return Err(ApiError::TripTaken),
-        None => {}
-    }
-    if !trip.is_open() {
-        return Err(ApiError::TripNotPending);
-    }
-    let driver = store.driver_snapshot(&cmd.driver_id).await?;
-    let Some(driver) = driver.filter(|d| d.is_available()) else {
-        // The driver may have become busy with *this* trip between the two reads (their
-        // own earlier request just committed): that is a retry, not an unavailable driver.
-        let now = store.trip_snapshot(&cmd.trip_id).await?;
-        if now.and_then(|t| t.driver_id).as_deref() == Some(cmd.driver_id.as_str()) {
-            return Ok(Precheck::AlreadyMine);
-        }
-        return Err(ApiError::DriverUnavailable);
-    };
-    match (driver.vehicle_id, driver.vehicle_category_id) {
-        (Some(vehicle_id), Some(category)) if category == trip.vehicle_category_id => {
-            Ok(Precheck::Proceed(Assignment {
-                trip_id: cmd.trip_id.clone(),
-                driver_id: cmd.driver_id.clone(),
-                vehicle_id,
-                otp: new_otp(),
-                cohort,
-                trip_type: trip.trip_type,
-                requested_at_ms: cmd.received_at_ms,
-            }))
-        }
-        _ => Err(ApiError::VehicleMismatch),
-    }
-}
-
 /// A driver declines an offer: recorded, 200. Same in both cohorts.
 pub(crate) async fn reject(store: &Storage, cmd: &AcceptCommand) -> Result<AcceptReply, ApiError> {
     store.trip_snapshot(&cmd.trip_id).await?.ok_or(ApiError::TripNotFound)?;
@@ -224,6 +175,7 @@ pub(crate) fn refusal(outcome: AssignOutcome) -> ApiError {
         AssignOutcome::NotFound => ApiError::TripNotFound,
         AssignOutcome::NotPending => ApiError::TripNotPending,
         AssignOutcome::DriverBusy => ApiError::DriverUnavailable,
+        AssignOutcome::VehicleMismatch => ApiError::VehicleMismatch,
         AssignOutcome::Taken | AssignOutcome::AlreadyMine => ApiError::TripTaken,
         AssignOutcome::Accepted { .. } => ApiError::Internal("accepted trip treated as a refusal".into()),
     }

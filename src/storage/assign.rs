@@ -1,27 +1,35 @@
-//! The accept transactions — the heart of the product — side by side, and the check that
-//! their invariants hold.
+//! The accepts — the heart of the product — side by side, and the check that their
+//! invariants hold.
 //!
-//! Both write the same things in one transaction: the trip's driver, vehicle, OTP and
-//! status; the driver `on_trip`; `trip_status.accepted`; one record per side effect; the
-//! job that runs them (outbox: the job exists if and only if the accept committed). They
-//! differ in how they decide who wins:
+//! Both write the same things, all or nothing: the trip's driver, vehicle, OTP and status;
+//! the driver `on_trip`; `trip_status.accepted`; the job that runs the side effects (outbox:
+//! the job exists if and only if the accept committed; the job creates the effects' records
+//! when it first runs). They differ in how they decide and what they cost:
 //!
-//! * [`Storage::accept_locked`] (legacy) locks the trip row, reads it and refuses a trip
-//!   that has any driver — the same driver's retry included;
-//! * [`Storage::accept_fenced`] (atomic_async) runs the conditional update — the fence —
-//!   that only matches a pending trip without a driver; of any number of concurrent accepts
-//!   (either cohort, any instance) exactly one commits.
+//! * [`Storage::accept_locked`] (legacy, as today): after the caller's pre-checks, a
+//!   transaction locks the trip row, refuses a trip that has any driver — the same driver's
+//!   retry included — and writes. BEGIN, lock-read, 4 writes, COMMIT.
+//! * [`Storage::accept_fenced`] (atomic_async): one statement that makes the pre-checks and
+//!   the writes together on the locked trip and driver rows and returns the outcome with
+//!   the minimal trip the answer carries — one round trip on Postgres (the
+//!   `tripgate_accept` function, `migrations/postgres/0002_accept_function.sql`); on
+//!   SQLite the same steps in one `BEGIN IMMEDIATE` transaction. Of any number of concurrent
+//!   accepts (either cohort, any instance) exactly one commits.
 //!
-//! Round trips: legacy BEGIN, lock-read, update, driver, status, effects, job, COMMIT;
-//! atomic_async the same without the lock-read. Workers are woken after the commit, never
-//! by a `NOTIFY` inside it (see `dialect::RemoteWake`).
+//! Workers are woken after the commit, never by a `NOTIFY` inside it (see
+//! `dialect::RemoteWake`).
 
-use super::{Storage, is_unique_violation};
-use crate::domain::{Cohort, Effect, JobKind, JobState, TripType, now_ms};
+use serde_json::{Value, json};
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use super::{Dialect, Storage, get_bool, get_enum, is_unique_violation};
+use crate::domain::{Availability, Cohort, JobKind, JobState, TripStatus, now_ms};
 use crate::storage::jobs::Job;
 use crate::storage::trips::TripSnapshot;
 
-/// An accept to write: who takes which trip with which vehicle.
+/// A legacy accept to write: who takes which trip with which vehicle (the pre-checks
+/// found the vehicle).
 #[derive(Debug, Clone)]
 pub struct Assignment {
     /// The trip.
@@ -34,13 +42,26 @@ pub struct Assignment {
     pub otp: String,
     /// Which implementation accepts.
     pub cohort: Cohort,
-    /// The trip's type (decides its side effects).
-    pub trip_type: TripType,
     /// When the accept request arrived (ms), for OTP delivery time.
     pub requested_at_ms: i64,
 }
 
-/// How an accept transaction ended.
+/// An atomic_async accept to try: the statement finds the vehicle and checks everything.
+#[derive(Debug, Clone)]
+pub struct Fence {
+    /// The trip.
+    pub trip_id: String,
+    /// The driver (token subject).
+    pub driver_id: String,
+    /// The OTP the customer will receive.
+    pub otp: String,
+    /// Which implementation accepts.
+    pub cohort: Cohort,
+    /// When the accept request arrived (ms), for OTP delivery time.
+    pub requested_at_ms: i64,
+}
+
+/// How an accept ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AssignOutcome {
     /// Committed, with the job that carries its side effects (as written).
@@ -56,24 +77,30 @@ pub enum AssignOutcome {
     NotPending,
     /// The driver is offline, unavailable or holds another trip.
     DriverBusy,
+    /// The driver's vehicle is not in the trip's category (or they have none).
+    VehicleMismatch,
     /// No such trip.
     NotFound,
 }
 
-/// The update both accepts make to the trip row; `{fence}` is empty (legacy: the row is
-/// locked and was checked) or the fence's condition.
+/// What [`Storage::accept_fenced`] answers: the outcome and, when the trip exists, the
+/// minimal trip as it is after the statement.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fenced {
+    /// How it ended.
+    pub outcome: AssignOutcome,
+    /// id, status, driver, customer id and name, fee.
+    pub trip: Option<Value>,
+}
+
+/// The update that assigns the trip (legacy: the row is locked and was checked).
 const ASSIGN_SQL: &str = "UPDATE trip_requests SET driver_id = $2, vehicle_id = $3, current_status = 'accepted', \
      otp = $4, accepted_cohort = $5, accept_requested_at = $6, version = version + 1, updated_at = $7 WHERE id = $1";
 
-/// The fence: the update matches only while the trip is open.
-const FENCE: &str = " AND driver_id IS NULL AND current_status = 'pending'";
-
-/// How the job row of an accept starts.
-struct JobStart {
-    state: JobState,
-    locked_until: Option<i64>,
-    attempts: i64,
-}
+/// The minimal trip: the answer of an atomic_async accept.
+const MINIMAL_TRIP_SQL: &str = "SELECT t.id, t.current_status, t.driver_id, t.customer_id, \
+     u.first_name || ' ' || u.last_name AS customer_name, t.estimated_fare_cents \
+     FROM trip_requests t JOIN users u ON u.id = t.customer_id WHERE t.id = $1";
 
 impl Storage {
     /// The legacy accept: one transaction that locks the trip row, refuses a trip that
@@ -94,57 +121,27 @@ impl Storage {
             Some(t) if !t.is_open() => return Ok(AssignOutcome::NotPending),
             Some(_) => {}
         }
-        if assign(bind_assignment(sqlx::query(ASSIGN_SQL), a), &mut tx)
-            .await?
-            .is_none()
-        {
-            return Ok(AssignOutcome::DriverBusy);
-        }
-        let start = JobStart {
-            state: JobState::Running,
-            locked_until: Some(now_ms() + lease_ms),
-            attempts: 1,
-        };
-        self.finish_assignment(tx, a, start).await
-    }
-
-    /// The atomic accept: the conditional update is the fence — it only matches while the
-    /// trip has no driver and is pending, so of any number of concurrent accepts exactly one
-    /// commits. When it matches nothing, one read says why.
-    pub async fn accept_fenced(&self, a: &Assignment) -> Result<AssignOutcome, sqlx::Error> {
-        let mut tx = self.begin().await?;
-        let sql = format!("{ASSIGN_SQL}{FENCE}");
-        let Some(fenced) = assign(bind_assignment(sqlx::query(&sql), a), &mut tx).await? else {
-            return Ok(AssignOutcome::DriverBusy);
-        };
-        if fenced == 0 {
-            drop(tx);
-            let trip = self.trip_snapshot(&a.trip_id).await?;
-            return Ok(match trip {
-                None => AssignOutcome::NotFound,
-                Some(t) if t.driver_id.as_deref() == Some(a.driver_id.as_str()) => AssignOutcome::AlreadyMine,
-                Some(t) if t.driver_id.is_some() => AssignOutcome::Taken,
-                Some(_) => AssignOutcome::NotPending,
-            });
-        }
-        let start = JobStart {
-            state: JobState::Queued,
-            locked_until: None,
-            attempts: 0,
-        };
-        self.finish_assignment(tx, a, start).await
-    }
-
-    /// The part of an accept both cohorts share, after the trip row is updated: the driver
-    /// goes `on_trip` (only if still available — the check and the write are one
-    /// statement), the status timestamp, the effect records and the job; then commit.
-    async fn finish_assignment(
-        &self,
-        mut tx: sqlx::Transaction<'static, sqlx::Any>,
-        a: &Assignment,
-        job: JobStart,
-    ) -> Result<AssignOutcome, sqlx::Error> {
         let now = now_ms();
+        let assigned = sqlx::query(ASSIGN_SQL)
+            .bind(&a.trip_id)
+            .bind(&a.driver_id)
+            .bind(&a.vehicle_id)
+            .bind(&a.otp)
+            .bind(a.cohort.as_str())
+            .bind(a.requested_at_ms)
+            .bind(now)
+            .execute(&mut *tx)
+            .await;
+        match assigned {
+            Ok(_) => {}
+            // The partial unique index (one active trip per driver) fires at this update —
+            // after waiting for the other transaction — not at commit: this driver's accept
+            // of another trip committed meanwhile.
+            Err(e) if is_unique_violation(&e) => return Ok(AssignOutcome::DriverBusy),
+            Err(e) => return Err(e),
+        }
+        // The driver goes on_trip only if still available: the check and the write are one
+        // statement.
         let driver = sqlx::query(
             "UPDATE driver_details SET availability_status = 'on_trip', updated_at = $2 \
              WHERE user_id = $1 AND is_online = TRUE AND availability_status IN ('available', 'on_bidding')",
@@ -162,55 +159,151 @@ impl Storage {
             .bind(now)
             .execute(&mut *tx)
             .await?;
-        // One statement for all the effect records: ($1 trip, $2 cohort, $3.. effects).
-        let effects: Vec<Effect> = Effect::for_trip(a.trip_type).collect();
-        let values: Vec<String> = (0..effects.len())
-            .map(|i| format!("($1, ${}, $2, 'pending', 0)", i + 3))
-            .collect();
-        let sql = format!(
-            "INSERT INTO side_effects (trip_request_id, effect, cohort, state, calls) VALUES {}",
-            values.join(", ")
-        );
-        let mut insert = sqlx::query(&sql).bind(&a.trip_id).bind(a.cohort.as_str());
-        for effect in &effects {
-            insert = insert.bind(effect.as_str());
-        }
-        insert.execute(&mut *tx).await?;
-        let job_id = uuid::Uuid::new_v4().to_string();
-        sqlx::query(
-            "INSERT INTO jobs (id, kind, trip_request_id, cohort, state, attempts, run_at, locked_until, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $7, $7)",
-        )
-        .bind(&job_id)
-        .bind(JobKind::TripAccepted.as_str())
-        .bind(&a.trip_id)
-        .bind(a.cohort.as_str())
-        .bind(job.state.as_str())
-        .bind(job.attempts)
-        .bind(now)
-        .bind(job.locked_until)
-        .execute(&mut *tx)
-        .await?;
-        match tx.commit().await {
-            Ok(()) => {}
-            // The partial unique index: this driver committed another trip meanwhile.
-            Err(e) if is_unique_violation(&e) => return Ok(AssignOutcome::DriverBusy),
-            Err(e) => return Err(e),
-        }
-        if job.state == JobState::Queued {
+        let job = Job::new(&a.trip_id, a.cohort, JobState::Running, 1);
+        insert_job(&mut tx, &job, now, Some(now + lease_ms)).await?;
+        tx.commit().await?;
+        Ok(AssignOutcome::Accepted { job })
+    }
+
+    /// The atomic_async accept: the pre-checks and the fence in one step on the locked
+    /// trip and driver rows (see the module doc), answering with the outcome and the
+    /// minimal trip. A win's job is queued and the workers woken after the commit.
+    pub async fn accept_fenced(&self, f: &Fence) -> Result<Fenced, sqlx::Error> {
+        let job = Job::new(&f.trip_id, f.cohort, JobState::Queued, 0);
+        let fenced = match self.dialect {
+            Dialect::Postgres => self.accept_fenced_postgres(f, &job).await?,
+            Dialect::Sqlite => self.accept_fenced_sqlite(f, &job).await?,
+        };
+        if matches!(fenced.outcome, AssignOutcome::Accepted { .. }) {
             self.job_queued();
         }
-        Ok(AssignOutcome::Accepted {
-            job: Job {
-                id: job_id,
-                kind: JobKind::TripAccepted,
-                trip_id: a.trip_id.clone(),
-                cohort: a.cohort,
-                state: job.state,
-                attempts: job.attempts,
-                last_error: None,
-            },
+        Ok(fenced)
+    }
+
+    async fn accept_fenced_postgres(&self, f: &Fence, job: &Job) -> Result<Fenced, sqlx::Error> {
+        let row = sqlx::query("SELECT * FROM tripgate_accept($1, $2, $3, $4, $5, $6, $7)")
+            .bind(&f.trip_id)
+            .bind(&f.driver_id)
+            .bind(&f.otp)
+            .bind(f.cohort.as_str())
+            .bind(f.requested_at_ms)
+            .bind(now_ms())
+            .bind(&job.id)
+            .fetch_one(&mut *self.conn().await?)
+            .await?;
+        let outcome = match row.try_get::<String, _>("outcome")?.as_str() {
+            "accepted" => AssignOutcome::Accepted { job: job.clone() },
+            "already_mine" => AssignOutcome::AlreadyMine,
+            "taken" => AssignOutcome::Taken,
+            "not_pending" => AssignOutcome::NotPending,
+            "driver_busy" => AssignOutcome::DriverBusy,
+            "vehicle_mismatch" => AssignOutcome::VehicleMismatch,
+            "not_found" => {
+                return Ok(Fenced {
+                    outcome: AssignOutcome::NotFound,
+                    trip: None,
+                });
+            }
+            other => {
+                return Err(sqlx::Error::Protocol(format!("tripgate_accept answered {other:?}")));
+            }
+        };
+        let trip = minimal_trip(&row, &f.trip_id)?;
+        Ok(Fenced {
+            outcome,
+            trip: Some(trip),
         })
+    }
+
+    /// The same steps as `tripgate_accept`, in one write transaction (SQLite has no
+    /// stored functions; its round trips are calls into the library, not the network).
+    async fn accept_fenced_sqlite(&self, f: &Fence, job: &Job) -> Result<Fenced, sqlx::Error> {
+        let mut tx = self.begin().await?;
+        let sql = format!("SELECT {} FROM trip_requests WHERE id = $1", TripSnapshot::COLUMNS);
+        let trip: Option<TripSnapshot> = sqlx::query_as(&sql).bind(&f.trip_id).fetch_optional(&mut *tx).await?;
+        let Some(trip) = trip else {
+            return Ok(Fenced {
+                outcome: AssignOutcome::NotFound,
+                trip: None,
+            });
+        };
+        let outcome = match trip.driver_id.as_deref() {
+            Some(d) if d == f.driver_id => AssignOutcome::AlreadyMine,
+            Some(_) => AssignOutcome::Taken,
+            None if trip.status != TripStatus::Pending => AssignOutcome::NotPending,
+            None => {
+                let driver = sqlx::query(
+                    "SELECT d.is_online, d.availability_status, v.id AS vehicle_id, v.category_id \
+                     FROM driver_details d LEFT JOIN vehicles v ON v.driver_id = d.user_id AND v.is_active = TRUE \
+                     WHERE d.user_id = $1",
+                )
+                .bind(&f.driver_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let available = match &driver {
+                    Some(r) => {
+                        get_bool(r, "is_online")?
+                            && get_enum(r, "availability_status", Availability::parse)?.can_take_trip()
+                    }
+                    None => false,
+                };
+                let vehicle: Option<(String, String)> = match &driver {
+                    Some(r) => r
+                        .try_get::<Option<String>, _>("vehicle_id")?
+                        .zip(r.try_get::<Option<String>, _>("category_id")?),
+                    None => None,
+                };
+                match vehicle {
+                    _ if !available => AssignOutcome::DriverBusy,
+                    Some((vehicle_id, category)) if category == trip.vehicle_category_id => {
+                        let now = now_ms();
+                        sqlx::query(ASSIGN_SQL)
+                            .bind(&f.trip_id)
+                            .bind(&f.driver_id)
+                            .bind(&vehicle_id)
+                            .bind(&f.otp)
+                            .bind(f.cohort.as_str())
+                            .bind(f.requested_at_ms)
+                            .bind(now)
+                            .execute(&mut *tx)
+                            .await?;
+                        sqlx::query("UPDATE driver_details SET availability_status = 'on_trip', updated_at = $2 WHERE user_id = $1")
+                            .bind(&f.driver_id)
+                            .bind(now)
+                            .execute(&mut *tx)
+                            .await?;
+                        sqlx::query("UPDATE trip_status SET accepted = $2 WHERE trip_request_id = $1")
+                            .bind(&f.trip_id)
+                            .bind(now)
+                            .execute(&mut *tx)
+                            .await?;
+                        insert_job(&mut tx, job, now, None).await?;
+                        AssignOutcome::Accepted { job: job.clone() }
+                    }
+                    _ => AssignOutcome::VehicleMismatch,
+                }
+            }
+        };
+        let row = sqlx::query(MINIMAL_TRIP_SQL)
+            .bind(&f.trip_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        let trip = minimal_trip(&row, &f.trip_id)?;
+        tx.commit().await?;
+        Ok(Fenced {
+            outcome,
+            trip: Some(trip),
+        })
+    }
+
+    /// The minimal trip the atomic_async answer carries: id, status, driver, customer id
+    /// and name, fee.
+    pub async fn trip_minimal(&self, trip_id: &str) -> Result<Option<Value>, sqlx::Error> {
+        let row = sqlx::query(MINIMAL_TRIP_SQL)
+            .bind(trip_id)
+            .fetch_optional(&mut *self.conn().await?)
+            .await?;
+        row.map(|r| minimal_trip(&r, trip_id)).transpose()
     }
 
     /// Broken assignment invariants, which must both be 0: drivers holding more than one
@@ -228,32 +321,51 @@ impl Storage {
     }
 }
 
-/// Runs the trip update; the rows it changed, or `None` when the partial unique index (one
-/// active trip per driver) refused it: this driver's accept of another trip committed
-/// meanwhile. (The index is checked at the update — waiting for that other transaction —
-/// not at commit, so this is where a same-driver race is decided.)
-async fn assign<'q>(
-    query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
-    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
-) -> Result<Option<u64>, sqlx::Error> {
-    match query.execute(&mut **tx).await {
-        Ok(done) => Ok(Some(done.rows_affected())),
-        Err(e) if is_unique_violation(&e) => Ok(None),
-        Err(e) => Err(e),
-    }
+/// The minimal trip from a row of [`MINIMAL_TRIP_SQL`]'s (or `tripgate_accept`'s) columns.
+fn minimal_trip(r: &AnyRow, trip_id: &str) -> Result<Value, sqlx::Error> {
+    Ok(json!({
+        "id": trip_id,
+        "current_status": get_enum(r, "current_status", TripStatus::parse)?,
+        "driver_id": r.try_get::<Option<String>, _>("driver_id")?,
+        "customer": {"id": r.try_get::<String, _>("customer_id")?, "name": r.try_get::<String, _>("customer_name")?},
+        "fee": {"estimated_fare_cents": r.try_get::<i64, _>("estimated_fare_cents")?},
+    }))
 }
 
-/// Binds the assignment to [`ASSIGN_SQL`]'s parameters.
-fn bind_assignment<'q>(
-    query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
-    a: &'q Assignment,
-) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
-    query
-        .bind(&a.trip_id)
-        .bind(&a.driver_id)
-        .bind(&a.vehicle_id)
-        .bind(&a.otp)
-        .bind(a.cohort.as_str())
-        .bind(a.requested_at_ms)
-        .bind(now_ms())
+async fn insert_job(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    job: &Job,
+    now: i64,
+    locked_until: Option<i64>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO jobs (id, kind, trip_request_id, cohort, state, attempts, run_at, locked_until, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $7, $7)",
+    )
+    .bind(&job.id)
+    .bind(job.kind.as_str())
+    .bind(&job.trip_id)
+    .bind(job.cohort.as_str())
+    .bind(job.state.as_str())
+    .bind(job.attempts)
+    .bind(now)
+    .bind(locked_until)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+impl Job {
+    /// A new job for the side effects of `trip_id`'s accept, as the accept writes it.
+    fn new(trip_id: &str, cohort: Cohort, state: JobState, attempts: i64) -> Self {
+        Self {
+            id: uuid::Uuid::new_v4().to_string(),
+            kind: JobKind::TripAccepted,
+            trip_id: trip_id.to_owned(),
+            cohort,
+            state,
+            attempts,
+            last_error: None,
+        }
+    }
 }

@@ -38,7 +38,13 @@ impl Dialect {
     /// The schema migrations, oldest first (`migrations/<database>/`).
     pub fn migrations(self) -> Embedded {
         Embedded(match self {
-            Self::Postgres => &[("init", include_str!("../../migrations/postgres/0001_init.sql"))],
+            Self::Postgres => &[
+                ("init", include_str!("../../migrations/postgres/0001_init.sql")),
+                (
+                    "accept function",
+                    include_str!("../../migrations/postgres/0002_accept_function.sql"),
+                ),
+            ],
             Self::Sqlite => &[("init", include_str!("../../migrations/sqlite/0001_init.sql"))],
         })
     }

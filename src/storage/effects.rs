@@ -147,17 +147,65 @@ impl Storage {
         Ok(Some(ctx))
     }
 
-    /// Each effect of a trip and its state, by effect name.
+    /// The state of each side effect of an accepted trip of `trip_type`, by effect name:
+    /// its record's, or `pending` while the job has not recorded it yet (the job creates
+    /// the records when it first runs). Empty for a trip without a driver.
+    pub(super) fn states_of(
+        trip_type: TripType,
+        accepted: bool,
+        records: &[EffectRecord],
+    ) -> serde_json::Map<String, serde_json::Value> {
+        if !accepted {
+            return serde_json::Map::new();
+        }
+        Effect::for_trip(trip_type)
+            .map(|effect| {
+                let state = records
+                    .iter()
+                    .find(|r| r.effect == effect)
+                    .map_or(EffectState::Pending, |r| r.state);
+                (effect.as_str().to_owned(), state.as_str().into())
+            })
+            .collect()
+    }
+
+    /// The state of each side effect of a trip, by effect name (see [`Storage::states_of`]).
     pub async fn effect_states(
         &self,
         trip_id: &str,
     ) -> Result<serde_json::Map<String, serde_json::Value>, sqlx::Error> {
-        Ok(self
-            .effect_rows(trip_id)
-            .await?
-            .into_iter()
-            .map(|e| (e.effect.as_str().to_owned(), e.state.as_str().into()))
-            .collect())
+        let Some(trip) = self.trip_snapshot(trip_id).await? else {
+            return Ok(serde_json::Map::new());
+        };
+        let records = self.effect_rows(trip_id).await?;
+        Ok(Self::states_of(trip.trip_type, trip.driver_id.is_some(), &records))
+    }
+
+    /// Creates the records of `effects` that do not exist yet (`pending`, no calls); the
+    /// job does, when it first runs, so the accept writes none.
+    pub async fn create_effect_records(
+        &self,
+        trip_id: &str,
+        cohort: Cohort,
+        effects: &[Effect],
+    ) -> Result<(), sqlx::Error> {
+        if effects.is_empty() {
+            return Ok(());
+        }
+        // One statement: ($1 trip, $2 cohort, $3.. effects).
+        let values: Vec<String> = (0..effects.len())
+            .map(|i| format!("($1, ${}, $2, 'pending', 0)", i + 3))
+            .collect();
+        let sql = format!(
+            "INSERT INTO side_effects (trip_request_id, effect, cohort, state, calls) VALUES {} ON CONFLICT DO NOTHING",
+            values.join(", ")
+        );
+        let mut insert = sqlx::query(&sql).bind(trip_id).bind(cohort.as_str());
+        for effect in effects {
+            insert = insert.bind(effect.as_str());
+        }
+        insert.execute(&mut *self.conn().await?).await?;
+        Ok(())
     }
 
     /// Each effect's record, by effect name.

@@ -241,12 +241,17 @@ impl Storage {
 }
 
 /// Lifts the down state once a fresh connection succeeds (runs for the process's life,
-/// asleep while the database is up).
+/// asleep while the database is up). The first try is at once: after a pool timeout of a
+/// busy pool it succeeds within milliseconds, so load alone sheds almost nothing.
 async fn probe(reach: Arc<Reachability>, url: Arc<str>) {
     loop {
         reach.failed.notified().await;
+        let mut first = true;
         while reach.down.load(Ordering::Acquire) {
-            tokio::time::sleep(PROBE_EVERY).await;
+            if !first {
+                tokio::time::sleep(PROBE_EVERY).await;
+            }
+            first = false;
             let attempt = async {
                 let mut conn = AnyConnection::connect(&url).await?;
                 conn.ping().await?;

@@ -288,6 +288,9 @@ impl Storage {
         let Some(row) = self.trip_row(trip_id).await? else {
             return Ok(None);
         };
+        // Before the connection below is taken: a request never holds one connection
+        // while it waits for a second (under load that empties the pool).
+        let records = self.effect_rows(trip_id).await?;
         let mut conn = self.conn().await?;
         let pool = &mut *conn;
         let mut trip = json!(row);
@@ -339,31 +342,8 @@ impl Storage {
             trip_id,
         )
         .await?;
-        trip["side_effects"] = json!(self.effect_states(trip_id).await?);
+        trip["side_effects"] = json!(Storage::states_of(row.trip_type, row.driver_id.is_some(), &records));
         Ok(Some(trip))
-    }
-
-    /// The minimal trip the atomic_async answer carries: id, status, customer id and name, fee.
-    pub async fn trip_minimal(&self, trip_id: &str) -> Result<Option<Value>, sqlx::Error> {
-        let row = sqlx::query(
-            "SELECT t.id, t.current_status, t.driver_id, t.customer_id, u.first_name, u.last_name, t.estimated_fare_cents \
-             FROM trip_requests t JOIN users u ON u.id = t.customer_id WHERE t.id = $1",
-        )
-        .bind(trip_id)
-        .fetch_optional(&mut *self.conn().await?)
-        .await?;
-        row.map(|r| {
-            let first: String = r.try_get("first_name")?;
-            let last: String = r.try_get("last_name")?;
-            Ok(json!({
-                "id": r.try_get::<String, _>("id")?,
-                "current_status": get_enum(&r, "current_status", TripStatus::parse)?,
-                "driver_id": r.try_get::<Option<String>, _>("driver_id")?,
-                "customer": {"id": r.try_get::<String, _>("customer_id")?, "name": format!("{first} {last}")},
-                "fee": {"estimated_fare_cents": r.try_get::<i64, _>("estimated_fare_cents")?},
-            }))
-        })
-        .transpose()
     }
 
     /// The trip as the customer details endpoint shows it: the row without the OTP (only
@@ -378,9 +358,9 @@ impl Storage {
             obj.remove("otp");
             obj.insert("otp_state".into(), otp_state.into());
         }
-        let effects = self.effect_rows(trip_id).await?;
-        trip["side_effects"] = effects.iter().map(|e| (e.effect.as_str(), json!(e.state))).collect();
-        trip["side_effect_details"] = json!(effects);
+        let records = self.effect_rows(trip_id).await?;
+        trip["side_effects"] = json!(Storage::states_of(row.trip_type, row.driver_id.is_some(), &records));
+        trip["side_effect_details"] = json!(records);
         trip["time"] = one_json(&mut *self.conn().await?, TRIP_TIMES_SQL, trip_id).await?;
         Ok(Some(trip))
     }

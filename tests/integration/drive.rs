@@ -70,7 +70,7 @@ async fn drive_reports_per_cohort(backend: Backend) {
     let cohorts = burst["cohorts"].as_object().unwrap();
     assert_eq!(cohorts.len(), 2, "both cohorts at 50 %: {burst}");
     let accepted: u64 = cohorts.values().map(|c| c["accepted"].as_u64().unwrap()).sum();
-    assert_eq!(accepted, 60);
+    assert_eq!(accepted, 60, "{burst}");
     assert_eq!(
         (burst["double_assignments"].as_i64(), burst["duplicate_otps"].as_i64()),
         (Some(0), Some(0))

@@ -4,13 +4,15 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tripgate::auth::Role;
-use tripgate::domain::{Cohort, Effect, JobState, TripType, now_ms};
-use tripgate::storage::assign::{AssignOutcome, Assignment};
+use tripgate::domain::{Cohort, Effect, JobState, now_ms};
+use tripgate::storage::assign::{AssignOutcome, Fence};
 
 use crate::backend_tests;
 use crate::support::{Backend, Gateway, Options, Process, TempDir, TestDb, WebhookStub, World, eventually};
 
 backend_tests!(
+    effects_pending_until_the_job_records_them,
+    a_job_queued_by_the_previous_release_runs,
     another_process_s_worker_is_woken_at_once,
     killed_worker_effects_exactly_once,
     failing_provider_dead_then_admin_retry,
@@ -19,26 +21,97 @@ backend_tests!(
 
 /// Accepts `trip` for `driver` directly in storage (atomic_async: a queued job).
 async fn accepted(store: &tripgate::storage::Storage, driver: &str, trip: &str) {
-    let vehicle = store
-        .driver_snapshot(driver)
-        .await
-        .unwrap()
-        .unwrap()
-        .vehicle_id
-        .unwrap();
-    let outcome = store
-        .accept_fenced(&Assignment {
+    let fenced = store
+        .accept_fenced(&Fence {
             trip_id: trip.to_owned(),
             driver_id: driver.to_owned(),
-            vehicle_id: vehicle,
             otp: "4321".into(),
             cohort: Cohort::AtomicAsync,
-            trip_type: TripType::Ride,
             requested_at_ms: now_ms(),
         })
         .await
         .unwrap();
-    assert!(matches!(outcome, AssignOutcome::Accepted { .. }));
+    assert!(matches!(fenced.outcome, AssignOutcome::Accepted { .. }), "{fenced:?}");
+}
+
+/// The accept writes no effect records (its one statement stays small): until the job
+/// creates them, the trip shows each effect of its type as `pending`; the job then runs
+/// each once.
+async fn effects_pending_until_the_job_records_them(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let stub = WebhookStub::start().await;
+    let store = db.store().await;
+    let w = World::new(&store).await;
+    let (d, t) = (w.driver().await, w.trip(&[]).await);
+    accepted(&store, &d, &t).await;
+    assert!(
+        store.effect_rows(&t).await.unwrap().is_empty(),
+        "the accept wrote no effect record"
+    );
+    let states = store.effect_states(&t).await.unwrap();
+    let expected: Vec<&str> = tripgate::domain::Effect::for_trip(tripgate::domain::TripType::Ride)
+        .map(Effect::as_str)
+        .collect();
+    let mut shown: Vec<&str> = states.keys().map(String::as_str).collect();
+    shown.sort_unstable();
+    let mut want = expected.clone();
+    want.sort_unstable();
+    assert_eq!(shown, want);
+    assert!(states.values().all(|s| s == "pending"), "{states:?}");
+
+    let gw = Gateway::start(
+        &db,
+        Options {
+            webhook: Some(format!("http://{}", stub.addr)),
+            ..Options::default()
+        },
+    )
+    .await;
+    let details = gw.wait_effects_done(&t, Duration::from_secs(20)).await;
+    assert_eq!(details["side_effects"].as_object().unwrap().len(), expected.len());
+    let records = store.effect_rows(&t).await.unwrap();
+    assert_eq!(records.len(), expected.len());
+    assert!(records.iter().all(|r| r.calls == 1), "{records:?}");
+    assert_eq!(stub.calls_for("otp_sms", &t).len(), 1);
+    gw.shutdown().await;
+    store.close().await;
+}
+
+/// A rolling upgrade: a job the previous release queued — its accept also wrote the
+/// effect records, `pending` — runs on this release, each effect once.
+async fn a_job_queued_by_the_previous_release_runs(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let stub = WebhookStub::start().await;
+    let store = db.store().await;
+    let w = World::new(&store).await;
+    let (d, t) = (w.driver().await, w.trip(&[]).await);
+    accepted(&store, &d, &t).await;
+    let values: Vec<String> = tripgate::domain::Effect::for_trip(tripgate::domain::TripType::Ride)
+        .map(|e| format!("('{t}', '{}', 'atomic_async', 'pending', 0)", e.as_str()))
+        .collect();
+    crate::support::execute_sql(
+        &db,
+        &format!(
+            "INSERT INTO side_effects (trip_request_id, effect, cohort, state, calls) VALUES {}",
+            values.join(", ")
+        ),
+    )
+    .await;
+    let gw = Gateway::start(
+        &db,
+        Options {
+            webhook: Some(format!("http://{}", stub.addr)),
+            ..Options::default()
+        },
+    )
+    .await;
+    gw.wait_effects_done(&t, Duration::from_secs(20)).await;
+    let records = store.effect_rows(&t).await.unwrap();
+    assert_eq!(records.len(), values.len());
+    assert!(records.iter().all(|r| r.calls == 1), "{records:?}");
+    assert_eq!(stub.calls_for("otp_sms", &t).len(), 1);
+    gw.shutdown().await;
+    store.close().await;
 }
 
 /// Two `tripgate worker` processes on one queue: every job runs once, every effect is
