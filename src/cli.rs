@@ -63,18 +63,19 @@ pub enum Command {
         /// Admin API base URL (default: server.admin_listen).
         #[arg(long)]
         admin_url: Option<String>,
-        /// Drivers (race: per trip; burst: total).
-        #[arg(long, default_value_t = 5)]
-        drivers: usize,
-        /// Trips (race, retry-storm: rounds; burst: total).
-        #[arg(long, default_value_t = 1)]
-        trips: usize,
-        /// Accepts per second (steady, rollout).
-        #[arg(long, default_value_t = 20.0)]
-        rate: f64,
-        /// Seconds (steady, rollout).
-        #[arg(long, default_value_t = 10.0)]
-        duration: f64,
+        /// Drivers (race: per trip, default 5; burst: total, default 1000).
+        #[arg(long)]
+        drivers: Option<usize>,
+        /// Trips (race: rounds, default 20; retry-storm: rounds, default 10; burst: total,
+        /// default 1000).
+        #[arg(long)]
+        trips: Option<usize>,
+        /// Accepts per second (steady, rollout; default 10).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Seconds (steady, rollout; default 60).
+        #[arg(long)]
+        duration: Option<f64>,
         /// Most requests in flight (burst; 0 = all at once).
         #[arg(long, default_value_t = 0)]
         concurrency: usize,
@@ -233,14 +234,16 @@ async fn run_async(config: Config, command: Command) -> anyhow::Result<ExitCode>
             concurrency,
             json,
         } => {
+            let (default_drivers, default_trips) = scenario.default_size();
+            let (default_rate, default_duration) = scenario.default_pace();
             let options = crate::drive::DriveOptions {
                 scenario,
                 url: url.unwrap_or_else(|| format!("http://{}", config.server.listen)),
                 admin_url: admin_url.unwrap_or_else(|| format!("http://{}", config.server.admin_listen)),
-                drivers,
-                trips,
-                rate,
-                duration_s: duration,
+                drivers: drivers.unwrap_or(default_drivers),
+                trips: trips.unwrap_or(default_trips),
+                rate: rate.unwrap_or(default_rate),
+                duration_s: duration.unwrap_or(default_duration),
                 timeout: config.client_timeout(),
                 concurrency,
             };

@@ -38,6 +38,23 @@ pub enum Scenario {
     Rollout,
 }
 
+impl Scenario {
+    /// `(drivers, trips)` when not given: the sizes README documents for each scenario.
+    pub fn default_size(self) -> (usize, usize) {
+        match self {
+            Self::Race => (5, 20),
+            Self::RetryStorm => (1, 10),
+            Self::Burst => (1000, 1000),
+            Self::Steady | Self::Rollout => (5, 1),
+        }
+    }
+
+    /// `(rate per second, duration in seconds)` when not given (steady, rollout).
+    pub fn default_pace(self) -> (f64, f64) {
+        (10.0, 60.0)
+    }
+}
+
 /// Options of `tripgate drive`.
 #[derive(Debug, Clone)]
 pub struct DriveOptions {
@@ -561,7 +578,15 @@ pub fn render(report: &Report) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::quantile;
+    use super::{Scenario, quantile};
+
+    #[test]
+    fn scenario_sizes_default_to_readme() {
+        assert_eq!(Scenario::Burst.default_size(), (1000, 1000));
+        assert_eq!(Scenario::Race.default_size(), (5, 20));
+        assert_eq!(Scenario::RetryStorm.default_size().1, 10);
+        assert_eq!(Scenario::Steady.default_pace(), (10.0, 60.0));
+    }
 
     #[test]
     fn nearest_rank_quantiles() {

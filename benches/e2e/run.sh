@@ -4,8 +4,8 @@
 # pgbench and redis-benchmark. Builds the release binary, runs `tripgate serve` on a fresh
 # database, drives each scenario with `tripgate drive --json`, measures the storage limit
 # with pgbench and redis-benchmark in the same run, and prints every report.
-# Env: SCENARIOS (default "compare burst-pg burst-sqlite saturation"), OUT (default
-# target/e2e).
+# Env: SCENARIOS (default "compare burst-pg burst-sqlite saturation"; also "hot-path", the
+# accept against the minimal fence transaction: see BENCHMARKS.md), OUT (default target/e2e).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PG=${PG:-postgres://postgres@127.0.0.1:5432}
@@ -76,6 +76,26 @@ for s in $SCENARIOS; do
       rm -f "$OUT"/burst-sqlite.db*
       drive burst-sqlite burst --drivers 1000 --trips 1000
       stop ;;
+    hot-path)  # issue #11: the accept vs pgbench's minimal fence transaction, same run
+      lim=$(fresh_pg fence)
+      mkdir -p "$OUT/fence" && printf '[database]\nurl = "%s"\n' "$lim" > "$OUT/fence/config.toml"
+      "$BIN" migrate --config "$OUT/fence/config.toml"
+      psql "$lim" -q -f benches/e2e/pgbench_setup.sql
+      fence() {  # CLIENTS LABEL
+        pgbench -n -c "$1" -j "$(( $1 < 2 ? 1 : 2 ))" -T 15 -f benches/e2e/pgbench_fence.sql "$lim" \
+          | tee "$OUT/pgbench-fence-$1-$2.txt" | grep -E 'latency average|tps'
+        psql "$lim" -qc "UPDATE trip_requests SET driver_id = NULL, current_status = 'pending'; TRUNCATE jobs"
+      }
+      fence 8 before; fence 1 before
+      start hot-path "$(fresh_pg hotpath)" "$REDIS" 100 1500 800
+      drive hot-path burst --drivers 300 --trips 300 --concurrency 1      # idle: one at a time
+      drive hot-path burst --drivers 6000 --trips 6000 --concurrency 64   # saturation
+      drive hot-path burst --drivers 1000 --trips 1000                    # burst, all at once
+      stop
+      fence 8 after; fence 1 after
+      pgbench -n -c 8 -j 2 -T 15 -f benches/e2e/pgbench_accept_function.sql "$lim" \
+        | tee "$OUT/pgbench-accept-function.txt" | grep -E 'latency average|tps'
+      ;;
     saturation)  # accepts/s at saturation vs the storage limit (pgbench, redis-benchmark)
       url=$(fresh_pg saturation)
       start saturation "$url" "$REDIS" 100 1500 800

@@ -76,6 +76,16 @@ async fn drive_reports_per_cohort(backend: Backend) {
         (Some(0), Some(0))
     );
 
+    // Without sizes, each scenario runs at README's: race = 5 drivers × 20 trips.
+    let race = drive(&gw, &["race"]);
+    let accepted: u64 = race["cohorts"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|c| c["accepted"].as_u64().unwrap())
+        .sum();
+    assert_eq!(accepted, 20, "race defaults to 20 trips: {race}");
+
     let storm = drive(&gw, &["retry-storm", "--trips", "3"]);
     let atomic_errors = &storm["cohorts"]["atomic_async"]["errors"];
     assert!(
