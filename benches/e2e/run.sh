@@ -78,7 +78,7 @@ for s in $SCENARIOS; do
       stop ;;
     hot-path)  # issue #11: the accept vs pgbench's minimal fence transaction, same run
       lim=$(fresh_pg fence)
-      mkdir -p "$OUT/fence" && printf '[database]\nurl = "%s"\n' "$lim" > "$OUT/fence/config.toml"
+      mkdir -p "$OUT/fence" && printf '[database]\nurl = "%s"\n[auth]\nhs256_secret = "benchmark-secret-0123456789abcdef"\n' "$lim" > "$OUT/fence/config.toml"
       "$BIN" migrate --config "$OUT/fence/config.toml"
       psql "$lim" -q -f benches/e2e/pgbench_setup.sql
       fence() {  # CLIENTS LABEL
