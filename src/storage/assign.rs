@@ -122,6 +122,23 @@ impl Storage {
             Some(_) => {}
         }
         let now = now_ms();
+        // The driver row before the trip's driver: goes on_trip only if still available
+        // (check and write in one statement), and stays locked, so every accept takes the
+        // trip row, then the driver row, then writes the trip's driver — the order the
+        // atomic_async statement keeps too, so a legacy and an atomic_async accept of one
+        // driver never wait for each other in a circle.
+        let driver = sqlx::query(
+            "UPDATE driver_details SET availability_status = 'on_trip', updated_at = $2 \
+             WHERE user_id = $1 AND is_online = TRUE AND availability_status IN ('available', 'on_bidding')",
+        )
+        .bind(&a.driver_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if driver == 0 {
+            return Ok(AssignOutcome::DriverBusy);
+        }
         let assigned = sqlx::query(ASSIGN_SQL)
             .bind(&a.trip_id)
             .bind(&a.driver_id)
@@ -134,25 +151,11 @@ impl Storage {
             .await;
         match assigned {
             Ok(_) => {}
-            // The partial unique index (one active trip per driver) fires at this update —
-            // after waiting for the other transaction — not at commit: this driver's accept
-            // of another trip committed meanwhile.
+            // The partial unique index (one active trip per driver): a trip of this driver
+            // committed by a path that did not take the driver row first (none today; an
+            // older release). It fires at this update, not at commit.
             Err(e) if is_unique_violation(&e) => return Ok(AssignOutcome::DriverBusy),
             Err(e) => return Err(e),
-        }
-        // The driver goes on_trip only if still available: the check and the write are one
-        // statement.
-        let driver = sqlx::query(
-            "UPDATE driver_details SET availability_status = 'on_trip', updated_at = $2 \
-             WHERE user_id = $1 AND is_online = TRUE AND availability_status IN ('available', 'on_bidding')",
-        )
-        .bind(&a.driver_id)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if driver == 0 {
-            return Ok(AssignOutcome::DriverBusy);
         }
         sqlx::query("UPDATE trip_status SET accepted = $2 WHERE trip_request_id = $1")
             .bind(&a.trip_id)
@@ -190,7 +193,19 @@ impl Storage {
             .bind(now_ms())
             .bind(&job.id)
             .fetch_one(&mut *self.conn().await?)
-            .await?;
+            .await;
+        let row = match row {
+            Ok(row) => row,
+            // The one-active-trip index: only a writer that does not lock the driver row
+            // first could race this (none today; an older release's legacy accept).
+            Err(e) if is_unique_violation(&e) => {
+                return Ok(Fenced {
+                    outcome: AssignOutcome::DriverBusy,
+                    trip: None,
+                });
+            }
+            Err(e) => return Err(e),
+        };
         let outcome = match row.try_get::<String, _>("outcome")?.as_str() {
             "accepted" => AssignOutcome::Accepted { job: job.clone() },
             "already_mine" => AssignOutcome::AlreadyMine,

@@ -11,6 +11,7 @@ use crate::support::{Backend, Gateway, Options, TestDb, WebhookStub, World, code
 
 backend_tests!(
     double_assignments_counts_a_half_written_accept,
+    one_driver_on_two_paths_at_once,
     driver_holding_a_trip_cannot_take_another_atomic_async,
     spec_table_rows_legacy,
     spec_table_rows_atomic_async,
@@ -343,6 +344,46 @@ async fn driver_holding_a_trip_cannot_take_another(backend: Backend) {
 
 async fn driver_holding_a_trip_cannot_take_another_atomic_async(backend: Backend) {
     one_trip_per_driver(backend, 100.0).await;
+}
+
+/// One driver's accepts of several trips at once through a legacy gateway and an
+/// atomic_async gateway on the same database (a flags change reaching instances one by one):
+/// exactly one wins, every other answer is `403 driver_unavailable_403` — no deadlock
+/// between the two paths (both lock the trip, then the driver, then write), no 5xx.
+async fn one_driver_on_two_paths_at_once(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let gateway = |percent: f64| Options {
+        percent,
+        redis_url: redis_for(backend),
+        ..Options::default()
+    };
+    let legacy = Gateway::start(&db, gateway(0.0)).await;
+    let atomic = Gateway::start(&db, gateway(100.0)).await;
+    let w = World::new(&legacy.store).await;
+    for _round in 0..30 {
+        let d = w.driver().await;
+        let mut trips = Vec::new();
+        for _ in 0..6 {
+            trips.push(w.trip(&[]).await);
+        }
+        let sends = trips.iter().enumerate().map(|(i, t)| {
+            let gw = if i % 2 == 0 { &legacy } else { &atomic };
+            gw.accept(&d, t)
+        });
+        let results = futures_util::future::join_all(sends).await;
+        let answers: Vec<(u16, &str, &str)> = results.iter().map(|(s, b, c)| (*s, code(b), c.as_str())).collect();
+        assert_eq!(answers.iter().filter(|a| a.0 == 200).count(), 1, "{answers:?}");
+        assert!(
+            answers
+                .iter()
+                .all(|a| (a.0, a.1) == (200, "default_update_200") || (a.0, a.1) == (403, "driver_unavailable_403")),
+            "{answers:?}"
+        );
+        assert!(answers.iter().any(|a| a.2 == "legacy") && answers.iter().any(|a| a.2 == "atomic_async"));
+    }
+    assert_eq!(legacy.store.double_assignments().await.unwrap(), 0);
+    atomic.shutdown().await;
+    legacy.shutdown().await;
 }
 
 /// A driver on a trip is refused another; the same driver on several trips at once gets
