@@ -170,6 +170,10 @@ pub struct AuthConfig {
     pub hs256_secret: String,
     /// Lifetime of tokens minted by `tripgate token`.
     pub token_ttl_s: u64,
+    /// How long a user found to exist (and be active, with the token's role) is trusted
+    /// without looking them up again; 0 looks them up on every request. The trade-off: a
+    /// user deactivated meanwhile keeps access this long.
+    pub user_cache_ms: u64,
 }
 
 impl Default for AuthConfig {
@@ -177,6 +181,7 @@ impl Default for AuthConfig {
         Self {
             hs256_secret: String::new(),
             token_ttl_s: 7 * 24 * 3600,
+            user_cache_ms: 2_000,
         }
     }
 }

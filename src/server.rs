@@ -161,6 +161,9 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
             locks: locks.clone(),
             migrated: migrated.clone(),
             metrics: metrics.clone(),
+            known_users: Arc::new(crate::http::KnownUsers::new(Duration::from_millis(
+                config.auth.user_cache_ms,
+            ))),
         };
         let services = AcceptServices {
             legacy: LegacyAccept::new(store.clone(), inline_jobs, lease_ms),

@@ -12,8 +12,10 @@ pub mod listener;
 pub mod observe;
 pub mod rate_limit;
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -50,10 +52,65 @@ pub struct AppState {
     pub migrated: Arc<AtomicBool>,
     /// Request metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Users recently found to exist (`auth.user_cache_ms`).
+    pub known_users: Arc<KnownUsers>,
+}
+
+/// Users recently found to exist, active, with their type: the auth layer looks a token's
+/// user up once per `auth.user_cache_ms` instead of on every request. Only positive
+/// answers are kept (a user created a moment ago is never refused from memory); bounded.
+#[derive(Debug)]
+pub struct KnownUsers {
+    ttl: Duration,
+    users: Mutex<HashMap<String, (String, Instant)>>,
+}
+
+impl KnownUsers {
+    /// Most users kept; past it the expired ones are dropped, then all.
+    const CAPACITY: usize = 100_000;
+
+    /// A cache keeping each user `ttl` (zero: none).
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            users: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The type (`driver` | `customer`) of the active user `id`: from memory when found
+    /// within the TTL, else from `store`.
+    async fn user_type(&self, store: &Storage, id: &str) -> Result<Option<String>, ApiError> {
+        if let Some((kind, at)) = self.lock().get(id)
+            && at.elapsed() < self.ttl
+        {
+            return Ok(Some(kind.clone()));
+        }
+        let kind = store.user_type(id).await?;
+        if let Some(kind) = &kind
+            && !self.ttl.is_zero()
+        {
+            let mut users = self.lock();
+            if users.len() >= Self::CAPACITY {
+                let ttl = self.ttl;
+                users.retain(|_, (_, at)| at.elapsed() < ttl);
+                if users.len() >= Self::CAPACITY {
+                    users.clear();
+                }
+            }
+            users.insert(id.to_owned(), (kind.clone(), Instant::now()));
+        }
+        Ok(kind)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Instant)>> {
+        // Single inserts and removals: a panic while holding it leaves the map consistent.
+        self.users.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 /// Verifies the bearer token: valid signature and times, and (drivers and customers) a
-/// user that exists with that role. Then the role must be one of `allowed`.
+/// user that exists with that role (looked up at most once per `auth.user_cache_ms`). Then
+/// the role must be one of `allowed`.
 pub async fn authenticate(state: &AppState, headers: &HeaderMap, allowed: &[Role]) -> Result<AuthUser, ApiError> {
     let token = headers
         .get(header::AUTHORIZATION)
@@ -63,7 +120,7 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap, allowed: &[Role
         .ok_or(ApiError::Unauthorized)?;
     let claims = state.keys.verify(token).ok_or(ApiError::Unauthorized)?;
     if claims.role != Role::Admin {
-        let user_type = state.store.user_type(&claims.sub).await?;
+        let user_type = state.known_users.user_type(&state.store, &claims.sub).await?;
         if user_type.as_deref() != Some(claims.role.as_str()) {
             return Err(ApiError::Unauthorized);
         }

@@ -10,6 +10,7 @@ use crate::backend_tests;
 use crate::support::{Backend, Gateway, Options, TestDb, WebhookStub, World, code, race, redis_for};
 
 backend_tests!(
+    auth_trusts_a_found_user_for_user_cache_ms,
     double_assignments_counts_a_half_written_accept,
     one_driver_on_two_paths_at_once,
     driver_holding_a_trip_cannot_take_another_atomic_async,
@@ -595,6 +596,37 @@ async fn customer_routes(backend: Backend) {
     assert!(count("ok", "/api/customer/ride/details/{id}") >= 1.0);
     assert_eq!(count("accepted", create), 0.0);
     gw.shutdown().await;
+}
+
+/// The auth layer looks a token's user up once per `auth.user_cache_ms`, not on every
+/// request: a user deactivated meanwhile keeps access that long (README's trade-off), and
+/// is refused after it; with 0 the lookup is made on every request.
+async fn auth_trusts_a_found_user_for_user_cache_ms(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    for cache_ms in [600, 0] {
+        let dir = crate::support::TempDir::new();
+        let mut config = crate::support::config(&db.url, dir.path(), &Options::default());
+        config.auth.user_cache_ms = cache_ms;
+        let gw = Gateway::start_with(config, dir).await;
+        let w = World::new(&gw.store).await;
+        let (d, t) = (w.driver().await, w.trip(&[]).await);
+        assert_eq!(gw.action(&d, &t, "rejected").await.0, 200);
+        crate::support::execute_sql(&db, &format!("UPDATE users SET is_active = FALSE WHERE id = '{d}'")).await;
+        let (status, body, _) = gw.action(&d, &t, "rejected").await;
+        if cache_ms > 0 {
+            assert_eq!(status, 200, "trusted from memory within {cache_ms} ms");
+            tokio::time::sleep(Duration::from_millis(cache_ms + 100)).await;
+            let (status, body, _) = gw.action(&d, &t, "rejected").await;
+            assert_eq!((status, code(&body)), (401, "auth_login_401"), "looked up again");
+        } else {
+            assert_eq!(
+                (status, code(&body)),
+                (401, "auth_login_401"),
+                "no cache: refused at once"
+            );
+        }
+        gw.shutdown().await;
+    }
 }
 
 /// The invariant check counts an accept written half: a trip accepted while its driver is
