@@ -6,7 +6,8 @@
 //! 2. One statement (one database round trip, `Storage::accept_fenced`): the pre-checks —
 //!    no such trip, taken, not pending, driver unavailable, wrong vehicle, in that order —
 //!    and the fence with its writes (driver `on_trip`, status, the job row: outbox) on the
-//!    locked trip and driver rows; it returns the outcome and the minimal trip.
+//!    locked trip and driver rows; it returns the outcome and the minimal trip. Under load,
+//!    concurrent accepts share that statement and its commit (group commit).
 //! 3. Answer at once with that trip; a worker runs the side effects.
 //!
 //! Fixed from the original: a retry by the winner is answered from the database (also

@@ -13,8 +13,10 @@
 //!   the writes together on the locked trip and driver rows and returns the outcome with
 //!   the minimal trip the answer carries — one round trip on Postgres (the
 //!   `tripgate_accept` function, `migrations/postgres/0002_accept_function.sql`); on
-//!   SQLite the same steps in one `BEGIN IMMEDIATE` transaction. Of any number of concurrent
-//!   accepts (either cohort, any instance) exactly one commits.
+//!   SQLite the same steps in one `BEGIN IMMEDIATE` transaction. Concurrent accepts share
+//!   that statement and its commit (group commit: `group_commit`,
+//!   [`Storage::accept_fenced_batch`], `tripgate_accept_batch` in migration 0003). Of any
+//!   number of concurrent accepts (either cohort, any instance) exactly one commits.
 //!
 //! Workers are woken after the commit, never by a `NOTIFY` inside it (see
 //! `dialect::RemoteWake`).
@@ -170,145 +172,103 @@ impl Storage {
 
     /// The atomic_async accept: the pre-checks and the fence in one step on the locked
     /// trip and driver rows (see the module doc), answering with the outcome and the
-    /// minimal trip. A win's job is queued and the workers woken after the commit.
+    /// minimal trip. Concurrent calls are committed together ([`super::group_commit`]).
     pub async fn accept_fenced(&self, f: &Fence) -> Result<Fenced, sqlx::Error> {
-        let job = Job::new(&f.trip_id, f.cohort, JobState::Queued, 0);
-        let fenced = match self.dialect {
-            Dialect::Postgres => self.accept_fenced_postgres(f, &job).await?,
-            Dialect::Sqlite => self.accept_fenced_sqlite(f, &job).await?,
-        };
-        if matches!(fenced.outcome, AssignOutcome::Accepted { .. }) {
-            self.job_queued();
-        }
-        Ok(fenced)
+        self.group.submit(self, f.clone()).await
     }
 
-    async fn accept_fenced_postgres(&self, f: &Fence, job: &Job) -> Result<Fenced, sqlx::Error> {
-        let row = sqlx::query("SELECT * FROM tripgate_accept($1, $2, $3, $4, $5, $6, $7)")
-            .bind(&f.trip_id)
-            .bind(&f.driver_id)
-            .bind(&f.otp)
-            .bind(f.cohort.as_str())
-            .bind(f.requested_at_ms)
-            .bind(now_ms())
-            .bind(&job.id)
-            .fetch_one(&mut *self.conn().await?)
-            .await;
-        let row = match row {
-            Ok(row) => row,
-            // The one-active-trip index: only a writer that does not lock the driver row
-            // first could race this (none today; an older release's legacy accept).
-            Err(e) if is_unique_violation(&e) => {
-                return Ok(Fenced {
-                    outcome: AssignOutcome::DriverBusy,
-                    trip: None,
-                });
-            }
-            Err(e) => return Err(e),
-        };
-        let outcome = match row.try_get::<String, _>("outcome")?.as_str() {
-            "accepted" => AssignOutcome::Accepted { job: job.clone() },
-            "already_mine" => AssignOutcome::AlreadyMine,
-            "taken" => AssignOutcome::Taken,
-            "not_pending" => AssignOutcome::NotPending,
-            "driver_busy" => AssignOutcome::DriverBusy,
-            "vehicle_mismatch" => AssignOutcome::VehicleMismatch,
-            "not_found" => {
-                return Ok(Fenced {
-                    outcome: AssignOutcome::NotFound,
-                    trip: None,
-                });
-            }
-            other => {
-                return Err(sqlx::Error::Protocol(format!("tripgate_accept answered {other:?}")));
-            }
-        };
-        let trip = minimal_trip(&row, &f.trip_id)?;
-        Ok(Fenced {
-            outcome,
-            trip: Some(trip),
-        })
+    /// `(batches, accepts)` committed by this process's group commit so far.
+    pub fn accept_batches(&self) -> (u64, u64) {
+        self.group.counts()
     }
 
-    /// The same steps as `tripgate_accept`, in one write transaction (SQLite has no
-    /// stored functions; its round trips are calls into the library, not the network).
-    async fn accept_fenced_sqlite(&self, f: &Fence, job: &Job) -> Result<Fenced, sqlx::Error> {
-        let mut tx = self.begin().await?;
-        let sql = format!("SELECT {} FROM trip_requests WHERE id = $1", TripSnapshot::COLUMNS);
-        let trip: Option<TripSnapshot> = sqlx::query_as(&sql).bind(&f.trip_id).fetch_optional(&mut *tx).await?;
-        let Some(trip) = trip else {
-            return Ok(Fenced {
-                outcome: AssignOutcome::NotFound,
-                trip: None,
-            });
+    /// Several atomic_async accepts in one statement (Postgres: `tripgate_accept_batch`) or
+    /// one transaction (SQLite), in arrival order: each gets the outcome it would get one
+    /// after another. A database error fails them all and writes nothing; in a batch of
+    /// several, each member gets an unavailable error (503: nothing of theirs was wrong, and
+    /// a retry runs in another batch). Workers are woken after the commit.
+    pub async fn accept_fenced_batch(&self, fences: &[Fence]) -> Vec<Result<Fenced, sqlx::Error>> {
+        let jobs: Vec<Job> = fences
+            .iter()
+            .map(|f| Job::new(&f.trip_id, f.cohort, JobState::Queued, 0))
+            .collect();
+        let result = match self.dialect {
+            Dialect::Postgres => self.accept_batch_postgres(fences, &jobs).await,
+            Dialect::Sqlite => self.accept_batch_sqlite(fences, &jobs).await,
         };
-        let outcome = match trip.driver_id.as_deref() {
-            Some(d) if d == f.driver_id => AssignOutcome::AlreadyMine,
-            Some(_) => AssignOutcome::Taken,
-            None if trip.status != TripStatus::Pending => AssignOutcome::NotPending,
-            None => {
-                let driver = sqlx::query(
-                    "SELECT d.is_online, d.availability_status, v.id AS vehicle_id, v.category_id \
-                     FROM driver_details d LEFT JOIN vehicles v ON v.driver_id = d.user_id AND v.is_active = TRUE \
-                     WHERE d.user_id = $1",
-                )
-                .bind(&f.driver_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-                let available = match &driver {
-                    Some(r) => {
-                        get_bool(r, "is_online")?
-                            && get_enum(r, "availability_status", Availability::parse)?.can_take_trip()
-                    }
-                    None => false,
-                };
-                let vehicle: Option<(String, String)> = match &driver {
-                    Some(r) => r
-                        .try_get::<Option<String>, _>("vehicle_id")?
-                        .zip(r.try_get::<Option<String>, _>("category_id")?),
-                    None => None,
-                };
-                match vehicle {
-                    _ if !available => AssignOutcome::DriverBusy,
-                    Some((vehicle_id, category)) if category == trip.vehicle_category_id => {
-                        let now = now_ms();
-                        sqlx::query(ASSIGN_SQL)
-                            .bind(&f.trip_id)
-                            .bind(&f.driver_id)
-                            .bind(&vehicle_id)
-                            .bind(&f.otp)
-                            .bind(f.cohort.as_str())
-                            .bind(f.requested_at_ms)
-                            .bind(now)
-                            .execute(&mut *tx)
-                            .await?;
-                        sqlx::query("UPDATE driver_details SET availability_status = 'on_trip', updated_at = $2 WHERE user_id = $1")
-                            .bind(&f.driver_id)
-                            .bind(now)
-                            .execute(&mut *tx)
-                            .await?;
-                        sqlx::query("UPDATE trip_status SET accepted = $2 WHERE trip_request_id = $1")
-                            .bind(&f.trip_id)
-                            .bind(now)
-                            .execute(&mut *tx)
-                            .await?;
-                        insert_job(&mut tx, job, now, None).await?;
-                        AssignOutcome::Accepted { job: job.clone() }
-                    }
-                    _ => AssignOutcome::VehicleMismatch,
+        match result {
+            Ok(fenced) => {
+                if fenced.iter().any(|f| {
+                    matches!(
+                        f,
+                        Ok(Fenced {
+                            outcome: AssignOutcome::Accepted { .. },
+                            ..
+                        })
+                    )
+                }) {
+                    self.job_queued();
                 }
+                fenced
             }
-        };
-        let row = sqlx::query(MINIMAL_TRIP_SQL)
-            .bind(&f.trip_id)
-            .fetch_one(&mut *tx)
+            // A lone accept keeps its error (a bug stays a 500).
+            Err(e) if fences.len() == 1 => vec![Err(e)],
+            Err(e) => {
+                tracing::warn!(accepts = fences.len(), error = %e, "accept batch failed");
+                fences.iter().map(|_| Err(batch_failed(&e))).collect()
+            }
+        }
+    }
+
+    async fn accept_batch_postgres(
+        &self,
+        fences: &[Fence],
+        jobs: &[Job],
+    ) -> Result<Vec<Result<Fenced, sqlx::Error>>, sqlx::Error> {
+        let members: Vec<Value> = fences
+            .iter()
+            .zip(jobs)
+            .map(|(f, job)| {
+                json!({"trip": f.trip_id, "driver": f.driver_id, "otp": f.otp, "cohort": f.cohort.as_str(),
+                       "requested_at": f.requested_at_ms, "job": job.id})
+            })
+            .collect();
+        let rows = sqlx::query("SELECT * FROM tripgate_accept_batch($1, $2)")
+            .bind(Value::Array(members).to_string())
+            .bind(now_ms())
+            .fetch_all(&mut *self.conn().await?)
             .await?;
-        let trip = minimal_trip(&row, &f.trip_id)?;
+        let mut out: Vec<Result<Fenced, sqlx::Error>> = fences
+            .iter()
+            .map(|_| Err(sqlx::Error::Protocol("tripgate_accept_batch left out a member".into())))
+            .collect();
+        for row in &rows {
+            let idx = usize::try_from(row.try_get::<i32, _>("idx")?).unwrap_or(0);
+            let Some(slot) = idx.checked_sub(1).and_then(|i| out.get_mut(i)) else {
+                return Err(sqlx::Error::Protocol(format!(
+                    "tripgate_accept_batch answered member {idx}"
+                )));
+            };
+            let (fence, job) = (&fences[idx - 1], &jobs[idx - 1]);
+            *slot = fenced_from_row(row, fence, job);
+        }
+        Ok(out)
+    }
+
+    /// The same steps as `tripgate_accept_batch`, in one write transaction (SQLite has no
+    /// stored functions; its round trips are calls into the library, not the network).
+    async fn accept_batch_sqlite(
+        &self,
+        fences: &[Fence],
+        jobs: &[Job],
+    ) -> Result<Vec<Result<Fenced, sqlx::Error>>, sqlx::Error> {
+        let mut tx = self.begin().await?;
+        let mut out = Vec::with_capacity(fences.len());
+        for (f, job) in fences.iter().zip(jobs) {
+            out.push(Ok(sqlite_accept(&mut tx, f, job).await?));
+        }
         tx.commit().await?;
-        Ok(Fenced {
-            outcome,
-            trip: Some(trip),
-        })
+        Ok(out)
     }
 
     /// The minimal trip the atomic_async answer carries: id, status, driver, customer id
@@ -334,6 +294,117 @@ impl Storage {
         .fetch_one(&mut *self.conn().await?)
         .await
     }
+}
+
+/// One member's outcome from its row of `tripgate_accept` / `tripgate_accept_batch`.
+fn fenced_from_row(row: &AnyRow, f: &Fence, job: &Job) -> Result<Fenced, sqlx::Error> {
+    let outcome = match row.try_get::<String, _>("outcome")?.as_str() {
+        "accepted" => AssignOutcome::Accepted { job: job.clone() },
+        "already_mine" => AssignOutcome::AlreadyMine,
+        "taken" => AssignOutcome::Taken,
+        "not_pending" => AssignOutcome::NotPending,
+        "driver_busy" => AssignOutcome::DriverBusy,
+        "vehicle_mismatch" => AssignOutcome::VehicleMismatch,
+        "not_found" => {
+            return Ok(Fenced {
+                outcome: AssignOutcome::NotFound,
+                trip: None,
+            });
+        }
+        other => return Err(sqlx::Error::Protocol(format!("tripgate_accept answered {other:?}"))),
+    };
+    Ok(Fenced {
+        outcome,
+        trip: Some(minimal_trip(row, &f.trip_id)?),
+    })
+}
+
+/// `tripgate_accept`'s steps for one member, inside the batch's SQLite transaction.
+async fn sqlite_accept(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    f: &Fence,
+    job: &Job,
+) -> Result<Fenced, sqlx::Error> {
+    let sql = format!("SELECT {} FROM trip_requests WHERE id = $1", TripSnapshot::COLUMNS);
+    let trip: Option<TripSnapshot> = sqlx::query_as(&sql).bind(&f.trip_id).fetch_optional(&mut **tx).await?;
+    let Some(trip) = trip else {
+        return Ok(Fenced {
+            outcome: AssignOutcome::NotFound,
+            trip: None,
+        });
+    };
+    let outcome = match trip.driver_id.as_deref() {
+        Some(d) if d == f.driver_id => AssignOutcome::AlreadyMine,
+        Some(_) => AssignOutcome::Taken,
+        None if trip.status != TripStatus::Pending => AssignOutcome::NotPending,
+        None => {
+            let driver = sqlx::query(
+                "SELECT d.is_online, d.availability_status, v.id AS vehicle_id, v.category_id \
+                 FROM driver_details d LEFT JOIN vehicles v ON v.driver_id = d.user_id AND v.is_active = TRUE \
+                 WHERE d.user_id = $1",
+            )
+            .bind(&f.driver_id)
+            .fetch_optional(&mut **tx)
+            .await?;
+            let available = match &driver {
+                Some(r) => {
+                    get_bool(r, "is_online")?
+                        && get_enum(r, "availability_status", Availability::parse)?.can_take_trip()
+                }
+                None => false,
+            };
+            let vehicle: Option<(String, String)> = match &driver {
+                Some(r) => r
+                    .try_get::<Option<String>, _>("vehicle_id")?
+                    .zip(r.try_get::<Option<String>, _>("category_id")?),
+                None => None,
+            };
+            match vehicle {
+                _ if !available => AssignOutcome::DriverBusy,
+                Some((vehicle_id, category)) if category == trip.vehicle_category_id => {
+                    let now = now_ms();
+                    sqlx::query(ASSIGN_SQL)
+                        .bind(&f.trip_id)
+                        .bind(&f.driver_id)
+                        .bind(&vehicle_id)
+                        .bind(&f.otp)
+                        .bind(f.cohort.as_str())
+                        .bind(f.requested_at_ms)
+                        .bind(now)
+                        .execute(&mut **tx)
+                        .await?;
+                    sqlx::query(
+                        "UPDATE driver_details SET availability_status = 'on_trip', updated_at = $2 WHERE user_id = $1",
+                    )
+                    .bind(&f.driver_id)
+                    .bind(now)
+                    .execute(&mut **tx)
+                    .await?;
+                    sqlx::query("UPDATE trip_status SET accepted = $2 WHERE trip_request_id = $1")
+                        .bind(&f.trip_id)
+                        .bind(now)
+                        .execute(&mut **tx)
+                        .await?;
+                    insert_job(tx, job, now, None).await?;
+                    AssignOutcome::Accepted { job: job.clone() }
+                }
+                _ => AssignOutcome::VehicleMismatch,
+            }
+        }
+    };
+    let row = sqlx::query(MINIMAL_TRIP_SQL)
+        .bind(&f.trip_id)
+        .fetch_one(&mut **tx)
+        .await?;
+    Ok(Fenced {
+        outcome,
+        trip: Some(minimal_trip(&row, &f.trip_id)?),
+    })
+}
+
+/// The error each member of a failed batch of several gets: unavailable (503, try again).
+fn batch_failed(e: &sqlx::Error) -> sqlx::Error {
+    sqlx::Error::Io(std::io::Error::other(format!("accept batch failed: {e}")))
 }
 
 /// The minimal trip from a row of [`MINIMAL_TRIP_SQL`]'s (or `tripgate_accept`'s) columns.

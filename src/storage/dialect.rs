@@ -44,6 +44,10 @@ impl Dialect {
                     "accept function",
                     include_str!("../../migrations/postgres/0002_accept_function.sql"),
                 ),
+                (
+                    "accept batch",
+                    include_str!("../../migrations/postgres/0003_accept_batch.sql"),
+                ),
             ],
             Self::Sqlite => &[("init", include_str!("../../migrations/sqlite/0001_init.sql"))],
         })

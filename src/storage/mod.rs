@@ -9,7 +9,7 @@
 //! |---|---|
 //! | [`users`] | users, drivers and vehicles; the driver's pre-check snapshot |
 //! | [`trips`] | creating, cancelling and reading trips (the JSON the answers carry) |
-//! | [`assign`] | the two accept transactions — the heart of the product — and the invariant check |
+//! | [`assign`] | the two accepts — the heart of the product — and the invariant check; `group_commit` batches atomic_async's |
 //! | [`effects`] | who an accepted trip's side effects go to, and each effect's record |
 //! | [`jobs`] | the durable job queue: claim, finish, list, retry |
 //! | [`audit`] | the flag change log |
@@ -44,6 +44,7 @@ pub mod assign;
 pub mod audit;
 pub mod dialect;
 pub mod effects;
+mod group_commit;
 pub mod jobs;
 pub mod trips;
 pub mod users;
@@ -75,6 +76,8 @@ pub struct Storage {
     url: Arc<str>,
     /// Whether the database is known unreachable; shared by every pool of this process.
     reach: Arc<Reachability>,
+    /// Coalesces concurrent atomic_async accepts into one statement and commit.
+    group: Arc<group_commit::GroupCommit>,
 }
 
 /// The database is known unreachable until a probe connects again.
@@ -132,6 +135,12 @@ impl Storage {
                 failed: Notify::new(),
                 prober: Once::new(),
             }),
+            group: Arc::new(group_commit::GroupCommit::new(match dialect {
+                // A few batches in flight: each waits on its commit while the next forms.
+                Dialect::Postgres => (config.max_connections as usize / 4).clamp(1, 4),
+                // One writer at a time.
+                Dialect::Sqlite => 1,
+            })),
         })
     }
 

@@ -6,6 +6,7 @@ mod support;
 mod api;
 mod architecture;
 mod atomic;
+mod batches;
 mod cli;
 mod connections;
 mod drive;
