@@ -25,10 +25,11 @@ use serde_json::{Value, json};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::{Dialect, Storage, get_bool, get_enum, is_unique_violation};
-use crate::domain::{Availability, Cohort, JobKind, JobState, TripStatus, now_ms};
+use super::{Dialect, Storage, get_enum, is_unique_violation};
+use crate::domain::{Cohort, JobKind, JobState, TripStatus, now_ms};
 use crate::storage::jobs::Job;
 use crate::storage::trips::TripSnapshot;
+use crate::storage::users::DriverSnapshot;
 
 /// A legacy accept to write: who takes which trip with which vehicle (the pre-checks
 /// found the vehicle).
@@ -123,49 +124,11 @@ impl Storage {
             Some(t) if !t.is_open() => return Ok(AssignOutcome::NotPending),
             Some(_) => {}
         }
+        let job = Job::new(&a.trip_id, a.cohort, JobState::Running, 1);
         let now = now_ms();
-        // The driver row before the trip's driver: goes on_trip only if still available
-        // (check and write in one statement), and stays locked, so every accept takes the
-        // trip row, then the driver row, then writes the trip's driver — the order the
-        // atomic_async statement keeps too, so a legacy and an atomic_async accept of one
-        // driver never wait for each other in a circle.
-        let driver = sqlx::query(
-            "UPDATE driver_details SET availability_status = 'on_trip', updated_at = $2 \
-             WHERE user_id = $1 AND is_online = TRUE AND availability_status IN ('available', 'on_bidding')",
-        )
-        .bind(&a.driver_id)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if driver == 0 {
+        if !write_accept(&mut tx, a, &job, now, Some(now + lease_ms)).await? {
             return Ok(AssignOutcome::DriverBusy);
         }
-        let assigned = sqlx::query(ASSIGN_SQL)
-            .bind(&a.trip_id)
-            .bind(&a.driver_id)
-            .bind(&a.vehicle_id)
-            .bind(&a.otp)
-            .bind(a.cohort.as_str())
-            .bind(a.requested_at_ms)
-            .bind(now)
-            .execute(&mut *tx)
-            .await;
-        match assigned {
-            Ok(_) => {}
-            // The partial unique index (one active trip per driver): a trip of this driver
-            // committed by a path that did not take the driver row first (none today; an
-            // older release). It fires at this update, not at commit.
-            Err(e) if is_unique_violation(&e) => return Ok(AssignOutcome::DriverBusy),
-            Err(e) => return Err(e),
-        }
-        sqlx::query("UPDATE trip_status SET accepted = $2 WHERE trip_request_id = $1")
-            .bind(&a.trip_id)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        let job = Job::new(&a.trip_id, a.cohort, JobState::Running, 1);
-        insert_job(&mut tx, &job, now, Some(now + lease_ms)).await?;
         tx.commit().await?;
         Ok(AssignOutcome::Accepted { job })
     }
@@ -338,57 +301,33 @@ async fn sqlite_accept(
         Some(_) => AssignOutcome::Taken,
         None if trip.status != TripStatus::Pending => AssignOutcome::NotPending,
         None => {
-            let driver = sqlx::query(
-                "SELECT d.is_online, d.availability_status, v.id AS vehicle_id, v.category_id \
-                 FROM driver_details d LEFT JOIN vehicles v ON v.driver_id = d.user_id AND v.is_active = TRUE \
-                 WHERE d.user_id = $1",
-            )
-            .bind(&f.driver_id)
-            .fetch_optional(&mut **tx)
-            .await?;
-            let available = match &driver {
-                Some(r) => {
-                    get_bool(r, "is_online")?
-                        && get_enum(r, "availability_status", Availability::parse)?.can_take_trip()
+            let driver: Option<DriverSnapshot> = sqlx::query_as(DriverSnapshot::SQL)
+                .bind(&f.driver_id)
+                .fetch_optional(&mut **tx)
+                .await?;
+            match driver {
+                None => AssignOutcome::DriverBusy,
+                Some(d) if !d.is_available() => AssignOutcome::DriverBusy,
+                Some(DriverSnapshot {
+                    vehicle_id: Some(vehicle_id),
+                    vehicle_category_id: Some(category),
+                    ..
+                }) if category == trip.vehicle_category_id => {
+                    let a = Assignment {
+                        trip_id: f.trip_id.clone(),
+                        driver_id: f.driver_id.clone(),
+                        vehicle_id,
+                        otp: f.otp.clone(),
+                        cohort: f.cohort,
+                        requested_at_ms: f.requested_at_ms,
+                    };
+                    if write_accept(tx, &a, job, now_ms(), None).await? {
+                        AssignOutcome::Accepted { job: job.clone() }
+                    } else {
+                        AssignOutcome::DriverBusy
+                    }
                 }
-                None => false,
-            };
-            let vehicle: Option<(String, String)> = match &driver {
-                Some(r) => r
-                    .try_get::<Option<String>, _>("vehicle_id")?
-                    .zip(r.try_get::<Option<String>, _>("category_id")?),
-                None => None,
-            };
-            match vehicle {
-                _ if !available => AssignOutcome::DriverBusy,
-                Some((vehicle_id, category)) if category == trip.vehicle_category_id => {
-                    let now = now_ms();
-                    sqlx::query(ASSIGN_SQL)
-                        .bind(&f.trip_id)
-                        .bind(&f.driver_id)
-                        .bind(&vehicle_id)
-                        .bind(&f.otp)
-                        .bind(f.cohort.as_str())
-                        .bind(f.requested_at_ms)
-                        .bind(now)
-                        .execute(&mut **tx)
-                        .await?;
-                    sqlx::query(
-                        "UPDATE driver_details SET availability_status = 'on_trip', updated_at = $2 WHERE user_id = $1",
-                    )
-                    .bind(&f.driver_id)
-                    .bind(now)
-                    .execute(&mut **tx)
-                    .await?;
-                    sqlx::query("UPDATE trip_status SET accepted = $2 WHERE trip_request_id = $1")
-                        .bind(&f.trip_id)
-                        .bind(now)
-                        .execute(&mut **tx)
-                        .await?;
-                    insert_job(tx, job, now, None).await?;
-                    AssignOutcome::Accepted { job: job.clone() }
-                }
-                _ => AssignOutcome::VehicleMismatch,
+                Some(_) => AssignOutcome::VehicleMismatch,
             }
         }
     };
@@ -416,6 +355,59 @@ fn minimal_trip(r: &AnyRow, trip_id: &str) -> Result<Value, sqlx::Error> {
         "customer": {"id": r.try_get::<String, _>("customer_id")?, "name": r.try_get::<String, _>("customer_name")?},
         "fee": {"estimated_fare_cents": r.try_get::<i64, _>("estimated_fare_cents")?},
     }))
+}
+
+/// The writes of an accept, in the transaction that checked the trip: the driver row
+/// first — `on_trip` only while still available (check and write in one statement), and
+/// locked from then on, so every accept takes the trip row, then the driver row, then
+/// writes the trip's driver (the order `tripgate_accept` keeps too: a legacy and an
+/// atomic_async accept of one driver never wait for each other in a circle) — then the
+/// trip, its status, the job. False when the driver could not take it (nothing more is
+/// written; the caller drops the transaction).
+async fn write_accept(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    a: &Assignment,
+    job: &Job,
+    now: i64,
+    locked_until: Option<i64>,
+) -> Result<bool, sqlx::Error> {
+    let driver = sqlx::query(
+        "UPDATE driver_details SET availability_status = 'on_trip', updated_at = $2 \
+         WHERE user_id = $1 AND is_online = TRUE AND availability_status IN ('available', 'on_bidding')",
+    )
+    .bind(&a.driver_id)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    if driver == 0 {
+        return Ok(false);
+    }
+    let assigned = sqlx::query(ASSIGN_SQL)
+        .bind(&a.trip_id)
+        .bind(&a.driver_id)
+        .bind(&a.vehicle_id)
+        .bind(&a.otp)
+        .bind(a.cohort.as_str())
+        .bind(a.requested_at_ms)
+        .bind(now)
+        .execute(&mut **tx)
+        .await;
+    match assigned {
+        Ok(_) => {}
+        // The partial unique index (one active trip per driver): a trip of this driver
+        // committed by a writer that did not take the driver row first (none today; an
+        // older release). It fires at this update, not at commit.
+        Err(e) if is_unique_violation(&e) => return Ok(false),
+        Err(e) => return Err(e),
+    }
+    sqlx::query("UPDATE trip_status SET accepted = $2 WHERE trip_request_id = $1")
+        .bind(&a.trip_id)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    insert_job(tx, job, now, locked_until).await?;
+    Ok(true)
 }
 
 async fn insert_job(

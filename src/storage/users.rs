@@ -35,6 +35,11 @@ pub struct DriverSnapshot {
 }
 
 impl DriverSnapshot {
+    /// The query of one driver's snapshot (`$1` = the driver's id).
+    pub(super) const SQL: &'static str = "SELECT d.is_online, d.availability_status, v.id AS vehicle_id, v.category_id \
+         FROM driver_details d LEFT JOIN vehicles v ON v.driver_id = d.user_id AND v.is_active = TRUE \
+         WHERE d.user_id = $1";
+
     /// May take a trip now.
     pub fn is_available(&self) -> bool {
         self.is_online && self.availability.can_take_trip()
@@ -139,14 +144,10 @@ impl Storage {
 
     /// The driver's state for the pre-checks.
     pub async fn driver_snapshot(&self, driver_id: &str) -> Result<Option<DriverSnapshot>, sqlx::Error> {
-        sqlx::query_as(
-            "SELECT d.is_online, d.availability_status, v.id AS vehicle_id, v.category_id \
-             FROM driver_details d LEFT JOIN vehicles v ON v.driver_id = d.user_id AND v.is_active = TRUE \
-             WHERE d.user_id = $1",
-        )
-        .bind(driver_id)
-        .fetch_optional(&mut *self.conn().await?)
-        .await
+        sqlx::query_as(DriverSnapshot::SQL)
+            .bind(driver_id)
+            .fetch_optional(&mut *self.conn().await?)
+            .await
     }
 }
 
