@@ -59,22 +59,29 @@ async fn effects_pending_until_the_job_records_them(backend: Backend) {
     assert_eq!(shown, want);
     assert!(states.values().all(|s| s == "pending"), "{states:?}");
 
+    let details = run_the_job_once(&db, &stub, &t, expected.len()).await;
+    assert_eq!(details["side_effects"].as_object().unwrap().len(), expected.len());
+    store.close().await;
+}
+
+/// Starts a gateway whose worker runs `trip`'s job; then every one of its `effects`
+/// records shows one provider call, and one OTP SMS went out. Returns the trip's details.
+async fn run_the_job_once(db: &TestDb, stub: &WebhookStub, trip: &str, effects: usize) -> Value {
     let gw = Gateway::start(
-        &db,
+        db,
         Options {
             webhook: Some(format!("http://{}", stub.addr)),
             ..Options::default()
         },
     )
     .await;
-    let details = gw.wait_effects_done(&t, Duration::from_secs(20)).await;
-    assert_eq!(details["side_effects"].as_object().unwrap().len(), expected.len());
-    let records = store.effect_rows(&t).await.unwrap();
-    assert_eq!(records.len(), expected.len());
+    let details = gw.wait_effects_done(trip, Duration::from_secs(20)).await;
+    let records = gw.store.effect_rows(trip).await.unwrap();
+    assert_eq!(records.len(), effects);
     assert!(records.iter().all(|r| r.calls == 1), "{records:?}");
-    assert_eq!(stub.calls_for("otp_sms", &t).len(), 1);
+    assert_eq!(stub.calls_for("otp_sms", trip).len(), 1);
     gw.shutdown().await;
-    store.close().await;
+    details
 }
 
 /// A rolling upgrade: a job the previous release queued — its accept also wrote the
@@ -97,20 +104,7 @@ async fn a_job_queued_by_the_previous_release_runs(backend: Backend) {
         ),
     )
     .await;
-    let gw = Gateway::start(
-        &db,
-        Options {
-            webhook: Some(format!("http://{}", stub.addr)),
-            ..Options::default()
-        },
-    )
-    .await;
-    gw.wait_effects_done(&t, Duration::from_secs(20)).await;
-    let records = store.effect_rows(&t).await.unwrap();
-    assert_eq!(records.len(), values.len());
-    assert!(records.iter().all(|r| r.calls == 1), "{records:?}");
-    assert_eq!(stub.calls_for("otp_sms", &t).len(), 1);
-    gw.shutdown().await;
+    run_the_job_once(&db, &stub, &t, values.len()).await;
     store.close().await;
 }
 

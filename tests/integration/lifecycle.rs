@@ -248,24 +248,15 @@ crate::backend_tests!(sigterm_during_load_loses_nothing, kill9_during_load_then_
 
 /// Once Postgres is known unreachable (here: gone silent, so a connection attempt hangs),
 /// accepts answer 503 at once instead of each waiting `database.acquire_timeout_ms` (3 s
-/// here) again; a background probe notices the database
-/// is back and accepts go through again, without a restart.
+/// here) again; a background probe notices the database is back and accepts go through
+/// again, without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_known_down_answers_503_at_once() {
     let Some(base) = crate::support::postgres_url() else {
         return;
     };
     let db = TestDb::new(Backend::Postgres).await;
-    let host = base
-        .split('@')
-        .nth(1)
-        .unwrap_or("127.0.0.1:5432")
-        .split('/')
-        .next()
-        .unwrap()
-        .to_owned();
-    let target = tokio::net::lookup_host(host).await.unwrap().next().unwrap();
-    let proxy = crate::support::Proxy::start(target).await;
+    let (proxy, proxied_url) = crate::support::proxied_postgres(&base, &db).await;
     let store = db.store().await;
     let w = World::new(&store).await;
     let d = w.driver().await;
@@ -277,9 +268,7 @@ async fn postgres_known_down_answers_503_at_once() {
         ..Options::default()
     };
     let mut config = crate::support::config(&db.url, dir.path(), &options);
-    config.database.url = db
-        .url
-        .replacen(&format!(":{}/", target.port()), &format!(":{}/", proxy.port), 1);
+    config.database.url = proxied_url;
     let gw = crate::support::Gateway::start_with(config, dir).await;
     let (status, _, _) = gw.action(&d, &trips[0], "rejected").await;
     assert_eq!(status, 200, "up");
@@ -317,16 +306,7 @@ async fn postgres_outage_under_load() {
         return;
     };
     let db = TestDb::new(Backend::Postgres).await;
-    let host = base
-        .split('@')
-        .nth(1)
-        .unwrap_or("127.0.0.1:5432")
-        .split('/')
-        .next()
-        .unwrap()
-        .to_owned();
-    let target = tokio::net::lookup_host(host).await.unwrap().next().unwrap();
-    let proxy = crate::support::Proxy::start(target).await;
+    let (proxy, proxied_url) = crate::support::proxied_postgres(&base, &db).await;
     let store = db.store().await;
     let w = World::new(&store).await;
     let pairs = pairs(&w, 240).await;
@@ -338,10 +318,7 @@ async fn postgres_outage_under_load() {
         ..Options::default()
     };
     let mut config = crate::support::config(&db.url, dir.path(), &options);
-    config.database.url = db
-        .url
-        .replacen(&format!(":{}/", target.port()), &format!(":{}/", proxy.port), 1);
-    assert_ne!(config.database.url, db.url);
+    config.database.url = proxied_url;
     let gw = Arc::new(crate::support::Gateway::start_with(config, dir).await);
 
     let stop = Arc::new(AtomicBool::new(false));

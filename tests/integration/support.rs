@@ -794,6 +794,26 @@ impl Drop for Proxy {
     }
 }
 
+/// A cuttable TCP proxy in front of the shared Postgres server (whose URL is `base`), and
+/// `db`'s URL through it.
+pub async fn proxied_postgres(base: &str, db: &TestDb) -> (Proxy, String) {
+    let host = base
+        .split('@')
+        .nth(1)
+        .unwrap_or("127.0.0.1:5432")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let target = tokio::net::lookup_host(host).await.unwrap().next().unwrap();
+    let proxy = Proxy::start(target).await;
+    let url = db
+        .url
+        .replacen(&format!(":{}/", target.port()), &format!(":{}/", proxy.port), 1);
+    assert_ne!(url, db.url, "the proxy's port is in the URL");
+    (proxy, url)
+}
+
 /// Runs `n` accepts of `drivers` on `trip` at once; returns (status, body, cohort) each.
 pub async fn race(gw: &Gateway, drivers: &[String], trip: &str) -> Vec<(u16, Value, String)> {
     let barrier = Arc::new(tokio::sync::Barrier::new(drivers.len()));
