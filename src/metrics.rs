@@ -12,8 +12,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 use crate::domain::{Cohort, Effect, JobKind, JobState, TRIP_ACCEPT_FLAG};
@@ -46,6 +46,9 @@ pub struct Metrics {
     cohort_assignments: IntCounterVec,
     flags_reloads: IntCounterVec,
     flags_last_reload: Gauge,
+    pool_connections: IntGaugeVec,
+    pool_acquire: HistogramVec,
+    pool_timeouts: IntCounterVec,
     /// `client.timeout_ms`: slower requests count as timeouts.
     client_timeout: Duration,
     /// The routes whose children are created up front (the driver routes).
@@ -174,6 +177,37 @@ impl Metrics {
         )
         .expect("valid gauge");
         r.register(Box::new(flags_last_reload.clone())).expect("unique metric");
+        let pool_connections = IntGaugeVec::new(
+            Opts::new(
+                "tripgate_db_pool_connections",
+                "Database pool connections by state: in_use, idle.",
+            ),
+            &["pool", "state"],
+        )
+        .expect("valid gauge");
+        r.register(Box::new(pool_connections.clone())).expect("unique metric");
+        let pool_acquire = histogram(
+            &r,
+            "tripgate_db_pool_acquire_seconds",
+            "How long taking a connection from the pool took.",
+            &["pool"],
+            vec![
+                0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0,
+            ],
+        );
+        let pool_timeouts = counter(
+            &r,
+            "tripgate_db_pool_acquire_timeouts_total",
+            "Pool acquires that gave up after database.acquire_timeout_ms.",
+            &["pool"],
+        );
+        for pool in ["api", "jobs"] {
+            for state in ["in_use", "idle"] {
+                pool_connections.with_label_values(&[pool, state]);
+            }
+            pool_acquire.with_label_values(&[pool]);
+            pool_timeouts.with_label_values(&[pool]);
+        }
 
         let mut request_children = HashMap::new();
         for cohort in [Cohort::Legacy.as_str(), Cohort::AtomicAsync.as_str(), NO_COHORT] {
@@ -235,6 +269,9 @@ impl Metrics {
             cohort_assignments,
             flags_reloads,
             flags_last_reload,
+            pool_connections,
+            pool_acquire,
+            pool_timeouts,
             client_timeout,
             hot_routes: hot_routes.to_vec(),
             request_children,
@@ -347,6 +384,16 @@ impl Metrics {
         self.flags_last_reload.set(loaded_at_ms as f64 / 1000.0);
     }
 
+    /// The recorders of one database pool (`api` | `jobs`).
+    pub fn pool(&self, pool: &'static str) -> PoolMetrics {
+        PoolMetrics {
+            in_use: self.pool_connections.with_label_values(&[pool, "in_use"]),
+            idle: self.pool_connections.with_label_values(&[pool, "idle"]),
+            acquire: self.pool_acquire.with_label_values(&[pool]),
+            timeouts: self.pool_timeouts.with_label_values(&[pool]),
+        }
+    }
+
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
@@ -354,5 +401,31 @@ impl Metrics {
             tracing::error!(error = %e, "metrics encoding failed");
         }
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// One database pool's pressure: the design document's legacy failure was connection
+/// exhaustion, so it is shown beside the cohorts.
+#[derive(Debug, Clone)]
+pub struct PoolMetrics {
+    in_use: IntGauge,
+    idle: IntGauge,
+    acquire: Histogram,
+    timeouts: IntCounter,
+}
+
+impl PoolMetrics {
+    /// A connection was asked for and given (or the wait timed out) after `waited`.
+    pub fn acquired(&self, waited: Duration, timed_out: bool) {
+        self.acquire.observe(waited.as_secs_f64());
+        if timed_out {
+            self.timeouts.inc();
+        }
+    }
+
+    /// The pool holds `in_use` busy and `idle` idle connections.
+    pub fn connections(&self, in_use: i64, idle: i64) {
+        self.in_use.set(in_use);
+        self.idle.set(idle);
     }
 }

@@ -105,7 +105,7 @@ impl Running {
 pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new(config.client_timeout(), &crate::http::driver::ROUTES));
-    let store = Storage::connect(&config.database)?;
+    let store = Storage::connect(&config.database)?.observed_as("api", &metrics);
     let flag_set = FlagSet::load(&config.flags.path)?;
     let flags = FlagsHandle::new(flag_set, config.flags.path.clone());
     {
@@ -137,10 +137,12 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
         EffectRunner::new(store.clone(), providers.clone(), events.clone(), metrics.clone()),
         policy.clone(),
     );
-    let job_store = store.with_own_pool(config.jobs.db_connections, config.database.acquire_timeout_ms)?;
+    let job_store = store
+        .with_own_pool(config.jobs.db_connections, config.database.acquire_timeout_ms)?
+        .observed_as("jobs", &metrics);
     let job_runner = JobRunner::new(
         job_store.clone(),
-        EffectRunner::new(job_store, providers, events, metrics.clone()),
+        EffectRunner::new(job_store.clone(), providers, events, metrics.clone()),
         policy,
     );
     let lease_ms = (config.jobs.visibility_timeout_s * 1000) as i64;
@@ -155,6 +157,7 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
         let state = AppState {
             config: config.clone(),
             store: store.clone(),
+            jobs_store: job_store.clone(),
             keys: TokenKeys::new(&config.auth.hs256_secret, config.auth.token_ttl_s),
             flags: flags.clone(),
             redis: redis.clone(),

@@ -45,6 +45,8 @@ async fn metrics(State(state): State<AppState>) -> Response {
     if let Ok(Ok(counts)) = tokio::time::timeout(Duration::from_millis(500), state.store.job_counts()).await {
         state.metrics.set_job_counts(&counts);
     }
+    state.store.report_pool();
+    state.jobs_store.report_pool();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

@@ -38,8 +38,10 @@ use crate::storage::Storage;
 pub struct AppState {
     /// The configuration in force.
     pub config: Arc<Config>,
-    /// Storage.
+    /// Storage (the request path's pool).
     pub store: Storage,
+    /// The job workers' pool (reported by `/metrics`).
+    pub jobs_store: Storage,
     /// Token verification.
     pub keys: TokenKeys,
     /// The rollout flags in force.

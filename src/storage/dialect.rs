@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use sqlx::migrate::{MigrationSource, MigrationType};
+use sqlx::pool::PoolConnection;
 use sqlx::{Any, AnyPool, Transaction};
 use tokio::sync::Notify;
 
@@ -53,13 +54,13 @@ impl Dialect {
         })
     }
 
-    /// Starts a transaction that will write after it reads.
-    pub async fn begin_write(self, pool: &AnyPool) -> Result<Transaction<'static, Any>, sqlx::Error> {
+    /// Starts, on `conn`, a transaction that will write after it reads.
+    pub async fn begin_write(self, conn: PoolConnection<Any>) -> Result<Transaction<'static, Any>, sqlx::Error> {
         match self {
-            Self::Postgres => pool.begin().await,
+            Self::Postgres => Transaction::begin(conn, None).await,
             // A deferred transaction that reads before it writes cannot upgrade once another
             // connection has committed (SQLITE_BUSY_SNAPSHOT, busy_timeout does not help).
-            Self::Sqlite => pool.begin_with("BEGIN IMMEDIATE").await,
+            Self::Sqlite => Transaction::begin(conn, Some("BEGIN IMMEDIATE".into())).await,
         }
     }
 

@@ -62,6 +62,7 @@ use tokio::sync::Notify;
 pub use self::dialect::Dialect;
 use crate::config::{DatabaseConfig, DatabaseKind};
 use crate::error::ApiError;
+use crate::metrics::{Metrics, PoolMetrics};
 
 /// The connection pool and the statements of tripgate.
 #[derive(Debug, Clone)]
@@ -78,6 +79,8 @@ pub struct Storage {
     reach: Arc<Reachability>,
     /// Coalesces concurrent atomic_async accepts into one statement and commit.
     group: Arc<group_commit::GroupCommit>,
+    /// Where this pool's pressure is reported (`tripgate_db_pool_*`), once observed.
+    pool_metrics: Option<PoolMetrics>,
 }
 
 /// The database is known unreachable until a probe connects again.
@@ -141,6 +144,7 @@ impl Storage {
                 // One writer at a time.
                 Dialect::Sqlite => 1,
             })),
+            pool_metrics: None,
         })
     }
 
@@ -150,6 +154,7 @@ impl Storage {
     pub fn with_own_pool(&self, max_connections: u32, acquire_timeout_ms: u64) -> Result<Self, sqlx::Error> {
         Ok(Self {
             pool: lazy_pool(&self.url, max_connections, acquire_timeout_ms)?,
+            pool_metrics: None,
             ..self.clone()
         })
     }
@@ -177,20 +182,40 @@ impl Storage {
         self.job_wake.clone()
     }
 
-    /// A connection from the pool; at once an error while the database is known down.
+    /// A connection from the pool (its wait measured, see [`Storage::observed_as`]); at once
+    /// an error while the database is known down.
     async fn conn(&self) -> Result<PoolConnection<Any>, sqlx::Error> {
         self.reachable()?;
-        self.pool.acquire().await.inspect_err(|e| self.observe(e))
+        let started = std::time::Instant::now();
+        let conn = self.pool.acquire().await;
+        if let Some(pool) = &self.pool_metrics {
+            pool.acquired(started.elapsed(), matches!(conn, Err(sqlx::Error::PoolTimedOut)));
+        }
+        conn.inspect_err(|e| self.observe(e))
     }
 
-    /// A write transaction (see [`Dialect::begin_write`]); at once an error while the
-    /// database is known down.
+    /// A write transaction (see [`Dialect::begin_write`]) on a connection from
+    /// [`Storage::conn`].
     async fn begin(&self) -> Result<Transaction<'static, Any>, sqlx::Error> {
-        self.reachable()?;
-        self.dialect
-            .begin_write(&self.pool)
-            .await
-            .inspect_err(|e| self.observe(e))
+        let conn = self.conn().await?;
+        self.dialect.begin_write(conn).await
+    }
+
+    /// The same storage, reporting its pool to `metrics` as `pool` (`api` | `jobs`):
+    /// connections in use and idle, how long acquiring one takes, acquire timeouts.
+    pub fn observed_as(self, pool: &'static str, metrics: &Metrics) -> Self {
+        Self {
+            pool_metrics: Some(metrics.pool(pool)),
+            ..self
+        }
+    }
+
+    /// Sets the pool's connection gauges (at scrape time).
+    pub fn report_pool(&self) {
+        if let Some(pool) = &self.pool_metrics {
+            let idle = self.pool.num_idle() as i64;
+            pool.connections(i64::from(self.pool.size()) - idle, idle);
+        }
     }
 
     fn reachable(&self) -> Result<(), sqlx::Error> {

@@ -140,6 +140,22 @@ async fn metrics_after_traffic_pass_promtool() {
         let value = crate::support::metric_value(&text, &line);
         assert!(value >= 1.0, "{cohort}");
     }
+    // Both pools report: the requests' (api) and the job workers' (jobs).
+    for pool in ["api", "jobs"] {
+        let acquires = format!("tripgate_db_pool_acquire_seconds_count{{pool=\"{pool}\"}}");
+        assert!(
+            crate::support::metric_value(&text, &acquires) >= 1.0,
+            "{pool}: {acquires}"
+        );
+        let open: f64 = ["in_use", "idle"]
+            .iter()
+            .map(|state| {
+                let series = format!("tripgate_db_pool_connections{{pool=\"{pool}\",state=\"{state}\"}}");
+                crate::support::metric_value(&text, &series)
+            })
+            .sum();
+        assert!(open >= 1.0, "{pool} pool has connections");
+    }
     let mut child = Command::new(promtool)
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
