@@ -128,6 +128,9 @@ struct Samples {
     retries: usize,
     errors: BTreeMap<String, usize>,
     accepted_trips: Vec<String>,
+    /// Trips of an attempt that timed out (or lost its connection): the gateway may still
+    /// have accepted them, so the checks look at them too.
+    unanswered_trips: Vec<String>,
 }
 
 /// One accept as the app makes it: send; on a timeout, retry (up to 3 times).
@@ -198,6 +201,7 @@ impl App {
                         s.timeouts += 1;
                     }
                     *s.errors.entry(kind.into()).or_default() += 1;
+                    s.unanswered_trips.push(trip.to_owned());
                 });
                 (cohort, None)
             }
@@ -383,13 +387,24 @@ pub async fn drive(config: &Config, options: DriveOptions) -> anyhow::Result<Rep
     // === checks: OTP delivery and duplicates from the trip details, assignments in the db ===
     let samples = std::mem::take(&mut *app.samples.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
     let bar = progress(
-        samples.values().map(|s| s.accepted_trips.len()).sum(),
+        samples
+            .values()
+            .map(|s| s.accepted_trips.len() + s.unanswered_trips.len())
+            .sum(),
         "checking OTP delivery",
     );
     let mut cohorts = BTreeMap::new();
     let mut duplicate_otps = 0;
     for (cohort, s) in samples {
-        let otps = otp_delivery(&http, &app.url, &admin_token, &s.accepted_trips, &bar).await;
+        // The answered accepts and every trip whose accept went unanswered (timed out at the
+        // client: the ones that matter) — each trip once.
+        let mut checked: Vec<String> = s.accepted_trips.clone();
+        for trip in &s.unanswered_trips {
+            if !checked.contains(trip) {
+                checked.push(trip.clone());
+            }
+        }
+        let otps = otp_delivery(&http, &app.url, &admin_token, &checked, &bar).await;
         duplicate_otps += otps.iter().filter(|(_, calls)| *calls > 1).count() as i64;
         let mut otp_ms: Vec<f64> = otps.into_iter().map(|(ms, _)| ms).collect();
         let mut latencies = s.latencies_ms;
@@ -422,8 +437,9 @@ pub async fn drive(config: &Config, options: DriveOptions) -> anyhow::Result<Rep
     })
 }
 
-/// For each trip: (OTP delivery ms, OTP SMS provider calls), once its OTP SMS is done
-/// (waits up to 60 s for the jobs to catch up).
+/// For each accepted trip: (OTP delivery ms, OTP SMS provider calls), once its OTP SMS is
+/// done (waits up to 60 s for the jobs to catch up). A trip found without a driver (its
+/// accept timed out before it committed) is left out at once.
 async fn otp_delivery(
     http: &reqwest::Client,
     url: &str,
@@ -436,6 +452,9 @@ async fn otp_delivery(
             let (http, url, token, bar) = (http.clone(), url.to_owned(), admin_token.to_owned(), bar.clone());
             async move {
                 let deadline = Instant::now() + Duration::from_secs(60);
+                // A trip still without a driver this long after the load is one whose accept
+                // never committed (it timed out before the commit).
+                let settled = Instant::now() + Duration::from_secs(3);
                 let found = loop {
                     let details: Option<Value> = async {
                         let res = http
@@ -448,6 +467,9 @@ async fn otp_delivery(
                     }
                     .await;
                     let data = details.as_ref().map(|d| &d["data"]);
+                    if data.is_some_and(|d| d["driver_id"].is_null()) && Instant::now() > settled {
+                        break None;
+                    }
                     let requested = data.and_then(|d| d["accept_requested_at"].as_i64());
                     let otp = data.and_then(|d| {
                         d["side_effect_details"]

@@ -97,3 +97,34 @@ async fn drive_reports_per_cohort(backend: Backend) {
 }
 
 crate::backend_tests!(drive_reports_per_cohort);
+
+/// Accepts that time out at the client are the ones that matter: the gateway may have
+/// committed them. Legacy with providers slower than the client's timeout: every accept times
+/// out (and its retry is refused, as on legacy), yet each trip was taken and its OTP sent —
+/// the report measures those OTPs and checks them for duplicates.
+async fn drive_checks_accepts_that_timed_out(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let gw = Gateway::start(
+        &db,
+        Options {
+            percent: 0.0,
+            provider_latency_ms: 400,
+            client_timeout_ms: 250,
+            ..Options::default()
+        },
+    )
+    .await;
+    let burst = drive(&gw, &["burst", "--drivers", "3", "--trips", "3"]);
+    let legacy = &burst["cohorts"]["legacy"];
+    assert!(legacy["timeouts"].as_u64().unwrap() >= 3, "{burst}");
+    assert_eq!(legacy["accepted"], 0, "no accept was answered 200: {burst}");
+    assert!(
+        legacy["otp_p50_ms"].as_f64().unwrap() > 0.0,
+        "the timed-out accepts' OTPs are measured: {burst}"
+    );
+    assert_eq!(burst["duplicate_otps"], 0);
+    assert_eq!(burst["double_assignments"], 0);
+    gw.shutdown().await;
+}
+
+crate::backend_tests!(drive_checks_accepts_that_timed_out);
