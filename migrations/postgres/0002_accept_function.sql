@@ -1,5 +1,7 @@
 -- The atomic_async accept as one statement, so it costs one round trip to the database:
--- SELECT * FROM tripgate_accept(trip, driver, otp, cohort, requested_at, now, job id).
+-- SELECT * FROM tripgate_accept(trip, driver, otp, cohort, requested_at, now, job id,
+--                               ride effects, parcel effects)
+-- (the effects of each trip type, comma-separated, as the gateway lists them).
 --
 -- The checks are those of the pre-checks, in the same order — the trip exists; it has no
 -- driver (or has this one); it is pending; the driver is online and available; their
@@ -10,9 +12,12 @@
 -- raised for a refusal; the outcome is returned, with the minimal trip the answer carries.
 --
 -- Expand-only: nothing older calls it, and it writes exactly what the transaction it
--- replaces wrote (the trip, the driver on_trip, trip_status.accepted, the queued job).
+-- replaces wrote (the trip, the driver on_trip, trip_status.accepted, the pending effect
+-- records, the queued job) — the records too, so that a job runner of the previous
+-- release, which expects them, records what it sends while a fleet is being upgraded.
 CREATE FUNCTION tripgate_accept(
-    p_trip TEXT, p_driver TEXT, p_otp TEXT, p_cohort TEXT, p_requested_at BIGINT, p_now BIGINT, p_job TEXT)
+    p_trip TEXT, p_driver TEXT, p_otp TEXT, p_cohort TEXT, p_requested_at BIGINT, p_now BIGINT, p_job TEXT,
+    p_ride_effects TEXT, p_parcel_effects TEXT)
 RETURNS TABLE (
     outcome TEXT, current_status TEXT, driver_id TEXT, customer_id TEXT, customer_name TEXT,
     estimated_fare_cents BIGINT)
@@ -23,7 +28,7 @@ DECLARE
     d RECORD;
     decided TEXT;
 BEGIN
-    SELECT tr.driver_id, tr.current_status, tr.vehicle_category_id INTO t
+    SELECT tr.driver_id, tr.current_status, tr.vehicle_category_id, tr.type INTO t
       FROM trip_requests tr WHERE tr.id = p_trip FOR UPDATE;
     IF NOT FOUND THEN
         RETURN QUERY SELECT 'not_found'::TEXT, NULL::TEXT, NULL::TEXT, NULL::TEXT, NULL::TEXT, NULL::BIGINT;
@@ -56,6 +61,10 @@ BEGIN
             INSERT INTO jobs (id, kind, trip_request_id, cohort, state, attempts, run_at, locked_until,
                               created_at, updated_at)
             VALUES (p_job, 'trip_accepted', p_trip, p_cohort, 'queued', 0, p_now, NULL, p_now, p_now);
+            INSERT INTO side_effects (trip_request_id, effect, cohort, state, calls)
+            SELECT p_trip, e, p_cohort, 'pending', 0
+              FROM unnest(string_to_array(CASE WHEN t.type = 'parcel' THEN p_parcel_effects ELSE p_ride_effects END, ',')) e
+            ON CONFLICT DO NOTHING;
             decided := 'accepted';
         END IF;
     END IF;

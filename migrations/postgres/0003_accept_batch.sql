@@ -1,5 +1,6 @@
 -- Group commit: several atomic_async accepts in one statement and one commit.
--- SELECT * FROM tripgate_accept_batch('[{"trip", "driver", "otp", "cohort", "requested_at", "job"}, …]', now)
+-- SELECT * FROM tripgate_accept_batch('[{"trip", "driver", "otp", "cohort", "requested_at", "job"}, …]', now,
+--                                     ride effects, parcel effects)
 -- returns one row per member (idx = its position, from 1), as tripgate_accept does for one.
 --
 -- Every trip row of the batch is locked first, then every driver row, each in id order, so
@@ -11,7 +12,7 @@
 -- outcome, never an exception, so it cannot fail its batch-mates.
 --
 -- Expand-only: nothing older calls it.
-CREATE FUNCTION tripgate_accept_batch(p_batch TEXT, p_now BIGINT)
+CREATE FUNCTION tripgate_accept_batch(p_batch TEXT, p_now BIGINT, p_ride_effects TEXT, p_parcel_effects TEXT)
 RETURNS TABLE (
     idx INT, outcome TEXT, current_status TEXT, driver_id TEXT, customer_id TEXT, customer_name TEXT,
     estimated_fare_cents BIGINT)
@@ -36,7 +37,8 @@ BEGIN
         RETURN QUERY
             SELECT m.i, a.outcome, a.current_status, a.driver_id, a.customer_id, a.customer_name,
                    a.estimated_fare_cents
-              FROM tripgate_accept(m.trip, m.driver, m.otp, m.cohort, m.requested_at, p_now, m.job) a;
+              FROM tripgate_accept(m.trip, m.driver, m.otp, m.cohort, m.requested_at, p_now, m.job,
+                                   p_ride_effects, p_parcel_effects) a;
     END LOOP;
 END
 $$;

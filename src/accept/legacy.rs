@@ -110,6 +110,7 @@ async fn precheck(store: &Storage, cmd: &AcceptCommand, cohort: Cohort) -> Resul
                 vehicle_id,
                 otp: new_otp(),
                 cohort,
+                trip_type: trip.trip_type,
                 requested_at_ms: cmd.received_at_ms,
             }))
         }

@@ -3,8 +3,12 @@
 //!
 //! Both write the same things, all or nothing: the trip's driver, vehicle, OTP and status;
 //! the driver `on_trip`; `trip_status.accepted`; the job that runs the side effects (outbox:
-//! the job exists if and only if the accept committed; the job creates the effects' records
-//! when it first runs). They differ in how they decide and what they cost:
+//! the job exists if and only if the accept committed) and the effects' pending records.
+//! The job creates any record that is missing when it first runs; the accept still writes
+//! them (inside its one statement, no round trip of its own) for one release, so that a job
+//! runner of the previous release — which expects them — records what it sends while a
+//! fleet is upgraded (expand, then contract: the next release can drop them from the
+//! accept). They differ in how they decide and what they cost:
 //!
 //! * [`Storage::accept_locked`] (legacy, as today): after the caller's pre-checks, a
 //!   transaction locks the trip row, refuses a trip that has any driver — the same driver's
@@ -26,7 +30,8 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::{Dialect, Storage, get_enum, is_unique_violation};
-use crate::domain::{Cohort, JobKind, JobState, TripStatus, now_ms};
+use crate::domain::{Cohort, Effect, JobKind, JobState, TripStatus, TripType, now_ms};
+use crate::storage::effects::insert_effect_records;
 use crate::storage::jobs::Job;
 use crate::storage::trips::TripSnapshot;
 use crate::storage::users::DriverSnapshot;
@@ -45,6 +50,8 @@ pub struct Assignment {
     pub otp: String,
     /// Which implementation accepts.
     pub cohort: Cohort,
+    /// The trip's type (decides its side effects).
+    pub trip_type: TripType,
     /// When the accept request arrived (ms), for OTP delivery time.
     pub requested_at_ms: i64,
 }
@@ -196,9 +203,12 @@ impl Storage {
                        "requested_at": f.requested_at_ms, "job": job.id})
             })
             .collect();
-        let rows = sqlx::query("SELECT * FROM tripgate_accept_batch($1, $2)")
+        let effects = |t| Effect::for_trip(t).map(Effect::as_str).collect::<Vec<_>>().join(",");
+        let rows = sqlx::query("SELECT * FROM tripgate_accept_batch($1, $2, $3, $4)")
             .bind(Value::Array(members).to_string())
             .bind(now_ms())
+            .bind(effects(TripType::Ride))
+            .bind(effects(TripType::Parcel))
             .fetch_all(&mut *self.conn().await?)
             .await?;
         let mut out: Vec<Result<Fenced, sqlx::Error>> = fences
@@ -319,6 +329,7 @@ async fn sqlite_accept(
                         vehicle_id,
                         otp: f.otp.clone(),
                         cohort: f.cohort,
+                        trip_type: trip.trip_type,
                         requested_at_ms: f.requested_at_ms,
                     };
                     if write_accept(tx, &a, job, now_ms(), None).await? {
@@ -362,7 +373,8 @@ fn minimal_trip(r: &AnyRow, trip_id: &str) -> Result<Value, sqlx::Error> {
 /// locked from then on, so every accept takes the trip row, then the driver row, then
 /// writes the trip's driver (the order `tripgate_accept` keeps too: a legacy and an
 /// atomic_async accept of one driver never wait for each other in a circle) — then the
-/// trip, its status, the job. False when the driver could not take it (nothing more is
+/// trip, its status, the job and its effects' pending records (see the module doc). False
+/// when the driver could not take it (nothing more is
 /// written; the caller drops the transaction).
 async fn write_accept(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
@@ -407,6 +419,8 @@ async fn write_accept(
         .execute(&mut **tx)
         .await?;
     insert_job(tx, job, now, locked_until).await?;
+    let effects: Vec<Effect> = Effect::for_trip(a.trip_type).collect();
+    insert_effect_records(tx, &a.trip_id, a.cohort, &effects).await?;
     Ok(true)
 }
 

@@ -189,23 +189,7 @@ impl Storage {
         cohort: Cohort,
         effects: &[Effect],
     ) -> Result<(), sqlx::Error> {
-        if effects.is_empty() {
-            return Ok(());
-        }
-        // One statement: ($1 trip, $2 cohort, $3.. effects).
-        let values: Vec<String> = (0..effects.len())
-            .map(|i| format!("($1, ${}, $2, 'pending', 0)", i + 3))
-            .collect();
-        let sql = format!(
-            "INSERT INTO side_effects (trip_request_id, effect, cohort, state, calls) VALUES {} ON CONFLICT DO NOTHING",
-            values.join(", ")
-        );
-        let mut insert = sqlx::query(&sql).bind(trip_id).bind(cohort.as_str());
-        for effect in effects {
-            insert = insert.bind(effect.as_str());
-        }
-        insert.execute(&mut *self.conn().await?).await?;
-        Ok(())
+        insert_effect_records(&mut *self.conn().await?, trip_id, cohort, effects).await
     }
 
     /// Each effect's record, by effect name.
@@ -285,4 +269,30 @@ impl Storage {
             .await?;
         Ok(())
     }
+}
+
+/// `pending` records for `effects` of a trip, those not there yet, in one statement.
+pub(super) async fn insert_effect_records(
+    conn: &mut sqlx::AnyConnection,
+    trip_id: &str,
+    cohort: Cohort,
+    effects: &[Effect],
+) -> Result<(), sqlx::Error> {
+    if effects.is_empty() {
+        return Ok(());
+    }
+    // ($1 trip, $2 cohort, $3.. effects)
+    let values: Vec<String> = (0..effects.len())
+        .map(|i| format!("($1, ${}, $2, 'pending', 0)", i + 3))
+        .collect();
+    let sql = format!(
+        "INSERT INTO side_effects (trip_request_id, effect, cohort, state, calls) VALUES {} ON CONFLICT DO NOTHING",
+        values.join(", ")
+    );
+    let mut insert = sqlx::query(&sql).bind(trip_id).bind(cohort.as_str());
+    for effect in effects {
+        insert = insert.bind(effect.as_str());
+    }
+    insert.execute(conn).await?;
+    Ok(())
 }

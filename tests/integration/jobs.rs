@@ -34,9 +34,10 @@ async fn accepted(store: &tripgate::storage::Storage, driver: &str, trip: &str) 
     assert!(matches!(fenced.outcome, AssignOutcome::Accepted { .. }), "{fenced:?}");
 }
 
-/// The accept writes no effect records (its one statement stays small): until the job
-/// creates them, the trip shows each effect of its type as `pending`; the job then runs
-/// each once.
+/// The accept writes a `pending` record for each effect of the trip's type (what a job
+/// runner of the previous release expects). The job creates any that is missing — as the
+/// next release's accept will write none: until then the trip shows each effect `pending`,
+/// and the job runs each once.
 async fn effects_pending_until_the_job_records_them(backend: Backend) {
     let db = TestDb::new(backend).await;
     let stub = WebhookStub::start().await;
@@ -44,18 +45,23 @@ async fn effects_pending_until_the_job_records_them(backend: Backend) {
     let w = World::new(&store).await;
     let (d, t) = (w.driver().await, w.trip(&[]).await);
     accepted(&store, &d, &t).await;
-    assert!(
-        store.effect_rows(&t).await.unwrap().is_empty(),
-        "the accept wrote no effect record"
-    );
-    let states = store.effect_states(&t).await.unwrap();
     let expected: Vec<&str> = tripgate::domain::Effect::for_trip(tripgate::domain::TripType::Ride)
         .map(Effect::as_str)
         .collect();
-    let mut shown: Vec<&str> = states.keys().map(String::as_str).collect();
-    shown.sort_unstable();
+    let mut written: Vec<&str> = Vec::new();
+    let records = store.effect_rows(&t).await.unwrap();
+    for r in &records {
+        assert_eq!((r.state.as_str(), r.calls), ("pending", 0));
+        written.push(r.effect.as_str());
+    }
+    written.sort_unstable();
     let mut want = expected.clone();
     want.sort_unstable();
+    assert_eq!(written, want, "the accept wrote the ride's effects, pending");
+    crate::support::execute_sql(&db, &format!("DELETE FROM side_effects WHERE trip_request_id = '{t}'")).await;
+    let states = store.effect_states(&t).await.unwrap();
+    let mut shown: Vec<&str> = states.keys().map(String::as_str).collect();
+    shown.sort_unstable();
     assert_eq!(shown, want);
     assert!(states.values().all(|s| s == "pending"), "{states:?}");
 
@@ -98,8 +104,10 @@ async fn a_job_queued_by_the_previous_release_runs(backend: Backend) {
         .collect();
     crate::support::execute_sql(
         &db,
+        // The rows exactly as the previous release's accept wrote them.
         &format!(
-            "INSERT INTO side_effects (trip_request_id, effect, cohort, state, calls) VALUES {}",
+            "DELETE FROM side_effects WHERE trip_request_id = '{t}'; \
+             INSERT INTO side_effects (trip_request_id, effect, cohort, state, calls) VALUES {}",
             values.join(", ")
         ),
     )
