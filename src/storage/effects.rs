@@ -148,8 +148,8 @@ impl Storage {
     }
 
     /// The state of each side effect of an accepted trip of `trip_type`, by effect name:
-    /// its record's, or `pending` while the job has not recorded it yet (the job creates
-    /// the records when it first runs). Empty for a trip without a driver.
+    /// its record's, or `pending` while there is none yet (the job creates missing records
+    /// when it first runs). Empty for a trip without a driver.
     pub(super) fn states_of(
         trip_type: TripType,
         accepted: bool,
@@ -181,8 +181,9 @@ impl Storage {
         Ok(Self::states_of(trip.trip_type, trip.driver_id.is_some(), &records))
     }
 
-    /// Creates the records of `effects` that do not exist yet (`pending`, no calls); the
-    /// job does, when it first runs, so the accept writes none.
+    /// Creates the records of `effects` that do not exist yet (`pending`, no calls): the
+    /// job does, when it first runs, so that the accept need not (it still does for one
+    /// release, see `storage::assign`).
     pub async fn create_effect_records(
         &self,
         trip_id: &str,
