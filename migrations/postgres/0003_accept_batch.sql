@@ -22,11 +22,13 @@ DECLARE
     members JSONB := p_batch::JSONB;
     m RECORD;
 BEGIN
+    -- = ANY (ARRAY(…)), not IN (SELECT …): the planner takes the primary keys for an array,
+    -- where a semi-join on the set-returning function's guess (100 rows) scans the table.
     PERFORM 1 FROM trip_requests tr
-     WHERE tr.id IN (SELECT e->>'trip' FROM jsonb_array_elements(members) e)
+     WHERE tr.id = ANY (ARRAY(SELECT e->>'trip' FROM jsonb_array_elements(members) e))
      ORDER BY tr.id FOR UPDATE;
     PERFORM 1 FROM driver_details dd
-     WHERE dd.user_id IN (SELECT e->>'driver' FROM jsonb_array_elements(members) e)
+     WHERE dd.user_id = ANY (ARRAY(SELECT e->>'driver' FROM jsonb_array_elements(members) e))
      ORDER BY dd.user_id FOR UPDATE;
     FOR m IN
         SELECT x.ord::INT AS i, x.e->>'trip' AS trip, x.e->>'driver' AS driver, x.e->>'otp' AS otp,
