@@ -107,6 +107,13 @@ pub struct Fenced {
 const ASSIGN_SQL: &str = "UPDATE trip_requests SET driver_id = $2, vehicle_id = $3, current_status = 'accepted', \
      otp = $4, accepted_cohort = $5, accept_requested_at = $6, version = version + 1, updated_at = $7 WHERE id = $1";
 
+/// The effects of a ride and of a parcel trip, comma-separated, as `tripgate_accept` takes
+/// them (written once, not per batch).
+static EFFECTS_BY_TYPE: std::sync::LazyLock<(String, String)> = std::sync::LazyLock::new(|| {
+    let list = |t| Effect::for_trip(t).map(Effect::as_str).collect::<Vec<_>>().join(",");
+    (list(TripType::Ride), list(TripType::Parcel))
+});
+
 /// The minimal trip: the answer of an atomic_async accept.
 const MINIMAL_TRIP_SQL: &str = "SELECT t.id, t.current_status, t.driver_id, t.customer_id, \
      u.first_name || ' ' || u.last_name AS customer_name, t.estimated_fare_cents \
@@ -203,12 +210,12 @@ impl Storage {
                        "requested_at": f.requested_at_ms, "job": job.id})
             })
             .collect();
-        let effects = |t| Effect::for_trip(t).map(Effect::as_str).collect::<Vec<_>>().join(",");
+        let (ride_effects, parcel_effects) = &*EFFECTS_BY_TYPE;
         let rows = sqlx::query("SELECT * FROM tripgate_accept_batch($1, $2, $3, $4)")
             .bind(Value::Array(members).to_string())
             .bind(now_ms())
-            .bind(effects(TripType::Ride))
-            .bind(effects(TripType::Parcel))
+            .bind(ride_effects.as_str())
+            .bind(parcel_effects.as_str())
             .fetch_all(&mut *self.conn().await?)
             .await?;
         let mut out: Vec<Result<Fenced, sqlx::Error>> = fences
