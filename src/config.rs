@@ -83,6 +83,18 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// A client must send its request headers within this (slow-loris guard).
     pub header_read_timeout_ms: u64,
+    /// The demo routes (customer create/cancel/details, `POST /admin/seed`,
+    /// `GET /admin/checks`) that `tripgate drive` and the demo use. Unset: served (tripgate
+    /// has no `[upstream]` yet, so nothing else would answer them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub demo_routes: Option<bool>,
+}
+
+impl ServerConfig {
+    /// Whether the demo routes are served.
+    pub fn demo_routes(&self) -> bool {
+        self.demo_routes.unwrap_or(true)
+    }
 }
 
 impl Default for ServerConfig {
@@ -95,6 +107,7 @@ impl Default for ServerConfig {
             shutdown_grace_ms: 10_000,
             max_connections: 16_384,
             header_read_timeout_ms: 5_000,
+            demo_routes: None,
         }
     }
 }

@@ -2,11 +2,12 @@
 //!
 //! Behaves like the Flutter driver app: one token per driver, keep-alive connections, a
 //! per-request timeout of `client.timeout_ms` and up to 3 automatic retries after a
-//! timeout. It prepares its own data (drivers and customers through storage, as `seed`
-//! does; trips through the customer API) against a running gateway that shares the
-//! configured database, drives a scenario, and reports per cohort: requests, latency
-//! quantiles, timeouts, retries, errors by `response_code`, OTP delivery (from the trip
-//! details), duplicate OTP SMS and double assignments (checked in the database).
+//! timeout. It prepares its own data over HTTP only (drivers and a customer through
+//! `POST /admin/seed`, trips through the customer API), so the gateway may run on another
+//! machine with its own database — `config` gives only the token secret. It drives a
+//! scenario and reports per cohort: requests, latency quantiles, timeouts, retries, errors
+//! by `response_code`, OTP delivery and duplicate OTP SMS (from the trip details), and the
+//! assignment invariants (`GET /admin/checks`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -18,10 +19,8 @@ use serde_json::{Value, json};
 
 use crate::auth::{Role, TokenKeys};
 use crate::config::Config;
-use crate::domain::{Cohort, LatLng, TRIP_ACCEPT_FLAG};
+use crate::domain::{Cohort, TRIP_ACCEPT_FLAG};
 use crate::flags::{Flag, FlagSet};
-use crate::storage::Storage;
-use crate::storage::users::NewDriver;
 
 /// What to simulate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -112,9 +111,12 @@ pub struct Report {
     pub scenario: String,
     /// Per cohort.
     pub cohorts: BTreeMap<String, CohortReport>,
-    /// Drivers holding more than one active trip (must be 0).
+    /// Trips more than one driver was told is theirs, in the whole database
+    /// (`GET /admin/checks`; must be 0).
     pub double_assignments: i64,
-    /// Trips whose OTP SMS was handed to the provider more than once (must be 0).
+    /// Drivers holding more than one active trip, in the whole database (must be 0).
+    pub drivers_with_two_trips: i64,
+    /// Trips of this run whose OTP SMS was handed to the provider more than once (must be 0).
     pub duplicate_otps: i64,
     /// Wall time of the driving phase, s.
     pub elapsed_s: f64,
@@ -226,8 +228,6 @@ impl App {
 
 /// Runs a scenario against a running gateway and returns the report.
 pub async fn drive(config: &Config, options: DriveOptions) -> anyhow::Result<Report> {
-    let store = Storage::connect(&config.database)?;
-    store.migrate().await?;
     let keys = TokenKeys::new(&config.auth.hs256_secret, 3600);
     let admin_token = keys.mint("admin", Role::Admin)?;
     let http = reqwest::Client::builder()
@@ -255,29 +255,43 @@ pub async fn drive(config: &Config, options: DriveOptions) -> anyhow::Result<Rep
     } else {
         1
     };
-    let bar = progress(pairs_needed * (drivers_per_trip + 1), "preparing");
-    let category = store
-        .create_vehicle_category(&format!("drive-{}", uuid::Uuid::new_v4().simple()))
-        .await?;
-    let customer = store.create_customer("Drive Customer", "+8802000000000").await?;
-    let customer_token = keys.mint(&customer, Role::Customer)?;
-    let mut drivers = Vec::with_capacity(pairs_needed * drivers_per_trip);
-    for i in 0..pairs_needed * drivers_per_trip {
-        let (id, _) = store
-            .create_driver(&NewDriver {
-                name: format!("Sim Driver {i}"),
-                phone: format!("+8801{:09}", i),
-                vehicle_category_id: category.clone(),
-                online: true,
-                position: LatLng { lat: 23.80, lng: 90.41 },
-            })
-            .await?;
-        drivers.push(id);
-        bar.inc(1);
+    // Drivers and a customer through `POST /admin/seed`; the drivers come spread over the
+    // seeded categories, so each trip is offered to drivers of one category.
+    let seeded = seed(
+        &http,
+        &options.admin_url,
+        &admin_token,
+        json!({"drivers": (pairs_needed + 2) * drivers_per_trip, "customers": 1, "trips": 0}),
+    )
+    .await?;
+    let customer = seeded["customers"][0]["id"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("POST /admin/seed created no customer"))?
+        .to_owned();
+    let mut by_category: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for d in seeded["drivers"].as_array().into_iter().flatten() {
+        if let (Some(id), Some(category)) = (d["id"].as_str(), d["vehicle_category_id"].as_str()) {
+            by_category.entry(category.to_owned()).or_default().push(id.to_owned());
+        }
     }
-    let trips: Vec<String> = stream::iter(0..pairs_needed)
-        .map(|i| {
-            let offered: Vec<&String> = drivers[i * drivers_per_trip..(i + 1) * drivers_per_trip].iter().collect();
+    // (category, the drivers offered the trip) for each trip; `drivers` in the same order.
+    let offers: Vec<(String, Vec<String>)> = by_category
+        .iter()
+        .flat_map(|(category, ids)| {
+            ids.chunks_exact(drivers_per_trip)
+                .map(|chunk| (category.clone(), chunk.to_vec()))
+        })
+        .take(pairs_needed)
+        .collect();
+    anyhow::ensure!(
+        offers.len() == pairs_needed,
+        "POST /admin/seed returned too few drivers"
+    );
+    let drivers: Vec<String> = offers.iter().flat_map(|(_, ids)| ids.iter().cloned()).collect();
+    let customer_token = keys.mint(&customer, Role::Customer)?;
+    let bar = progress(pairs_needed, "preparing trips");
+    let trips: Vec<String> = stream::iter(offers)
+        .map(|(category, offered)| {
             let body = json!({
                 "vehicle_category_id": category, "type": "ride_request", "estimated_fare": 250,
                 "offered_to": offered, "pickup": {"lat": 23.81, "lng": 90.41}, "destination": {"lat": 23.75, "lng": 90.39},
@@ -424,14 +438,26 @@ pub async fn drive(config: &Config, options: DriveOptions) -> anyhow::Result<Rep
         cohorts.insert(cohort.as_str().to_owned(), report);
     }
     bar.finish_and_clear();
-    let double_assignments = store.double_assignments().await?;
-    store.close().await;
+    let checks: Value = http
+        .get(format!("{}/admin/checks", options.admin_url.trim_end_matches('/')))
+        .bearer_auth(&admin_token)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let check = |name: &str| {
+        checks[name]
+            .as_i64()
+            .ok_or_else(|| anyhow::anyhow!("GET /admin/checks has no {name}: {checks}"))
+    };
     Ok(Report {
         scenario: format!("{:?}", options.scenario)
             .to_lowercase()
             .replace("retrystorm", "retry-storm"),
         cohorts,
-        double_assignments,
+        double_assignments: check("double_assignments")?,
+        drivers_with_two_trips: check("drivers_with_two_trips")?,
         duplicate_otps,
         elapsed_s,
     })
@@ -495,6 +521,23 @@ async fn otp_delivery(
         .filter_map(|x| async move { x })
         .collect()
         .await
+}
+
+/// `POST /admin/seed` with `plan`.
+async fn seed(http: &reqwest::Client, admin_url: &str, admin_token: &str, plan: Value) -> anyhow::Result<Value> {
+    let res = http
+        .post(format!("{}/admin/seed", admin_url.trim_end_matches('/')))
+        .bearer_auth(admin_token)
+        .json(&plan)
+        .send()
+        .await?;
+    let status = res.status();
+    anyhow::ensure!(
+        status.is_success(),
+        "POST /admin/seed answered {status} (is server.demo_routes on?): {}",
+        res.text().await.unwrap_or_default()
+    );
+    Ok(res.json().await?)
 }
 
 async fn refresh_flags(app: &App, http: &reqwest::Client, admin_url: &str, admin_token: &str) {
@@ -592,8 +635,8 @@ pub fn render(report: &Report) -> String {
         ));
     }
     out.push_str(&format!(
-        "double assignments: {}   duplicate OTPs: {}\n",
-        report.double_assignments, report.duplicate_otps
+        "double assignments: {}   drivers with two trips: {}   duplicate OTPs: {}\n",
+        report.double_assignments, report.drivers_with_two_trips, report.duplicate_otps
     ));
     out
 }

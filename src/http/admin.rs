@@ -1,5 +1,5 @@
 //! The admin listener: `/metrics`, `/healthz`, `/readyz`, and the admin API (flags, audit,
-//! jobs), which needs an admin token.
+//! jobs; while `server.demo_routes`, seed and checks), which needs an admin token.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -28,8 +28,15 @@ pub fn routes(state: AppState) -> Router {
         .route("/admin/flags/{name}", put(put_flag))
         .route("/admin/audit", get(audit))
         .route("/admin/jobs", get(jobs))
-        .route("/admin/jobs/{id}/retry", post(retry_job))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), super::admins));
+        .route("/admin/jobs/{id}/retry", post(retry_job));
+    let admin = if state.config.server.demo_routes() {
+        admin
+            .route("/admin/seed", post(seed))
+            .route("/admin/checks", get(checks))
+    } else {
+        admin
+    };
+    let admin = admin.route_layer(axum::middleware::from_fn_with_state(state.clone(), super::admins));
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
@@ -184,4 +191,52 @@ async fn retry_job(State(state): State<AppState>, Path(id): Path<String>) -> Res
         .await?
         .ok_or(ApiError::NotFound("dead job"))?;
     Ok(Json(serde_json::to_value(job).unwrap_or_default()))
+}
+
+/// Most rows of each kind one `POST /admin/seed` creates.
+const SEED_MAX: u64 = 100_000;
+
+/// `POST /admin/seed` `{"drivers", "customers", "trips"}` (each a count, absent = 0) →
+/// what was created, as `tripgate seed --json` prints it.
+async fn seed(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = json_body(&headers, body)?;
+    let value: Value =
+        serde_json::from_slice(&body).map_err(|e| ApiError::invalid("body", format!("not valid JSON: {e}")))?;
+    let fields = value
+        .as_object()
+        .ok_or_else(|| ApiError::invalid("body", "The body must be a JSON object."))?;
+    if let Some(unknown) = fields
+        .keys()
+        .find(|k| !["drivers", "customers", "trips"].contains(&k.as_str()))
+    {
+        return Err(ApiError::invalid("body", format!("Unknown field {unknown}.")));
+    }
+    let count = |field: &'static str| -> Result<usize, ApiError> {
+        match fields.get(field) {
+            None => Ok(0),
+            Some(v) => v
+                .as_u64()
+                .filter(|n| *n <= SEED_MAX)
+                .map(|n| n as usize)
+                .ok_or_else(|| {
+                    ApiError::invalid(field, format!("The {field} must be a whole number in 0..={SEED_MAX}."))
+                }),
+        }
+    };
+    let plan = crate::seed::SeedPlan {
+        drivers: count("drivers")?,
+        customers: count("customers")?,
+        trips: count("trips")?,
+    };
+    let seeded = crate::seed::seed(&state.store, plan, || {}).await?;
+    Ok(Json(seeded).into_response())
+}
+
+/// `GET /admin/checks`: the safety invariants over the whole database, each must be 0.
+async fn checks(State(state): State<AppState>) -> Result<Json<crate::storage::assign::Checks>, ApiError> {
+    Ok(Json(state.store.checks().await?))
 }

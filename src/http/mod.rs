@@ -195,9 +195,11 @@ pub fn json_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Re
 /// The API router (driver and customer routes) with its layers.
 pub fn api_router(state: AppState, accept: driver::AcceptServices) -> Router {
     let limit = state.config.server.max_body_bytes;
-    let router = Router::new()
-        .merge(driver::routes(&state, accept))
-        .merge(customer::routes(&state))
+    let mut router = Router::new().merge(driver::routes(&state, accept));
+    if state.config.server.demo_routes() {
+        router = router.merge(customer::routes(&state));
+    }
+    let router = router
         .fallback(|| async { ApiError::NotFound("route").into_response() })
         .layer(DefaultBodyLimit::max(limit));
     observe::wrap(router, Some(state.metrics.clone()))

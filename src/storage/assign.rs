@@ -261,6 +261,30 @@ impl Storage {
         row.map(|r| minimal_trip(&r, trip_id)).transpose()
     }
 
+    /// The invariants `GET /admin/checks` reports; each must be 0 (see [`Checks`]).
+    pub async fn checks(&self) -> Result<Checks, sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT \
+               (SELECT COUNT(*) FROM trip_requests t JOIN driver_details dd ON dd.user_id = t.driver_id \
+                 WHERE t.current_status IN ('accepted', 'ongoing') AND dd.availability_status <> 'on_trip') \
+             + (SELECT COUNT(*) FROM driver_details dd WHERE dd.availability_status = 'on_trip' \
+                 AND NOT EXISTS (SELECT 1 FROM trip_requests t WHERE t.driver_id = dd.user_id \
+                                 AND t.current_status IN ('accepted', 'ongoing'))) AS double_assignments, \
+               (SELECT COUNT(*) FROM side_effects WHERE effect = $1 AND calls > 1) AS duplicate_otps, \
+               (SELECT COUNT(*) FROM (SELECT driver_id FROM trip_requests \
+                 WHERE current_status IN ('accepted', 'ongoing') GROUP BY driver_id HAVING COUNT(*) > 1) d) \
+               AS drivers_with_two_trips",
+        )
+        .bind(Effect::OtpSms.as_str())
+        .fetch_one(&mut *self.conn().await?)
+        .await?;
+        Ok(Checks {
+            double_assignments: row.try_get("double_assignments")?,
+            duplicate_otps: row.try_get("duplicate_otps")?,
+            drivers_with_two_trips: row.try_get("drivers_with_two_trips")?,
+        })
+    }
+
     /// Broken assignment invariants, which must both be 0: drivers holding more than one
     /// active (accepted or ongoing) trip, plus active trips whose driver is not `on_trip`
     /// (an accept written half).
@@ -274,6 +298,19 @@ impl Storage {
         .fetch_one(&mut *self.conn().await?)
         .await
     }
+}
+
+/// The safety invariants over the whole database (`GET /admin/checks`); each must be 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Checks {
+    /// Trips that more than one driver was told is theirs: an active trip whose driver is
+    /// not `on_trip`, or a driver `on_trip` without an active trip (an accept overwritten by
+    /// another, or written half).
+    pub double_assignments: i64,
+    /// Trips whose OTP SMS was handed to the provider more than once.
+    pub duplicate_otps: i64,
+    /// Drivers holding more than one active (accepted or ongoing) trip.
+    pub drivers_with_two_trips: i64,
 }
 
 /// One member's outcome from its row of `tripgate_accept` / `tripgate_accept_batch`.

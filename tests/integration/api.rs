@@ -21,6 +21,7 @@ backend_tests!(
     effects_reach_the_webhook_provider,
     customer_routes,
     per_driver_rate_limit,
+    demo_routes_seed_and_checks,
 );
 
 async fn spec_table_rows_legacy(backend: Backend) {
@@ -697,4 +698,147 @@ async fn per_driver_rate_limit(backend: Backend) {
         "429s counted in the cohort"
     );
     gw.shutdown().await;
+}
+
+/// `POST /admin/seed` and `GET /admin/checks` (what `tripgate drive` uses against a gateway
+/// elsewhere): admin token only, bad bodies refused with nothing created, the answer shaped
+/// as `seed --json`, each check counting its own broken invariant; with
+/// `server.demo_routes = false` they and the customer routes are not served.
+async fn demo_routes_seed_and_checks(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let gw = Gateway::start(
+        &db,
+        Options {
+            percent: 100.0,
+            ..Options::default()
+        },
+    )
+    .await;
+    let admin = Some(gw.token("admin", Role::Admin));
+    let users = || crate::support::query_i64(&db, "SELECT COUNT(*) FROM users");
+    assert_eq!(seed_via_api(&gw, None, json!({"drivers": 1})).await.0, 401);
+    let a_driver = World::new(&gw.store).await.driver().await;
+    let before = users().await;
+    assert_eq!(
+        seed_via_api(&gw, Some(gw.token(&a_driver, Role::Driver)), json!({"drivers": 1}))
+            .await
+            .0,
+        403
+    );
+    for bad in [
+        json!({"drivers": -1}),
+        json!({"drivers": "3"}),
+        json!({"drivers": 1.5}),
+        json!({"drivers": 1, "bogus": 1}),
+        json!({"trips": 1_000_000}),
+        json!([1, 2]),
+    ] {
+        let (status, body) = seed_via_api(&gw, admin.clone(), bad.clone()).await;
+        assert_eq!((status, code(&body)), (400, "default_400"), "{bad}: {body}");
+    }
+    assert_eq!(users().await, before, "a refused seed creates nothing");
+
+    let (status, seeded) = seed_via_api(&gw, admin.clone(), json!({"drivers": 4, "customers": 2, "trips": 3})).await;
+    assert_eq!(status, 200, "{seeded}");
+    assert_eq!(seeded["vehicle_categories"].as_array().unwrap().len(), 2);
+    assert_eq!(seeded["customers"].as_array().unwrap().len(), 2);
+    assert_eq!(seeded["trips"].as_array().unwrap().len(), 3);
+    let drivers = seeded["drivers"].as_array().unwrap();
+    assert_eq!(drivers.len(), 4);
+    for d in drivers {
+        for key in ["id", "vehicle_category_id", "vehicle_id"] {
+            assert!(d[key].is_string(), "{key} in {d}");
+        }
+    }
+    assert_eq!(users().await, before + 6);
+    // The seeded data is usable: a seeded driver accepts a seeded trip of its category.
+    let trip = seeded["trips"][0]["id"].as_str().unwrap().to_owned();
+    let details = gw.details(&trip).await;
+    let offered = drivers
+        .iter()
+        .find(|d| d["vehicle_category_id"] == details["vehicle_category_id"])
+        .and_then(|d| d["id"].as_str())
+        .unwrap()
+        .to_owned();
+    assert_eq!(gw.accept(&offered, &trip).await.0, 200);
+    gw.wait_effects_done(&trip, Duration::from_secs(20)).await;
+
+    assert_checks(&gw, [0, 0, 0]).await;
+    crate::support::execute_sql(
+        &db,
+        &format!("UPDATE side_effects SET calls = 2 WHERE trip_request_id = '{trip}' AND effect = 'otp_sms'"),
+    )
+    .await;
+    assert_checks(&gw, [0, 1, 0]).await;
+    let other = seeded["trips"][1]["id"].as_str().unwrap();
+    crate::support::execute_sql(
+        &db,
+        // The schema's partial unique index forbids this; the check must see it where the
+        // index is missing (a hand-made or older database).
+        &format!(
+            "DROP INDEX trip_requests_one_active_per_driver; \
+             UPDATE trip_requests SET driver_id = '{offered}', current_status = 'accepted' WHERE id = '{other}'"
+        ),
+    )
+    .await;
+    assert_checks(&gw, [0, 1, 1]).await;
+    // A driver told "accepted" whose trip went to another driver: on_trip with no trip.
+    let loser = drivers
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .find(|d| *d != offered && *d != a_driver)
+        .unwrap();
+    crate::support::execute_sql(
+        &db,
+        &format!("UPDATE driver_details SET availability_status = 'on_trip' WHERE user_id = '{loser}'"),
+    )
+    .await;
+    assert_checks(&gw, [1, 1, 1]).await;
+    assert_eq!(gw.admin_get("/admin/checks").await.0, 200);
+    gw.shutdown().await;
+
+    let dir = crate::support::TempDir::new();
+    let mut config = crate::support::config(&db.url, dir.path(), &Options::default());
+    config.server.demo_routes = Some(false);
+    let gw = Gateway::start_with(config, dir).await;
+    assert_eq!(
+        seed_via_api(&gw, Some(gw.token("admin", Role::Admin)), json!({"drivers": 1}))
+            .await
+            .0,
+        404
+    );
+    assert_eq!(gw.admin_get("/admin/checks").await.0, 404);
+    let res = gw
+        .http
+        .post(format!("{}/api/customer/ride/create", gw.api))
+        .bearer_auth(gw.token("c", Role::Customer))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 404, "customer routes are demo routes");
+    assert_eq!(
+        gw.admin_get("/admin/flags").await.0,
+        200,
+        "the rest of the admin API stays"
+    );
+    gw.shutdown().await;
+}
+
+async fn seed_via_api(gw: &Gateway, token: Option<String>, body: Value) -> (u16, Value) {
+    let req = gw.http.post(format!("{}/admin/seed", gw.admin)).json(&body);
+    let req = match token {
+        Some(t) => req.bearer_auth(t),
+        None => req,
+    };
+    let res = req.send().await.unwrap();
+    (res.status().as_u16(), res.json::<Value>().await.unwrap_or(Value::Null))
+}
+
+/// `GET /admin/checks` answers `[double_assignments, duplicate_otps, drivers_with_two_trips]`.
+async fn assert_checks(gw: &Gateway, want: [i64; 3]) {
+    let (status, body) = gw.admin_get("/admin/checks").await;
+    assert_eq!(status, 200);
+    let got = ["double_assignments", "duplicate_otps", "drivers_with_two_trips"].map(|k| body[k].as_i64().unwrap());
+    assert_eq!(got, want, "{body}");
 }

@@ -23,11 +23,11 @@ const LAYERS: &[(&str, u8)] = &[
     ("jobs", 3),
     ("flags::watcher", 3),
     ("accept", 3),
+    ("seed", 3),
     ("http", 4),
     ("rollout", 4),
     ("server", 5),
     ("cli", 5),
-    ("seed", 5),
     ("drive", 5),
     ("main", 6),
 ];

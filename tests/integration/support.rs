@@ -873,6 +873,20 @@ pub async fn wait_process_ready(admin: impl std::fmt::Display) {
 }
 
 /// Runs SQL on the test database directly (fault injection).
+/// The one integer `sql` answers on `db`.
+pub async fn query_i64(db: &TestDb, sql: &str) -> i64 {
+    match db.backend {
+        Backend::Sqlite => {
+            let mut conn = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+            sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap()
+        }
+        Backend::Postgres => {
+            let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+            sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap()
+        }
+    }
+}
+
 pub async fn execute_sql(db: &TestDb, sql: &str) {
     match db.backend {
         Backend::Sqlite => {
