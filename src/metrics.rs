@@ -49,6 +49,7 @@ pub struct Metrics {
     pool_connections: IntGaugeVec,
     pool_acquire: HistogramVec,
     pool_timeouts: IntCounterVec,
+    accept_batch_size: Histogram,
     /// `client.timeout_ms`: slower requests count as timeouts.
     client_timeout: Duration,
     /// The routes whose children are created up front (the driver routes).
@@ -201,6 +202,15 @@ impl Metrics {
             "Pool acquires that gave up after database.acquire_timeout_ms.",
             &["pool"],
         );
+        let accept_batch_size = Histogram::with_opts(
+            HistogramOpts::new(
+                "tripgate_accept_batch_size",
+                "atomic_async accepts committed together in one group-commit batch.",
+            )
+            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
+        )
+        .expect("valid histogram");
+        r.register(Box::new(accept_batch_size.clone())).expect("unique metric");
         for pool in ["api", "jobs"] {
             for state in ["in_use", "idle"] {
                 pool_connections.with_label_values(&[pool, state]);
@@ -272,6 +282,7 @@ impl Metrics {
             pool_connections,
             pool_acquire,
             pool_timeouts,
+            accept_batch_size,
             client_timeout,
             hot_routes: hot_routes.to_vec(),
             request_children,
@@ -394,6 +405,11 @@ impl Metrics {
         }
     }
 
+    /// The recorder of group-commit batch sizes.
+    pub fn accept_batches(&self) -> BatchSizes {
+        BatchSizes(self.accept_batch_size.clone())
+    }
+
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
@@ -427,5 +443,16 @@ impl PoolMetrics {
     pub fn connections(&self, in_use: i64, idle: i64) {
         self.in_use.set(in_use);
         self.idle.set(idle);
+    }
+}
+
+/// Group-commit batch sizes (`tripgate_accept_batch_size`).
+#[derive(Debug, Clone)]
+pub struct BatchSizes(Histogram);
+
+impl BatchSizes {
+    /// A batch of `accepts` went to the database.
+    pub fn batch(&self, accepts: usize) {
+        self.0.observe(accepts as f64);
     }
 }

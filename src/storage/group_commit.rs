@@ -9,12 +9,13 @@
 //! `migrations/postgres/0003_accept_batch.sql`), one on SQLite (one writer at a time).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Mutex, Once, OnceLock};
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::Storage;
 use super::assign::{Fence, Fenced};
+use crate::metrics::BatchSizes;
 
 /// Most accepts in one statement.
 pub const MAX_BATCH: usize = 64;
@@ -34,6 +35,8 @@ pub(super) struct GroupCommit {
     /// Batches run and accepts in them (for tests and the log).
     batches: AtomicU64,
     accepts: AtomicU64,
+    /// Where batch sizes are reported, once the store is observed.
+    sizes: OnceLock<BatchSizes>,
 }
 
 impl std::fmt::Debug for GroupCommit {
@@ -58,7 +61,13 @@ impl GroupCommit {
             slots: slots.max(1),
             batches: AtomicU64::new(0),
             accepts: AtomicU64::new(0),
+            sizes: OnceLock::new(),
         }
+    }
+
+    /// Reports each batch's size to `sizes` from now on (the first recorder set stays).
+    pub(super) fn report_to(&self, sizes: BatchSizes) {
+        let _ = self.sizes.set(sizes);
     }
 
     /// `(batches, accepts)` run so far.
@@ -102,6 +111,9 @@ async fn batch_loop(group: Arc<GroupCommit>, store: Storage, mut queue: mpsc::Un
         }
         group.batches.fetch_add(1, Ordering::Relaxed);
         group.accepts.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        if let Some(sizes) = group.sizes.get() {
+            sizes.batch(batch.len());
+        }
         let store = store.clone();
         tokio::spawn(async move {
             let fences: Vec<Fence> = batch.iter().map(|p| p.fence.clone()).collect();

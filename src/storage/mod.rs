@@ -202,8 +202,10 @@ impl Storage {
     }
 
     /// The same storage, reporting its pool to `metrics` as `pool` (`api` | `jobs`):
-    /// connections in use and idle, how long acquiring one takes, acquire timeouts.
+    /// connections in use and idle, how long acquiring one takes, acquire timeouts; and the
+    /// size of each group-commit batch.
     pub fn observed_as(self, pool: &'static str, metrics: &Metrics) -> Self {
+        self.group.report_to(metrics.accept_batches());
         Self {
             pool_metrics: Some(metrics.pool(pool)),
             ..self

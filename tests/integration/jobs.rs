@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tripgate::auth::Role;
-use tripgate::domain::{Cohort, Effect, JobState, now_ms};
+use tripgate::domain::{Cohort, Effect, JobState, TripType, now_ms};
 use tripgate::storage::assign::{AssignOutcome, Fence};
 
 use crate::backend_tests;
@@ -90,30 +90,129 @@ async fn run_the_job_once(db: &TestDb, stub: &WebhookStub, trip: &str, effects: 
     details
 }
 
-/// A rolling upgrade: a job the previous release queued — its accept also wrote the
-/// effect records, `pending` — runs on this release, each effect once.
+/// A rolling upgrade (SPEC: expand, then contract). The database has only the previous
+/// release's migrations; the previous release's accept wrote its rows (driver `on_trip`,
+/// status, a `pending` record per effect, the queued job — the exact statements of its
+/// `finish_assignment`), and one of its workers was killed holding another job. This
+/// release then starts on that database: it applies its own migrations, runs both jobs
+/// (each effect once, one OTP SMS), accepts on the new path, and a previous-release gateway
+/// still writing its accepts meanwhile (mid-upgrade fleet) has its job run here too.
 async fn a_job_queued_by_the_previous_release_runs(backend: Backend) {
     let db = TestDb::new(backend).await;
     let stub = WebhookStub::start().await;
-    let store = db.store().await;
+    previous_release_schema(&db).await;
+    let store = unmigrated_store(&db);
     let w = World::new(&store).await;
-    let (d, t) = (w.driver().await, w.trip(&[]).await);
-    accepted(&store, &d, &t).await;
-    let values: Vec<String> = tripgate::domain::Effect::for_trip(tripgate::domain::TripType::Ride)
-        .map(|e| format!("('{t}', '{}', 'atomic_async', 'pending', 0)", e.as_str()))
-        .collect();
-    crate::support::execute_sql(
+    let drivers = w.drivers(4).await;
+    let ride = w.trip(&[]).await;
+    let parcel = w.trip_of(TripType::Parcel, &[]).await;
+    let now = now_ms();
+    previous_release_accept(&db, &drivers[0], &ride, TripType::Ride, "'queued', 0, NULL").await;
+    // Killed mid-job: running, its lease long expired.
+    previous_release_accept(
         &db,
-        // The rows exactly as the previous release's accept wrote them.
-        &format!(
-            "DELETE FROM side_effects WHERE trip_request_id = '{t}'; \
-             INSERT INTO side_effects (trip_request_id, effect, cohort, state, calls) VALUES {}",
-            values.join(", ")
-        ),
+        &drivers[1],
+        &parcel,
+        TripType::Parcel,
+        &format!("'running', 1, {}", now - 60_000),
     )
     .await;
-    run_the_job_once(&db, &stub, &t, values.len()).await;
+
+    let gw = Gateway::start(
+        &db,
+        Options {
+            percent: 100.0,
+            webhook: Some(format!("http://{}", stub.addr)),
+            ..Options::default()
+        },
+    )
+    .await;
+    let during = w.trip(&[]).await;
+    previous_release_accept(&db, &drivers[2], &during, TripType::Ride, "'queued', 0, NULL").await;
+    for (trip, trip_type) in [
+        (&ride, TripType::Ride),
+        (&parcel, TripType::Parcel),
+        (&during, TripType::Ride),
+    ] {
+        gw.wait_effects_done(trip, Duration::from_secs(20)).await;
+        let records = gw.store.effect_rows(trip).await.unwrap();
+        assert_eq!(records.len(), Effect::for_trip(trip_type).count());
+        assert!(records.iter().all(|r| r.calls == 1), "{records:?}");
+        let otp = if trip_type == TripType::Parcel {
+            "parcel_sms"
+        } else {
+            "otp_sms"
+        };
+        assert_eq!(stub.calls_for(otp, trip).len(), 1, "{otp} of {trip}");
+    }
+    let fresh = w.trip(&[]).await;
+    let (status, body, cohort) = gw.accept(&drivers[3], &fresh).await;
+    assert_eq!((status, cohort.as_str()), (200, "atomic_async"), "{body}");
+    gw.wait_effects_done(&fresh, Duration::from_secs(20)).await;
+    let (_, checks) = gw.admin_get("/admin/checks").await;
+    assert_eq!(checks["double_assignments"], 0, "{checks}");
+    gw.shutdown().await;
     store.close().await;
+}
+
+/// Applies the previous release's migrations only (the files as they were then; a
+/// migration, once released, is never edited — sqlx refuses a changed checksum).
+async fn previous_release_schema(db: &TestDb) {
+    let dialect = match db.backend {
+        Backend::Sqlite => "sqlite",
+        Backend::Postgres => "postgres",
+    };
+    let dir = TempDir::new();
+    let init = format!("{}/migrations/{dialect}/0001_init.sql", env!("CARGO_MANIFEST_DIR"));
+    std::fs::copy(&init, dir.path().join("0001_init.sql")).unwrap();
+    let migrator = sqlx::migrate::Migrator::new(dir.path()).await.unwrap();
+    assert_eq!(migrator.iter().count(), 1);
+    match db.backend {
+        Backend::Sqlite => {
+            let options: sqlx::sqlite::SqliteConnectOptions = db.url.parse().unwrap();
+            let pool = sqlx::SqlitePool::connect_with(options.create_if_missing(true))
+                .await
+                .unwrap();
+            migrator.run(&pool).await.unwrap();
+            pool.close().await;
+        }
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+            migrator.run(&pool).await.unwrap();
+            pool.close().await;
+        }
+    }
+}
+
+/// A storage handle on `db` as it is (no migrations run).
+fn unmigrated_store(db: &TestDb) -> tripgate::storage::Storage {
+    let mut config = tripgate::config::Config::default();
+    config.database.url = db.url.clone();
+    tripgate::storage::Storage::connect(&config.database).unwrap()
+}
+
+/// The previous release's atomic_async accept, statement for statement; `job` is the job
+/// row's `state, attempts, locked_until`.
+async fn previous_release_accept(db: &TestDb, driver: &str, trip: &str, trip_type: TripType, job: &str) {
+    let now = now_ms();
+    let effects: Vec<String> = Effect::for_trip(trip_type)
+        .map(|e| format!("('{trip}', '{}', 'atomic_async', 'pending', 0)", e.as_str()))
+        .collect();
+    let sql = format!(
+        "UPDATE trip_requests SET driver_id = '{driver}', \
+           vehicle_id = (SELECT id FROM vehicles WHERE driver_id = '{driver}'), current_status = 'accepted', \
+           otp = '4321', accepted_cohort = 'atomic_async', accept_requested_at = {now}, version = version + 1, \
+           updated_at = {now} WHERE id = '{trip}' AND driver_id IS NULL AND current_status = 'pending'; \
+         UPDATE driver_details SET availability_status = 'on_trip', updated_at = {now} \
+           WHERE user_id = '{driver}' AND is_online = TRUE AND availability_status IN ('available', 'on_bidding'); \
+         UPDATE trip_status SET accepted = {now} WHERE trip_request_id = '{trip}'; \
+         INSERT INTO side_effects (trip_request_id, effect, cohort, state, calls) VALUES {}; \
+         INSERT INTO jobs (id, kind, trip_request_id, cohort, state, attempts, locked_until, run_at, created_at, updated_at) \
+           VALUES ('{}', 'trip_accepted', '{trip}', 'atomic_async', {job}, {now}, {now}, {now})",
+        effects.join(", "),
+        uuid::Uuid::new_v4()
+    );
+    crate::support::execute_sql(db, &sql).await;
 }
 
 /// Two `tripgate worker` processes on one queue: every job runs once, every effect is

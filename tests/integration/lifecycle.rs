@@ -18,16 +18,16 @@ struct Load {
     task: tokio::task::JoinHandle<Vec<(String, Result<u16, String>)>>,
 }
 
-/// Sends accepts from fresh drivers on fresh trips, 8 at a time, until stopped; returns
-/// each trip with its answer (status, or the transport error).
-fn start_load(url: String, pairs: Vec<(String, String)>) -> Load {
+/// Sends accepts from fresh drivers on fresh trips, `at_once` at a time, until stopped;
+/// returns each trip with its answer (status, or the transport error).
+fn start_load(url: String, pairs: Vec<(String, String)>, at_once: usize) -> Load {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     let task = tokio::spawn(async move {
         let http = reqwest::Client::new();
         let keys = TokenKeys::new(SECRET, 600);
         let mut results = Vec::new();
-        for chunk in pairs.chunks(8) {
+        for chunk in pairs.chunks(at_once) {
             if flag.load(Ordering::SeqCst) {
                 break;
             }
@@ -57,9 +57,10 @@ fn spawn_serve(
     api: u16,
     admin: u16,
     redis: Option<String>,
+    percent: f64,
 ) -> (Process, tripgate::config::Config) {
     let options = Options {
-        percent: 50.0,
+        percent,
         webhook: Some(format!("http://{}", stub.addr)),
         redis_url: redis,
         visibility_timeout_s: 2,
@@ -121,7 +122,7 @@ struct Fixture {
 }
 
 impl Fixture {
-    async fn start(backend: Backend) -> Self {
+    async fn start(backend: Backend, percent: f64) -> Self {
         let db = TestDb::new(backend).await;
         let stub = WebhookStub::start().await;
         stub.set_delay(150);
@@ -130,7 +131,7 @@ impl Fixture {
         let dir = TempDir::new();
         let (api, admin) = (free_port(), free_port());
         let redis = crate::support::redis_for(backend);
-        let (serve, _) = spawn_serve(&db, &dir, &stub, api, admin, redis.clone());
+        let (serve, _) = spawn_serve(&db, &dir, &stub, api, admin, redis.clone(), percent);
         wait_process_ready(format!("127.0.0.1:{admin}")).await;
         Self {
             db,
@@ -159,8 +160,8 @@ async fn sigterm_during_load_loses_nothing(backend: Backend) {
         admin,
         redis,
         mut serve,
-    } = Fixture::start(backend).await;
-    let load = start_load(format!("http://127.0.0.1:{api}"), pairs(&w, 400).await);
+    } = Fixture::start(backend, 50.0).await;
+    let load = start_load(format!("http://127.0.0.1:{api}"), pairs(&w, 400).await, 8);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     // Stop issuing new requests and signal at once: what is in flight must complete.
     load.stop.store(true, Ordering::SeqCst);
@@ -181,7 +182,7 @@ async fn sigterm_during_load_loses_nothing(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(exit.code(), Some(0), "exit 0 after SIGTERM");
-    let (_serve, _) = spawn_serve(&db, &dir, &stub, api, admin, redis);
+    let (_serve, _) = spawn_serve(&db, &dir, &stub, api, admin, redis, 50.0);
     wait_process_ready(format!("127.0.0.1:{admin}")).await;
     let all: Vec<(String, String)> = results.iter().map(|(t, _)| (String::new(), t.clone())).collect();
     let accepted = accepted_trips(&store, &all).await;
@@ -195,6 +196,18 @@ async fn sigterm_during_load_loses_nothing(backend: Backend) {
 /// its side effects exactly once, no trip has two drivers, and no lock blocks a trip that
 /// is still pending.
 async fn kill9_during_load_then_restart(backend: Backend) {
+    kill9_then_restart(backend, 50.0, 8, false).await;
+}
+
+/// `kill -9` with group-commit batches in flight (atomic_async only, 32 accepts at once,
+/// killed as soon as a batch of several has committed): every 200 was committed, the
+/// batches cut short wrote nothing half (no double assignment, effects exactly once), and
+/// their trips can be taken after the restart (no lock left behind).
+async fn kill9_with_batches_in_flight(backend: Backend) {
+    kill9_then_restart(backend, 100.0, 32, true).await;
+}
+
+async fn kill9_then_restart(backend: Backend, percent: f64, at_once: usize, batched: bool) {
     let Fixture {
         db,
         stub,
@@ -205,18 +218,39 @@ async fn kill9_during_load_then_restart(backend: Backend) {
         admin,
         redis,
         mut serve,
-    } = Fixture::start(backend).await;
-    let pairs = pairs(&w, 400).await;
-    let load = start_load(format!("http://127.0.0.1:{api}"), pairs.clone());
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    } = Fixture::start(backend, percent).await;
+    let pairs = pairs(&w, if batched { 800 } else { 400 }).await;
+    let load = start_load(format!("http://127.0.0.1:{api}"), pairs.clone(), at_once);
+    if batched {
+        // Kill as soon as batches of several accepts are committing.
+        let metrics = format!("http://127.0.0.1:{admin}/metrics");
+        eventually(Duration::from_secs(20), "a batch of several accepts", || async {
+            let text = reqwest::get(&metrics).await.ok()?.text().await.ok()?;
+            let sum = crate::support::metric_value(&text, "tripgate_accept_batch_size_sum");
+            let count = crate::support::metric_value(&text, "tripgate_accept_batch_size_count");
+            (sum > count).then_some(())
+        })
+        .await;
+    } else {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
     serve.kill9();
     let killed_at = std::time::Instant::now();
     load.stop.store(true, Ordering::SeqCst);
-    let _ = load.task.await.unwrap();
+    let results = load.task.await.unwrap();
     let accepted = accepted_trips(&store, &pairs).await;
     assert!(!accepted.is_empty());
+    assert!(
+        results.iter().any(|(_, r)| r.is_err()),
+        "requests were in flight at the kill"
+    );
+    for (trip, result) in &results {
+        if *result == Ok(200) {
+            assert!(accepted.contains(trip), "{trip} answered 200 but not committed");
+        }
+    }
 
-    let (_serve, _) = spawn_serve(&db, &dir, &stub, api, admin, redis);
+    let (_serve, _) = spawn_serve(&db, &dir, &stub, api, admin, redis, percent);
     wait_process_ready(format!("127.0.0.1:{admin}")).await;
     assert_effects_exactly_once(&store, &stub, &accepted).await;
     assert_eq!(store.double_assignments().await.unwrap(), 0);
@@ -244,7 +278,11 @@ async fn kill9_during_load_then_restart(backend: Backend) {
     store.close().await;
 }
 
-crate::backend_tests!(sigterm_during_load_loses_nothing, kill9_during_load_then_restart);
+crate::backend_tests!(
+    sigterm_during_load_loses_nothing,
+    kill9_during_load_then_restart,
+    kill9_with_batches_in_flight
+);
 
 /// Once Postgres is known unreachable (here: gone silent, so a connection attempt hangs),
 /// accepts answer 503 at once instead of each waiting `database.acquire_timeout_ms` (3 s
