@@ -154,6 +154,20 @@ string_enum! {
 }
 
 string_enum! {
+    /// What a provider call of an effect is, given its record (the metrics' `result`).
+    Call {
+        /// The effect's first call.
+        First = "first",
+        /// A call again after a recorded failure.
+        Retry = "retry",
+        /// A call again while an earlier call's outcome is unknown (its process died or
+        /// stalled between the call and its record): possibly a duplicate, sent with the
+        /// same idempotency key.
+        Repeat = "repeat",
+    }
+}
+
+string_enum! {
     /// The state of one side effect's record.
     EffectState {
         /// Not yet handed to its provider (or the handing-over was not recorded).

@@ -116,7 +116,8 @@ pub struct Report {
     pub double_assignments: i64,
     /// Drivers holding more than one active trip, in the whole database (must be 0).
     pub drivers_with_two_trips: i64,
-    /// Trips of this run whose OTP SMS was handed to the provider more than once (must be 0).
+    /// Trips of this run whose OTP SMS was sent again while an earlier call's outcome was
+    /// unknown — a possible duplicate; retries after a recorded failure are not (must be 0).
     pub duplicate_otps: i64,
     /// Wall time of the driving phase, s.
     pub elapsed_s: f64,
@@ -419,7 +420,7 @@ pub async fn drive(config: &Config, options: DriveOptions) -> anyhow::Result<Rep
             }
         }
         let otps = otp_delivery(&http, &app.url, &admin_token, &checked, &bar).await;
-        duplicate_otps += otps.iter().filter(|(_, calls)| *calls > 1).count() as i64;
+        duplicate_otps += otps.iter().filter(|(_, repeats)| *repeats > 0).count() as i64;
         let mut otp_ms: Vec<f64> = otps.into_iter().map(|(ms, _)| ms).collect();
         let mut latencies = s.latencies_ms;
         let report = CohortReport {
@@ -463,7 +464,7 @@ pub async fn drive(config: &Config, options: DriveOptions) -> anyhow::Result<Rep
     })
 }
 
-/// For each accepted trip: (OTP delivery ms, OTP SMS provider calls), once its OTP SMS is
+/// For each accepted trip: (OTP delivery ms, OTP SMS repeats), once its OTP SMS is
 /// done (waits up to 60 s for the jobs to catch up). A trip found without a driver (its
 /// accept timed out before it committed) is left out at once.
 async fn otp_delivery(
@@ -506,7 +507,7 @@ async fn otp_delivery(
                     });
                     if let (Some(requested), Some(otp)) = (requested, otp) {
                         let handed = otp["handed_at"].as_i64().unwrap_or(requested);
-                        break Some(((handed - requested) as f64, otp["calls"].as_i64().unwrap_or(1)));
+                        break Some(((handed - requested) as f64, otp["repeats"].as_i64().unwrap_or(0)));
                     }
                     if Instant::now() > deadline {
                         break None;

@@ -3,20 +3,25 @@
 //! Legacy runs them inline, in the design document's order, before it answers;
 //! atomic_async runs them from a job, in parallel, after it answered. Either way each effect
 //! has a record (`side_effects`): an effect already `done` is never run again, so a retried
-//! or re-run job sends no OTP twice. A provider call is repeated only if the process died
-//! between the call and its record — and then with the same idempotency key.
+//! or re-run job sends no OTP twice. Every write of an attempt is fenced by it (see
+//! [`Attempt`]): an attempt that stalled past its lease while another took the job calls no
+//! provider after that and its records are refused. A provider call is made again only
+//! after a recorded failure (a retry), or when the attempt that made it died or stalled
+//! between the call and its record (a repeat) — and then with the same idempotency key.
 
 use std::sync::Arc;
 
 use futures_util::future::join_all;
 use serde_json::json;
+use tokio::sync::mpsc;
 
-use crate::domain::{Effect, EffectState, LatLng, now_ms};
+use crate::domain::{Call, Effect, EffectState, LatLng, now_ms};
 use crate::events::EventBus;
 use crate::metrics::Metrics;
 use crate::providers::{Message, MessageKind, Providers};
 use crate::storage::Storage;
-use crate::storage::effects::EffectContext;
+use crate::storage::effects::{CallOutcome, EffectContext};
+use crate::storage::jobs::Attempt;
 
 /// How to run a trip's effects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +30,15 @@ pub enum Schedule {
     Sequential,
     /// All at once (atomic_async job).
     Parallel,
+}
+
+/// How an attempt's run of a trip's effects ended.
+#[derive(Debug)]
+pub enum RunEnd {
+    /// Every effect called and recorded: the failures (none: all done).
+    Finished(Vec<(Effect, String)>),
+    /// The attempt no longer holds its job: it stopped calling, and recorded nothing.
+    LeaseLost,
 }
 
 /// Runs side effects against the providers, the event bus and storage.
@@ -52,74 +66,110 @@ impl EffectRunner {
         &self.metrics
     }
 
-    /// Runs the trip's effects that are not `done` yet. Returns the failures (effect and
-    /// reason); empty means every effect is recorded done.
-    pub async fn run(&self, trip_id: &str, schedule: Schedule) -> Result<Vec<(Effect, String)>, sqlx::Error> {
+    /// Runs, as `attempt`, the trip's effects that are not `done` yet. Every write is fenced
+    /// by the attempt: one that lost its job (its lease ran out and another attempt took
+    /// it) makes no further provider call and records nothing.
+    pub async fn run(&self, attempt: &Attempt, trip_id: &str, schedule: Schedule) -> Result<RunEnd, sqlx::Error> {
         let Some(ctx) = self.store.effect_context(trip_id).await? else {
-            return Ok(vec![(Effect::TripAcceptedEvent, "trip has no accepted driver".into())]);
+            return Ok(RunEnd::Finished(vec![(
+                Effect::TripAcceptedEvent,
+                "trip has no accepted driver".into(),
+            )]));
         };
         let records = self.store.effect_rows(trip_id).await?;
-        let unrecorded: Vec<Effect> = Effect::for_trip(ctx.trip_type)
-            .filter(|e| !records.iter().any(|r| r.effect == *e))
-            .collect();
-        self.store
-            .create_effect_records(trip_id, ctx.cohort, &unrecorded)
-            .await?;
-        let todo: Vec<(Effect, i64)> = Effect::for_trip(ctx.trip_type)
-            .filter_map(|e| {
-                let record = records.iter().find(|r| r.effect == e);
-                match record {
-                    Some(r) if r.state == EffectState::Done => None,
-                    Some(r) => Some((e, r.calls)),
-                    None => Some((e, 0)),
-                }
+        let todo: Vec<(Effect, Call)> = Effect::for_trip(ctx.trip_type)
+            .filter_map(|e| match records.iter().find(|r| r.effect == e) {
+                Some(r) if r.state == EffectState::Done => None,
+                Some(r) => Some((e, r.next_call())),
+                None => Some((e, Call::First)),
             })
             .collect();
-        let results = match schedule {
+        match schedule {
+            // One effect after another, each begun and recorded on its own, so an attempt
+            // that stalls midway calls nothing more once it lost its job, and an effect
+            // never called is never shown in flight.
             Schedule::Sequential => {
-                let mut results = Vec::with_capacity(todo.len());
-                for (effect, calls) in todo {
-                    results.push((effect, self.run_one(&ctx, effect, calls).await));
+                let mut failures = Vec::new();
+                for call in todo {
+                    match self.call(attempt, &ctx, &[call]).await? {
+                        Some(failed) => failures.extend(failed),
+                        None => return Ok(RunEnd::LeaseLost),
+                    }
                 }
-                results
+                Ok(RunEnd::Finished(failures))
             }
-            Schedule::Parallel => {
-                join_all(todo.into_iter().map(|(effect, calls)| {
-                    let ctx = &ctx;
-                    async move { (effect, self.run_one(ctx, effect, calls).await) }
-                }))
-                .await
-            }
-        };
-        Ok(results
-            .into_iter()
-            .filter_map(|(e, r)| r.err().map(|reason| (e, reason)))
-            .collect())
+            // All at once: one statement before the calls, and one per group of outcomes
+            // that arrive together (not two per effect).
+            Schedule::Parallel => Ok(match self.call(attempt, &ctx, &todo).await? {
+                Some(failed) => RunEnd::Finished(failed),
+                None => RunEnd::LeaseLost,
+            }),
+        }
     }
 
-    async fn run_one(&self, ctx: &EffectContext, effect: Effect, calls_before: i64) -> Result<(), String> {
-        self.store
-            .effect_calling(&ctx.trip_id, effect)
-            .await
-            .map_err(|e| e.to_string())?;
-        let handed_at = now_ms();
-        let result = self.perform(ctx, effect).await;
-        if let Err(reason) = &result {
-            tracing::warn!(trip_id = %ctx.trip_id, effect = effect.as_str(), %reason, "side effect failed");
-        }
-        self.metrics.effect_done(
-            ctx.cohort,
-            effect,
-            result.is_ok(),
-            calls_before,
-            handed_at,
-            ctx.requested_at_ms,
-        );
-        self.store
-            .effect_finished(&ctx.trip_id, effect, handed_at, result.clone())
-            .await
-            .map_err(|e| e.to_string())?;
-        result
+    /// Begins `todo` (one statement, fenced), calls their providers at once, and records
+    /// each outcome as it comes — those that complete together in one statement, fenced —
+    /// so a fast effect is recorded at once and never waits for a slow one (a crash during
+    /// the slow call repeats only that one). The failures, or `None` when the attempt no
+    /// longer holds its job (it then stops: calls still in flight are dropped).
+    async fn call(
+        &self,
+        attempt: &Attempt,
+        ctx: &EffectContext,
+        todo: &[(Effect, Call)],
+    ) -> Result<Option<Vec<(Effect, String)>>, sqlx::Error> {
+        let effects: Vec<Effect> = todo.iter().map(|(e, _)| *e).collect();
+        let Some(calling) = self
+            .store
+            .begin_calls(attempt, &ctx.trip_id, ctx.cohort, &effects)
+            .await?
+        else {
+            return Ok(None);
+        };
+        // The calls and the recorder run side by side in this task: an outcome is recorded
+        // while the other calls go on (a call mid-transaction is never left unpolled).
+        let (sent, mut outcomes) = mpsc::unbounded_channel::<CallOutcome>();
+        let calls = async move {
+            join_all(todo.iter().filter(|(e, _)| calling.contains(e)).map(|&(effect, call)| {
+                let sent = sent.clone();
+                async move {
+                    let handed_at = now_ms();
+                    let result = self.perform(ctx, effect).await;
+                    if let Err(reason) = &result {
+                        tracing::warn!(trip_id = %ctx.trip_id, effect = effect.as_str(), %reason, "side effect failed");
+                    }
+                    self.metrics
+                        .effect_done(ctx.cohort, effect, result.is_ok(), call, handed_at, ctx.requested_at_ms);
+                    let _ = sent.send(CallOutcome {
+                        effect,
+                        handed_at,
+                        result,
+                    });
+                }
+            }))
+            .await;
+        };
+        let recorder = async {
+            let mut failures = Vec::new();
+            while let Some(first) = outcomes.recv().await {
+                let mut batch = vec![first];
+                while let Ok(more) = outcomes.try_recv() {
+                    batch.push(more);
+                }
+                let recorded = self.store.finish_calls(attempt, &ctx.trip_id, &batch).await?;
+                if recorded < batch.len() as u64 && !self.store.holds(attempt).await? {
+                    return Ok(None);
+                }
+                failures.extend(
+                    batch
+                        .into_iter()
+                        .filter_map(|o| o.result.err().map(|reason| (o.effect, reason))),
+                );
+            }
+            Ok(Some(failures))
+        };
+        let ((), recorded) = tokio::join!(calls, recorder);
+        recorded
     }
 
     async fn perform(&self, ctx: &EffectContext, effect: Effect) -> Result<(), String> {

@@ -5,8 +5,11 @@
 //! parallel; legacy asks a runner to [`JobRunner::run_inline`] the job its accept just
 //! wrote, effects in order, before it answers.
 //!
-//! A job is claimed with a lease (`jobs.visibility_timeout_s`): a worker that dies holding
-//! one simply lets the lease run out, and the job is claimed again. A failed attempt is
+//! A job is claimed with a lease (`jobs.visibility_timeout_s`) that a live attempt renews
+//! every third of it: a worker that dies holding one simply lets the lease run out, and
+//! the job is claimed again — as a new attempt (`jobs.attempts`). Every write of an
+//! attempt is fenced by its number, so an attempt that stalled past its lease (a paused
+//! process, a long GC-like stop) finds its writes refused and stops. A failed attempt is
 //! retried with exponential backoff and jitter; after `jobs.max_attempts` it is `dead`
 //! (visible in `/admin/jobs?state=dead`, retryable by hand). Workers sleep until an enqueue
 //! wakes them (in-process, or Postgres `NOTIFY`), with a slow poll as a fallback.
@@ -20,9 +23,9 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::config::JobsConfig;
 use crate::domain::now_ms;
-use crate::effects::{EffectRunner, Schedule};
+use crate::effects::{EffectRunner, RunEnd, Schedule};
 use crate::storage::Storage;
-use crate::storage::jobs::{Job, JobResult};
+use crate::storage::jobs::{Attempt, Job, JobResult};
 
 /// Retry policy of `[jobs]`.
 #[derive(Debug, Clone)]
@@ -31,6 +34,8 @@ pub struct RetryPolicy {
     pub max_attempts: u32,
     /// First delay; doubles per attempt.
     pub backoff_base_ms: u64,
+    /// An attempt's lease (`jobs.visibility_timeout_s`), renewed while it runs.
+    pub lease_ms: i64,
 }
 
 impl RetryPolicy {
@@ -39,6 +44,7 @@ impl RetryPolicy {
         Self {
             max_attempts: config.max_attempts,
             backoff_base_ms: config.backoff_base_ms,
+            lease_ms: (config.visibility_timeout_s * 1000) as i64,
         }
     }
 
@@ -82,21 +88,36 @@ impl JobRunner {
     /// Runs one attempt of a job the caller has just written, already claimed (legacy's
     /// accept): its effects one after another, in the legacy order. If the process dies
     /// meanwhile, the job's lease runs out and a worker finishes what is not done.
-    pub async fn run_inline(&self, job: &Job) -> JobResult {
+    pub async fn run_inline(&self, job: &Job) -> Option<JobResult> {
         self.run(job, Schedule::Sequential).await
     }
 
-    /// Runs one attempt of a claimed `job` and records its result.
-    async fn run(&self, job: &Job, schedule: Schedule) -> JobResult {
+    /// Runs one attempt of a claimed `job`, renewing its lease while it runs, and records
+    /// its result. `None` when the attempt lost the job (its lease ran out — the process
+    /// stalled — and another attempt took it): it stopped, and recorded nothing.
+    async fn run(&self, job: &Job, schedule: Schedule) -> Option<JobResult> {
         let started = std::time::Instant::now();
-        let failures = match self.effects.run(&job.trip_id, schedule).await {
-            Ok(failures) => failures
+        let attempt = job.attempt();
+        let end = tokio::select! {
+            end = self.effects.run(&attempt, &job.trip_id, schedule) => end,
+            () = self.keep_lease(&attempt) => Ok(RunEnd::LeaseLost),
+        };
+        let failures = match end {
+            Ok(RunEnd::Finished(failures)) => failures
                 .into_iter()
                 .map(|(e, reason)| format!("{}: {reason}", e.as_str()))
                 .collect(),
+            Ok(RunEnd::LeaseLost) => return self.lost(job, started),
             Err(e) => vec![format!("storage: {e}")],
         };
         let result = self.policy.after_attempt(job.attempts, &failures);
+        match self.store.finish_job(&attempt, &result).await {
+            Ok(true) => {}
+            Ok(false) => return self.lost(job, started),
+            // The lease runs out and another attempt is made: effects already recorded done
+            // are skipped then, so nothing is sent twice.
+            Err(e) => tracing::warn!(job_id = %job.id, error = %e, "could not record job result"),
+        }
         self.effects
             .metrics()
             .job_attempt(job.kind, result.label(), started.elapsed());
@@ -109,12 +130,30 @@ impl JobRunner {
             }
             JobResult::Dead(reason) => tracing::error!(job_id = %job.id, attempts = job.attempts, %reason, "job dead"),
         }
-        if let Err(e) = self.store.finish_job(&job.id, &result).await {
-            // The lease runs out and another attempt is made: effects already recorded done
-            // are skipped then, so nothing is sent twice.
-            tracing::warn!(job_id = %job.id, error = %e, "could not record job result");
+        Some(result)
+    }
+
+    fn lost(&self, job: &Job, started: std::time::Instant) -> Option<JobResult> {
+        tracing::warn!(job_id = %job.id, attempt = job.attempts, "attempt lost its job to another (lease ran out); its writes were refused");
+        self.effects
+            .metrics()
+            .job_attempt(job.kind, "lease_lost", started.elapsed());
+        None
+    }
+
+    /// Renews the attempt's lease every third of it; returns once the attempt no longer
+    /// holds its job. A renewal that fails (database unreachable) is tried again at the
+    /// next tick: the lease stays until it runs out.
+    async fn keep_lease(&self, attempt: &Attempt) {
+        let every = Duration::from_millis((self.policy.lease_ms / 3).max(10) as u64);
+        loop {
+            tokio::time::sleep(every).await;
+            match self.store.renew_lease(attempt, now_ms() + self.policy.lease_ms).await {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => tracing::warn!(job_id = %attempt.job_id, error = %e, "could not renew the job's lease"),
+            }
         }
-        result
     }
 }
 
@@ -169,7 +208,7 @@ impl Dispatcher {
     async fn run(mut self) {
         let wake = self.store.job_wake();
         let mut running: JoinSet<()> = JoinSet::new();
-        let mut in_hand: HashMap<tokio::task::Id, String> = HashMap::new();
+        let mut in_hand: HashMap<tokio::task::Id, Attempt> = HashMap::new();
         while !*self.shutdown.borrow() {
             while let Some(done) = running.try_join_next_with_id() {
                 if let Ok((id, ())) = done {
@@ -195,12 +234,12 @@ impl Dispatcher {
                     let claimed = jobs.len();
                     for (job, permit) in jobs.into_iter().zip(permits.drain(..)) {
                         let runner = self.runner.clone();
-                        let job_id = job.id.clone();
+                        let attempt = job.attempt();
                         let handle = running.spawn(async move {
                             runner.run(&job, Schedule::Parallel).await;
                             drop(permit);
                         });
-                        in_hand.insert(handle.id(), job_id);
+                        in_hand.insert(handle.id(), attempt);
                     }
                     if claimed == batch {
                         continue;
@@ -228,10 +267,10 @@ impl Dispatcher {
                 Ok(None) => break,
                 Err(_) => {
                     running.abort_all();
-                    for job_id in in_hand.values() {
+                    for attempt in in_hand.values() {
                         let back = JobResult::RetryAt(now_ms(), "worker shut down mid-job".into());
-                        if let Err(e) = self.store.finish_job(job_id, &back).await {
-                            tracing::warn!(job_id, error = %e, "could not return job to the queue; its lease will expire");
+                        if let Err(e) = self.store.finish_job(attempt, &back).await {
+                            tracing::warn!(job_id = %attempt.job_id, error = %e, "could not return job to the queue; its lease will expire");
                         }
                     }
                     tracing::warn!(
@@ -254,6 +293,7 @@ mod tests {
         let p = RetryPolicy {
             max_attempts: 3,
             backoff_base_ms: 200,
+            lease_ms: 60_000,
         };
         assert_eq!(p.backoff_ms(1, 0.0), 100);
         assert_eq!(p.backoff_ms(1, 1.0), 200);
@@ -267,6 +307,7 @@ mod tests {
         let p = RetryPolicy {
             max_attempts: 3,
             backoff_base_ms: 10,
+            lease_ms: 60_000,
         };
         assert!(matches!(p.after_attempt(1, &[]), JobResult::Done));
         assert!(matches!(p.after_attempt(2, &["x".into()]), JobResult::RetryAt(..)));

@@ -16,7 +16,7 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
-use crate::domain::{Cohort, Effect, JobKind, JobState, TRIP_ACCEPT_FLAG};
+use crate::domain::{Call, Cohort, Effect, JobKind, JobState, TRIP_ACCEPT_FLAG};
 use crate::error::Outcome;
 
 /// The cohort label of requests that never reached a cohort (unauthenticated, malformed,
@@ -121,7 +121,7 @@ impl Metrics {
         let side_effects = counter(
             &r,
             "tripgate_side_effects_total",
-            "Side-effect executions by result: ok, failed, repeat (a provider call made again for the same effect).",
+            "Side-effect provider calls by result: ok, failed; also retry (a call again after a recorded failure) and repeat (a call again while an earlier one's outcome was unknown: a possible duplicate).",
             &["cohort", "effect", "result"],
         );
         let jobs = IntGaugeVec::new(Opts::new("tripgate_jobs", "Jobs by state."), &["state"]).expect("valid gauge");
@@ -136,7 +136,7 @@ impl Metrics {
         let job_attempts = counter(
             &r,
             "tripgate_job_attempts_total",
-            "Job attempts by result: done, retry, dead.",
+            "Job attempts by result: done, retry, dead, lease_lost (stalled past its lease; another attempt took the job and this one's writes were refused).",
             &["kind", "result"],
         );
         let lock_duration = histogram(
@@ -240,7 +240,7 @@ impl Metrics {
             otp_delivery.with_label_values(&[cohort.as_str()]);
             cohort_assignments.with_label_values(&[TRIP_ACCEPT_FLAG, cohort.as_str()]);
             for effect in Effect::ALL {
-                for result in ["ok", "failed", "repeat"] {
+                for result in ["ok", "failed", "retry", "repeat"] {
                     side_effects.with_label_values(&[cohort.as_str(), effect.as_str(), result]);
                 }
             }
@@ -249,7 +249,7 @@ impl Metrics {
             jobs.with_label_values(&[state.as_str()]);
         }
         for kind in JobKind::ALL {
-            for result in ["done", "retry", "dead"] {
+            for result in ["done", "retry", "dead", "lease_lost"] {
                 job_attempts.with_label_values(&[kind.as_str(), result]);
             }
             job_duration.with_label_values(&[kind.as_str()]);
@@ -333,7 +333,7 @@ impl Metrics {
         cohort: Cohort,
         effect: Effect,
         ok: bool,
-        calls_before: i64,
+        call: Call,
         handed_at_ms: i64,
         requested_at_ms: Option<i64>,
     ) {
@@ -342,9 +342,9 @@ impl Metrics {
         self.side_effects
             .with_label_values(&[cohort, effect.as_str(), result])
             .inc();
-        if calls_before > 0 {
+        if call != Call::First {
             self.side_effects
-                .with_label_values(&[cohort, effect.as_str(), "repeat"])
+                .with_label_values(&[cohort, effect.as_str(), call.as_str()])
                 .inc();
         }
         if ok

@@ -270,7 +270,7 @@ impl Storage {
              + (SELECT COUNT(*) FROM driver_details dd WHERE dd.availability_status = 'on_trip' \
                  AND NOT EXISTS (SELECT 1 FROM trip_requests t WHERE t.driver_id = dd.user_id \
                                  AND t.current_status IN ('accepted', 'ongoing'))) AS double_assignments, \
-               (SELECT COUNT(*) FROM side_effects WHERE effect = $1 AND calls > 1) AS duplicate_otps, \
+               (SELECT COUNT(*) FROM side_effects WHERE effect = $1 AND repeats > 0) AS duplicate_otps, \
                (SELECT COUNT(*) FROM (SELECT driver_id FROM trip_requests \
                  WHERE current_status IN ('accepted', 'ongoing') GROUP BY driver_id HAVING COUNT(*) > 1) d) \
                AS drivers_with_two_trips",
@@ -307,7 +307,8 @@ pub struct Checks {
     /// not `on_trip`, or a driver `on_trip` without an active trip (an accept overwritten by
     /// another, or written half).
     pub double_assignments: i64,
-    /// Trips whose OTP SMS was handed to the provider more than once.
+    /// Trips whose OTP SMS was handed to the provider again while an earlier call's outcome
+    /// was unknown (a repeat; a retry after a recorded failure is not a duplicate).
     pub duplicate_otps: i64,
     /// Drivers holding more than one active (accepted or ongoing) trip.
     pub drivers_with_two_trips: i64,

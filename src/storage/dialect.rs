@@ -49,8 +49,18 @@ impl Dialect {
                     "accept batch",
                     include_str!("../../migrations/postgres/0003_accept_batch.sql"),
                 ),
+                (
+                    "attempt fencing",
+                    include_str!("../../migrations/postgres/0004_attempt_fencing.sql"),
+                ),
             ],
-            Self::Sqlite => &[("init", include_str!("../../migrations/sqlite/0001_init.sql"))],
+            Self::Sqlite => &[
+                ("init", include_str!("../../migrations/sqlite/0001_init.sql")),
+                (
+                    "attempt fencing",
+                    include_str!("../../migrations/sqlite/0002_attempt_fencing.sql"),
+                ),
+            ],
         })
     }
 

@@ -6,8 +6,20 @@ use serde::Serialize;
 use sqlx::any::AnyRow;
 use sqlx::{FromRow, Row};
 
+use super::jobs::{Attempt, attempt_fence};
 use super::{Storage, get_bool, get_enum};
-use crate::domain::{Cohort, Effect, EffectState, LatLng, Receiver, TripType, now_ms};
+use crate::domain::{Call, Cohort, Effect, EffectState, LatLng, Receiver, TripType, now_ms};
+
+/// One provider call's outcome, as an attempt records it.
+#[derive(Debug, Clone)]
+pub struct CallOutcome {
+    /// Which effect.
+    pub effect: Effect,
+    /// When it was handed to its provider (ms).
+    pub handed_at: i64,
+    /// Done, or why it failed.
+    pub result: Result<(), String>,
+}
 
 /// Who an accepted trip's side effects go to.
 #[derive(Debug, Clone)]
@@ -101,6 +113,24 @@ pub struct EffectRecord {
     pub handed_at: Option<i64>,
     /// When it was recorded done (ms).
     pub done_at: Option<i64>,
+    /// A call is in flight: made, its outcome not recorded (or the process died there).
+    pub in_flight: bool,
+    /// Calls made again while an earlier call's outcome was unknown (the real duplicates;
+    /// a call again after a recorded failure is a retry, not counted here).
+    pub repeats: i64,
+}
+
+impl EffectRecord {
+    /// What a new call of this effect would be.
+    pub fn next_call(&self) -> Call {
+        if self.in_flight {
+            Call::Repeat
+        } else if self.calls > 0 {
+            Call::Retry
+        } else {
+            Call::First
+        }
+    }
 }
 
 impl FromRow<'_, AnyRow> for EffectRecord {
@@ -112,6 +142,8 @@ impl FromRow<'_, AnyRow> for EffectRecord {
             last_error: r.try_get("last_error")?,
             handed_at: r.try_get("handed_at")?,
             done_at: r.try_get("done_at")?,
+            in_flight: r.try_get::<i64, _>("in_flight")? != 0,
+            repeats: r.try_get("repeats")?,
         })
     }
 }
@@ -196,7 +228,7 @@ impl Storage {
     /// Each effect's record, by effect name.
     pub async fn effect_rows(&self, trip_id: &str) -> Result<Vec<EffectRecord>, sqlx::Error> {
         sqlx::query_as(
-            "SELECT effect, state, calls, last_error, handed_at, done_at FROM side_effects \
+            "SELECT effect, state, calls, last_error, handed_at, done_at, in_flight, repeats FROM side_effects \
              WHERE trip_request_id = $1 ORDER BY effect",
         )
         .bind(trip_id)
@@ -204,41 +236,99 @@ impl Storage {
         .await
     }
 
-    /// Counts a call about to be made for an effect (so a repeat after a crash shows).
-    pub async fn effect_calling(&self, trip_id: &str, effect: Effect) -> Result<(), sqlx::Error> {
-        sqlx::query("UPDATE side_effects SET calls = calls + 1 WHERE trip_request_id = $1 AND effect = $2")
+    /// Before an attempt calls the providers of `effects`: in one statement, fenced by the
+    /// attempt, each effect's record is created if missing, its call counted and marked in
+    /// flight (a call made while an earlier one was still in flight — its process died or
+    /// stalled past its lease — counts as a repeat). Returns the effects to call now (those
+    /// not `done`), or `None` when the attempt no longer holds its job: then it calls
+    /// nothing.
+    pub async fn begin_calls(
+        &self,
+        attempt: &Attempt,
+        trip_id: &str,
+        cohort: Cohort,
+        effects: &[Effect],
+    ) -> Result<Option<Vec<Effect>>, sqlx::Error> {
+        if effects.is_empty() {
+            return Ok(Some(Vec::new()));
+        }
+        // ($1 trip, $2 cohort, $3 job, $4 attempt, $5.. effects)
+        let values: Vec<String> = (0..effects.len()).map(|i| format!("(${})", i + 5)).collect();
+        let sql = format!(
+            "WITH v(effect) AS (VALUES {}) \
+             INSERT INTO side_effects (trip_request_id, effect, cohort, state, calls, in_flight, repeats) \
+             SELECT $1, v.effect, $2, 'pending', 1, 1, 0 FROM v WHERE {} \
+             ON CONFLICT (trip_request_id, effect) DO UPDATE SET calls = side_effects.calls + 1, in_flight = 1, \
+               repeats = side_effects.repeats + side_effects.in_flight \
+             WHERE side_effects.state <> 'done' \
+             RETURNING effect",
+            values.join(", "),
+            attempt_fence("$3", "$4")
+        );
+        let mut query = sqlx::query(&sql)
             .bind(trip_id)
-            .bind(effect.as_str())
-            .execute(&mut *self.conn().await?)
-            .await?;
-        Ok(())
+            .bind(cohort.as_str())
+            .bind(&attempt.job_id)
+            .bind(attempt.number);
+        for effect in effects {
+            query = query.bind(effect.as_str());
+        }
+        let rows = query.fetch_all(&mut *self.conn().await?).await?;
+        if rows.is_empty() {
+            // Nothing to call: every effect is done meanwhile, or the attempt lost its job.
+            return Ok(self.holds(attempt).await?.then(Vec::new));
+        }
+        rows.iter()
+            .map(|r| get_enum(r, "effect", Effect::parse))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
     }
 
-    /// Records an effect's result. `handed_at` is when it was handed to its provider.
-    pub async fn effect_finished(
+    /// After an attempt's calls: each outcome recorded (`done`, or `failed` with the
+    /// reason; `handed_at` = when it was handed to its provider) in one statement, fenced by
+    /// the attempt. Returns how many records it wrote (0 for a late attempt).
+    pub async fn finish_calls(
         &self,
+        attempt: &Attempt,
         trip_id: &str,
-        effect: Effect,
-        handed_at: i64,
-        result: Result<(), String>,
-    ) -> Result<(), sqlx::Error> {
-        let (state, error) = match result {
-            Ok(()) => (EffectState::Done, None),
-            Err(e) => (EffectState::Failed, Some(e)),
-        };
-        sqlx::query(
-            "UPDATE side_effects SET state = $3, last_error = $4, handed_at = $5, done_at = $6 \
-             WHERE trip_request_id = $1 AND effect = $2 AND state <> 'done'",
-        )
-        .bind(trip_id)
-        .bind(effect.as_str())
-        .bind(state.as_str())
-        .bind(error)
-        .bind(handed_at)
-        .bind(now_ms())
-        .execute(&mut *self.conn().await?)
-        .await?;
-        Ok(())
+        calls: &[CallOutcome],
+    ) -> Result<u64, sqlx::Error> {
+        if calls.is_empty() {
+            return Ok(0);
+        }
+        // ($1 trip, $2 job, $3 attempt, $4 now, then 4 per call)
+        let values: Vec<String> = (0..calls.len())
+            .map(|i| {
+                let b = 5 + 4 * i;
+                format!("(${b}, ${}, ${}, ${})", b + 1, b + 2, b + 3)
+            })
+            .collect();
+        let sql = format!(
+            "WITH v(effect, state, last_error, handed_at) AS (VALUES {}) \
+             UPDATE side_effects SET state = v.state, last_error = v.last_error, handed_at = v.handed_at, \
+               done_at = $4, in_flight = 0 \
+             FROM v WHERE side_effects.trip_request_id = $1 AND side_effects.effect = v.effect \
+               AND side_effects.state <> 'done' AND {}",
+            values.join(", "),
+            attempt_fence("$2", "$3")
+        );
+        let mut query = sqlx::query(&sql)
+            .bind(trip_id)
+            .bind(&attempt.job_id)
+            .bind(attempt.number)
+            .bind(now_ms());
+        for call in calls {
+            let (state, error) = match &call.result {
+                Ok(()) => (EffectState::Done, None),
+                Err(e) => (EffectState::Failed, Some(e.clone())),
+            };
+            query = query
+                .bind(call.effect.as_str())
+                .bind(state.as_str())
+                .bind(error)
+                .bind(call.handed_at);
+        }
+        Ok(query.execute(&mut *self.conn().await?).await?.rows_affected())
     }
 
     /// Bidding bookkeeping: the winner's bid (if any) becomes the fare, the others are ignored.

@@ -30,6 +30,31 @@ pub struct Job {
 impl Job {
     /// The columns a [`Job`] is read from: every `SELECT` and `RETURNING` of a job.
     const COLUMNS: &'static str = "id, kind, trip_request_id, cohort, state, attempts, last_error";
+
+    /// The attempt this row, as its claim returned it, stands for.
+    pub fn attempt(&self) -> Attempt {
+        Attempt {
+            job_id: self.id.clone(),
+            number: self.attempts,
+        }
+    }
+}
+
+/// One attempt at a job: the job and the attempt's number (`jobs.attempts` as the claim
+/// that started it set it). Every write an attempt makes is fenced by it — the job must
+/// still be `running` under this number — so once a lease ran out and another attempt
+/// took the job, the late attempt's writes are refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    /// The job.
+    pub job_id: String,
+    /// Its number.
+    pub number: i64,
+}
+
+/// The fence of an attempt in SQL, `$job` and `$number` being its parameters.
+pub(super) fn attempt_fence(job: &str, number: &str) -> String {
+    format!("EXISTS (SELECT 1 FROM jobs WHERE id = {job} AND attempts = {number} AND state = 'running')")
 }
 
 impl FromRow<'_, AnyRow> for Job {
@@ -92,26 +117,52 @@ impl Storage {
             .await
     }
 
-    /// Records the end of an attempt.
-    pub async fn finish_job(&self, job_id: &str, result: &JobResult) -> Result<(), sqlx::Error> {
+    /// Whether `attempt` still holds its job.
+    pub async fn holds(&self, attempt: &Attempt) -> Result<bool, sqlx::Error> {
+        let held: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE id = $1 AND attempts = $2 AND state = 'running'")
+                .bind(&attempt.job_id)
+                .bind(attempt.number)
+                .fetch_one(&mut *self.conn().await?)
+                .await?;
+        Ok(held > 0)
+    }
+
+    /// Extends a live attempt's lease to `until` (ms). False when the attempt no longer
+    /// holds the job (its lease ran out and another attempt took it, or it was finished).
+    pub async fn renew_lease(&self, attempt: &Attempt, until: i64) -> Result<bool, sqlx::Error> {
+        let done =
+            sqlx::query("UPDATE jobs SET locked_until = $3 WHERE id = $1 AND attempts = $2 AND state = 'running'")
+                .bind(&attempt.job_id)
+                .bind(attempt.number)
+                .bind(until)
+                .execute(&mut *self.conn().await?)
+                .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Records the end of an attempt; refused (false) when the attempt no longer holds the
+    /// job.
+    pub async fn finish_job(&self, attempt: &Attempt, result: &JobResult) -> Result<bool, sqlx::Error> {
         let now = now_ms();
         let (state, run_at, error) = match result {
             JobResult::Done => (JobState::Done, now, None),
             JobResult::RetryAt(at, e) => (JobState::Queued, *at, Some(e.as_str())),
             JobResult::Dead(e) => (JobState::Dead, now, Some(e.as_str())),
         };
-        sqlx::query(
+        let done = sqlx::query(
             "UPDATE jobs SET state = $2, run_at = $3, last_error = COALESCE($4, last_error), locked_until = NULL, updated_at = $5 \
-             WHERE id = $1",
+             WHERE id = $1 AND attempts = $6 AND state = 'running'",
         )
-        .bind(job_id)
+        .bind(&attempt.job_id)
         .bind(state.as_str())
         .bind(run_at)
         .bind(error)
         .bind(now)
+        .bind(attempt.number)
         .execute(&mut *self.conn().await?)
         .await?;
-        Ok(())
+        Ok(done.rows_affected() > 0)
     }
 
     /// Jobs, optionally in one state, newest first (at most 500).

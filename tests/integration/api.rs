@@ -766,7 +766,9 @@ async fn demo_routes_seed_and_checks(backend: Backend) {
     assert_checks(&gw, [0, 0, 0]).await;
     crate::support::execute_sql(
         &db,
-        &format!("UPDATE side_effects SET calls = 2 WHERE trip_request_id = '{trip}' AND effect = 'otp_sms'"),
+        &format!(
+            "UPDATE side_effects SET calls = 2, repeats = 1 WHERE trip_request_id = '{trip}' AND effect = 'otp_sms'"
+        ),
     )
     .await;
     assert_checks(&gw, [0, 1, 0]).await;

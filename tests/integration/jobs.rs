@@ -17,6 +17,7 @@ backend_tests!(
     killed_worker_effects_exactly_once,
     failing_provider_dead_then_admin_retry,
     two_worker_processes_share_the_queue,
+    a_live_attempt_keeps_its_job_and_a_stalled_one_is_fenced_out,
 );
 
 /// Accepts `trip` for `driver` directly in storage (atomic_async: a queued job).
@@ -162,11 +163,18 @@ async fn previous_release_schema(db: &TestDb) {
         Backend::Sqlite => "sqlite",
         Backend::Postgres => "postgres",
     };
+    // The migrations of the release before this one.
+    let files: &[&str] = match db.backend {
+        Backend::Sqlite => &["0001_init.sql"],
+        Backend::Postgres => &["0001_init.sql", "0002_accept_function.sql", "0003_accept_batch.sql"],
+    };
     let dir = TempDir::new();
-    let init = format!("{}/migrations/{dialect}/0001_init.sql", env!("CARGO_MANIFEST_DIR"));
-    std::fs::copy(&init, dir.path().join("0001_init.sql")).unwrap();
+    for file in files {
+        let from = format!("{}/migrations/{dialect}/{file}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::copy(&from, dir.path().join(file)).unwrap();
+    }
     let migrator = sqlx::migrate::Migrator::new(dir.path()).await.unwrap();
-    assert_eq!(migrator.iter().count(), 1);
+    assert_eq!(migrator.iter().count(), files.len());
     match db.backend {
         Backend::Sqlite => {
             let options: sqlx::sqlite::SqliteConnectOptions = db.url.parse().unwrap();
@@ -457,4 +465,125 @@ async fn failing_provider_dead_then_admin_retry(backend: Backend) {
         404
     );
     gw.shutdown().await;
+}
+
+/// Leases with a heartbeat and attempts fenced by their number (lease 1 s here).
+/// A live attempt whose provider call takes 2.5 s renews its lease: the other worker never
+/// takes the job (one call per effect, one attempt). A worker stopped (SIGSTOP) mid-call
+/// past its lease: a second worker takes the job (attempt 2), repeats the call in flight
+/// with the same idempotency key and finishes it; when the first resumes (SIGCONT) and its
+/// call has failed meanwhile, its writes are refused — the job stays done, not queued
+/// again for a third attempt — and the provider saw one successful call per effect.
+async fn a_live_attempt_keeps_its_job_and_a_stalled_one_is_fenced_out(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let stub = WebhookStub::start().await;
+    let store = db.store().await;
+    let w = World::new(&store).await;
+    let dir = TempDir::new();
+    let options = Options {
+        webhook: Some(format!("http://{}", stub.addr)),
+        visibility_timeout_s: 1,
+        ..Options::default()
+    };
+    let config = crate::support::config(&db.url, dir.path(), &options);
+    let job_of = |trip: String| {
+        let store = store.clone();
+        async move {
+            store
+                .list_jobs(None)
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|j| j.trip_id == trip)
+                .unwrap()
+        }
+    };
+
+    // A live attempt outlasting its lease keeps the job.
+    stub.set_delay_for("otp_sms", 2_500);
+    let mut first = Process::spawn("worker", &config, dir.path());
+    let mut second = Process::spawn("worker", &config, dir.path());
+    let (d, t) = (w.driver().await, w.trip(&[]).await);
+    accepted(&store, &d, &t).await;
+    let job = eventually(Duration::from_secs(20), "the job done", || {
+        let job = job_of(t.clone());
+        async move { Some(job.await).filter(|j| j.state == JobState::Done) }
+    })
+    .await;
+    assert_eq!(stub.calls_for("otp_sms", &t).len(), 1, "renewed: never taken over");
+    assert_eq!(job.attempts, 1);
+    second.kill9();
+
+    // A stalled attempt is fenced out.
+    stub.set_delay_for("otp_sms", 5_000);
+    let (d, t) = (w.driver().await, w.trip(&[]).await);
+    accepted(&store, &d, &t).await;
+    eventually(
+        Duration::from_secs(10),
+        "the first worker's OTP SMS in flight, the rest done",
+        || {
+            let (store, stub, t) = (store.clone(), stub.clone(), t.clone());
+            async move {
+                let states = store.effect_states(&t).await.ok()?;
+                let others_done = states.iter().filter(|(k, _)| *k != "otp_sms").all(|(_, s)| s == "done");
+                (others_done && stub.calls_for("otp_sms", &t).len() == 1).then_some(())
+            }
+        },
+    )
+    .await;
+    let pid = first.child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    stub.set_delay_for("otp_sms", 0);
+    let _second = Process::spawn("worker", &config, dir.path());
+    let job = eventually(Duration::from_secs(20), "the job done by the second worker", || {
+        let job = job_of(t.clone());
+        async move { Some(job.await).filter(|j| j.state == JobState::Done) }
+    })
+    .await;
+    assert_eq!(job.attempts, 2, "taken over as attempt 2");
+    // The stalled attempt's call now fails; then it resumes.
+    stub.set_failing(true);
+    let sms = stub.calls_for("otp_sms", &t);
+    assert_eq!(sms.len(), 2);
+    assert_eq!(sms[0]["idempotency_key"], sms[1]["idempotency_key"]);
+    tokio::time::sleep(Duration::from_millis(5_500)).await; // the first call's answer is out
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-CONT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    let job = job_of(t.clone()).await;
+    assert_eq!(
+        (job.state, job.attempts),
+        (JobState::Done, 2),
+        "the late attempt's result refused: {job:?}"
+    );
+    let records = store.effect_rows(&t).await.unwrap();
+    let otp = records.iter().find(|r| r.effect == Effect::OtpSms).unwrap();
+    assert_eq!(
+        (
+            otp.state.as_str(),
+            otp.calls,
+            otp.repeats,
+            otp.in_flight,
+            otp.last_error.as_deref()
+        ),
+        ("done", 2, 1, false, None),
+        "{otp:?}"
+    );
+    for r in records.iter().filter(|r| r.effect != Effect::OtpSms) {
+        assert_eq!((r.calls, r.repeats), (1, 0), "{r:?}");
+    }
+    assert_eq!(stub.calls_for("otp_sms", &t).len(), 2, "no call after the resume");
+    first.kill9();
+    store.close().await;
 }
