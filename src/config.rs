@@ -295,6 +295,9 @@ pub struct JobsConfig {
     /// Database connections of the job workers, a pool apart from the API's, so side
     /// effects never take the connections accepts need.
     pub db_connections: u32,
+    /// Where `tripgate worker` serves `/metrics`, `/healthz` and `/readyz` (apart from
+    /// `server.admin_listen`, so a worker runs beside `serve` with the same file).
+    pub admin_listen: SocketAddr,
 }
 
 impl Default for JobsConfig {
@@ -306,6 +309,7 @@ impl Default for JobsConfig {
             visibility_timeout_s: 60,
             poll_interval_ms: 1_000,
             db_connections: 4,
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9091)),
         }
     }
 }

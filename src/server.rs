@@ -22,7 +22,7 @@ use crate::effects::EffectRunner;
 use crate::events::EventBus;
 use crate::flags::{FlagSet, FlagsHandle, watcher::FlagsWatcher};
 use crate::http::listener::ConnectionLimits;
-use crate::http::{AppState, admin_router, api_router, driver::AcceptServices};
+use crate::http::{AppState, admin_router, api_router, driver::AcceptServices, worker_admin_router};
 use crate::jobs::{JobRunner, RetryPolicy, Workers};
 use crate::lock_store::{LockStore, MemoryLockStore, RedisLockStore, TripLocks};
 use crate::metrics::Metrics;
@@ -54,7 +54,7 @@ pub enum StartError {
     /// A listener could not bind.
     #[error("{key}: cannot listen on {addr}: {source}")]
     Bind {
-        /// `server.listen` or `server.admin_listen`.
+        /// `server.listen`, `server.admin_listen` or `jobs.admin_listen`.
         key: &'static str,
         /// The address.
         addr: SocketAddr,
@@ -150,24 +150,29 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let migrated = Arc::new(AtomicBool::new(false));
     let mut api_addr = None;
-    let mut admin_addr = None;
+    let admin_addr: Option<SocketAddr>;
     let mut servers: Vec<JoinHandle<()>> = Vec::new();
 
+    let state = AppState {
+        config: config.clone(),
+        store: store.clone(),
+        jobs_store: job_store.clone(),
+        keys: TokenKeys::new(&config.auth.hs256_secret, config.auth.token_ttl_s),
+        flags: flags.clone(),
+        redis: redis.clone(),
+        locks: locks.clone(),
+        migrated: migrated.clone(),
+        metrics: metrics.clone(),
+        known_users: Arc::new(crate::http::KnownUsers::new(Duration::from_millis(
+            config.auth.user_cache_ms,
+        ))),
+    };
+    let limits = ConnectionLimits {
+        max_connections: config.server.max_connections,
+        header_read_timeout: Duration::from_millis(config.server.header_read_timeout_ms),
+        shutdown_grace: Duration::from_millis(config.server.shutdown_grace_ms),
+    };
     if role == Role::Serve {
-        let state = AppState {
-            config: config.clone(),
-            store: store.clone(),
-            jobs_store: job_store.clone(),
-            keys: TokenKeys::new(&config.auth.hs256_secret, config.auth.token_ttl_s),
-            flags: flags.clone(),
-            redis: redis.clone(),
-            locks: locks.clone(),
-            migrated: migrated.clone(),
-            metrics: metrics.clone(),
-            known_users: Arc::new(crate::http::KnownUsers::new(Duration::from_millis(
-                config.auth.user_cache_ms,
-            ))),
-        };
         let services = AcceptServices {
             legacy: LegacyAccept::new(store.clone(), inline_jobs, lease_ms),
             atomic: AtomicAsyncAccept::new(
@@ -181,11 +186,6 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
         let admin = bind("server.admin_listen", config.server.admin_listen).await?;
         api_addr = api.local_addr().ok();
         admin_addr = admin.local_addr().ok();
-        let limits = ConnectionLimits {
-            max_connections: config.server.max_connections,
-            header_read_timeout: Duration::from_millis(config.server.header_read_timeout_ms),
-            shutdown_grace: Duration::from_millis(config.server.shutdown_grace_ms),
-        };
         servers.push(serve_http(
             api,
             api_router(state.clone(), services),
@@ -201,6 +201,18 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
             metrics.clone(),
             shutdown_rx.clone(),
         ));
+    } else {
+        // A worker serves /metrics, /healthz and /readyz on its own admin listener
+        // (`jobs.admin_listen`).
+        let admin = bind("jobs.admin_listen", config.jobs.admin_listen).await?;
+        admin_addr = admin.local_addr().ok();
+        servers.push(serve_http(
+            admin,
+            worker_admin_router(state),
+            shutdown_rx.clone(),
+            limits,
+        ));
+        tracing::info!(admin = ?admin_addr, database = ?store.kind(), "tripgate worker listening");
     }
 
     // Migrations, then workers. Retried until the database answers.

@@ -37,11 +37,15 @@ pub fn routes(state: AppState) -> Router {
         admin
     };
     let admin = admin.route_layer(axum::middleware::from_fn_with_state(state.clone(), super::admins));
+    health_routes(state.clone()).merge(admin.with_state(state))
+}
+
+/// `/metrics`, `/healthz`, `/readyz`: all a worker's admin listener serves.
+pub fn health_routes(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
-        .merge(admin)
         .fallback(|| async { ApiError::NotFound("route").into_response() })
         .with_state(state)
 }

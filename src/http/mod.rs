@@ -209,3 +209,8 @@ pub fn api_router(state: AppState, accept: driver::AcceptServices) -> Router {
 pub fn admin_router(state: AppState) -> Router {
     observe::wrap(admin::routes(state), None)
 }
+
+/// A worker's admin router: `/metrics`, `/healthz`, `/readyz` only.
+pub fn worker_admin_router(state: AppState) -> Router {
+    observe::wrap(admin::health_routes(state), None)
+}

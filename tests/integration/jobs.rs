@@ -501,7 +501,14 @@ async fn a_live_attempt_keeps_its_job_and_a_stalled_one_is_fenced_out(backend: B
 
     // A live attempt outlasting its lease keeps the job.
     stub.set_delay_for("otp_sms", 2_500);
-    let mut first = Process::spawn("worker", &config, dir.path());
+    // Each worker with an admin listener of its own (/metrics, /healthz, /readyz).
+    let with_admin = |port: u16| {
+        let mut c = config.clone();
+        c.jobs.admin_listen = format!("127.0.0.1:{port}").parse().unwrap();
+        c
+    };
+    let (first_admin, second_admin) = (crate::support::free_port(), crate::support::free_port());
+    let mut first = Process::spawn("worker", &with_admin(first_admin), dir.path());
     let mut second = Process::spawn("worker", &config, dir.path());
     let (d, t) = (w.driver().await, w.trip(&[]).await);
     accepted(&store, &d, &t).await;
@@ -540,7 +547,7 @@ async fn a_live_attempt_keeps_its_job_and_a_stalled_one_is_fenced_out(backend: B
             .success()
     );
     stub.set_delay_for("otp_sms", 0);
-    let _second = Process::spawn("worker", &config, dir.path());
+    let _second = Process::spawn("worker", &with_admin(second_admin), dir.path());
     let job = eventually(Duration::from_secs(20), "the job done by the second worker", || {
         let job = job_of(t.clone());
         async move { Some(job.await).filter(|j| j.state == JobState::Done) }
@@ -560,7 +567,42 @@ async fn a_live_attempt_keeps_its_job_and_a_stalled_one_is_fenced_out(backend: B
             .unwrap()
             .success()
     );
-    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    let metrics = |port: u16| async move {
+        let url = format!("http://127.0.0.1:{port}/metrics");
+        reqwest::get(&url).await.ok()?.text().await.ok()
+    };
+    eventually(
+        Duration::from_secs(10),
+        "the resumed worker to find its job lost",
+        || async {
+            let text = metrics(first_admin).await?;
+            let lost = crate::support::metric_value(
+                &text,
+                "tripgate_job_attempts_total{kind=\"trip_accepted\",result=\"lease_lost\"}",
+            );
+            (lost >= 1.0).then_some(())
+        },
+    )
+    .await;
+    let second_metrics = metrics(second_admin).await.unwrap();
+    assert_eq!(
+        crate::support::metric_value(
+            &second_metrics,
+            "tripgate_side_effects_total{cohort=\"atomic_async\",effect=\"otp_sms\",result=\"repeat\"}"
+        ),
+        1.0,
+        "the call in flight at the stop, made again: a repeat"
+    );
+    for path in ["/healthz", "/readyz"] {
+        let res = reqwest::get(format!("http://127.0.0.1:{second_admin}{path}"))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "{path} on a worker");
+    }
+    let admin_api = reqwest::get(format!("http://127.0.0.1:{second_admin}/admin/flags"))
+        .await
+        .unwrap();
+    assert_eq!(admin_api.status(), 404, "a worker serves no admin API");
     let job = job_of(t.clone()).await;
     assert_eq!(
         (job.state, job.attempts),

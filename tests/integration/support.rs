@@ -390,6 +390,7 @@ pub fn config(db_url: &str, dir: &Path, o: &Options) -> Config {
     let mut c = Config::default();
     c.server.listen = "127.0.0.1:0".parse().unwrap();
     c.server.admin_listen = "127.0.0.1:0".parse().unwrap();
+    c.jobs.admin_listen = "127.0.0.1:0".parse().unwrap();
     c.server.shutdown_grace_ms = 2_000;
     c.server.rate_limit_per_driver = o.rate_limit_per_driver;
     c.database.url = db_url.to_owned();
