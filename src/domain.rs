@@ -202,6 +202,12 @@ string_enum! {
 }
 
 impl Effect {
+    /// The effects a customer or receiver is waiting for — the OTP and the parcel code —
+    /// which go before everything else in the job queue.
+    pub fn is_urgent(self) -> bool {
+        matches!(self, Self::OtpSms | Self::OtpPush | Self::ParcelSms)
+    }
+
     /// The effects an accepted trip of this type has, in the legacy order.
     pub fn for_trip(trip_type: TripType) -> impl Iterator<Item = Effect> {
         Self::ALL.into_iter().filter(move |e| match e {

@@ -102,16 +102,19 @@ impl JobRunner {
             end = self.effects.run(&attempt, &job.trip_id, schedule) => end,
             () = self.keep_lease(&attempt) => Ok(RunEnd::LeaseLost),
         };
-        let failures = match end {
-            Ok(RunEnd::Finished(failures)) => failures
-                .into_iter()
-                .map(|(e, reason)| format!("{}: {reason}", e.as_str()))
-                .collect(),
+        let (failures, urgent_left): (Vec<String>, bool) = match end {
+            Ok(RunEnd::Finished(failures)) => (
+                failures
+                    .iter()
+                    .map(|(e, reason)| format!("{}: {reason}", e.as_str()))
+                    .collect(),
+                failures.iter().any(|(e, _)| e.is_urgent()),
+            ),
             Ok(RunEnd::LeaseLost) => return self.lost(job, started),
-            Err(e) => vec![format!("storage: {e}")],
+            Err(e) => (vec![format!("storage: {e}")], true),
         };
         let result = self.policy.after_attempt(job.attempts, &failures);
-        match self.store.finish_job(&attempt, &result).await {
+        match self.store.finish_job(&attempt, &result, urgent_left).await {
             Ok(true) => {}
             Ok(false) => return self.lost(job, started),
             // The lease runs out and another attempt is made: effects already recorded done
@@ -269,7 +272,7 @@ impl Dispatcher {
                     running.abort_all();
                     for attempt in in_hand.values() {
                         let back = JobResult::RetryAt(now_ms(), "worker shut down mid-job".into());
-                        if let Err(e) = self.store.finish_job(attempt, &back).await {
+                        if let Err(e) = self.store.finish_job(attempt, &back, true).await {
                             tracing::warn!(job_id = %attempt.job_id, error = %e, "could not return job to the queue; its lease will expire");
                         }
                     }

@@ -50,15 +50,15 @@ impl Dialect {
                     include_str!("../../migrations/postgres/0003_accept_batch.sql"),
                 ),
                 (
-                    "attempt fencing",
-                    include_str!("../../migrations/postgres/0004_attempt_fencing.sql"),
+                    "job attempts",
+                    include_str!("../../migrations/postgres/0004_job_attempts.sql"),
                 ),
             ],
             Self::Sqlite => &[
                 ("init", include_str!("../../migrations/sqlite/0001_init.sql")),
                 (
-                    "attempt fencing",
-                    include_str!("../../migrations/sqlite/0002_attempt_fencing.sql"),
+                    "job attempts",
+                    include_str!("../../migrations/sqlite/0002_job_attempts.sql"),
                 ),
             ],
         })

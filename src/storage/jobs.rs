@@ -95,7 +95,7 @@ impl JobResult {
 
 impl Storage {
     /// Claims up to `limit` runnable jobs — queued and due, or running with an expired
-    /// lease (their worker died) — in one statement, leased until `now + lease_ms`. One
+    /// lease (their worker died), those with an OTP to send first — in one statement, leased until `now + lease_ms`. One
     /// statement is atomic on its own (row locks with SKIP LOCKED on Postgres, the write
     /// lock on SQLite), so it needs no explicit transaction.
     pub async fn claim_jobs(&self, lease_ms: i64, limit: usize) -> Result<Vec<Job>, sqlx::Error> {
@@ -103,7 +103,7 @@ impl Storage {
             "UPDATE jobs SET state = 'running', attempts = attempts + 1, locked_until = $1, updated_at = $2 \
              WHERE id IN (SELECT id FROM jobs \
                           WHERE (state = 'queued' AND run_at <= $2) OR (state = 'running' AND locked_until < $2) \
-                          ORDER BY run_at LIMIT $3 {}) \
+                          ORDER BY priority, run_at LIMIT $3 {}) \
              RETURNING {}",
             self.dialect.skip_locked(),
             Job::COLUMNS
@@ -142,8 +142,14 @@ impl Storage {
     }
 
     /// Records the end of an attempt; refused (false) when the attempt no longer holds the
-    /// job.
-    pub async fn finish_job(&self, attempt: &Attempt, result: &JobResult) -> Result<bool, sqlx::Error> {
+    /// job. `urgent_left`: whether an OTP or parcel SMS is still to be sent; a job retried
+    /// without one goes behind every job that has one.
+    pub async fn finish_job(
+        &self,
+        attempt: &Attempt,
+        result: &JobResult,
+        urgent_left: bool,
+    ) -> Result<bool, sqlx::Error> {
         let now = now_ms();
         let (state, run_at, error) = match result {
             JobResult::Done => (JobState::Done, now, None),
@@ -151,7 +157,8 @@ impl Storage {
             JobResult::Dead(e) => (JobState::Dead, now, Some(e.as_str())),
         };
         let done = sqlx::query(
-            "UPDATE jobs SET state = $2, run_at = $3, last_error = COALESCE($4, last_error), locked_until = NULL, updated_at = $5 \
+            "UPDATE jobs SET state = $2, run_at = $3, last_error = COALESCE($4, last_error), locked_until = NULL, \
+               updated_at = $5, priority = $7 \
              WHERE id = $1 AND attempts = $6 AND state = 'running'",
         )
         .bind(&attempt.job_id)
@@ -160,6 +167,7 @@ impl Storage {
         .bind(error)
         .bind(now)
         .bind(attempt.number)
+        .bind(if urgent_left { 0_i64 } else { 1 })
         .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected() > 0)

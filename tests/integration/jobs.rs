@@ -18,6 +18,7 @@ backend_tests!(
     failing_provider_dead_then_admin_retry,
     two_worker_processes_share_the_queue,
     a_live_attempt_keeps_its_job_and_a_stalled_one_is_fenced_out,
+    otp_goes_before_a_backlog_of_slower_work,
 );
 
 /// Accepts `trip` for `driver` directly in storage (atomic_async: a queued job).
@@ -627,5 +628,57 @@ async fn a_live_attempt_keeps_its_job_and_a_stalled_one_is_fenced_out(backend: B
     }
     assert_eq!(stub.calls_for("otp_sms", &t).len(), 2, "no call after the resume");
     first.kill9();
+    store.close().await;
+}
+
+/// OTP first: 200 queued jobs whose OTP already went out and whose only work left is slow
+/// (a 1 s arrival push each; 4 workers: 50 s of work) do not delay a new trip's OTP — its
+/// job goes before them (priority), handed over within a couple of seconds while most of
+/// the backlog is still waiting.
+async fn otp_goes_before_a_backlog_of_slower_work(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let stub = WebhookStub::start().await;
+    stub.set_delay_for("arrival_push", 1_000);
+    let store = db.store().await;
+    let w = World::new(&store).await;
+    let mut backlog = Vec::new();
+    for _ in 0..200 {
+        let (d, t) = (w.driver().await, w.trip(&[]).await);
+        accepted(&store, &d, &t).await;
+        backlog.push(t);
+    }
+    // As a retried job leaves them: everything but the arrival push done, priority 1.
+    crate::support::execute_sql(
+        &db,
+        "UPDATE side_effects SET state = 'done', calls = 1 WHERE effect <> 'arrival_push'; \
+         UPDATE side_effects SET state = 'failed', calls = 1 WHERE effect = 'arrival_push'; \
+         UPDATE jobs SET priority = 1",
+    )
+    .await;
+    let gw = Gateway::start(
+        &db,
+        Options {
+            percent: 100.0,
+            webhook: Some(format!("http://{}", stub.addr)),
+            ..Options::default()
+        },
+    )
+    .await;
+    let (d, t) = (w.driver().await, w.trip(&[]).await);
+    let started = std::time::Instant::now();
+    assert_eq!(gw.accept(&d, &t).await.0, 200);
+    eventually(Duration::from_secs(5), "the new trip's OTP SMS", || {
+        let n = stub.calls_for("otp_sms", &t).len();
+        async move { (n == 1).then_some(()) }
+    })
+    .await;
+    let waited = started.elapsed();
+    let backlog_done = crate::support::query_i64(&db, "SELECT COUNT(*) FROM jobs WHERE state = 'done'").await;
+    assert!(waited < Duration::from_secs(3), "OTP after {waited:?}");
+    assert!(
+        backlog_done < 100,
+        "the backlog was mostly still waiting: {backlog_done} done"
+    );
+    gw.shutdown().await;
     store.close().await;
 }
