@@ -295,6 +295,9 @@ pub struct JobsConfig {
     /// Database connections of the job workers, a pool apart from the API's, so side
     /// effects never take the connections accepts need.
     pub db_connections: u32,
+    /// Done jobs and their effect records are purged this many hours after they finished
+    /// (0: kept forever); dead jobs stay until retried or removed by hand.
+    pub retention_h: u64,
     /// Where `tripgate worker` serves `/metrics`, `/healthz` and `/readyz` (apart from
     /// `server.admin_listen`, so a worker runs beside `serve` with the same file).
     pub admin_listen: SocketAddr,
@@ -309,6 +312,7 @@ impl Default for JobsConfig {
             visibility_timeout_s: 60,
             poll_interval_ms: 1_000,
             db_connections: 4,
+            retention_h: 72,
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9091)),
         }
     }

@@ -24,6 +24,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use crate::config::JobsConfig;
 use crate::domain::now_ms;
 use crate::effects::{EffectRunner, RunEnd, Schedule};
+use crate::metrics::Metrics;
 use crate::storage::Storage;
 use crate::storage::jobs::{Attempt, Job, JobResult};
 
@@ -156,6 +157,48 @@ impl JobRunner {
                 Ok(false) => return,
                 Err(e) => tracing::warn!(job_id = %attempt.job_id, error = %e, "could not renew the job's lease"),
             }
+        }
+    }
+}
+
+/// Most done jobs purged by one short transaction.
+const PURGE_BATCH: usize = 200;
+
+/// Purges, until `shutdown`, the done jobs (and their effect records) that finished more
+/// than `retention` ago: at start, then every 1/24 of the retention (at most 10 min), in
+/// batches of [`PURGE_BATCH`] with a pause between them so accepts are never held up.
+/// A zero retention keeps everything.
+pub async fn purge_done_jobs(
+    store: Storage,
+    retention: Duration,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    if retention.is_zero() {
+        return;
+    }
+    let every = (retention / 24).min(Duration::from_secs(600));
+    loop {
+        let before = now_ms() - retention.as_millis() as i64;
+        loop {
+            match store.purge_done_jobs(before, PURGE_BATCH).await {
+                Ok(0) => break,
+                Ok(n) => {
+                    metrics.jobs_purged(n);
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "purging done jobs failed; trying again later");
+                    break;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
         }
     }
 }

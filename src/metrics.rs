@@ -50,6 +50,7 @@ pub struct Metrics {
     pool_acquire: HistogramVec,
     pool_timeouts: IntCounterVec,
     accept_batch_size: Histogram,
+    jobs_purged: IntCounter,
     /// `client.timeout_ms`: slower requests count as timeouts.
     client_timeout: Duration,
     /// The routes whose children are created up front (the driver routes).
@@ -211,6 +212,12 @@ impl Metrics {
         )
         .expect("valid histogram");
         r.register(Box::new(accept_batch_size.clone())).expect("unique metric");
+        let jobs_purged = IntCounter::new(
+            "tripgate_jobs_purged_total",
+            "Done jobs purged with their effect records after jobs.retention_h.",
+        )
+        .expect("valid counter");
+        r.register(Box::new(jobs_purged.clone())).expect("unique metric");
         for pool in ["api", "jobs"] {
             for state in ["in_use", "idle"] {
                 pool_connections.with_label_values(&[pool, state]);
@@ -283,6 +290,7 @@ impl Metrics {
             pool_acquire,
             pool_timeouts,
             accept_batch_size,
+            jobs_purged,
             client_timeout,
             hot_routes: hot_routes.to_vec(),
             request_children,
@@ -403,6 +411,11 @@ impl Metrics {
             acquire: self.pool_acquire.with_label_values(&[pool]),
             timeouts: self.pool_timeouts.with_label_values(&[pool]),
         }
+    }
+
+    /// `n` done jobs were purged.
+    pub fn jobs_purged(&self, n: u64) {
+        self.jobs_purged.inc_by(n);
     }
 
     /// The recorder of group-commit batch sizes.

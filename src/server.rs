@@ -220,6 +220,7 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
         let store = store.clone();
         let migrated = migrated.clone();
         let jobs = config.jobs.clone();
+        let metrics = metrics.clone();
         let grace = Duration::from_millis(config.server.shutdown_grace_ms);
         let mut shutdown = shutdown_rx.clone();
         tokio::spawn(async move {
@@ -238,6 +239,12 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
             migrated.store(true, Ordering::Release);
+            tokio::spawn(crate::jobs::purge_done_jobs(
+                store.clone(),
+                Duration::from_secs(jobs.retention_h * 3600),
+                metrics,
+                shutdown.clone(),
+            ));
             Workers::start(job_runner, &jobs, shutdown, grace).join().await;
         })
     };

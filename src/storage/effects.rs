@@ -186,16 +186,20 @@ impl Storage {
         trip_type: TripType,
         accepted: bool,
         records: &[EffectRecord],
+        purged: bool,
     ) -> serde_json::Map<String, serde_json::Value> {
         if !accepted {
             return serde_json::Map::new();
         }
+        // Records are purged only with their done job (`jobs.retention_h`).
+        let missing = if purged {
+            EffectState::Done
+        } else {
+            EffectState::Pending
+        };
         Effect::for_trip(trip_type)
             .map(|effect| {
-                let state = records
-                    .iter()
-                    .find(|r| r.effect == effect)
-                    .map_or(EffectState::Pending, |r| r.state);
+                let state = records.iter().find(|r| r.effect == effect).map_or(missing, |r| r.state);
                 (effect.as_str().to_owned(), state.as_str().into())
             })
             .collect()
@@ -210,7 +214,27 @@ impl Storage {
             return Ok(serde_json::Map::new());
         };
         let records = self.effect_rows(trip_id).await?;
-        Ok(Self::states_of(trip.trip_type, trip.driver_id.is_some(), &records))
+        let accepted = trip.driver_id.is_some();
+        let purged = self.records_purged(trip_id, accepted, &records).await?;
+        Ok(Self::states_of(trip.trip_type, accepted, &records, purged))
+    }
+
+    /// Whether an accepted trip's effect records are gone because they were purged with
+    /// their done job (no records, no job: an accept always writes its job).
+    pub(super) async fn records_purged(
+        &self,
+        trip_id: &str,
+        accepted: bool,
+        records: &[EffectRecord],
+    ) -> Result<bool, sqlx::Error> {
+        if !accepted || !records.is_empty() {
+            return Ok(false);
+        }
+        let jobs: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE trip_request_id = $1")
+            .bind(trip_id)
+            .fetch_one(&mut *self.conn().await?)
+            .await?;
+        Ok(jobs == 0)
     }
 
     /// Creates the records of `effects` that do not exist yet (`pending`, no calls): the

@@ -173,6 +173,43 @@ impl Storage {
         Ok(done.rows_affected() > 0)
     }
 
+    /// Purges up to `batch` of the oldest `done` jobs last changed before `before` (ms),
+    /// with their trips' effect records, in one short transaction. Dead jobs stay. Returns
+    /// the number of jobs purged (0: nothing left to purge).
+    pub async fn purge_done_jobs(&self, before: i64, batch: usize) -> Result<u64, sqlx::Error> {
+        let mut tx = self.begin().await?;
+        let ids: Vec<(String, String)> = sqlx::query_as(&format!(
+            "SELECT id, trip_request_id FROM jobs WHERE state = 'done' AND updated_at < $1 \
+             ORDER BY updated_at LIMIT $2 {}",
+            self.dialect.skip_locked()
+        ))
+        .bind(before)
+        .bind(batch as i64)
+        .fetch_all(&mut *tx)
+        .await?;
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let marks: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "DELETE FROM side_effects WHERE trip_request_id IN ({})",
+            marks.join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for (_, trip) in &ids {
+            query = query.bind(trip);
+        }
+        query.execute(&mut *tx).await?;
+        let sql = format!("DELETE FROM jobs WHERE state = 'done' AND id IN ({})", marks.join(", "));
+        let mut query = sqlx::query(&sql);
+        for (id, _) in &ids {
+            query = query.bind(id);
+        }
+        query.execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(ids.len() as u64)
+    }
+
     /// Jobs, optionally in one state, newest first (at most 500).
     pub async fn list_jobs(&self, state: Option<JobState>) -> Result<Vec<Job>, sqlx::Error> {
         let sql = format!(

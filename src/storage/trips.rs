@@ -342,7 +342,9 @@ impl Storage {
             trip_id,
         )
         .await?;
-        trip["side_effects"] = json!(Storage::states_of(row.trip_type, row.driver_id.is_some(), &records));
+        let accepted = row.driver_id.is_some();
+        let purged = self.records_purged(trip_id, accepted, &records).await?;
+        trip["side_effects"] = json!(Storage::states_of(row.trip_type, accepted, &records, purged));
         Ok(Some(trip))
     }
 
@@ -359,7 +361,9 @@ impl Storage {
             obj.insert("otp_state".into(), otp_state.into());
         }
         let records = self.effect_rows(trip_id).await?;
-        trip["side_effects"] = json!(Storage::states_of(row.trip_type, row.driver_id.is_some(), &records));
+        let accepted = row.driver_id.is_some();
+        let purged = self.records_purged(trip_id, accepted, &records).await?;
+        trip["side_effects"] = json!(Storage::states_of(row.trip_type, accepted, &records, purged));
         trip["side_effect_details"] = json!(records);
         trip["time"] = one_json(&mut *self.conn().await?, TRIP_TIMES_SQL, trip_id).await?;
         Ok(Some(trip))

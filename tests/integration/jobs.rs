@@ -19,6 +19,7 @@ backend_tests!(
     two_worker_processes_share_the_queue,
     a_live_attempt_keeps_its_job_and_a_stalled_one_is_fenced_out,
     otp_goes_before_a_backlog_of_slower_work,
+    done_jobs_are_purged_after_retention,
 );
 
 /// Accepts `trip` for `driver` directly in storage (atomic_async: a queued job).
@@ -678,6 +679,66 @@ async fn otp_goes_before_a_backlog_of_slower_work(backend: Backend) {
     assert!(
         backlog_done < 100,
         "the backlog was mostly still waiting: {backlog_done} done"
+    );
+    gw.shutdown().await;
+    store.close().await;
+}
+
+/// Retention: a done job older than `jobs.retention_h` (72 h) is purged with its effect
+/// records (counted; the trip's details then show its effects done); a dead job of the same
+/// age and a recent done job stay.
+async fn done_jobs_are_purged_after_retention(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.store().await;
+    let w = World::new(&store).await;
+    let mut trips = Vec::new();
+    for _ in 0..3 {
+        let (d, t) = (w.driver().await, w.trip(&[]).await);
+        accepted(&store, &d, &t).await;
+        trips.push(t);
+    }
+    let (old_done, old_dead, recent_done) = (&trips[0], &trips[1], &trips[2]);
+    let long_ago = now_ms() - 100 * 3_600_000;
+    crate::support::execute_sql(
+        &db,
+        &format!(
+            "UPDATE jobs SET state = 'done', updated_at = {long_ago} WHERE trip_request_id = '{old_done}'; \
+             UPDATE jobs SET state = 'dead', updated_at = {long_ago} WHERE trip_request_id = '{old_dead}'; \
+             UPDATE jobs SET state = 'done' WHERE trip_request_id = '{recent_done}'; \
+             UPDATE side_effects SET state = 'done', calls = 1"
+        ),
+    )
+    .await;
+    let gw = Gateway::start(&db, Options::default()).await;
+    let count = |table: &'static str, trip: String| {
+        let db = &db;
+        async move {
+            crate::support::query_i64(
+                db,
+                &format!("SELECT COUNT(*) FROM {table} WHERE trip_request_id = '{trip}'"),
+            )
+            .await
+        }
+    };
+    eventually(Duration::from_secs(10), "the old done job purged", || async {
+        (count("jobs", old_done.clone()).await == 0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        count("side_effects", old_done.clone()).await,
+        0,
+        "its effect records too"
+    );
+    for kept in [old_dead, recent_done] {
+        assert_eq!(count("jobs", kept.clone()).await, 1, "{kept} kept");
+        assert!(count("side_effects", kept.clone()).await > 0, "{kept}'s records kept");
+    }
+    let details = gw.details(old_done).await;
+    let states = details["side_effects"].as_object().unwrap();
+    assert!(!states.is_empty() && states.values().all(|s| s == "done"), "{details}");
+    assert_eq!(
+        crate::support::metric_value(&gw.metrics().await, "tripgate_jobs_purged_total"),
+        1.0
     );
     gw.shutdown().await;
     store.close().await;
