@@ -258,6 +258,10 @@ pub struct ProviderConfig {
     pub url: String,
     /// webhook: bound on one call.
     pub timeout_ms: u64,
+    /// webhook over HTTPS: a PEM file of the CA certificate(s) to trust instead of the
+    /// system's roots (a private provider endpoint). Unset: the system roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl ProviderConfig {
@@ -268,6 +272,7 @@ impl ProviderConfig {
             failure_rate: 0.0,
             url: String::new(),
             timeout_ms: 3_000,
+            ca_file: None,
         }
     }
 }

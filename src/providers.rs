@@ -128,15 +128,40 @@ pub struct Providers {
 }
 
 impl Providers {
-    /// Builds both providers from `[providers]`.
-    pub fn from_config(config: &ProvidersConfig) -> Self {
-        // One HTTP client: its connection pool is shared by both webhooks.
-        let client = reqwest::Client::new();
-        Self {
-            sms: build(&config.sms, &client),
-            push: build(&config.push, &client),
+    /// Builds both providers from `[providers]`. Webhooks speak HTTP or HTTPS (rustls,
+    /// verifying against the system's roots, or only against `ca_file` when one is given);
+    /// an unreadable or invalid `ca_file` is an error naming its key.
+    pub fn from_config(config: &ProvidersConfig) -> Result<Self, (&'static str, String)> {
+        // One HTTP client (one connection pool) for the webhooks that trust the same roots.
+        let shared = http_client(None).map_err(|e| ("providers", e))?;
+        let client_for = |key: &'static str, p: &ProviderConfig| match &p.ca_file {
+            Some(path) if p.kind == ProviderKind::Webhook => http_client(Some(path)).map_err(|e| (key, e)),
+            _ => Ok(shared.clone()),
+        };
+        Ok(Self {
+            sms: build(&config.sms, &client_for("providers.sms.ca_file", &config.sms)?),
+            push: build(&config.push, &client_for("providers.push.ca_file", &config.push)?),
+        })
+    }
+}
+
+/// An HTTP client over rustls: the system's roots, or only the CA certificates of
+/// `ca_file` (PEM).
+fn http_client(ca_file: Option<&std::path::Path>) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder();
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("{}: not a PEM certificate: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!("{}: no certificate in it", path.display()));
+        }
+        builder = builder.tls_built_in_root_certs(false);
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
         }
     }
+    builder.build().map_err(|e| format!("HTTP client: {e}"))
 }
 
 fn build(config: &ProviderConfig, client: &reqwest::Client) -> Arc<dyn Provider> {

@@ -51,6 +51,9 @@ pub enum StartError {
     /// Flags file unusable at start (there are no last good flags to keep).
     #[error("flags.path: {0}")]
     Flags(#[from] crate::flags::FlagsError),
+    /// A provider unusable (its CA file).
+    #[error("{0}: {1}")]
+    Provider(&'static str, String),
     /// A listener could not bind.
     #[error("{key}: cannot listen on {addr}: {source}")]
     Bind {
@@ -129,7 +132,8 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
             EventBus::in_process(),
         ),
     };
-    let providers = Providers::from_config(&config.providers);
+    let providers =
+        Providers::from_config(&config.providers).map_err(|(key, reason)| StartError::Provider(key, reason))?;
     // Legacy runs effects inline on the request's pool; the workers on a pool of their own.
     let policy = RetryPolicy::from_config(&config.jobs);
     let inline_jobs = JobRunner::new(

@@ -429,6 +429,62 @@ async fn one_trip_per_driver(backend: Backend, percent: f64) {
     gw.shutdown().await;
 }
 
+/// HTTPS providers: a webhook on https://localhost with a certificate from a test CA made
+/// here. With `ca_file` = that CA the calls go through; with the system roots alone the
+/// handshake is refused (the effect fails, nothing reaches the provider); an unreadable
+/// `ca_file` stops the start with an error naming the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn providers_over_https_with_a_private_ca() {
+    let certs = crate::support::TempDir::new();
+    let (stub, ca) = WebhookStub::start_https(certs.path()).await;
+    let db = TestDb::new(Backend::Sqlite).await;
+    let start = |ca_file: Option<std::path::PathBuf>| {
+        let dir = crate::support::TempDir::new();
+        let mut config = crate::support::config(
+            &db.url,
+            dir.path(),
+            &Options {
+                webhook: Some(format!("https://localhost:{}", stub.addr.port())),
+                ..Options::default()
+            },
+        );
+        config.providers.sms.ca_file = ca_file.clone();
+        config.providers.push.ca_file = ca_file;
+        (config, dir)
+    };
+
+    let (config, dir) = start(Some(ca.clone()));
+    let gw = Gateway::start_with(config, dir).await;
+    let w = World::new(&gw.store).await;
+    let (d, t) = (w.driver().await, w.trip(&[]).await);
+    assert_eq!(gw.accept(&d, &t).await.0, 200);
+    assert_eq!(
+        stub.calls_for("otp_sms", &t).len(),
+        1,
+        "over HTTPS, trusting the CA file"
+    );
+    assert_eq!(gw.details(&t).await["side_effects"]["otp_sms"], "done");
+    gw.shutdown().await;
+
+    let (config, dir) = start(None);
+    let gw = Gateway::start_with(config, dir).await;
+    let (d, t) = (w.driver().await, w.trip(&[]).await);
+    assert_eq!(gw.accept(&d, &t).await.0, 200);
+    assert!(stub.calls_for("otp_sms", &t).is_empty(), "an unknown issuer is refused");
+    assert_eq!(gw.details(&t).await["side_effects"]["otp_sms"], "failed");
+    gw.shutdown().await;
+
+    let (config, _dir) = start(Some(certs.path().join("missing.pem")));
+    let err = tripgate::server::start(config, tripgate::server::Role::Serve)
+        .await
+        .err()
+        .expect("a missing CA file stops the start");
+    assert!(
+        err.to_string().starts_with("providers.sms.ca_file: cannot read"),
+        "{err}"
+    );
+}
+
 async fn effects_reach_the_webhook_provider(backend: Backend) {
     let db = TestDb::new(backend).await;
     let stub = WebhookStub::start().await;
