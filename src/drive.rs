@@ -100,6 +100,9 @@ pub struct CohortReport {
     pub otp_p50_ms: f64,
     /// 95th percentile.
     pub otp_p95_ms: f64,
+    /// How long after the load ended the last of these OTP SMS was handed over, ms (0 when
+    /// all went during the load): whether the side effects keep up.
+    pub otp_after_load_ms: f64,
     /// Accepted trips.
     pub accepted: usize,
 }
@@ -398,6 +401,7 @@ pub async fn drive(config: &Config, options: DriveOptions) -> anyhow::Result<Rep
         }
     }
     let elapsed_s = started.elapsed().as_secs_f64();
+    let load_ended_ms = crate::domain::now_ms();
 
     // === checks: OTP delivery and duplicates from the trip details, assignments in the db ===
     let samples = std::mem::take(&mut *app.samples.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
@@ -420,8 +424,9 @@ pub async fn drive(config: &Config, options: DriveOptions) -> anyhow::Result<Rep
             }
         }
         let otps = otp_delivery(&http, &app.url, &admin_token, &checked, &bar).await;
-        duplicate_otps += otps.iter().filter(|(_, repeats)| *repeats > 0).count() as i64;
-        let mut otp_ms: Vec<f64> = otps.into_iter().map(|(ms, _)| ms).collect();
+        duplicate_otps += otps.iter().filter(|o| o.repeats > 0).count() as i64;
+        let last_handed = otps.iter().map(|o| o.handed_at).max().unwrap_or(load_ended_ms);
+        let mut otp_ms: Vec<f64> = otps.into_iter().map(|o| o.delivery_ms).collect();
         let mut latencies = s.latencies_ms;
         let report = CohortReport {
             requests: s.requests,
@@ -434,6 +439,7 @@ pub async fn drive(config: &Config, options: DriveOptions) -> anyhow::Result<Rep
             errors: s.errors,
             otp_p50_ms: quantile(&mut otp_ms, 0.50),
             otp_p95_ms: quantile(&mut otp_ms, 0.95),
+            otp_after_load_ms: (last_handed - load_ended_ms).max(0) as f64,
             accepted: s.accepted_trips.len(),
         };
         cohorts.insert(cohort.as_str().to_owned(), report);
@@ -464,7 +470,17 @@ pub async fn drive(config: &Config, options: DriveOptions) -> anyhow::Result<Rep
     })
 }
 
-/// For each accepted trip: (OTP delivery ms, OTP SMS repeats), once its OTP SMS is
+/// One trip's OTP SMS as its details show it.
+struct OtpSeen {
+    /// Accept arrival → handed to the provider.
+    delivery_ms: f64,
+    /// When it was handed over (ms since the epoch, the gateway's clock).
+    handed_at: i64,
+    /// Calls made again while an earlier one's outcome was unknown.
+    repeats: i64,
+}
+
+/// For each accepted trip, its OTP SMS once it is
 /// done (waits up to 60 s for the jobs to catch up). A trip found without a driver (its
 /// accept timed out before it committed) is left out at once.
 async fn otp_delivery(
@@ -473,7 +489,7 @@ async fn otp_delivery(
     admin_token: &str,
     trips: &[String],
     bar: &indicatif::ProgressBar,
-) -> Vec<(f64, i64)> {
+) -> Vec<OtpSeen> {
     stream::iter(trips.iter().cloned())
         .map(|trip| {
             let (http, url, token, bar) = (http.clone(), url.to_owned(), admin_token.to_owned(), bar.clone());
@@ -507,7 +523,11 @@ async fn otp_delivery(
                     });
                     if let (Some(requested), Some(otp)) = (requested, otp) {
                         let handed = otp["handed_at"].as_i64().unwrap_or(requested);
-                        break Some(((handed - requested) as f64, otp["repeats"].as_i64().unwrap_or(0)));
+                        break Some(OtpSeen {
+                            delivery_ms: (handed - requested) as f64,
+                            handed_at: handed,
+                            repeats: otp["repeats"].as_i64().unwrap_or(0),
+                        });
                     }
                     if Instant::now() > deadline {
                         break None;
@@ -603,7 +623,7 @@ pub fn quantile(values: &mut [f64], q: f64) -> f64 {
 /// The report as a table for people.
 pub fn render(report: &Report) -> String {
     let mut out = format!(
-        "scenario {}  ({:.1} s)\n{:<14}{:>9}{:>10}{:>10}{:>10}{:>10}{:>10}{:>9}{:>10}{:>11}{:>11}  errors\n",
+        "scenario {}  ({:.1} s)\n{:<14}{:>9}{:>10}{:>10}{:>10}{:>10}{:>10}{:>9}{:>10}{:>11}{:>11}{:>12}  errors\n",
         report.scenario,
         report.elapsed_s,
         "cohort",
@@ -616,11 +636,12 @@ pub fn render(report: &Report) -> String {
         "timeouts",
         "retries",
         "otp p50",
-        "otp p95"
+        "otp p95",
+        "otp after"
     );
     for (cohort, c) in &report.cohorts {
         out.push_str(&format!(
-            "{:<14}{:>9}{:>10}{:>10.1}{:>10.1}{:>10.1}{:>10.1}{:>9}{:>10}{:>11.0}{:>11.0}  {:?}\n",
+            "{:<14}{:>9}{:>10}{:>10.1}{:>10.1}{:>10.1}{:>10.1}{:>9}{:>10}{:>11.0}{:>11.0}{:>12.0}  {:?}\n",
             cohort,
             c.requests,
             c.accepted,
@@ -632,6 +653,7 @@ pub fn render(report: &Report) -> String {
             c.retries,
             c.otp_p50_ms,
             c.otp_p95_ms,
+            c.otp_after_load_ms,
             c.errors
         ));
     }

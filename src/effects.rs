@@ -15,7 +15,7 @@ use futures_util::future::join_all;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use crate::domain::{Call, Effect, EffectState, LatLng, now_ms};
+use crate::domain::{Effect, LatLng, now_ms};
 use crate::events::EventBus;
 use crate::metrics::Metrics;
 use crate::providers::{Message, MessageKind, Providers};
@@ -76,22 +76,16 @@ impl EffectRunner {
                 "trip has no accepted driver".into(),
             )]));
         };
-        let records = self.store.effect_rows(trip_id).await?;
-        let todo: Vec<(Effect, Call)> = Effect::for_trip(ctx.trip_type)
-            .filter_map(|e| match records.iter().find(|r| r.effect == e) {
-                Some(r) if r.state == EffectState::Done => None,
-                Some(r) => Some((e, r.next_call())),
-                None => Some((e, Call::First)),
-            })
-            .collect();
+        // Each not yet `done` is called (begin_calls skips the done ones).
+        let todo: Vec<Effect> = Effect::for_trip(ctx.trip_type).collect();
         match schedule {
             // One effect after another, each begun and recorded on its own, so an attempt
             // that stalls midway calls nothing more once it lost its job, and an effect
             // never called is never shown in flight.
             Schedule::Sequential => {
                 let mut failures = Vec::new();
-                for call in todo {
-                    match self.call(attempt, &ctx, &[call]).await? {
+                for effect in todo {
+                    match self.call(attempt, &ctx, &[effect]).await? {
                         Some(failed) => failures.extend(failed),
                         None => return Ok(RunEnd::LeaseLost),
                     }
@@ -116,21 +110,16 @@ impl EffectRunner {
         &self,
         attempt: &Attempt,
         ctx: &EffectContext,
-        todo: &[(Effect, Call)],
+        todo: &[Effect],
     ) -> Result<Option<Vec<(Effect, String)>>, sqlx::Error> {
-        let effects: Vec<Effect> = todo.iter().map(|(e, _)| *e).collect();
-        let Some(calling) = self
-            .store
-            .begin_calls(attempt, &ctx.trip_id, ctx.cohort, &effects)
-            .await?
-        else {
+        let Some(calling) = self.store.begin_calls(attempt, &ctx.trip_id, ctx.cohort, todo).await? else {
             return Ok(None);
         };
         // The calls and the recorder run side by side in this task: an outcome is recorded
         // while the other calls go on (a call mid-transaction is never left unpolled).
         let (sent, mut outcomes) = mpsc::unbounded_channel::<CallOutcome>();
         let calls = async move {
-            join_all(todo.iter().filter(|(e, _)| calling.contains(e)).map(|&(effect, call)| {
+            join_all(calling.into_iter().map(|(effect, call)| {
                 let sent = sent.clone();
                 async move {
                     let handed_at = now_ms();
@@ -183,7 +172,7 @@ impl EffectRunner {
         match effect {
             Effect::Bidding => self
                 .store
-                .settle_bids(&ctx.trip_id, &ctx.driver_id)
+                .settle_bids(&ctx.trip_id, &ctx.driver_id, ctx.bid_on_fare)
                 .await
                 .map_err(|e| e.to_string()),
             Effect::CleanupRejected => self

@@ -96,6 +96,16 @@ for s in $SCENARIOS; do
       pgbench -n -c 8 -j 2 -T 15 -f benches/e2e/pgbench_accept_function.sql "$lim" \
         | tee "$OUT/pgbench-accept-function.txt" | grep -E 'latency average|tps'
       ;;
+    jobs)  # issue #12: do the side effects keep up? Providers answering at once (simulated, 0 ms)
+      start jobs-sat "$(fresh_pg jobs_sat)" "$REDIS" 100 0 0
+      drive jobs-sat burst --drivers 6000 --trips 6000 --concurrency 64   # saturation: otp_after_load_ms
+      stop
+      start jobs-burst "$(fresh_pg jobs_burst)" "$REDIS" 100 0 0
+      drive jobs-burst burst --drivers 1000 --trips 1000                  # burst: otp_p95_ms
+      stop
+      start jobs-steady "$(fresh_pg jobs_steady)" "$REDIS" 50 0 0
+      drive jobs-steady steady --rate 50 --duration 30                    # steady at 50 %: otp_p95_ms
+      stop ;;
     saturation)  # accepts/s at saturation vs the storage limit (pgbench, redis-benchmark)
       url=$(fresh_pg saturation)
       start saturation "$url" "$REDIS" 100 1500 800

@@ -83,6 +83,14 @@ impl Dialect {
         }
     }
 
+    /// The aggregate that joins strings with a separator: `agg(expr, ',')`.
+    pub fn string_agg(self) -> &'static str {
+        match self {
+            Self::Postgres => "string_agg",
+            Self::Sqlite => "group_concat",
+        }
+    }
+
     /// Clause for the job claim's inner `SELECT`, so workers skip each other's rows.
     pub fn skip_locked(self) -> &'static str {
         match self {

@@ -55,7 +55,7 @@ pub struct EffectContext {
 }
 
 impl FromRow<'_, AnyRow> for EffectContext {
-    /// Everything but `other_drivers_push_tokens`, which is a second query.
+    /// Everything but `other_drivers_push_tokens` (a list the query aggregates).
     fn from_row(r: &AnyRow) -> Result<Self, sqlx::Error> {
         let receiver = match (r.try_get("receiver_name")?, r.try_get("receiver_phone")?) {
             (Some(name), Some(phone)) => Some(Receiver { name, phone }),
@@ -120,19 +120,6 @@ pub struct EffectRecord {
     pub repeats: i64,
 }
 
-impl EffectRecord {
-    /// What a new call of this effect would be.
-    pub fn next_call(&self) -> Call {
-        if self.in_flight {
-            Call::Repeat
-        } else if self.calls > 0 {
-            Call::Retry
-        } else {
-            Call::First
-        }
-    }
-}
-
 impl FromRow<'_, AnyRow> for EffectRecord {
     fn from_row(r: &AnyRow) -> Result<Self, sqlx::Error> {
         Ok(Self {
@@ -151,11 +138,16 @@ impl FromRow<'_, AnyRow> for EffectRecord {
 impl Storage {
     /// Who an accepted trip's side effects go to; `None` while the trip has no driver.
     pub async fn effect_context(&self, trip_id: &str) -> Result<Option<EffectContext>, sqlx::Error> {
-        let ctx: Option<EffectContext> = sqlx::query_as(
+        // One round trip: the other offered drivers' tokens come as one list.
+        let sql = format!(
             "SELECT t.id, t.type, t.bid_on_fare, t.otp, t.driver_id, t.accept_requested_at, t.accepted_cohort, \
                     c.phone AS customer_phone, c.fcm_token AS customer_token, \
                     d.first_name AS driver_first, d.last_name AS driver_last, dd.last_lat, dd.last_lng, \
-                    co.pickup_lat, co.pickup_lng, pr.name AS receiver_name, pr.phone AS receiver_phone \
+                    co.pickup_lat, co.pickup_lng, pr.name AS receiver_name, pr.phone AS receiver_phone, \
+                    (SELECT {agg}(tok, ',') FROM (SELECT COALESCE(u.fcm_token, u.id) AS tok \
+                       FROM trip_request_offers o JOIN users u ON u.id = o.driver_id \
+                       WHERE o.trip_request_id = t.id AND o.driver_id <> t.driver_id ORDER BY o.driver_id) s) \
+                    AS other_tokens \
              FROM trip_requests t \
              JOIN users c ON c.id = t.customer_id \
              JOIN users d ON d.id = t.driver_id \
@@ -163,19 +155,19 @@ impl Storage {
              JOIN trip_request_coordinates co ON co.trip_request_id = t.id \
              LEFT JOIN parcel_receivers pr ON pr.trip_request_id = t.id \
              WHERE t.id = $1",
-        )
-        .bind(trip_id)
-        .fetch_optional(&mut *self.conn().await?)
-        .await?;
-        let Some(mut ctx) = ctx else { return Ok(None) };
-        ctx.other_drivers_push_tokens = sqlx::query_scalar(
-            "SELECT COALESCE(u.fcm_token, u.id) FROM trip_request_offers o JOIN users u ON u.id = o.driver_id \
-             WHERE o.trip_request_id = $1 AND o.driver_id <> $2 ORDER BY o.driver_id",
-        )
-        .bind(trip_id)
-        .bind(&ctx.driver_id)
-        .fetch_all(&mut *self.conn().await?)
-        .await?;
+            agg = self.dialect.string_agg()
+        );
+        let row = sqlx::query(&sql)
+            .bind(trip_id)
+            .fetch_optional(&mut *self.conn().await?)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let mut ctx = EffectContext::from_row(&row)?;
+        ctx.other_drivers_push_tokens = row
+            .try_get::<Option<String>, _>("other_tokens")?
+            .filter(|t| !t.is_empty())
+            .map(|t| t.split(',').map(str::to_owned).collect())
+            .unwrap_or_default();
         Ok(Some(ctx))
     }
 
@@ -264,15 +256,15 @@ impl Storage {
     /// attempt, each effect's record is created if missing, its call counted and marked in
     /// flight (a call made while an earlier one was still in flight — its process died or
     /// stalled past its lease — counts as a repeat). Returns the effects to call now (those
-    /// not `done`), or `None` when the attempt no longer holds its job: then it calls
-    /// nothing.
+    /// not `done`) with what each call is, or `None` when the attempt no longer holds its
+    /// job: then it calls nothing.
     pub async fn begin_calls(
         &self,
         attempt: &Attempt,
         trip_id: &str,
         cohort: Cohort,
         effects: &[Effect],
-    ) -> Result<Option<Vec<Effect>>, sqlx::Error> {
+    ) -> Result<Option<Vec<(Effect, Call)>>, sqlx::Error> {
         if effects.is_empty() {
             return Ok(Some(Vec::new()));
         }
@@ -280,12 +272,14 @@ impl Storage {
         let values: Vec<String> = (0..effects.len()).map(|i| format!("(${})", i + 5)).collect();
         let sql = format!(
             "WITH v(effect) AS (VALUES {}) \
-             INSERT INTO side_effects (trip_request_id, effect, cohort, state, calls, in_flight, repeats) \
-             SELECT $1, v.effect, $2, 'pending', 1, 1, 0 FROM v WHERE {} \
+             INSERT INTO side_effects (trip_request_id, effect, cohort, state, calls, in_flight, repeats, last_call) \
+             SELECT $1, v.effect, $2, 'pending', 1, 1, 0, 'first' FROM v WHERE {} \
              ON CONFLICT (trip_request_id, effect) DO UPDATE SET calls = side_effects.calls + 1, in_flight = 1, \
-               repeats = side_effects.repeats + side_effects.in_flight \
+               repeats = side_effects.repeats + side_effects.in_flight, \
+               last_call = CASE WHEN side_effects.in_flight <> 0 THEN 'repeat' \
+                                WHEN side_effects.calls > 0 THEN 'retry' ELSE 'first' END \
              WHERE side_effects.state <> 'done' \
-             RETURNING effect",
+             RETURNING effect, last_call",
             values.join(", "),
             attempt_fence("$3", "$4")
         );
@@ -303,8 +297,13 @@ impl Storage {
             return Ok(self.holds(attempt).await?.then(Vec::new));
         }
         rows.iter()
-            .map(|r| get_enum(r, "effect", Effect::parse))
-            .collect::<Result<Vec<_>, _>>()
+            .map(|r| {
+                Ok((
+                    get_enum(r, "effect", Effect::parse)?,
+                    get_enum(r, "last_call", Call::parse)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
             .map(Some)
     }
 
@@ -355,8 +354,17 @@ impl Storage {
         Ok(query.execute(&mut *self.conn().await?).await?.rows_affected())
     }
 
-    /// Bidding bookkeeping: the winner's bid (if any) becomes the fare, the others are ignored.
-    pub async fn settle_bids(&self, trip_id: &str, driver_id: &str) -> Result<(), sqlx::Error> {
+    /// Bidding bookkeeping: the winner's bid (if any) becomes the fare, the others are
+    /// ignored. A trip without bidding (`bid_on_fare` false) has no bids: its estimate is
+    /// the fare, one statement.
+    pub async fn settle_bids(&self, trip_id: &str, driver_id: &str, bid_on_fare: bool) -> Result<(), sqlx::Error> {
+        if !bid_on_fare {
+            sqlx::query("UPDATE trip_requests SET actual_fare_cents = estimated_fare_cents WHERE id = $1")
+                .bind(trip_id)
+                .execute(&mut *self.conn().await?)
+                .await?;
+            return Ok(());
+        }
         let mut tx = self.begin().await?;
         sqlx::query("UPDATE fare_biddings SET is_ignored = TRUE WHERE trip_request_id = $1 AND driver_id <> $2")
             .bind(trip_id)

@@ -58,6 +58,7 @@ async fn drive_reports_per_cohort(backend: Backend) {
             "timeouts",
             "retries",
             "otp_p50_ms",
+            "otp_after_load_ms",
             "otp_p95_ms",
         ] {
             assert!(c[key].is_number(), "{key} in {c}");

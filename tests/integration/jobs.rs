@@ -20,6 +20,7 @@ backend_tests!(
     a_live_attempt_keeps_its_job_and_a_stalled_one_is_fenced_out,
     otp_goes_before_a_backlog_of_slower_work,
     done_jobs_are_purged_after_retention,
+    a_worker_killed_mid_batch_loses_nothing,
 );
 
 /// Accepts `trip` for `driver` directly in storage (atomic_async: a queued job).
@@ -741,5 +742,67 @@ async fn done_jobs_are_purged_after_retention(backend: Backend) {
         1.0
     );
     gw.shutdown().await;
+    store.close().await;
+}
+
+/// `kill -9` of a worker holding a batch of claimed jobs, their provider calls in flight:
+/// another worker takes every one of them once their leases run out; every job ends done,
+/// every effect recorded done, a call in flight at the kill made again only as a repeat
+/// with the same idempotency key, nothing called twice otherwise.
+async fn a_worker_killed_mid_batch_loses_nothing(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let stub = WebhookStub::start().await;
+    stub.set_delay(800);
+    let store = db.store().await;
+    let w = World::new(&store).await;
+    let mut trips = Vec::new();
+    for _ in 0..40 {
+        let (d, t) = (w.driver().await, w.trip(&[]).await);
+        accepted(&store, &d, &t).await;
+        trips.push(t);
+    }
+    let dir = TempDir::new();
+    let options = Options {
+        webhook: Some(format!("http://{}", stub.addr)),
+        visibility_timeout_s: 1,
+        ..Options::default()
+    };
+    let mut config = crate::support::config(&db.url, dir.path(), &options);
+    config.jobs.workers = 64;
+    let mut first = Process::spawn("worker", &config, dir.path());
+    eventually(Duration::from_secs(20), "a batch of jobs in flight", || {
+        let busy = trips
+            .iter()
+            .filter(|t| !stub.calls_for("otp_sms", t).is_empty())
+            .count();
+        async move { (busy >= 20).then_some(()) }
+    })
+    .await;
+    first.kill9();
+    stub.set_delay(0);
+    let _second = Process::spawn("worker", &config, dir.path());
+    eventually(Duration::from_secs(30), "every job done", || {
+        let store = store.clone();
+        async move { (store.list_jobs(Some(JobState::Done)).await.ok()?.len() == 40).then_some(()) }
+    })
+    .await;
+    for t in &trips {
+        for r in store.effect_rows(t).await.unwrap() {
+            assert_eq!(r.state.as_str(), "done", "{t}: {r:?}");
+            assert!(!r.in_flight);
+            assert_eq!(
+                r.calls,
+                1 + r.repeats,
+                "{t}: only repeats of calls in flight at the kill: {r:?}"
+            );
+        }
+        for kind in ["otp_sms", "otp_push", "arrival_push"] {
+            let calls = stub.calls_for(kind, t);
+            assert!(!calls.is_empty(), "{kind} of {t} never sent");
+            let keys: std::collections::BTreeSet<String> =
+                calls.iter().map(|c| c["idempotency_key"].to_string()).collect();
+            assert_eq!(keys.len(), 1, "{kind} of {t}: one idempotency key");
+        }
+    }
     store.close().await;
 }
