@@ -9,18 +9,19 @@
 //! after a recorded failure (a retry), or when the attempt that made it died or stalled
 //! between the call and its record (a repeat) — and then with the same idempotency key.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use futures_util::future::join_all;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use crate::domain::{Effect, LatLng, now_ms};
+use crate::domain::{Call, Effect, LatLng, now_ms};
 use crate::events::EventBus;
 use crate::metrics::Metrics;
 use crate::providers::{Message, MessageKind, Providers};
 use crate::storage::Storage;
-use crate::storage::effects::{CallOutcome, EffectContext};
+use crate::storage::effects::{CallOutcome, CallsToBegin, EffectContext};
 use crate::storage::jobs::Attempt;
 
 /// How to run a trip's effects.
@@ -39,6 +40,19 @@ pub enum RunEnd {
     Finished(Vec<(Effect, String)>),
     /// The attempt no longer holds its job: it stopped calling, and recorded nothing.
     LeaseLost,
+}
+
+/// One claimed job of a batch: its attempt and its trip.
+#[derive(Debug, Clone)]
+pub struct BatchJob {
+    /// The attempt (every write is fenced by it).
+    pub attempt: Attempt,
+    /// The trip whose effects it runs.
+    pub trip_id: String,
+}
+
+fn no_driver() -> RunEnd {
+    RunEnd::Finished(vec![(Effect::TripAcceptedEvent, "trip has no accepted driver".into())])
 }
 
 /// Runs side effects against the providers, the event bus and storage.
@@ -70,56 +84,165 @@ impl EffectRunner {
     /// by the attempt: one that lost its job (its lease ran out and another attempt took
     /// it) makes no further provider call and records nothing.
     pub async fn run(&self, attempt: &Attempt, trip_id: &str, schedule: Schedule) -> Result<RunEnd, sqlx::Error> {
-        let Some(ctx) = self.store.effect_context(trip_id).await? else {
-            return Ok(RunEnd::Finished(vec![(
-                Effect::TripAcceptedEvent,
-                "trip has no accepted driver".into(),
-            )]));
+        let job = BatchJob {
+            attempt: attempt.clone(),
+            trip_id: trip_id.to_owned(),
         };
-        // Each not yet `done` is called (begin_calls skips the done ones).
-        let todo: Vec<Effect> = Effect::for_trip(ctx.trip_type).collect();
         match schedule {
+            Schedule::Parallel => Ok(self
+                .run_batch(std::slice::from_ref(&job))
+                .await?
+                .pop()
+                .unwrap_or(RunEnd::Finished(Vec::new()))),
             // One effect after another, each begun and recorded on its own, so an attempt
             // that stalls midway calls nothing more once it lost its job, and an effect
             // never called is never shown in flight.
             Schedule::Sequential => {
+                let Some(ctx) = self.store.effect_context(trip_id).await? else {
+                    return Ok(no_driver());
+                };
                 let mut failures = Vec::new();
-                for effect in todo {
-                    match self.call(attempt, &ctx, &[effect]).await? {
-                        Some(failed) => failures.extend(failed),
-                        None => return Ok(RunEnd::LeaseLost),
+                for effect in Effect::for_trip(ctx.trip_type) {
+                    let Some(begun) = self.store.begin_calls(attempt, trip_id, ctx.cohort, &[effect]).await? else {
+                        return Ok(RunEnd::LeaseLost);
+                    };
+                    let calls = begun.into_iter().map(|(e, c)| (0, &ctx, e, c)).collect();
+                    let (mut failed, lost) = self.call(std::slice::from_ref(&job), calls).await?;
+                    if !lost.is_empty() {
+                        return Ok(RunEnd::LeaseLost);
                     }
+                    failures.append(&mut failed[0]);
                 }
                 Ok(RunEnd::Finished(failures))
             }
-            // All at once: one statement before the calls, and one per group of outcomes
-            // that arrive together (not two per effect).
-            Schedule::Parallel => Ok(match self.call(attempt, &ctx, &todo).await? {
-                Some(failed) => RunEnd::Finished(failed),
-                None => RunEnd::LeaseLost,
-            }),
         }
     }
 
-    /// Begins `todo` (one statement, fenced), calls their providers at once, and records
-    /// each outcome as it comes — those that complete together in one statement, fenced —
-    /// so a fast effect is recorded at once and never waits for a slow one (a crash during
-    /// the slow call repeats only that one). The failures, or `None` when the attempt no
-    /// longer holds its job (it then stops: calls still in flight are dropped).
+    /// Runs the effects of a batch of claimed jobs together, in a handful of statements
+    /// for the whole batch however many jobs it has: their contexts in one query, their
+    /// calls begun in one (each row fenced by its own attempt), the bookkeeping effects of
+    /// all trips in one each, every provider call at once, and the outcomes recorded as
+    /// they come (those that arrive together in one statement). One end per job, in order.
+    pub async fn run_batch(&self, jobs: &[BatchJob]) -> Result<Vec<RunEnd>, sqlx::Error> {
+        let trip_ids: Vec<String> = jobs.iter().map(|j| j.trip_id.clone()).collect();
+        let contexts = self.store.effect_contexts(&trip_ids).await?;
+        let ctx_of = |trip: &str| contexts.iter().find(|c| c.trip_id == trip);
+        let effects: Vec<Vec<Effect>> = jobs
+            .iter()
+            .map(|j| ctx_of(&j.trip_id).map_or_else(Vec::new, |c| Effect::for_trip(c.trip_type).collect()))
+            .collect();
+        let to_begin: Vec<CallsToBegin> = jobs
+            .iter()
+            .zip(&effects)
+            .filter_map(|(j, effects)| {
+                ctx_of(&j.trip_id).map(|ctx| CallsToBegin {
+                    attempt: &j.attempt,
+                    trip_id: &j.trip_id,
+                    cohort: ctx.cohort,
+                    effects,
+                })
+            })
+            .collect();
+        let begun = self.store.begin_calls_batch(&to_begin).await?;
+        let mut calls = Vec::with_capacity(begun.len());
+        for (trip, effect, call) in begun {
+            if let Some(i) = jobs.iter().position(|j| j.trip_id == trip)
+                && let Some(ctx) = ctx_of(&trip)
+            {
+                calls.push((i, ctx, effect, call));
+            }
+        }
+        // A job with a driver and nothing begun: all done already, or its attempt lost.
+        let mut lost = HashSet::new();
+        for (i, job) in jobs.iter().enumerate() {
+            if ctx_of(&job.trip_id).is_some()
+                && !calls.iter().any(|(j, ..)| *j == i)
+                && !self.store.holds(&job.attempt).await?
+            {
+                lost.insert(i);
+            }
+        }
+        let (failures, lost_calling) = self.call(jobs, calls).await?;
+        lost.extend(lost_calling);
+        Ok(jobs
+            .iter()
+            .zip(failures)
+            .enumerate()
+            .map(|(i, (job, failed))| {
+                if lost.contains(&i) {
+                    RunEnd::LeaseLost
+                } else if ctx_of(&job.trip_id).is_none() {
+                    no_driver()
+                } else {
+                    RunEnd::Finished(failed)
+                }
+            })
+            .collect())
+    }
+
+    /// Makes the begun `calls` (job index, its trip, effect, what the call is): the
+    /// bookkeeping ones of all trips first, one statement each; then every provider call
+    /// at once, each outcome recorded as it comes — those that complete together in one
+    /// statement, fenced — so a fast effect is recorded at once and never waits for a slow
+    /// one (a crash during the slow call repeats only that one). Returns each job's
+    /// failures and the jobs whose attempt turned out lost (they stop recording).
     async fn call(
         &self,
-        attempt: &Attempt,
-        ctx: &EffectContext,
-        todo: &[Effect],
-    ) -> Result<Option<Vec<(Effect, String)>>, sqlx::Error> {
-        let Some(calling) = self.store.begin_calls(attempt, &ctx.trip_id, ctx.cohort, todo).await? else {
-            return Ok(None);
+        jobs: &[BatchJob],
+        calls: Vec<(usize, &EffectContext, Effect, Call)>,
+    ) -> Result<(Vec<Vec<(Effect, String)>>, HashSet<usize>), sqlx::Error> {
+        let (sent, mut outcomes) = mpsc::unbounded_channel::<(usize, CallOutcome)>();
+        // Bookkeeping of many trips in one statement each (a trip's fare without bidding,
+        // its rejected-driver requests); the rest are provider calls.
+        let mut providers = Vec::with_capacity(calls.len());
+        let (mut fares, mut cleanups) = (Vec::new(), Vec::new());
+        for (i, ctx, effect, call) in calls {
+            match effect {
+                Effect::Bidding if !ctx.bid_on_fare => fares.push((i, ctx, call)),
+                Effect::CleanupRejected => cleanups.push((i, ctx, call)),
+                _ => providers.push((i, ctx, effect, call)),
+            }
+        }
+        let bookkeeping = {
+            let sent = sent.clone();
+            async move {
+                for (effect, group) in [(Effect::Bidding, fares), (Effect::CleanupRejected, cleanups)] {
+                    if group.is_empty() {
+                        continue;
+                    }
+                    let trips: Vec<String> = group.iter().map(|(_, ctx, _)| ctx.trip_id.clone()).collect();
+                    let handed_at = now_ms();
+                    let result = match effect {
+                        Effect::Bidding => self.store.settle_unbid_fares(&trips).await,
+                        _ => self.store.cleanup_rejections_of(&trips).await,
+                    }
+                    .map_err(|e| e.to_string());
+                    for (i, ctx, call) in group {
+                        self.metrics.effect_done(
+                            ctx.cohort,
+                            effect,
+                            result.is_ok(),
+                            call,
+                            handed_at,
+                            ctx.requested_at_ms,
+                        );
+                        let _ = sent.send((
+                            i,
+                            CallOutcome {
+                                effect,
+                                handed_at,
+                                result: result.clone(),
+                            },
+                        ));
+                    }
+                }
+            }
         };
-        // The calls and the recorder run side by side in this task: an outcome is recorded
-        // while the other calls go on (a call mid-transaction is never left unpolled).
-        let (sent, mut outcomes) = mpsc::unbounded_channel::<CallOutcome>();
-        let calls = async move {
-            join_all(calling.into_iter().map(|(effect, call)| {
+        // The calls, the bookkeeping and the recorder run side by side in this task: the
+        // provider calls start at once, and an outcome is recorded while the other calls go
+        // on (a call mid-transaction is never left unpolled).
+        let calling = async move {
+            let providers = join_all(providers.into_iter().map(|(i, ctx, effect, call)| {
                 let sent = sent.clone();
                 async move {
                     let handed_at = now_ms();
@@ -129,35 +252,49 @@ impl EffectRunner {
                     }
                     self.metrics
                         .effect_done(ctx.cohort, effect, result.is_ok(), call, handed_at, ctx.requested_at_ms);
-                    let _ = sent.send(CallOutcome {
-                        effect,
-                        handed_at,
-                        result,
-                    });
+                    let _ = sent.send((
+                        i,
+                        CallOutcome {
+                            effect,
+                            handed_at,
+                            result,
+                        },
+                    ));
                 }
-            }))
-            .await;
+            }));
+            tokio::join!(providers, bookkeeping);
         };
         let recorder = async {
-            let mut failures = Vec::new();
+            let mut failures: Vec<Vec<(Effect, String)>> = jobs.iter().map(|_| Vec::new()).collect();
+            let mut lost = HashSet::new();
             while let Some(first) = outcomes.recv().await {
                 let mut batch = vec![first];
                 while let Ok(more) = outcomes.try_recv() {
                     batch.push(more);
                 }
-                let recorded = self.store.finish_calls(attempt, &ctx.trip_id, &batch).await?;
-                if recorded < batch.len() as u64 && !self.store.holds(attempt).await? {
-                    return Ok(None);
+                batch.retain(|(i, _)| !lost.contains(i));
+                let items: Vec<(&Attempt, &str, &CallOutcome)> = batch
+                    .iter()
+                    .map(|(i, o)| (&jobs[*i].attempt, jobs[*i].trip_id.as_str(), o))
+                    .collect();
+                let recorded = self.store.finish_calls_batch(&items).await?;
+                for (i, outcome) in &batch {
+                    let written = recorded
+                        .iter()
+                        .any(|(t, e)| *t == jobs[*i].trip_id && *e == outcome.effect);
+                    if !written && !lost.contains(i) && !self.store.holds(&jobs[*i].attempt).await? {
+                        lost.insert(*i);
+                    }
                 }
-                failures.extend(
-                    batch
-                        .into_iter()
-                        .filter_map(|o| o.result.err().map(|reason| (o.effect, reason))),
-                );
+                for (i, outcome) in batch {
+                    if let Err(reason) = outcome.result {
+                        failures[i].push((outcome.effect, reason));
+                    }
+                }
             }
-            Ok(Some(failures))
+            Ok::<_, sqlx::Error>((failures, lost))
         };
-        let ((), recorded) = tokio::join!(calls, recorder);
+        let ((), recorded) = tokio::join!(calling, recorder);
         recorded
     }
 

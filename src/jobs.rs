@@ -23,7 +23,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::config::JobsConfig;
 use crate::domain::now_ms;
-use crate::effects::{EffectRunner, RunEnd, Schedule};
+use crate::effects::{BatchJob, EffectRunner, RunEnd, Schedule};
 use crate::metrics::Metrics;
 use crate::storage::Storage;
 use crate::storage::jobs::{Attempt, Job, JobResult};
@@ -115,7 +115,79 @@ impl JobRunner {
             Err(e) => (vec![format!("storage: {e}")], true),
         };
         let result = self.policy.after_attempt(job.attempts, &failures);
-        match self.store.finish_job(&attempt, &result, urgent_left).await {
+        self.record(job, result, urgent_left, started).await
+    }
+
+    /// Runs one attempt of each of a batch of claimed jobs together (a handful of
+    /// statements for the whole batch, see [`EffectRunner::run_batch`]), renewing their
+    /// leases while they run, and records each result — the done ones in one statement.
+    async fn run_claimed(&self, jobs: &[Job]) {
+        let started = std::time::Instant::now();
+        let batch: Vec<BatchJob> = jobs
+            .iter()
+            .map(|j| BatchJob {
+                attempt: j.attempt(),
+                trip_id: j.trip_id.clone(),
+            })
+            .collect();
+        let attempts: Vec<Attempt> = batch.iter().map(|b| b.attempt.clone()).collect();
+        let ends: Vec<Result<RunEnd, String>> = tokio::select! {
+            ends = self.effects.run_batch(&batch) => match ends {
+                Ok(ends) => ends.into_iter().map(Ok).collect(),
+                Err(e) => jobs.iter().map(|_| Err(e.to_string())).collect(),
+            },
+            () = self.keep_leases(&attempts) => jobs.iter().map(|_| Ok(RunEnd::LeaseLost)).collect(),
+        };
+        let mut done = Vec::new();
+        for (job, end) in jobs.iter().zip(ends) {
+            let (failures, urgent_left): (Vec<String>, bool) = match end {
+                Ok(RunEnd::Finished(failures)) => (
+                    failures
+                        .iter()
+                        .map(|(e, reason)| format!("{}: {reason}", e.as_str()))
+                        .collect(),
+                    failures.iter().any(|(e, _)| e.is_urgent()),
+                ),
+                Ok(RunEnd::LeaseLost) => {
+                    self.lost(job, started);
+                    continue;
+                }
+                Err(e) => (vec![format!("storage: {e}")], true),
+            };
+            match self.policy.after_attempt(job.attempts, &failures) {
+                JobResult::Done => done.push(job),
+                result => {
+                    self.record(job, result, urgent_left, started).await;
+                }
+            }
+        }
+        let done_attempts: Vec<Attempt> = done.iter().map(|j| j.attempt()).collect();
+        match self.store.finish_jobs_done(&done_attempts).await {
+            Ok(finished) => {
+                for job in done {
+                    if finished.contains(&job.id) {
+                        self.effects
+                            .metrics()
+                            .job_attempt(job.kind, JobResult::Done.label(), started.elapsed());
+                    } else {
+                        self.lost(job, started);
+                    }
+                }
+            }
+            // Their leases run out and other attempts find every effect done.
+            Err(e) => tracing::warn!(jobs = done.len(), error = %e, "could not record jobs done"),
+        }
+    }
+
+    /// Records an attempt's result (fenced); `None` when the attempt no longer held its job.
+    async fn record(
+        &self,
+        job: &Job,
+        result: JobResult,
+        urgent_left: bool,
+        started: std::time::Instant,
+    ) -> Option<JobResult> {
+        match self.store.finish_job(&job.attempt(), &result, urgent_left).await {
             Ok(true) => {}
             Ok(false) => return self.lost(job, started),
             // The lease runs out and another attempt is made: effects already recorded done
@@ -135,6 +207,21 @@ impl JobRunner {
             JobResult::Dead(reason) => tracing::error!(job_id = %job.id, attempts = job.attempts, %reason, "job dead"),
         }
         Some(result)
+    }
+
+    /// Renews the leases of `attempts` (one statement) every third of a lease; returns once
+    /// none of them holds its job any more.
+    async fn keep_leases(&self, attempts: &[Attempt]) {
+        let every = Duration::from_millis((self.policy.lease_ms / 3).max(10) as u64);
+        let mut held: Vec<Attempt> = attempts.to_vec();
+        loop {
+            tokio::time::sleep(every).await;
+            match self.store.renew_leases(&held, now_ms() + self.policy.lease_ms).await {
+                Ok(ids) if ids.is_empty() => return,
+                Ok(ids) => held.retain(|a| ids.contains(&a.job_id)),
+                Err(e) => tracing::warn!(jobs = held.len(), error = %e, "could not renew the jobs' leases"),
+            }
+        }
     }
 
     fn lost(&self, job: &Job, started: std::time::Instant) -> Option<JobResult> {
@@ -254,7 +341,7 @@ impl Dispatcher {
     async fn run(mut self) {
         let wake = self.store.job_wake();
         let mut running: JoinSet<()> = JoinSet::new();
-        let mut in_hand: HashMap<tokio::task::Id, Attempt> = HashMap::new();
+        let mut in_hand: HashMap<tokio::task::Id, Vec<Attempt>> = HashMap::new();
         while !*self.shutdown.borrow() {
             while let Some(done) = running.try_join_next_with_id() {
                 if let Ok((id, ())) = done {
@@ -278,14 +365,17 @@ impl Dispatcher {
             match self.store.claim_jobs(self.lease_ms, batch).await {
                 Ok(jobs) => {
                     let claimed = jobs.len();
-                    for (job, permit) in jobs.into_iter().zip(permits.drain(..)) {
+                    if claimed > 0 {
+                        // The claimed jobs run as one batch; each holds its slot until the
+                        // batch ends.
+                        let held: Vec<_> = permits.drain(..claimed).collect();
                         let runner = self.runner.clone();
-                        let attempt = job.attempt();
+                        let attempts = jobs.iter().map(Job::attempt).collect();
                         let handle = running.spawn(async move {
-                            runner.run(&job, Schedule::Parallel).await;
-                            drop(permit);
+                            runner.run_claimed(&jobs).await;
+                            drop(held);
                         });
-                        in_hand.insert(handle.id(), attempt);
+                        in_hand.insert(handle.id(), attempts);
                     }
                     if claimed == batch {
                         continue;
@@ -313,14 +403,14 @@ impl Dispatcher {
                 Ok(None) => break,
                 Err(_) => {
                     running.abort_all();
-                    for attempt in in_hand.values() {
+                    for attempt in in_hand.values().flatten() {
                         let back = JobResult::RetryAt(now_ms(), "worker shut down mid-job".into());
                         if let Err(e) = self.store.finish_job(attempt, &back, true).await {
                             tracing::warn!(job_id = %attempt.job_id, error = %e, "could not return job to the queue; its lease will expire");
                         }
                     }
                     tracing::warn!(
-                        jobs = in_hand.len(),
+                        jobs = in_hand.values().map(Vec::len).sum::<usize>(),
                         "shutdown grace over; unfinished jobs returned to the queue"
                     );
                     break;

@@ -10,6 +10,35 @@ use super::jobs::{Attempt, attempt_fence};
 use super::{Storage, get_bool, get_enum};
 use crate::domain::{Call, Cohort, Effect, EffectState, LatLng, Receiver, TripType, now_ms};
 
+/// One job attempt's effects to begin ([`Storage::begin_calls_batch`]).
+#[derive(Debug, Clone, Copy)]
+pub struct CallsToBegin<'a> {
+    /// The attempt (its fence).
+    pub attempt: &'a Attempt,
+    /// The trip.
+    pub trip_id: &'a str,
+    /// The cohort that accepted it.
+    pub cohort: Cohort,
+    /// The effects to begin (those already done are skipped).
+    pub effects: &'a [Effect],
+}
+
+/// `$first, $first+1, …` for `n` values.
+fn marks(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `n` tuples of `width` placeholders from `$first`: `($1, $2), ($3, $4)`.
+fn tuples(first: usize, n: usize, width: usize) -> String {
+    (0..n)
+        .map(|row| format!("({})", marks(first + row * width, width)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// One provider call's outcome, as an attempt records it.
 #[derive(Debug, Clone)]
 pub struct CallOutcome {
@@ -138,6 +167,14 @@ impl FromRow<'_, AnyRow> for EffectRecord {
 impl Storage {
     /// Who an accepted trip's side effects go to; `None` while the trip has no driver.
     pub async fn effect_context(&self, trip_id: &str) -> Result<Option<EffectContext>, sqlx::Error> {
+        Ok(self.effect_contexts(&[trip_id.to_owned()]).await?.pop())
+    }
+
+    /// [`Storage::effect_context`] of several trips in one query (those with a driver).
+    pub async fn effect_contexts(&self, trip_ids: &[String]) -> Result<Vec<EffectContext>, sqlx::Error> {
+        if trip_ids.is_empty() {
+            return Ok(Vec::new());
+        }
         // One round trip: the other offered drivers' tokens come as one list.
         let sql = format!(
             "SELECT t.id, t.type, t.bid_on_fare, t.otp, t.driver_id, t.accept_requested_at, t.accepted_cohort, \
@@ -154,21 +191,26 @@ impl Storage {
              JOIN driver_details dd ON dd.user_id = t.driver_id \
              JOIN trip_request_coordinates co ON co.trip_request_id = t.id \
              LEFT JOIN parcel_receivers pr ON pr.trip_request_id = t.id \
-             WHERE t.id = $1",
+             WHERE t.id IN ({})",
+            marks(1, trip_ids.len()),
             agg = self.dialect.string_agg()
         );
-        let row = sqlx::query(&sql)
-            .bind(trip_id)
-            .fetch_optional(&mut *self.conn().await?)
-            .await?;
-        let Some(row) = row else { return Ok(None) };
-        let mut ctx = EffectContext::from_row(&row)?;
-        ctx.other_drivers_push_tokens = row
-            .try_get::<Option<String>, _>("other_tokens")?
-            .filter(|t| !t.is_empty())
-            .map(|t| t.split(',').map(str::to_owned).collect())
-            .unwrap_or_default();
-        Ok(Some(ctx))
+        let mut query = sqlx::query(&sql);
+        for id in trip_ids {
+            query = query.bind(id);
+        }
+        let rows = query.fetch_all(&mut *self.conn().await?).await?;
+        rows.iter()
+            .map(|row| {
+                let mut ctx = EffectContext::from_row(row)?;
+                ctx.other_drivers_push_tokens = row
+                    .try_get::<Option<String>, _>("other_tokens")?
+                    .filter(|t| !t.is_empty())
+                    .map(|t| t.split(',').map(str::to_owned).collect())
+                    .unwrap_or_default();
+                Ok(ctx)
+            })
+            .collect()
     }
 
     /// The state of each side effect of an accepted trip of `trip_type`, by effect name:
@@ -265,46 +307,66 @@ impl Storage {
         cohort: Cohort,
         effects: &[Effect],
     ) -> Result<Option<Vec<(Effect, Call)>>, sqlx::Error> {
-        if effects.is_empty() {
-            return Ok(Some(Vec::new()));
+        let begun = self
+            .begin_calls_batch(&[CallsToBegin {
+                attempt,
+                trip_id,
+                cohort,
+                effects,
+            }])
+            .await?;
+        if begun.is_empty() && !self.holds(attempt).await? {
+            return Ok(None);
         }
-        // ($1 trip, $2 cohort, $3 job, $4 attempt, $5.. effects)
-        let values: Vec<String> = (0..effects.len()).map(|i| format!("(${})", i + 5)).collect();
+        Ok(Some(begun.into_iter().map(|(_, e, c)| (e, c)).collect()))
+    }
+
+    /// [`Storage::begin_calls`] for the attempts of several jobs in one statement, each
+    /// row fenced by its own attempt. Returns `(trip, effect, call)` for every effect to
+    /// call now; a job with none either has everything done or lost its attempt (see
+    /// [`Storage::holds`]).
+    pub async fn begin_calls_batch(
+        &self,
+        items: &[CallsToBegin<'_>],
+    ) -> Result<Vec<(String, Effect, Call)>, sqlx::Error> {
+        let rows: usize = items.iter().map(|i| i.effects.len()).sum();
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
         let sql = format!(
-            "WITH v(effect) AS (VALUES {}) \
+            "WITH v(trip, cohort, job, attempt, effect) AS (VALUES {}) \
              INSERT INTO side_effects (trip_request_id, effect, cohort, state, calls, in_flight, repeats, last_call) \
-             SELECT $1, v.effect, $2, 'pending', 1, 1, 0, 'first' FROM v WHERE {} \
+             SELECT v.trip, v.effect, v.cohort, 'pending', 1, 1, 0, 'first' FROM v WHERE {} \
              ON CONFLICT (trip_request_id, effect) DO UPDATE SET calls = side_effects.calls + 1, in_flight = 1, \
                repeats = side_effects.repeats + side_effects.in_flight, \
                last_call = CASE WHEN side_effects.in_flight <> 0 THEN 'repeat' \
                                 WHEN side_effects.calls > 0 THEN 'retry' ELSE 'first' END \
              WHERE side_effects.state <> 'done' \
-             RETURNING effect, last_call",
-            values.join(", "),
-            attempt_fence("$3", "$4")
+             RETURNING trip_request_id, effect, last_call",
+            tuples(1, rows, 5),
+            attempt_fence("v.job", "v.attempt")
         );
-        let mut query = sqlx::query(&sql)
-            .bind(trip_id)
-            .bind(cohort.as_str())
-            .bind(&attempt.job_id)
-            .bind(attempt.number);
-        for effect in effects {
-            query = query.bind(effect.as_str());
+        let mut query = sqlx::query(&sql);
+        for item in items {
+            for effect in item.effects {
+                query = query
+                    .bind(item.trip_id)
+                    .bind(item.cohort.as_str())
+                    .bind(&item.attempt.job_id)
+                    .bind(item.attempt.number)
+                    .bind(effect.as_str());
+            }
         }
         let rows = query.fetch_all(&mut *self.conn().await?).await?;
-        if rows.is_empty() {
-            // Nothing to call: every effect is done meanwhile, or the attempt lost its job.
-            return Ok(self.holds(attempt).await?.then(Vec::new));
-        }
         rows.iter()
             .map(|r| {
                 Ok((
+                    r.try_get("trip_request_id")?,
                     get_enum(r, "effect", Effect::parse)?,
                     get_enum(r, "last_call", Call::parse)?,
                 ))
             })
-            .collect::<Result<Vec<_>, sqlx::Error>>()
-            .map(Some)
+            .collect()
     }
 
     /// After an attempt's calls: each outcome recorded (`done`, or `failed` with the
@@ -316,42 +378,85 @@ impl Storage {
         trip_id: &str,
         calls: &[CallOutcome],
     ) -> Result<u64, sqlx::Error> {
-        if calls.is_empty() {
-            return Ok(0);
+        let items: Vec<(&Attempt, &str, &CallOutcome)> = calls.iter().map(|c| (attempt, trip_id, c)).collect();
+        Ok(self.finish_calls_batch(&items).await?.len() as u64)
+    }
+
+    /// [`Storage::finish_calls`] for outcomes of several jobs' attempts in one statement,
+    /// each row fenced by its own attempt. Returns the `(trip, effect)` records written.
+    pub async fn finish_calls_batch(
+        &self,
+        items: &[(&Attempt, &str, &CallOutcome)],
+    ) -> Result<Vec<(String, Effect)>, sqlx::Error> {
+        if items.is_empty() {
+            return Ok(Vec::new());
         }
-        // ($1 trip, $2 job, $3 attempt, $4 now, then 4 per call)
-        let values: Vec<String> = (0..calls.len())
-            .map(|i| {
-                let b = 5 + 4 * i;
-                format!("(${b}, ${}, ${}, ${})", b + 1, b + 2, b + 3)
-            })
-            .collect();
         let sql = format!(
-            "WITH v(effect, state, last_error, handed_at) AS (VALUES {}) \
+            "WITH v(trip, job, attempt, effect, state, last_error, handed_at) AS (VALUES {}) \
              UPDATE side_effects SET state = v.state, last_error = v.last_error, handed_at = v.handed_at, \
-               done_at = $4, in_flight = 0 \
-             FROM v WHERE side_effects.trip_request_id = $1 AND side_effects.effect = v.effect \
-               AND side_effects.state <> 'done' AND {}",
-            values.join(", "),
-            attempt_fence("$2", "$3")
+               done_at = $1, in_flight = 0 \
+             FROM v WHERE side_effects.trip_request_id = v.trip AND side_effects.effect = v.effect \
+               AND side_effects.state <> 'done' AND {} \
+             RETURNING side_effects.trip_request_id, side_effects.effect",
+            tuples(2, items.len(), 7),
+            attempt_fence("v.job", "v.attempt")
         );
-        let mut query = sqlx::query(&sql)
-            .bind(trip_id)
-            .bind(&attempt.job_id)
-            .bind(attempt.number)
-            .bind(now_ms());
-        for call in calls {
+        let mut query = sqlx::query(&sql).bind(now_ms());
+        for (attempt, trip_id, call) in items {
             let (state, error) = match &call.result {
                 Ok(()) => (EffectState::Done, None),
                 Err(e) => (EffectState::Failed, Some(e.clone())),
             };
             query = query
+                .bind(*trip_id)
+                .bind(&attempt.job_id)
+                .bind(attempt.number)
                 .bind(call.effect.as_str())
                 .bind(state.as_str())
                 .bind(error)
                 .bind(call.handed_at);
         }
-        Ok(query.execute(&mut *self.conn().await?).await?.rows_affected())
+        let rows = query.fetch_all(&mut *self.conn().await?).await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("trip_request_id")?, get_enum(r, "effect", Effect::parse)?)))
+            .collect()
+    }
+
+    /// The fare of trips without bidding (their estimate), and the rejected-driver requests
+    /// of trips, for several trips: the bookkeeping effects of a batch of jobs, one
+    /// statement each.
+    pub async fn settle_unbid_fares(&self, trip_ids: &[String]) -> Result<(), sqlx::Error> {
+        if trip_ids.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "UPDATE trip_requests SET actual_fare_cents = estimated_fare_cents WHERE bid_on_fare = FALSE AND id IN ({})",
+            marks(1, trip_ids.len())
+        );
+        let mut query = sqlx::query(&sql);
+        for id in trip_ids {
+            query = query.bind(id);
+        }
+        query.execute(&mut *self.conn().await?).await?;
+        Ok(())
+    }
+
+    /// Deletes the rejected-driver requests of several trips (see
+    /// [`Storage::cleanup_rejections`]).
+    pub async fn cleanup_rejections_of(&self, trip_ids: &[String]) -> Result<(), sqlx::Error> {
+        if trip_ids.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "DELETE FROM rejected_driver_requests WHERE trip_request_id IN ({})",
+            marks(1, trip_ids.len())
+        );
+        let mut query = sqlx::query(&sql);
+        for id in trip_ids {
+            query = query.bind(id);
+        }
+        query.execute(&mut *self.conn().await?).await?;
+        Ok(())
     }
 
     /// Bidding bookkeeping: the winner's bid (if any) becomes the fare, the others are

@@ -141,6 +141,46 @@ impl Storage {
         Ok(done.rows_affected() > 0)
     }
 
+    /// [`Storage::renew_lease`] of several attempts in one statement; returns the ids of
+    /// the jobs still held.
+    pub async fn renew_leases(&self, attempts: &[Attempt], until: i64) -> Result<Vec<String>, sqlx::Error> {
+        self.update_held(attempts, "locked_until = $1", until).await
+    }
+
+    /// Records several attempts `done` in one statement (each fenced by its own number);
+    /// returns the ids of the jobs it finished (the others' attempts were no longer theirs).
+    pub async fn finish_jobs_done(&self, attempts: &[Attempt]) -> Result<Vec<String>, sqlx::Error> {
+        self.update_held(
+            attempts,
+            "state = 'done', run_at = $1, locked_until = NULL, updated_at = $1, priority = 1",
+            now_ms(),
+        )
+        .await
+    }
+
+    /// `UPDATE jobs SET {set}` (with `$1` = `value`) on the jobs whose attempts are still
+    /// theirs; returns their ids.
+    async fn update_held(&self, attempts: &[Attempt], set: &str, value: i64) -> Result<Vec<String>, sqlx::Error> {
+        if attempts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let values: Vec<String> = (0..attempts.len())
+            .map(|i| format!("(${}, ${})", 2 + 2 * i, 3 + 2 * i))
+            .collect();
+        let sql = format!(
+            "WITH v(id, attempts) AS (VALUES {}) \
+             UPDATE jobs SET {set} FROM v \
+             WHERE jobs.id = v.id AND jobs.attempts = v.attempts AND jobs.state = 'running' \
+             RETURNING jobs.id",
+            values.join(", ")
+        );
+        let mut query = sqlx::query_scalar(&sql).bind(value);
+        for a in attempts {
+            query = query.bind(&a.job_id).bind(a.number);
+        }
+        query.fetch_all(&mut *self.conn().await?).await
+    }
+
     /// Records the end of an attempt; refused (false) when the attempt no longer holds the
     /// job. `urgent_left`: whether an OTP or parcel SMS is still to be sent; a job retried
     /// without one goes behind every job that has one.
