@@ -3,12 +3,11 @@
 //!
 //! Both write the same things, all or nothing: the trip's driver, vehicle, OTP and status;
 //! the driver `on_trip`; `trip_status.accepted`; the job that runs the side effects (outbox:
-//! the job exists if and only if the accept committed) and the effects' pending records.
-//! The job creates any record that is missing when it first runs; the accept still writes
-//! them (inside its one statement, no round trip of its own) for one release, so that a job
-//! runner of the previous release — which expects them — records what it sends while a
-//! fleet is upgraded (expand, then contract: the next release can drop them from the
-//! accept). They differ in how they decide and what they cost:
+//! the job exists if and only if the accept committed). The effects' records are the job's
+//! to create when it first runs (until then the trip shows each effect `pending`): the
+//! previous release's accept still wrote them and its job runner creates any missing one,
+//! so a fleet mid-upgrade works either way — this release is the contract step of that
+//! expand / contract. They differ in how they decide and what they cost:
 //!
 //! * [`Storage::accept_locked`] (legacy, as today): after the caller's pre-checks, a
 //!   transaction locks the trip row, refuses a trip that has any driver — the same driver's
@@ -31,7 +30,6 @@ use sqlx::any::AnyRow;
 
 use super::{Dialect, Storage, get_enum, is_unique_violation};
 use crate::domain::{Cohort, Effect, JobKind, JobState, TripStatus, TripType, now_ms};
-use crate::storage::effects::insert_effect_records;
 use crate::storage::jobs::Job;
 use crate::storage::trips::TripSnapshot;
 use crate::storage::users::DriverSnapshot;
@@ -107,12 +105,10 @@ pub struct Fenced {
 const ASSIGN_SQL: &str = "UPDATE trip_requests SET driver_id = $2, vehicle_id = $3, current_status = 'accepted', \
      otp = $4, accepted_cohort = $5, accept_requested_at = $6, version = version + 1, updated_at = $7 WHERE id = $1";
 
-/// The effects of a ride and of a parcel trip, comma-separated, as `tripgate_accept` takes
-/// them (written once, not per batch).
-static EFFECTS_BY_TYPE: std::sync::LazyLock<(String, String)> = std::sync::LazyLock::new(|| {
-    let list = |t| Effect::for_trip(t).map(Effect::as_str).collect::<Vec<_>>().join(",");
-    (list(TripType::Ride), list(TripType::Parcel))
-});
+/// The effect lists `tripgate_accept_batch` takes to write `pending` records: empty since
+/// this release (the contract step) — the job creates its records; the parameters stay
+/// for the previous release's gateways, which still pass them during an upgrade.
+const NO_EFFECT_RECORDS: &str = "";
 
 /// The minimal trip: the answer of an atomic_async accept.
 const MINIMAL_TRIP_SQL: &str = "SELECT t.id, t.current_status, t.driver_id, t.customer_id, \
@@ -210,12 +206,11 @@ impl Storage {
                        "requested_at": f.requested_at_ms, "job": job.id})
             })
             .collect();
-        let (ride_effects, parcel_effects) = &*EFFECTS_BY_TYPE;
         let rows = sqlx::query("SELECT * FROM tripgate_accept_batch($1, $2, $3, $4)")
             .bind(Value::Array(members).to_string())
             .bind(now_ms())
-            .bind(ride_effects.as_str())
-            .bind(parcel_effects.as_str())
+            .bind(NO_EFFECT_RECORDS)
+            .bind(NO_EFFECT_RECORDS)
             .fetch_all(&mut *self.conn().await?)
             .await?;
         let mut out: Vec<Result<Fenced, sqlx::Error>> = fences
@@ -464,8 +459,6 @@ async fn write_accept(
         .execute(&mut **tx)
         .await?;
     insert_job(tx, job, now, locked_until).await?;
-    let effects: Vec<Effect> = Effect::for_trip(a.trip_type).collect();
-    insert_effect_records(tx, &a.trip_id, a.cohort, &effects).await?;
     Ok(true)
 }
 

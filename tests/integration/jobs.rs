@@ -38,10 +38,9 @@ async fn accepted(store: &tripgate::storage::Storage, driver: &str, trip: &str) 
     assert!(matches!(fenced.outcome, AssignOutcome::Accepted { .. }), "{fenced:?}");
 }
 
-/// The accept writes a `pending` record for each effect of the trip's type (what a job
-/// runner of the previous release expects). The job creates any that is missing — as the
-/// next release's accept will write none: until then the trip shows each effect `pending`,
-/// and the job runs each once.
+/// The accept writes no effect records (the contract step: the previous release's job
+/// runner, like this one, creates any that is missing): until the job has run, the trip
+/// shows each effect of its type `pending`, and the job then creates and runs each once.
 async fn effects_pending_until_the_job_records_them(backend: Backend) {
     let db = TestDb::new(backend).await;
     let stub = WebhookStub::start().await;
@@ -49,28 +48,22 @@ async fn effects_pending_until_the_job_records_them(backend: Backend) {
     let w = World::new(&store).await;
     let (d, t) = (w.driver().await, w.trip(&[]).await);
     accepted(&store, &d, &t).await;
-    let expected: Vec<&str> = tripgate::domain::Effect::for_trip(tripgate::domain::TripType::Ride)
+    assert!(
+        store.effect_rows(&t).await.unwrap().is_empty(),
+        "the accept wrote no records"
+    );
+    let mut want: Vec<&str> = tripgate::domain::Effect::for_trip(tripgate::domain::TripType::Ride)
         .map(Effect::as_str)
         .collect();
-    let mut written: Vec<&str> = Vec::new();
-    let records = store.effect_rows(&t).await.unwrap();
-    for r in &records {
-        assert_eq!((r.state.as_str(), r.calls), ("pending", 0));
-        written.push(r.effect.as_str());
-    }
-    written.sort_unstable();
-    let mut want = expected.clone();
     want.sort_unstable();
-    assert_eq!(written, want, "the accept wrote the ride's effects, pending");
-    crate::support::execute_sql(&db, &format!("DELETE FROM side_effects WHERE trip_request_id = '{t}'")).await;
     let states = store.effect_states(&t).await.unwrap();
     let mut shown: Vec<&str> = states.keys().map(String::as_str).collect();
     shown.sort_unstable();
     assert_eq!(shown, want);
     assert!(states.values().all(|s| s == "pending"), "{states:?}");
 
-    let details = run_the_job_once(&db, &stub, &t, expected.len()).await;
-    assert_eq!(details["side_effects"].as_object().unwrap().len(), expected.len());
+    let details = run_the_job_once(&db, &stub, &t, want.len()).await;
+    assert_eq!(details["side_effects"].as_object().unwrap().len(), want.len());
     store.close().await;
 }
 
@@ -650,11 +643,22 @@ async fn otp_goes_before_a_backlog_of_slower_work(backend: Backend) {
         backlog.push(t);
     }
     // As a retried job leaves them: everything but the arrival push done, priority 1.
+    let records: Vec<String> = backlog
+        .iter()
+        .flat_map(|t| {
+            Effect::for_trip(TripType::Ride).map(move |e| {
+                let state = if e == Effect::ArrivalPush { "failed" } else { "done" };
+                format!("('{t}', '{}', 'atomic_async', '{state}', 1)", e.as_str())
+            })
+        })
+        .collect();
     crate::support::execute_sql(
         &db,
-        "UPDATE side_effects SET state = 'done', calls = 1 WHERE effect <> 'arrival_push'; \
-         UPDATE side_effects SET state = 'failed', calls = 1 WHERE effect = 'arrival_push'; \
-         UPDATE jobs SET priority = 1",
+        &format!(
+            "INSERT INTO side_effects (trip_request_id, effect, cohort, state, calls) VALUES {}; \
+             UPDATE jobs SET priority = 1",
+            records.join(", ")
+        ),
     )
     .await;
     let gw = Gateway::start(
@@ -706,7 +710,16 @@ async fn done_jobs_are_purged_after_retention(backend: Backend) {
             "UPDATE jobs SET state = 'done', updated_at = {long_ago} WHERE trip_request_id = '{old_done}'; \
              UPDATE jobs SET state = 'dead', updated_at = {long_ago} WHERE trip_request_id = '{old_dead}'; \
              UPDATE jobs SET state = 'done' WHERE trip_request_id = '{recent_done}'; \
-             UPDATE side_effects SET state = 'done', calls = 1"
+             INSERT INTO side_effects (trip_request_id, effect, cohort, state, calls) VALUES {}",
+            // The records their jobs wrote.
+            trips
+                .iter()
+                .flat_map(|t| {
+                    Effect::for_trip(TripType::Ride)
+                        .map(move |e| format!("('{t}', '{}', 'atomic_async', 'done', 1)", e.as_str()))
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     )
     .await;
