@@ -290,8 +290,11 @@ pub async fn purge_done_jobs(
     }
 }
 
-/// Most jobs claimed by one statement.
-const CLAIM_BATCH: usize = 32;
+/// Most jobs claimed by one statement — and run as one batch. Under a backlog a bigger
+/// batch costs the same handful of statements for more jobs (BENCHMARKS.md §0b: 32 let the
+/// queue grow at saturation, 128 keeps up); a batch's rows stay far below either
+/// database's parameter limit (128 jobs × 7 effects × 7 values).
+const CLAIM_BATCH: usize = 128;
 
 /// The job workers of this process: one dispatcher that claims jobs and runs up to
 /// `jobs.workers` of them at once. Jobs wait on providers most of the time, so many run
