@@ -626,10 +626,10 @@ async fn a_live_attempt_keeps_its_job_and_a_stalled_one_is_fenced_out(backend: B
     store.close().await;
 }
 
-/// OTP first: 200 queued jobs whose OTP already went out and whose only work left is slow
-/// (a 1 s arrival push each; 4 workers: 50 s of work) do not delay a new trip's OTP — its
-/// job goes before them (priority), handed over within a couple of seconds while most of
-/// the backlog is still waiting.
+/// OTP first: 1,000 queued jobs whose OTP already went out and whose only work left is slow
+/// (a 1 s "route" call each — the arrival push here; 4 workers: over four minutes of work)
+/// do not delay a new trip's OTP — its job goes before them (priority), handed over within
+/// a couple of seconds while the backlog is still waiting.
 async fn otp_goes_before_a_backlog_of_slower_work(backend: Backend) {
     let db = TestDb::new(backend).await;
     let stub = WebhookStub::start().await;
@@ -637,7 +637,7 @@ async fn otp_goes_before_a_backlog_of_slower_work(backend: Backend) {
     let store = db.store().await;
     let w = World::new(&store).await;
     let mut backlog = Vec::new();
-    for _ in 0..200 {
+    for _ in 0..1000 {
         let (d, t) = (w.driver().await, w.trip(&[]).await);
         accepted(&store, &d, &t).await;
         backlog.push(t);
