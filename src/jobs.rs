@@ -22,7 +22,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::config::JobsConfig;
-use crate::domain::now_ms;
+use crate::domain::{Effect, now_ms};
 use crate::effects::{BatchJob, EffectRunner, RunEnd, Schedule};
 use crate::metrics::Metrics;
 use crate::storage::Storage;
@@ -103,14 +103,8 @@ impl JobRunner {
             end = self.effects.run(&attempt, &job.trip_id, schedule) => end,
             () = self.keep_lease(&attempt) => Ok(RunEnd::LeaseLost),
         };
-        let (failures, urgent_left): (Vec<String>, bool) = match end {
-            Ok(RunEnd::Finished(failures)) => (
-                failures
-                    .iter()
-                    .map(|(e, reason)| format!("{}: {reason}", e.as_str()))
-                    .collect(),
-                failures.iter().any(|(e, _)| e.is_urgent()),
-            ),
+        let (failures, urgent_left) = match end {
+            Ok(RunEnd::Finished(failures)) => summary(&failures),
             Ok(RunEnd::LeaseLost) => return self.lost(job, started),
             Err(e) => (vec![format!("storage: {e}")], true),
         };
@@ -140,14 +134,8 @@ impl JobRunner {
         };
         let mut done = Vec::new();
         for (job, end) in jobs.iter().zip(ends) {
-            let (failures, urgent_left): (Vec<String>, bool) = match end {
-                Ok(RunEnd::Finished(failures)) => (
-                    failures
-                        .iter()
-                        .map(|(e, reason)| format!("{}: {reason}", e.as_str()))
-                        .collect(),
-                    failures.iter().any(|(e, _)| e.is_urgent()),
-                ),
+            let (failures, urgent_left) = match end {
+                Ok(RunEnd::Finished(failures)) => summary(&failures),
                 Ok(RunEnd::LeaseLost) => {
                     self.lost(job, started);
                     continue;
@@ -246,6 +234,18 @@ impl JobRunner {
             }
         }
     }
+}
+
+/// An attempt's failures as the job records them ("effect: reason"), and whether an
+/// urgent effect (OTP, parcel SMS) is among them.
+fn summary(failures: &[(Effect, String)]) -> (Vec<String>, bool) {
+    (
+        failures
+            .iter()
+            .map(|(e, reason)| format!("{}: {reason}", e.as_str()))
+            .collect(),
+        failures.iter().any(|(e, _)| e.is_urgent()),
+    )
 }
 
 /// Most done jobs purged by one short transaction.

@@ -127,9 +127,7 @@ async fn put_flag(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = json_body(&headers, body)?;
-    let value: Value =
-        serde_json::from_slice(&body).map_err(|e| ApiError::invalid("body", format!("not valid JSON: {e}")))?;
+    let value = json_value(&headers, body)?;
     let percent = value
         .get("percent")
         .and_then(Value::as_f64)
@@ -207,9 +205,7 @@ async fn seed(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = json_body(&headers, body)?;
-    let value: Value =
-        serde_json::from_slice(&body).map_err(|e| ApiError::invalid("body", format!("not valid JSON: {e}")))?;
+    let value = json_value(&headers, body)?;
     let fields = value
         .as_object()
         .ok_or_else(|| ApiError::invalid("body", "The body must be a JSON object."))?;
@@ -243,4 +239,10 @@ async fn seed(
 /// `GET /admin/checks`: the safety invariants over the whole database, each must be 0.
 async fn checks(State(state): State<AppState>) -> Result<Json<crate::storage::assign::Checks>, ApiError> {
     Ok(Json(state.store.checks().await?))
+}
+
+/// A JSON request body (`application/json`), parsed; 400 naming the body otherwise.
+fn json_value(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
+    let body = json_body(headers, body)?;
+    serde_json::from_slice(&body).map_err(|e| ApiError::invalid("body", format!("not valid JSON: {e}")))
 }

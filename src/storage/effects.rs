@@ -422,35 +422,29 @@ impl Storage {
             .collect()
     }
 
-    /// The fare of trips without bidding (their estimate), and the rejected-driver requests
-    /// of trips, for several trips: the bookkeeping effects of a batch of jobs, one
-    /// statement each.
+    /// The fare of several trips without bidding: their estimate (the bookkeeping effect of
+    /// a batch of jobs, one statement).
     pub async fn settle_unbid_fares(&self, trip_ids: &[String]) -> Result<(), sqlx::Error> {
-        if trip_ids.is_empty() {
-            return Ok(());
-        }
-        let sql = format!(
-            "UPDATE trip_requests SET actual_fare_cents = estimated_fare_cents WHERE bid_on_fare = FALSE AND id IN ({})",
-            marks(1, trip_ids.len())
-        );
-        let mut query = sqlx::query(&sql);
-        for id in trip_ids {
-            query = query.bind(id);
-        }
-        query.execute(&mut *self.conn().await?).await?;
-        Ok(())
+        self.execute_for_trips(
+            "UPDATE trip_requests SET actual_fare_cents = estimated_fare_cents WHERE bid_on_fare = FALSE AND id",
+            trip_ids,
+        )
+        .await
     }
 
     /// Deletes the rejected-driver requests of several trips (see
-    /// [`Storage::cleanup_rejections`]).
+    /// [`Storage::cleanup_rejections`]), one statement.
     pub async fn cleanup_rejections_of(&self, trip_ids: &[String]) -> Result<(), sqlx::Error> {
+        self.execute_for_trips("DELETE FROM rejected_driver_requests WHERE trip_request_id", trip_ids)
+            .await
+    }
+
+    /// Runs `{statement} IN (the trips)`; nothing for no trips.
+    async fn execute_for_trips(&self, statement: &str, trip_ids: &[String]) -> Result<(), sqlx::Error> {
         if trip_ids.is_empty() {
             return Ok(());
         }
-        let sql = format!(
-            "DELETE FROM rejected_driver_requests WHERE trip_request_id IN ({})",
-            marks(1, trip_ids.len())
-        );
+        let sql = format!("{statement} IN ({})", marks(1, trip_ids.len()));
         let mut query = sqlx::query(&sql);
         for id in trip_ids {
             query = query.bind(id);

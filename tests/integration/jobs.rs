@@ -67,6 +67,21 @@ async fn effects_pending_until_the_job_records_them(backend: Backend) {
     store.close().await;
 }
 
+/// Waits until `trip`'s OTP SMS call is at the provider (one call) and every other effect
+/// of it is recorded done.
+async fn otp_sms_in_flight_the_rest_done(store: &tripgate::storage::Storage, stub: &WebhookStub, trip: &str) {
+    eventually(
+        Duration::from_secs(20),
+        "the OTP SMS in flight and the other effects done",
+        || async {
+            let states = store.effect_states(trip).await.ok()?;
+            let others_done = states.iter().filter(|(k, _)| *k != "otp_sms").all(|(_, s)| s == "done");
+            (others_done && stub.calls_for("otp_sms", trip).len() == 1).then_some(())
+        },
+    )
+    .await;
+}
+
 /// Starts a gateway whose worker runs `trip`'s job; then every one of its `effects`
 /// records shows one provider call, and one OTP SMS went out. Returns the trip's details.
 async fn run_the_job_once(db: &TestDb, stub: &WebhookStub, trip: &str, effects: usize) -> Value {
@@ -331,19 +346,7 @@ async fn killed_worker_effects_exactly_once(backend: Backend) {
     };
     let config = crate::support::config(&db.url, dir.path(), &options);
     let mut worker = Process::spawn("worker", &config, dir.path());
-    eventually(
-        Duration::from_secs(20),
-        "OTP SMS in flight and the other effects done",
-        || {
-            let (store, stub, trip) = (store.clone(), stub.clone(), trip.clone());
-            async move {
-                let states = store.effect_states(&trip).await.ok()?;
-                let others_done = states.iter().filter(|(k, _)| *k != "otp_sms").all(|(_, s)| s == "done");
-                (others_done && stub.calls_for("otp_sms", &trip).len() == 1).then_some(())
-            }
-        },
-    )
-    .await;
+    otp_sms_in_flight_the_rest_done(&store, &stub, &trip).await;
     worker.kill9();
     assert_eq!(store.effect_states(&trip).await.unwrap()["otp_sms"], "pending");
 
@@ -521,19 +524,7 @@ async fn a_live_attempt_keeps_its_job_and_a_stalled_one_is_fenced_out(backend: B
     stub.set_delay_for("otp_sms", 5_000);
     let (d, t) = (w.driver().await, w.trip(&[]).await);
     accepted(&store, &d, &t).await;
-    eventually(
-        Duration::from_secs(10),
-        "the first worker's OTP SMS in flight, the rest done",
-        || {
-            let (store, stub, t) = (store.clone(), stub.clone(), t.clone());
-            async move {
-                let states = store.effect_states(&t).await.ok()?;
-                let others_done = states.iter().filter(|(k, _)| *k != "otp_sms").all(|(_, s)| s == "done");
-                (others_done && stub.calls_for("otp_sms", &t).len() == 1).then_some(())
-            }
-        },
-    )
-    .await;
+    otp_sms_in_flight_the_rest_done(&store, &stub, &t).await;
     let pid = first.child.id().to_string();
     assert!(
         std::process::Command::new("kill")
