@@ -24,15 +24,6 @@ use crate::storage::Storage;
 use crate::storage::effects::{CallOutcome, CallsToBegin, EffectContext};
 use crate::storage::jobs::Attempt;
 
-/// How to run a trip's effects.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Schedule {
-    /// One after another, in order (legacy, inline).
-    Sequential,
-    /// All at once (atomic_async job).
-    Parallel,
-}
-
 /// How an attempt's run of a trip's effects ended.
 #[derive(Debug)]
 pub enum RunEnd {
@@ -80,42 +71,31 @@ impl EffectRunner {
         &self.metrics
     }
 
-    /// Runs, as `attempt`, the trip's effects that are not `done` yet. Every write is fenced
-    /// by the attempt: one that lost its job (its lease ran out and another attempt took
-    /// it) makes no further provider call and records nothing.
-    pub async fn run(&self, attempt: &Attempt, trip_id: &str, schedule: Schedule) -> Result<RunEnd, sqlx::Error> {
+    /// Runs, as `attempt`, the trip's effects that are not `done` yet, one after another in
+    /// the legacy order (legacy's inline run), each begun and recorded on its own: an
+    /// attempt that stalls midway calls nothing more once it lost its job (every write is
+    /// fenced by the attempt), and an effect never called is never shown in flight.
+    pub async fn run_in_order(&self, attempt: &Attempt, trip_id: &str) -> Result<RunEnd, sqlx::Error> {
         let job = BatchJob {
             attempt: attempt.clone(),
             trip_id: trip_id.to_owned(),
         };
-        match schedule {
-            Schedule::Parallel => Ok(self
-                .run_batch(std::slice::from_ref(&job))
-                .await?
-                .pop()
-                .unwrap_or(RunEnd::Finished(Vec::new()))),
-            // One effect after another, each begun and recorded on its own, so an attempt
-            // that stalls midway calls nothing more once it lost its job, and an effect
-            // never called is never shown in flight.
-            Schedule::Sequential => {
-                let Some(ctx) = self.store.effect_context(trip_id).await? else {
-                    return Ok(no_driver());
-                };
-                let mut failures = Vec::new();
-                for effect in Effect::for_trip(ctx.trip_type) {
-                    let Some(begun) = self.store.begin_calls(attempt, trip_id, ctx.cohort, &[effect]).await? else {
-                        return Ok(RunEnd::LeaseLost);
-                    };
-                    let calls = begun.into_iter().map(|(e, c)| (0, &ctx, e, c)).collect();
-                    let (mut failed, lost) = self.call(std::slice::from_ref(&job), calls).await?;
-                    if !lost.is_empty() {
-                        return Ok(RunEnd::LeaseLost);
-                    }
-                    failures.append(&mut failed[0]);
-                }
-                Ok(RunEnd::Finished(failures))
+        let Some(ctx) = self.store.effect_context(trip_id).await? else {
+            return Ok(no_driver());
+        };
+        let mut failures = Vec::new();
+        for effect in Effect::for_trip(ctx.trip_type) {
+            let Some(begun) = self.store.begin_calls(attempt, trip_id, ctx.cohort, &[effect]).await? else {
+                return Ok(RunEnd::LeaseLost);
+            };
+            let calls = begun.into_iter().map(|(e, c)| (0, &ctx, e, c)).collect();
+            let (mut failed, lost) = self.call(std::slice::from_ref(&job), calls).await?;
+            if !lost.is_empty() {
+                return Ok(RunEnd::LeaseLost);
             }
+            failures.append(&mut failed[0]);
         }
+        Ok(RunEnd::Finished(failures))
     }
 
     /// Runs the effects of a batch of claimed jobs together, in a handful of statements

@@ -23,7 +23,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::config::JobsConfig;
 use crate::domain::{Effect, now_ms};
-use crate::effects::{BatchJob, EffectRunner, RunEnd, Schedule};
+use crate::effects::{BatchJob, EffectRunner, RunEnd};
 use crate::metrics::Metrics;
 use crate::storage::Storage;
 use crate::storage::jobs::{Attempt, Job, JobResult};
@@ -90,18 +90,18 @@ impl JobRunner {
     /// accept): its effects one after another, in the legacy order. If the process dies
     /// meanwhile, the job's lease runs out and a worker finishes what is not done.
     pub async fn run_inline(&self, job: &Job) -> Option<JobResult> {
-        self.run(job, Schedule::Sequential).await
+        self.run(job).await
     }
 
     /// Runs one attempt of a claimed `job`, renewing its lease while it runs, and records
     /// its result. `None` when the attempt lost the job (its lease ran out — the process
     /// stalled — and another attempt took it): it stopped, and recorded nothing.
-    async fn run(&self, job: &Job, schedule: Schedule) -> Option<JobResult> {
+    async fn run(&self, job: &Job) -> Option<JobResult> {
         let started = std::time::Instant::now();
         let attempt = job.attempt();
         let end = tokio::select! {
-            end = self.effects.run(&attempt, &job.trip_id, schedule) => end,
-            () = self.keep_lease(&attempt) => Ok(RunEnd::LeaseLost),
+            end = self.effects.run_in_order(&attempt, &job.trip_id) => end,
+            () = self.keep_leases(std::slice::from_ref(&attempt)) => Ok(RunEnd::LeaseLost),
         };
         let (failures, urgent_left) = match end {
             Ok(RunEnd::Finished(failures)) => summary(&failures),
@@ -218,21 +218,6 @@ impl JobRunner {
             .metrics()
             .job_attempt(job.kind, "lease_lost", started.elapsed());
         None
-    }
-
-    /// Renews the attempt's lease every third of it; returns once the attempt no longer
-    /// holds its job. A renewal that fails (database unreachable) is tried again at the
-    /// next tick: the lease stays until it runs out.
-    async fn keep_lease(&self, attempt: &Attempt) {
-        let every = Duration::from_millis((self.policy.lease_ms / 3).max(10) as u64);
-        loop {
-            tokio::time::sleep(every).await;
-            match self.store.renew_lease(attempt, now_ms() + self.policy.lease_ms).await {
-                Ok(true) => {}
-                Ok(false) => return,
-                Err(e) => tracing::warn!(job_id = %attempt.job_id, error = %e, "could not renew the job's lease"),
-            }
-        }
     }
 }
 

@@ -369,21 +369,10 @@ impl Storage {
             .collect()
     }
 
-    /// After an attempt's calls: each outcome recorded (`done`, or `failed` with the
-    /// reason; `handed_at` = when it was handed to its provider) in one statement, fenced by
-    /// the attempt. Returns how many records it wrote (0 for a late attempt).
-    pub async fn finish_calls(
-        &self,
-        attempt: &Attempt,
-        trip_id: &str,
-        calls: &[CallOutcome],
-    ) -> Result<u64, sqlx::Error> {
-        let items: Vec<(&Attempt, &str, &CallOutcome)> = calls.iter().map(|c| (attempt, trip_id, c)).collect();
-        Ok(self.finish_calls_batch(&items).await?.len() as u64)
-    }
-
-    /// [`Storage::finish_calls`] for outcomes of several jobs' attempts in one statement,
-    /// each row fenced by its own attempt. Returns the `(trip, effect)` records written.
+    /// After attempts' calls: each outcome recorded (`done`, or `failed` with the reason;
+    /// `handed_at` = when it was handed to its provider) — outcomes of several jobs'
+    /// attempts in one statement, each row fenced by its own attempt. Returns the
+    /// `(trip, effect)` records written (a late attempt's are not).
     pub async fn finish_calls_batch(
         &self,
         items: &[(&Attempt, &str, &CallOutcome)],

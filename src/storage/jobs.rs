@@ -128,21 +128,9 @@ impl Storage {
         Ok(held > 0)
     }
 
-    /// Extends a live attempt's lease to `until` (ms). False when the attempt no longer
-    /// holds the job (its lease ran out and another attempt took it, or it was finished).
-    pub async fn renew_lease(&self, attempt: &Attempt, until: i64) -> Result<bool, sqlx::Error> {
-        let done =
-            sqlx::query("UPDATE jobs SET locked_until = $3 WHERE id = $1 AND attempts = $2 AND state = 'running'")
-                .bind(&attempt.job_id)
-                .bind(attempt.number)
-                .bind(until)
-                .execute(&mut *self.conn().await?)
-                .await?;
-        Ok(done.rows_affected() > 0)
-    }
-
-    /// [`Storage::renew_lease`] of several attempts in one statement; returns the ids of
-    /// the jobs still held.
+    /// Extends the leases of live attempts to `until` (ms), in one statement; returns the
+    /// ids of the jobs still held (an attempt whose lease ran out and whose job another
+    /// attempt took, or that was finished, is not).
     pub async fn renew_leases(&self, attempts: &[Attempt], until: i64) -> Result<Vec<String>, sqlx::Error> {
         self.update_held(attempts, "locked_until = $1", until).await
     }
