@@ -413,7 +413,8 @@ fn minimal_trip(r: &AnyRow, trip_id: &str) -> Result<Value, sqlx::Error> {
 /// locked from then on, so every accept takes the trip row, then the driver row, then
 /// writes the trip's driver (the order `tripgate_accept` keeps too: a legacy and an
 /// atomic_async accept of one driver never wait for each other in a circle) — then the
-/// trip, its status, the job and its effects' pending records (see the module doc). False
+/// trip, its status and the job (the job creates its effects' records, see the module
+/// doc). False
 /// when the driver could not take it (nothing more is
 /// written; the caller drops the transaction).
 async fn write_accept(

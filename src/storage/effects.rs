@@ -271,18 +271,6 @@ impl Storage {
         Ok(jobs == 0)
     }
 
-    /// Creates the records of `effects` that do not exist yet (`pending`, no calls): the
-    /// job does, when it first runs, so that the accept need not (it still does for one
-    /// release, see `storage::assign`).
-    pub async fn create_effect_records(
-        &self,
-        trip_id: &str,
-        cohort: Cohort,
-        effects: &[Effect],
-    ) -> Result<(), sqlx::Error> {
-        insert_effect_records(&mut *self.conn().await?, trip_id, cohort, effects).await
-    }
-
     /// Each effect's record, by effect name.
     pub async fn effect_rows(&self, trip_id: &str) -> Result<Vec<EffectRecord>, sqlx::Error> {
         sqlx::query_as(
@@ -480,30 +468,4 @@ impl Storage {
             .await?;
         Ok(())
     }
-}
-
-/// `pending` records for `effects` of a trip, those not there yet, in one statement.
-pub(super) async fn insert_effect_records(
-    conn: &mut sqlx::AnyConnection,
-    trip_id: &str,
-    cohort: Cohort,
-    effects: &[Effect],
-) -> Result<(), sqlx::Error> {
-    if effects.is_empty() {
-        return Ok(());
-    }
-    // ($1 trip, $2 cohort, $3.. effects)
-    let values: Vec<String> = (0..effects.len())
-        .map(|i| format!("($1, ${}, $2, 'pending', 0)", i + 3))
-        .collect();
-    let sql = format!(
-        "INSERT INTO side_effects (trip_request_id, effect, cohort, state, calls) VALUES {} ON CONFLICT DO NOTHING",
-        values.join(", ")
-    );
-    let mut insert = sqlx::query(&sql).bind(trip_id).bind(cohort.as_str());
-    for effect in effects {
-        insert = insert.bind(effect.as_str());
-    }
-    insert.execute(conn).await?;
-    Ok(())
 }

@@ -817,12 +817,21 @@ impl Drop for PrivateRedis {
     }
 }
 
+/// A port free now, for a child process to listen on. Taken below the kernel's ephemeral
+/// range (32768–60999 by default), so that none of the run's many outgoing connections can
+/// take it as its local port between here and the child's bind (which made a spawned
+/// `serve` fail to start under load); handed out in sequence from a random start, so two
+/// tests of this run never get the same one.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: std::sync::OnceLock<AtomicU32> = std::sync::OnceLock::new();
+    let next = NEXT.get_or_init(|| AtomicU32::new(rand::random_range(0..12_000)));
+    loop {
+        let port = 20_000 + (next.fetch_add(1, Ordering::Relaxed) % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 // === TCP proxy ===
