@@ -1,7 +1,7 @@
 //! The `tripgate` command line. Every command exits non-zero with a one-line reason on
 //! bad configuration or input.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -9,9 +9,9 @@ use clap::{Parser, Subcommand};
 use crate::auth::{Role, TokenKeys};
 use crate::config::{Config, LogFormat, one_line};
 use crate::domain::now_ms;
-use crate::flags::{self, FlagSet};
+use crate::flags::{self, FlagSet, FlagsHandle, fleet};
 use crate::storage::Storage;
-use crate::storage::audit::AuditEntry;
+use crate::storage::flag_state::{ChangeBy, OverridePatch};
 
 /// tripgate: phased rollout of trip acceptance, legacy → atomic_async.
 #[derive(Debug, Parser)]
@@ -48,9 +48,9 @@ pub enum Command {
         /// A customer's token.
         #[arg(long, group = "who")]
         customer: Option<String>,
-        /// An admin token (subject `admin`).
-        #[arg(long, group = "who")]
-        admin: bool,
+        /// An admin token; its subject (the audit's actor) is NAME, `admin` without one.
+        #[arg(long, group = "who", value_name = "NAME", num_args = 0..=1, default_missing_value = "admin")]
+        admin: Option<String>,
     },
     /// Drive load through a running gateway like the driver app does, report per cohort.
     Drive {
@@ -103,20 +103,41 @@ pub enum Command {
 /// `tripgate flags …`
 #[derive(Debug, Subcommand)]
 pub enum FlagsCommand {
-    /// Show the flags in the file.
+    /// Show the flags in force: the file's, and the fleet-wide override where one holds.
     Show {
-        /// As JSON.
+        /// As JSON (the `flags` of `GET /admin/flags`).
         #[arg(long)]
         json: bool,
     },
-    /// Set a flag's percentage (validated, atomic write; the server picks it up).
+    /// Set a flag's fleet-wide override in the database (or, with --file, the file).
     Set {
         /// Flag name, e.g. trip_accept_v2.
         name: String,
         /// 0..=100 in steps of 0.01.
         percent: f64,
+        /// Why (recorded in the audit log).
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Edit the flags file instead (validated, atomic write, comments kept); the
+        /// running gateways record the change.
+        #[arg(long)]
+        file: bool,
+        /// Who (the audit's actor; default: $USER).
+        #[arg(long, env = "TRIPGATE_ACTOR")]
+        actor: Option<String>,
     },
-    /// Explain one driver's cohort.
+    /// Clear a flag's override: the file's flags are in force again.
+    Clear {
+        /// Flag name.
+        name: String,
+        /// Why (recorded in the audit log).
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Who (the audit's actor; default: $USER).
+        #[arg(long, env = "TRIPGATE_ACTOR")]
+        actor: Option<String>,
+    },
+    /// Explain one driver's cohort under the flags in force.
     Explain {
         /// Flag name.
         name: String,
@@ -153,15 +174,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let keys = TokenKeys::new(&config.auth.hs256_secret, config.auth.token_ttl_s);
             let (sub, role) = match (driver, customer, admin) {
-                (Some(id), None, false) => (id, Role::Driver),
-                (None, Some(id), false) => (id, Role::Customer),
-                (None, None, true) => ("admin".to_owned(), Role::Admin),
-                _ => anyhow::bail!("token: give one of --driver ID, --customer ID or --admin"),
+                (Some(id), None, None) => (id, Role::Driver),
+                (None, Some(id), None) => (id, Role::Customer),
+                (None, None, Some(name)) => (name, Role::Admin),
+                _ => anyhow::bail!("token: give one of --driver ID, --customer ID or --admin [NAME]"),
             };
+            if sub.trim().is_empty() {
+                anyhow::bail!("token: the subject must not be empty");
+            }
             println!("{}", keys.mint(&sub, role)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Flags { action } => flags_command(&config, action),
         other => {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(run_async(config, other))
@@ -255,102 +278,152 @@ async fn run_async(config: Config, command: Command) -> anyhow::Result<ExitCode>
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Token { .. } | Command::Flags { .. } => unreachable!("handled without a runtime"),
+        Command::Flags { action } => flags_command(&config, action).await,
+        Command::Token { .. } => unreachable!("handled without a runtime"),
     }
 }
 
-fn flags_command(config: &Config, action: FlagsCommand) -> anyhow::Result<ExitCode> {
+async fn flags_command(config: &Config, action: FlagsCommand) -> anyhow::Result<ExitCode> {
     let path = &config.flags.path;
     match action {
         FlagsCommand::Show { json } => {
-            let set = FlagSet::load(path)?;
+            let snapshot = flags_in_force(config).await?;
             if json {
-                let flags: serde_json::Map<String, serde_json::Value> = set
-                    .flags
-                    .iter()
-                    .map(|(n, f)| (n.clone(), serde_json::json!({"percent": f.percent(), "salt": f.salt, "allow": f.allow, "deny": f.deny})))
-                    .collect();
                 println!(
                     "{}",
-                    serde_json::json!({"flags": flags, "path": path.display().to_string()})
+                    serde_json::json!({"flags": snapshot.flags_json(), "path": path.display().to_string()})
                 );
             } else {
                 println!("{}", path.display());
-                for (name, f) in &set.flags {
+                for (name, f) in &snapshot.set.flags {
                     println!(
-                        "{name}: percent={} salt={:?} allow={} deny={}",
+                        "{name}: percent={} source={} salt={:?} allow={} deny={}",
                         f.percent(),
+                        snapshot.source(name),
                         f.salt,
                         f.allow.len(),
                         f.deny.len()
                     );
+                    if let Some(why) = snapshot.why(name) {
+                        println!("  {why}");
+                    }
                 }
             }
             Ok(ExitCode::SUCCESS)
         }
-        FlagsCommand::Set { name, percent } => {
+        FlagsCommand::Set {
+            name,
+            percent,
+            reason,
+            file: true,
+            ..
+        } => {
+            if !reason.is_empty() {
+                anyhow::bail!("flags set --file: a file edit has no --reason (say it in the commit)");
+            }
             let from = flags::write_percent(path, &name, percent)?;
-            println!("{name}: {from} -> {percent} ({})", path.display());
-            audit_cli_change(config, &name, from, percent, path);
+            println!("{name}: file {from} -> {percent} ({})", path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        FlagsCommand::Set {
+            name,
+            percent,
+            reason,
+            actor,
+            file: false,
+        } => {
+            let threshold =
+                flags::percent_to_threshold(percent).map_err(|r| anyhow::anyhow!("flags set: percent {r}"))?;
+            let file = FlagSet::load(path)?;
+            let store = migrated_store(config).await?;
+            let patch = OverridePatch {
+                percent_bp: Some(threshold),
+                ..OverridePatch::default()
+            };
+            let entry = fleet::set_override(&store, &file, &name, &patch, &cli_change(actor, reason)).await?;
+            println!(
+                "{name}: {} -> {} (override by {}; every gateway within a second)",
+                entry.from.unwrap_or(entry.to),
+                entry.to,
+                entry.actor
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        FlagsCommand::Clear { name, reason, actor } => {
+            let file = FlagSet::load(path)?;
+            let store = migrated_store(config).await?;
+            match fleet::clear_override(&store, &file, &name, &cli_change(actor, reason)).await? {
+                Some(entry) => println!(
+                    "{name}: override cleared, {} -> {} (the file's)",
+                    entry.from.unwrap_or(entry.to),
+                    entry.to
+                ),
+                None => println!("{name}: no override in force; the file's flags hold"),
+            }
             Ok(ExitCode::SUCCESS)
         }
         FlagsCommand::Explain { name, driver_id, json } => {
-            let set = FlagSet::load(path)?;
-            let flag = set
-                .flags
-                .get(&name)
+            let snapshot = flags_in_force(config).await?;
+            let e = snapshot
+                .explain(&name, &driver_id)
                 .ok_or_else(|| anyhow::anyhow!("flags explain: no flag {name:?} in {}", path.display()))?;
-            let e = flag.explain(&name, &driver_id);
             if json {
                 println!("{}", serde_json::to_string(&e)?);
             } else {
                 println!(
-                    "{}: driver {} bucket {} threshold {} list {} -> {}",
+                    "{}: driver {} bucket {} threshold {} list {} -> {} (source {})",
                     e.flag,
                     e.driver_id,
                     e.bucket,
                     e.threshold,
                     e.list.unwrap_or("none"),
-                    e.cohort
+                    e.cohort,
+                    e.source
                 );
+                if let Some(why) = snapshot.why(&name) {
+                    println!("  {why}");
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
     }
 }
 
-/// Records a CLI change in the audit log; the file is already written, so a database
-/// that cannot be reached only costs the audit entry (and says so).
-fn audit_cli_change(config: &Config, name: &str, from: f64, to: f64, path: &Path) {
-    let result = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map(|rt| {
-            rt.block_on(async {
-                let store = Storage::connect(&config.database)?;
-                store
-                    .migrate()
-                    .await
-                    .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
-                let entry = AuditEntry {
-                    at: now_ms(),
-                    actor: "cli".into(),
-                    source: "cli".into(),
-                    flag: name.to_owned(),
-                    from: Some(from),
-                    to,
-                };
-                store.record_flag_change(&entry).await
-            })
-        });
-    match result {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => eprintln!(
-            "tripgate: warning: {} changed but not audited: {}",
-            path.display(),
+/// The file's flags with the overrides in the database applied. A database that cannot be
+/// read leaves the file's flags, with a warning on stderr.
+async fn flags_in_force(config: &Config) -> anyhow::Result<std::sync::Arc<flags::Snapshot>> {
+    let handle = FlagsHandle::new(FlagSet::load(&config.flags.path)?, config.flags.path.clone());
+    let read = async { Storage::connect(&config.database)?.flag_overrides().await };
+    match read.await {
+        Ok(rows) => {
+            handle.set_overrides(fleet::overrides_of(&rows));
+        }
+        Err(e) => eprintln!(
+            "tripgate: warning: overrides not read ({}); showing the file's flags",
             one_line(&e.to_string())
         ),
-        Err(e) => eprintln!("tripgate: warning: not audited: {e}"),
+    }
+    Ok(handle.snapshot())
+}
+
+/// The configured database, migrated (an embedded SQLite may be new).
+async fn migrated_store(config: &Config) -> anyhow::Result<Storage> {
+    let store = Storage::connect(&config.database)?;
+    store.migrate().await?;
+    Ok(store)
+}
+
+/// A change made through the CLI: `--actor`, else `$USER`, else `cli`.
+fn cli_change(actor: Option<String>, reason: String) -> ChangeBy {
+    let actor = actor
+        .or_else(|| std::env::var("USER").ok())
+        .filter(|a| !a.trim().is_empty())
+        .unwrap_or_else(|| "cli".into());
+    ChangeBy {
+        actor,
+        source: "cli".into(),
+        reason,
+        at: now_ms(),
     }
 }
 

@@ -59,6 +59,10 @@ pub enum ApiError {
     /// Some other resource (job, customer trip) does not exist.
     #[error("{0} not found")]
     NotFound(&'static str),
+    /// The request conflicts with the state it would change (e.g. an override while the
+    /// flags file's kill switch is on).
+    #[error("conflict: {0}")]
+    Conflict(String),
     /// The body exceeds `server.max_body_bytes`.
     #[error("request body too large")]
     PayloadTooLarge,
@@ -93,6 +97,7 @@ impl ApiError {
             | Self::VehicleMismatch
             | Self::TripNotPending => StatusCode::FORBIDDEN,
             Self::TripNotFound | Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Conflict(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
@@ -113,6 +118,7 @@ impl ApiError {
             Self::TripNotPending => "trip_not_pending_403",
             Self::TripNotFound => "trip_request_404",
             Self::NotFound(_) => "default_404",
+            Self::Conflict(_) => "conflict_409",
             Self::RateLimited => "too_many_requests_429",
             Self::Unavailable(_) => "service_unavailable_503",
             Self::Internal(_) => "default_500",
@@ -129,6 +135,7 @@ impl ApiError {
             Self::VehicleMismatch => Outcome::Mismatch,
             Self::TripNotPending => Outcome::NotPending,
             Self::TripNotFound | Self::NotFound(_) => Outcome::NotFound,
+            Self::Conflict(_) => Outcome::Invalid,
             Self::RateLimited => Outcome::RateLimited,
             Self::Unavailable(_) | Self::Internal(_) => Outcome::Error,
         }
@@ -145,6 +152,7 @@ impl ApiError {
             Self::TripNotPending => "This trip is no longer pending.".into(),
             Self::TripNotFound => "Trip request not found.".into(),
             Self::NotFound(what) => format!("{what} not found."),
+            Self::Conflict(why) => why.clone(),
             Self::PayloadTooLarge => "Request body too large.".into(),
             Self::UnsupportedMediaType => "Content-Type must be application/json.".into(),
             Self::RateLimited => "Too many requests.".into(),

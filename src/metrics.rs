@@ -46,6 +46,8 @@ pub struct Metrics {
     cohort_assignments: IntCounterVec,
     flags_reloads: IntCounterVec,
     flags_last_reload: Gauge,
+    flags_override: IntGaugeVec,
+    flags_changes: IntCounterVec,
     pool_connections: IntGaugeVec,
     pool_acquire: HistogramVec,
     pool_timeouts: IntCounterVec,
@@ -179,6 +181,21 @@ impl Metrics {
         )
         .expect("valid gauge");
         r.register(Box::new(flags_last_reload.clone())).expect("unique metric");
+        let flags_override = IntGaugeVec::new(
+            Opts::new(
+                "tripgate_flags_override",
+                "1 while an override (API, CLI, console, guard) is in force for the flag.",
+            ),
+            &["flag"],
+        )
+        .expect("valid gauge");
+        r.register(Box::new(flags_override.clone())).expect("unique metric");
+        let flags_changes = counter(
+            &r,
+            "tripgate_flags_changes_total",
+            "Changes to the flags in force on this instance, by flag and source (file, api, cli, console, guard).",
+            &["flag", "source"],
+        );
         let pool_connections = IntGaugeVec::new(
             Opts::new(
                 "tripgate_db_pool_connections",
@@ -266,6 +283,10 @@ impl Metrics {
             lock_errors.with_label_values(&[backend]);
         }
         rollout_percent.with_label_values(&[TRIP_ACCEPT_FLAG]);
+        flags_override.with_label_values(&[TRIP_ACCEPT_FLAG]);
+        for source in ["file", "api", "cli", "console", "guard"] {
+            flags_changes.with_label_values(&[TRIP_ACCEPT_FLAG, source]);
+        }
         for result in ["ok", "unchanged", "error"] {
             flags_reloads.with_label_values(&[result]);
         }
@@ -286,6 +307,8 @@ impl Metrics {
             cohort_assignments,
             flags_reloads,
             flags_last_reload,
+            flags_override,
+            flags_changes,
             pool_connections,
             pool_acquire,
             pool_timeouts,
@@ -401,6 +424,18 @@ impl Metrics {
             self.rollout_percent.with_label_values(&[name]).set(percent);
         }
         self.flags_last_reload.set(loaded_at_ms as f64 / 1000.0);
+    }
+
+    /// Whether each flag has an override in force (`tripgate_flags_override`).
+    pub fn flags_overridden<'a>(&self, overridden: impl IntoIterator<Item = (&'a str, bool)>) {
+        for (name, on) in overridden {
+            self.flags_override.with_label_values(&[name]).set(i64::from(on));
+        }
+    }
+
+    /// The flags in force changed through `source` (file, api, cli, console, guard).
+    pub fn flag_changed(&self, flag: &str, source: &str) {
+        self.flags_changes.with_label_values(&[flag, source]).inc();
     }
 
     /// The recorders of one database pool (`api` | `jobs`).

@@ -20,7 +20,7 @@ use crate::auth::TokenKeys;
 use crate::config::Config;
 use crate::effects::EffectRunner;
 use crate::events::EventBus;
-use crate::flags::{FlagSet, FlagsHandle, watcher::FlagsWatcher};
+use crate::flags::{FlagSet, FlagsHandle, fleet, watcher::FlagsWatcher};
 use crate::http::listener::ConnectionLimits;
 use crate::http::{AppState, admin_router, api_router, driver::AcceptServices, worker_admin_router};
 use crate::jobs::{JobRunner, RetryPolicy, Workers};
@@ -111,10 +111,21 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
     let store = Storage::connect(&config.database)?.observed_as("api", &metrics);
     let flag_set = FlagSet::load(&config.flags.path)?;
     let flags = FlagsHandle::new(flag_set, config.flags.path.clone());
-    {
-        let snapshot = flags.snapshot();
-        metrics.flags_loaded(snapshot.percents(), snapshot.loaded_at_ms);
+    if role == Role::Serve {
+        // An override in force is served from the first request (a database that does not
+        // answer in time leaves the file's flags until the sync reads them).
+        let wait = Duration::from_millis(config.database.acquire_timeout_ms).min(Duration::from_secs(2));
+        match tokio::time::timeout(wait, store.flag_overrides()).await {
+            Ok(Ok(rows)) => {
+                flags.set_overrides(fleet::overrides_of(&rows));
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "flag overrides not read at start; the file's flags until they are")
+            }
+            Err(_) => tracing::warn!("flag overrides not read at start (timeout); the file's flags until they are"),
+        }
     }
+    fleet::report(&metrics, &flags.snapshot());
 
     let redis = if config.redis.url.is_empty() {
         tracing::warn!("redis.url is empty: in-process lock store and event bus — run a single instance only");
@@ -201,6 +212,11 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
         servers.push(FlagsWatcher::spawn(
             flags.clone(),
             config.flags.path.clone(),
+            metrics.clone(),
+            shutdown_rx.clone(),
+        ));
+        servers.push(fleet::spawn(
+            flags.clone(),
             store.clone(),
             metrics.clone(),
             shutdown_rx.clone(),

@@ -1,11 +1,15 @@
 //! Rollout flags: the file (`flags/rollout.toml`), its validation, the sticky bucketing
 //! and the lock-free snapshot the request path reads.
 //!
-//! The file is the single source of truth: the CLI and the admin API change it by
-//! rewriting it (atomically, keeping comments), and the watcher loads whatever it holds.
-//! A file that does not validate is never swapped in: the last good flags stay in force.
+//! The file is the declared default (GitOps, a read-only ConfigMap); a change made by a
+//! person (API, CLI, console) or the guard is an [`Override`] stored in the database and in
+//! force on every instance until cleared — except that a file saying `percent = 0`, the
+//! kill switch, wins over any override. The watcher loads whatever the file holds
+//! ([`watcher`]), the fleet sync the overrides ([`fleet`]). A file that does not validate
+//! is never swapped in: the last good flags stay in force.
 
 pub mod bucketing;
+pub mod fleet;
 pub mod watcher;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -104,6 +108,7 @@ impl Flag {
             threshold: self.threshold,
             list,
             cohort: self.decide(driver_id).as_str(),
+            source: "file",
         }
     }
 }
@@ -123,6 +128,8 @@ pub struct Explanation {
     pub list: Option<&'static str>,
     /// The resulting cohort.
     pub cohort: &'static str,
+    /// Where the flag in force comes from: `file` or `override`.
+    pub source: &'static str,
 }
 
 /// A validated flags file.
@@ -233,15 +240,63 @@ fn parse_ids(value: &toml::Value) -> Result<BTreeSet<String>, String> {
         .collect()
 }
 
-/// The flags in force, with where and when they were loaded.
+/// An override in force, as the flags use it: set through the API, the CLI, the console
+/// or the guard, stored in the database, and in force on every instance until cleared.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Override {
+    /// The percent in basis points; `None` keeps the file's.
+    pub threshold: Option<u32>,
+    /// Driver ids added to the file's allow list.
+    pub allow: BTreeSet<String>,
+    /// Driver ids added to the file's deny list.
+    pub deny: BTreeSet<String>,
+    /// Who set it.
+    pub actor: String,
+    /// api | cli | console | guard
+    pub source: String,
+    /// Why.
+    pub reason: String,
+    /// When (ms).
+    pub at_ms: i64,
+}
+
+/// The flags in force: the file's, with each override applied — except where the file
+/// says `percent = 0`, the kill switch, which wins over any override.
+pub fn in_force(file: &FlagSet, overrides: &BTreeMap<String, Override>) -> FlagSet {
+    let flags = file
+        .flags
+        .iter()
+        .map(|(name, flag)| {
+            let flag = match overrides.get(name) {
+                Some(o) if flag.threshold > 0 => Flag {
+                    threshold: o.threshold.unwrap_or(flag.threshold),
+                    salt: flag.salt.clone(),
+                    allow: flag.allow.union(&o.allow).cloned().collect(),
+                    deny: flag.deny.union(&o.deny).cloned().collect(),
+                },
+                _ => flag.clone(),
+            };
+            (name.clone(), flag)
+        })
+        .collect();
+    FlagSet { flags }
+}
+
+/// The flags in force, with where they come from and when they were loaded.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
-    /// The flags.
+    /// The flags in force (the file with the overrides applied).
     pub set: FlagSet,
-    /// Increases with each successful load.
+    /// What the file says.
+    pub file: FlagSet,
+    /// The overrides stored in the database, as this instance last read them.
+    pub overrides: BTreeMap<String, Override>,
+    /// Increases with each change of the flags in force or of an override.
     pub version: u64,
-    /// When they were loaded (ms).
+    /// When the flags in force last changed (ms).
     pub loaded_at_ms: i64,
+    /// When the file's content last changed (ms).
+    pub file_loaded_at_ms: i64,
     /// The file.
     pub path: PathBuf,
 }
@@ -263,24 +318,162 @@ impl Snapshot {
             .iter()
             .map(|(name, flag)| (name.as_str(), flag.percent()))
     }
+
+    /// `name`'s override, if one is in force (stored, and not overruled by the kill switch).
+    pub fn override_in_force(&self, name: &str) -> Option<&Override> {
+        let file = self.file.flags.get(name)?;
+        self.overrides.get(name).filter(|_| file.threshold > 0)
+    }
+
+    /// Whether each flag has an override in force, for the `tripgate_flags_override` gauge.
+    pub fn overridden(&self) -> impl Iterator<Item = (&str, bool)> {
+        self.file
+            .flags
+            .keys()
+            .map(|name| (name.as_str(), self.override_in_force(name).is_some()))
+    }
+
+    /// Where `name`'s percent in force comes from: `override` or `file`.
+    pub fn source(&self, name: &str) -> &'static str {
+        if self.override_in_force(name).is_some() {
+            "override"
+        } else {
+            "file"
+        }
+    }
+
+    /// One flag as `GET /admin/flags` and `flags show --json` report it: the flag in
+    /// force, its source, the file's percent and the override.
+    pub fn flag_json(&self, name: &str) -> Option<serde_json::Value> {
+        let flag = self.set.flags.get(name)?;
+        let file = self.file.flags.get(name)?;
+        let stored = self.overrides.get(name).map(|o| {
+            serde_json::json!({
+                "percent": o.threshold.map(|t| f64::from(t) / 100.0),
+                "allow": o.allow,
+                "deny": o.deny,
+                "actor": o.actor,
+                "source": o.source,
+                "reason": o.reason,
+                "at": o.at_ms,
+                "in_force": self.override_in_force(name).is_some(),
+            })
+        });
+        Some(serde_json::json!({
+            "percent": flag.percent(),
+            "salt": flag.salt,
+            "allow": flag.allow,
+            "deny": flag.deny,
+            "source": self.source(name),
+            "file_percent": file.percent(),
+            "override": stored,
+        }))
+    }
+
+    /// Why `driver_id` is in its cohort under the flags in force.
+    pub fn explain(&self, name: &str, driver_id: &str) -> Option<Explanation> {
+        let mut e = self.set.flags.get(name)?.explain(name, driver_id);
+        e.source = self.source(name);
+        Some(e)
+    }
+
+    /// Every flag, as [`Snapshot::flag_json`].
+    pub fn flags_json(&self) -> serde_json::Map<String, serde_json::Value> {
+        self.set
+            .flags
+            .keys()
+            .filter_map(|name| Some((name.clone(), self.flag_json(name)?)))
+            .collect()
+    }
+
+    /// Why `name` has the percent it has, in one line: "file says 20; override 50 by alice
+    /// (api) since <ms>: reason", "file says 0: kill switch (override 50 by alice not in
+    /// force)", or "file says 20".
+    pub fn why(&self, name: &str) -> Option<String> {
+        let file = self.file.flags.get(name)?;
+        let stored = self.overrides.get(name);
+        let describe = |o: &Override| {
+            let percent = o
+                .threshold
+                .map_or_else(|| "(file's percent)".to_owned(), |t| (f64::from(t) / 100.0).to_string());
+            let lists = match (o.allow.len(), o.deny.len()) {
+                (0, 0) => String::new(),
+                (a, d) => format!(" (+{a} allow, +{d} deny)"),
+            };
+            let reason = if o.reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", o.reason)
+            };
+            let since = std::time::UNIX_EPOCH + std::time::Duration::from_millis(o.at_ms.max(0) as u64);
+            format!(
+                "override {percent}{lists} by {} ({}) since {}{reason}",
+                o.actor,
+                o.source,
+                httpdate::fmt_http_date(since)
+            )
+        };
+        Some(match stored {
+            Some(o) if file.threshold > 0 => format!("file says {}; {}", file.percent(), describe(o)),
+            Some(o) => format!("file says 0: kill switch ({} not in force)", describe(o)),
+            None => format!("file says {}", file.percent()),
+        })
+    }
 }
 
-/// The lock-free handle the request path reads (`arc-swap`) and the watcher swaps.
+/// The lock-free handle the request path reads (`arc-swap`); the file watcher swaps the
+/// file's flags in, the fleet sync the overrides, each recomputing the flags in force.
 #[derive(Debug, Clone)]
 pub struct FlagsHandle {
     current: Arc<ArcSwap<Snapshot>>,
+    /// Serialises the writers (file and overrides), so neither loses the other's change.
+    writer: Arc<std::sync::Mutex<()>>,
+    /// Each file content this instance swapped in, oldest first, until the fleet sync has
+    /// recorded it (so a quick A → B → C is recorded as two changes, not one).
+    file_seen: Arc<std::sync::Mutex<std::collections::VecDeque<FileSeen>>>,
+    /// Notified when the file's flags change.
+    file_changed: Arc<tokio::sync::Notify>,
+}
+
+/// The file's percent per flag (basis points) as this instance loaded it, and when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileSeen {
+    /// When it was swapped in (ms).
+    pub at_ms: i64,
+    /// Flag name → percent in basis points.
+    pub thresholds: BTreeMap<String, u32>,
+}
+
+/// Most file contents kept for the fleet sync while the database cannot be reached.
+const FILE_SEEN_MAX: usize = 1000;
+
+impl FileSeen {
+    fn of(set: &FlagSet, at_ms: i64) -> Self {
+        Self {
+            at_ms,
+            thresholds: set.flags.iter().map(|(n, f)| (n.clone(), f.threshold)).collect(),
+        }
+    }
 }
 
 impl FlagsHandle {
-    /// A handle starting with `set`.
+    /// A handle starting with the file's `set` and no override.
     pub fn new(set: FlagSet, path: PathBuf) -> Self {
+        let now = now_ms();
+        let seen = FileSeen::of(&set, now);
         Self {
             current: Arc::new(ArcSwap::from_pointee(Snapshot {
-                set,
+                set: set.clone(),
+                file: set,
+                overrides: BTreeMap::new(),
                 version: 1,
-                loaded_at_ms: now_ms(),
+                loaded_at_ms: now,
+                file_loaded_at_ms: now,
                 path,
             })),
+            writer: Arc::new(std::sync::Mutex::new(())),
+            file_seen: Arc::new(std::sync::Mutex::new([seen].into())),
+            file_changed: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -294,20 +487,77 @@ impl FlagsHandle {
         self.current.load_full()
     }
 
-    /// Swaps in `set` if it differs from the flags in force; returns the previous set
-    /// when it did.
+    /// Notified each time the file's flags change.
+    pub fn file_changed(&self) -> Arc<tokio::sync::Notify> {
+        self.file_changed.clone()
+    }
+
+    /// The oldest file content not yet recorded by the fleet sync.
+    pub fn next_file_seen(&self) -> Option<FileSeen> {
+        self.file_seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .front()
+            .cloned()
+    }
+
+    /// The fleet sync recorded the oldest file content.
+    pub fn file_seen_recorded(&self) {
+        self.file_seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop_front();
+    }
+
+    /// Swaps in the file's `set` if it differs from the file's flags in force; returns the
+    /// previous file set when it did.
     pub fn replace(&self, set: FlagSet) -> Option<FlagSet> {
-        let old = self.current.load_full();
-        if old.set == set {
-            return None;
+        let old = self.update(|snapshot| {
+            if snapshot.file == set {
+                return None;
+            }
+            let old = std::mem::replace(&mut snapshot.file, set.clone());
+            snapshot.file_loaded_at_ms = now_ms();
+            let mut seen = self.file_seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if seen.len() >= FILE_SEEN_MAX {
+                seen.pop_front();
+            }
+            seen.push_back(FileSeen::of(&set, snapshot.file_loaded_at_ms));
+            Some(old)
+        });
+        if old.is_some() {
+            self.file_changed.notify_one();
         }
-        self.current.store(Arc::new(Snapshot {
-            set,
-            version: old.version + 1,
-            loaded_at_ms: now_ms(),
-            path: old.path.clone(),
-        }));
-        Some(old.set.clone())
+        old
+    }
+
+    /// Swaps in the overrides read from the database; true when they differ from the ones
+    /// in force.
+    pub fn set_overrides(&self, overrides: BTreeMap<String, Override>) -> bool {
+        self.update(|snapshot| {
+            if snapshot.overrides == overrides {
+                return None;
+            }
+            snapshot.overrides = overrides.clone();
+            Some(())
+        })
+        .is_some()
+    }
+
+    /// Applies `change` to a copy of the snapshot and, when it says it changed something,
+    /// recomputes the flags in force and swaps the copy in.
+    fn update<T>(&self, change: impl FnOnce(&mut Snapshot) -> Option<T>) -> Option<T> {
+        let _writer = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut next = Snapshot::clone(&self.current.load());
+        let changed = change(&mut next)?;
+        let set = in_force(&next.file, &next.overrides);
+        if set != next.set {
+            next.set = set;
+            next.loaded_at_ms = now_ms();
+        }
+        next.version += 1;
+        self.current.store(Arc::new(next));
+        Some(changed)
     }
 }
 
@@ -412,6 +662,63 @@ mod tests {
             let text = format!("[trip_accept_v2]\npercent = {}\n", f64::from(bp) / 100.0);
             proptest::prop_assert_eq!(FlagSet::parse(&text).unwrap().flags[TRIP_ACCEPT_FLAG].threshold, bp);
         }
+    }
+
+    fn override_of(threshold: Option<u32>, allow: &[&str], deny: &[&str]) -> BTreeMap<String, Override> {
+        let o = Override {
+            threshold,
+            allow: allow.iter().map(|s| s.to_string()).collect(),
+            deny: deny.iter().map(|s| s.to_string()).collect(),
+            actor: "alice".into(),
+            source: "api".into(),
+            reason: String::new(),
+            at_ms: 0,
+        };
+        [(TRIP_ACCEPT_FLAG.to_owned(), o)].into()
+    }
+
+    #[test]
+    fn an_override_applies_over_the_file_except_the_kill_switch() {
+        let file = FlagSet::parse(GOOD).unwrap();
+        let set = in_force(&file, &override_of(Some(5000), &["x"], &["y"]));
+        let flag = &set.flags[TRIP_ACCEPT_FLAG];
+        assert_eq!(flag.threshold, 5000);
+        assert_eq!(flag.allow, ["a", "x"].map(String::from).into());
+        assert_eq!(flag.deny, ["a", "d", "y"].map(String::from).into());
+        let lists_only = in_force(&file, &override_of(None, &[], &["y"]));
+        assert_eq!(lists_only.flags[TRIP_ACCEPT_FLAG].threshold, 1000, "the file's percent");
+        let off = FlagSet::parse("[trip_accept_v2]\npercent = 0\n").unwrap();
+        assert_eq!(
+            in_force(&off, &override_of(Some(10_000), &["x"], &[])),
+            off,
+            "kill switch"
+        );
+
+        let handle = FlagsHandle::new(file.clone(), PathBuf::from("f"));
+        assert!(handle.set_overrides(override_of(Some(5000), &[], &[])));
+        assert!(!handle.set_overrides(override_of(Some(5000), &[], &[])), "no change");
+        assert_eq!(handle.snapshot().source(TRIP_ACCEPT_FLAG), "override");
+        // A file change keeps the override; the kill switch overrules it.
+        handle.replace(FlagSet::parse("[trip_accept_v2]\npercent = 20\n").unwrap());
+        assert_eq!(handle.snapshot().set.flags[TRIP_ACCEPT_FLAG].threshold, 5000);
+        handle.replace(off.clone());
+        let snapshot = handle.snapshot();
+        assert_eq!(
+            (
+                snapshot.set.flags[TRIP_ACCEPT_FLAG].threshold,
+                snapshot.source(TRIP_ACCEPT_FLAG)
+            ),
+            (0, "file")
+        );
+        assert!(snapshot.why(TRIP_ACCEPT_FLAG).unwrap().contains("kill switch"));
+        // Each file content waits, in order, for the fleet sync.
+        let seen: Vec<u32> = std::iter::from_fn(|| {
+            let next = handle.next_file_seen()?;
+            handle.file_seen_recorded();
+            Some(next.thresholds[TRIP_ACCEPT_FLAG])
+        })
+        .collect();
+        assert_eq!(seen, [1000, 2000, 0]);
     }
 
     #[test]

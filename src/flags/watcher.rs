@@ -11,10 +11,7 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use super::{FlagSet, FlagsError, FlagsHandle};
-use crate::domain::now_ms;
 use crate::metrics::Metrics;
-use crate::storage::Storage;
-use crate::storage::audit::AuditEntry;
 
 /// What a reload did.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,13 +34,12 @@ pub fn reload(handle: &FlagsHandle, path: &Path) -> Result<Reload, FlagsError> {
 /// Watches the flags file's folder (not the file: editors replace it by rename, and a
 /// Kubernetes ConfigMap swaps a `..data` symlink), debounces, and reloads; a slow poll of
 /// the resolved file's fingerprint covers filesystems without inotify; `SIGHUP` forces a
-/// reload. Each change is logged, counted and written to the audit log (actor `file`).
+/// reload. Each change is logged and counted; the fleet sync ([`super::fleet`]) records it in
+/// the audit log, once for the fleet.
 pub struct FlagsWatcher;
 
 /// How long to let a burst of filesystem events settle before reading the file.
 const DEBOUNCE: Duration = Duration::from_millis(75);
-/// How long a file change waits before it is audited as a plain edit (see `apply`).
-const AUDIT_SETTLE: Duration = Duration::from_secs(2);
 /// Fallback poll interval.
 const POLL: Duration = Duration::from_secs(5);
 
@@ -52,7 +48,6 @@ impl FlagsWatcher {
     pub fn spawn(
         handle: FlagsHandle,
         path: PathBuf,
-        store: Storage,
         metrics: Arc<Metrics>,
         mut shutdown: watch::Receiver<bool>,
     ) -> JoinHandle<()> {
@@ -79,31 +74,25 @@ impl FlagsWatcher {
                     }
                 };
                 seen = fingerprint(&path);
-                apply(&handle, &path, &store, &metrics, forced).await;
+                apply(&handle, &path, &metrics, forced);
             }
         })
     }
 }
 
-/// Reloads once and reports the result (log, metrics, audit).
-pub async fn apply(handle: &FlagsHandle, path: &Path, store: &Storage, metrics: &Metrics, forced: bool) {
+/// Reloads once and reports the result (log, metrics).
+pub fn apply(handle: &FlagsHandle, path: &Path, metrics: &Metrics, forced: bool) {
     match reload(handle, path) {
         Ok(Reload::Changed(old)) => {
             let snapshot = handle.snapshot();
             metrics.flags_reload("ok");
-            metrics.flags_loaded(snapshot.percents(), snapshot.loaded_at_ms);
-            for (name, flag) in &snapshot.set.flags {
+            super::fleet::report(metrics, &snapshot);
+            for (name, flag) in &snapshot.file.flags {
                 let from = old.flags.get(name).map(|f| f.percent());
-                tracing::info!(flag = %name, from = ?from, to = flag.percent(), version = snapshot.version, "flags reloaded");
+                let source = snapshot.source(name);
+                tracing::info!(flag = %name, from = ?from, to = flag.percent(), in_force = ?snapshot.set.flags.get(name).map(|f| f.percent()), source, version = snapshot.version, "flags file reloaded");
                 if from != Some(flag.percent()) {
-                    // The API and the CLI audit their own writes, and may do so just
-                    // after this watcher saw the file change: let them, then audit what
-                    // nobody claimed as a plain file edit.
-                    let (store, name, to) = (store.clone(), name.clone(), flag.percent());
-                    tokio::spawn(async move {
-                        tokio::time::sleep(AUDIT_SETTLE).await;
-                        record_file_change(&store, &name, from, to).await;
-                    });
+                    metrics.flag_changed(name, "file");
                 }
             }
         }
@@ -117,33 +106,6 @@ pub async fn apply(handle: &FlagsHandle, path: &Path, store: &Storage, metrics: 
             metrics.flags_reload("error");
             tracing::error!(path = %path.display(), error = %e, "flags file refused; the last good flags stay in force");
         }
-    }
-}
-
-/// Audits a change seen in the file, unless the API or CLI that made it (or another
-/// instance's watcher) already recorded it.
-async fn record_file_change(store: &Storage, flag: &str, from: Option<f64>, to: f64) {
-    let now = now_ms();
-    let recent = store.flag_audit().await.ok().and_then(|entries| {
-        entries
-            .into_iter()
-            .rev()
-            .find(|e| e.flag == flag)
-            .filter(|e| e.to == to && now - e.at < 10_000)
-    });
-    if recent.is_some() {
-        return;
-    }
-    let entry = AuditEntry {
-        at: now,
-        actor: "file".into(),
-        source: "file".into(),
-        flag: flag.to_owned(),
-        from,
-        to,
-    };
-    if let Err(e) = store.record_flag_change(&entry).await {
-        tracing::warn!(error = %e, "could not audit flag change");
     }
 }
 

@@ -9,7 +9,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -18,14 +18,15 @@ use super::{AppState, json_body};
 use crate::auth::AuthUser;
 use crate::domain::{JobState, now_ms};
 use crate::error::ApiError;
-use crate::flags::{self, watcher};
-use crate::storage::audit::AuditEntry;
+use crate::flags::{self, fleet};
+use crate::storage::flag_state::{ChangeBy, OverridePatch};
 
 /// The admin routes.
 pub fn routes(state: AppState) -> Router {
     let admin = Router::new()
         .route("/admin/flags", get(get_flags))
         .route("/admin/flags/{name}", put(put_flag))
+        .route("/admin/flags/{name}/override", delete(clear_override))
         .route("/admin/audit", get(audit))
         .route("/admin/jobs", get(jobs))
         .route("/admin/jobs/{id}/retry", post(retry_job));
@@ -99,27 +100,23 @@ async fn readyz(State(state): State<AppState>) -> Response {
 
 async fn get_flags(State(state): State<AppState>) -> Json<Value> {
     let snapshot = state.flags.snapshot();
-    let flags: serde_json::Map<String, Value> = snapshot
-        .set
-        .flags
-        .iter()
-        .map(|(name, f)| {
-            (
-                name.clone(),
-                json!({"percent": f.percent(), "salt": f.salt, "allow": f.allow, "deny": f.deny}),
-            )
-        })
-        .collect();
     Json(json!({
-        "flags": flags,
+        "flags": snapshot.flags_json(),
         "version": snapshot.version,
         "loaded_at": snapshot.loaded_at_ms,
         "path": snapshot.path.display().to_string(),
     }))
 }
 
-/// Writes the new percentage to the flags file (the single source of truth), then loads
-/// it at once so the change is in force when the answer arrives.
+/// Longest `reason` an override change takes.
+const REASON_MAX: usize = 1000;
+/// Most driver ids in an override's allow or deny list.
+const IDS_MAX: usize = 10_000;
+
+/// `PUT /admin/flags/{name}` `{"percent"?, "allow"?, "deny"?, "reason"?}`: sets the
+/// fleet-wide override (absent fields keep the override's current values), audited with
+/// the token's subject as actor; in force here when the answer arrives, on every instance
+/// within a second.
 async fn put_flag(
     State(state): State<AppState>,
     Extension(user): Extension<AuthUser>,
@@ -128,37 +125,123 @@ async fn put_flag(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let value = json_value(&headers, body)?;
-    let percent = value
-        .get("percent")
-        .and_then(Value::as_f64)
-        .ok_or_else(|| ApiError::invalid("percent", "The percent must be a number in 0..=100."))?;
-    flags::percent_to_threshold(percent).map_err(|reason| ApiError::invalid("percent", reason))?;
-    let path = state.config.flags.path.clone();
-    let name_for_write = name.clone();
-    let written = tokio::task::spawn_blocking(move || flags::write_percent(&path, &name_for_write, percent))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let from = match written {
-        Ok(from) => from,
-        Err(flags::FlagsError::Missing(_)) => return Err(ApiError::NotFound("flag")),
-        Err(flags::FlagsError::Invalid { reason, .. }) => return Err(ApiError::invalid("percent", reason)),
-        Err(e) => return Err(ApiError::Internal(e.to_string())),
-    };
-    if let Ok(watcher::Reload::Changed(_)) = watcher::reload(&state.flags, &state.config.flags.path) {
-        let snapshot = state.flags.snapshot();
-        state.metrics.flags_reload("ok");
-        state.metrics.flags_loaded(snapshot.percents(), snapshot.loaded_at_ms);
+    let fields = value
+        .as_object()
+        .ok_or_else(|| ApiError::invalid("body", "The body must be a JSON object."))?;
+    if let Some(unknown) = fields
+        .keys()
+        .find(|k| !["percent", "allow", "deny", "reason"].contains(&k.as_str()))
+    {
+        return Err(ApiError::invalid("body", format!("Unknown field {unknown}.")));
     }
-    let entry = AuditEntry {
-        at: now_ms(),
-        actor: user.id,
-        source: "api".into(),
-        flag: name.clone(),
-        from: Some(from),
-        to: percent,
+    let percent_bp = match fields.get("percent") {
+        None => None,
+        Some(v) => {
+            let p = v
+                .as_f64()
+                .ok_or_else(|| ApiError::invalid("percent", "The percent must be a number in 0..=100."))?;
+            Some(flags::percent_to_threshold(p).map_err(|reason| ApiError::invalid("percent", reason))?)
+        }
     };
-    state.store.record_flag_change(&entry).await?;
+    let patch = OverridePatch {
+        percent_bp,
+        allow: driver_ids(fields, "allow")?,
+        deny: driver_ids(fields, "deny")?,
+    };
+    if patch == OverridePatch::default() {
+        return Err(ApiError::invalid("body", "Give a percent, an allow or a deny list."));
+    }
+    let by = change_by(&user, fields)?;
+    let file = state.flags.snapshot().file.clone();
+    fleet::set_override(&state.store, &file, &name, &patch, &by)
+        .await
+        .map_err(override_error)?;
+    let _ = fleet::refresh(&state.flags, &state.store, &state.metrics).await;
     Ok(get_flags(State(state)).await.into_response())
+}
+
+/// `DELETE /admin/flags/{name}/override` (optional body `{"reason"}`): back to the file.
+async fn clear_override(
+    State(state): State<AppState>,
+    Extension(user): Extension<AuthUser>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let empty = serde_json::Map::new();
+    let value = match &body {
+        Ok(bytes) if bytes.is_empty() => Value::Object(empty),
+        _ => json_value(&headers, body)?,
+    };
+    let fields = value
+        .as_object()
+        .ok_or_else(|| ApiError::invalid("body", "The body must be a JSON object."))?;
+    if let Some(unknown) = fields.keys().find(|k| k.as_str() != "reason") {
+        return Err(ApiError::invalid("body", format!("Unknown field {unknown}.")));
+    }
+    let by = change_by(&user, fields)?;
+    let file = state.flags.snapshot().file.clone();
+    fleet::clear_override(&state.store, &file, &name, &by)
+        .await
+        .map_err(override_error)?;
+    let _ = fleet::refresh(&state.flags, &state.store, &state.metrics).await;
+    Ok(get_flags(State(state)).await.into_response())
+}
+
+/// The token's subject, the API as source, the body's `reason`, now.
+fn change_by(user: &AuthUser, fields: &serde_json::Map<String, Value>) -> Result<ChangeBy, ApiError> {
+    let reason = match fields.get("reason") {
+        None => String::new(),
+        Some(v) => v
+            .as_str()
+            .filter(|r| r.len() <= REASON_MAX)
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "reason",
+                    format!("The reason must be text of at most {REASON_MAX} bytes."),
+                )
+            })?
+            .trim()
+            .to_owned(),
+    };
+    Ok(ChangeBy {
+        actor: user.id.clone(),
+        source: "api".into(),
+        reason,
+        at: now_ms(),
+    })
+}
+
+/// An optional list of driver ids.
+fn driver_ids(fields: &serde_json::Map<String, Value>, field: &'static str) -> Result<Option<Vec<String>>, ApiError> {
+    let Some(value) = fields.get(field) else {
+        return Ok(None);
+    };
+    let invalid = || {
+        ApiError::invalid(
+            field,
+            format!("The {field} list must be an array of at most {IDS_MAX} non-empty driver id strings."),
+        )
+    };
+    let items = value.as_array().filter(|a| a.len() <= IDS_MAX).ok_or_else(invalid)?;
+    let ids = items
+        .iter()
+        .map(|v| {
+            v.as_str()
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .ok_or_else(invalid)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(ids))
+}
+
+fn override_error(e: fleet::OverrideError) -> ApiError {
+    match e {
+        fleet::OverrideError::UnknownFlag(_) => ApiError::NotFound("flag"),
+        fleet::OverrideError::KillSwitch(_) => ApiError::Conflict(e.to_string()),
+        fleet::OverrideError::Database(e) => e.into(),
+    }
 }
 
 async fn audit(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {

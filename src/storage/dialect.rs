@@ -16,7 +16,9 @@ use tokio::sync::Notify;
 use crate::config::DatabaseKind;
 
 /// The channel an enqueue notifies and every worker process listens on (Postgres).
-const JOBS_CHANNEL: &str = "tripgate_jobs";
+pub const JOBS_CHANNEL: &str = "tripgate_jobs";
+/// The channel a flag change notifies and every gateway listens on (Postgres).
+pub const FLAGS_CHANNEL: &str = "tripgate_flags";
 
 /// Which SQL dialect a [`super::Storage`] speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,12 +55,20 @@ impl Dialect {
                     "job attempts",
                     include_str!("../../migrations/postgres/0004_job_attempts.sql"),
                 ),
+                (
+                    "flag overrides",
+                    include_str!("../../migrations/postgres/0005_flag_overrides.sql"),
+                ),
             ],
             Self::Sqlite => &[
                 ("init", include_str!("../../migrations/sqlite/0001_init.sql")),
                 (
                     "job attempts",
                     include_str!("../../migrations/sqlite/0002_job_attempts.sql"),
+                ),
+                (
+                    "flag overrides",
+                    include_str!("../../migrations/sqlite/0003_flag_overrides.sql"),
                 ),
             ],
         })
@@ -108,24 +118,35 @@ impl Dialect {
         }
     }
 
-    /// Forwards other processes' wake-ups into `wake` (Postgres `LISTEN` on a connection of
-    /// its own to `url`, reconnecting; nothing to do on SQLite).
-    pub fn forward_wakeups(self, url: &str, wake: Arc<Notify>) {
+    /// Forwards other processes' notifications on `channel` into `wake` (Postgres `LISTEN`
+    /// on a connection of its own to `url`, reconnecting; nothing to do on SQLite, whose
+    /// readers are all in this process or poll).
+    pub fn forward_notifications(self, url: &str, channel: &'static str, wake: Arc<Notify>) {
         if self != Self::Postgres {
             return;
         }
         let url = url.to_owned();
         tokio::spawn(async move {
             loop {
-                match listen(&url, &wake).await {
+                match listen(&url, channel, &wake).await {
                     Ok(()) => return,
                     Err(e) => {
-                        tracing::warn!(error = %e, "job LISTEN connection lost; workers fall back to polling until it is back");
+                        tracing::warn!(error = %e, channel, "LISTEN connection lost; polling until it is back");
                         tokio::time::sleep(Duration::from_secs(1)).await;
                     }
                 }
             }
         });
+    }
+
+    /// The statement that tells every gateway the flags changed, sent inside the changing
+    /// transaction (delivered at its commit; flag changes are rare, so the commit lock a
+    /// notifying transaction takes costs nothing here). None on SQLite.
+    pub fn notify_flags(self) -> Option<&'static str> {
+        match self {
+            Self::Postgres => Some("NOTIFY tripgate_flags"),
+            Self::Sqlite => None,
+        }
     }
 }
 
@@ -171,9 +192,9 @@ impl RemoteWake {
     }
 }
 
-async fn listen(url: &str, wake: &Notify) -> Result<(), sqlx::Error> {
+async fn listen(url: &str, channel: &str, wake: &Notify) -> Result<(), sqlx::Error> {
     let mut listener = sqlx::postgres::PgListener::connect(url).await?;
-    listener.listen(JOBS_CHANNEL).await?;
+    listener.listen(channel).await?;
     loop {
         listener.recv().await?;
         wake.notify_one();

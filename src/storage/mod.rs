@@ -12,7 +12,7 @@
 //! | [`assign`] | the two accepts — the heart of the product — and the invariant check; `group_commit` batches atomic_async's |
 //! | [`effects`] | who an accepted trip's side effects go to, and each effect's record |
 //! | [`jobs`] | the durable job queue: claim, finish, list, retry |
-//! | [`audit`] | the flag change log |
+//! | [`flag_state`] | the fleet-wide flag overrides, the file's last seen percents, the flag change log |
 //! | [`dialect`] | what differs between PostgreSQL and SQLite |
 //!
 //! # Postgres and SQLite
@@ -41,9 +41,9 @@
 //! is ([`trips`]).
 
 pub mod assign;
-pub mod audit;
 pub mod dialect;
 pub mod effects;
+pub mod flag_state;
 mod group_commit;
 pub mod jobs;
 pub mod trips;
@@ -267,7 +267,8 @@ impl Storage {
 
     /// Starts forwarding other processes' job wake-ups (Postgres `LISTEN`).
     pub fn forward_wakeups(&self) {
-        self.dialect.forward_wakeups(&self.url, self.job_wake.clone());
+        self.dialect
+            .forward_notifications(&self.url, dialect::JOBS_CHANNEL, self.job_wake.clone());
     }
 
     /// Closes the pool.

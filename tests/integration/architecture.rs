@@ -22,6 +22,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("effects", 3),
     ("jobs", 3),
     ("flags::watcher", 3),
+    ("flags::fleet", 3),
     ("accept", 3),
     ("seed", 3),
     ("http", 4),

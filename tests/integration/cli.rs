@@ -68,6 +68,7 @@ fn token_prints_a_verifiable_token_alone() {
         (["token", "--driver", "d-1"].as_slice(), "d-1", Role::Driver),
         (&["token", "--customer", "c-1"], "c-1", Role::Customer),
         (&["token", "--admin"], "admin", Role::Admin),
+        (&["token", "--admin", "alice"], "alice", Role::Admin),
     ] {
         let out = tripgate(dir.path(), args);
         assert!(out.status.success());
@@ -160,36 +161,91 @@ fn flags_show_set_explain() {
         std::fs::read_to_string(dir.path().join("flags/rollout.toml")).unwrap(),
         before
     );
-    let out = tripgate(dir.path(), &["flags", "set", "trip_accept_v2", "50"]);
+    // `flags set` sets the override in the database; the file stays the default.
+    let out = Command::new(env!("CARGO_BIN_EXE_tripgate"))
+        .current_dir(dir.path())
+        .args(["flags", "set", "trip_accept_v2", "50", "--reason", "canary"])
+        .env("USER", "dana")
+        .env_remove("TRIPGATE_ACTOR")
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let after = std::fs::read_to_string(dir.path().join("flags/rollout.toml")).unwrap();
-    assert!(
-        after.starts_with("# test flags") && after.contains("percent = 50"),
-        "{after}"
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("flags/rollout.toml")).unwrap(),
+        before
     );
-    // The CLI's change is audited as such.
-    let out = tripgate(dir.path(), &["migrate"]);
-    assert!(out.status.success());
-    let audit = tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let mut config = tripgate::config::Config::default();
-        config.database.url = format!("sqlite://{}", dir.path().join("data/t.db").display());
-        tripgate::storage::Storage::connect(&config.database)
-            .unwrap()
-            .flag_audit()
-            .await
-            .unwrap()
-    });
-    assert_eq!(audit.len(), 1);
+    let audit = || {
+        tokio::runtime::Runtime::new().unwrap().block_on(async {
+            let mut config = tripgate::config::Config::default();
+            config.database.url = format!("sqlite://{}", dir.path().join("data/t.db").display());
+            tripgate::storage::Storage::connect(&config.database)
+                .unwrap()
+                .flag_audit()
+                .await
+                .unwrap()
+        })
+    };
+    let entries = audit();
+    assert_eq!(entries.len(), 1);
+    let e = &entries[0];
     assert_eq!(
         (
-            audit[0].source.as_str(),
-            audit[0].actor.as_str(),
-            audit[0].from,
-            audit[0].to
+            e.action.as_str(),
+            e.source.as_str(),
+            e.actor.as_str(),
+            e.from,
+            e.to,
+            e.reason.as_str()
         ),
-        ("cli", "cli", Some(10.0), 50.0)
+        ("set", "cli", "dana", Some(10.0), 50.0, "canary")
     );
     let out = tripgate(dir.path(), &["flags", "show", "--json"]);
     let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(shown["flags"]["trip_accept_v2"]["percent"], 50.0);
+    let f = &shown["flags"]["trip_accept_v2"];
+    assert_eq!(
+        (f["percent"].as_f64(), f["source"].as_str(), f["file_percent"].as_f64()),
+        (Some(50.0), Some("override"), Some(10.0))
+    );
+    let out = tripgate(dir.path(), &["flags", "show"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("percent=50 source=override")
+            && text.contains("file says 10; override 50 by dana (cli)")
+            && text.contains(": canary"),
+        "{text}"
+    );
+    let out = tripgate(dir.path(), &["flags", "explain", "trip_accept_v2", "someone", "--json"]);
+    let e: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (e["threshold"].as_u64(), e["source"].as_str()),
+        (Some(5000), Some("override"))
+    );
+
+    // `flags clear` goes back to the file; clearing nothing says so.
+    let out = tripgate(dir.path(), &["flags", "clear", "trip_accept_v2"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("override cleared, 50 -> 10"));
+    let out = tripgate(dir.path(), &["flags", "clear", "trip_accept_v2"]);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("no override"));
+    assert!(!tripgate(dir.path(), &["flags", "clear", "nope"]).status.success());
+    assert_eq!(audit().len(), 2);
+
+    // `flags set --file` edits the file as before (comments kept); the gateways audit it.
+    let out = tripgate(dir.path(), &["flags", "set", "--file", "trip_accept_v2", "30"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let after = std::fs::read_to_string(dir.path().join("flags/rollout.toml")).unwrap();
+    assert!(
+        after.starts_with("# test flags") && after.contains("percent = 30"),
+        "{after}"
+    );
+    let out = tripgate(dir.path(), &["flags", "show", "--json"]);
+    let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["flags"]["trip_accept_v2"]["source"], "file");
+    assert_eq!(shown["flags"]["trip_accept_v2"]["percent"], 30.0);
+
+    // The kill switch refuses an override.
+    tripgate(dir.path(), &["flags", "set", "--file", "trip_accept_v2", "0"]);
+    let out = tripgate(dir.path(), &["flags", "set", "trip_accept_v2", "40"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("kill switch"));
+    assert_eq!(audit().len(), 2);
 }

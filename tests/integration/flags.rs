@@ -213,8 +213,10 @@ async fn rollout_under_steady_load(backend: Backend) {
             .await
             .unwrap();
         assert_eq!(res.status(), 200);
-        let set = FlagSet::load(&gw.config.flags.path).unwrap();
-        let flag = &set.flags["trip_accept_v2"];
+        // The override is in force; the file stays the declared default.
+        let mut flag = FlagSet::load(&gw.config.flags.path).unwrap().flags["trip_accept_v2"].clone();
+        assert_eq!(flag.percent(), 10.0, "the file is not written");
+        flag.threshold = (percent * 100.0) as u32;
         for _ in 0..15 {
             let d = w.driver().await;
             let t = w.trip(&[]).await;
@@ -239,7 +241,7 @@ async fn rollout_under_steady_load(backend: Backend) {
             .as_array()
             .unwrap()
             .iter()
-            .all(|e| e["actor"] == "admin" && e["source"] == "api")
+            .all(|e| e["actor"] == "admin" && e["source"] == "api" && e["action"] == "set")
     );
     match Arc::try_unwrap(gw) {
         Ok(gw) => gw.shutdown().await,
@@ -305,20 +307,163 @@ async fn admin_api_refuses_bad_tokens_and_values() {
     assert_eq!(percent_in_force(&gw).await.0, 10.0);
     let (_, audit) = gw.admin_get("/admin/audit").await;
     assert_eq!(audit["entries"], json!([]));
-    // And a good one: the file keeps its comments; GET shows the contract's shape.
-    assert_eq!(put(Some(admin.clone()), json!({"percent": 12.5})).await, 200);
-    let text = std::fs::read_to_string(path).unwrap();
-    assert!(
-        text.starts_with("# test flags") && text.contains("percent = 12.5"),
-        "{text}"
+    // And a good one: an override, in force at once; the file keeps its content; GET shows
+    // the contract's shape.
+    assert_eq!(
+        put(Some(admin.clone()), json!({"percent": 12.5, "reason": "canary"})).await,
+        200
+    );
+    assert_eq!(
+        std::fs::read_to_string(path).unwrap(),
+        original,
+        "the file is the default"
     );
     let (_, flags) = gw.admin_get("/admin/flags").await;
     let f = &flags["flags"]["trip_accept_v2"];
     assert_eq!(
-        (f["percent"].as_f64(), f["salt"].as_str()),
-        (Some(12.5), Some("trip_accept_v2"))
+        (
+            f["percent"].as_f64(),
+            f["salt"].as_str(),
+            f["source"].as_str(),
+            f["file_percent"].as_f64()
+        ),
+        (Some(12.5), Some("trip_accept_v2"), Some("override"), Some(10.0))
+    );
+    assert_eq!(
+        (
+            f["override"]["percent"].as_f64(),
+            f["override"]["actor"].as_str(),
+            f["override"]["reason"].as_str()
+        ),
+        (Some(12.5), Some("admin"), Some("canary"))
     );
     assert!(f["allow"].is_array() && f["deny"].is_array());
     assert!(flags["version"].is_u64() && flags["loaded_at"].is_i64() && flags["path"].is_string());
+    gw.shutdown().await;
+}
+
+/// The embedded default (SQLite, one instance) runs the same override code: a deny list
+/// pulls one driver out, clearing goes back to the file, the kill switch wins and refuses
+/// new overrides, a named admin is the audit's actor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn overrides_on_the_embedded_default() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let gw = Gateway::start(
+        &db,
+        Options {
+            percent: 100.0,
+            ..Options::default()
+        },
+    )
+    .await;
+    let w = World::new(&gw.store).await;
+    let drivers = w.drivers(3).await;
+    let url = format!("{}/admin/flags/trip_accept_v2", gw.admin);
+    let carol = gw.token("carol", Role::Admin);
+    let send = |req: reqwest::RequestBuilder| async move {
+        let res = req.send().await.unwrap();
+        (res.status().as_u16(), res.json::<Value>().await.unwrap_or(Value::Null))
+    };
+    assert_eq!(cohorts_of(&gw, &w, &drivers).await, ["atomic_async"; 3]);
+    for bad in [
+        json!({"deny": "d1"}),
+        json!({"deny": [1]}),
+        json!({"deny": [""]}),
+        json!({"reason": "nothing to change"}),
+        json!({"percent": 5, "colour": "red"}),
+        json!({"percent": 5, "reason": 7}),
+    ] {
+        let (status, _) = send(gw.http.put(&url).bearer_auth(&carol).json(&bad)).await;
+        assert_eq!(status, 400, "{bad}");
+    }
+    let (status, body) = send(
+        gw.http
+            .put(&url)
+            .bearer_auth(&carol)
+            .json(&json!({"deny": [drivers[0]], "reason": "incident 42"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let f = &body["flags"]["trip_accept_v2"];
+    assert_eq!(
+        (f["percent"].as_f64(), f["source"].as_str()),
+        (Some(100.0), Some("override"))
+    );
+    assert_eq!(f["deny"], json!([drivers[0]]));
+    assert_eq!(
+        cohorts_of(&gw, &w, &drivers).await,
+        ["legacy", "atomic_async", "atomic_async"]
+    );
+    // A percent added later keeps the deny list.
+    let (status, body) = send(gw.http.put(&url).bearer_auth(&carol).json(&json!({"percent": 0}))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["flags"]["trip_accept_v2"]["override"]["deny"], json!([drivers[0]]));
+    assert_eq!(cohorts_of(&gw, &w, &drivers).await, ["legacy"; 3]);
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        metric(&metrics, "tripgate_rollout_percent{flag=\"trip_accept_v2\"}"),
+        0.0
+    );
+    assert_eq!(
+        metric(&metrics, "tripgate_flags_override{flag=\"trip_accept_v2\"}"),
+        1.0
+    );
+
+    let clear = format!("{url}/override");
+    let (status, body) = send(gw.http.delete(&clear).bearer_auth(&carol)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["flags"]["trip_accept_v2"]["source"], "file");
+    assert_eq!(cohorts_of(&gw, &w, &drivers).await, ["atomic_async"; 3]);
+    let (status, _) = send(gw.http.delete(&clear).bearer_auth(&carol)).await;
+    assert_eq!(status, 200, "clearing nothing is no error");
+    let (status, _) = send(
+        gw.http
+            .delete(format!("{}/admin/flags/nope/override", gw.admin))
+            .bearer_auth(&carol),
+    )
+    .await;
+    assert_eq!(status, 404);
+
+    // The kill switch.
+    assert_eq!(
+        send(gw.http.put(&url).bearer_auth(&carol).json(&json!({"percent": 50})))
+            .await
+            .0,
+        200
+    );
+    std::fs::write(&gw.config.flags.path, flags_text(0.0, &[])).unwrap();
+    time_to_reload(&gw, 0.0, Instant::now()).await;
+    let (status, body) = send(gw.http.put(&url).bearer_auth(&carol).json(&json!({"percent": 60}))).await;
+    assert_eq!(status, 409, "{body}");
+    let audit = crate::support::eventually(Duration::from_secs(3), "kill switch audited", || async {
+        let (_, audit) = gw.admin_get("/admin/audit").await;
+        let entries = audit["entries"].as_array()?.clone();
+        (entries.len() == 6).then_some(entries)
+    })
+    .await;
+    let summary: Vec<(&str, &str, &str, f64)> = audit
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap(),
+                e["source"].as_str().unwrap(),
+                e["actor"].as_str().unwrap(),
+                e["to"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("set", "api", "carol", 100.0),
+            ("set", "api", "carol", 0.0),
+            ("clear", "api", "carol", 100.0),
+            ("set", "api", "carol", 50.0),
+            ("file", "file", "file", 0.0),
+            ("clear", "file", "file", 0.0),
+        ]
+    );
+    assert_eq!(audit[0]["reason"], "incident 42");
+    assert_eq!(audit[0]["deny"], json!([drivers[0]]));
     gw.shutdown().await;
 }

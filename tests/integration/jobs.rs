@@ -170,41 +170,16 @@ async fn a_job_queued_by_the_previous_release_runs(backend: Backend) {
 /// Applies the previous release's migrations only (the files as they were then; a
 /// migration, once released, is never edited — sqlx refuses a changed checksum).
 async fn previous_release_schema(db: &TestDb) {
-    let dialect = match db.backend {
-        Backend::Sqlite => "sqlite",
-        Backend::Postgres => "postgres",
-    };
-    // The migrations of the release before this one.
-    let files: &[&str] = match db.backend {
-        Backend::Sqlite => &["0001_init.sql"],
-        Backend::Postgres => &["0001_init.sql", "0002_accept_function.sql", "0003_accept_batch.sql"],
-    };
-    let dir = TempDir::new();
-    for file in files {
-        let from = format!("{}/migrations/{dialect}/{file}", env!("CARGO_MANIFEST_DIR"));
-        std::fs::copy(&from, dir.path().join(file)).unwrap();
-    }
-    let migrator = sqlx::migrate::Migrator::new(dir.path()).await.unwrap();
-    assert_eq!(migrator.iter().count(), files.len());
-    match db.backend {
-        Backend::Sqlite => {
-            let options: sqlx::sqlite::SqliteConnectOptions = db.url.parse().unwrap();
-            let pool = sqlx::SqlitePool::connect_with(options.create_if_missing(true))
-                .await
-                .unwrap();
-            migrator.run(&pool).await.unwrap();
-            pool.close().await;
-        }
-        Backend::Postgres => {
-            let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
-            migrator.run(&pool).await.unwrap();
-            pool.close().await;
-        }
-    }
+    crate::support::apply_migrations(
+        db,
+        &["0001_init.sql"],
+        &["0001_init.sql", "0002_accept_function.sql", "0003_accept_batch.sql"],
+    )
+    .await;
 }
 
 /// A storage handle on `db` as it is (no migrations run).
-fn unmigrated_store(db: &TestDb) -> tripgate::storage::Storage {
+pub(crate) fn unmigrated_store(db: &TestDb) -> tripgate::storage::Storage {
     let mut config = tripgate::config::Config::default();
     config.database.url = db.url.clone();
     tripgate::storage::Storage::connect(&config.database).unwrap()

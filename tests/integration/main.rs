@@ -11,6 +11,7 @@ mod cli;
 mod connections;
 mod drive;
 mod flags;
+mod fleet;
 mod harness;
 mod jobs;
 mod lifecycle;

@@ -104,6 +104,8 @@ async fn every_metric_of_the_dashboard_and_rules_exists() {
         "tripgate_cohort_assignments_total",
         "tripgate_flags_reloads_total",
         "tripgate_flags_last_reload_timestamp_seconds",
+        "tripgate_flags_override",
+        "tripgate_flags_changes_total",
     ] {
         assert!(names.contains(family), "{family} missing at start-up");
     }

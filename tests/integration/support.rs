@@ -996,6 +996,37 @@ pub async fn wait_process_ready(admin: impl std::fmt::Display) {
     .await;
 }
 
+/// Applies only the given migration files (from `migrations/<database>/`) to `db`: the
+/// schema of an earlier release, for upgrade tests.
+pub async fn apply_migrations(db: &TestDb, sqlite: &[&str], postgres: &[&str]) {
+    let (dialect, files) = match db.backend {
+        Backend::Sqlite => ("sqlite", sqlite),
+        Backend::Postgres => ("postgres", postgres),
+    };
+    let dir = TempDir::new();
+    for file in files {
+        let from = format!("{}/migrations/{dialect}/{file}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::copy(&from, dir.path().join(file)).unwrap();
+    }
+    let migrator = sqlx::migrate::Migrator::new(dir.path()).await.unwrap();
+    assert_eq!(migrator.iter().count(), files.len());
+    match db.backend {
+        Backend::Sqlite => {
+            let options: sqlx::sqlite::SqliteConnectOptions = db.url.parse().unwrap();
+            let pool = sqlx::SqlitePool::connect_with(options.create_if_missing(true))
+                .await
+                .unwrap();
+            migrator.run(&pool).await.unwrap();
+            pool.close().await;
+        }
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+            migrator.run(&pool).await.unwrap();
+            pool.close().await;
+        }
+    }
+}
+
 /// Runs SQL on the test database directly (fault injection).
 /// The one integer `sql` answers on `db`.
 pub async fn query_i64(db: &TestDb, sql: &str) -> i64 {

@@ -1,0 +1,188 @@
+//! One flag state for a fleet of gateways: keeps this instance's overrides in step with the
+//! database, and records the file's changes there once for the whole fleet.
+//!
+//! * **Overrides** are re-read when another instance (or the CLI) changes them — Postgres
+//!   `NOTIFY tripgate_flags`, sent in the changing transaction — and every [`POLL`] as the
+//!   backstop (a lost notification, SQLite's CLI in another process), so every instance
+//!   serves a change within a second.
+//! * **File changes**: each content the watcher swapped in is recorded, in order, through
+//!   [`Storage::record_file_percent`], a compare-and-set on the fleet's last recorded
+//!   percent: one entry however many instances see it, and the kill switch clears the
+//!   override. While the database is down they wait here and the file still reloads.
+//! * While the database cannot be reached, the last known state stays in force.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+
+use super::{FlagsHandle, Override, Snapshot};
+use crate::metrics::Metrics;
+use crate::storage::Storage;
+use crate::storage::flag_state::{AuditEntry, ChangeBy, FileRecord, OverridePatch, OverrideRow};
+
+/// How often the overrides are re-read without a notification.
+pub const POLL: Duration = Duration::from_millis(500);
+
+/// Starts the sync until `shutdown` turns true.
+pub fn spawn(
+    handle: FlagsHandle,
+    store: Storage,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let notified = Arc::new(Notify::new());
+    store.forward_flag_changes(notified.clone());
+    let file_changed = handle.file_changed();
+    tokio::spawn(async move {
+        let mut failing = false;
+        loop {
+            let result = async {
+                record_file_changes(&handle, &store).await?;
+                refresh(&handle, &store, &metrics).await
+            }
+            .await;
+            match result {
+                Ok(_) if failing => {
+                    failing = false;
+                    tracing::info!("flag overrides readable again");
+                }
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e, "cannot read the flag overrides; the last known flags stay in force");
+                }
+                _ => {}
+            }
+            tokio::select! {
+                _ = notified.notified() => {}
+                _ = file_changed.notified() => {}
+                _ = tokio::time::sleep(POLL) => {}
+                _ = shutdown.changed() => {
+                    if *shutdown.borrow() { return; }
+                }
+            }
+        }
+    })
+}
+
+/// Re-reads the overrides and swaps them in; true when they changed.
+pub async fn refresh(handle: &FlagsHandle, store: &Storage, metrics: &Metrics) -> Result<bool, sqlx::Error> {
+    let rows = store.flag_overrides().await?;
+    let before = handle.snapshot();
+    if !handle.set_overrides(overrides_of(&rows)) {
+        return Ok(false);
+    }
+    let after = handle.snapshot();
+    for row in &rows {
+        if before.overrides.get(&row.flag) != after.overrides.get(&row.flag) {
+            tracing::info!(
+                flag = %row.flag,
+                source = %row.source,
+                actor = %row.actor,
+                reason = %row.reason,
+                active = row.active,
+                percent = after.set.flags.get(&row.flag).map(|f| f.percent()),
+                "flag override {}",
+                if row.active { "in force" } else { "cleared" }
+            );
+            metrics.flag_changed(&row.flag, &row.source);
+        }
+    }
+    report(metrics, &after);
+    Ok(true)
+}
+
+/// Sets the flag gauges from `snapshot`: the percent in force, whether an override is.
+pub fn report(metrics: &Metrics, snapshot: &Snapshot) {
+    metrics.flags_loaded(snapshot.percents(), snapshot.loaded_at_ms);
+    metrics.flags_overridden(snapshot.overridden());
+}
+
+/// The overrides in force among the stored rows.
+pub fn overrides_of(rows: &[OverrideRow]) -> BTreeMap<String, Override> {
+    rows.iter()
+        .filter(|r| r.active)
+        .map(|r| {
+            (
+                r.flag.clone(),
+                Override {
+                    threshold: r.percent_bp,
+                    allow: r.allow.iter().cloned().collect(),
+                    deny: r.deny.iter().cloned().collect(),
+                    actor: r.actor.clone(),
+                    source: r.source.clone(),
+                    reason: r.reason.clone(),
+                    at_ms: r.at,
+                },
+            )
+        })
+        .collect()
+}
+
+/// Records, oldest first, each file content this instance loaded and has not recorded yet.
+/// Stops at the first error (the rest wait for the next round, in order).
+async fn record_file_changes(handle: &FlagsHandle, store: &Storage) -> Result<(), sqlx::Error> {
+    while let Some(seen) = handle.next_file_seen() {
+        for (flag, threshold) in &seen.thresholds {
+            if let FileRecord::Recorded(recorded) = store.record_file_percent(flag, *threshold, seen.at_ms).await? {
+                let (entry, cleared) = *recorded;
+                tracing::info!(flag = %flag, from = ?entry.from, to = entry.to, in_force = entry.in_force, "flags file change recorded");
+                if let Some(cleared) = cleared {
+                    tracing::warn!(flag = %flag, override_percent = ?cleared.from, "kill switch: the flags file says 0; override cleared");
+                }
+            }
+        }
+        handle.file_seen_recorded();
+    }
+    Ok(())
+}
+
+/// Why an override could not be set or cleared.
+#[derive(Debug, thiserror::Error)]
+pub enum OverrideError {
+    /// The flags file has no such flag.
+    #[error("no flag {0:?} in the flags file")]
+    UnknownFlag(String),
+    /// The flags file says 0: the kill switch wins over any override.
+    #[error("the flags file says {0} = 0 (the kill switch), which wins over any override; change the file first")]
+    KillSwitch(String),
+    /// The database refused or cannot be reached; nothing changed.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// Sets `flag`'s override (API, CLI, console, guard): refused for a flag the file does not
+/// have, and while the file's kill switch is on.
+pub async fn set_override(
+    store: &Storage,
+    file: &super::FlagSet,
+    flag: &str,
+    patch: &OverridePatch,
+    by: &ChangeBy,
+) -> Result<AuditEntry, OverrideError> {
+    let declared = file
+        .flags
+        .get(flag)
+        .ok_or_else(|| OverrideError::UnknownFlag(flag.to_owned()))?;
+    if declared.threshold == 0 {
+        return Err(OverrideError::KillSwitch(flag.to_owned()));
+    }
+    let (_, entry) = store.set_flag_override(flag, patch, by, declared.threshold).await?;
+    Ok(entry)
+}
+
+/// Clears `flag`'s override; `None` when there was none in force.
+pub async fn clear_override(
+    store: &Storage,
+    file: &super::FlagSet,
+    flag: &str,
+    by: &ChangeBy,
+) -> Result<Option<AuditEntry>, OverrideError> {
+    let declared = file
+        .flags
+        .get(flag)
+        .ok_or_else(|| OverrideError::UnknownFlag(flag.to_owned()))?;
+    Ok(store.clear_flag_override(flag, by, declared.threshold).await?)
+}

@@ -1,0 +1,422 @@
+//! The fleet-wide flag state: the override (`flag_overrides`) people and the guard set, in
+//! force on every instance until cleared; the flags file's percent as the fleet last saw it
+//! (`flag_file_state`), so a file change is audited once however many instances see it; and
+//! the change log (`flag_audit`). Percentages are stored in basis points.
+//!
+//! Every change and its audit entry commit in one transaction, which on Postgres also
+//! sends `NOTIFY tripgate_flags` (delivered at commit) so every instance reloads at once.
+
+use serde::Serialize;
+use sqlx::any::AnyRow;
+use sqlx::{Any, FromRow, Row, Transaction};
+
+use super::{Storage, get_bool};
+
+/// A flag's override as stored. A cleared override stays as a tombstone (`active` false)
+/// naming who cleared it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverrideRow {
+    /// Flag name.
+    pub flag: String,
+    /// In force until cleared; false once cleared.
+    pub active: bool,
+    /// The percent in basis points; `None` keeps the file's.
+    pub percent_bp: Option<u32>,
+    /// Driver ids added to the file's allow list.
+    pub allow: Vec<String>,
+    /// Driver ids added to the file's deny list.
+    pub deny: Vec<String>,
+    /// Who set it (or, once cleared, who cleared it).
+    pub actor: String,
+    /// api | cli | console | file | guard
+    pub source: String,
+    /// Why.
+    pub reason: String,
+    /// When (ms).
+    pub at: i64,
+}
+
+impl FromRow<'_, AnyRow> for OverrideRow {
+    fn from_row(r: &AnyRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            flag: r.try_get("flag")?,
+            active: get_bool(r, "active")?,
+            percent_bp: r.try_get::<Option<i64>, _>("percent_bp")?.map(|bp| bp as u32),
+            allow: ids(r, "allow_ids")?.unwrap_or_default(),
+            deny: ids(r, "deny_ids")?.unwrap_or_default(),
+            actor: r.try_get("actor")?,
+            source: r.try_get("source")?,
+            reason: r.try_get("reason")?,
+            at: r.try_get("at")?,
+        })
+    }
+}
+
+/// What setting an override changes; `None` keeps the override's current value (or, with
+/// no override in force, the file's).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OverridePatch {
+    /// New percent in basis points.
+    pub percent_bp: Option<u32>,
+    /// New allow additions.
+    pub allow: Option<Vec<String>>,
+    /// New deny additions.
+    pub deny: Option<Vec<String>>,
+}
+
+/// Who makes a change, through which door, why and when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeBy {
+    /// A person (an admin token's subject, the CLI's user) or `file` / `guard`.
+    pub actor: String,
+    /// api | cli | console | file | guard
+    pub source: String,
+    /// Why (may be empty).
+    pub reason: String,
+    /// When (ms).
+    pub at: i64,
+}
+
+/// One entry of the change log.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AuditEntry {
+    /// When the change took effect (ms).
+    pub at: i64,
+    /// Token subject, the CLI's user, `file` or `guard`.
+    pub actor: String,
+    /// api | cli | console | file | guard
+    pub source: String,
+    /// file (the flags file changed) | set | clear (an override) | write (a file write
+    /// through the API or CLI, before overrides existed)
+    pub action: String,
+    /// Flag name.
+    pub flag: String,
+    /// Percent before (for a file change: the file's; otherwise the one in force). None
+    /// when the flag is new.
+    pub from: Option<f64>,
+    /// Percent after.
+    pub to: f64,
+    /// Why.
+    pub reason: String,
+    /// False for a file change made while an override held (the override stayed in force).
+    pub in_force: bool,
+    /// An override's allow additions (set only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<String>>,
+    /// An override's deny additions (set only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deny: Option<Vec<String>>,
+}
+
+impl FromRow<'_, AnyRow> for AuditEntry {
+    fn from_row(r: &AnyRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            at: r.try_get("at")?,
+            actor: r.try_get("actor")?,
+            source: r.try_get("source")?,
+            action: r.try_get("action")?,
+            flag: r.try_get("flag")?,
+            from: r.try_get::<Option<i64>, _>("from_bp")?.map(bp_to_percent),
+            to: bp_to_percent(r.try_get("to_bp")?),
+            reason: r.try_get("reason")?,
+            in_force: get_bool(r, "in_force")?,
+            allow: ids(r, "allow_ids")?,
+            deny: ids(r, "deny_ids")?,
+        })
+    }
+}
+
+/// What recording the file's percent found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FileRecord {
+    /// The first time the fleet sees this flag: its percent is the baseline, not a change.
+    Baseline,
+    /// Another instance already recorded this percent (or nothing changed).
+    AlreadyRecorded,
+    /// This call recorded the change; with the kill switch (`to` 0) it also cleared the
+    /// override in force, recorded as the second entry.
+    Recorded(Box<(AuditEntry, Option<AuditEntry>)>),
+}
+
+const OVERRIDE_COLUMNS: &str = "flag, active, percent_bp, allow_ids, deny_ids, actor, source, reason, at";
+
+impl Storage {
+    /// Every flag's override row (tombstones included).
+    pub async fn flag_overrides(&self) -> Result<Vec<OverrideRow>, sqlx::Error> {
+        sqlx::query_as(&format!("SELECT {OVERRIDE_COLUMNS} FROM flag_overrides ORDER BY flag"))
+            .fetch_all(&mut *self.conn().await?)
+            .await
+    }
+
+    /// Sets (or changes) `flag`'s override by `patch` and audits it, in one transaction.
+    /// `file_bp` is the file's percent (for the entry's `from`/`to` where the override
+    /// keeps the file's). Returns the override now in force and its entry.
+    pub async fn set_flag_override(
+        &self,
+        flag: &str,
+        patch: &OverridePatch,
+        by: &ChangeBy,
+        file_bp: u32,
+    ) -> Result<(OverrideRow, AuditEntry), sqlx::Error> {
+        let mut tx = self.begin().await?;
+        let current: Option<OverrideRow> = sqlx::query_as(&format!(
+            "SELECT {OVERRIDE_COLUMNS} FROM flag_overrides WHERE flag = $1 {}",
+            self.dialect.lock_rows()
+        ))
+        .bind(flag)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let base = current.filter(|o| o.active);
+        let row = OverrideRow {
+            flag: flag.to_owned(),
+            active: true,
+            percent_bp: patch.percent_bp.or(base.as_ref().and_then(|o| o.percent_bp)),
+            allow: patch
+                .allow
+                .clone()
+                .or_else(|| base.as_ref().map(|o| o.allow.clone()))
+                .unwrap_or_default(),
+            deny: patch
+                .deny
+                .clone()
+                .or_else(|| base.as_ref().map(|o| o.deny.clone()))
+                .unwrap_or_default(),
+            actor: by.actor.clone(),
+            source: by.source.clone(),
+            reason: by.reason.clone(),
+            at: by.at,
+        };
+        sqlx::query(
+            "INSERT INTO flag_overrides (flag, active, percent_bp, allow_ids, deny_ids, actor, source, reason, at) \
+             VALUES ($1, TRUE, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (flag) DO UPDATE SET active = TRUE, percent_bp = excluded.percent_bp, \
+             allow_ids = excluded.allow_ids, deny_ids = excluded.deny_ids, actor = excluded.actor, \
+             source = excluded.source, reason = excluded.reason, at = excluded.at",
+        )
+        .bind(flag)
+        .bind(row.percent_bp.map(i64::from))
+        .bind(ids_json(&row.allow))
+        .bind(ids_json(&row.deny))
+        .bind(&row.actor)
+        .bind(&row.source)
+        .bind(&row.reason)
+        .bind(row.at)
+        .execute(&mut *tx)
+        .await?;
+        let entry = AuditEntry {
+            at: by.at,
+            actor: by.actor.clone(),
+            source: by.source.clone(),
+            action: "set".into(),
+            flag: flag.to_owned(),
+            from: Some(bp_to_percent(base.and_then(|o| o.percent_bp).unwrap_or(file_bp).into())),
+            to: bp_to_percent(row.percent_bp.unwrap_or(file_bp).into()),
+            reason: by.reason.clone(),
+            in_force: true,
+            allow: Some(row.allow.clone()),
+            deny: Some(row.deny.clone()),
+        };
+        insert_entry(&mut tx, &entry).await?;
+        self.notify_flags(&mut tx).await?;
+        tx.commit().await?;
+        Ok((row, entry))
+    }
+
+    /// Clears `flag`'s override, if one is in force, and audits it, in one transaction.
+    /// `file_bp` is the file's percent, in force again. `None` when there was none.
+    pub async fn clear_flag_override(
+        &self,
+        flag: &str,
+        by: &ChangeBy,
+        file_bp: u32,
+    ) -> Result<Option<AuditEntry>, sqlx::Error> {
+        let mut tx = self.begin().await?;
+        let entry = clear_in(&mut tx, flag, by, file_bp).await?;
+        if entry.is_some() {
+            self.notify_flags(&mut tx).await?;
+        }
+        tx.commit().await?;
+        Ok(entry)
+    }
+
+    /// Records that this instance's flags file says `percent_bp` for `flag`, as seen at
+    /// `at`: a compare-and-set on the fleet's last recorded percent, so N instances seeing
+    /// the same change record it once, while a change A → B → A is two entries. A change to
+    /// 0 (the kill switch) also clears the override in force.
+    pub async fn record_file_percent(&self, flag: &str, percent_bp: u32, at: i64) -> Result<FileRecord, sqlx::Error> {
+        let mut tx = self.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO flag_file_state (flag, percent_bp, at) VALUES ($1, $2, $3) ON CONFLICT (flag) DO NOTHING",
+        )
+        .bind(flag)
+        .bind(i64::from(percent_bp))
+        .bind(at)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 1 {
+            tx.commit().await?;
+            return Ok(FileRecord::Baseline);
+        }
+        let recorded: i64 = sqlx::query_scalar(&format!(
+            "SELECT percent_bp FROM flag_file_state WHERE flag = $1 {}",
+            self.dialect.lock_rows()
+        ))
+        .bind(flag)
+        .fetch_one(&mut *tx)
+        .await?;
+        if recorded == i64::from(percent_bp) {
+            tx.commit().await?;
+            return Ok(FileRecord::AlreadyRecorded);
+        }
+        sqlx::query("UPDATE flag_file_state SET percent_bp = $2, at = $3 WHERE flag = $1")
+            .bind(flag)
+            .bind(i64::from(percent_bp))
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+        let overridden: bool =
+            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM flag_overrides WHERE flag = $1 AND active = TRUE")
+                .bind(flag)
+                .fetch_one(&mut *tx)
+                .await?
+                > 0;
+        let kill_switch = percent_bp == 0;
+        let file = ChangeBy {
+            actor: "file".into(),
+            source: "file".into(),
+            reason: if kill_switch {
+                "kill switch: the flags file says 0".into()
+            } else {
+                String::new()
+            },
+            at,
+        };
+        let entry = AuditEntry {
+            at,
+            actor: file.actor.clone(),
+            source: file.source.clone(),
+            action: "file".into(),
+            flag: flag.to_owned(),
+            from: Some(bp_to_percent(recorded)),
+            to: bp_to_percent(percent_bp.into()),
+            reason: file.reason.clone(),
+            in_force: !overridden || kill_switch,
+            allow: None,
+            deny: None,
+        };
+        insert_entry(&mut tx, &entry).await?;
+        let cleared = if kill_switch && overridden {
+            clear_in(&mut tx, flag, &file, 0).await?
+        } else {
+            None
+        };
+        if cleared.is_some() {
+            self.notify_flags(&mut tx).await?;
+        }
+        tx.commit().await?;
+        Ok(FileRecord::Recorded(Box::new((entry, cleared))))
+    }
+
+    /// The change log, oldest first.
+    pub async fn flag_audit(&self) -> Result<Vec<AuditEntry>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT at, actor, source, action, flag, from_bp, to_bp, reason, in_force, allow_ids, deny_ids \
+             FROM flag_audit ORDER BY id",
+        )
+        .fetch_all(&mut *self.conn().await?)
+        .await
+    }
+
+    /// Starts forwarding other instances' flag changes into `wake` (Postgres `LISTEN`).
+    pub fn forward_flag_changes(&self, wake: std::sync::Arc<tokio::sync::Notify>) {
+        self.dialect
+            .forward_notifications(&self.url, super::dialect::FLAGS_CHANNEL, wake);
+    }
+
+    /// Tells every instance the flags changed, at this transaction's commit (Postgres).
+    async fn notify_flags(&self, tx: &mut Transaction<'static, Any>) -> Result<(), sqlx::Error> {
+        if let Some(notify) = self.dialect.notify_flags() {
+            sqlx::query(notify).execute(&mut **tx).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Turns `flag`'s override into a tombstone and audits it, within `tx`.
+async fn clear_in(
+    tx: &mut Transaction<'static, Any>,
+    flag: &str,
+    by: &ChangeBy,
+    file_bp: u32,
+) -> Result<Option<AuditEntry>, sqlx::Error> {
+    let cleared: Option<Option<i64>> = sqlx::query_scalar(
+        "UPDATE flag_overrides SET active = FALSE, actor = $2, source = $3, reason = $4, at = $5 \
+         WHERE flag = $1 AND active = TRUE RETURNING percent_bp",
+    )
+    .bind(flag)
+    .bind(&by.actor)
+    .bind(&by.source)
+    .bind(&by.reason)
+    .bind(by.at)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some(percent_bp) = cleared else {
+        return Ok(None);
+    };
+    let entry = AuditEntry {
+        at: by.at,
+        actor: by.actor.clone(),
+        source: by.source.clone(),
+        action: "clear".into(),
+        flag: flag.to_owned(),
+        from: Some(bp_to_percent(percent_bp.unwrap_or(file_bp.into()))),
+        to: bp_to_percent(file_bp.into()),
+        reason: by.reason.clone(),
+        in_force: true,
+        allow: None,
+        deny: None,
+    };
+    insert_entry(tx, &entry).await?;
+    Ok(Some(entry))
+}
+
+async fn insert_entry(tx: &mut Transaction<'static, Any>, e: &AuditEntry) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO flag_audit (at, actor, source, action, flag, from_bp, to_bp, reason, in_force, allow_ids, deny_ids) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+    )
+    .bind(e.at)
+    .bind(&e.actor)
+    .bind(&e.source)
+    .bind(&e.action)
+    .bind(&e.flag)
+    .bind(e.from.map(percent_to_bp))
+    .bind(percent_to_bp(e.to))
+    .bind(&e.reason)
+    .bind(e.in_force)
+    .bind(e.allow.as_deref().map(ids_json))
+    .bind(e.deny.as_deref().map(ids_json))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// A JSON array of driver ids in a text column (`None` for SQL `NULL`).
+fn ids(r: &AnyRow, column: &str) -> Result<Option<Vec<String>>, sqlx::Error> {
+    r.try_get::<Option<String>, _>(column)?
+        .map(|text| serde_json::from_str(&text).map_err(|e| sqlx::Error::Decode(Box::new(e))))
+        .transpose()
+}
+
+fn ids_json(ids: &[String]) -> String {
+    serde_json::to_string(ids).unwrap_or_else(|_| "[]".into())
+}
+
+fn percent_to_bp(p: f64) -> i64 {
+    (p * 100.0).round() as i64
+}
+
+fn bp_to_percent(bp: i64) -> f64 {
+    bp as f64 / 100.0
+}

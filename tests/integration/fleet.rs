@@ -1,0 +1,556 @@
+//! One flag state for a fleet of gateways: overrides set through one instance (API) or the
+//! CLI are served by every instance within a second; the flags files (read-only, one per
+//! instance, as ConfigMaps) stay the declared default; every change is audited exactly
+//! once; the kill switch wins; a database outage keeps the last known state.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tripgate::auth::{Role, TokenKeys};
+use tripgate::storage::flag_state::FileRecord;
+
+use crate::support::{
+    Backend, Gateway, Options, Process, SECRET, TempDir, TestDb, World, eventually, flags_text, free_port,
+    metric_value as metric, wait_process_ready,
+};
+
+/// A `tripgate serve` process with its own folder and flags file.
+struct Instance {
+    _process: Process,
+    _dir: TempDir,
+    api: String,
+    admin: String,
+    flags: PathBuf,
+    config: PathBuf,
+}
+
+/// Starts an instance on `db` (and Redis) whose flags file says `percent`, made read-only.
+async fn instance(db: &TestDb, redis_url: &str, prefix: &str, percent: f64) -> Instance {
+    let dir = TempDir::new();
+    let options = Options {
+        percent,
+        redis_url: Some(redis_url.to_owned()),
+        ..Options::default()
+    };
+    let mut config = crate::support::config(&db.url, dir.path(), &options);
+    config.server.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    config.server.admin_listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    config.redis.key_prefix = prefix.to_owned();
+    set_read_only(&config.flags.path, true);
+    let process = Process::spawn("serve", &config, dir.path());
+    wait_process_ready(config.server.admin_listen).await;
+    Instance {
+        config: process.config_path.clone(),
+        _process: process,
+        _dir: dir,
+        api: format!("http://{}", config.server.listen),
+        admin: format!("http://{}", config.server.admin_listen),
+        flags: config.flags.path.clone(),
+    }
+}
+
+fn set_read_only(path: &Path, read_only: bool) {
+    let mut perms = std::fs::metadata(path).unwrap().permissions();
+    perms.set_readonly(read_only);
+    std::fs::set_permissions(path, perms).unwrap();
+}
+
+/// Replaces a read-only flags file as a ConfigMap update does (new file, rename).
+fn write_flags(path: &Path, percent: f64) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, flags_text(percent, &[])).unwrap();
+    set_read_only(&tmp, true);
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+struct Admin {
+    http: reqwest::Client,
+    token: String,
+}
+
+impl Admin {
+    fn new(name: &str) -> Self {
+        Self {
+            http: reqwest::Client::new(),
+            token: TokenKeys::new(SECRET, 3600).mint(name, Role::Admin).unwrap(),
+        }
+    }
+
+    async fn get(&self, admin: &str, path: &str) -> Value {
+        let res = self
+            .http
+            .get(format!("{admin}{path}"))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "GET {path}");
+        res.json().await.unwrap()
+    }
+
+    async fn flag(&self, admin: &str) -> Value {
+        self.get(admin, "/admin/flags").await["flags"]["trip_accept_v2"].clone()
+    }
+
+    async fn audit(&self, admin: &str) -> Vec<Value> {
+        self.get(admin, "/admin/audit").await["entries"]
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    async fn put(&self, admin: &str, body: Value) -> (u16, Value) {
+        let res = self
+            .http
+            .put(format!("{admin}/admin/flags/trip_accept_v2"))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (res.status().as_u16(), res.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn clear(&self, admin: &str, reason: &str) -> u16 {
+        self.http
+            .delete(format!("{admin}/admin/flags/trip_accept_v2/override"))
+            .bearer_auth(&self.token)
+            .json(&json!({"reason": reason}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
+    /// Waits until `admin` serves `percent`; returns how long it took from `since`.
+    async fn wait_percent(&self, admin: &str, percent: f64, since: Instant) -> Duration {
+        loop {
+            if self.flag(admin).await["percent"] == json!(percent) {
+                return since.elapsed();
+            }
+            assert!(
+                since.elapsed() < Duration::from_secs(5),
+                "{admin} never served {percent}%"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// `tripgate <args> --config <config>`, off the runtime's threads.
+async fn cli(config: &Path, args: &[&str]) -> Value {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tripgate"));
+    command
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env("TRIPGATE_ACTOR", "bob");
+    let out = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tripgate {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+/// The cohort `api` serves `driver` by (a reject goes through the router like an accept).
+async fn cohort(http: &reqwest::Client, api: &str, driver: &str, trip: &str) -> String {
+    let token = TokenKeys::new(SECRET, 3600).mint(driver, Role::Driver).unwrap();
+    let res = http
+        .post(format!("{api}/api/driver/trip/request-action"))
+        .bearer_auth(token)
+        .json(&json!({"trip_request_id": trip, "action": "rejected"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    res.headers()["x-tripgate-cohort"].to_str().unwrap().to_owned()
+}
+
+/// (action, source, from, to, in_force) of each entry.
+fn changes(entries: &[Value]) -> Vec<(String, String, f64, f64, bool)> {
+    entries
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap().to_owned(),
+                e["source"].as_str().unwrap().to_owned(),
+                e["from"].as_f64().unwrap(),
+                e["to"].as_f64().unwrap(),
+                e["in_force"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn change(action: &str, source: &str, from: f64, to: f64, in_force: bool) -> (String, String, f64, f64, bool) {
+    (action.into(), source.into(), from, to, in_force)
+}
+
+/// Two (then three) `tripgate serve` processes on one Postgres and Redis, each with its own
+/// read-only flags file of the same content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fleet_serves_one_flag_state_and_audits_each_change_once() {
+    let (Some(_), Some(redis_url)) = (crate::support::postgres_url(), crate::support::redis_url()) else {
+        return;
+    };
+    let db = TestDb::new(Backend::Postgres).await;
+    let store = db.store().await;
+    let w = World::new(&store).await;
+    let drivers = w.drivers(8).await;
+    let prefix = crate::support::unique("tgfleet");
+    let a = instance(&db, &redis_url, &prefix, 10.0).await;
+    let b = instance(&db, &redis_url, &prefix, 10.0).await;
+    let alice = Admin::new("alice");
+    let http = reqwest::Client::new();
+
+    // An override set through one instance is served by both within a second.
+    let started = Instant::now();
+    let (status, body) = alice.put(&a.admin, json!({"percent": 50, "reason": "ramp"})).await;
+    assert_eq!(status, 200, "{body}");
+    let f = &body["flags"]["trip_accept_v2"];
+    assert_eq!(
+        (f["percent"].as_f64(), f["source"].as_str()),
+        (Some(50.0), Some("override"))
+    );
+    assert_eq!(f["file_percent"], 10.0);
+    assert_eq!(
+        (
+            f["override"]["actor"].as_str(),
+            f["override"]["source"].as_str(),
+            f["override"]["reason"].as_str()
+        ),
+        (Some("alice"), Some("api"), Some("ramp"))
+    );
+    assert!(f["override"]["at"].is_i64());
+    let took = alice.wait_percent(&b.admin, 50.0, started).await;
+    assert!(took < Duration::from_secs(1), "the other instance took {took:?}");
+    assert_eq!(alice.flag(&b.admin).await["source"], "override");
+    assert_eq!(
+        std::fs::read_to_string(&a.flags).unwrap(),
+        flags_text(10.0, &[]),
+        "the file is the default"
+    );
+    let exposition = reqwest::get(format!("{}/metrics", b.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(&exposition, "tripgate_rollout_percent{flag=\"trip_accept_v2\"}"),
+        50.0
+    );
+    assert_eq!(
+        metric(&exposition, "tripgate_flags_override{flag=\"trip_accept_v2\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &exposition,
+            "tripgate_flags_changes_total{flag=\"trip_accept_v2\",source=\"api\"}"
+        ),
+        1.0
+    );
+
+    // Both serve the cohorts `flags explain` gives.
+    for (i, d) in drivers.iter().enumerate() {
+        let explained = cli(&b.config, &["flags", "explain", "trip_accept_v2", d, "--json"]).await;
+        assert_eq!(explained["source"], "override");
+        let gw = if i % 2 == 0 { &a } else { &b };
+        let trip = w.trip(&[]).await;
+        assert_eq!(
+            cohort(&http, &gw.api, d, &trip).await,
+            explained["cohort"],
+            "driver {d}"
+        );
+    }
+    let audit = alice.audit(&b.admin).await;
+    assert_eq!(changes(&audit), [change("set", "api", 10.0, 50.0, true)]);
+    assert_eq!(
+        (audit[0]["actor"].as_str(), audit[0]["reason"].as_str()),
+        (Some("alice"), Some("ramp"))
+    );
+
+    // The files change while the override holds: it stays; file_percent moves; one entry.
+    write_flags(&a.flags, 20.0);
+    write_flags(&b.flags, 20.0);
+    for gw in [&a, &b] {
+        eventually(Duration::from_secs(1), "file_percent 20", || async {
+            (alice.flag(&gw.admin).await["file_percent"] == 20.0).then_some(())
+        })
+        .await;
+        assert_eq!(alice.flag(&gw.admin).await["percent"], 50.0);
+    }
+    let shown = cli(&a.config, &["flags", "show", "--json"]).await;
+    assert_eq!(shown["flags"]["trip_accept_v2"]["file_percent"], 20.0);
+    eventually(Duration::from_secs(2), "the file change audited", || async {
+        (alice.audit(&a.admin).await.len() == 2).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let audit = alice.audit(&a.admin).await;
+    assert_eq!(
+        changes(&audit[1..]),
+        [change("file", "file", 10.0, 20.0, false)],
+        "once for the fleet"
+    );
+
+    // Clearing it through the other instance: both back to the file's percent.
+    let started = Instant::now();
+    assert_eq!(alice.clear(&b.admin, "done").await, 200);
+    let took = alice.wait_percent(&a.admin, 20.0, started).await;
+    assert!(
+        took < Duration::from_secs(1),
+        "clear reached the other instance in {took:?}"
+    );
+    assert!(alice.flag(&a.admin).await["override"].is_null());
+    let exposition = reqwest::get(format!("{}/metrics", a.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(&exposition, "tripgate_flags_override{flag=\"trip_accept_v2\"}"),
+        0.0
+    );
+
+    // Six changes 300 ms apart from the file, the API and the CLI: six entries, in order.
+    let before = alice.audit(&a.admin).await.len();
+    write_flags(&a.flags, 30.0);
+    write_flags(&b.flags, 30.0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(alice.put(&b.admin, json!({"percent": 40})).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cli(&a.config, &["flags", "set", "trip_accept_v2", "45", "--reason", "cli"]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    write_flags(&a.flags, 35.0);
+    write_flags(&b.flags, 35.0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(alice.clear(&a.admin, "").await, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cli(&b.config, &["flags", "set", "trip_accept_v2", "60"]).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let audit = alice.audit(&a.admin).await;
+    assert_eq!(
+        changes(&audit[before..]),
+        [
+            change("file", "file", 20.0, 30.0, true),
+            change("set", "api", 30.0, 40.0, true),
+            change("set", "cli", 40.0, 45.0, true),
+            change("file", "file", 30.0, 35.0, false),
+            change("clear", "api", 45.0, 35.0, true),
+            change("set", "cli", 35.0, 60.0, true),
+        ],
+        "{audit:#?}"
+    );
+    assert_eq!(audit[before + 2]["actor"], "bob");
+    for gw in [&a, &b] {
+        assert_eq!(alice.flag(&gw.admin).await["percent"], 60.0);
+    }
+
+    // A third instance started now serves the override from its first request.
+    let c = instance(&db, &redis_url, &prefix, 35.0).await;
+    let f = alice.flag(&c.admin).await;
+    assert_eq!(
+        (f["percent"].as_f64(), f["source"].as_str()),
+        (Some(60.0), Some("override"))
+    );
+    for d in &drivers {
+        let explained = cli(&c.config, &["flags", "explain", "trip_accept_v2", d, "--json"]).await;
+        let trip = w.trip(&[]).await;
+        assert_eq!(cohort(&http, &c.api, d, &trip).await, explained["cohort"], "driver {d}");
+    }
+
+    // The kill switch: a file that says 0 wins at once, on every instance, and clears the
+    // override (audited); no override can be set while it holds.
+    let started = Instant::now();
+    for gw in [&a, &b, &c] {
+        write_flags(&gw.flags, 0.0);
+    }
+    for gw in [&a, &b, &c] {
+        let took = alice.wait_percent(&gw.admin, 0.0, started).await;
+        assert!(took < Duration::from_secs(1), "kill switch took {took:?}");
+    }
+    let (status, body) = alice.put(&b.admin, json!({"percent": 70})).await;
+    assert_eq!(
+        (status, body["response_code"].as_str()),
+        (409, Some("conflict_409")),
+        "{body}"
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let tail = alice.audit(&c.admin).await;
+    assert_eq!(
+        changes(&tail[before + 6..]),
+        [
+            change("file", "file", 35.0, 0.0, true),
+            change("clear", "file", 60.0, 0.0, true)
+        ],
+        "the third instance's start recorded nothing; the kill switch once: {tail:#?}"
+    );
+    for gw in [&a, &b, &c] {
+        let f = alice.flag(&gw.admin).await;
+        assert_eq!((f["percent"].as_f64(), f["source"].as_str()), (Some(0.0), Some("file")));
+        assert!(f["override"].is_null(), "{f}");
+    }
+}
+
+/// The database goes away: the last known state stays in force, overrides cannot be set or
+/// cleared (503, nothing changes), the file still reloads (and its kill switch works); once
+/// the database is back, the file's changes made meanwhile are recorded, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_the_database_down_the_last_state_holds() {
+    let Some(base) = crate::support::postgres_url() else {
+        return;
+    };
+    let db = TestDb::new(Backend::Postgres).await;
+    let (proxy, proxied_url) = crate::support::proxied_postgres(&base, &db).await;
+    let dir = TempDir::new();
+    let options = Options {
+        percent: 10.0,
+        acquire_timeout_ms: 500,
+        ..Options::default()
+    };
+    let mut config = crate::support::config(&db.url, dir.path(), &options);
+    config.database.url = proxied_url;
+    let gw = Gateway::start_with(config, dir).await;
+    let alice = Admin::new("alice");
+    assert_eq!(
+        alice.put(&gw.admin, json!({"percent": 50, "reason": "ramp"})).await.0,
+        200
+    );
+    let entries = gw.store.flag_audit().await.unwrap().len();
+
+    proxy.cut();
+    let (status, body) = alice.put(&gw.admin, json!({"percent": 70})).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(alice.clear(&gw.admin, "").await, 503);
+    let f = alice.flag(&gw.admin).await;
+    assert_eq!(
+        (f["percent"].as_f64(), f["source"].as_str()),
+        (Some(50.0), Some("override"))
+    );
+    let path = gw.config.flags.path.clone();
+    write_flags(&path, 30.0);
+    eventually(Duration::from_secs(1), "file reloaded", || async {
+        (alice.flag(&gw.admin).await["file_percent"] == 30.0).then_some(())
+    })
+    .await;
+    assert_eq!(alice.flag(&gw.admin).await["percent"], 50.0, "the override holds");
+    write_flags(&path, 0.0);
+    alice.wait_percent(&gw.admin, 0.0, Instant::now()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    write_flags(&path, 30.0);
+    alice.wait_percent(&gw.admin, 50.0, Instant::now()).await;
+
+    proxy.restore();
+    // Recorded in order once the database answers; the kill switch made meanwhile cleared
+    // the override, so the file's 30 is in force.
+    alice.wait_percent(&gw.admin, 30.0, Instant::now()).await;
+    let audit = eventually(Duration::from_secs(5), "the outage's file changes recorded", || async {
+        let audit = alice.audit(&gw.admin).await;
+        (audit.len() >= entries + 4).then_some(audit)
+    })
+    .await;
+    assert_eq!(
+        changes(&audit[entries..]),
+        [
+            change("file", "file", 10.0, 30.0, false),
+            change("file", "file", 30.0, 0.0, true),
+            change("clear", "file", 50.0, 0.0, true),
+            change("file", "file", 0.0, 30.0, true),
+        ],
+        "{audit:#?}"
+    );
+    assert_eq!(
+        changes(&audit[..entries]),
+        [change("set", "api", 10.0, 50.0, true)],
+        "the refused changes left nothing"
+    );
+    gw.shutdown().await;
+}
+
+/// The compare-and-set behind "one entry per file change for the fleet": eight instances
+/// recording the same change at once record it once; A → B → A is two changes.
+async fn file_changes_are_recorded_once(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.store().await;
+    assert_eq!(
+        store.record_file_percent("f", 1000, 1).await.unwrap(),
+        FileRecord::Baseline
+    );
+    let race = |bp: u32, at: i64| {
+        let store = store.clone();
+        async move {
+            let all = futures_util::future::join_all((0..8).map(|_| store.record_file_percent("f", bp, at))).await;
+            all.into_iter()
+                .filter(|r| matches!(r.as_ref().unwrap(), FileRecord::Recorded(_)))
+                .count()
+        }
+    };
+    assert_eq!(race(2000, 2).await, 1, "A -> B once");
+    assert_eq!(race(1000, 3).await, 1, "B -> A once");
+    assert_eq!(race(1000, 4).await, 0, "A again is no change");
+    assert_eq!(race(2000, 5).await, 1, "A -> B again");
+    let entries: Vec<(Option<f64>, f64, i64)> = store
+        .flag_audit()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.from, e.to, e.at))
+        .collect();
+    assert_eq!(
+        entries,
+        [(Some(10.0), 20.0, 2), (Some(20.0), 10.0, 3), (Some(10.0), 20.0, 5)]
+    );
+}
+
+crate::backend_tests!(file_changes_are_recorded_once);
+
+/// The previous release's audit entries survive this release's migration: its API and CLI
+/// wrote the file (`write`), its watcher recorded file edits (`file`).
+async fn the_previous_audit_log_survives_the_upgrade(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    crate::support::apply_migrations(
+        &db,
+        &["0001_init.sql", "0002_job_attempts.sql"],
+        &[
+            "0001_init.sql",
+            "0002_accept_function.sql",
+            "0003_accept_batch.sql",
+            "0004_job_attempts.sql",
+        ],
+    )
+    .await;
+    crate::support::execute_sql(
+        &db,
+        "INSERT INTO flag_audit (at, actor, source, flag, from_bp, to_bp) VALUES \
+         (1, 'admin', 'api', 'trip_accept_v2', 1000, 5000), (2, 'file', 'file', 'trip_accept_v2', 5000, 2000)",
+    )
+    .await;
+    let store = crate::jobs::unmigrated_store(&db);
+    store.migrate().await.unwrap();
+    let entries: Vec<(String, String, Option<f64>, f64, bool, String)> = store
+        .flag_audit()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.action, e.source, e.from, e.to, e.in_force, e.reason))
+        .collect();
+    assert_eq!(
+        entries,
+        [
+            ("write".into(), "api".into(), Some(10.0), 50.0, true, String::new()),
+            ("file".into(), "file".into(), Some(50.0), 20.0, true, String::new()),
+        ]
+    );
+    store.close().await;
+}
+
+crate::backend_tests!(the_previous_audit_log_survives_the_upgrade);
