@@ -63,10 +63,12 @@ fn cohort_decision(c: &mut Criterion) {
 
 fn metrics_per_request(c: &mut Criterion) {
     let metrics = Metrics::new(Duration::from_secs(7), &tripgate::http::driver::ROUTES);
+    // Includes the guard's per-second sample (a bucket, a bit of the driver sketch).
     c.bench_function("metrics_record_request", |b| {
         b.iter(|| {
             metrics.request(
                 black_box(Some(Cohort::AtomicAsync)),
+                black_box("6f1c2b8e-7a8e-4a3e-9d7c-6a0c1f7b2d11"),
                 black_box("/api/driver/trip/request-action"),
                 black_box(Outcome::Accepted),
                 200,

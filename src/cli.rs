@@ -82,6 +82,10 @@ pub enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// rollout: leave the percentage to the gateway's rollout guard (instead of moving
+        /// it 10 → 50 → 100) and report what the guard did and when.
+        #[arg(long)]
+        guard: bool,
     },
     /// Create demo data.
     Seed {
@@ -137,6 +141,12 @@ pub enum FlagsCommand {
         #[arg(long, env = "TRIPGATE_ACTOR")]
         actor: Option<String>,
     },
+    /// The guarded rollout: status, pause, resume, ack.
+    Guard {
+        /// What to do.
+        #[command(subcommand)]
+        action: GuardCommand,
+    },
     /// Explain one driver's cohort under the flags in force.
     Explain {
         /// Flag name.
@@ -146,6 +156,32 @@ pub enum FlagsCommand {
         /// As JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+/// `tripgate flags guard …`
+#[derive(Debug, Subcommand)]
+pub enum GuardCommand {
+    /// The guard's state and latest verdicts.
+    Status {
+        /// As JSON (as `GET /admin/guard`).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the guard judging and acting.
+    Pause {
+        /// Flag name.
+        name: String,
+    },
+    /// Walk on from the percent in force.
+    Resume {
+        /// Flag name.
+        name: String,
+    },
+    /// Acknowledge a rollback or hold; the guard stays paused.
+    Ack {
+        /// Flag name.
+        name: String,
     },
 }
 
@@ -256,6 +292,7 @@ async fn run_async(config: Config, command: Command) -> anyhow::Result<ExitCode>
             duration,
             concurrency,
             json,
+            guard,
         } => {
             let (default_drivers, default_trips) = scenario.default_size();
             let (default_rate, default_duration) = scenario.default_pace();
@@ -269,6 +306,7 @@ async fn run_async(config: Config, command: Command) -> anyhow::Result<ExitCode>
                 duration_s: duration.unwrap_or(default_duration),
                 timeout: config.client_timeout(),
                 concurrency,
+                guard,
             };
             let report = crate::drive::drive(&config, options).await?;
             if json {
@@ -362,6 +400,7 @@ async fn flags_command(config: &Config, action: FlagsCommand) -> anyhow::Result<
             }
             Ok(ExitCode::SUCCESS)
         }
+        FlagsCommand::Guard { action } => guard_command(config, action).await,
         FlagsCommand::Explain { name, driver_id, json } => {
             let snapshot = flags_in_force(config).await?;
             let e = snapshot
@@ -386,6 +425,53 @@ async fn flags_command(config: &Config, action: FlagsCommand) -> anyhow::Result<
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+async fn guard_command(config: &Config, action: GuardCommand) -> anyhow::Result<ExitCode> {
+    let store = migrated_store(config).await?;
+    let (name, action) = match action {
+        GuardCommand::Status { json } => {
+            let handle = FlagsHandle::new(FlagSet::load(&config.flags.path)?, config.flags.path.clone());
+            handle.set_overrides(fleet::overrides_of(&store.flag_overrides().await?));
+            let status = crate::guard::status(&store, &handle).await?;
+            if json {
+                println!("{status}");
+            } else {
+                for (name, g) in status["flags"].as_object().into_iter().flatten() {
+                    println!(
+                        "{name}: {} at {}% (next step {}){}",
+                        g["state"].as_str().unwrap_or("?"),
+                        g["percent"],
+                        g["next_step"],
+                        g["reason"].as_str().map(|r| format!(": {r}")).unwrap_or_default()
+                    );
+                    for v in g["verdicts"].as_array().into_iter().flatten().take(5) {
+                        println!(
+                            "  {} {}: {}",
+                            v["at"],
+                            v["verdict"].as_str().unwrap_or("?"),
+                            v["reason"].as_str().unwrap_or("")
+                        );
+                    }
+                }
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        GuardCommand::Pause { name } => (name, crate::guard::Action::Pause),
+        GuardCommand::Resume { name } => (name, crate::guard::Action::Resume),
+        GuardCommand::Ack { name } => (name, crate::guard::Action::Ack),
+    };
+    if name != crate::domain::TRIP_ACCEPT_FLAG {
+        anyhow::bail!("flags guard: only {} is guarded", crate::domain::TRIP_ACCEPT_FLAG);
+    }
+    let who = format!("{} (cli)", cli_change(None, String::new()).actor);
+    match crate::guard::act(&store, action, &who).await? {
+        Some(row) => {
+            println!("{name}: guard {} ({})", row.state, row.reason);
+            Ok(ExitCode::SUCCESS)
+        }
+        None => anyhow::bail!("flags guard: the guard of {name} is not in a state {action:?} applies to"),
     }
 }
 

@@ -33,7 +33,8 @@ pub enum Scenario {
     Burst,
     /// A rate of accepts for a duration.
     Steady,
-    /// Steady load while the percentage moves 10 → 50 → 100 through the admin API.
+    /// Steady load while the percentage moves 10 → 50 → 100 through the admin API (with
+    /// `--guard`: while the gateway's rollout guard moves it).
     Rollout,
 }
 
@@ -75,6 +76,34 @@ pub struct DriveOptions {
     pub timeout: Duration,
     /// Most requests in flight at once (0: unbounded).
     pub concurrency: usize,
+    /// rollout: leave the percentage to the gateway's guard and report what it did.
+    pub guard: bool,
+}
+
+/// What the guard did during `drive rollout --guard`.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct GuardReport {
+    /// Each change of state or percent, seconds after the load started.
+    pub timeline: Vec<GuardEvent>,
+    /// The guard's state when the load ended.
+    pub final_state: String,
+    /// The percent in force when the load ended.
+    pub final_percent: f64,
+    /// When the guard rolled back (s after the start), if it did.
+    pub rolled_back_at_s: Option<f64>,
+}
+
+/// One change the guard made or went through.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct GuardEvent {
+    /// Seconds after the load started.
+    pub at_s: f64,
+    /// The guard's state.
+    pub state: String,
+    /// The percent in force.
+    pub percent: f64,
+    /// Why (the guard's reason).
+    pub reason: String,
 }
 
 /// Per-cohort figures (`drive --json`).
@@ -124,6 +153,9 @@ pub struct Report {
     pub duplicate_otps: i64,
     /// Wall time of the driving phase, s.
     pub elapsed_s: f64,
+    /// `rollout --guard`: what the guard did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guard: Option<GuardReport>,
 }
 
 #[derive(Default)]
@@ -232,6 +264,10 @@ impl App {
 
 /// Runs a scenario against a running gateway and returns the report.
 pub async fn drive(config: &Config, options: DriveOptions) -> anyhow::Result<Report> {
+    anyhow::ensure!(
+        !options.guard || options.scenario == Scenario::Rollout,
+        "drive: --guard is for the rollout scenario"
+    );
     let keys = TokenKeys::new(&config.auth.hs256_secret, 3600);
     let admin_token = keys.mint("admin", Role::Admin)?;
     let http = reqwest::Client::builder()
@@ -321,6 +357,8 @@ pub async fn drive(config: &Config, options: DriveOptions) -> anyhow::Result<Rep
 
     // === drive ===
     let started = Instant::now();
+    let guard_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut guard_task: Option<tokio::task::JoinHandle<GuardReport>> = None;
     match options.scenario {
         Scenario::Race => {
             let bar = progress(trips.len(), "race");
@@ -380,8 +418,19 @@ pub async fn drive(config: &Config, options: DriveOptions) -> anyhow::Result<Rep
             let interval = Duration::from_secs_f64(1.0 / options.rate.max(0.001));
             let steps = [10.0, 50.0, 100.0];
             let mut tasks = tokio::task::JoinSet::new();
+            if options.guard {
+                let watch = watch_guard(
+                    app.clone(),
+                    http.clone(),
+                    options.admin_url.clone(),
+                    admin_token.clone(),
+                    started,
+                    guard_done.clone(),
+                );
+                guard_task = Some(tokio::spawn(watch));
+            }
             for (i, (d, t)) in drivers.iter().cloned().zip(trips.iter().cloned()).enumerate() {
-                if options.scenario == Scenario::Rollout {
+                if options.scenario == Scenario::Rollout && !options.guard {
                     let step = i * steps.len() / trips.len();
                     if i == 0 || step != (i - 1) * steps.len() / trips.len() {
                         set_percent(&http, &options.admin_url, &admin_token, steps[step]).await?;
@@ -402,6 +451,11 @@ pub async fn drive(config: &Config, options: DriveOptions) -> anyhow::Result<Rep
     }
     let elapsed_s = started.elapsed().as_secs_f64();
     let load_ended_ms = crate::domain::now_ms();
+    guard_done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let guard = match guard_task {
+        Some(task) => Some(task.await?),
+        None => None,
+    };
 
     // === checks: OTP delivery and duplicates from the trip details, assignments in the db ===
     let samples = std::mem::take(&mut *app.samples.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
@@ -467,6 +521,7 @@ pub async fn drive(config: &Config, options: DriveOptions) -> anyhow::Result<Rep
         drivers_with_two_trips: check("drivers_with_two_trips")?,
         duplicate_otps,
         elapsed_s,
+        guard,
     })
 }
 
@@ -585,6 +640,57 @@ async fn refresh_flags(app: &App, http: &reqwest::Client, admin_url: &str, admin
     }
 }
 
+/// Follows `GET /admin/guard` every 500 ms until `done`: each change of state or percent,
+/// and the flags in force for the cohort bookkeeping.
+async fn watch_guard(
+    app: Arc<App>,
+    http: reqwest::Client,
+    admin_url: String,
+    admin_token: String,
+    started: Instant,
+    done: Arc<std::sync::atomic::AtomicBool>,
+) -> GuardReport {
+    let mut report = GuardReport::default();
+    loop {
+        let status: Option<Value> = async {
+            http.get(format!("{}/admin/guard", admin_url.trim_end_matches('/')))
+                .bearer_auth(&admin_token)
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()
+        }
+        .await;
+        if let Some(g) = status.as_ref().map(|s| &s["flags"][TRIP_ACCEPT_FLAG]) {
+            let event = GuardEvent {
+                at_s: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+                state: g["state"].as_str().unwrap_or("?").to_owned(),
+                percent: g["percent"].as_f64().unwrap_or(0.0),
+                reason: g["reason"].as_str().unwrap_or("").to_owned(),
+            };
+            let changed = report
+                .timeline
+                .last()
+                .is_none_or(|last| (&last.state, last.percent) != (&event.state, event.percent));
+            if changed {
+                if event.state == "rolled_back" && report.rolled_back_at_s.is_none() {
+                    report.rolled_back_at_s = Some(event.at_s);
+                }
+                refresh_flags(&app, &http, &admin_url, &admin_token).await;
+                report.final_state = event.state.clone();
+                report.final_percent = event.percent;
+                report.timeline.push(event);
+            }
+        }
+        if done.load(std::sync::atomic::Ordering::SeqCst) {
+            return report;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 async fn set_percent(http: &reqwest::Client, admin_url: &str, admin_token: &str, percent: f64) -> anyhow::Result<()> {
     let res = http
         .put(format!(
@@ -661,6 +767,19 @@ pub fn render(report: &Report) -> String {
         "double assignments: {}   drivers with two trips: {}   duplicate OTPs: {}\n",
         report.double_assignments, report.drivers_with_two_trips, report.duplicate_otps
     ));
+    if let Some(g) = &report.guard {
+        out.push_str(&format!("guard: {} at {}%", g.final_state, g.final_percent));
+        if let Some(at) = g.rolled_back_at_s {
+            out.push_str(&format!(" — rolled back at {at:.1} s"));
+        }
+        out.push('\n');
+        for e in &g.timeline {
+            out.push_str(&format!(
+                "  {:>7.1} s  {:<12} {:>5}%  {}\n",
+                e.at_s, e.state, e.percent, e.reason
+            ));
+        }
+    }
     out
 }
 

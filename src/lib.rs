@@ -14,8 +14,8 @@
 //! |---|---|---|
 //! | 0 domain | [`domain`] | plain types, no I/O: the cohort, the flag name, trip action / type / status, driver availability, job state and kind, effects, `LatLng`, the one clock |
 //! | 1 foundation | [`error`], [`config`], [`auth`] | the domain error and the envelope; `config.toml`; tokens and [`auth::AuthUser`] |
-//! | 2 adapters | [`storage`], [`lock_store`], [`redis_conn`], [`events`], [`providers`], [`metrics`], [`flags`] | every SQL statement (by aggregate); trip locks; Redis; the event bus; SMS/push providers; Prometheus metrics (plain values in); the flags file and bucketing (pure) |
-//! | 3 services | [`effects`], [`jobs`], [`flags::watcher`], [`flags::fleet`], [`accept`], [`seed`] | the side effects; the job runner and workers; the flags watcher and the fleet-wide flag sync (overrides, file changes audited once); the two accept strategies, [`accept::legacy`] and [`accept::atomic_async`], side by side; demo data (`seed`, `POST /admin/seed`) |
+//! | 2 adapters | [`storage`], [`lock_store`], [`redis_conn`], [`events`], [`providers`], [`metrics`], [`samples`], [`flags`] | every SQL statement (by aggregate); trip locks; Redis; the event bus; SMS/push providers; Prometheus metrics (plain values in); per-second cohort samples for the guard; the flags file and bucketing (pure) |
+//! | 3 services | [`effects`], [`jobs`], [`flags::watcher`], [`flags::fleet`], [`guard`], [`accept`], [`seed`] | the side effects; the job runner and workers; the flags watcher and the fleet-wide flag sync (overrides, file changes audited once); the rollout guard (judge, promote, roll back); the two accept strategies, [`accept::legacy`] and [`accept::atomic_async`], side by side; demo data (`seed`, `POST /admin/seed`) |
 //! | 4 edge | [`http`], [`rollout`] | axum routers (driver, customer, admin), auth middleware, request log; [`rollout::RolloutRouter`], the tower `Service` that picks the cohort |
 //! | 5 roof | [`server`], [`cli`], [`drive`] | wiring and graceful shutdown; the `tripgate` commands; the driver-app simulator |
 //!
@@ -38,10 +38,12 @@ pub mod lock_store;
 pub mod metrics;
 pub mod providers;
 pub mod redis_conn;
+pub mod samples;
 pub mod storage;
 
 pub mod accept;
 pub mod effects;
+pub mod guard;
 pub mod jobs;
 
 pub mod http;

@@ -9,6 +9,7 @@
 //! nothing of the flags file, the storage rows or the effect runner that report to them.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::{
@@ -18,6 +19,7 @@ use prometheus::{
 
 use crate::domain::{Call, Cohort, Effect, JobKind, JobState, TRIP_ACCEPT_FLAG};
 use crate::error::Outcome;
+use crate::samples::Samples;
 
 /// The cohort label of requests that never reached a cohort (unauthenticated, malformed,
 /// customer and admin routes).
@@ -53,6 +55,10 @@ pub struct Metrics {
     pool_timeouts: IntCounterVec,
     accept_batch_size: Histogram,
     jobs_purged: IntCounter,
+    guard_verdicts: IntCounterVec,
+    guard_state: IntGaugeVec,
+    /// Per-second samples of the routed requests and OTP deliveries, for the rollout guard.
+    samples: Arc<Samples>,
     /// `client.timeout_ms`: slower requests count as timeouts.
     client_timeout: Duration,
     /// The routes whose children are created up front (the driver routes).
@@ -78,6 +84,19 @@ fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntC
     registry.register(Box::new(vec.clone())).expect("unique metric");
     vec
 }
+
+/// The guard's verdicts (`tripgate_guard_verdicts_total`).
+pub const GUARD_VERDICTS: [&str; 3] = ["pass", "fail", "inconclusive"];
+/// The guard's states (`tripgate_guard_state`).
+pub const GUARD_STATES: [&str; 7] = [
+    "disabled",
+    "watching",
+    "promoting",
+    "holding",
+    "rolled_back",
+    "paused",
+    "done",
+];
 
 impl Metrics {
     /// A fresh registry with every family and the fixed children, the request children of
@@ -235,6 +254,29 @@ impl Metrics {
         )
         .expect("valid counter");
         r.register(Box::new(jobs_purged.clone())).expect("unique metric");
+        let guard_verdicts = counter(
+            &r,
+            "tripgate_guard_verdicts_total",
+            "Rollout guard verdicts by flag and verdict (pass, fail, inconclusive).",
+            &["flag", "verdict"],
+        );
+        let guard_state = IntGaugeVec::new(
+            Opts::new(
+                "tripgate_guard_state",
+                "1 for the rollout guard's current state of the flag (disabled, watching, promoting, holding, rolled_back, paused, done).",
+            ),
+            &["flag", "state"],
+        )
+        .expect("valid gauge");
+        r.register(Box::new(guard_state.clone())).expect("unique metric");
+        for verdict in GUARD_VERDICTS {
+            guard_verdicts.with_label_values(&[TRIP_ACCEPT_FLAG, verdict]);
+        }
+        for state in GUARD_STATES {
+            guard_state
+                .with_label_values(&[TRIP_ACCEPT_FLAG, state])
+                .set(i64::from(state == "disabled"));
+        }
         for pool in ["api", "jobs"] {
             for state in ["in_use", "idle"] {
                 pool_connections.with_label_values(&[pool, state]);
@@ -314,6 +356,9 @@ impl Metrics {
             pool_timeouts,
             accept_batch_size,
             jobs_purged,
+            guard_verdicts,
+            guard_state,
+            samples: Arc::new(Samples::new(client_timeout)),
             client_timeout,
             hot_routes: hot_routes.to_vec(),
             request_children,
@@ -321,7 +366,19 @@ impl Metrics {
     }
 
     /// Records one finished request.
-    pub fn request(&self, cohort: Option<Cohort>, route: &str, outcome: Outcome, status: u16, elapsed: Duration) {
+    pub fn request(
+        &self,
+        cohort: Option<Cohort>,
+        driver: &str,
+        route: &str,
+        outcome: Outcome,
+        status: u16,
+        elapsed: Duration,
+    ) {
+        if let Some(cohort) = cohort {
+            self.samples
+                .request(crate::domain::now_ms(), cohort, driver, status, elapsed);
+        }
         let cohort = cohort.map_or(NO_COHORT, Cohort::as_str);
         let secs = elapsed.as_secs_f64();
         match self
@@ -368,22 +425,24 @@ impl Metrics {
         handed_at_ms: i64,
         requested_at_ms: Option<i64>,
     ) {
-        let cohort = cohort.as_str();
         let result = if ok { "ok" } else { "failed" };
         self.side_effects
-            .with_label_values(&[cohort, effect.as_str(), result])
+            .with_label_values(&[cohort.as_str(), effect.as_str(), result])
             .inc();
         if call != Call::First {
             self.side_effects
-                .with_label_values(&[cohort, effect.as_str(), call.as_str()])
+                .with_label_values(&[cohort.as_str(), effect.as_str(), call.as_str()])
                 .inc();
         }
         if ok
             && effect == Effect::OtpSms
             && let Some(requested) = requested_at_ms
         {
-            let secs = (handed_at_ms - requested).max(0) as f64 / 1000.0;
-            self.otp_delivery.with_label_values(&[cohort]).observe(secs);
+            let elapsed = Duration::from_millis((handed_at_ms - requested).max(0) as u64);
+            self.otp_delivery
+                .with_label_values(&[cohort.as_str()])
+                .observe(elapsed.as_secs_f64());
+            self.samples.otp(handed_at_ms, cohort, elapsed);
         }
     }
 
@@ -424,6 +483,25 @@ impl Metrics {
             self.rollout_percent.with_label_values(&[name]).set(percent);
         }
         self.flags_last_reload.set(loaded_at_ms as f64 / 1000.0);
+    }
+
+    /// The per-second samples the rollout guard judges.
+    pub fn samples(&self) -> Arc<Samples> {
+        self.samples.clone()
+    }
+
+    /// A guard verdict (`pass` | `fail` | `inconclusive`).
+    pub fn guard_verdict(&self, flag: &str, verdict: &str) {
+        self.guard_verdicts.with_label_values(&[flag, verdict]).inc();
+    }
+
+    /// The guard's state of `flag`: 1 for `state`, 0 for the others.
+    pub fn guard_state(&self, flag: &str, state: &str) {
+        for s in GUARD_STATES {
+            self.guard_state
+                .with_label_values(&[flag, s])
+                .set(i64::from(s == state));
+        }
     }
 
     /// Whether each flag has an override in force (`tripgate_flags_override`).

@@ -221,6 +221,12 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
             metrics.clone(),
             shutdown_rx.clone(),
         ));
+        servers.push(crate::guard::spawn(
+            store.clone(),
+            flags.clone(),
+            metrics.clone(),
+            shutdown_rx.clone(),
+        ));
     } else {
         // A worker serves /metrics, /healthz and /readyz on its own admin listener
         // (`jobs.admin_listen`).
@@ -234,6 +240,13 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
         ));
         tracing::info!(admin = ?admin_addr, database = ?store.kind(), "tripgate worker listening");
     }
+
+    // Every process writes its per-second request and OTP samples for the rollout guard.
+    servers.push(crate::guard::write_samples(
+        store.clone(),
+        metrics.samples(),
+        shutdown_rx.clone(),
+    ));
 
     // Migrations, then workers. Retried until the database answers.
     let worker_task = {

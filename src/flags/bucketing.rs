@@ -78,6 +78,7 @@ mod distribution {
             salt: salt.to_owned(),
             allow: Default::default(),
             deny: Default::default(),
+            guard: None,
         }
     }
 

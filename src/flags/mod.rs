@@ -10,6 +10,7 @@
 
 pub mod bucketing;
 pub mod fleet;
+pub mod guard_config;
 pub mod watcher;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -73,6 +74,9 @@ pub struct Flag {
     pub allow: BTreeSet<String>,
     /// Driver ids always on legacy (wins over allow).
     pub deny: BTreeSet<String>,
+    /// The guarded rollout, when the file has a `[name.guard]` section.
+    #[serde(skip)]
+    pub guard: Option<guard_config::GuardConfig>,
 }
 
 impl Flag {
@@ -162,6 +166,7 @@ impl FlagSet {
             let mut salt = name.clone();
             let mut allow = BTreeSet::new();
             let mut deny = BTreeSet::new();
+            let mut guard = None;
             for (key, value) in fields {
                 match key.as_str() {
                     "percent" => threshold = Some(parse_percent(&value).map_err(|r| invalid("percent", r))?),
@@ -174,7 +179,16 @@ impl FlagSet {
                     }
                     "allow" => allow = parse_ids(&value).map_err(|r| invalid("allow", r))?,
                     "deny" => deny = parse_ids(&value).map_err(|r| invalid("deny", r))?,
-                    other => return Err(invalid(other, "unknown key (percent, salt, allow, deny)".into())),
+                    "guard" if name == TRIP_ACCEPT_FLAG => {
+                        guard = Some(guard_config::GuardConfig::parse(&value).map_err(|(k, r)| invalid(&k, r))?)
+                    }
+                    "guard" => {
+                        return Err(invalid(
+                            "guard",
+                            format!("only {TRIP_ACCEPT_FLAG} routes requests, so only it can be guarded"),
+                        ));
+                    }
+                    other => return Err(invalid(other, "unknown key (percent, salt, allow, deny, guard)".into())),
                 }
             }
             let threshold = threshold.ok_or_else(|| invalid("percent", "is required".into()))?;
@@ -185,6 +199,7 @@ impl FlagSet {
                     salt,
                     allow,
                     deny,
+                    guard,
                 },
             );
         }
@@ -273,6 +288,7 @@ pub fn in_force(file: &FlagSet, overrides: &BTreeMap<String, Override>) -> FlagS
                     salt: flag.salt.clone(),
                     allow: flag.allow.union(&o.allow).cloned().collect(),
                     deny: flag.deny.union(&o.deny).cloned().collect(),
+                    guard: flag.guard.clone(),
                 },
                 _ => flag.clone(),
             };

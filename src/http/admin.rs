@@ -28,6 +28,8 @@ pub fn routes(state: AppState) -> Router {
         .route("/admin/flags/{name}", put(put_flag))
         .route("/admin/flags/{name}/override", delete(clear_override))
         .route("/admin/audit", get(audit))
+        .route("/admin/guard", get(guard_status))
+        .route("/admin/guard/{name}/{action}", post(guard_action))
         .route("/admin/jobs", get(jobs))
         .route("/admin/jobs/{id}/retry", post(retry_job));
     let admin = if state.config.server.demo_routes() {
@@ -241,6 +243,29 @@ fn override_error(e: fleet::OverrideError) -> ApiError {
         fleet::OverrideError::UnknownFlag(_) => ApiError::NotFound("flag"),
         fleet::OverrideError::KillSwitch(_) => ApiError::Conflict(e.to_string()),
         fleet::OverrideError::Database(e) => e.into(),
+    }
+}
+
+async fn guard_status(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(crate::guard::status(&state.store, &state.flags).await?))
+}
+
+/// `POST /admin/guard/{name}/pause|resume|ack`.
+async fn guard_action(
+    State(state): State<AppState>,
+    Extension(user): Extension<AuthUser>,
+    Path((name, action)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let action = crate::guard::Action::parse(&action).ok_or(ApiError::NotFound("route"))?;
+    if name != crate::domain::TRIP_ACCEPT_FLAG {
+        return Err(ApiError::NotFound("guarded flag"));
+    }
+    let who = format!("{} (api)", user.id);
+    match crate::guard::act(&state.store, action, &who).await? {
+        Some(_) => Ok(Json(crate::guard::status(&state.store, &state.flags).await?)),
+        None => Err(ApiError::Conflict(format!(
+            "the guard of {name} is not in a state {action:?} applies to (see GET /admin/guard)"
+        ))),
     }
 }
 

@@ -78,7 +78,7 @@ async fn observe(State(metrics): State<Option<Arc<Metrics>>>, req: Request, next
         "request"
     );
     if let Some(metrics) = metrics {
-        metrics.request(cohort, &route, outcome, status.as_u16(), elapsed);
+        metrics.request(cohort, driver, &route, outcome, status.as_u16(), elapsed);
     }
     response
 }

@@ -59,6 +59,7 @@ impl Dialect {
                     "flag overrides",
                     include_str!("../../migrations/postgres/0005_flag_overrides.sql"),
                 ),
+                ("guard", include_str!("../../migrations/postgres/0006_guard.sql")),
             ],
             Self::Sqlite => &[
                 ("init", include_str!("../../migrations/sqlite/0001_init.sql")),
@@ -70,6 +71,7 @@ impl Dialect {
                     "flag overrides",
                     include_str!("../../migrations/sqlite/0003_flag_overrides.sql"),
                 ),
+                ("guard", include_str!("../../migrations/sqlite/0004_guard.sql")),
             ],
         })
     }

@@ -12,6 +12,7 @@
 //! | [`assign`] | the two accepts — the heart of the product — and the invariant check; `group_commit` batches atomic_async's |
 //! | [`effects`] | who an accepted trip's side effects go to, and each effect's record |
 //! | [`jobs`] | the durable job queue: claim, finish, list, retry |
+//! | [`guard`] | the rollout guard's samples, state (with its judge's lease) and verdicts |
 //! | [`flag_state`] | the fleet-wide flag overrides, the file's last seen percents, the flag change log |
 //! | [`dialect`] | what differs between PostgreSQL and SQLite |
 //!
@@ -45,6 +46,7 @@ pub mod dialect;
 pub mod effects;
 pub mod flag_state;
 mod group_commit;
+pub mod guard;
 pub mod jobs;
 pub mod trips;
 pub mod users;

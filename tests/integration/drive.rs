@@ -138,3 +138,52 @@ async fn drive_checks_accepts_that_timed_out(backend: Backend) {
 }
 
 crate::backend_tests!(drive_checks_accepts_that_timed_out);
+
+/// `drive rollout --guard` leaves the percentage to the guard and reports what it did: with
+/// an atomic-only fault (a trigger refusing atomic_async's job rows, so its accepts fail),
+/// the rollback and when it happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn drive_rollout_guard_reports_the_rollback() {
+    let Some(_) = crate::support::postgres_url() else {
+        return;
+    };
+    let db = TestDb::new(Backend::Postgres).await;
+    let dir = crate::support::TempDir::new();
+    std::fs::create_dir_all(dir.path().join("flags")).unwrap();
+    std::fs::write(
+        dir.path().join("flags/rollout.toml"),
+        "[trip_accept_v2]\npercent = 50\n\n[trip_accept_v2.guard]\nenabled = true\nsteps = [10, 50, 100]\n\
+         step_after_s = 60\nwindow_s = 1\nmin_requests = 5\n",
+    )
+    .unwrap();
+    let config = crate::support::config(&db.url, dir.path(), &Options::default());
+    let gw = Gateway::start_with(config, dir).await;
+    crate::support::execute_sql(
+        &db,
+        "CREATE FUNCTION fault() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'injected fault'; END $$ LANGUAGE plpgsql;
+         CREATE TRIGGER fault BEFORE INSERT ON jobs FOR EACH ROW WHEN (NEW.cohort = 'atomic_async') EXECUTE FUNCTION fault();",
+    )
+    .await;
+    let report = drive(&gw, &["rollout", "--guard", "--rate", "50", "--duration", "7"]);
+    let guard = &report["guard"];
+    assert_eq!(
+        (guard["final_state"].as_str(), guard["final_percent"].as_f64()),
+        (Some("rolled_back"), Some(0.0)),
+        "{report}"
+    );
+    let at = guard["rolled_back_at_s"].as_f64().unwrap();
+    assert!(at > 0.5 && at < 6.0, "{report}");
+    let timeline = guard["timeline"].as_array().unwrap();
+    assert_eq!(timeline[0]["percent"], 50.0);
+    let last = timeline.last().unwrap();
+    assert!(last["reason"].as_str().unwrap().contains("errors"), "{report}");
+    let atomic_errors: u64 = report["cohorts"]["atomic_async"]["errors"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert!(atomic_errors > 0, "{report}");
+    assert!(report["cohorts"]["legacy"]["accepted"].as_u64().unwrap() > 0);
+    gw.shutdown().await;
+}

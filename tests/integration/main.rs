@@ -12,6 +12,7 @@ mod connections;
 mod drive;
 mod flags;
 mod fleet;
+mod guard;
 mod harness;
 mod jobs;
 mod lifecycle;

@@ -106,6 +106,8 @@ async fn every_metric_of_the_dashboard_and_rules_exists() {
         "tripgate_flags_last_reload_timestamp_seconds",
         "tripgate_flags_override",
         "tripgate_flags_changes_total",
+        "tripgate_guard_verdicts_total",
+        "tripgate_guard_state",
     ] {
         assert!(names.contains(family), "{family} missing at start-up");
     }

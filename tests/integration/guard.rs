@@ -1,0 +1,516 @@
+//! The rollout guard with short windows (1 s): healthy traffic walks the steps (each
+//! promotion an audited override of source `guard`), an atomic-only fault rolls back to 0
+//! on every instance and stays latched, no traffic is `inconclusive`, a latency-only
+//! regression fails on latency alone, a sample-ratio mismatch is reported, one judge for
+//! two instances, a restart mid-step resumes.
+//!
+//! Faults are injected with a Postgres trigger on the rejections table that refuses (or
+//! slows) the rows of the drivers the flags put in atomic_async: a reject goes through the
+//! router like an accept, writes one row, and can be repeated, so a handful of drivers make
+//! a steady load.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::sync::RwLock;
+use tripgate::auth::{Role, TokenKeys};
+
+use crate::support::{
+    Backend, Gateway, Options, Process, SECRET, TempDir, TestDb, World, eventually, execute_sql, free_port,
+    wait_process_ready,
+};
+
+/// A flags file at `percent` with a guard of 1 s windows.
+fn guard_flags(percent: f64, step_after_s: u64, on_fail: &str, deny: &[String]) -> String {
+    let deny: Vec<String> = deny.iter().map(|d| format!("{d:?}")).collect();
+    format!(
+        "[trip_accept_v2]\npercent = {percent}\nsalt = \"trip_accept_v2\"\nallow = []\ndeny = [{}]\n\n\
+         [trip_accept_v2.guard]\nenabled = true\nsteps = [10, 50, 100]\nstep_after_s = {step_after_s}\n\
+         window_s = 1\nmin_requests = 10\nmax_error_rate_delta = 0.01\nmax_p99_ratio = 1.2\n\
+         confidence = 0.99\non_fail = \"{on_fail}\"\n",
+        deny.join(", ")
+    )
+}
+
+fn write_flags(dir: &Path, text: &str) {
+    let path = dir.join("flags").join("rollout.toml");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(tmp, path).unwrap();
+}
+
+/// Steady rejects from `drivers` on `trip` through whichever API bases `targets` holds.
+struct Load {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicUsize>,
+    targets: Arc<RwLock<Vec<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(targets: Vec<String>, drivers: &[String], trip: &str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicUsize::new(0));
+        let targets = Arc::new(RwLock::new(targets));
+        let keys = TokenKeys::new(SECRET, 3600);
+        let tokens: Arc<Vec<String>> = Arc::new(drivers.iter().map(|d| keys.mint(d, Role::Driver).unwrap()).collect());
+        let tasks = (0..4)
+            .map(|k| {
+                let (stop, sent, targets, tokens) = (stop.clone(), sent.clone(), targets.clone(), tokens.clone());
+                let (http, trip) = (reqwest::Client::new(), trip.to_owned());
+                tokio::spawn(async move {
+                    let mut i = k;
+                    while !stop.load(Ordering::SeqCst) {
+                        let base = {
+                            let t = targets.read().await;
+                            t[i % t.len()].clone()
+                        };
+                        let _ = http
+                            .post(format!("{base}/api/driver/trip/request-action"))
+                            .bearer_auth(&tokens[i % tokens.len()])
+                            .json(&json!({"trip_request_id": trip, "action": "rejected"}))
+                            .send()
+                            .await;
+                        sent.fetch_add(1, Ordering::SeqCst);
+                        i += 4;
+                        tokio::time::sleep(Duration::from_millis(8)).await;
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            sent,
+            targets,
+            tasks,
+        }
+    }
+
+    async fn retarget(&self, targets: Vec<String>) {
+        *self.targets.write().await = targets;
+    }
+
+    async fn stop(self) -> usize {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.sent.load(Ordering::SeqCst)
+    }
+}
+
+struct Admin {
+    http: reqwest::Client,
+    token: String,
+}
+
+impl Admin {
+    fn new() -> Self {
+        Self {
+            http: reqwest::Client::new(),
+            token: TokenKeys::new(SECRET, 3600).mint("alice", Role::Admin).unwrap(),
+        }
+    }
+
+    async fn get(&self, admin: &str, path: &str) -> Value {
+        self.http
+            .get(format!("{admin}{path}"))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    async fn guard(&self, admin: &str) -> Value {
+        self.get(admin, "/admin/guard").await["flags"]["trip_accept_v2"].clone()
+    }
+
+    async fn percent(&self, admin: &str) -> f64 {
+        self.get(admin, "/admin/flags").await["flags"]["trip_accept_v2"]["percent"]
+            .as_f64()
+            .unwrap()
+    }
+
+    async fn post(&self, admin: &str, path: &str) -> u16 {
+        self.http
+            .post(format!("{admin}{path}"))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
+    /// Waits until the guard of `admin` is in `state`; returns its status.
+    async fn wait_state(&self, admin: &str, state: &str, within: Duration) -> Value {
+        eventually(within, &format!("guard {state}"), || async {
+            let g = self.guard(admin).await;
+            (g["state"] == state).then_some(g)
+        })
+        .await
+    }
+
+    /// The guard's override changes in the audit: (from, to, reason).
+    async fn guard_changes(&self, admin: &str) -> Vec<(f64, f64, String)> {
+        self.get(admin, "/admin/audit").await["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["source"] == "guard")
+            .map(|e| {
+                assert_eq!(
+                    (e["actor"].as_str(), e["action"].as_str()),
+                    (Some("guard"), Some("set"))
+                );
+                (
+                    e["from"].as_f64().unwrap(),
+                    e["to"].as_f64().unwrap(),
+                    e["reason"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// A `tripgate serve` process on `db` with `flags`.
+struct Instance {
+    _process: Process,
+    _dir: TempDir,
+    api: String,
+    admin: String,
+}
+
+async fn instance(db: &TestDb, redis_url: Option<&str>, prefix: &str, flags: &str) -> Instance {
+    let dir = TempDir::new();
+    write_flags(dir.path(), flags);
+    let options = Options {
+        redis_url: redis_url.map(str::to_owned),
+        ..Options::default()
+    };
+    let mut config = crate::support::config(&db.url, dir.path(), &options);
+    config.server.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    config.server.admin_listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    config.redis.key_prefix = prefix.to_owned();
+    let process = Process::spawn("serve", &config, dir.path());
+    wait_process_ready(config.server.admin_listen).await;
+    Instance {
+        _process: process,
+        _dir: dir,
+        api: format!("http://{}", config.server.listen),
+        admin: format!("http://{}", config.server.admin_listen),
+    }
+}
+
+/// The drivers of `drivers` that `percent` puts in atomic_async.
+fn atomic_at(percent: f64, drivers: &[String]) -> Vec<String> {
+    drivers
+        .iter()
+        .filter(|d| f64::from(tripgate::flags::bucketing::bucket("trip_accept_v2", d)) < percent * 100.0)
+        .cloned()
+        .collect()
+}
+
+/// A trigger that refuses (`action` = RAISE) or slows (`pg_sleep`) the rejections of
+/// `drivers`.
+async fn inject(db: &TestDb, drivers: &[String], action: &str) {
+    let ids: Vec<String> = drivers.iter().map(|d| format!("('{d}')")).collect();
+    execute_sql(
+        db,
+        &format!(
+            "CREATE TABLE IF NOT EXISTS faulty (driver_id TEXT PRIMARY KEY);
+             INSERT INTO faulty VALUES {} ON CONFLICT DO NOTHING;
+             CREATE OR REPLACE FUNCTION fault() RETURNS trigger AS $$
+             BEGIN
+                 IF EXISTS (SELECT 1 FROM faulty WHERE driver_id = NEW.user_id) THEN {action}; END IF;
+                 RETURN NEW;
+             END $$ LANGUAGE plpgsql;
+             DROP TRIGGER IF EXISTS fault ON rejected_driver_requests;
+             CREATE TRIGGER fault BEFORE INSERT ON rejected_driver_requests FOR EACH ROW EXECUTE FUNCTION fault();",
+            ids.join(", ")
+        ),
+    )
+    .await;
+}
+
+async fn remove_fault(db: &TestDb) {
+    execute_sql(db, "DROP TRIGGER IF EXISTS fault ON rejected_driver_requests").await;
+}
+
+/// Two instances, one judge: healthy traffic walks 10 → 50 → 100 (done), each promotion an
+/// audited guard override. The load goes through one instance, then only through the
+/// other, and both steps pass — so the judge counts the other instance's requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn healthy_traffic_walks_the_steps_with_one_judge() {
+    let (Some(_), Some(redis_url)) = (crate::support::postgres_url(), crate::support::redis_url()) else {
+        return;
+    };
+    let db = TestDb::new(Backend::Postgres).await;
+    let store = db.store().await;
+    let w = World::new(&store).await;
+    let drivers = w.drivers(60).await;
+    let trip = w.trip(&[]).await;
+    let prefix = crate::support::unique("tgguard");
+    let flags = guard_flags(10.0, 2, "rollback", &[]);
+    let a = instance(&db, Some(&redis_url), &prefix, &flags).await;
+    let b = instance(&db, Some(&redis_url), &prefix, &flags).await;
+    let admin = Admin::new();
+    let load = Load::start(vec![a.api.clone()], &drivers, &trip);
+    eventually(Duration::from_secs(30), "promoted to 50", || async {
+        (admin.percent(&b.admin).await == 50.0).then_some(())
+    })
+    .await;
+    load.retarget(vec![b.api.clone()]).await;
+    let done = admin.wait_state(&a.admin, "done", Duration::from_secs(30)).await;
+    let sent = load.stop().await;
+    assert!(sent > 100);
+    assert_eq!(done["percent"], 100.0);
+    assert!(done["next_step"].is_null());
+    for gw in [&a, &b] {
+        assert_eq!(admin.percent(&gw.admin).await, 100.0);
+        // Each instance's gauge follows the shared state within a tick.
+        eventually(Duration::from_secs(2), "guard state gauge", || async {
+            let metrics = reqwest::get(format!("{}/metrics", gw.admin))
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            let series = "tripgate_guard_state{flag=\"trip_accept_v2\",state=\"done\"}";
+            (crate::support::metric_value(&metrics, series) == 1.0).then_some(())
+        })
+        .await;
+    }
+    let changes = admin.guard_changes(&a.admin).await;
+    let steps: Vec<(f64, f64)> = changes.iter().map(|c| (c.0, c.1)).collect();
+    assert_eq!(steps, [(10.0, 50.0), (50.0, 100.0)], "{changes:?}");
+    assert!(changes[0].2.contains("passing windows"), "{changes:?}");
+    let verdicts = done["verdicts"].as_array().unwrap().clone();
+    assert!(!verdicts.is_empty());
+    let ats: Vec<i64> = verdicts.iter().map(|v| v["at"].as_i64().unwrap()).collect();
+    assert!(ats.windows(2).all(|w| w[0] >= w[1]), "newest first");
+    let passed = verdicts.iter().find(|v| v["verdict"] == "pass").unwrap();
+    for field in ["requests", "error_rate", "p99_ms", "p_value", "reason"] {
+        assert!(!passed[field].is_null(), "{field}: {passed}");
+    }
+    // One judge: one verdict per window; samples from both instances.
+    assert_eq!(
+        crate::support::query_i64(&db, "SELECT count(*) - count(DISTINCT window_end) FROM guard_verdicts").await,
+        0
+    );
+    assert!(crate::support::query_i64(&db, "SELECT count(DISTINCT instance) FROM guard_samples").await >= 2);
+}
+
+/// An atomic-only fault at 50 %: rolled back to 0 on both instances within two windows
+/// (plus the time samples are given to arrive); latched after the fault is gone; `ack`
+/// pauses, `resume` walks on from the first step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_atomic_only_fault_rolls_back_the_fleet_and_stays_latched() {
+    let (Some(_), Some(redis_url)) = (crate::support::postgres_url(), crate::support::redis_url()) else {
+        return;
+    };
+    let db = TestDb::new(Backend::Postgres).await;
+    let store = db.store().await;
+    let w = World::new(&store).await;
+    let drivers = w.drivers(60).await;
+    let trip = w.trip(&[]).await;
+    let prefix = crate::support::unique("tgguard");
+    let flags = guard_flags(50.0, 600, "rollback", &[]);
+    let a = instance(&db, Some(&redis_url), &prefix, &flags).await;
+    let b = instance(&db, Some(&redis_url), &prefix, &flags).await;
+    let admin = Admin::new();
+    let load = Load::start(vec![a.api.clone(), b.api.clone()], &drivers, &trip);
+    eventually(Duration::from_secs(20), "passing windows", || async {
+        let g = admin.guard(&a.admin).await;
+        (g["state"] == "promoting" && g["passes"].as_i64()? >= 2).then_some(())
+    })
+    .await;
+
+    inject(&db, &atomic_at(50.0, &drivers), "RAISE EXCEPTION 'injected fault'").await;
+    let started = Instant::now();
+    for gw in [&a, &b] {
+        eventually(Duration::from_secs(10), "rolled back", || async {
+            (admin.percent(&gw.admin).await == 0.0).then_some(())
+        })
+        .await;
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(4_500), "rollback took {took:?}");
+    let g = admin.wait_state(&b.admin, "rolled_back", Duration::from_secs(2)).await;
+    let failed = g["verdicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["verdict"] == "fail")
+        .cloned()
+        .unwrap();
+    assert!(failed["reason"].as_str().unwrap().starts_with("errors"), "{failed}");
+    // (The first failing window may straddle the fault's start.)
+    let rates = &failed["error_rate"];
+    assert!(
+        rates["atomic_async"].as_f64().unwrap() > rates["legacy"].as_f64().unwrap() + 0.1,
+        "{failed}"
+    );
+    let changes = admin.guard_changes(&a.admin).await;
+    assert_eq!((changes[0].0, changes[0].1), (50.0, 0.0));
+    assert!(changes[0].2.contains("errors"), "{changes:?}");
+
+    // The numbers recover; the rollback stays until a person acknowledges it.
+    remove_fault(&db).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(admin.guard(&a.admin).await["state"], "rolled_back");
+    assert_eq!(admin.percent(&b.admin).await, 0.0);
+    assert_eq!(admin.post(&a.admin, "/admin/guard/trip_accept_v2/resume").await, 409);
+    assert_eq!(admin.post(&a.admin, "/admin/guard/trip_accept_v2/ack").await, 200);
+    let paused = admin.wait_state(&b.admin, "paused", Duration::from_secs(2)).await;
+    assert!(paused["reason"].as_str().unwrap().contains("alice"), "{paused}");
+    assert_eq!(admin.percent(&a.admin).await, 0.0);
+    assert_eq!(admin.post(&b.admin, "/admin/guard/trip_accept_v2/resume").await, 200);
+    for gw in [&a, &b] {
+        eventually(Duration::from_secs(5), "first step after resume", || async {
+            (admin.percent(&gw.admin).await == 10.0).then_some(())
+        })
+        .await;
+    }
+    load.stop().await;
+}
+
+/// One in-process gateway, the guard on `hold`: no traffic is inconclusive and changes
+/// nothing; a deny list that empties the atomic cohort is a sample-ratio mismatch; a
+/// latency-only regression of atomic_async fails on latency alone and holds the percent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn inconclusive_without_traffic_mismatch_reported_latency_fails_alone() {
+    let Some(_) = crate::support::postgres_url() else {
+        return;
+    };
+    let db = TestDb::new(Backend::Postgres).await;
+    let dir = TempDir::new();
+    write_flags(dir.path(), &guard_flags(50.0, 600, "hold", &[]));
+    let config = crate::support::config(&db.url, dir.path(), &Options::default());
+    let gw = Gateway::start_with(config, dir).await;
+    let w = World::new(&gw.store).await;
+    let drivers = w.drivers(60).await;
+    let trip = w.trip(&[]).await;
+    let admin = Admin::new();
+
+    let g = eventually(Duration::from_secs(10), "inconclusive windows", || async {
+        let g = admin.guard(&gw.admin).await;
+        (g["verdicts"].as_array()?.len() >= 3).then_some(g)
+    })
+    .await;
+    for v in g["verdicts"].as_array().unwrap() {
+        assert_eq!(v["verdict"], "inconclusive", "{v}");
+        assert!(v["reason"].as_str().unwrap().starts_with("too few requests"), "{v}");
+    }
+    assert_eq!(
+        (g["state"].as_str(), g["percent"].as_f64()),
+        (Some("watching"), Some(50.0))
+    );
+
+    // The file denies most of the atomic cohort: the cohorts' drivers no longer match 50 %.
+    let atomic = atomic_at(50.0, &drivers);
+    let flags_dir = gw.config.flags.path.parent().unwrap().parent().unwrap().to_owned();
+    write_flags(&flags_dir, &guard_flags(50.0, 600, "hold", &atomic[2..]));
+    let load = Load::start(vec![gw.api.clone()], &drivers, &trip);
+    eventually(Duration::from_secs(15), "sample ratio mismatch", || async {
+        let g = admin.guard(&gw.admin).await;
+        g["verdicts"]
+            .as_array()?
+            .iter()
+            .any(|v| {
+                v["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("sample ratio mismatch"))
+            })
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        admin.guard(&gw.admin).await["state"],
+        "watching",
+        "a mismatch never fails"
+    );
+
+    // Atomic requests 60 ms slower, no errors: fails on latency alone, holds at 50 %.
+    write_flags(&flags_dir, &guard_flags(50.0, 600, "hold", &[]));
+    inject(&db, &atomic, "PERFORM pg_sleep(0.06)").await;
+    let held = admin.wait_state(&gw.admin, "holding", Duration::from_secs(20)).await;
+    load.stop().await;
+    let failed = held["verdicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["verdict"] == "fail")
+        .cloned()
+        .unwrap();
+    let reason = failed["reason"].as_str().unwrap();
+    assert!(reason.contains("latency") && !reason.contains("errors"), "{failed}");
+    assert_eq!(admin.percent(&gw.admin).await, 50.0, "hold keeps the percent");
+    assert!(held["reason"].as_str().unwrap().contains("latency"));
+    gw.shutdown().await;
+}
+
+/// The embedded default: a guard that restarts mid-step (new process state, same database)
+/// resumes with its passes and walks on; a person's change pauses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restart_mid_step_resumes_and_people_win() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let dir = TempDir::new();
+    write_flags(dir.path(), &guard_flags(10.0, 6, "rollback", &[]));
+    let config = crate::support::config(&db.url, dir.path(), &Options::default());
+    let gw = Gateway::start_with(config.clone(), dir).await;
+    let w = World::new(&gw.store).await;
+    let drivers = w.drivers(60).await;
+    let trip = w.trip(&[]).await;
+    let admin = Admin::new();
+    let load = Load::start(vec![gw.api.clone()], &drivers, &trip);
+    let before = eventually(Duration::from_secs(20), "passes at 10 %", || async {
+        let g = admin.guard(&gw.admin).await;
+        (g["state"] == "promoting" && g["passes"].as_i64()? >= 2).then_some(g)
+    })
+    .await;
+    load.stop().await;
+    let flags_path = config.flags.path.clone();
+    let mut gw = gw;
+    let dir = std::mem::replace(&mut gw.dir, TempDir::new());
+    gw.shutdown().await;
+
+    let restarted = Gateway::start_with(config, dir).await;
+    let g = admin.guard(&restarted.admin).await;
+    assert_eq!(g["state"], "promoting", "{g}");
+    assert!(
+        g["passes"].as_i64().unwrap() >= before["passes"].as_i64().unwrap(),
+        "{g}"
+    );
+    let load = Load::start(vec![restarted.api.clone()], &drivers, &trip);
+    eventually(Duration::from_secs(30), "promoted after the restart", || async {
+        (admin.percent(&restarted.admin).await == 50.0).then_some(())
+    })
+    .await;
+
+    // A person sets the percent: the guard pauses.
+    let res = restarted
+        .http
+        .put(format!("{}/admin/flags/trip_accept_v2", restarted.admin))
+        .bearer_auth(&admin.token)
+        .json(&json!({"percent": 20, "reason": "by hand"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let paused = admin
+        .wait_state(&restarted.admin, "paused", Duration::from_secs(10))
+        .await;
+    load.stop().await;
+    assert!(paused["reason"].as_str().unwrap().contains("alice (api)"), "{paused}");
+    assert_eq!(admin.percent(&restarted.admin).await, 20.0);
+    assert!(flags_path.exists());
+    restarted.shutdown().await;
+}
