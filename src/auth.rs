@@ -1,4 +1,6 @@
-//! Bearer tokens: HS256 JWTs with `sub`, `role` and `exp` (`nbf` honoured when present).
+//! Bearer tokens: tripgate's own HS256 JWTs with `sub`, `role` and `exp` (`nbf` honoured
+//! when present), and — in front of the existing backend — the backend's own RS256 / ES256
+//! tokens ([`BackendKeys`]: a PEM public key or a JWKS URL, the role in a configurable claim).
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
@@ -18,6 +20,16 @@ pub enum Role {
 }
 
 impl Role {
+    /// Parses a role claim's value.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "driver" => Some(Self::Driver),
+            "customer" => Some(Self::Customer),
+            "admin" => Some(Self::Admin),
+            _ => None,
+        }
+    }
+
     /// The `role` claim's value.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -99,6 +111,147 @@ impl TokenKeys {
         jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .ok()
             .map(|data| data.claims)
+    }
+}
+
+/// Verifies the backend's own tokens: RS256 or ES256, against one PEM public key or the
+/// keys of a JWKS URL (cached by `kid`; an unknown `kid` fetches the set again, at most every
+/// [`BackendKeys::REFETCH`]). The token's algorithm must be the key's: a token cannot pick
+/// how it is checked.
+pub struct BackendKeys {
+    source: KeySource,
+    role_claim: String,
+}
+
+enum KeySource {
+    Static(DecodingKey, Algorithm),
+    Jwks(Jwks),
+}
+
+struct Jwks {
+    url: String,
+    http: reqwest::Client,
+    keys: std::sync::RwLock<std::collections::HashMap<String, (DecodingKey, Algorithm)>>,
+    fetched: tokio::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl std::fmt::Debug for BackendKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BackendKeys(..)")
+    }
+}
+
+impl BackendKeys {
+    /// Shortest time between two fetches of the JWKS.
+    pub const REFETCH: std::time::Duration = std::time::Duration::from_secs(1);
+
+    /// The backend's keys of `auth`, if it names any (`Err` names the key and the reason).
+    pub fn from_config(auth: &crate::config::AuthConfig) -> Result<Option<Self>, (&'static str, String)> {
+        let source = if !auth.public_key_file.is_empty() {
+            let pem = std::fs::read(&auth.public_key_file)
+                .map_err(|e| ("auth.public_key_file", format!("{}: {e}", auth.public_key_file)))?;
+            if let Ok(key) = DecodingKey::from_rsa_pem(&pem) {
+                KeySource::Static(key, Algorithm::RS256)
+            } else if let Ok(key) = DecodingKey::from_ec_pem(&pem) {
+                KeySource::Static(key, Algorithm::ES256)
+            } else {
+                return Err((
+                    "auth.public_key_file",
+                    format!("{} is not a PEM RSA or EC public key", auth.public_key_file),
+                ));
+            }
+        } else if !auth.jwks_url.is_empty() {
+            KeySource::Jwks(Jwks {
+                url: auth.jwks_url.clone(),
+                http: reqwest::Client::builder()
+                    .timeout(std::time::Duration::from_secs(3))
+                    .build()
+                    .map_err(|e| ("auth.jwks_url", e.to_string()))?,
+                keys: Default::default(),
+                fetched: Default::default(),
+            })
+        } else {
+            return Ok(None);
+        };
+        Ok(Some(Self {
+            source,
+            role_claim: auth.role_claim.clone(),
+        }))
+    }
+
+    /// The subject and role of a valid backend token, or `None`.
+    pub async fn verify(&self, token: &str) -> Option<AuthUser> {
+        let header = jsonwebtoken::decode_header(token).ok()?;
+        if !matches!(header.alg, Algorithm::RS256 | Algorithm::ES256) {
+            return None;
+        }
+        let (key, alg) = match &self.source {
+            KeySource::Static(key, alg) => (key.clone(), *alg),
+            KeySource::Jwks(jwks) => jwks.key(header.kid.as_deref()?).await?,
+        };
+        if alg != header.alg {
+            return None;
+        }
+        let mut validation = Validation::new(alg);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.validate_nbf = true;
+        validation.leeway = 5;
+        let claims = jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
+            .ok()?
+            .claims;
+        let id = match &claims["sub"] {
+            serde_json::Value::String(s) if !s.is_empty() => s.clone(),
+            serde_json::Value::Number(n) => n.to_string(),
+            _ => return None,
+        };
+        let role = Role::parse(claims.get(&self.role_claim)?.as_str()?)?;
+        Some(AuthUser { id, role })
+    }
+}
+
+impl Jwks {
+    /// The key for `kid`, fetching the set again when it is unknown.
+    async fn key(&self, kid: &str) -> Option<(DecodingKey, Algorithm)> {
+        if let Some(found) = self.cached(kid) {
+            return Some(found);
+        }
+        let mut fetched = self.fetched.lock().await;
+        if let Some(found) = self.cached(kid) {
+            return Some(found);
+        }
+        if fetched.is_some_and(|at| at.elapsed() < BackendKeys::REFETCH) {
+            return None;
+        }
+        *fetched = Some(std::time::Instant::now());
+        let set: jsonwebtoken::jwk::JwkSet =
+            match async { self.http.get(&self.url).send().await?.error_for_status()?.json().await }.await {
+                Ok(set) => set,
+                Err(e) => {
+                    tracing::warn!(url = %self.url, error = %e, "JWKS not fetched");
+                    return None;
+                }
+            };
+        let keys = set
+            .keys
+            .iter()
+            .filter_map(|jwk| {
+                let kid = jwk.common.key_id.clone()?;
+                let alg = match &jwk.algorithm {
+                    jsonwebtoken::jwk::AlgorithmParameters::RSA(_) => Algorithm::RS256,
+                    jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_) => Algorithm::ES256,
+                    _ => return None,
+                };
+                Some((kid, (DecodingKey::from_jwk(jwk).ok()?, alg)))
+            })
+            .collect();
+        if let Ok(mut cache) = self.keys.write() {
+            *cache = keys;
+        }
+        self.cached(kid)
+    }
+
+    fn cached(&self, kid: &str) -> Option<(DecodingKey, Algorithm)> {
+        self.keys.read().ok()?.get(kid).cloned()
     }
 }
 

@@ -63,6 +63,49 @@ pub struct Config {
     pub jobs: JobsConfig,
     /// Log output.
     pub log: LogConfig,
+    /// The existing backend every route tripgate does not own is forwarded to.
+    pub upstream: UpstreamConfig,
+}
+
+impl Config {
+    /// Whether the demo routes are served: `server.demo_routes`, else only without an
+    /// `[upstream]` (with one, the backend's own versions of those routes answer).
+    pub fn demo_routes(&self) -> bool {
+        self.server.demo_routes.unwrap_or(self.upstream.url.is_empty())
+    }
+}
+
+/// `[upstream]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// `http://host:port` (optionally with a path prefix) of the existing backend; empty:
+    /// no pass-through (404 for routes tripgate does not own).
+    pub url: String,
+    /// Bound on connecting to the upstream.
+    pub connect_timeout_ms: u64,
+    /// Bound on the wait for the upstream's response head.
+    pub timeout_ms: u64,
+    /// Most time between two bytes of a body or a websocket once the head arrived.
+    pub idle_timeout_ms: u64,
+    /// Idle keep-alive connections kept to the upstream.
+    pub max_idle_per_host: usize,
+    /// Path prefixes that name the `route` label of the pass-through metrics (the first
+    /// that matches; else `other`) — never the raw path.
+    pub route_labels: Vec<String>,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            connect_timeout_ms: 1_000,
+            timeout_ms: 30_000,
+            idle_timeout_ms: 60_000,
+            max_idle_per_host: 256,
+            route_labels: Vec::new(),
+        }
+    }
 }
 
 /// `[server]`
@@ -84,17 +127,10 @@ pub struct ServerConfig {
     /// A client must send its request headers within this (slow-loris guard).
     pub header_read_timeout_ms: u64,
     /// The demo routes (customer create/cancel/details, `POST /admin/seed`,
-    /// `GET /admin/checks`) that `tripgate drive` and the demo use. Unset: served (tripgate
-    /// has no `[upstream]` yet, so nothing else would answer them).
+    /// `GET /admin/checks`) that `tripgate drive` and the demo use. Unset: served without
+    /// an `[upstream]`, not with one (see [`Config::demo_routes`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub demo_routes: Option<bool>,
-}
-
-impl ServerConfig {
-    /// Whether the demo routes are served.
-    pub fn demo_routes(&self) -> bool {
-        self.demo_routes.unwrap_or(true)
-    }
 }
 
 impl Default for ServerConfig {
@@ -187,6 +223,13 @@ pub struct AuthConfig {
     /// without looking them up again; 0 looks them up on every request. The trade-off: a
     /// user deactivated meanwhile keeps access this long.
     pub user_cache_ms: u64,
+    /// The backend's own tokens (RS256 / ES256, as Laravel Passport issues them): a PEM
+    /// public key (RSA or P-256)…
+    pub public_key_file: String,
+    /// …or a JWKS URL (cached; fetched again on an unknown `kid`).
+    pub jwks_url: String,
+    /// The claim of the backend's tokens that holds the role (driver, customer, admin).
+    pub role_claim: String,
 }
 
 impl Default for AuthConfig {
@@ -195,6 +238,9 @@ impl Default for AuthConfig {
             hs256_secret: String::new(),
             token_ttl_s: 7 * 24 * 3600,
             user_cache_ms: 2_000,
+            public_key_file: String::new(),
+            jwks_url: String::new(),
+            role_claim: "role".into(),
         }
     }
 }
@@ -459,6 +505,50 @@ impl Config {
         }
         if self.client.timeout_ms == 0 {
             return Err(("client.timeout_ms", "must be at least 1".into()));
+        }
+        if !self.auth.public_key_file.is_empty() && !self.auth.jwks_url.is_empty() {
+            return Err((
+                "auth.jwks_url",
+                "give auth.public_key_file or auth.jwks_url, not both".into(),
+            ));
+        }
+        if !self.auth.jwks_url.is_empty() && !self.auth.jwks_url.starts_with("http") {
+            return Err((
+                "auth.jwks_url",
+                format!("{:?} is not an http(s) URL", self.auth.jwks_url),
+            ));
+        }
+        if self.auth.role_claim.is_empty() {
+            return Err(("auth.role_claim", "must name a claim".into()));
+        }
+        if !self.upstream.url.is_empty() {
+            match self.upstream.url.parse::<axum::http::Uri>() {
+                Ok(uri) if uri.scheme_str() == Some("http") && uri.authority().is_some() && uri.query().is_none() => {}
+                _ => {
+                    return Err((
+                        "upstream.url",
+                        format!(
+                            "{:?} is not an http://host:port URL (leave it empty for no pass-through; TLS to the backend belongs to a sidecar)",
+                            self.upstream.url
+                        ),
+                    ));
+                }
+            }
+        }
+        for (key, value) in [
+            ("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms),
+            ("upstream.timeout_ms", self.upstream.timeout_ms),
+            ("upstream.idle_timeout_ms", self.upstream.idle_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err((key, "must be at least 1".into()));
+            }
+        }
+        if let Some(bad) = self.upstream.route_labels.iter().find(|p| !p.starts_with('/')) {
+            return Err((
+                "upstream.route_labels",
+                format!("{bad:?} is not a path prefix (starts with /)"),
+            ));
         }
         for (key, provider) in [
             ("providers.sms", &self.providers.sms),

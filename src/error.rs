@@ -72,6 +72,12 @@ pub enum ApiError {
     /// Over `server.rate_limit_per_driver`.
     #[error("too many requests")]
     RateLimited,
+    /// The upstream (pass-through) could not be reached, or reset the connection.
+    #[error("bad gateway")]
+    BadGateway,
+    /// The upstream sent no response head within `upstream.timeout_ms`.
+    #[error("gateway timeout")]
+    GatewayTimeout,
     /// The database (or another dependency the answer needs) cannot be reached.
     #[error("service unavailable: {0}")]
     Unavailable(String),
@@ -102,6 +108,8 @@ impl ApiError {
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::BadGateway => StatusCode::BAD_GATEWAY,
+            Self::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -121,6 +129,8 @@ impl ApiError {
             Self::Conflict(_) => "conflict_409",
             Self::RateLimited => "too_many_requests_429",
             Self::Unavailable(_) => "service_unavailable_503",
+            Self::BadGateway => "bad_gateway_502",
+            Self::GatewayTimeout => "gateway_timeout_504",
             Self::Internal(_) => "default_500",
         }
     }
@@ -137,7 +147,7 @@ impl ApiError {
             Self::TripNotFound | Self::NotFound(_) => Outcome::NotFound,
             Self::Conflict(_) => Outcome::Invalid,
             Self::RateLimited => Outcome::RateLimited,
-            Self::Unavailable(_) | Self::Internal(_) => Outcome::Error,
+            Self::Unavailable(_) | Self::Internal(_) | Self::BadGateway | Self::GatewayTimeout => Outcome::Error,
         }
     }
 
@@ -157,6 +167,8 @@ impl ApiError {
             Self::UnsupportedMediaType => "Content-Type must be application/json.".into(),
             Self::RateLimited => "Too many requests.".into(),
             Self::Unavailable(_) => "Service temporarily unavailable, try again.".into(),
+            Self::BadGateway => "The backend could not be reached.".into(),
+            Self::GatewayTimeout => "The backend did not answer in time.".into(),
             Self::Internal(_) => "Internal server error.".into(),
         }
     }

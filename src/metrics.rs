@@ -57,6 +57,9 @@ pub struct Metrics {
     jobs_purged: IntCounter,
     guard_verdicts: IntCounterVec,
     guard_state: IntGaugeVec,
+    upstream_requests: IntCounterVec,
+    upstream_duration: HistogramVec,
+    upstream_errors: IntCounterVec,
     /// Per-second samples of the routed requests and OTP deliveries, for the rollout guard.
     samples: Arc<Samples>,
     /// `client.timeout_ms`: slower requests count as timeouts.
@@ -269,6 +272,32 @@ impl Metrics {
         )
         .expect("valid gauge");
         r.register(Box::new(guard_state.clone())).expect("unique metric");
+        let upstream_requests = counter(
+            &r,
+            "tripgate_upstream_requests_total",
+            "Pass-through requests by route label (upstream.route_labels or other) and status class.",
+            &["route", "status_class"],
+        );
+        let upstream_duration = histogram(
+            &r,
+            "tripgate_upstream_request_duration_seconds",
+            "Pass-through time to the upstream's response head, by route label.",
+            &["route"],
+            LATENCY_BUCKETS.to_vec(),
+        );
+        let upstream_errors = counter(
+            &r,
+            "tripgate_upstream_errors_total",
+            "Pass-through failures by kind: connect, timeout, reset.",
+            &["kind"],
+        );
+        for kind in ["connect", "timeout", "reset"] {
+            upstream_errors.with_label_values(&[kind]);
+        }
+        for class in ["2xx", "3xx", "4xx", "5xx"] {
+            upstream_requests.with_label_values(&["other", class]);
+        }
+        upstream_duration.with_label_values(&["other"]);
         for verdict in GUARD_VERDICTS {
             guard_verdicts.with_label_values(&[TRIP_ACCEPT_FLAG, verdict]);
         }
@@ -358,6 +387,9 @@ impl Metrics {
             jobs_purged,
             guard_verdicts,
             guard_state,
+            upstream_requests,
+            upstream_duration,
+            upstream_errors,
             samples: Arc::new(Samples::new(client_timeout)),
             client_timeout,
             hot_routes: hot_routes.to_vec(),
@@ -483,6 +515,26 @@ impl Metrics {
             self.rollout_percent.with_label_values(&[name]).set(percent);
         }
         self.flags_last_reload.set(loaded_at_ms as f64 / 1000.0);
+    }
+
+    /// A pass-through request answered `status` after `elapsed` (to the response head).
+    pub fn upstream_request(&self, route: &str, status: u16, elapsed: Duration) {
+        let class = match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.upstream_requests.with_label_values(&[route, class]).inc();
+        self.upstream_duration
+            .with_label_values(&[route])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// A pass-through failure: `connect`, `timeout` or `reset`.
+    pub fn upstream_error(&self, kind: &str) {
+        self.upstream_errors.with_label_values(&[kind]).inc();
     }
 
     /// The per-second samples the rollout guard judges.

@@ -48,6 +48,12 @@ pub enum StartError {
     /// Redis URL unusable.
     #[error("redis.url: {0}")]
     Redis(#[from] redis::RedisError),
+    /// The backend's token keys unusable.
+    #[error("{0}")]
+    Auth(String),
+    /// `[upstream]` unusable.
+    #[error("{0}")]
+    Upstream(String),
     /// Flags file unusable at start (there are no last good flags to keep).
     #[error("flags.path: {0}")]
     Flags(#[from] crate::flags::FlagsError),
@@ -143,6 +149,11 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
             EventBus::in_process(),
         ),
     };
+    let upstream = if config.upstream.url.is_empty() {
+        None
+    } else {
+        Some(crate::http::upstream::Upstream::new(&config.upstream, metrics.clone()).map_err(StartError::Upstream)?)
+    };
     let providers =
         Providers::from_config(&config.providers).map_err(|(key, reason)| StartError::Provider(key, reason))?;
     // Legacy runs effects inline on the request's pool; the workers on a pool of their own.
@@ -181,6 +192,10 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
         known_users: Arc::new(crate::http::KnownUsers::new(Duration::from_millis(
             config.auth.user_cache_ms,
         ))),
+        upstream,
+        backend_keys: crate::auth::BackendKeys::from_config(&config.auth)
+            .map_err(|(key, reason)| StartError::Auth(format!("{key}: {reason}")))?
+            .map(Arc::new),
     };
     let limits = ConnectionLimits {
         max_connections: config.server.max_connections,

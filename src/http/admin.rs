@@ -32,7 +32,7 @@ pub fn routes(state: AppState) -> Router {
         .route("/admin/guard/{name}/{action}", post(guard_action))
         .route("/admin/jobs", get(jobs))
         .route("/admin/jobs/{id}/retry", post(retry_job));
-    let admin = if state.config.server.demo_routes() {
+    let admin = if state.config.demo_routes() {
         admin
             .route("/admin/seed", post(seed))
             .route("/admin/checks", get(checks))

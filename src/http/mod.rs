@@ -11,6 +11,7 @@ pub mod driver;
 pub mod listener;
 pub mod observe;
 pub mod rate_limit;
+pub mod upstream;
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
@@ -56,6 +57,10 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Users recently found to exist (`auth.user_cache_ms`).
     pub known_users: Arc<KnownUsers>,
+    /// The backend's own tokens (RS256 / ES256), when `auth` names their keys.
+    pub backend_keys: Option<Arc<crate::auth::BackendKeys>>,
+    /// The backend routes tripgate does not own are forwarded to (`[upstream]`).
+    pub upstream: Option<upstream::Upstream>,
 }
 
 /// Users recently found to exist, active, with their type: the auth layer looks a token's
@@ -120,20 +125,26 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap, allowed: &[Role
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
         .map(str::trim)
         .ok_or(ApiError::Unauthorized)?;
-    let claims = state.keys.verify(token).ok_or(ApiError::Unauthorized)?;
-    if claims.role != Role::Admin {
-        let user_type = state.known_users.user_type(&state.store, &claims.sub).await?;
-        if user_type.as_deref() != Some(claims.role.as_str()) {
+    let user = match state.keys.verify(token) {
+        Some(claims) => AuthUser {
+            id: claims.sub,
+            role: claims.role,
+        },
+        None => match &state.backend_keys {
+            Some(keys) => keys.verify(token).await.ok_or(ApiError::Unauthorized)?,
+            None => return Err(ApiError::Unauthorized),
+        },
+    };
+    if user.role != Role::Admin {
+        let user_type = state.known_users.user_type(&state.store, &user.id).await?;
+        if user_type.as_deref() != Some(user.role.as_str()) {
             return Err(ApiError::Unauthorized);
         }
     }
-    if !allowed.contains(&claims.role) {
+    if !allowed.contains(&user.role) {
         return Err(ApiError::Forbidden);
     }
-    Ok(AuthUser {
-        id: claims.sub,
-        role: claims.role,
-    })
+    Ok(user)
 }
 
 /// Middleware: authenticate as one of `allowed`, or answer 401/403.
@@ -196,12 +207,15 @@ pub fn json_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Re
 pub fn api_router(state: AppState, accept: driver::AcceptServices) -> Router {
     let limit = state.config.server.max_body_bytes;
     let mut router = Router::new().merge(driver::routes(&state, accept));
-    if state.config.server.demo_routes() {
+    if state.config.demo_routes() {
         router = router.merge(customer::routes(&state));
     }
-    let router = router
-        .fallback(|| async { ApiError::NotFound("route").into_response() })
-        .layer(DefaultBodyLimit::max(limit));
+    // Every route tripgate does not own goes to the upstream when there is one.
+    let router = match state.upstream.clone() {
+        Some(upstream) => router.fallback_service(axum::routing::any(upstream::forward).with_state(upstream)),
+        None => router.fallback(|| async { ApiError::NotFound("route").into_response() }),
+    };
+    let router = router.layer(DefaultBodyLimit::max(limit));
     observe::wrap(router, Some(state.metrics.clone()))
 }
 

@@ -77,7 +77,8 @@ async fn observe(State(metrics): State<Option<Arc<Metrics>>>, req: Request, next
         latency_ms = elapsed.as_secs_f64() * 1000.0,
         "request"
     );
-    if let Some(metrics) = metrics {
+    let pass_through = response.extensions().get::<super::upstream::PassThrough>().is_some();
+    if let Some(metrics) = metrics.filter(|_| !pass_through) {
         metrics.request(cohort, driver, &route, outcome, status.as_u16(), elapsed);
     }
     response

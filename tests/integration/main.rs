@@ -17,3 +17,4 @@ mod harness;
 mod jobs;
 mod lifecycle;
 mod observability;
+mod upstream;

@@ -108,6 +108,9 @@ async fn every_metric_of_the_dashboard_and_rules_exists() {
         "tripgate_flags_changes_total",
         "tripgate_guard_verdicts_total",
         "tripgate_guard_state",
+        "tripgate_upstream_requests_total",
+        "tripgate_upstream_request_duration_seconds_bucket",
+        "tripgate_upstream_errors_total",
     ] {
         assert!(names.contains(family), "{family} missing at start-up");
     }

@@ -1,0 +1,323 @@
+//! Pass-through to the existing backend (`[upstream]`): every request to `server.listen`
+//! that no tripgate route owns is forwarded — method, path and query unchanged, bodies
+//! streamed both ways, hop-by-hop headers (RFC 9110 §7.6.1) removed both ways,
+//! `X-Forwarded-For` appended, `X-Forwarded-Proto` / `X-Forwarded-Host` set, `Via` added,
+//! the request id kept — over hyper-util's pooled keep-alive client. A websocket upgrade
+//! is tunnelled both ways until either side closes.
+//!
+//! Failures answer in the app's envelope: unreachable or reset → 502 `bad_gateway_502`; no
+//! response head within `upstream.timeout_ms` → 504 `gateway_timeout_504`. After the head, a
+//! body or a tunnel runs as long as it moves, with at most `upstream.idle_timeout_ms`
+//! between bytes. Pass-through requests are counted in `tripgate_upstream_*` only.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use axum::http::{StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tower_http::timeout::TimeoutBody;
+
+use crate::config::UpstreamConfig;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+
+/// Marks a response as a pass-through one (the request log still has it; the
+/// `tripgate_http_*` metrics do not).
+#[derive(Debug, Clone, Copy)]
+pub struct PassThrough;
+
+/// The upstream and its pooled client.
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<HttpConnector, Body>,
+    /// Scheme and authority.
+    base: Uri,
+    /// Path prefix of the upstream URL (without a trailing `/`).
+    prefix: String,
+    timeout: Duration,
+    idle: Duration,
+    labels: Arc<Vec<String>>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Upstream({})", self.base)
+    }
+}
+
+/// The hop-by-hop headers a proxy never forwards (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+];
+
+impl Upstream {
+    /// The upstream of `config` (already validated: an `http://` URL).
+    pub fn new(config: &UpstreamConfig, metrics: Arc<Metrics>) -> Result<Self, String> {
+        let uri: Uri = config.url.parse().map_err(|e| format!("upstream.url: {e}"))?;
+        let base = Uri::builder()
+            .scheme(uri.scheme_str().unwrap_or("http"))
+            .authority(uri.authority().map(|a| a.as_str()).unwrap_or_default())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| format!("upstream.url: {e}"))?;
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_millis(config.connect_timeout_ms)));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(config.max_idle_per_host)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector);
+        Ok(Self {
+            client,
+            base,
+            prefix: uri.path().trim_end_matches('/').to_owned(),
+            timeout: Duration::from_millis(config.timeout_ms),
+            idle: Duration::from_millis(config.idle_timeout_ms),
+            labels: Arc::new(config.route_labels.clone()),
+            metrics,
+        })
+    }
+
+    /// The bounded `route` label of `path`.
+    fn label(&self, path: &str) -> &str {
+        self.labels
+            .iter()
+            .find(|p| path.starts_with(p.as_str()))
+            .map_or("other", String::as_str)
+    }
+}
+
+/// The fallback of the API router: forwards the request.
+pub async fn forward(State(up): State<Upstream>, mut req: Request) -> Response {
+    let started = Instant::now();
+    let route = up.label(req.uri().path()).to_owned();
+    let websocket = is_websocket(req.headers());
+    let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
+    let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    let (parts, body) = req.into_parts();
+    let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let uri = match format!(
+        "{}{}{path_and_query}",
+        up.base.to_string().trim_end_matches('/'),
+        up.prefix
+    )
+    .parse::<Uri>()
+    {
+        Ok(uri) => uri,
+        Err(_) => return ApiError::invalid("path", "The request path cannot be forwarded.").into_response(),
+    };
+    let mut headers = parts.headers;
+    let original_host = headers.get(header::HOST).cloned();
+    strip_hop_by_hop(&mut headers);
+    if websocket {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    }
+    forwarded_headers(&mut headers, peer, original_host);
+    if let Some(authority) = up.base.authority()
+        && let Ok(host) = HeaderValue::from_str(authority.as_str())
+    {
+        headers.insert(header::HOST, host);
+    }
+    let body = if websocket {
+        Body::empty()
+    } else {
+        Body::new(TimeoutBody::new(up.idle, body))
+    };
+    let mut upstream_req = axum::http::Request::new(body);
+    *upstream_req.method_mut() = parts.method;
+    *upstream_req.uri_mut() = uri;
+    *upstream_req.headers_mut() = headers;
+    *upstream_req.version_mut() = axum::http::Version::HTTP_11;
+
+    let answer = tokio::time::timeout(up.timeout, up.client.request(upstream_req)).await;
+    let mut res = match answer {
+        Err(_) => return failed(&up, &route, "timeout", ApiError::GatewayTimeout, started),
+        Ok(Err(e)) => {
+            let kind = if e.is_connect() { "connect" } else { "reset" };
+            tracing::debug!(error = %e, kind, "upstream request failed");
+            return failed(&up, &route, kind, ApiError::BadGateway, started);
+        }
+        Ok(Ok(res)) => res,
+    };
+    up.metrics
+        .upstream_request(&route, res.status().as_u16(), started.elapsed());
+
+    if res.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_upgrade) = client_upgrade
+    {
+        let upstream_upgrade = hyper::upgrade::on(&mut res);
+        let idle = up.idle;
+        tokio::spawn(async move {
+            if let (Ok(client), Ok(upstream)) = (client_upgrade.await, upstream_upgrade.await) {
+                tunnel(TokioIo::new(client), TokioIo::new(upstream), idle).await;
+            }
+        });
+        let (parts, _) = res.into_parts();
+        let mut out = Response::from_parts(parts, Body::empty());
+        add_via(out.headers_mut());
+        out.extensions_mut().insert(PassThrough);
+        return out;
+    }
+    let (mut parts, body) = res.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    add_via(&mut parts.headers);
+    let mut out = Response::from_parts(parts, Body::new(TimeoutBody::new(up.idle, body)));
+    out.extensions_mut().insert(PassThrough);
+    out
+}
+
+fn failed(up: &Upstream, route: &str, kind: &str, error: ApiError, started: Instant) -> Response {
+    up.metrics.upstream_error(kind);
+    let mut res = error.into_response();
+    up.metrics
+        .upstream_request(route, res.status().as_u16(), started.elapsed());
+    res.extensions_mut().insert(PassThrough);
+    res
+}
+
+/// Copies both ways until either side closes or nothing moves for `idle`.
+async fn tunnel<A, B>(mut a: A, mut b: B, idle: Duration)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut buf_a, mut buf_b) = (vec![0u8; 16 * 1024], vec![0u8; 16 * 1024]);
+    loop {
+        let moved = tokio::time::timeout(idle, async {
+            tokio::select! {
+                n = a.read(&mut buf_a) => match n {
+                    Ok(0) | Err(_) => false,
+                    Ok(n) => b.write_all(&buf_a[..n]).await.is_ok(),
+                },
+                n = b.read(&mut buf_b) => match n {
+                    Ok(0) | Err(_) => false,
+                    Ok(n) => a.write_all(&buf_b[..n]).await.is_ok(),
+                },
+            }
+        })
+        .await;
+        if !matches!(moved, Ok(true)) {
+            let _ = a.shutdown().await;
+            let _ = b.shutdown().await;
+            return;
+        }
+    }
+}
+
+/// A websocket upgrade: `Upgrade: websocket` and `Connection` naming `upgrade`.
+fn is_websocket(headers: &HeaderMap) -> bool {
+    let upgrade = headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    upgrade && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
+}
+
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = String> + '_ {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+}
+
+/// Removes the hop-by-hop headers and every header `Connection` names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<String> = connection_tokens(headers).collect();
+    for name in named.iter().map(String::as_str).chain(HOP_BY_HOP) {
+        if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
+            headers.remove(name);
+        }
+    }
+}
+
+/// `X-Forwarded-For` (appended), `X-Forwarded-Proto` and `X-Forwarded-Host` (kept when a
+/// proxy in front already set them), `Via`.
+fn forwarded_headers(headers: &mut HeaderMap, peer: Option<std::net::IpAddr>, host: Option<HeaderValue>) {
+    const XFF: &str = "x-forwarded-for";
+    if let Some(ip) = peer {
+        let value = match headers.get(XFF).and_then(|v| v.to_str().ok()) {
+            Some(prior) if !prior.is_empty() => format!("{prior}, {ip}"),
+            _ => ip.to_string(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert(XFF, v);
+        }
+    }
+    if !headers.contains_key("x-forwarded-proto") {
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    }
+    if !headers.contains_key("x-forwarded-host")
+        && let Some(host) = host
+    {
+        headers.insert("x-forwarded-host", host);
+    }
+    add_via(headers);
+}
+
+fn add_via(headers: &mut HeaderMap) {
+    let value = match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
+        Some(prior) if !prior.is_empty() => format!("{prior}, 1.1 tripgate"),
+        _ => "1.1 tripgate".to_owned(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(header::VIA, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_the_ones_connection_names_go() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "close, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("proxy-connection", "keep-alive"),
+            ("x-secret", "1"),
+            ("x-kept", "2"),
+        ] {
+            h.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
+    }
+
+    #[test]
+    fn forwarded_headers_append_and_keep() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        forwarded_headers(
+            &mut h,
+            Some([127, 0, 0, 1].into()),
+            Some(HeaderValue::from_static("app.example")),
+        );
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "app.example");
+        assert_eq!(h["via"], "1.1 tripgate");
+    }
+}

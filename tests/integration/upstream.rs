@@ -1,0 +1,595 @@
+//! Pass-through to the existing backend, against a real HTTP/websocket server the test
+//! starts: requests arrive intact, hop-by-hop headers go both ways, forwarding headers are
+//! added, 100 MB bodies stream with bounded memory, failures answer 502/504 in the app's
+//! envelope, upstream errors pass through, websockets are tunnelled, 1,000 concurrent
+//! requests are all answered; tripgate's own routes stay its own.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::ws::{Message as WsMessage, WebSocketUpgrade};
+use axum::extract::{Query, Request};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tripgate::auth::Role;
+
+use crate::support::{
+    Backend, Gateway, Options, Process, TempDir, TestDb, World, free_port, metric_value as metric, wait_process_ready,
+};
+
+/// The upstream: echo, upload, download, slow, status, hop-by-hop, websocket echo.
+async fn upstream() -> SocketAddr {
+    async fn echo(req: Request) -> Response {
+        let (parts, body) = req.into_parts();
+        let body = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
+        let headers: serde_json::Map<String, Value> = parts
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), json!(v.to_str().unwrap_or(""))))
+            .collect();
+        axum::Json(json!({
+            "method": parts.method.as_str(),
+            "path": parts.uri.path(),
+            "query": parts.uri.query(),
+            "headers": headers,
+            "body": String::from_utf8_lossy(&body),
+        }))
+        .into_response()
+    }
+    async fn upload(body: Body) -> String {
+        let mut stream = body.into_data_stream();
+        let mut n = 0usize;
+        while let Some(Ok(chunk)) = stream.next().await {
+            n += chunk.len();
+        }
+        n.to_string()
+    }
+    #[derive(serde::Deserialize)]
+    struct Size {
+        mb: usize,
+    }
+    async fn download(Query(size): Query<Size>) -> Body {
+        let chunk = Bytes::from(vec![7u8; 1024 * 1024]);
+        Body::from_stream(futures_util::stream::iter(
+            (0..size.mb).map(move |_| Ok::<_, std::io::Error>(chunk.clone())),
+        ))
+    }
+    async fn slow() -> &'static str {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        "late"
+    }
+    async fn status(axum::extract::Path(code): axum::extract::Path<u16>) -> Response {
+        (
+            StatusCode::from_u16(code).unwrap(),
+            [("x-upstream", "yes")],
+            format!("upstream says {code}"),
+        )
+            .into_response()
+    }
+    async fn hop() -> Response {
+        let mut res = "hop".into_response();
+        let h = res.headers_mut();
+        h.insert("connection", "x-up-secret".parse().unwrap());
+        h.insert("x-up-secret", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-up-kept", "2".parse().unwrap());
+        res
+    }
+    async fn ws(upgrade: WebSocketUpgrade) -> Response {
+        upgrade.on_upgrade(|mut socket| async move {
+            while let Some(Ok(msg)) = socket.recv().await {
+                let echo = matches!(msg, WsMessage::Text(_) | WsMessage::Binary(_));
+                if matches!(msg, WsMessage::Close(_)) || (echo && socket.send(msg).await.is_err()) {
+                    return;
+                }
+            }
+        })
+    }
+    let app = Router::new()
+        .route("/upload", post(upload))
+        .route("/download", get(download))
+        .route("/slow", get(slow))
+        .route("/status/{code}", get(status))
+        .route("/hop", get(hop))
+        .route("/ws", get(ws))
+        .fallback(any(echo));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+fn upstream_options(config: &mut tripgate::config::Config, upstream: SocketAddr) {
+    config.upstream.url = format!("http://{upstream}");
+    config.upstream.timeout_ms = 500;
+    config.upstream.route_labels = vec!["/api/v1/".into(), "/upload".into()];
+}
+
+/// A `tripgate serve` process in front of `upstream` (its memory is measured).
+async fn gateway_process(db: &TestDb, upstream: SocketAddr) -> (Process, String, String, TempDir) {
+    let dir = TempDir::new();
+    let mut config = crate::support::config(&db.url, dir.path(), &Options::default());
+    config.server.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    config.server.admin_listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    upstream_options(&mut config, upstream);
+    let process = Process::spawn("serve", &config, dir.path());
+    wait_process_ready(config.server.admin_listen).await;
+    (
+        process,
+        format!("http://{}", config.server.listen),
+        format!("http://{}", config.server.admin_listen),
+        dir,
+    )
+}
+
+/// Peak resident memory of `pid` (kB).
+fn peak_rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_pass_through_intact_and_bodies_stream() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let up = upstream().await;
+    let (process, api, admin, _dir) = gateway_process(&db, up).await;
+    let http = reqwest::Client::new();
+
+    // Method, path, query, body and headers arrive; hop-by-hop ones (and the one
+    // `Connection` names) do not; forwarding headers are added; the request id goes along.
+    let res = http
+        .patch(format!("{api}/api/v1/profile/7?x=1&y=%20two"))
+        .header("connection", "x-hop-secret")
+        .header("x-hop-secret", "s")
+        .header("keep-alive", "timeout=5")
+        .header("te", "trailers")
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("x-request-id", "req-42")
+        .header("authorization", "Bearer backend-token")
+        .header("content-type", "application/json")
+        .body(r#"{"name":"Ada"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["via"], "1.1 tripgate");
+    let seen: Value = res.json().await.unwrap();
+    assert_eq!(seen["method"], "PATCH");
+    assert_eq!(seen["path"], "/api/v1/profile/7");
+    assert_eq!(seen["query"], "x=1&y=%20two");
+    assert_eq!(seen["body"], r#"{"name":"Ada"}"#);
+    let h = &seen["headers"];
+    for gone in ["x-hop-secret", "keep-alive", "te", "connection"] {
+        assert!(h[gone].is_null(), "{gone} forwarded: {h}");
+    }
+    assert_eq!(h["authorization"], "Bearer backend-token");
+    assert_eq!(h["x-request-id"], "req-42");
+    assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert!(h["x-forwarded-host"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert_eq!(h["via"], "1.1 tripgate");
+
+    // Hop-by-hop headers of the answer go too.
+    let res = http.get(format!("{api}/hop")).send().await.unwrap();
+    assert!(res.headers().get("x-up-secret").is_none() && res.headers().get("keep-alive").is_none());
+    assert_eq!(res.headers()["x-up-kept"], "2");
+
+    // The upstream's own errors pass through with their bodies.
+    for code in [500u16, 404] {
+        let res = http.get(format!("{api}/status/{code}")).send().await.unwrap();
+        assert_eq!(res.status().as_u16(), code);
+        assert_eq!(res.headers()["x-upstream"], "yes");
+        assert_eq!(res.text().await.unwrap(), format!("upstream says {code}"));
+    }
+
+    // 100 MB up and 100 MB down stream through: the gateway's peak memory grows far less.
+    let before = peak_rss_kb(process.child.id());
+    let res = http
+        .post(format!("{api}/upload"))
+        .body(vec![1u8; 100 * 1024 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.text().await.unwrap(), (100 * 1024 * 1024).to_string());
+    let mut res = http.get(format!("{api}/download?mb=100")).send().await.unwrap();
+    let mut n = 0;
+    while let Some(chunk) = res.chunk().await.unwrap() {
+        n += chunk.len();
+    }
+    assert_eq!(n, 100 * 1024 * 1024);
+    let grown_mb = (peak_rss_kb(process.child.id()) - before) / 1024;
+    assert!(
+        grown_mb < 30,
+        "the gateway's peak memory grew {grown_mb} MB for 100 MB bodies"
+    );
+
+    // A slow upstream: 504 within timeout_ms (500) + 500 ms, in the app's envelope.
+    let started = Instant::now();
+    let res = http.get(format!("{api}/slow")).send().await.unwrap();
+    assert_eq!(res.status(), 504);
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "{:?}",
+        started.elapsed()
+    );
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["response_code"], "gateway_timeout_504");
+
+    // Counted in tripgate_upstream_*, not in tripgate_http_*.
+    let metrics = reqwest::get(format!("{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(
+            &metrics,
+            "tripgate_upstream_requests_total{route=\"/api/v1/\",status_class=\"2xx\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "tripgate_upstream_requests_total{route=\"/upload\",status_class=\"2xx\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "tripgate_upstream_requests_total{route=\"other\",status_class=\"5xx\"}"
+        ),
+        2.0,
+        "the upstream's 500 and the 504"
+    );
+    assert_eq!(
+        metric(&metrics, "tripgate_upstream_errors_total{kind=\"timeout\"}"),
+        1.0
+    );
+    assert!(
+        !metrics.contains("route=\"unmatched\""),
+        "pass-through in tripgate_http_*"
+    );
+    assert!(!metrics.contains("/api/v1/profile"), "a raw path as a label");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn websockets_tunnel_and_a_thousand_requests_are_answered() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let up = upstream().await;
+    let dir = TempDir::new();
+    let mut config = crate::support::config(&db.url, dir.path(), &Options::default());
+    upstream_options(&mut config, up);
+    let gw = Gateway::start_with(config, dir).await;
+
+    let ws_url = format!("{}/ws", gw.api.replacen("http://", "ws://", 1));
+    let (mut socket, res) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
+    assert_eq!(res.status(), 101);
+    for i in 0..5 {
+        socket
+            .send(tokio_tungstenite::tungstenite::Message::text(format!("ping {i}")))
+            .await
+            .unwrap();
+        let echoed = socket.next().await.unwrap().unwrap();
+        assert_eq!(echoed.into_text().unwrap().as_str(), format!("ping {i}"));
+    }
+    socket
+        .send(tokio_tungstenite::tungstenite::Message::binary(vec![1u8, 2, 3]))
+        .await
+        .unwrap();
+    assert_eq!(socket.next().await.unwrap().unwrap().into_data().as_ref(), [1u8, 2, 3]);
+    socket.close(None).await.unwrap();
+
+    let http = reqwest::Client::builder().pool_max_idle_per_host(1000).build().unwrap();
+    let answers = futures_util::future::join_all((0..1000).map(|i| {
+        let (http, api) = (http.clone(), gw.api.clone());
+        async move {
+            let res = http.get(format!("{api}/api/v1/list/{i}")).send().await.unwrap();
+            (
+                res.status().as_u16(),
+                res.json::<Value>().await.unwrap()["path"].clone(),
+            )
+        }
+    }))
+    .await;
+    for (i, (status, path)) in answers.into_iter().enumerate() {
+        assert_eq!((status, path), (200, json!(format!("/api/v1/list/{i}"))));
+    }
+    gw.shutdown().await;
+}
+
+/// Tripgate's own routes stay its own in front of the backend; its demo routes are off, so
+/// the backend's versions answer; an unreachable upstream is 502 at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn own_routes_stay_demo_routes_pass_and_a_dead_upstream_is_502() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let up = upstream().await;
+    let dir = TempDir::new();
+    let mut config = crate::support::config(&db.url, dir.path(), &Options::default());
+    upstream_options(&mut config, up);
+    let gw = Gateway::start_with(config.clone(), dir).await;
+    let w = World::new(&gw.store).await;
+    let (d, t) = (w.driver().await, w.trip(&[]).await);
+    let (status, body, cohort) = gw.accept(&d, &t).await;
+    assert_eq!((status, cohort.as_str()), (200, "legacy"), "{body}");
+    let customer = gw.token(&w.customer, Role::Customer);
+    let res = gw
+        .http
+        .post(format!("{}/api/customer/ride/create", gw.api))
+        .bearer_auth(customer)
+        .json(&json!({"any": "thing"}))
+        .send()
+        .await
+        .unwrap();
+    let seen: Value = res.json().await.unwrap();
+    assert_eq!(
+        seen["path"], "/api/customer/ride/create",
+        "the backend's route answered"
+    );
+    let (status, _) = gw.admin_get("/admin/checks").await;
+    assert_eq!(status, 404, "demo admin routes are off in front of a backend");
+    gw.shutdown().await;
+
+    // Nothing listens on the upstream port: 502 at once.
+    let dir = TempDir::new();
+    let mut config = crate::support::config(&db.url, dir.path(), &Options::default());
+    config.upstream.url = format!("http://127.0.0.1:{}", free_port());
+    let gw = Gateway::start_with(config, dir).await;
+    let started = Instant::now();
+    let res = gw.http.get(format!("{}/api/v1/anything", gw.api)).send().await.unwrap();
+    assert_eq!(res.status(), 502);
+    assert!(started.elapsed() < Duration::from_millis(500));
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["response_code"], "bad_gateway_502");
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        metric(&metrics, "tripgate_upstream_errors_total{kind=\"connect\"}"),
+        1.0
+    );
+    gw.shutdown().await;
+}
+
+/// `openssl <args>` in `dir`.
+fn openssl(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A key pair made by openssl: (private PEM, public PEM file).
+fn key_pair(dir: &std::path::Path, name: &str, ec: bool) -> (Vec<u8>, std::path::PathBuf) {
+    let private = format!("{name}.pem");
+    let public = format!("{name}.pub");
+    if ec {
+        openssl(
+            dir,
+            &[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-out",
+                &private,
+            ],
+        );
+    } else {
+        openssl(
+            dir,
+            &[
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+                "-out",
+                &private,
+            ],
+        );
+    }
+    openssl(dir, &["pkey", "-in", &private, "-pubout", "-out", &public]);
+    (std::fs::read(dir.join(&private)).unwrap(), dir.join(public))
+}
+
+fn b64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// The RSA key `name.pem`'s public JWK with `kid`.
+fn rsa_jwk(dir: &std::path::Path, name: &str, kid: &str) -> Value {
+    let modulus = openssl(dir, &["rsa", "-in", &format!("{name}.pem"), "-noout", "-modulus"]);
+    let hex = modulus.trim().trim_start_matches("Modulus=");
+    let bytes: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect();
+    json!({"kty": "RSA", "kid": kid, "use": "sig", "alg": "RS256", "n": b64url(&bytes), "e": "AQAB"})
+}
+
+fn backend_token(alg: jsonwebtoken::Algorithm, key: &[u8], kid: Option<&str>, claims: Value) -> String {
+    let key = match alg {
+        jsonwebtoken::Algorithm::ES256 => jsonwebtoken::EncodingKey::from_ec_pem(key).unwrap(),
+        _ => jsonwebtoken::EncodingKey::from_rsa_pem(key).unwrap(),
+    };
+    let mut header = jsonwebtoken::Header::new(alg);
+    header.kid = kid.map(str::to_owned);
+    jsonwebtoken::encode(&header, &claims, &key).unwrap()
+}
+
+/// The real apps send the backend's RS256 / ES256 tokens (Passport-style, the role in a
+/// claim of its own): accepted against a PEM public key or a JWKS (refetched on an unknown
+/// `kid`); another key, another algorithm, a missing role or an unknown `kid` are 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_backends_own_tokens_are_accepted() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let keys = TempDir::new();
+    let (rsa, rsa_pub) = key_pair(keys.path(), "rsa", false);
+    let (other, _) = key_pair(keys.path(), "other", false);
+    let (ec, ec_pub) = key_pair(keys.path(), "ec", true);
+    let exp = tripgate::auth::now_s() + 600;
+
+    // 1. A PEM public key (RSA), the role in `user_type`.
+    let dir = TempDir::new();
+    let mut config = crate::support::config(&db.url, dir.path(), &Options::default());
+    config.auth.public_key_file = rsa_pub.display().to_string();
+    config.auth.role_claim = "user_type".into();
+    let gw = Gateway::start_with(config, dir).await;
+    let w = World::new(&gw.store).await;
+    let d = w.driver().await;
+    let try_reject = |token: String| {
+        let (http, api, trip) = (gw.http.clone(), gw.api.clone(), w.trip(&[]));
+        async move {
+            let trip = trip.await;
+            http.post(format!("{api}/api/driver/trip/request-action"))
+                .bearer_auth(token)
+                .json(&json!({"trip_request_id": trip, "action": "rejected"}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let claims = json!({"sub": d, "user_type": "driver", "exp": exp});
+    let rs = jsonwebtoken::Algorithm::RS256;
+    assert_eq!(try_reject(backend_token(rs, &rsa, None, claims.clone())).await, 200);
+    assert_eq!(
+        try_reject(backend_token(rs, &other, None, claims.clone())).await,
+        401,
+        "another key"
+    );
+    assert_eq!(
+        try_reject(backend_token(
+            rs,
+            &rsa,
+            None,
+            json!({"sub": d, "role": "driver", "exp": exp})
+        ))
+        .await,
+        401,
+        "the role is in user_type"
+    );
+    assert_eq!(
+        try_reject(backend_token(jsonwebtoken::Algorithm::ES256, &ec, None, claims.clone())).await,
+        401,
+        "another algorithm than the key's"
+    );
+    assert_eq!(
+        try_reject(gw.token(&d, Role::Driver)).await,
+        200,
+        "tripgate's own HS256 still works"
+    );
+    gw.shutdown().await;
+
+    // 2. An EC (P-256) public key.
+    let dir = TempDir::new();
+    let mut config = crate::support::config(&db.url, dir.path(), &Options::default());
+    config.auth.public_key_file = ec_pub.display().to_string();
+    let gw = Gateway::start_with(config, dir).await;
+    let claims = json!({"sub": d, "role": "driver", "exp": exp});
+    let trip = w.trip(&[]).await;
+    let token = backend_token(jsonwebtoken::Algorithm::ES256, &ec, None, claims.clone());
+    let (status, body, _) = gw
+        .post_raw(
+            "/api/driver/trip/request-action",
+            Some(&token),
+            "application/json",
+            json!({"trip_request_id": trip, "action": "rejected"})
+                .to_string()
+                .into_bytes(),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    gw.shutdown().await;
+
+    // 3. A JWKS: known kid, a new kid after rotation (fetched again), an unknown kid.
+    let jwks = std::sync::Arc::new(std::sync::RwLock::new(
+        json!({"keys": [rsa_jwk(keys.path(), "rsa", "k1")]}),
+    ));
+    let served = jwks.clone();
+    let app = Router::new().route(
+        "/jwks",
+        get(move || {
+            let served = served.clone();
+            async move { axum::Json(served.read().unwrap().clone()) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let jwks_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let dir = TempDir::new();
+    let mut config = crate::support::config(&db.url, dir.path(), &Options::default());
+    config.auth.jwks_url = format!("http://{jwks_addr}/jwks");
+    let gw = Gateway::start_with(config, dir).await;
+    let reject_with = |token: String| {
+        let (http, api, trip) = (gw.http.clone(), gw.api.clone(), w.trip(&[]));
+        async move {
+            let trip = trip.await;
+            http.post(format!("{api}/api/driver/trip/request-action"))
+                .bearer_auth(token)
+                .json(&json!({"trip_request_id": trip, "action": "rejected"}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(
+        reject_with(backend_token(rs, &rsa, Some("k1"), claims.clone())).await,
+        200
+    );
+    jwks.write().unwrap()["keys"]
+        .as_array_mut()
+        .unwrap()
+        .push(rsa_jwk(keys.path(), "other", "k2"));
+    // (An unknown kid fetches the set again at most every second.)
+    tokio::time::sleep(tripgate::auth::BackendKeys::REFETCH).await;
+    assert_eq!(
+        reject_with(backend_token(rs, &other, Some("k2"), claims.clone())).await,
+        200,
+        "a rotated-in key is fetched"
+    );
+    assert_eq!(
+        reject_with(backend_token(rs, &rsa, Some("k9"), claims.clone())).await,
+        401
+    );
+    assert_eq!(
+        reject_with(backend_token(rs, &other, Some("k1"), claims)).await,
+        401,
+        "kid k1 is not this key"
+    );
+    gw.shutdown().await;
+}
