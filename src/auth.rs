@@ -57,6 +57,22 @@ pub struct Claims {
     pub nbf: Option<u64>,
 }
 
+/// The `kind` of a console session token.
+const SESSION_KIND: &str = "tripgate-console";
+
+/// A console session (the cookie the ops console logs in with).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Session {
+    /// The admin's name (the audit's actor).
+    pub sub: String,
+    /// Expiry: the token the admin logged in with expires then too.
+    pub exp: u64,
+    /// The CSRF token every state-changing call of this session must send.
+    pub csrf: String,
+    /// Always [`SESSION_KIND`].
+    pub kind: String,
+}
+
 /// Signs and verifies tokens with one HS256 key.
 #[derive(Clone)]
 pub struct TokenKeys {
@@ -104,6 +120,32 @@ impl TokenKeys {
     /// Signs arbitrary claims (tests use it for expired and not-yet-valid tokens).
     pub fn sign(&self, claims: &Claims) -> Result<String, jsonwebtoken::errors::Error> {
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.encoding)
+    }
+
+    /// A console session for `sub` until `exp` (s) carrying its CSRF token: an HS256 JWT of
+    /// its own kind (no `role`, so it is never taken for a bearer token, and a bearer token
+    /// is never taken for a session).
+    pub fn sign_session(&self, sub: &str, exp: u64, csrf: &str) -> Result<String, jsonwebtoken::errors::Error> {
+        let claims = Session {
+            sub: sub.to_owned(),
+            exp,
+            csrf: csrf.to_owned(),
+            kind: SESSION_KIND.to_owned(),
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+    }
+
+    /// A valid console session, or `None`.
+    pub fn verify_session(&self, token: &str) -> Option<Session> {
+        jsonwebtoken::decode::<Session>(token, &self.decoding, &self.validation)
+            .ok()
+            .map(|data| data.claims)
+            .filter(|s| s.kind == SESSION_KIND && !s.csrf.is_empty())
+    }
+
+    /// The expiry (s) of a valid bearer token of ours.
+    pub fn expiry(&self, token: &str) -> Option<u64> {
+        self.verify(token).map(|c| c.exp)
     }
 
     /// The claims of a valid token, or `None` for anything else.

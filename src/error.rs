@@ -72,6 +72,9 @@ pub enum ApiError {
     /// Over `server.rate_limit_per_driver`.
     #[error("too many requests")]
     RateLimited,
+    /// A console (cookie) call that changes something came without the session's CSRF token.
+    #[error("CSRF token missing or wrong")]
+    CsrfRefused,
     /// The upstream (pass-through) could not be reached, or reset the connection.
     #[error("bad gateway")]
     BadGateway,
@@ -109,6 +112,7 @@ impl ApiError {
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::BadGateway => StatusCode::BAD_GATEWAY,
+            Self::CsrfRefused => StatusCode::FORBIDDEN,
             Self::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -130,6 +134,7 @@ impl ApiError {
             Self::RateLimited => "too_many_requests_429",
             Self::Unavailable(_) => "service_unavailable_503",
             Self::BadGateway => "bad_gateway_502",
+            Self::CsrfRefused => "auth_csrf_403",
             Self::GatewayTimeout => "gateway_timeout_504",
             Self::Internal(_) => "default_500",
         }
@@ -139,7 +144,7 @@ impl ApiError {
     pub fn outcome(&self) -> Outcome {
         match self {
             Self::Invalid(_) | Self::PayloadTooLarge | Self::UnsupportedMediaType => Outcome::Invalid,
-            Self::Unauthorized | Self::Forbidden => Outcome::Unauthorized,
+            Self::Unauthorized | Self::Forbidden | Self::CsrfRefused => Outcome::Unauthorized,
             Self::TripTaken => Outcome::Taken,
             Self::DriverUnavailable => Outcome::Unavailable,
             Self::VehicleMismatch => Outcome::Mismatch,
@@ -168,6 +173,7 @@ impl ApiError {
             Self::RateLimited => "Too many requests.".into(),
             Self::Unavailable(_) => "Service temporarily unavailable, try again.".into(),
             Self::BadGateway => "The backend could not be reached.".into(),
+            Self::CsrfRefused => "Send the session's X-CSRF-Token with changes made from the console.".into(),
             Self::GatewayTimeout => "The backend did not answer in time.".into(),
             Self::Internal(_) => "Internal server error.".into(),
         }

@@ -39,8 +39,13 @@ pub fn routes(state: AppState) -> Router {
     } else {
         admin
     };
-    let admin = admin.route_layer(axum::middleware::from_fn_with_state(state.clone(), super::admins));
-    health_routes(state.clone()).merge(admin.with_state(state))
+    let admin = admin
+        .merge(super::console::admin_routes())
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            super::console::admins,
+        ));
+    health_routes(state.clone()).merge(admin.merge(super::console::public_routes()).with_state(state))
 }
 
 /// `/metrics`, `/healthz`, `/readyz`: all a worker's admin listener serves.
@@ -122,6 +127,7 @@ const IDS_MAX: usize = 10_000;
 async fn put_flag(
     State(state): State<AppState>,
     Extension(user): Extension<AuthUser>,
+    console: Option<Extension<super::console::ViaConsole>>,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -153,7 +159,7 @@ async fn put_flag(
     if patch == OverridePatch::default() {
         return Err(ApiError::invalid("body", "Give a percent, an allow or a deny list."));
     }
-    let by = change_by(&user, fields)?;
+    let by = change_by(&user, console.is_some(), fields)?;
     let file = state.flags.snapshot().file.clone();
     fleet::set_override(&state.store, &file, &name, &patch, &by)
         .await
@@ -166,6 +172,7 @@ async fn put_flag(
 async fn clear_override(
     State(state): State<AppState>,
     Extension(user): Extension<AuthUser>,
+    console: Option<Extension<super::console::ViaConsole>>,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -181,7 +188,7 @@ async fn clear_override(
     if let Some(unknown) = fields.keys().find(|k| k.as_str() != "reason") {
         return Err(ApiError::invalid("body", format!("Unknown field {unknown}.")));
     }
-    let by = change_by(&user, fields)?;
+    let by = change_by(&user, console.is_some(), fields)?;
     let file = state.flags.snapshot().file.clone();
     fleet::clear_override(&state.store, &file, &name, &by)
         .await
@@ -190,8 +197,8 @@ async fn clear_override(
     Ok(get_flags(State(state)).await.into_response())
 }
 
-/// The token's subject, the API as source, the body's `reason`, now.
-fn change_by(user: &AuthUser, fields: &serde_json::Map<String, Value>) -> Result<ChangeBy, ApiError> {
+/// The token's subject, the API (or the console) as source, the body's `reason`, now.
+fn change_by(user: &AuthUser, console: bool, fields: &serde_json::Map<String, Value>) -> Result<ChangeBy, ApiError> {
     let reason = match fields.get("reason") {
         None => String::new(),
         Some(v) => v
@@ -208,7 +215,7 @@ fn change_by(user: &AuthUser, fields: &serde_json::Map<String, Value>) -> Result
     };
     Ok(ChangeBy {
         actor: user.id.clone(),
-        source: "api".into(),
+        source: if console { "console" } else { "api" }.into(),
         reason,
         at: now_ms(),
     })
@@ -254,13 +261,14 @@ async fn guard_status(State(state): State<AppState>) -> Result<Json<Value>, ApiE
 async fn guard_action(
     State(state): State<AppState>,
     Extension(user): Extension<AuthUser>,
+    console: Option<Extension<super::console::ViaConsole>>,
     Path((name, action)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     let action = crate::guard::Action::parse(&action).ok_or(ApiError::NotFound("route"))?;
     if name != crate::domain::TRIP_ACCEPT_FLAG {
         return Err(ApiError::NotFound("guarded flag"));
     }
-    let who = format!("{} (api)", user.id);
+    let who = format!("{} ({})", user.id, if console.is_some() { "console" } else { "api" });
     match crate::guard::act(&state.store, action, &who).await? {
         Some(_) => Ok(Json(crate::guard::status(&state.store, &state.flags).await?)),
         None => Err(ApiError::Conflict(format!(

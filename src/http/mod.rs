@@ -6,6 +6,7 @@
 //! routes that parses the command and hands it to the rollout router.
 
 pub mod admin;
+pub mod console;
 pub mod customer;
 pub mod driver;
 pub mod listener;

@@ -8,6 +8,8 @@ mod architecture;
 mod atomic;
 mod batches;
 mod cli;
+mod console;
+
 mod connections;
 mod drive;
 mod flags;

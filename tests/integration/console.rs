@@ -1,0 +1,328 @@
+//! The ops console in a real headless Chromium (Debian's `chromium` and `chromium-driver`,
+//! driven through WebDriver with fantoccini): a wrong token shows the error; log in; see the
+//! percent; change it with a reason and see it in `GET /admin/flags` and in the audit table;
+//! the charts draw while traffic flows; explain a driver; a state-changing call without the
+//! CSRF token is refused. Screenshots go to `target/console-*.png` for review.
+
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{Value, json};
+use tripgate::auth::Role;
+
+use crate::support::{Backend, Gateway, Options, TestDb, World, free_port, program_installed};
+
+/// chromedriver on a free port, killed on drop.
+struct Driver {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn browser() -> Option<(Driver, Client)> {
+    if !program_installed("chromedriver", "chromium-driver") {
+        return None;
+    }
+    let port = free_port();
+    let child = std::process::Command::new("chromedriver")
+        .arg(format!("--port={port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let driver = Driver { child, port };
+    let status = format!("http://127.0.0.1:{}/status", driver.port);
+    crate::support::eventually(Duration::from_secs(20), "chromedriver up", || {
+        let status = status.clone();
+        async move { (reqwest::get(status).await.ok()?.status() == 200).then_some(()) }
+    })
+    .await;
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        json!({"args": ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1200,1600"]}),
+    );
+    let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(caps)
+        .connect(&format!("http://127.0.0.1:{}", driver.port))
+        .await
+        .expect("a WebDriver session");
+    Some((driver, client))
+}
+
+async fn text_of(c: &Client, testid: &str) -> String {
+    match c.find(Locator::Css(&format!("[data-testid='{testid}']"))).await {
+        Ok(e) => e.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+/// Waits until the element `testid` shows `check`-passing text.
+async fn wait_text(c: &Client, testid: &str, check: impl Fn(&str) -> bool) -> String {
+    let started = Instant::now();
+    loop {
+        let text = text_of(c, testid).await;
+        if check(&text) {
+            return text;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{testid} never showed what was expected (last: {text:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn click(c: &Client, testid: &str) {
+    c.find(Locator::Css(&format!("[data-testid='{testid}']")))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+}
+
+async fn fill(c: &Client, css: &str, text: &str) {
+    let e = c.find(Locator::Css(css)).await.unwrap();
+    e.clear().await.unwrap();
+    e.send_keys(text).await.unwrap();
+}
+
+async fn screenshot(c: &Client, name: &str) {
+    let png = c.screenshot().await.unwrap();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+    let _ = std::fs::create_dir_all(&dir);
+    let _ = std::fs::write(dir.join(format!("console-{name}.png")), png);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_console_in_a_real_browser() {
+    let Some((_driver, c)) = browser().await else {
+        return;
+    };
+    let db = TestDb::new(Backend::Sqlite).await;
+    let gw = Gateway::start(
+        &db,
+        Options {
+            percent: 10.0,
+            ..Options::default()
+        },
+    )
+    .await;
+    let w = World::new(&gw.store).await;
+    c.goto(&format!("{}/", gw.admin)).await.unwrap();
+
+    // A wrong token shows the error.
+    fill(&c, "input[name='token']", "not-a-token").await;
+    click(&c, "login-submit").await;
+    let error = wait_text(&c, "login-error", |t| !t.is_empty()).await;
+    assert!(error.contains("not a valid admin token"), "{error}");
+    screenshot(&c, "login-error").await;
+
+    // Log in; the percent in force.
+    fill(&c, "input[name='token']", &gw.token("alice", Role::Admin)).await;
+    click(&c, "login-submit").await;
+    wait_text(&c, "flag-percent-trip_accept_v2", |t| t == "10").await;
+
+    // Change it with a reason: in force, in GET /admin/flags, in the audit table.
+    fill(&c, "[data-testid='percent-input-trip_accept_v2']", "25").await;
+    click(&c, "percent-apply-trip_accept_v2").await;
+    fill(&c, "[data-testid='reason']", "console canary").await;
+    click(&c, "confirm").await;
+    wait_text(&c, "flag-percent-trip_accept_v2", |t| t == "25").await;
+    let (_, flags) = gw.admin_get("/admin/flags").await;
+    let f = &flags["flags"]["trip_accept_v2"];
+    assert_eq!(
+        (f["percent"].as_f64(), f["source"].as_str()),
+        (Some(25.0), Some("override"))
+    );
+    assert_eq!(
+        (
+            f["override"]["actor"].as_str(),
+            f["override"]["source"].as_str(),
+            f["override"]["reason"].as_str()
+        ),
+        (Some("alice"), Some("console"), Some("console canary"))
+    );
+    let audit = wait_text(&c, "audit-table", |t| t.contains("console canary")).await;
+    assert!(audit.contains("alice") && audit.contains("console"), "{audit}");
+
+    // The charts draw while traffic flows.
+    let drivers = w.drivers(20).await;
+    let trip = w.trip(&[]).await;
+    let load = {
+        let (http, api) = (gw.http.clone(), gw.api.clone());
+        let tokens: Vec<String> = drivers.iter().map(|d| gw.token(d, Role::Driver)).collect();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut i = 0;
+            while started.elapsed() < Duration::from_secs(12) {
+                let _ = http
+                    .post(format!("{api}/api/driver/trip/request-action"))
+                    .bearer_auth(&tokens[i % tokens.len()])
+                    .json(&json!({"trip_request_id": trip, "action": "rejected"}))
+                    .send()
+                    .await;
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let started = Instant::now();
+    loop {
+        let drawn = c
+            .execute(
+                "return ['chart-latency', 'chart-errors'].map(id => \
+                 [...document.querySelectorAll(`[data-testid='${id}'] path`)].filter(p => (p.getAttribute('d') || '').includes('L')).length)",
+                vec![],
+            )
+            .await
+            .unwrap();
+        let counts: Vec<u64> = drawn.as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        if counts.iter().all(|n| *n >= 2) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(25),
+            "charts never drew both cohorts: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    screenshot(&c, "charts").await;
+    load.abort();
+
+    // Explain a driver.
+    let d = &drivers[0];
+    fill(&c, "[data-testid='explain-driver']", d).await;
+    click(&c, "explain-submit").await;
+    let expected = tripgate::flags::bucketing::bucket("trip_accept_v2", d);
+    let explained = wait_text(&c, "explain-result", |t| t.contains("bucket")).await;
+    assert!(explained.contains(&format!("bucket {expected}")), "{explained}");
+
+    // A state-changing call with the session cookie but without the CSRF token: refused.
+    let refused: Value = c
+        .execute_async(
+            "const done = arguments[arguments.length - 1]; \
+             fetch('/admin/flags/trip_accept_v2', {method: 'PUT', credentials: 'same-origin', \
+               headers: {'Content-Type': 'application/json'}, body: JSON.stringify({percent: 90})}) \
+             .then(r => r.json().then(b => done([r.status, b.response_code])));",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(refused, json!([403, "auth_csrf_403"]));
+    let (_, flags) = gw.admin_get("/admin/flags").await;
+    assert_eq!(flags["flags"]["trip_accept_v2"]["percent"], 25.0, "nothing changed");
+    // The page (and its assets) carry a strict CSP.
+    let res = reqwest::get(format!("{}/", gw.admin)).await.unwrap();
+    let csp = res.headers()["content-security-policy"].to_str().unwrap().to_owned();
+    assert!(
+        csp.contains("default-src 'none'") && csp.contains("script-src 'self'"),
+        "{csp}"
+    );
+    screenshot(&c, "final").await;
+    c.close().await.unwrap();
+    gw.shutdown().await;
+}
+
+/// The session cookie without a browser: its flags, `Secure` behind HTTPS, logout, a bearer
+/// token needing no CSRF token, and a session that is never taken for a bearer token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn session_cookies_and_csrf() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let gw = Gateway::start(
+        &db,
+        Options {
+            percent: 10.0,
+            ..Options::default()
+        },
+    )
+    .await;
+    let token = gw.token("bob", Role::Admin);
+    let login = |proto: Option<&'static str>, token: String| {
+        let mut req = gw
+            .http
+            .post(format!("{}/admin/login", gw.admin))
+            .json(&json!({"token": token}));
+        if let Some(p) = proto {
+            req = req.header("x-forwarded-proto", p);
+        }
+        async move { req.send().await.unwrap() }
+    };
+    let res = login(Some("https"), token.clone()).await;
+    assert_eq!(res.status(), 200);
+    let cookie = res.headers()["set-cookie"].to_str().unwrap().to_owned();
+    for part in [
+        "tg_session=",
+        "HttpOnly",
+        "SameSite=Strict",
+        "Secure",
+        "Max-Age=",
+        "Path=/",
+    ] {
+        assert!(cookie.contains(part), "{part} missing: {cookie}");
+    }
+    let body: Value = res.json().await.unwrap();
+    let csrf = body["csrf"].as_str().unwrap().to_owned();
+    let res = login(None, token.clone()).await;
+    assert!(
+        !res.headers()["set-cookie"].to_str().unwrap().contains("Secure"),
+        "plain HTTP"
+    );
+    assert_eq!(
+        login(None, gw.token("d1", Role::Driver)).await.status(),
+        401,
+        "a driver token"
+    );
+
+    let session = cookie.split(';').next().unwrap().to_owned();
+    let put = |csrf: Option<String>| {
+        let mut req = gw
+            .http
+            .put(format!("{}/admin/flags/trip_accept_v2", gw.admin))
+            .header("cookie", session.clone())
+            .json(&json!({"percent": 5}));
+        if let Some(t) = csrf {
+            req = req.header("x-csrf-token", t);
+        }
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(put(None).await, 403);
+    assert_eq!(put(Some("forged".into())).await, 403);
+    assert_eq!(put(Some(csrf.clone())).await, 200);
+    let (_, audit) = gw.admin_get("/admin/audit").await;
+    assert_eq!(audit["entries"][0]["source"], "console");
+    assert_eq!(audit["entries"][0]["actor"], "bob");
+    // The session's JWT is not a bearer token.
+    let jwt = session.trim_start_matches("tg_session=");
+    let res = gw
+        .http
+        .get(format!("{}/admin/flags", gw.admin))
+        .bearer_auth(jwt)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    // Logout needs the CSRF token and clears the cookie.
+    let logout = |csrf: Option<String>| {
+        let mut req = gw
+            .http
+            .post(format!("{}/admin/logout", gw.admin))
+            .header("cookie", session.clone());
+        if let Some(t) = csrf {
+            req = req.header("x-csrf-token", t);
+        }
+        async move { req.send().await.unwrap() }
+    };
+    assert_eq!(logout(None).await.status(), 403);
+    let res = logout(Some(csrf)).await;
+    assert_eq!(res.status(), 204);
+    assert!(res.headers()["set-cookie"].to_str().unwrap().contains("Max-Age=0"));
+    gw.shutdown().await;
+}
