@@ -174,8 +174,11 @@ impl Default for DatabaseConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// Empty: in-process lock store and event bus (one instance only).
+    /// Empty: in-process lock store and event bus (one instance only). One URL: a single
+    /// node; several, comma-separated: the nodes of a Redis Cluster.
     pub url: String,
+    /// A Redis Cluster reached through the one seed URL of `url`.
+    pub cluster: bool,
     /// Expiry of a trip lock.
     pub lock_ttl_s: u64,
     /// Bound on every lock-store call; past it the SQL fence alone decides.
@@ -188,6 +191,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: String::new(),
+            cluster: false,
             lock_ttl_s: 300,
             timeout_ms: 50,
             key_prefix: "tripgate".into(),
@@ -479,15 +483,18 @@ impl Config {
         if self.database.max_connections == 0 {
             return Err(("database.max_connections", "must be at least 1".into()));
         }
-        if !(self.redis.url.is_empty()
-            || self.redis.url.starts_with("redis://")
-            || self.redis.url.starts_with("rediss://"))
+        if let Some(bad) = self
+            .redis
+            .url
+            .split(',')
+            .map(str::trim)
+            .find(|u| !(u.starts_with("redis://") || u.starts_with("rediss://")))
+            .filter(|_| !self.redis.url.is_empty())
         {
             return Err((
                 "redis.url",
                 format!(
-                    "{:?} is not a redis:// URL (leave it empty for in-process)",
-                    self.redis.url
+                    "{bad:?} is not a redis:// URL (leave it empty for in-process; several, comma-separated, for a cluster)"
                 ),
             ));
         }

@@ -1,12 +1,15 @@
-//! One lazily (re)connected Redis connection manager, shared by the lock store and the
-//! event bus. `serve` must start while Redis is down (the SQL fence decides alone), so
-//! nothing here waits for Redis longer than `redis.timeout_ms`.
+//! One lazily (re)connected Redis connection, shared by the lock store, the fleet rate
+//! limit and the event bus: a single node through redis-rs's connection manager, or a Redis
+//! Cluster through its cluster connection (slot routing, `MOVED`/`ASK`, topology refresh).
+//! `serve` must start while Redis is down (the SQL fence decides alone), so nothing here
+//! waits for Redis longer than `redis.timeout_ms`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
 
 use crate::config::RedisConfig;
 
@@ -21,11 +24,54 @@ pub enum RedisError {
     Redis(#[from] redis::RedisError),
 }
 
-/// A shared multiplexed connection, connected on first use and reconnected by the manager.
+/// A connection to one node or to a cluster; commands and scripts run the same on both.
+#[derive(Clone)]
+pub enum RedisConn {
+    /// One node.
+    Single(ConnectionManager),
+    /// A Redis Cluster.
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+enum Client {
+    Single(redis::Client),
+    Cluster(redis::cluster::ClusterClient),
+}
+
+/// A shared multiplexed connection, connected on first use and reconnected by the manager
+/// (or, on a cluster, by the cluster connection).
 #[derive(Clone)]
 pub struct RedisHandle {
-    client: redis::Client,
-    manager: Arc<ArcSwapOption<ConnectionManager>>,
+    client: Arc<Client>,
+    manager: Arc<ArcSwapOption<RedisConn>>,
     /// Held while connecting, so only one task dials at a time; others fail fast.
     connecting: Arc<tokio::sync::Mutex<()>>,
     /// Bound on every call.
@@ -41,10 +87,24 @@ impl std::fmt::Debug for RedisHandle {
 }
 
 impl RedisHandle {
-    /// A handle for `config.url`; does not connect yet.
+    /// A handle for `config.url` (several URLs, or `redis.cluster`: a cluster); does not
+    /// connect yet.
     pub fn new(config: &RedisConfig) -> Result<Self, redis::RedisError> {
+        let urls: Vec<&str> = config.url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
+        let timeout = Duration::from_millis(config.timeout_ms);
+        let client = if urls.len() > 1 || config.cluster {
+            Client::Cluster(
+                redis::cluster::ClusterClient::builder(urls)
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    .retries(1)
+                    .build()?,
+            )
+        } else {
+            Client::Single(redis::Client::open(config.url.as_str())?)
+        };
         Ok(Self {
-            client: redis::Client::open(config.url.as_str())?,
+            client: Arc::new(client),
             manager: Arc::new(ArcSwapOption::empty()),
             connecting: Arc::new(tokio::sync::Mutex::new(())),
             timeout: Duration::from_millis(config.timeout_ms),
@@ -52,22 +112,33 @@ impl RedisHandle {
         })
     }
 
+    /// Whether this is a cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(*self.client, Client::Cluster(_))
+    }
+
     /// The connection, dialing it if needed, within the timeout.
-    pub async fn connection(&self) -> Result<ConnectionManager, RedisError> {
+    pub async fn connection(&self) -> Result<RedisConn, RedisError> {
         if let Some(manager) = self.manager.load_full() {
             return Ok((*manager).clone());
         }
         let Ok(_guard) = self.connecting.try_lock() else {
             return Err(RedisError::Timeout(self.timeout));
         };
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(self.timeout)
-            .set_response_timeout(self.timeout)
-            .set_number_of_retries(1)
-            .set_max_delay(1_000);
-        let manager = self
-            .bounded(ConnectionManager::new_with_config(self.client.clone(), config))
-            .await?;
+        let manager = match &*self.client {
+            Client::Single(client) => {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(self.timeout)
+                    .set_response_timeout(self.timeout)
+                    .set_number_of_retries(1)
+                    .set_max_delay(1_000);
+                RedisConn::Single(
+                    self.bounded(ConnectionManager::new_with_config(client.clone(), config))
+                        .await?,
+                )
+            }
+            Client::Cluster(client) => RedisConn::Cluster(self.bounded(client.get_async_connection()).await?),
+        };
         self.manager.store(Some(Arc::new(manager.clone())));
         Ok(manager)
     }

@@ -53,7 +53,7 @@ struct DriverRoute {
 
 /// The driver routes.
 pub fn routes(state: &AppState, services: AcceptServices) -> Router {
-    let limit = DriverRateLimitLayer::new(state.config.server.rate_limit_per_driver);
+    let limit = DriverRateLimitLayer::new(state.config.server.rate_limit_per_driver, state.redis.clone());
     let router = RolloutRouter::new(
         state.flags.clone(),
         limit.layer(services.legacy),

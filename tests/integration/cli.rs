@@ -35,6 +35,8 @@ fn bad_configuration_fails_with_one_line_naming_the_key() {
         ("[jobs]\nworkers = 0\n", "jobs.workers"),
         ("[providers.sms]\nkind = \"webhook\"\n", "providers.sms.url"),
         ("[redis]\nurl = \"http://wrong\"\n", "redis.url"),
+        ("[redis]\nurl = \"redis://a:1,http://b:2\"\n", "redis.url"),
+        ("[upstream]\nurl = \"https://backend\"\n", "upstream.url"),
         ("[surprise]\nkey = 1\n", "surprise"),
     ];
     for (extra, key) in cases {

@@ -8,6 +8,7 @@ mod architecture;
 mod atomic;
 mod batches;
 mod cli;
+mod cluster;
 mod console;
 
 mod connections;

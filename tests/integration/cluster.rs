@@ -1,0 +1,271 @@
+//! The lock store and the fleet rate limit on a real 3-master Redis Cluster
+//! (`redis-server --cluster-enabled yes` processes on free ports, joined with
+//! `redis-cli --cluster create`): two gateway processes race (one winner per trip, zero
+//! lock errors, keys on several masters); one driver's burst split over both gets one
+//! limit; a master killed mid-test leaves one winner still, its errors counted.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tripgate::auth::{Role, TokenKeys};
+
+use crate::support::{
+    Backend, Options, Process, SECRET, TempDir, TestDb, World, free_port, metric_value as metric, wait_process_ready,
+};
+
+/// Three cluster-enabled masters, killed on drop.
+struct Cluster {
+    nodes: Vec<(u16, std::process::Child)>,
+    _dir: TempDir,
+}
+
+impl Cluster {
+    async fn start() -> Self {
+        let dir = TempDir::new();
+        let mut nodes = Vec::new();
+        for i in 0..3 {
+            let (port, bus) = (free_port(), free_port());
+            let node_dir = dir.path().join(format!("n{i}"));
+            std::fs::create_dir_all(&node_dir).unwrap();
+            let child = std::process::Command::new("redis-server")
+                .current_dir(&node_dir)
+                .args(["--port", &port.to_string(), "--cluster-port", &bus.to_string()])
+                .args([
+                    "--bind",
+                    "127.0.0.1",
+                    "--cluster-enabled",
+                    "yes",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .args([
+                    "--cluster-node-timeout",
+                    "2000",
+                    "--cluster-require-full-coverage",
+                    "no",
+                ])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server");
+            nodes.push((port, child));
+        }
+        for (port, _) in &nodes {
+            crate::support::eventually(Duration::from_secs(10), "cluster node up", || async move {
+                tokio::net::TcpStream::connect(("127.0.0.1", *port))
+                    .await
+                    .ok()
+                    .map(|_| ())
+            })
+            .await;
+        }
+        let addrs: Vec<String> = nodes.iter().map(|(p, _)| format!("127.0.0.1:{p}")).collect();
+        let out = std::process::Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+        for (port, _) in &nodes {
+            crate::support::eventually(Duration::from_secs(20), "cluster_state:ok", || async move {
+                cli(*port, &["cluster", "info"])
+                    .contains("cluster_state:ok")
+                    .then_some(())
+            })
+            .await;
+        }
+        Self { nodes, _dir: dir }
+    }
+
+    fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|(p, _)| format!("redis://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Keys with `prefix` on each master.
+    fn keys_per_node(&self, prefix: &str) -> Vec<usize> {
+        self.nodes
+            .iter()
+            .map(|(p, _)| {
+                cli(*p, &["--scan", "--pattern", &format!("{prefix}*")])
+                    .lines()
+                    .filter(|l| !l.is_empty())
+                    .count()
+            })
+            .collect()
+    }
+
+    fn kill(&mut self, i: usize) {
+        let _ = self.nodes[i].1.kill();
+        let _ = self.nodes[i].1.wait();
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.nodes {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn cli(port: u16, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `drivers` accept `trip` at once, alternating between the gateways; the statuses.
+async fn race(http: &reqwest::Client, apis: &[String], drivers: &[String], trip: &str) -> Vec<u16> {
+    let keys = TokenKeys::new(SECRET, 600);
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(drivers.len()));
+    let requests = drivers.iter().enumerate().map(|(i, d)| {
+        let url = format!("{}/api/driver/trip/request-action", apis[i % apis.len()]);
+        let token = keys.mint(d, Role::Driver).unwrap();
+        let (http, barrier, trip) = (http.clone(), barrier.clone(), trip.to_owned());
+        async move {
+            barrier.wait().await;
+            http.post(url)
+                .bearer_auth(token)
+                .json(&json!({"trip_request_id": trip, "action": "accepted"}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    });
+    futures_util::future::join_all(requests).await
+}
+
+async fn lock_errors(admin: &str) -> f64 {
+    let text = reqwest::get(format!("{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metric(&text, "tripgate_lock_errors_total{backend=\"redis\"}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_gateways_on_a_redis_cluster() {
+    let Some(_) = crate::support::postgres_url() else {
+        return;
+    };
+    if !crate::support::redis_server_available() {
+        return;
+    }
+    let mut cluster = Cluster::start().await;
+    let db = TestDb::new(Backend::Postgres).await;
+    let store = db.store().await;
+    let w = World::new(&store).await;
+    let dir = TempDir::new();
+    let options = Options {
+        percent: 100.0,
+        redis_url: Some(cluster.url()),
+        rate_limit_per_driver: 5,
+        ..Options::default()
+    };
+    let prefix = crate::support::unique("tgcluster");
+    let mut gateways = Vec::new();
+    for _ in 0..2 {
+        let mut config = crate::support::config(&db.url, dir.path(), &options);
+        config.server.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        config.server.admin_listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        config.redis.key_prefix = prefix.clone();
+        config.redis.timeout_ms = 500;
+        let process = Process::spawn("serve", &config, dir.path());
+        gateways.push((process, config));
+    }
+    for (_, config) in &gateways {
+        wait_process_ready(config.server.admin_listen).await;
+    }
+    let apis: Vec<String> = gateways
+        .iter()
+        .map(|(_, c)| format!("http://{}", c.server.listen))
+        .collect();
+    let admins: Vec<String> = gateways
+        .iter()
+        .map(|(_, c)| format!("http://{}", c.server.admin_listen))
+        .collect();
+    let http = reqwest::Client::new();
+
+    // Races through both gateways: one winner each, no lock errors.
+    for round in 0..6 {
+        let drivers = w.drivers(6).await;
+        let trip = w.trip(&drivers).await;
+        let statuses = race(&http, &apis, &drivers, &trip).await;
+        assert_eq!(
+            statuses.iter().filter(|s| **s == 200).count(),
+            1,
+            "round {round}: {statuses:?}"
+        );
+    }
+    for admin in &admins {
+        assert_eq!(lock_errors(admin).await, 0.0, "lock errors on {admin}");
+    }
+    // Keys (each driver's budget) spread over several masters.
+    let spread = cluster.keys_per_node(&prefix);
+    assert!(
+        spread.iter().filter(|n| **n > 0).count() >= 2,
+        "keys per master: {spread:?}"
+    );
+
+    // One driver's burst split over both gateways gets one limit (5/s, burst 5), not 5 each.
+    let d = w.driver().await;
+    let token = TokenKeys::new(SECRET, 600).mint(&d, Role::Driver).unwrap();
+    let trip = w.trip(&[]).await;
+    let started = Instant::now();
+    let mut allowed = 0;
+    for i in 0..20 {
+        let res = http
+            .post(format!("{}/api/driver/trip/request-action", apis[i % 2]))
+            .bearer_auth(&token)
+            .json(&json!({"trip_request_id": trip, "action": "rejected"}))
+            .send()
+            .await
+            .unwrap();
+        if res.status() != 429 {
+            allowed += 1;
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let most = 5 + (elapsed * 5.0).ceil() as usize;
+    assert!(
+        allowed <= most,
+        "{allowed} allowed in {elapsed:.2} s across two gateways (one budget: ≤ {most})"
+    );
+    assert!(allowed >= 5, "{allowed}");
+
+    // A master goes away: one winner still; the lock errors are counted.
+    cluster.kill(1);
+    for round in 0..6 {
+        let drivers = w.drivers(6).await;
+        let trip = w.trip(&drivers).await;
+        let statuses = race(&http, &apis, &drivers, &trip).await;
+        assert_eq!(
+            statuses.iter().filter(|s| **s == 200).count(),
+            1,
+            "after the kill, round {round}: {statuses:?}"
+        );
+        assert!(statuses.iter().all(|s| *s == 200 || *s == 403), "{statuses:?}");
+    }
+    let mut errors = 0.0;
+    for admin in &admins {
+        errors += lock_errors(admin).await;
+    }
+    assert!(errors > 0.0, "the dead master's lock calls are counted as errors");
+    assert_eq!(store.double_assignments().await.unwrap(), 0);
+    drop(gateways);
+    store.close().await;
+}
