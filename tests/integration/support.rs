@@ -364,20 +364,26 @@ impl WebhookStub {
     }
 }
 
+/// `openssl <args>` in `dir`; its stdout (fails the test when openssl does).
+pub fn openssl(dir: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Makes, with openssl, a test CA (`ca.pem`) and a server certificate it signed for
 /// `localhost` and 127.0.0.1; returns a rustls server config serving the latter.
 fn test_ca_and_server_cert(dir: &Path) -> Arc<rustls::ServerConfig> {
     let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        openssl(dir, args);
     };
     let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
     run(&[

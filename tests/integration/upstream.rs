@@ -19,7 +19,8 @@ use serde_json::{Value, json};
 use tripgate::auth::Role;
 
 use crate::support::{
-    Backend, Gateway, Options, Process, TempDir, TestDb, World, free_port, metric_value as metric, wait_process_ready,
+    Backend, Gateway, Options, Process, TempDir, TestDb, World, free_port, metric_value as metric, openssl,
+    wait_process_ready,
 };
 
 /// The upstream: echo, upload, download, slow, status, hop-by-hop, websocket echo.
@@ -362,21 +363,6 @@ async fn own_routes_stay_demo_routes_pass_and_a_dead_upstream_is_502() {
     gw.shutdown().await;
 }
 
-/// `openssl <args>` in `dir`.
-fn openssl(dir: &std::path::Path, args: &[&str]) -> String {
-    let out = std::process::Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// A key pair made by openssl: (private PEM, public PEM file).
 fn key_pair(dir: &std::path::Path, name: &str, ec: bool) -> (Vec<u8>, std::path::PathBuf) {
     let private = format!("{name}.pem");
@@ -468,20 +454,7 @@ async fn the_backends_own_tokens_are_accepted() {
     let gw = Gateway::start_with(config, dir).await;
     let w = World::new(&gw.store).await;
     let d = w.driver().await;
-    let try_reject = |token: String| {
-        let (http, api, trip) = (gw.http.clone(), gw.api.clone(), w.trip(&[]));
-        async move {
-            let trip = trip.await;
-            http.post(format!("{api}/api/driver/trip/request-action"))
-                .bearer_auth(token)
-                .json(&json!({"trip_request_id": trip, "action": "rejected"}))
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        }
-    };
+    let try_reject = |token: String| reject_with(&gw, &w, token);
     let claims = json!({"sub": d, "user_type": "driver", "exp": exp});
     let rs = jsonwebtoken::Algorithm::RS256;
     assert_eq!(try_reject(backend_token(rs, &rsa, None, claims.clone())).await, 200);
@@ -553,22 +526,9 @@ async fn the_backends_own_tokens_are_accepted() {
     let mut config = crate::support::config(&db.url, dir.path(), &Options::default());
     config.auth.jwks_url = format!("http://{jwks_addr}/jwks");
     let gw = Gateway::start_with(config, dir).await;
-    let reject_with = |token: String| {
-        let (http, api, trip) = (gw.http.clone(), gw.api.clone(), w.trip(&[]));
-        async move {
-            let trip = trip.await;
-            http.post(format!("{api}/api/driver/trip/request-action"))
-                .bearer_auth(token)
-                .json(&json!({"trip_request_id": trip, "action": "rejected"}))
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        }
-    };
+    let try_reject = |token: String| reject_with(&gw, &w, token);
     assert_eq!(
-        reject_with(backend_token(rs, &rsa, Some("k1"), claims.clone())).await,
+        try_reject(backend_token(rs, &rsa, Some("k1"), claims.clone())).await,
         200
     );
     jwks.write().unwrap()["keys"]
@@ -578,18 +538,32 @@ async fn the_backends_own_tokens_are_accepted() {
     // (An unknown kid fetches the set again at most every second.)
     tokio::time::sleep(tripgate::auth::BackendKeys::REFETCH).await;
     assert_eq!(
-        reject_with(backend_token(rs, &other, Some("k2"), claims.clone())).await,
+        try_reject(backend_token(rs, &other, Some("k2"), claims.clone())).await,
         200,
         "a rotated-in key is fetched"
     );
     assert_eq!(
-        reject_with(backend_token(rs, &rsa, Some("k9"), claims.clone())).await,
+        try_reject(backend_token(rs, &rsa, Some("k9"), claims.clone())).await,
         401
     );
     assert_eq!(
-        reject_with(backend_token(rs, &other, Some("k1"), claims)).await,
+        try_reject(backend_token(rs, &other, Some("k1"), claims)).await,
         401,
         "kid k1 is not this key"
     );
     gw.shutdown().await;
+}
+
+/// The status of a reject of a new trip sent with `token`.
+async fn reject_with(gw: &Gateway, w: &World, token: String) -> u16 {
+    let trip = w.trip(&[]).await;
+    gw.http
+        .post(format!("{}/api/driver/trip/request-action", gw.api))
+        .bearer_auth(token)
+        .json(&json!({"trip_request_id": trip, "action": "rejected"}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
 }
