@@ -163,6 +163,8 @@ impl TokenKeys {
 pub struct BackendKeys {
     source: KeySource,
     role_claim: String,
+    audience: String,
+    issuer: String,
 }
 
 enum KeySource {
@@ -186,6 +188,9 @@ impl std::fmt::Debug for BackendKeys {
 impl BackendKeys {
     /// Shortest time between two fetches of the JWKS.
     pub const REFETCH: std::time::Duration = std::time::Duration::from_secs(1);
+    /// How long fetched keys are trusted before the set is fetched again (so a key removed
+    /// from the JWKS stops working).
+    pub const KEYS_TTL: std::time::Duration = std::time::Duration::from_secs(600);
 
     /// The backend's keys of `auth`, if it names any (`Err` names the key and the reason).
     pub fn from_config(auth: &crate::config::AuthConfig) -> Result<Option<Self>, (&'static str, String)> {
@@ -218,6 +223,8 @@ impl BackendKeys {
         Ok(Some(Self {
             source,
             role_claim: auth.role_claim.clone(),
+            audience: auth.audience.clone(),
+            issuer: auth.issuer.clone(),
         }))
     }
 
@@ -238,6 +245,15 @@ impl BackendKeys {
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.validate_nbf = true;
         validation.leeway = 5;
+        // Passport puts the client id in `aud`: checked when configured, else accepted.
+        if self.audience.is_empty() {
+            validation.validate_aud = false;
+        } else {
+            validation.set_audience(&[&self.audience]);
+        }
+        if !self.issuer.is_empty() {
+            validation.set_issuer(&[&self.issuer]);
+        }
         let claims = jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
             .ok()?
             .claims;
@@ -252,13 +268,21 @@ impl BackendKeys {
 }
 
 impl Jwks {
-    /// The key for `kid`, fetching the set again when it is unknown.
+    /// The key for `kid`, fetching the set again when it is unknown or the keys are older
+    /// than [`BackendKeys::KEYS_TTL`].
     async fn key(&self, kid: &str) -> Option<(DecodingKey, Algorithm)> {
-        if let Some(found) = self.cached(kid) {
+        let fresh =
+            |fetched: &Option<std::time::Instant>| fetched.is_some_and(|at| at.elapsed() < BackendKeys::KEYS_TTL);
+        if let Ok(fetched) = self.fetched.try_lock()
+            && fresh(&fetched)
+            && let Some(found) = self.cached(kid)
+        {
             return Some(found);
         }
         let mut fetched = self.fetched.lock().await;
-        if let Some(found) = self.cached(kid) {
+        if fresh(&fetched)
+            && let Some(found) = self.cached(kid)
+        {
             return Some(found);
         }
         if fetched.is_some_and(|at| at.elapsed() < BackendKeys::REFETCH) {

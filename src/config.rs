@@ -93,6 +93,9 @@ pub struct UpstreamConfig {
     /// Path prefixes that name the `route` label of the pass-through metrics (the first
     /// that matches; else `other`) — never the raw path.
     pub route_labels: Vec<String>,
+    /// Keep the `X-Forwarded-Proto` / `X-Forwarded-Host` a client sent (only behind a proxy
+    /// of yours that sets them); otherwise tripgate sets them from what it saw.
+    pub trust_forwarded: bool,
 }
 
 impl Default for UpstreamConfig {
@@ -104,6 +107,7 @@ impl Default for UpstreamConfig {
             idle_timeout_ms: 60_000,
             max_idle_per_host: 256,
             route_labels: Vec::new(),
+            trust_forwarded: false,
         }
     }
 }
@@ -234,6 +238,11 @@ pub struct AuthConfig {
     pub jwks_url: String,
     /// The claim of the backend's tokens that holds the role (driver, customer, admin).
     pub role_claim: String,
+    /// The `aud` the backend's tokens must carry (Passport: the client id); empty: `aud`
+    /// is not checked.
+    pub audience: String,
+    /// The `iss` the backend's tokens must carry; empty: not checked.
+    pub issuer: String,
 }
 
 impl Default for AuthConfig {
@@ -245,6 +254,8 @@ impl Default for AuthConfig {
             public_key_file: String::new(),
             jwks_url: String::new(),
             role_claim: "role".into(),
+            audience: String::new(),
+            issuer: String::new(),
         }
     }
 }

@@ -171,6 +171,13 @@ impl DriverSketch {
         }
     }
 
+    /// Whether too many bits are set for the estimate to be trusted (more than ~10,000
+    /// distinct drivers).
+    pub fn saturated(&self) -> bool {
+        let set: u32 = self.0.iter().map(|w| w.count_ones()).sum();
+        f64::from(set) > SKETCH_BITS as f64 * 0.9
+    }
+
     /// Estimated distinct drivers.
     pub fn estimate(&self) -> f64 {
         let m = SKETCH_BITS as f64;

@@ -152,7 +152,10 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
     let upstream = if config.upstream.url.is_empty() {
         None
     } else {
-        Some(crate::http::upstream::Upstream::new(&config.upstream, metrics.clone()).map_err(StartError::Upstream)?)
+        Some(
+            crate::http::upstream::Upstream::new(&config.upstream, config.server.max_connections, metrics.clone())
+                .map_err(StartError::Upstream)?,
+        )
     };
     let providers =
         Providers::from_config(&config.providers).map_err(|(key, reason)| StartError::Provider(key, reason))?;

@@ -69,6 +69,7 @@ pub fn spawn(
 
 /// Re-reads the overrides and swaps them in; true when they changed.
 pub async fn refresh(handle: &FlagsHandle, store: &Storage, metrics: &Metrics) -> Result<bool, sqlx::Error> {
+    let _one_at_a_time = handle.refreshing().await;
     let rows = store.flag_overrides().await?;
     let before = handle.snapshot();
     if !handle.set_overrides(overrides_of(&rows)) {

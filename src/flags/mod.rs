@@ -449,6 +449,9 @@ pub struct FlagsHandle {
     file_seen: Arc<std::sync::Mutex<std::collections::VecDeque<FileSeen>>>,
     /// Notified when the file's flags change.
     file_changed: Arc<tokio::sync::Notify>,
+    /// Held across a read of the overrides and its swap, so an older read never replaces a
+    /// newer one (the sync's poll and an API change can refresh at once).
+    refreshing: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// The file's percent per flag (basis points) as this instance loaded it, and when.
@@ -490,6 +493,7 @@ impl FlagsHandle {
             writer: Arc::new(std::sync::Mutex::new(())),
             file_seen: Arc::new(std::sync::Mutex::new([seen].into())),
             file_changed: Arc::new(tokio::sync::Notify::new()),
+            refreshing: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 
@@ -501,6 +505,11 @@ impl FlagsHandle {
     /// The flags in force, as an owned pointer.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.current.load_full()
+    }
+
+    /// Taken while the overrides are read and swapped in (see the field).
+    pub async fn refreshing(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.refreshing.lock().await
     }
 
     /// Notified each time the file's flags change.

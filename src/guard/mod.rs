@@ -51,6 +51,8 @@ pub const VERDICTS_SHOWN: i64 = 20;
 const SRM_P: f64 = 0.001;
 /// Fewest distinct drivers for a sample-ratio test.
 const SRM_MIN_DRIVERS: f64 = 20.0;
+/// Most drivers the sample-ratio test counts (see [`judge`]).
+const SRM_SCALE: f64 = 1000.0;
 /// Fewest requests per cohort for a p99.
 const TAIL_MIN: u64 = 100;
 
@@ -156,9 +158,14 @@ pub fn judge(cfg: &GuardConfig, threshold: u32, legacy: &CohortSample, atomic: &
             numbers,
         };
     }
-    let (chi2, p_srm) = stats::sample_ratio(d_a, d_l, f64::from(threshold) / 10_000.0);
+    // The sketch estimates counts to a few percent, so the test runs on the estimated
+    // shares at a population of at most SRM_SCALE drivers: the sketch's own error cannot
+    // make a mismatch of a big fleet, a real one (a share off by ~10 %) still shows.
+    let scale = (SRM_SCALE / (d_a + d_l).max(1.0)).min(1.0);
+    let (chi2, p_srm) = stats::sample_ratio(d_a * scale, d_l * scale, f64::from(threshold) / 10_000.0);
+    let countable = !legacy.drivers.saturated() && !atomic.drivers.saturated();
     numbers["p_value"]["sample_ratio"] = json!(p_srm);
-    if d_a + d_l >= SRM_MIN_DRIVERS && p_srm < SRM_P {
+    if countable && d_a + d_l >= SRM_MIN_DRIVERS && p_srm < SRM_P {
         return Verdict {
             verdict: "inconclusive",
             reason: format!(
@@ -289,21 +296,26 @@ async fn tick(store: &Storage, flags: &FlagsHandle, metrics: &Metrics, me: &str)
         return Ok(());
     };
     let before = row.clone();
-    step(store, flags, metrics, &cfg, &mut row, in_force, now).await?;
-    if row != before {
-        store.save_guard(&row).await?;
+    step(store, flags, metrics, &cfg, &mut row, &before, in_force, now).await?;
+    if row != before && !store.save_guard(&row, &before).await? {
+        tracing::info!(
+            flag,
+            "guard state changed meanwhile (a person's pause, resume or ack); this tick's result dropped"
+        );
     }
     metrics.guard_state(flag, &row.state);
     Ok(())
 }
 
 /// One tick of the judge: people first, then the first step, then the window due.
+#[allow(clippy::too_many_arguments)]
 async fn step(
     store: &Storage,
     flags: &FlagsHandle,
     metrics: &Metrics,
     cfg: &GuardConfig,
     row: &mut GuardRow,
+    read: &GuardRow,
     in_force: u32,
     now: i64,
 ) -> Result<(), sqlx::Error> {
@@ -340,6 +352,9 @@ async fn step(
     // Below the first step (a fresh start, or resumed after a rollback): go there.
     let first = cfg.steps[0];
     if in_force < first {
+        if !still(store, read).await? {
+            return Ok(());
+        }
         let reason = format!("guard: start at the first step, {}%", f64::from(first) / 100.0);
         promote(store, flags, metrics, row, first, &reason, cfg, now).await?;
         return Ok(());
@@ -362,7 +377,7 @@ async fn step(
     let latest = now - GRACE_MS - (now - GRACE_MS).rem_euclid(window);
     let end = row.next_window_end.max(latest);
     let start = end - window;
-    let merged = merge_rows(&store.samples_between(start, end).await?);
+    let merged = merge_rows(&store.samples_between(start, end, true).await?);
     let empty = CohortSample::default();
     let verdict = judge(
         cfg,
@@ -396,6 +411,7 @@ async fn step(
             row.reason = format!("{} passing windows at {}%", row.passes, f64::from(in_force) / 100.0);
             if row.passes as u64 * cfg.window_s >= cfg.step_after_s
                 && let Some(next) = cfg.next_step(in_force)
+                && still(store, read).await?
             {
                 let reason = format!(
                     "guard: {} passing windows ({} s) at {}%",
@@ -412,17 +428,26 @@ async fn step(
             row.reason = reason.clone();
             row.passes = 0;
             match cfg.on_fail {
-                OnFail::Rollback => {
+                OnFail::Rollback if still(store, read).await? => {
                     set_percent(store, flags, metrics, 0, &reason).await?;
                     row.state = "rolled_back".into();
                     row.threshold = 0;
                 }
-                OnFail::Hold => row.state = "holding".into(),
+                OnFail::Rollback | OnFail::Hold => row.state = "holding".into(),
             }
         }
         _ => {}
     }
     Ok(())
+}
+
+/// Whether the guard's row is still as the judge read it (no person paused it meanwhile):
+/// checked right before the guard changes the percent.
+async fn still(store: &Storage, read: &GuardRow) -> Result<bool, sqlx::Error> {
+    Ok(store
+        .guard_row(&read.flag)
+        .await?
+        .is_some_and(|now| now.state == read.state && now.updated_at == read.updated_at))
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -115,20 +115,24 @@ pub fn binomial_upper(k: u64, n: u64, p: f64) -> f64 {
         return 0.0;
     }
     let (nf, kf) = (n as f64, k as f64);
-    // ln C(n, k) + k ln p + (n − k) ln(1 − p), then the terms upward from k.
+    // In log space: for a large `n` the first terms underflow to 0 as plain numbers.
     let ln_c: f64 = (1..=k).map(|i| ((n - k + i) as f64 / i as f64).ln()).sum();
-    let mut term = (ln_c + kf * p.ln() + (nf - kf) * (1.0 - p).ln()).exp();
-    let mut sum = 0.0;
+    let mut ln_term = ln_c + kf * p.ln() + (nf - kf) * (1.0 - p).ln();
+    let mut ln_sum = f64::NEG_INFINITY;
     let mut j = k;
     while j <= n {
-        sum += term;
-        if term < sum * 1e-16 {
+        ln_sum = if ln_sum > ln_term {
+            ln_sum + (ln_term - ln_sum).exp().ln_1p()
+        } else {
+            ln_term + (ln_sum - ln_term).exp().ln_1p()
+        };
+        if ln_term < ln_sum - 37.0 && (j as f64) > nf * p {
             break;
         }
-        term *= (n - j) as f64 / (j + 1) as f64 * p / (1.0 - p);
+        ln_term += ((n - j) as f64 / (j + 1) as f64 * p / (1.0 - p)).ln();
         j += 1;
     }
-    sum.min(1.0)
+    ln_sum.exp().min(1.0)
 }
 
 /// Sample-ratio mismatch: distinct drivers `d_a`, `d_l` against the expected share `q` of
@@ -216,5 +220,10 @@ mod tests {
         assert!((binomial_upper(3, 100, 0.01) - 0.079_373_2).abs() < 1e-6);
         assert_eq!(binomial_upper(0, 10, 0.5), 1.0);
         assert!((binomial_upper(10, 10, 0.5) - 0.5_f64.powi(10)).abs() < 1e-12);
+        // A large n with a small k: the first terms underflow as plain numbers.
+        assert!((binomial_upper(1, 100_000, 0.01) - 1.0).abs() < 1e-9);
+        // scipy.stats.binom.sf(1099, 100000, 0.01) = 0.0009117803412450804
+        let p = binomial_upper(1100, 100_000, 0.01);
+        assert!((p - 0.000_911_780_341_245_080_4).abs() < 1e-9, "{p}");
     }
 }

@@ -223,7 +223,7 @@ async fn stats(State(state): State<AppState>, Query(q): Query<StatsQuery>) -> Re
     let now = now_ms();
     let end = now - now.rem_euclid(SLOT_MS);
     let start = end - seconds * 1000;
-    let rows = state.store.samples_between(start, end).await?;
+    let rows = state.store.samples_between(start, end, false).await?;
     let mut points: std::collections::BTreeMap<(i64, Cohort), CohortSample> = Default::default();
     for r in &rows {
         let at = r.slot - (r.slot - start).rem_euclid(POINT_MS);

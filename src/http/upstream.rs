@@ -44,6 +44,9 @@ pub struct Upstream {
     timeout: Duration,
     idle: Duration,
     labels: Arc<Vec<String>>,
+    trust_forwarded: bool,
+    /// Bounds the websocket tunnels open at once (they outlive their HTTP connection).
+    tunnels: Arc<tokio::sync::Semaphore>,
     metrics: Arc<Metrics>,
 }
 
@@ -64,8 +67,9 @@ const HOP_BY_HOP: [&str; 6] = [
 ];
 
 impl Upstream {
-    /// The upstream of `config` (already validated: an `http://` URL).
-    pub fn new(config: &UpstreamConfig, metrics: Arc<Metrics>) -> Result<Self, String> {
+    /// The upstream of `config` (already validated: an `http://` URL); at most
+    /// `max_tunnels` websockets at once.
+    pub fn new(config: &UpstreamConfig, max_tunnels: usize, metrics: Arc<Metrics>) -> Result<Self, String> {
         let uri: Uri = config.url.parse().map_err(|e| format!("upstream.url: {e}"))?;
         let base = Uri::builder()
             .scheme(uri.scheme_str().unwrap_or("http"))
@@ -87,6 +91,8 @@ impl Upstream {
             timeout: Duration::from_millis(config.timeout_ms),
             idle: Duration::from_millis(config.idle_timeout_ms),
             labels: Arc::new(config.route_labels.clone()),
+            trust_forwarded: config.trust_forwarded,
+            tunnels: Arc::new(tokio::sync::Semaphore::new(max_tunnels)),
             metrics,
         })
     }
@@ -105,6 +111,16 @@ pub async fn forward(State(up): State<Upstream>, mut req: Request) -> Response {
     let started = Instant::now();
     let route = up.label(req.uri().path()).to_owned();
     let websocket = is_websocket(req.headers());
+    let tunnel_slot = if websocket {
+        match up.tunnels.clone().try_acquire_owned() {
+            Ok(slot) => Some(slot),
+            Err(_) => {
+                return ApiError::Unavailable("too many websocket tunnels".into()).into_response();
+            }
+        }
+    } else {
+        None
+    };
     let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
     let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
     let (parts, body) = req.into_parts();
@@ -122,9 +138,16 @@ pub async fn forward(State(up): State<Upstream>, mut req: Request) -> Response {
     let mut headers = parts.headers;
     let original_host = headers.get(header::HOST).cloned();
     strip_hop_by_hop(&mut headers);
+    // Credentials meant for tripgate, not for the backend.
+    headers.remove(header::PROXY_AUTHORIZATION);
+    strip_session_cookie(&mut headers);
     if websocket {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    }
+    if !up.trust_forwarded {
+        headers.remove("x-forwarded-proto");
+        headers.remove("x-forwarded-host");
     }
     forwarded_headers(&mut headers, peer, original_host);
     if let Some(authority) = up.base.authority()
@@ -162,6 +185,7 @@ pub async fn forward(State(up): State<Upstream>, mut req: Request) -> Response {
         let upstream_upgrade = hyper::upgrade::on(&mut res);
         let idle = up.idle;
         tokio::spawn(async move {
+            let _slot = tunnel_slot;
             if let (Ok(client), Ok(upstream)) = (client_upgrade.await, upstream_upgrade.await) {
                 tunnel(TokioIo::new(client), TokioIo::new(upstream), idle).await;
             }
@@ -216,6 +240,26 @@ where
             let _ = b.shutdown().await;
             return;
         }
+    }
+}
+
+/// Removes the console's session cookie (`tg_session`) from `Cookie`: cookies ignore
+/// ports, so a browser may send it to the API listener too.
+fn strip_session_cookie(headers: &mut HeaderMap) {
+    let kept: Vec<String> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|c| !c.is_empty() && !c.starts_with("tg_session="))
+        .map(str::to_owned)
+        .collect();
+    headers.remove(header::COOKIE);
+    if !kept.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&kept.join("; "))
+    {
+        headers.insert(header::COOKIE, v);
     }
 }
 
@@ -303,6 +347,18 @@ mod tests {
         }
         strip_hop_by_hop(&mut h);
         assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
+    }
+
+    #[test]
+    fn the_console_cookie_stays_with_tripgate() {
+        let mut h = HeaderMap::new();
+        h.insert(header::COOKIE, HeaderValue::from_static("a=1; tg_session=secret; b=2"));
+        strip_session_cookie(&mut h);
+        assert_eq!(h[header::COOKIE], "a=1; b=2");
+        let mut h = HeaderMap::new();
+        h.insert(header::COOKIE, HeaderValue::from_static("tg_session=secret"));
+        strip_session_cookie(&mut h);
+        assert!(h.get(header::COOKIE).is_none());
     }
 
     #[test]

@@ -164,12 +164,14 @@ impl Storage {
         Ok(())
     }
 
-    /// Every process's samples of the slots in `[from, to)`.
-    pub async fn samples_between(&self, from: i64, to: i64) -> Result<Vec<SampleRow>, sqlx::Error> {
-        sqlx::query_as(
-            "SELECT slot, instance, cohort, requests, errors, timeouts, failures, latency, drivers, otp \
-             FROM guard_samples WHERE slot >= $1 AND slot < $2 ORDER BY slot",
-        )
+    /// Every process's samples of the slots in `[from, to)`; without the driver sketches
+    /// (~1 KB a row) unless `drivers`.
+    pub async fn samples_between(&self, from: i64, to: i64, drivers: bool) -> Result<Vec<SampleRow>, sqlx::Error> {
+        let sketch = if drivers { "drivers" } else { "'' AS drivers" };
+        sqlx::query_as(&format!(
+            "SELECT slot, instance, cohort, requests, errors, timeouts, failures, latency, {sketch}, otp \
+             FROM guard_samples WHERE slot >= $1 AND slot < $2 ORDER BY slot"
+        ))
         .bind(from)
         .bind(to)
         .fetch_all(&mut *self.conn().await?)
@@ -235,11 +237,13 @@ impl Storage {
         .await
     }
 
-    /// Saves the judge's state, if `row.judge` still holds the lease; false otherwise.
-    pub async fn save_guard(&self, row: &GuardRow) -> Result<bool, sqlx::Error> {
+    /// Saves the judge's state over `read` (the row as the judge read it), if `row.judge`
+    /// still holds the lease and nobody (a person's pause, resume, ack) changed the row
+    /// meanwhile; false otherwise.
+    pub async fn save_guard(&self, row: &GuardRow, read: &GuardRow) -> Result<bool, sqlx::Error> {
         let n = sqlx::query(
             "UPDATE guard_state SET state = $3, threshold = $4, passes = $5, next_window_end = $6, reason = $7, updated_at = $8 \
-             WHERE flag = $1 AND judge = $2",
+             WHERE flag = $1 AND judge = $2 AND state = $9 AND updated_at = $10",
         )
         .bind(&row.flag)
         .bind(&row.judge)
@@ -249,6 +253,8 @@ impl Storage {
         .bind(row.next_window_end)
         .bind(&row.reason)
         .bind(row.updated_at)
+        .bind(&read.state)
+        .bind(read.updated_at)
         .execute(&mut *self.conn().await?)
         .await?
         .rows_affected();

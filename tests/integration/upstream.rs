@@ -155,6 +155,10 @@ async fn requests_pass_through_intact_and_bodies_stream() {
         .header("keep-alive", "timeout=5")
         .header("te", "trailers")
         .header("x-forwarded-for", "203.0.113.9")
+        .header("x-forwarded-host", "evil.example")
+        .header("x-forwarded-proto", "https")
+        .header("proxy-authorization", "Basic c2VjcmV0")
+        .header("cookie", "app=1; tg_session=console-secret")
         .header("x-request-id", "req-42")
         .header("authorization", "Bearer backend-token")
         .header("content-type", "application/json")
@@ -170,14 +174,18 @@ async fn requests_pass_through_intact_and_bodies_stream() {
     assert_eq!(seen["query"], "x=1&y=%20two");
     assert_eq!(seen["body"], r#"{"name":"Ada"}"#);
     let h = &seen["headers"];
-    for gone in ["x-hop-secret", "keep-alive", "te", "connection"] {
+    assert_eq!(h["cookie"], "app=1", "the console's session stays with tripgate");
+    for gone in ["x-hop-secret", "keep-alive", "te", "connection", "proxy-authorization"] {
         assert!(h[gone].is_null(), "{gone} forwarded: {h}");
     }
     assert_eq!(h["authorization"], "Bearer backend-token");
     assert_eq!(h["x-request-id"], "req-42");
     assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
     assert_eq!(h["x-forwarded-proto"], "http");
-    assert!(h["x-forwarded-host"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(
+        h["x-forwarded-host"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "a client's X-Forwarded-Host is not trusted: {h}"
+    );
     assert_eq!(h["via"], "1.1 tripgate");
 
     // Hop-by-hop headers of the answer go too.
@@ -458,6 +466,12 @@ async fn the_backends_own_tokens_are_accepted() {
     let claims = json!({"sub": d, "user_type": "driver", "exp": exp});
     let rs = jsonwebtoken::Algorithm::RS256;
     assert_eq!(try_reject(backend_token(rs, &rsa, None, claims.clone())).await, 200);
+    let with_aud = json!({"sub": d, "user_type": "driver", "exp": exp, "aud": "passport-client-1"});
+    assert_eq!(
+        try_reject(backend_token(rs, &rsa, None, with_aud)).await,
+        200,
+        "Passport's aud is accepted when auth.audience is not set"
+    );
     assert_eq!(
         try_reject(backend_token(rs, &other, None, claims.clone())).await,
         401,
