@@ -27,10 +27,11 @@ CREATE TABLE flag_file_state (
 ALTER TABLE flag_audit DROP CONSTRAINT flag_audit_source_check;
 ALTER TABLE flag_audit ADD CONSTRAINT flag_audit_source_check
     CHECK (source IN ('api', 'cli', 'console', 'file', 'guard'));
--- file: the flags file changed; set / clear: an override; write: a file write through the
--- API or CLI (before overrides existed).
+-- file: the flags file changed; set / clear: an override; hold: the guard latched a fail
+-- and kept the percent; write: a file write through the API or CLI (before overrides
+-- existed).
 ALTER TABLE flag_audit ADD COLUMN action TEXT NOT NULL DEFAULT 'file'
-    CHECK (action IN ('file', 'set', 'clear', 'write'));
+    CHECK (action IN ('file', 'set', 'clear', 'hold', 'write'));
 UPDATE flag_audit SET action = 'write' WHERE source <> 'file';
 ALTER TABLE flag_audit ADD COLUMN reason TEXT NOT NULL DEFAULT '';
 ALTER TABLE flag_audit ADD COLUMN in_force BOOLEAN NOT NULL DEFAULT TRUE;

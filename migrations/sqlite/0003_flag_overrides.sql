@@ -24,7 +24,7 @@ CREATE TABLE flag_audit_v2 (
     at          BIGINT NOT NULL,
     actor       TEXT NOT NULL,
     source      TEXT NOT NULL CHECK (source IN ('api', 'cli', 'console', 'file', 'guard')),
-    action      TEXT NOT NULL DEFAULT 'file' CHECK (action IN ('file', 'set', 'clear', 'write')),
+    action      TEXT NOT NULL DEFAULT 'file' CHECK (action IN ('file', 'set', 'clear', 'hold', 'write')),
     flag        TEXT NOT NULL,
     from_bp     BIGINT,
     to_bp       BIGINT NOT NULL,

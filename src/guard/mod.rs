@@ -433,7 +433,16 @@ async fn step(
                     row.state = "rolled_back".into();
                     row.threshold = 0;
                 }
-                OnFail::Rollback | OnFail::Hold => row.state = "holding".into(),
+                OnFail::Rollback | OnFail::Hold => {
+                    row.state = "holding".into();
+                    let by = ChangeBy {
+                        actor: "guard".into(),
+                        source: "guard".into(),
+                        reason: reason.clone(),
+                        at: now,
+                    };
+                    store.record_guard_hold(TRIP_ACCEPT_FLAG, in_force, &by).await?;
+                }
             }
         }
         _ => {}

@@ -86,8 +86,9 @@ pub struct AuditEntry {
     pub actor: String,
     /// api | cli | console | file | guard
     pub source: String,
-    /// file (the flags file changed) | set | clear (an override) | write (a file write
-    /// through the API or CLI, before overrides existed)
+    /// file (the flags file changed) | set | clear (an override) | hold (the guard kept the
+    /// percent on a fail) | write (a file write through the API or CLI, before overrides
+    /// existed)
     pub action: String,
     /// Flag name.
     pub flag: String,
@@ -316,6 +317,31 @@ impl Storage {
         }
         tx.commit().await?;
         Ok(FileRecord::Recorded(Box::new((entry, cleared))))
+    }
+
+    /// Records that the guard latched a fail and kept `flag` at `percent_bp` (`on_fail =
+    /// "hold"`: nothing changes, but the decision is on the record).
+    pub async fn record_guard_hold(&self, flag: &str, percent_bp: u32, by: &ChangeBy) -> Result<(), sqlx::Error> {
+        let mut tx = self.begin().await?;
+        let percent = bp_to_percent(percent_bp.into());
+        insert_entry(
+            &mut tx,
+            &AuditEntry {
+                at: by.at,
+                actor: by.actor.clone(),
+                source: by.source.clone(),
+                action: "hold".into(),
+                flag: flag.to_owned(),
+                from: Some(percent),
+                to: percent,
+                reason: by.reason.clone(),
+                in_force: true,
+                allow: None,
+                deny: None,
+            },
+        )
+        .await?;
+        tx.commit().await
     }
 
     /// The change log, oldest first.

@@ -454,6 +454,20 @@ async fn inconclusive_without_traffic_mismatch_reported_latency_fails_alone() {
     assert!(reason.contains("latency") && !reason.contains("errors"), "{failed}");
     assert_eq!(admin.percent(&gw.admin).await, 50.0, "hold keeps the percent");
     assert!(held["reason"].as_str().unwrap().contains("latency"));
+    // The hold is on the record too.
+    let audit = admin.get(&gw.admin, "/admin/audit").await;
+    let hold = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "hold")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (hold["source"].as_str(), hold["to"].as_f64()),
+        (Some("guard"), Some(50.0))
+    );
+    assert!(hold["reason"].as_str().unwrap().contains("latency"), "{hold}");
     gw.shutdown().await;
 }
 
