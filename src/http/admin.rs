@@ -132,16 +132,7 @@ async fn put_flag(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let value = json_value(&headers, body)?;
-    let fields = value
-        .as_object()
-        .ok_or_else(|| ApiError::invalid("body", "The body must be a JSON object."))?;
-    if let Some(unknown) = fields
-        .keys()
-        .find(|k| !["percent", "allow", "deny", "reason"].contains(&k.as_str()))
-    {
-        return Err(ApiError::invalid("body", format!("Unknown field {unknown}.")));
-    }
+    let fields = &json_object(&headers, body, &["percent", "allow", "deny", "reason"])?;
     let percent_bp = match fields.get("percent") {
         None => None,
         Some(v) => {
@@ -177,17 +168,10 @@ async fn clear_override(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let empty = serde_json::Map::new();
-    let value = match &body {
-        Ok(bytes) if bytes.is_empty() => Value::Object(empty),
-        _ => json_value(&headers, body)?,
+    let fields = &match &body {
+        Ok(bytes) if bytes.is_empty() => serde_json::Map::new(),
+        _ => json_object(&headers, body, &["reason"])?,
     };
-    let fields = value
-        .as_object()
-        .ok_or_else(|| ApiError::invalid("body", "The body must be a JSON object."))?;
-    if let Some(unknown) = fields.keys().find(|k| k.as_str() != "reason") {
-        return Err(ApiError::invalid("body", format!("Unknown field {unknown}.")));
-    }
     let by = change_by(&user, console.is_some(), fields)?;
     let file = state.flags.snapshot().file.clone();
     fleet::clear_override(&state.store, &file, &name, &by)
@@ -321,16 +305,7 @@ async fn seed(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let value = json_value(&headers, body)?;
-    let fields = value
-        .as_object()
-        .ok_or_else(|| ApiError::invalid("body", "The body must be a JSON object."))?;
-    if let Some(unknown) = fields
-        .keys()
-        .find(|k| !["drivers", "customers", "trips"].contains(&k.as_str()))
-    {
-        return Err(ApiError::invalid("body", format!("Unknown field {unknown}.")));
-    }
+    let fields = &json_object(&headers, body, &["drivers", "customers", "trips"])?;
     let count = |field: &'static str| -> Result<usize, ApiError> {
         match fields.get(field) {
             None => Ok(0),
@@ -355,6 +330,21 @@ async fn seed(
 /// `GET /admin/checks`: the safety invariants over the whole database, each must be 0.
 async fn checks(State(state): State<AppState>) -> Result<Json<crate::storage::assign::Checks>, ApiError> {
     Ok(Json(state.store.checks().await?))
+}
+
+/// A JSON object body whose fields are all among `known`; 400 naming the body otherwise.
+fn json_object(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    known: &[&str],
+) -> Result<serde_json::Map<String, Value>, ApiError> {
+    let Value::Object(fields) = json_value(headers, body)? else {
+        return Err(ApiError::invalid("body", "The body must be a JSON object."));
+    };
+    if let Some(unknown) = fields.keys().find(|k| !known.contains(&k.as_str())) {
+        return Err(ApiError::invalid("body", format!("Unknown field {unknown}.")));
+    }
+    Ok(fields)
 }
 
 /// A JSON request body (`application/json`), parsed; 400 naming the body otherwise.

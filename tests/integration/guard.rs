@@ -209,6 +209,35 @@ async fn instance(db: &TestDb, redis_url: Option<&str>, prefix: &str, flags: &st
     }
 }
 
+/// Two `serve` processes on one Postgres and Redis with `flags`, 60 drivers and a trip.
+struct TwoInstances {
+    db: TestDb,
+    drivers: Vec<String>,
+    trip: String,
+    a: Instance,
+    b: Instance,
+}
+
+async fn two_instances(flags: &str) -> Option<TwoInstances> {
+    let (Some(_), Some(redis_url)) = (crate::support::postgres_url(), crate::support::redis_url()) else {
+        return None;
+    };
+    let db = TestDb::new(Backend::Postgres).await;
+    let w = World::new(&db.store().await).await;
+    let drivers = w.drivers(60).await;
+    let trip = w.trip(&[]).await;
+    let prefix = crate::support::unique("tgguard");
+    let a = instance(&db, Some(&redis_url), &prefix, flags).await;
+    let b = instance(&db, Some(&redis_url), &prefix, flags).await;
+    Some(TwoInstances {
+        db,
+        drivers,
+        trip,
+        a,
+        b,
+    })
+}
+
 /// The drivers of `drivers` that `percent` puts in atomic_async.
 fn atomic_at(percent: f64, drivers: &[String]) -> Vec<String> {
     drivers
@@ -249,18 +278,16 @@ async fn remove_fault(db: &TestDb) {
 /// other, and both steps pass — so the judge counts the other instance's requests.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn healthy_traffic_walks_the_steps_with_one_judge() {
-    let (Some(_), Some(redis_url)) = (crate::support::postgres_url(), crate::support::redis_url()) else {
+    let Some(TwoInstances {
+        db,
+        drivers,
+        trip,
+        a,
+        b,
+    }) = two_instances(&guard_flags(10.0, 2, "rollback", &[])).await
+    else {
         return;
     };
-    let db = TestDb::new(Backend::Postgres).await;
-    let store = db.store().await;
-    let w = World::new(&store).await;
-    let drivers = w.drivers(60).await;
-    let trip = w.trip(&[]).await;
-    let prefix = crate::support::unique("tgguard");
-    let flags = guard_flags(10.0, 2, "rollback", &[]);
-    let a = instance(&db, Some(&redis_url), &prefix, &flags).await;
-    let b = instance(&db, Some(&redis_url), &prefix, &flags).await;
     let admin = Admin::new();
     let load = Load::start(vec![a.api.clone()], &drivers, &trip);
     eventually(Duration::from_secs(30), "promoted to 50", || async {
@@ -313,18 +340,16 @@ async fn healthy_traffic_walks_the_steps_with_one_judge() {
 /// pauses, `resume` walks on from the first step.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_atomic_only_fault_rolls_back_the_fleet_and_stays_latched() {
-    let (Some(_), Some(redis_url)) = (crate::support::postgres_url(), crate::support::redis_url()) else {
+    let Some(TwoInstances {
+        db,
+        drivers,
+        trip,
+        a,
+        b,
+    }) = two_instances(&guard_flags(50.0, 600, "rollback", &[])).await
+    else {
         return;
     };
-    let db = TestDb::new(Backend::Postgres).await;
-    let store = db.store().await;
-    let w = World::new(&store).await;
-    let drivers = w.drivers(60).await;
-    let trip = w.trip(&[]).await;
-    let prefix = crate::support::unique("tgguard");
-    let flags = guard_flags(50.0, 600, "rollback", &[]);
-    let a = instance(&db, Some(&redis_url), &prefix, &flags).await;
-    let b = instance(&db, Some(&redis_url), &prefix, &flags).await;
     let admin = Admin::new();
     let load = Load::start(vec![a.api.clone(), b.api.clone()], &drivers, &trip);
     eventually(Duration::from_secs(20), "passing windows", || async {
