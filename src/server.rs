@@ -182,7 +182,7 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
     let admin_addr: Option<SocketAddr>;
     let mut servers: Vec<JoinHandle<()>> = Vec::new();
 
-    let state = AppState {
+    let state = AppState::new(crate::http::Shared {
         config: config.clone(),
         store: store.clone(),
         jobs_store: job_store.clone(),
@@ -199,7 +199,7 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
         backend_keys: crate::auth::BackendKeys::from_config(&config.auth)
             .map_err(|(key, reason)| StartError::Auth(format!("{key}: {reason}")))?
             .map(Arc::new),
-    };
+    });
     let limits = ConnectionLimits {
         max_connections: config.server.max_connections,
         header_read_timeout: Duration::from_millis(config.server.header_read_timeout_ms),

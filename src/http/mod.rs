@@ -35,9 +35,29 @@ use crate::lock_store::LockStore;
 use crate::redis_conn::RedisHandle;
 use crate::storage::Storage;
 
-/// What every handler can reach.
+/// What every handler can reach: one shared [`Shared`] behind an `Arc`, so the per-request
+/// clones axum makes (state extractors, middleware) cost one reference count, not one per
+/// field.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    /// The state of `shared`.
+    pub fn new(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The parts of [`AppState`].
+pub struct Shared {
     /// The configuration in force.
     pub config: Arc<Config>,
     /// Storage (the request path's pool).

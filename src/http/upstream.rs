@@ -33,9 +33,21 @@ use crate::metrics::Metrics;
 #[derive(Debug, Clone, Copy)]
 pub struct PassThrough;
 
-/// The upstream and its pooled client.
+/// The upstream and its pooled client; cloned per request (axum's state), so it is one
+/// `Arc`.
 #[derive(Clone)]
-pub struct Upstream {
+pub struct Upstream(Arc<Inner>);
+
+impl std::ops::Deref for Upstream {
+    type Target = Inner;
+
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+/// What an [`Upstream`] holds.
+pub struct Inner {
     client: Client<HttpConnector, Body>,
     /// Scheme and authority.
     base: Uri,
@@ -52,7 +64,7 @@ pub struct Upstream {
 
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Upstream({})", self.base)
+        write!(f, "Upstream({})", self.0.base)
     }
 }
 
@@ -84,7 +96,7 @@ impl Upstream {
             .pool_max_idle_per_host(config.max_idle_per_host)
             .pool_idle_timeout(Duration::from_secs(90))
             .build(connector);
-        Ok(Self {
+        Ok(Self(Arc::new(Inner {
             client,
             base,
             prefix: uri.path().trim_end_matches('/').to_owned(),
@@ -94,7 +106,7 @@ impl Upstream {
             trust_forwarded: config.trust_forwarded,
             tunnels: Arc::new(tokio::sync::Semaphore::new(max_tunnels)),
             metrics,
-        })
+        })))
     }
 
     /// The bounded `route` label of `path`.
