@@ -42,4 +42,15 @@ for target in "$direct" "$via"; do
   echo "-- $target" | tee -a "$OUT/report.txt"
   wrk -t2 -c64 -d"$DURATION" --latency "$target" | grep -E "Latency|50%|99%|Requests/sec" | tee -a "$OUT/report.txt"
 done
+if command -v oha >/dev/null; then
+  # Paced (wrk2-style, with latency correction): a fixed RATE requests/s over 32 connections.
+  RATE=${RATE:-2000}
+  echo "== paced at $RATE requests/s (oha, latency-corrected)" | tee -a "$OUT/report.txt"
+  for target in "$direct" "$via"; do
+    oha -z "$DURATION" -q "$RATE" -c 32 --latency-correction --no-tui --output-format json "$target" > "$OUT/oha.json"
+    python3 -c "import json,sys; d=json.load(open('$OUT/oha.json')); p=d['latencyPercentiles']; print('-- $target  p50 %.3f ms  p99 %.3f ms  rps %.0f' % (p['p50']*1000, p['p99']*1000, d['summary']['requestsPerSec']))" | tee -a "$OUT/report.txt"
+  done
+else
+  echo "(oha not installed: no paced run; cargo install oha)" | tee -a "$OUT/report.txt"
+fi
 echo "files in $OUT"
