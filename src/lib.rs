@@ -14,7 +14,7 @@
 //! |---|---|---|
 //! | 0 domain | [`domain`] | plain types, no I/O: the cohort, the flag name, trip action / type / status, driver availability, job state and kind, effects, `LatLng`, the one clock |
 //! | 1 foundation | [`error`], [`config`], [`auth`] | the domain error and the envelope; `config.toml`; tokens and [`auth::AuthUser`] |
-//! | 2 adapters | [`storage`], [`lock_store`], [`redis_conn`], [`events`], [`providers`], [`metrics`], [`samples`], [`flags`] | every SQL statement (by aggregate); trip locks; Redis; the event bus; SMS/push providers; Prometheus metrics (plain values in); per-second cohort samples for the guard; the flags file and bucketing (pure) |
+//! | 2 adapters | [`storage`], [`lock_store`], [`budget`], [`redis_conn`], [`events`], [`providers`], [`metrics`], [`samples`], [`flags`] | every SQL statement (by aggregate); trip locks; the per-driver budget (in-process or the fleet's in Redis); Redis; the event bus; SMS/push providers; Prometheus metrics (plain values in); per-second cohort samples for the guard; the flags file and bucketing (pure) |
 //! | 3 services | [`effects`], [`jobs`], [`flags::watcher`], [`flags::fleet`], [`guard`], [`accept`], [`seed`] | the side effects; the job runner and workers; the flags watcher and the fleet-wide flag sync (overrides, file changes audited once); the rollout guard (judge, promote, roll back); the two accept strategies, [`accept::legacy`] and [`accept::atomic_async`], side by side; demo data (`seed`, `POST /admin/seed`) |
 //! | 4 edge | [`http`], [`rollout`] | axum routers (driver, customer, admin), auth middleware, request log; [`rollout::RolloutRouter`], the tower `Service` that picks the cohort |
 //! | 5 roof | [`server`], [`cli`], [`drive`] | wiring and graceful shutdown; the `tripgate` commands; the driver-app simulator |
@@ -32,6 +32,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 
+pub mod budget;
 pub mod events;
 pub mod flags;
 pub mod lock_store;

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::budget::{FleetBudget, GCRA_STEP};
 use crate::domain::now_ms;
 use crate::metrics::Metrics;
 use crate::redis_conn::{RedisError, RedisHandle};
@@ -54,6 +55,8 @@ pub enum TripClaim {
     HeldBy(Owner),
     /// The store failed or was too slow: nobody knows; the fence decides alone.
     Unanswered,
+    /// The driver is over the budget the claim was asked to check; the lock was not touched.
+    OverBudget,
 }
 
 /// The trip locks of the accept path over a [`LockStore`]: owner tokens, every call timed
@@ -70,12 +73,18 @@ impl TripLocks {
         Self { store, metrics }
     }
 
-    /// Claims `trip_id`'s lock for a request of `driver_id`.
-    pub async fn claim(&self, trip_id: &str, driver_id: &str) -> TripClaim {
+    /// Claims `trip_id`'s lock for a request of `driver_id`; with a `budget`, only if the
+    /// driver is within it, checked in the same call.
+    pub async fn claim(&self, trip_id: &str, driver_id: &str, budget: Option<&FleetBudget>) -> TripClaim {
         let owner = Owner::new(driver_id);
-        match self.timed(self.store.acquire(trip_id, owner.as_str())).await {
+        let call = match budget {
+            Some(budget) => self.store.acquire_within(trip_id, owner.as_str(), driver_id, budget),
+            None => self.store.acquire(trip_id, owner.as_str()),
+        };
+        match self.timed(call).await {
             Ok(Claim::Acquired) => TripClaim::Acquired(owner),
             Ok(Claim::HeldBy(holder)) => TripClaim::HeldBy(Owner(holder)),
+            Ok(Claim::OverBudget) => TripClaim::OverBudget,
             Err(e) => {
                 tracing::warn!(trip_id, error = %e, "lock store unavailable; the SQL fence decides alone");
                 TripClaim::Unanswered
@@ -112,6 +121,8 @@ pub enum Claim {
     Acquired,
     /// Someone holds it; their owner token.
     HeldBy(String),
+    /// The driver is over budget ([`LockStore::acquire_within`]); nothing was claimed.
+    OverBudget,
 }
 
 /// Why the lock store could not answer.
@@ -127,6 +138,21 @@ pub enum LockError {
 pub trait LockStore: Send + Sync {
     /// Claims `trip_id` for `owner` for the TTL, unless someone holds it.
     async fn acquire(&self, trip_id: &str, owner: &str) -> Result<Claim, LockError>;
+    /// [`Self::acquire`] only if `driver` is within its fleet `budget` (which it charges),
+    /// else [`Claim::OverBudget`] without touching the lock. This default makes two calls;
+    /// a store that can do both in one round trip does.
+    async fn acquire_within(
+        &self,
+        trip_id: &str,
+        owner: &str,
+        driver: &str,
+        budget: &FleetBudget,
+    ) -> Result<Claim, LockError> {
+        if !budget.allow(driver).await? {
+            return Ok(Claim::OverBudget);
+        }
+        self.acquire(trip_id, owner).await
+    }
     /// Deletes the lock only if `owner` holds it. True when it did.
     async fn release(&self, trip_id: &str, owner: &str) -> Result<bool, LockError>;
     /// The holder of `trip_id`'s lock, if any.
@@ -142,6 +168,7 @@ pub struct RedisLockStore {
     redis: RedisHandle,
     ttl_s: u64,
     acquire: redis::Script,
+    acquire_within: redis::Script,
     release: redis::Script,
 }
 
@@ -156,6 +183,13 @@ impl RedisLockStore {
                 "if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return false end \
                  return redis.call('GET', KEYS[1])",
             ),
+            // The driver's budget (KEYS[1], the GCRA) and, only if within it, the claim
+            // (KEYS[2]): {0} over budget, {1} acquired, {2, holder} taken.
+            acquire_within: redis::Script::new(&format!(
+                "{GCRA_STEP} if not allowed then return {{0, ''}} end \
+                 if redis.call('SET', KEYS[2], ARGV[3], 'NX', 'EX', ARGV[4]) then return {{1, ''}} end \
+                 return {{2, redis.call('GET', KEYS[2])}}"
+            )),
             release: redis::Script::new(
                 "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
             ),
@@ -179,6 +213,36 @@ impl LockStore for RedisLockStore {
         Ok(match holder {
             None => Claim::Acquired,
             Some(h) => Claim::HeldBy(h),
+        })
+    }
+
+    async fn acquire_within(
+        &self,
+        trip_id: &str,
+        owner: &str,
+        driver: &str,
+        budget: &FleetBudget,
+    ) -> Result<Claim, LockError> {
+        if self.redis.is_cluster() {
+            // The budget's key and the lock's are in different slots: two calls.
+            if !budget.allow(driver).await? {
+                return Ok(Claim::OverBudget);
+            }
+            return self.acquire(trip_id, owner).await;
+        }
+        let mut conn = self.redis.connection().await?;
+        let mut call = self.acquire_within.prepare_invoke();
+        call.key(budget.key(driver))
+            .key(self.key(trip_id))
+            .arg(budget.interval_ms)
+            .arg(budget.tolerance_ms)
+            .arg(owner)
+            .arg(self.ttl_s);
+        let (answer, holder): (i64, String) = self.redis.bounded(call.invoke_async(&mut conn)).await?;
+        Ok(match answer {
+            0 => Claim::OverBudget,
+            1 => Claim::Acquired,
+            _ => Claim::HeldBy(holder),
         })
     }
 

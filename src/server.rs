@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use crate::accept::atomic_async::AtomicAsyncAccept;
 use crate::accept::legacy::LegacyAccept;
 use crate::auth::TokenKeys;
+use crate::budget::DriverBudget;
 use crate::config::Config;
 use crate::effects::EffectRunner;
 use crate::events::EventBus;
@@ -206,14 +207,17 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
         shutdown_grace: Duration::from_millis(config.server.shutdown_grace_ms),
     };
     if role == Role::Serve {
+        let budget = DriverBudget::new(config.server.rate_limit_per_driver, redis.clone());
         let services = AcceptServices {
             legacy: LegacyAccept::new(store.clone(), inline_jobs, lease_ms),
-            atomic: AtomicAsyncAccept::new(
+            atomic: AtomicAsyncAccept::with_budget(
                 store.clone(),
                 TripLocks::new(locks.clone(), metrics.clone()),
                 (config.client_timeout() / 2).min(Duration::from_secs(3)),
                 config.client_timeout() + Duration::from_secs(1),
+                budget.clone(),
             ),
+            budget,
         };
         let api = bind("server.listen", config.server.listen).await?;
         let admin = bind("server.admin_listen", config.server.admin_listen).await?;

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::{Accept, AcceptCommand, AcceptReply, Strategy, new_otp, refusal};
+use crate::budget::DriverBudget;
 use crate::domain::Cohort;
 use crate::error::{ApiError, Outcome};
 use crate::lock_store::{Owner, TripClaim, TripLocks};
@@ -41,7 +42,34 @@ impl AtomicAsyncAccept {
             locks,
             in_flight_wait,
             stale_after,
+            budget: None,
         })
+    }
+
+    /// The same, checking each accept against `budget` itself: in the lock claim's round
+    /// trip where the budget can ride there (one Redis node), else before the claim. The
+    /// rate-limit layer in front then lets accepts through
+    /// (`DriverRateLimitLayer::checked_by_lock_claim`).
+    pub fn with_budget(
+        store: Storage,
+        locks: TripLocks,
+        in_flight_wait: Duration,
+        stale_after: Duration,
+        budget: DriverBudget,
+    ) -> Self {
+        Self::from_strategy(AtomicAsync {
+            store,
+            locks,
+            in_flight_wait,
+            stale_after,
+            budget: budget.for_lock_claim().is_some().then_some(budget),
+        })
+    }
+
+    /// True when this service's accepts check the driver's budget in their lock claim (the
+    /// rate-limit layer in front then lets them through).
+    pub fn checks_budget(&self) -> bool {
+        self.strategy.budget.is_some()
     }
 }
 
@@ -53,6 +81,8 @@ pub struct AtomicAsync {
     in_flight_wait: Duration,
     /// A lock older than this on a still-pending trip was left by a dead request.
     stale_after: Duration,
+    /// The driver's budget, when it is checked in the lock claim (one Redis node).
+    budget: Option<DriverBudget>,
 }
 
 impl Strategy for AtomicAsync {
@@ -64,9 +94,11 @@ impl Strategy for AtomicAsync {
 
     async fn accept(&self, cmd: AcceptCommand) -> Result<AcceptReply, ApiError> {
         // A second pass only when the lock that was in the way belonged to a request that
-        // ended without the trip: this driver's earlier one, or a dead one's.
+        // ended without the trip: this driver's earlier one, or a dead one's. The budget is
+        // charged once, on the first.
+        let mut budget = self.budget.as_ref();
         for _pass in 0..2 {
-            if let Some(reply) = self.try_accept(&cmd).await? {
+            if let Some(reply) = self.try_accept(&cmd, budget.take()).await? {
                 return Ok(reply);
             }
         }
@@ -79,10 +111,27 @@ impl Strategy for AtomicAsync {
 impl AtomicAsync {
     /// One pass: claim, then the fenced statement. `None` when the lock was in the way but
     /// its holder is gone: try again.
-    async fn try_accept(&self, cmd: &AcceptCommand) -> Result<Option<AcceptReply>, ApiError> {
-        match self.locks.claim(&cmd.trip_id, &cmd.driver_id).await {
+    async fn try_accept(
+        &self,
+        cmd: &AcceptCommand,
+        budget: Option<&DriverBudget>,
+    ) -> Result<Option<AcceptReply>, ApiError> {
+        match self
+            .locks
+            .claim(
+                &cmd.trip_id,
+                &cmd.driver_id,
+                budget.and_then(DriverBudget::for_lock_claim),
+            )
+            .await
+        {
+            TripClaim::OverBudget => Err(ApiError::RateLimited),
             TripClaim::Acquired(owner) => self.commit(cmd, Some(owner)).await.map(Some),
-            // The lock store is down or slow: the fence alone decides.
+            // The lock store is down or slow: the in-process budget, then the fence alone
+            // decides.
+            TripClaim::Unanswered if budget.is_some_and(|b| !b.check_here(&cmd.driver_id)) => {
+                Err(ApiError::RateLimited)
+            }
             TripClaim::Unanswered => self.commit(cmd, None).await.map(Some),
             // Another request holds it. One that died (this driver's or another's) left
             // a lock older than any request runs: cleared, and we go again.

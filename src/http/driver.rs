@@ -22,6 +22,7 @@ use crate::accept::atomic_async::AtomicAsyncAccept;
 use crate::accept::legacy::LegacyAccept;
 use crate::accept::{AcceptCommand, parse_request};
 use crate::auth::AuthUser;
+use crate::budget::DriverBudget;
 use crate::domain::{Cohort, TRIP_ACCEPT_FLAG, now_ms};
 use crate::error::Envelope;
 use crate::rollout::{RolloutRouter, Routed};
@@ -38,8 +39,11 @@ pub const COHORT_HEADER: &str = "x-tripgate-cohort";
 pub struct AcceptServices {
     /// Cohort `legacy`.
     pub legacy: LegacyAccept,
-    /// Cohort `atomic_async`.
+    /// Cohort `atomic_async` (built `with_budget` of the same budget, its accepts check it
+    /// in the lock claim where they can).
     pub atomic: AtomicAsyncAccept,
+    /// The per-driver budget both share.
+    pub budget: DriverBudget,
 }
 
 /// The rollout router over both cohorts, each behind the shared rate limit.
@@ -53,11 +57,16 @@ struct DriverRoute {
 
 /// The driver routes.
 pub fn routes(state: &AppState, services: AcceptServices) -> Router {
-    let limit = DriverRateLimitLayer::new(state.config.server.rate_limit_per_driver, state.redis.clone());
+    let limit = DriverRateLimitLayer::new(services.budget);
+    let atomic_limit = if services.atomic.checks_budget() {
+        limit.checked_by_lock_claim()
+    } else {
+        limit.clone()
+    };
     let router = RolloutRouter::new(
         state.flags.clone(),
         limit.layer(services.legacy),
-        limit.layer(services.atomic),
+        atomic_limit.layer(services.atomic),
     );
     let route = DriverRoute {
         router,

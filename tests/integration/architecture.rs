@@ -14,6 +14,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("auth", 1),
     ("storage", 2),
     ("lock_store", 2),
+    ("budget", 2),
     ("redis_conn", 2),
     ("events", 2),
     ("providers", 2),
