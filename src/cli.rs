@@ -12,6 +12,7 @@ use crate::domain::now_ms;
 use crate::flags::{self, FlagSet, FlagsHandle, fleet};
 use crate::storage::Storage;
 use crate::storage::flag_state::{ChangeBy, OverridePatch};
+use crate::storage::shards::Shards;
 
 /// tripgate: phased rollout of trip acceptance, legacy → atomic_async.
 #[derive(Debug, Parser)]
@@ -244,8 +245,11 @@ async fn run_async(config: Config, command: Command) -> anyhow::Result<ExitCode>
         }
         Command::Migrate => {
             let store = Storage::connect(&config.database)?;
-            store.migrate().await?;
-            eprintln!("migrations applied ({:?})", store.kind());
+            let shards = Shards::connect(&config.database, &store)?;
+            for db in std::iter::once(&store).chain(shards.all()) {
+                db.migrate().await?;
+            }
+            eprintln!("migrations applied ({:?}, {} shard(s))", store.kind(), shards.len());
             Ok(ExitCode::SUCCESS)
         }
         Command::Seed {
@@ -255,7 +259,10 @@ async fn run_async(config: Config, command: Command) -> anyhow::Result<ExitCode>
             json,
         } => {
             let store = Storage::connect(&config.database)?;
-            store.migrate().await?;
+            let shards = Shards::connect(&config.database, &store)?;
+            for db in std::iter::once(&store).chain(shards.all()) {
+                db.migrate().await?;
+            }
             let plan = crate::seed::SeedPlan {
                 drivers,
                 customers,
@@ -267,7 +274,7 @@ async fn run_async(config: Config, command: Command) -> anyhow::Result<ExitCode>
                 indicatif::ProgressStyle::with_template("seeding {bar:40} {pos}/{len} {elapsed}")
                     .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
-            let seeded = crate::seed::seed(&store, plan, || bar.inc(1)).await?;
+            let seeded = crate::seed::seed_shards(&shards, plan, || bar.inc(1)).await?;
             bar.finish_and_clear();
             if json {
                 println!("{}", serde_json::to_string(&seeded)?);

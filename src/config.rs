@@ -162,6 +162,12 @@ pub struct DatabaseConfig {
     pub max_connections: u32,
     /// Bound on acquiring a connection; past it the request gets 503.
     pub acquire_timeout_ms: u64,
+    /// Empty: `url` holds everything. Otherwise the databases of the shards (a region
+    /// each): every driver, customer and trip — with its jobs and side effects — lives on
+    /// the shard its id hashes to (`domain::shard_of`), and `url` keeps what is global
+    /// (flags, overrides, the audit, the guard). Each shard gets pools of `max_connections`
+    /// and `jobs.db_connections`, its own group commit and its own workers.
+    pub shards: Vec<String>,
 }
 
 impl Default for DatabaseConfig {
@@ -170,6 +176,7 @@ impl Default for DatabaseConfig {
             url: "sqlite://data/tripgate.db".into(),
             max_connections: 8,
             acquire_timeout_ms: 2_000,
+            shards: Vec::new(),
         }
     }
 }
@@ -425,13 +432,26 @@ pub enum DatabaseKind {
 impl DatabaseConfig {
     /// The backend named by `url`, or `None` for an unsupported scheme.
     pub fn kind(&self) -> Option<DatabaseKind> {
-        if self.url.starts_with("sqlite:") {
-            Some(DatabaseKind::Sqlite)
-        } else if self.url.starts_with("postgres://") || self.url.starts_with("postgresql://") {
-            Some(DatabaseKind::Postgres)
-        } else {
-            None
-        }
+        kind_of(&self.url)
+    }
+
+    /// The same settings for shard `i`'s database (`None` past the last shard).
+    pub fn shard(&self, i: usize) -> Option<DatabaseConfig> {
+        Some(DatabaseConfig {
+            url: self.shards.get(i)?.clone(),
+            shards: Vec::new(),
+            ..self.clone()
+        })
+    }
+}
+
+fn kind_of(url: &str) -> Option<DatabaseKind> {
+    if url.starts_with("sqlite:") {
+        Some(DatabaseKind::Sqlite)
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Some(DatabaseKind::Postgres)
+    } else {
+        None
     }
 }
 
@@ -493,6 +513,20 @@ impl Config {
         }
         if self.database.max_connections == 0 {
             return Err(("database.max_connections", "must be at least 1".into()));
+        }
+        for (i, shard) in self.database.shards.iter().enumerate() {
+            if kind_of(shard).is_none() {
+                return Err((
+                    "database.shards",
+                    format!("unsupported URL {shard:?}: use sqlite://path.db or postgres://…"),
+                ));
+            }
+            if *shard == self.database.url || self.database.shards[..i].contains(shard) {
+                return Err((
+                    "database.shards",
+                    format!("{shard:?} appears twice: each shard (and the global database) is a database of its own"),
+                ));
+            }
         }
         if let Some(bad) = self
             .redis
@@ -720,6 +754,11 @@ mod tests {
             ("[server]\nlistne = \"127.0.0.1:1\"\n", "listne"),
             ("[jobs]\nworkers = \"many\"\n", "jobs.workers"),
             ("[database]\nurl = \"mysql://x\"\n", "database.url"),
+            ("[database]\nshards = [\"mysql://x\"]\n", "database.shards"),
+            (
+                "[database]\nshards = [\"sqlite://a.db\", \"sqlite://a.db\"]\n",
+                "database.shards",
+            ),
             ("[providers.sms]\nfailure_rate = 2.0\n", "providers.sms.failure_rate"),
             ("[providers.push]\nkind = \"webhook\"\n", "providers.push.url"),
             ("[providers.sms]\nkind = \"carrier-pigeon\"\n", "providers.sms.kind"),

@@ -18,6 +18,21 @@ pub fn now_ms() -> i64 {
         .unwrap_or_default()
 }
 
+/// The shard (of `shards`) that holds the row with id `id` — a driver, a customer, a trip
+/// and everything of that trip. A stable hash of the id (FNV-1a), so every gateway and
+/// every tool computes the same shard from the id alone: the id carries its shard. A region
+/// keeps its drivers and its trips on one shard by taking ids that hash there (see
+/// `Storage::new_id`). One shard: always 0.
+pub fn shard_of(id: &str, shards: usize) -> usize {
+    if shards <= 1 {
+        return 0;
+    }
+    let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    (hash % shards as u64) as usize
+}
+
 /// The flag that routes trip acceptance.
 pub const TRIP_ACCEPT_FLAG: &str = "trip_accept_v2";
 

@@ -304,10 +304,22 @@ pub async fn drive(config: &Config, options: DriveOptions) -> anyhow::Result<Rep
         json!({"drivers": (pairs_needed + 2) * drivers_per_trip, "customers": 1, "trips": 0}),
     )
     .await?;
-    let customer = seeded["customers"][0]["id"]
-        .as_str()
-        .ok_or_else(|| anyhow::anyhow!("POST /admin/seed created no customer"))?
-        .to_owned();
+    // A trip is created by a customer of its drivers' shard (sharded gateways seed each
+    // shard its own categories, drivers and a customer, every row tagged `shard`).
+    let shard_of = |row: &Value| row["shard"].as_u64().unwrap_or(0);
+    let mut customer_tokens: BTreeMap<u64, String> = BTreeMap::new();
+    for c in seeded["customers"].as_array().into_iter().flatten() {
+        if let Some(id) = c["id"].as_str() {
+            customer_tokens.insert(shard_of(c), keys.mint(id, Role::Customer)?);
+        }
+    }
+    anyhow::ensure!(!customer_tokens.is_empty(), "POST /admin/seed created no customer");
+    let category_shard: BTreeMap<String, u64> = seeded["vehicle_categories"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| Some((c["id"].as_str()?.to_owned(), shard_of(c))))
+        .collect();
     let mut by_category: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for d in seeded["drivers"].as_array().into_iter().flatten() {
         if let (Some(id), Some(category)) = (d["id"].as_str(), d["vehicle_category_id"].as_str()) {
@@ -328,7 +340,6 @@ pub async fn drive(config: &Config, options: DriveOptions) -> anyhow::Result<Rep
         "POST /admin/seed returned too few drivers"
     );
     let drivers: Vec<String> = offers.iter().flat_map(|(_, ids)| ids.iter().cloned()).collect();
-    let customer_token = keys.mint(&customer, Role::Customer)?;
     let bar = progress(pairs_needed, "preparing trips");
     let trips: Vec<String> = stream::iter(offers)
         .map(|(category, offered)| {
@@ -336,7 +347,9 @@ pub async fn drive(config: &Config, options: DriveOptions) -> anyhow::Result<Rep
                 "vehicle_category_id": category, "type": "ride_request", "estimated_fare": 250,
                 "offered_to": offered, "pickup": {"lat": 23.81, "lng": 90.41}, "destination": {"lat": 23.75, "lng": 90.39},
             });
-            let (http, url, token, bar) = (http.clone(), app.url.clone(), customer_token.clone(), bar.clone());
+            let shard = category_shard.get(&category).copied().unwrap_or(0);
+            let token = customer_tokens.get(&shard).cloned().unwrap_or_default();
+            let (http, url, bar) = (http.clone(), app.url.clone(), bar.clone());
             async move {
                 let res = http.post(format!("{url}/api/customer/ride/create")).bearer_auth(token).json(&body).send().await;
                 bar.inc(1);

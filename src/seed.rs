@@ -1,11 +1,14 @@
 //! Demo data: vehicle categories, online drivers with vehicles (spread over the
 //! categories round-robin), customers, and pending trips offered to drivers of their
-//! category.
+//! category. Sharded ([`seed_shards`]): the counts split over the shards, each shard its
+//! own categories, drivers, customers (at least one each when any are asked for) and trips
+//! offered to its own drivers; every row says its shard.
 
 use serde::Serialize;
 
 use crate::domain::{LatLng, Receiver, TripType};
 use crate::storage::Storage;
+use crate::storage::shards::Shards;
 use crate::storage::trips::NewTrip;
 use crate::storage::users::NewDriver;
 
@@ -27,6 +30,9 @@ pub struct SeededCategory {
     pub id: String,
     /// Name.
     pub name: String,
+    /// The shard it lives on (sharded only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shard: Option<usize>,
 }
 
 /// A created driver.
@@ -38,6 +44,9 @@ pub struct SeededDriver {
     pub vehicle_category_id: String,
     /// Their vehicle.
     pub vehicle_id: String,
+    /// The shard they live on (sharded only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shard: Option<usize>,
 }
 
 /// A created id.
@@ -45,6 +54,9 @@ pub struct SeededDriver {
 pub struct SeededId {
     /// Id.
     pub id: String,
+    /// The shard it lives on (sharded only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shard: Option<usize>,
 }
 
 /// Everything created (`seed --json`).
@@ -80,7 +92,11 @@ pub async fn seed(store: &Storage, plan: SeedPlan, mut progress: impl FnMut()) -
     let mut out = Seeded::default();
     for name in ["Standard", "Premium"] {
         let id = store.create_vehicle_category(name).await?;
-        out.vehicle_categories.push(SeededCategory { id, name: name.into() });
+        out.vehicle_categories.push(SeededCategory {
+            id,
+            name: name.into(),
+            shard: None,
+        });
         progress();
     }
     for i in 0..plan.drivers {
@@ -98,6 +114,7 @@ pub async fn seed(store: &Storage, plan: SeedPlan, mut progress: impl FnMut()) -
             id,
             vehicle_category_id: category.id.clone(),
             vehicle_id,
+            shard: None,
         });
         progress();
     }
@@ -105,7 +122,7 @@ pub async fn seed(store: &Storage, plan: SeedPlan, mut progress: impl FnMut()) -
         let id = store
             .create_customer(&format!("Customer {i}"), &format!("+8802{:09}", i))
             .await?;
-        out.customers.push(SeededId { id });
+        out.customers.push(SeededId { id, shard: None });
         progress();
     }
     for i in 0..plan.trips {
@@ -134,10 +151,44 @@ pub async fn seed(store: &Storage, plan: SeedPlan, mut progress: impl FnMut()) -
             bid_on_fare: false,
         };
         match store.create_trip(&trip).await? {
-            Ok(id) => out.trips.push(SeededId { id }),
+            Ok(id) => out.trips.push(SeededId { id, shard: None }),
             Err(field) => return Err(sqlx::Error::Protocol(format!("seed trip refused: {field}"))),
         }
         progress();
+    }
+    Ok(out)
+}
+
+/// [`seed`] over `shards`: each count split evenly (customers: at least one per shard when
+/// any are asked for), each shard seeded on its own, every row tagged with its shard when
+/// there are several.
+pub async fn seed_shards(shards: &Shards, plan: SeedPlan, mut progress: impl FnMut()) -> Result<Seeded, sqlx::Error> {
+    let n = shards.len().max(1);
+    if n == 1 {
+        return seed(&shards.all()[0], plan, progress).await;
+    }
+    let share = |total: usize, i: usize| total / n + usize::from(i < total % n);
+    let mut out = Seeded::default();
+    for (i, store) in shards.all().iter().enumerate() {
+        let part = SeedPlan {
+            drivers: share(plan.drivers, i),
+            customers: if plan.customers > 0 {
+                share(plan.customers, i).max(1)
+            } else {
+                0
+            },
+            trips: share(plan.trips, i),
+        };
+        let mut seeded = seed(store, part, &mut progress).await?;
+        let shard = Some(i);
+        seeded.vehicle_categories.iter_mut().for_each(|c| c.shard = shard);
+        seeded.drivers.iter_mut().for_each(|d| d.shard = shard);
+        seeded.customers.iter_mut().for_each(|c| c.shard = shard);
+        seeded.trips.iter_mut().for_each(|t| t.shard = shard);
+        out.vehicle_categories.extend(seeded.vehicle_categories);
+        out.drivers.extend(seeded.drivers);
+        out.customers.extend(seeded.customers);
+        out.trips.extend(seeded.trips);
     }
     Ok(out)
 }

@@ -30,6 +30,7 @@ use crate::metrics::Metrics;
 use crate::providers::Providers;
 use crate::redis_conn::RedisHandle;
 use crate::storage::Storage;
+use crate::storage::shards::Shards;
 
 /// What to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,8 +80,10 @@ pub struct Running {
     pub api_addr: Option<SocketAddr>,
     /// Where the admin listener listens.
     pub admin_addr: Option<SocketAddr>,
-    /// Storage, for callers that want to inspect it (tests, `drive`).
+    /// Storage, for callers that want to inspect it (tests, `drive`): the global database.
     pub store: Storage,
+    /// The shards (the global database alone unless `database.shards`).
+    pub shards: Shards,
     /// The flags in force.
     pub flags: FlagsHandle,
     /// The metrics.
@@ -160,21 +163,21 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
     };
     let providers =
         Providers::from_config(&config.providers).map_err(|(key, reason)| StartError::Provider(key, reason))?;
-    // Legacy runs effects inline on the request's pool; the workers on a pool of their own.
-    let policy = RetryPolicy::from_config(&config.jobs);
-    let inline_jobs = JobRunner::new(
-        store.clone(),
-        EffectRunner::new(store.clone(), providers.clone(), events.clone(), metrics.clone()),
-        policy.clone(),
-    );
-    let job_store = store
-        .with_own_pool(config.jobs.db_connections, config.database.acquire_timeout_ms)?
+    // The shards (the one database unless `database.shards`): each its own request pool,
+    // its own job pool and workers. Legacy runs effects inline on the request's pool.
+    let shards = Shards::connect(&config.database, &store)?.observed_as("api", &metrics);
+    let job_shards = shards
+        .with_own_pools(config.jobs.db_connections, config.database.acquire_timeout_ms)?
         .observed_as("jobs", &metrics);
-    let job_runner = JobRunner::new(
-        job_store.clone(),
-        EffectRunner::new(job_store.clone(), providers, events, metrics.clone()),
-        policy,
-    );
+    let policy = RetryPolicy::from_config(&config.jobs);
+    let runner = |store: &Storage| {
+        JobRunner::new(
+            store.clone(),
+            EffectRunner::new(store.clone(), providers.clone(), events.clone(), metrics.clone()),
+            policy.clone(),
+        )
+    };
+    let job_runners: Vec<JobRunner> = job_shards.all().iter().map(runner).collect();
     let lease_ms = (config.jobs.visibility_timeout_s * 1000) as i64;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -186,7 +189,8 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
     let state = AppState::new(crate::http::Shared {
         config: config.clone(),
         store: store.clone(),
-        jobs_store: job_store.clone(),
+        shards: shards.clone(),
+        job_shards: job_shards.clone(),
         keys: TokenKeys::new(&config.auth.hs256_secret, config.auth.token_ttl_s),
         flags: flags.clone(),
         redis: redis.clone(),
@@ -208,17 +212,21 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
     };
     if role == Role::Serve {
         let budget = DriverBudget::new(config.server.rate_limit_per_driver, redis.clone());
-        let services = AcceptServices {
-            legacy: LegacyAccept::new(store.clone(), inline_jobs, lease_ms),
-            atomic: AtomicAsyncAccept::with_budget(
-                store.clone(),
-                TripLocks::new(locks.clone(), metrics.clone()),
-                (config.client_timeout() / 2).min(Duration::from_secs(3)),
-                config.client_timeout() + Duration::from_secs(1),
-                budget.clone(),
-            ),
-            budget,
-        };
+        let services: Vec<AcceptServices> = shards
+            .all()
+            .iter()
+            .map(|shard| AcceptServices {
+                legacy: LegacyAccept::new(shard.clone(), runner(shard), lease_ms),
+                atomic: AtomicAsyncAccept::with_budget(
+                    shard.clone(),
+                    TripLocks::new(locks.clone(), metrics.clone()),
+                    (config.client_timeout() / 2).min(Duration::from_secs(3)),
+                    config.client_timeout() + Duration::from_secs(1),
+                    budget.clone(),
+                ),
+                budget: budget.clone(),
+            })
+            .collect();
         let api = bind("server.listen", config.server.listen).await?;
         let admin = bind("server.admin_listen", config.server.admin_listen).await?;
         api_addr = api.local_addr().ok();
@@ -230,7 +238,7 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
             limits,
         ));
         servers.push(serve_http(admin, admin_router(state), shutdown_rx.clone(), limits));
-        tracing::info!(api = ?api_addr, admin = ?admin_addr, database = ?store.kind(), "tripgate listening");
+        tracing::info!(api = ?api_addr, admin = ?admin_addr, database = ?store.kind(), shards = shards.len(), "tripgate listening");
         servers.push(FlagsWatcher::spawn(
             flags.clone(),
             config.flags.path.clone(),
@@ -270,37 +278,44 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
         shutdown_rx.clone(),
     ));
 
-    // Migrations, then workers. Retried until the database answers.
+    // Migrations (the global database, then each shard), then each shard's workers.
+    // Retried until the databases answer.
     let worker_task = {
-        let store = store.clone();
+        let (store, shards) = (store.clone(), shards.clone());
         let migrated = migrated.clone();
         let jobs = config.jobs.clone();
         let metrics = metrics.clone();
         let grace = Duration::from_millis(config.server.shutdown_grace_ms);
         let mut shutdown = shutdown_rx.clone();
         tokio::spawn(async move {
-            let mut delay = Duration::from_millis(200);
-            loop {
-                match store.migrate().await {
-                    Ok(()) => break,
-                    Err(e) => {
-                        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "database not ready; retrying migrations")
+            for db in std::iter::once(&store).chain(shards.all()) {
+                let mut delay = Duration::from_millis(200);
+                loop {
+                    match db.migrate().await {
+                        Ok(()) => break,
+                        Err(e) => {
+                            tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "database not ready; retrying migrations")
+                        }
                     }
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.changed() => return,
-                }
-                delay = (delay * 2).min(Duration::from_secs(5));
             }
             migrated.store(true, Ordering::Release);
-            tokio::spawn(crate::jobs::purge_done_jobs(
-                store.clone(),
-                Duration::from_secs(jobs.retention_h * 3600),
-                metrics,
-                shutdown.clone(),
-            ));
-            Workers::start(job_runner, &jobs, shutdown, grace).join().await;
+            let mut running = Vec::new();
+            for (shard, job_runner) in shards.all().iter().zip(job_runners) {
+                tokio::spawn(crate::jobs::purge_done_jobs(
+                    shard.clone(),
+                    Duration::from_secs(jobs.retention_h * 3600),
+                    metrics.clone(),
+                    shutdown.clone(),
+                ));
+                running.push(Workers::start(job_runner, &jobs, shutdown.clone(), grace).join());
+            }
+            futures_util::future::join_all(running).await;
         })
     };
     servers.push(worker_task);
@@ -314,6 +329,7 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
         api_addr,
         admin_addr,
         store,
+        shards,
         flags,
         metrics,
         locks,

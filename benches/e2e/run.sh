@@ -5,7 +5,8 @@
 # database, drives each scenario with `tripgate drive --json`, measures the storage limit
 # with pgbench and redis-benchmark in the same run, and prints every report.
 # Env: SCENARIOS (default "compare burst-pg burst-sqlite saturation"; also "hot-path", the
-# accept against the minimal fence transaction: see BENCHMARKS.md), OUT (default target/e2e).
+# accept against the minimal fence transaction; "jobs"; "shards", one database vs two
+# shards: see BENCHMARKS.md), OUT (default target/e2e).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PG=${PG:-postgres://postgres@127.0.0.1:5432}
@@ -20,9 +21,10 @@ serve_pid=""
 stop() { [ -n "$serve_pid" ] && kill "$serve_pid" 2>/dev/null && wait "$serve_pid" 2>/dev/null; serve_pid=""; }
 trap stop EXIT
 
-# start NAME DB_URL REDIS_URL PERCENT SMS_MS PUSH_MS
+# start NAME DB_URL REDIS_URL PERCENT SMS_MS PUSH_MS [SHARD_URL...]
 start() {
-  local name=$1 db=$2 redis=$3 percent=$4 sms=$5 push=$6 dir="$OUT/$1"
+  local name=$1 db=$2 redis=$3 percent=$4 sms=$5 push=$6 dir="$OUT/$1" shards=""
+  for url in "${@:7}"; do shards="$shards${shards:+, }\"$url\""; done
   rm -rf "$dir"; mkdir -p "$dir/flags"
   printf '[trip_accept_v2]\npercent = %s\nsalt = "trip_accept_v2"\nallow = []\ndeny = []\n' "$percent" > "$dir/flags/rollout.toml"
   cat > "$dir/config.toml" <<TOML
@@ -33,6 +35,7 @@ rate_limit_per_driver = 1000
 [database]
 url = "$db"
 max_connections = 16
+shards = [$shards]
 [redis]
 url = "$redis"
 key_prefix = "bench-$name-$$"
@@ -96,6 +99,23 @@ for s in $SCENARIOS; do
       pgbench -n -c 8 -j 2 -T 15 -f benches/e2e/pgbench_accept_function.sql "$lim" \
         | tee "$OUT/pgbench-accept-function.txt" | grep -E 'latency average|tps'
       ;;
+    shards)  # issue #17: one database, then two databases as two shards — same drives, same run
+      start shards-one "$(fresh_pg shards_one)" "$REDIS" 100 1500 800
+      drive shards-one burst --drivers 6000 --trips 6000 --concurrency 64   # saturation
+      drive shards-one burst --drivers 1000 --trips 1000                    # burst
+      stop
+      a=$(fresh_pg shard_a); b=$(fresh_pg shard_b)
+      start shards-two "$(fresh_pg shards_global)" "$REDIS" 100 1500 800 "$a" "$b"
+      drive shards-two burst --drivers 6000 --trips 6000 --concurrency 64
+      drive shards-two burst --drivers 1000 --trips 1000
+      stop
+      for url in "$a" "$b"; do  # each shard's own accepts, jobs and invariants
+        psql "$url" -Atc "SELECT '$url', (SELECT COUNT(*) FROM trip_requests WHERE driver_id IS NOT NULL) AS accepted,
+          (SELECT COUNT(*) FROM jobs) AS jobs,
+          (SELECT COUNT(*) FROM (SELECT driver_id FROM trip_requests WHERE driver_id IS NOT NULL
+             AND current_status IN ('accepted', 'ongoing') GROUP BY driver_id HAVING COUNT(*) > 1) x) AS drivers_with_two_trips" \
+          | tee -a "$OUT/shards-split.txt"
+      done ;;
     jobs)  # issue #12: do the side effects keep up? Providers answering at once (simulated, 0 ms)
       start jobs-sat "$(fresh_pg jobs_sat)" "$REDIS" 100 0 0
       drive jobs-sat burst --drivers 6000 --trips 6000 --concurrency 64   # saturation: otp_after_load_ms

@@ -61,11 +61,13 @@ pub fn health_routes(state: AppState) -> Router {
 async fn metrics(State(state): State<AppState>) -> Response {
     // Job gauges are read at scrape time; a database that does not answer quickly leaves
     // the last values in place rather than stalling the scrape.
-    if let Ok(Ok(counts)) = tokio::time::timeout(Duration::from_millis(500), state.store.job_counts()).await {
+    if let Ok(Ok(counts)) = tokio::time::timeout(Duration::from_millis(500), state.shards.job_counts()).await {
         state.metrics.set_job_counts(&counts);
     }
     state.store.report_pool();
-    state.jobs_store.report_pool();
+    for store in state.shards.all().iter().chain(state.job_shards.all()) {
+        store.report_pool();
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
@@ -77,7 +79,13 @@ async fn metrics(State(state): State<AppState>) -> Response {
 /// gateway unready (the SQL fence decides alone) but is named in the body.
 async fn readyz(State(state): State<AppState>) -> Response {
     let timeout = Duration::from_secs(1);
-    let database = matches!(tokio::time::timeout(timeout, state.store.ping()).await, Ok(Ok(())));
+    let pings = std::iter::once(&state.store)
+        .chain(state.shards.all())
+        .map(|db| tokio::time::timeout(timeout, db.ping()));
+    let database = futures_util::future::join_all(pings)
+        .await
+        .iter()
+        .all(|ping| matches!(ping, Ok(Ok(()))));
     let migrated = state.migrated.load(Ordering::Acquire);
     let redis = match &state.redis {
         None => "disabled",
@@ -282,13 +290,13 @@ async fn jobs(State(state): State<AppState>, Query(q): Query<JobsQuery>) -> Resu
             ));
         }
     };
-    let jobs = state.store.list_jobs(wanted).await?;
+    let jobs = state.shards.list_jobs(wanted).await?;
     Ok(Json(json!({"jobs": jobs})))
 }
 
 async fn retry_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let job = state
-        .store
+        .shards
         .retry_job(&id)
         .await?
         .ok_or(ApiError::NotFound("dead job"))?;
@@ -323,13 +331,14 @@ async fn seed(
         customers: count("customers")?,
         trips: count("trips")?,
     };
-    let seeded = crate::seed::seed(&state.store, plan, || {}).await?;
+    let seeded = crate::seed::seed_shards(&state.shards, plan, || {}).await?;
     Ok(Json(seeded).into_response())
 }
 
-/// `GET /admin/checks`: the safety invariants over the whole database, each must be 0.
+/// `GET /admin/checks`: the safety invariants over the whole database (every shard), each
+/// must be 0.
 async fn checks(State(state): State<AppState>) -> Result<Json<crate::storage::assign::Checks>, ApiError> {
-    Ok(Json(state.store.checks().await?))
+    Ok(Json(state.shards.checks().await?))
 }
 
 /// A JSON object body whose fields are all among `known`; 400 naming the body otherwise.

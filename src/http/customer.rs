@@ -40,7 +40,7 @@ async fn create(
 ) -> Result<Response, ApiError> {
     let body = json_body(&headers, body)?;
     let trip = parse_new_trip(&body, &user.id)?;
-    match state.store.create_trip(&trip).await? {
+    match state.shards.for_id(&trip.customer_id).create_trip(&trip).await? {
         Ok(id) => Ok(Json(Envelope::ok(
             "default_store_200",
             "Trip request created.",
@@ -60,11 +60,16 @@ async fn cancel(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = path_uuid(&id)?;
-    let owner = state.store.trip_owner(&id).await?.ok_or(ApiError::TripNotFound)?;
+    let owner = state
+        .shards
+        .for_id(&id)
+        .trip_owner(&id)
+        .await?
+        .ok_or(ApiError::TripNotFound)?;
     if owner != user.id {
         return Err(ApiError::Forbidden);
     }
-    if !state.store.cancel_trip(&id).await? {
+    if !state.shards.for_id(&id).cancel_trip(&id).await? {
         return Err(ApiError::TripNotPending);
     }
     Ok(Json(Envelope::ok(
@@ -81,7 +86,12 @@ async fn details(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = path_uuid(&id)?;
-    let trip = state.store.trip_details(&id).await?.ok_or(ApiError::TripNotFound)?;
+    let trip = state
+        .shards
+        .for_id(&id)
+        .trip_details(&id)
+        .await?
+        .ok_or(ApiError::TripNotFound)?;
     if user.role != Role::Admin && trip["customer_id"].as_str() != Some(user.id.as_str()) {
         return Err(ApiError::Forbidden);
     }

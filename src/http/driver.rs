@@ -7,6 +7,8 @@
 //! each, one budget for both — and the answer goes out in the shared envelope, tagged with
 //! the cohort that produced it.
 
+use std::sync::Arc;
+
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -24,7 +26,7 @@ use crate::accept::{AcceptCommand, parse_request};
 use crate::auth::AuthUser;
 use crate::budget::DriverBudget;
 use crate::domain::{Cohort, TRIP_ACCEPT_FLAG, now_ms};
-use crate::error::Envelope;
+use crate::error::{ApiError, Envelope};
 use crate::rollout::{RolloutRouter, Routed};
 
 /// The driver routes (their metrics children are created up front).
@@ -51,25 +53,31 @@ type DriverRouter = RolloutRouter<DriverRateLimit<LegacyAccept>, DriverRateLimit
 
 #[derive(Clone)]
 struct DriverRoute {
-    router: DriverRouter,
+    /// One router per shard, in shard order.
+    routers: Arc<[DriverRouter]>,
     state: AppState,
 }
 
-/// The driver routes.
-pub fn routes(state: &AppState, services: AcceptServices) -> Router {
-    let limit = DriverRateLimitLayer::new(services.budget);
-    let atomic_limit = if services.atomic.checks_budget() {
-        limit.checked_by_lock_claim()
-    } else {
-        limit.clone()
-    };
-    let router = RolloutRouter::new(
-        state.flags.clone(),
-        limit.layer(services.legacy),
-        atomic_limit.layer(services.atomic),
-    );
+/// The driver routes over each shard's services (`services[i]` runs on shard `i`).
+pub fn routes(state: &AppState, services: Vec<AcceptServices>) -> Router {
+    let routers = services
+        .into_iter()
+        .map(|services| {
+            let limit = DriverRateLimitLayer::new(services.budget);
+            let atomic_limit = if services.atomic.checks_budget() {
+                limit.checked_by_lock_claim()
+            } else {
+                limit.clone()
+            };
+            RolloutRouter::new(
+                state.flags.clone(),
+                limit.layer(services.legacy),
+                atomic_limit.layer(services.atomic),
+            )
+        })
+        .collect();
     let route = DriverRoute {
-        router,
+        routers,
         state: state.clone(),
     };
     let mut routes = Router::new();
@@ -81,7 +89,7 @@ pub fn routes(state: &AppState, services: AcceptServices) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), super::drivers))
 }
 
-/// Parse, route, answer.
+/// Parse, route (to the driver's shard, then the driver's cohort), answer.
 async fn trip_action(
     State(route): State<DriverRoute>,
     Extension(user): Extension<AuthUser>,
@@ -94,13 +102,25 @@ async fn trip_action(
         Ok(parsed) => parsed,
         Err(e) => return e.into_response(),
     };
+    // The driver's shard must hold the trip: a trip of another shard (region) is not one
+    // this driver can see, and no accept ever spans two shards.
+    let shards = &route.state.shards;
+    let shard = shards.index_of(&user.id);
+    if shards.index_of(&trip_id) != shard {
+        let cohort = route.state.flags.load().trip_accept_cohort(&user.id);
+        route.state.metrics.cohort_assigned(TRIP_ACCEPT_FLAG, cohort);
+        return tag(ApiError::TripNotFound.into_response(), cohort);
+    }
     let command = AcceptCommand {
         driver_id: user.id,
         trip_id,
         action,
         received_at_ms,
     };
-    let Routed { cohort, result } = match route.router.oneshot(command).await {
+    let Some(router) = route.routers.get(shard) else {
+        return ApiError::Internal(format!("no accept services for shard {shard}")).into_response();
+    };
+    let Routed { cohort, result } = match router.clone().oneshot(command).await {
         Ok(routed) => routed,
         Err(e) => return e.into_response(),
     };

@@ -60,10 +60,13 @@ impl std::ops::Deref for AppState {
 pub struct Shared {
     /// The configuration in force.
     pub config: Arc<Config>,
-    /// Storage (the request path's pool).
+    /// The global database (flags, overrides, audit, guard), the request path's pool.
     pub store: Storage,
-    /// The job workers' pool (reported by `/metrics`).
-    pub jobs_store: Storage,
+    /// Where drivers, customers and trips live (the global database alone unless
+    /// `database.shards`), the request path's pools.
+    pub shards: crate::storage::shards::Shards,
+    /// The same, the job workers' pools (reported by `/metrics`).
+    pub job_shards: crate::storage::shards::Shards,
     /// Token verification.
     pub keys: TokenKeys,
     /// The rollout flags in force.
@@ -157,7 +160,10 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap, allowed: &[Role
         },
     };
     if user.role != Role::Admin {
-        let user_type = state.known_users.user_type(&state.store, &user.id).await?;
+        let user_type = state
+            .known_users
+            .user_type(state.shards.for_id(&user.id), &user.id)
+            .await?;
         if user_type.as_deref() != Some(user.role.as_str()) {
             return Err(ApiError::Unauthorized);
         }
@@ -225,7 +231,7 @@ pub fn json_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Re
 }
 
 /// The API router (driver and customer routes) with its layers.
-pub fn api_router(state: AppState, accept: driver::AcceptServices) -> Router {
+pub fn api_router(state: AppState, accept: Vec<driver::AcceptServices>) -> Router {
     let limit = state.config.server.max_body_bytes;
     let mut router = Router::new().merge(driver::routes(&state, accept));
     if state.config.demo_routes() {

@@ -296,7 +296,7 @@ impl Storage {
 }
 
 /// The safety invariants over the whole database (`GET /admin/checks`); each must be 0.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Checks {
     /// Trips that more than one driver was told is theirs: an active trip whose driver is
     /// not `on_trip`, or a driver `on_trip` without an active trip (an accept overwritten by

@@ -48,6 +48,7 @@ pub mod flag_state;
 mod group_commit;
 pub mod guard;
 pub mod jobs;
+pub mod shards;
 pub mod trips;
 pub mod users;
 
@@ -83,6 +84,9 @@ pub struct Storage {
     group: Arc<group_commit::GroupCommit>,
     /// Where this pool's pressure is reported (`tripgate_db_pool_*`), once observed.
     pool_metrics: Option<PoolMetrics>,
+    /// Which shard this database is, of how many (`(0, 1)` unsharded): the ids it makes
+    /// hash to it.
+    shard: (usize, usize),
 }
 
 /// The database is known unreachable until a probe connects again.
@@ -147,7 +151,29 @@ impl Storage {
                 Dialect::Sqlite => 1,
             })),
             pool_metrics: None,
+            shard: (0, 1),
         })
+    }
+
+    /// The same storage as shard `index` of `count`: the ids it makes for users and trips
+    /// hash to `index` ([`crate::domain::shard_of`]).
+    pub fn as_shard(self, index: usize, count: usize) -> Self {
+        Self {
+            shard: (index, count.max(1)),
+            ..self
+        }
+    }
+
+    /// A new id for a user or a trip of this shard: a random UUID that hashes here (one
+    /// draw unsharded, `count` on average otherwise).
+    pub fn new_id(&self) -> String {
+        let (index, count) = self.shard;
+        loop {
+            let id = uuid::Uuid::new_v4().to_string();
+            if crate::domain::shard_of(&id, count) == index {
+                return id;
+            }
+        }
     }
 
     /// The same database through a pool of its own of `max_connections` (the job workers

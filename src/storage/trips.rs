@@ -141,7 +141,7 @@ impl Storage {
     /// Creates a pending trip offered to `trip.offered_to`. `Ok(Err(field))` names the
     /// field that refers to something that does not exist.
     pub async fn create_trip(&self, trip: &NewTrip) -> Result<Result<String, &'static str>, sqlx::Error> {
-        let id = uuid::Uuid::new_v4().to_string();
+        let id = self.new_id();
         let now = now_ms();
         let mut tx = self.begin().await?;
         let category: Option<String> = sqlx::query_scalar("SELECT id FROM vehicle_categories WHERE id = $1")

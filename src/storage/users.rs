@@ -80,7 +80,7 @@ impl Storage {
 
     /// Creates a customer; returns their id.
     pub async fn create_customer(&self, name: &str, phone: &str) -> Result<String, sqlx::Error> {
-        let id = uuid::Uuid::new_v4().to_string();
+        let id = self.new_id();
         insert_user(&mut *self.conn().await?, &id, "customer", name, phone).await?;
         Ok(id)
     }
@@ -88,7 +88,7 @@ impl Storage {
     /// Creates a driver with details and a vehicle, in one transaction; returns
     /// `(driver_id, vehicle_id)`.
     pub async fn create_driver(&self, driver: &NewDriver) -> Result<(String, String), sqlx::Error> {
-        let id = uuid::Uuid::new_v4().to_string();
+        let id = self.new_id();
         let vehicle_id = uuid::Uuid::new_v4().to_string();
         let availability = if driver.online {
             Availability::Available

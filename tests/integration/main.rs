@@ -20,4 +20,5 @@ mod harness;
 mod jobs;
 mod lifecycle;
 mod observability;
+mod shards;
 mod upstream;

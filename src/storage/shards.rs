@@ -1,0 +1,154 @@
+//! The shards: one [`Storage`] per region database (`database.shards`), or the one database
+//! when unsharded. A driver, a customer and a trip live on the shard their id hashes to
+//! ([`crate::domain::shard_of`]); an accept runs on that shard alone — its own fence, its
+//! own group commit, its own job queue — and a driver never accepts another shard's trip.
+//! What is global (flags, the audit, the guard) stays on `database.url`.
+
+use std::sync::Arc;
+
+use super::Storage;
+use super::assign::Checks;
+use super::jobs::Job;
+use crate::config::DatabaseConfig;
+use crate::domain::{JobState, shard_of};
+use crate::metrics::Metrics;
+
+/// The shards' storages, in `database.shards` order.
+#[derive(Debug, Clone)]
+pub struct Shards(Arc<[Storage]>);
+
+impl Shards {
+    /// Unsharded: `store` holds everything.
+    pub fn one(store: Storage) -> Self {
+        Self(Arc::from([store.as_shard(0, 1)]))
+    }
+
+    /// The shards `stores`, in order (each made to mint ids that hash to it).
+    pub fn of(stores: Vec<Storage>) -> Self {
+        let count = stores.len();
+        Self(
+            stores
+                .into_iter()
+                .enumerate()
+                .map(|(i, store)| store.as_shard(i, count))
+                .collect(),
+        )
+    }
+
+    /// The shards of `config` (`database.shards`), or `main` alone when there are none.
+    /// Connects lazily, like [`Storage::connect`].
+    pub fn connect(config: &DatabaseConfig, main: &Storage) -> Result<Self, sqlx::Error> {
+        if config.shards.is_empty() {
+            return Ok(Self::one(main.clone()));
+        }
+        let stores = (0..config.shards.len())
+            .filter_map(|i| config.shard(i))
+            .map(|shard| Storage::connect(&shard))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self::of(stores))
+    }
+
+    /// The same databases through pools of their own (see [`Storage::with_own_pool`]).
+    pub fn with_own_pools(&self, max_connections: u32, acquire_timeout_ms: u64) -> Result<Self, sqlx::Error> {
+        Ok(Self(
+            self.all()
+                .iter()
+                .map(|s| s.with_own_pool(max_connections, acquire_timeout_ms))
+                .collect::<Result<Vec<_>, _>>()?
+                .into(),
+        ))
+    }
+
+    /// Each shard's pool reported as `pool` (`api` | `jobs`), or — sharded — as
+    /// `{pool}-shard{i}`.
+    pub fn observed_as(self, pool: &'static str, metrics: &Metrics) -> Self {
+        let count = self.len();
+        Self(
+            self.all()
+                .iter()
+                .enumerate()
+                .map(|(i, store)| {
+                    // A few labels, made once at start.
+                    let label: &'static str = if count == 1 {
+                        pool
+                    } else {
+                        format!("{pool}-shard{i}").leak()
+                    };
+                    store.clone().observed_as(label, metrics)
+                })
+                .collect(),
+        )
+    }
+
+    /// How many.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Never: there is always at least the one database.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Every shard's storage, in order.
+    pub fn all(&self) -> &[Storage] {
+        &self.0
+    }
+
+    /// The index of the shard holding `id`.
+    pub fn index_of(&self, id: &str) -> usize {
+        shard_of(id, self.0.len())
+    }
+
+    /// The storage of the shard holding `id` (a driver, a customer or a trip).
+    pub fn for_id(&self, id: &str) -> &Storage {
+        &self.0[self.index_of(id)]
+    }
+
+    /// The safety invariants over every shard, summed.
+    pub async fn checks(&self) -> Result<Checks, sqlx::Error> {
+        let mut total = Checks::default();
+        for store in self.all() {
+            let c = store.checks().await?;
+            total.double_assignments += c.double_assignments;
+            total.duplicate_otps += c.duplicate_otps;
+            total.drivers_with_two_trips += c.drivers_with_two_trips;
+        }
+        Ok(total)
+    }
+
+    /// Jobs per state over every shard.
+    pub async fn job_counts(&self) -> Result<Vec<(JobState, i64)>, sqlx::Error> {
+        let mut total: Vec<(JobState, i64)> = Vec::new();
+        for store in self.all() {
+            for (state, n) in store.job_counts().await? {
+                match total.iter_mut().find(|(s, _)| *s == state) {
+                    Some((_, sum)) => *sum += n,
+                    None => total.push((state, n)),
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// The newest jobs (in `state`) of each shard, newest first, shard after shard; at most
+    /// 500 in all.
+    pub async fn list_jobs(&self, state: Option<JobState>) -> Result<Vec<Job>, sqlx::Error> {
+        let mut jobs = Vec::new();
+        for store in self.all() {
+            jobs.extend(store.list_jobs(state).await?);
+        }
+        jobs.truncate(500);
+        Ok(jobs)
+    }
+
+    /// Re-queues dead job `id`, on whichever shard holds it.
+    pub async fn retry_job(&self, id: &str) -> Result<Option<Job>, sqlx::Error> {
+        for store in self.all() {
+            if let Some(job) = store.retry_job(id).await? {
+                return Ok(Some(job));
+            }
+        }
+        Ok(None)
+    }
+}

@@ -1,0 +1,141 @@
+//! Two databases as two shards (`database.shards`), beside the global database: demo data
+//! lands on the shard its ids hash to; a race on each shard has one winner, decided by that
+//! shard's fence and followed by that shard's jobs; a driver never accepts another shard's
+//! trip; the checks cover every shard.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tripgate::auth::Role;
+use tripgate::domain::shard_of;
+
+use crate::backend_tests;
+use crate::support::{
+    Backend, Gateway, Options, TempDir, TestDb, World, code, query_i64, race, redis_for, wait_effects_done,
+};
+
+backend_tests!(two_shards);
+
+async fn two_shards(backend: Backend) {
+    let global = TestDb::new(backend).await;
+    let shard_dbs = [TestDb::new(backend).await, TestDb::new(backend).await];
+    let dir = TempDir::new();
+    let options = Options {
+        percent: 50.0,
+        redis_url: redis_for(backend),
+        ..Options::default()
+    };
+    let mut config = crate::support::config(&global.url, dir.path(), &options);
+    config.database.shards = shard_dbs.iter().map(|db| db.url.clone()).collect();
+    let gw = Gateway::start_with(config, dir).await;
+    let shards = gw.running.as_ref().unwrap().shards.clone();
+    assert_eq!(shards.len(), 2);
+
+    // Demo data through the admin API: split over the shards, each row on the shard its id
+    // hashes to, nothing on the global database.
+    let admin = gw.token("admin", Role::Admin);
+    let seeded: serde_json::Value = gw
+        .http
+        .post(format!("{}/admin/seed", gw.admin))
+        .bearer_auth(&admin)
+        .json(&json!({"drivers": 8, "customers": 2, "trips": 4}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for kind in ["drivers", "customers", "trips"] {
+        let rows = seeded[kind].as_array().unwrap();
+        assert!(!rows.is_empty(), "{kind}: {seeded}");
+        for row in rows {
+            let (id, shard) = (row["id"].as_str().unwrap(), row["shard"].as_u64().unwrap() as usize);
+            assert_eq!(shard_of(id, 2), shard, "{kind} {id}");
+            let table = if kind == "trips" { "trip_requests" } else { "users" };
+            let sql = format!("SELECT COUNT(*) FROM {table} WHERE id = '{id}'");
+            assert_eq!(query_i64(&shard_dbs[shard], &sql).await, 1, "{kind} {id} on its shard");
+            assert_eq!(
+                query_i64(&shard_dbs[1 - shard], &sql).await,
+                0,
+                "{kind} {id} on the other shard"
+            );
+        }
+    }
+    assert_eq!(query_i64(&global, "SELECT COUNT(*) FROM users").await, 0);
+
+    // A race on each shard: one winner, its side effects run by that shard's workers.
+    let worlds = [World::new(&shards.all()[0]).await, World::new(&shards.all()[1]).await];
+    let mut won = Vec::new();
+    for (i, w) in worlds.iter().enumerate() {
+        for _ in 0..3 {
+            let drivers = w.drivers(5).await;
+            assert!(drivers.iter().all(|d| shard_of(d, 2) == i));
+            let trip = w.trip(&drivers).await;
+            assert_eq!(shard_of(&trip, 2), i);
+            let answers = race(&gw, &drivers, &trip).await;
+            let winners = answers.iter().filter(|a| a.0 == 200).count();
+            assert_eq!(winners, 1, "shard {i}: {answers:?}");
+            won.push((i, trip));
+        }
+    }
+    for (i, trip) in &won {
+        wait_effects_done(&shards.all()[*i], trip, Duration::from_secs(20)).await;
+        let sql = format!("SELECT COUNT(*) FROM jobs WHERE trip_request_id = '{trip}'");
+        assert_eq!(
+            query_i64(&shard_dbs[*i], &sql).await,
+            1,
+            "the trip's job is on its shard"
+        );
+        assert_eq!(query_i64(&shard_dbs[1 - *i], &sql).await, 0);
+    }
+    assert_eq!(query_i64(&global, "SELECT COUNT(*) FROM jobs").await, 0);
+
+    // Across shards: a driver of shard 0 on a trip of shard 1 is refused as not found, and
+    // nothing changes; the trip's own drivers still take it.
+    let stranger = worlds[0].driver().await;
+    let locals = worlds[1].drivers(2).await;
+    let trip = worlds[1].trip(&locals).await;
+    for action in ["accepted", "rejected"] {
+        let (status, body, _) = gw.action(&stranger, &trip, action).await;
+        assert_eq!((status, code(&body)), (404, "trip_request_404"), "{action}: {body}");
+    }
+    assert_eq!(gw.details(&trip).await["current_status"], "pending");
+    assert_eq!(gw.accept(&locals[0], &trip).await.0, 200);
+    let (status, _, _) = gw
+        .accept(&stranger, &worlds[0].trip(std::slice::from_ref(&stranger)).await)
+        .await;
+    assert_eq!(status, 200, "the stranger is free on their own shard");
+
+    // The checks cover both shards (one invariant broken on shard 1 shows).
+    let checks = |gw: &Gateway| {
+        let admin = admin.clone();
+        let (http, url) = (gw.http.clone(), format!("{}/admin/checks", gw.admin));
+        async move {
+            let body: serde_json::Value = http
+                .get(url)
+                .bearer_auth(admin)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            body
+        }
+    };
+    assert_eq!(
+        checks(&gw).await,
+        json!({"double_assignments": 0, "duplicate_otps": 0, "drivers_with_two_trips": 0})
+    );
+    shards.all()[1]
+        .set_driver_status(&locals[0], true, tripgate::domain::Availability::Available)
+        .await
+        .unwrap();
+    assert_eq!(checks(&gw).await["double_assignments"], 1);
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics.contains("pool=\"api-shard1\"") && metrics.contains("pool=\"jobs-shard0\""),
+        "each shard's pools are reported"
+    );
+    gw.shutdown().await;
+}
