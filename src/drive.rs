@@ -296,36 +296,47 @@ pub async fn drive(config: &Config, options: DriveOptions) -> anyhow::Result<Rep
         1
     };
     // Drivers and a customer through `POST /admin/seed`; the drivers come spread over the
-    // seeded categories, so each trip is offered to drivers of one category.
-    let seeded = seed(
-        &http,
-        &options.admin_url,
-        &admin_token,
-        json!({"drivers": (pairs_needed + 2) * drivers_per_trip, "customers": 1, "trips": 0}),
-    )
-    .await?;
-    // A trip is created by a customer of its drivers' shard (sharded gateways seed each
-    // shard its own categories, drivers and a customer, every row tagged `shard`).
+    // seeded categories, so each trip is offered to drivers of one category. A trip is
+    // created by a customer of its drivers' shard (a sharded gateway seeds each shard its
+    // own categories, drivers and customer, every row tagged `shard`). Each category's
+    // drivers that do not fill a trip's offer are left over: a gateway with many shards
+    // (many categories) may need a second round.
     let shard_of = |row: &Value| row["shard"].as_u64().unwrap_or(0);
     let mut customer_tokens: BTreeMap<u64, String> = BTreeMap::new();
-    for c in seeded["customers"].as_array().into_iter().flatten() {
-        if let Some(id) = c["id"].as_str() {
-            customer_tokens.insert(shard_of(c), keys.mint(id, Role::Customer)?);
+    let mut category_shard: BTreeMap<String, u64> = BTreeMap::new();
+    let mut by_category: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut drivers_wanted = (pairs_needed + 2) * drivers_per_trip;
+    for _round in 0..3 {
+        let seeded = seed(
+            &http,
+            &options.admin_url,
+            &admin_token,
+            json!({"drivers": drivers_wanted, "customers": 1, "trips": 0}),
+        )
+        .await?;
+        for c in seeded["customers"].as_array().into_iter().flatten() {
+            if let Some(id) = c["id"].as_str() {
+                customer_tokens.insert(shard_of(c), keys.mint(id, Role::Customer)?);
+            }
         }
+        let categories = seeded["vehicle_categories"].as_array().map_or(0, Vec::len);
+        for c in seeded["vehicle_categories"].as_array().into_iter().flatten() {
+            if let Some(id) = c["id"].as_str() {
+                category_shard.insert(id.to_owned(), shard_of(c));
+            }
+        }
+        for d in seeded["drivers"].as_array().into_iter().flatten() {
+            if let (Some(id), Some(category)) = (d["id"].as_str(), d["vehicle_category_id"].as_str()) {
+                by_category.entry(category.to_owned()).or_default().push(id.to_owned());
+            }
+        }
+        let offers: usize = by_category.values().map(|ids| ids.len() / drivers_per_trip).sum();
+        if offers >= pairs_needed {
+            break;
+        }
+        drivers_wanted = ((pairs_needed - offers) + categories) * drivers_per_trip;
     }
     anyhow::ensure!(!customer_tokens.is_empty(), "POST /admin/seed created no customer");
-    let category_shard: BTreeMap<String, u64> = seeded["vehicle_categories"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|c| Some((c["id"].as_str()?.to_owned(), shard_of(c))))
-        .collect();
-    let mut by_category: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for d in seeded["drivers"].as_array().into_iter().flatten() {
-        if let (Some(id), Some(category)) = (d["id"].as_str(), d["vehicle_category_id"].as_str()) {
-            by_category.entry(category.to_owned()).or_default().push(id.to_owned());
-        }
-    }
     // (category, the drivers offered the trip) for each trip; `drivers` in the same order.
     let offers: Vec<(String, Vec<String>)> = by_category
         .iter()
@@ -348,6 +359,8 @@ pub async fn drive(config: &Config, options: DriveOptions) -> anyhow::Result<Rep
                 "offered_to": offered, "pickup": {"lat": 23.81, "lng": 90.41}, "destination": {"lat": 23.75, "lng": 90.39},
             });
             let shard = category_shard.get(&category).copied().unwrap_or(0);
+            // Every shard seeded a customer; a missing one fails this trip's create (401),
+            // which the count check below reports.
             let token = customer_tokens.get(&shard).cloned().unwrap_or_default();
             let (http, url, bar) = (http.clone(), app.url.clone(), bar.clone());
             async move {

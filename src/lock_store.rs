@@ -53,8 +53,9 @@ pub enum TripClaim {
     Acquired(Owner),
     /// Another request holds it.
     HeldBy(Owner),
-    /// The store failed or was too slow: nobody knows; the fence decides alone.
-    Unanswered,
+    /// The store failed or was too slow: nobody knows (a call that timed out may still have
+    /// taken the lock under this token); the fence decides alone.
+    Unanswered(Owner),
     /// The driver is over the budget the claim was asked to check; the lock was not touched.
     OverBudget,
 }
@@ -87,7 +88,7 @@ impl TripLocks {
             Ok(Claim::OverBudget) => TripClaim::OverBudget,
             Err(e) => {
                 tracing::warn!(trip_id, error = %e, "lock store unavailable; the SQL fence decides alone");
-                TripClaim::Unanswered
+                TripClaim::Unanswered(owner)
             }
         }
     }
@@ -148,10 +149,7 @@ pub trait LockStore: Send + Sync {
         driver: &str,
         budget: &FleetBudget,
     ) -> Result<Claim, LockError> {
-        if !budget.allow(driver).await? {
-            return Ok(Claim::OverBudget);
-        }
-        self.acquire(trip_id, owner).await
+        allow_then_acquire(self, trip_id, owner, driver, budget).await
     }
     /// Deletes the lock only if `owner` holds it. True when it did.
     async fn release(&self, trip_id: &str, owner: &str) -> Result<bool, LockError>;
@@ -159,6 +157,20 @@ pub trait LockStore: Send + Sync {
     async fn holder(&self, trip_id: &str) -> Result<Option<String>, LockError>;
     /// `redis` or `memory`, the metrics label.
     fn backend(&self) -> &'static str;
+}
+
+/// The budget's call, then (within it) the claim's: two round trips.
+async fn allow_then_acquire<S: LockStore + ?Sized>(
+    store: &S,
+    trip_id: &str,
+    owner: &str,
+    driver: &str,
+    budget: &FleetBudget,
+) -> Result<Claim, LockError> {
+    if !budget.allow(driver).await? {
+        return Ok(Claim::OverBudget);
+    }
+    store.acquire(trip_id, owner).await
 }
 
 // === impl RedisLockStore ===
@@ -225,10 +237,7 @@ impl LockStore for RedisLockStore {
     ) -> Result<Claim, LockError> {
         if self.redis.is_cluster() {
             // The budget's key and the lock's are in different slots: two calls.
-            if !budget.allow(driver).await? {
-                return Ok(Claim::OverBudget);
-            }
-            return self.acquire(trip_id, owner).await;
+            return allow_then_acquire(self, trip_id, owner, driver, budget).await;
         }
         let mut conn = self.redis.connection().await?;
         let mut call = self.acquire_within.prepare_invoke();

@@ -182,6 +182,7 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let migrated = Arc::new(AtomicBool::new(false));
+    let shard_health = Arc::new(crate::http::ShardHealth::new(shards.len()));
     let mut api_addr = None;
     let admin_addr: Option<SocketAddr>;
     let mut servers: Vec<JoinHandle<()>> = Vec::new();
@@ -196,6 +197,7 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
         redis: redis.clone(),
         locks: locks.clone(),
         migrated: migrated.clone(),
+        shard_health: shard_health.clone(),
         metrics: metrics.clone(),
         known_users: Arc::new(crate::http::KnownUsers::new(Duration::from_millis(
             config.auth.user_cache_ms,
@@ -278,47 +280,67 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
         shutdown_rx.clone(),
     ));
 
-    // Migrations (the global database, then each shard), then each shard's workers.
-    // Retried until the databases answer.
-    let worker_task = {
-        let (store, shards) = (store.clone(), shards.clone());
-        let migrated = migrated.clone();
-        let jobs = config.jobs.clone();
-        let metrics = metrics.clone();
-        let grace = Duration::from_millis(config.server.shutdown_grace_ms);
-        let mut shutdown = shutdown_rx.clone();
-        tokio::spawn(async move {
-            for db in std::iter::once(&store).chain(shards.all()) {
-                let mut delay = Duration::from_millis(200);
-                loop {
-                    match db.migrate().await {
-                        Ok(()) => break,
-                        Err(e) => {
-                            tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "database not ready; retrying migrations")
-                        }
+    // Migrations, retried until each database answers: the global one (then `/readyz` can
+    // say ready), and each shard on its own task — which then checks the shard's recorded
+    // identity and starts that shard's purge and workers — so a shard that is down holds
+    // up no other.
+    let sharded = !config.database.shards.is_empty();
+    if sharded {
+        let (store, migrated, mut shutdown) = (store.clone(), migrated.clone(), shutdown_rx.clone());
+        servers.push(tokio::spawn(async move {
+            if migrate_with_retry(&store, &mut shutdown).await {
+                migrated.store(true, Ordering::Release);
+            }
+        }));
+    }
+    for (shard, job_runner) in shards.all().iter().cloned().zip(job_runners) {
+        let (jobs, metrics, mut shutdown) = (config.jobs.clone(), metrics.clone(), shutdown_rx.clone());
+        let (shard_health, grace) = (
+            shard_health.clone(),
+            Duration::from_millis(config.server.shutdown_grace_ms),
+        );
+        // Unsharded, the one shard is the global database: its task says it migrated.
+        let global_migrated = (!sharded).then(|| migrated.clone());
+        servers.push(tokio::spawn(async move {
+            if !migrate_with_retry(&shard, &mut shutdown).await {
+                return;
+            }
+            let (index, count) = shard.shard();
+            loop {
+                match shard.claim_shard_identity(index, count).await {
+                    Ok(recorded) if recorded == (index as i64, count as i64) => break,
+                    Ok((was_index, was_count)) => {
+                        let reason = format!(
+                            "database.shards: the database listed as shard {index} of {count} is shard {was_index} of \
+                             {was_count} (a changed shard list sends existing ids to the wrong database); \
+                             refusing to serve"
+                        );
+                        tracing::error!("{reason}");
+                        shard_health.misrouted.store(Some(Arc::new(reason)));
+                        return;
                     }
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = shutdown.changed() => return,
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    Err(e) => tracing::warn!(error = %e, shard = index, "shard identity not read; retrying"),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.changed() => return,
                 }
             }
-            migrated.store(true, Ordering::Release);
-            let mut running = Vec::new();
-            for (shard, job_runner) in shards.all().iter().zip(job_runners) {
-                tokio::spawn(crate::jobs::purge_done_jobs(
-                    shard.clone(),
-                    Duration::from_secs(jobs.retention_h * 3600),
-                    metrics.clone(),
-                    shutdown.clone(),
-                ));
-                running.push(Workers::start(job_runner, &jobs, shutdown.clone(), grace).join());
+            if let Some(ready) = shard_health.migrated.get(index) {
+                ready.store(true, Ordering::Release);
             }
-            futures_util::future::join_all(running).await;
-        })
-    };
-    servers.push(worker_task);
+            if let Some(migrated) = global_migrated {
+                migrated.store(true, Ordering::Release);
+            }
+            tokio::spawn(crate::jobs::purge_done_jobs(
+                shard.clone(),
+                Duration::from_secs(jobs.retention_h * 3600),
+                metrics,
+                shutdown.clone(),
+            ));
+            Workers::start(job_runner, &jobs, shutdown, grace).join().await;
+        }));
+    }
 
     let task = tokio::spawn(async move {
         for server in servers {
@@ -336,6 +358,25 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
         shutdown: shutdown_tx,
         task,
     })
+}
+
+/// Runs `db`'s migrations, retrying while it does not answer; false when shutdown came
+/// first.
+async fn migrate_with_retry(db: &Storage, shutdown: &mut watch::Receiver<bool>) -> bool {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match db.migrate().await {
+            Ok(()) => return true,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "database not ready; retrying migrations")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.changed() => return false,
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
 }
 
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {

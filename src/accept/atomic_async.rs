@@ -129,10 +129,14 @@ impl AtomicAsync {
             TripClaim::Acquired(owner) => self.commit(cmd, Some(owner)).await.map(Some),
             // The lock store is down or slow: the in-process budget, then the fence alone
             // decides.
-            TripClaim::Unanswered if budget.is_some_and(|b| !b.check_here(&cmd.driver_id)) => {
+            TripClaim::Unanswered(owner) if budget.is_some_and(|b| !b.check_here(&cmd.driver_id)) => {
+                // A claim that timed out may still have run: its lock, if any, goes (in
+                // the background: the store is failing, the answer need not wait for it).
+                let (locks, trip_id) = (self.locks.clone(), cmd.trip_id.clone());
+                tokio::spawn(async move { locks.release(&trip_id, &owner).await });
                 Err(ApiError::RateLimited)
             }
-            TripClaim::Unanswered => self.commit(cmd, None).await.map(Some),
+            TripClaim::Unanswered(_) => self.commit(cmd, None).await.map(Some),
             // Another request holds it. One that died (this driver's or another's) left
             // a lock older than any request runs: cleared, and we go again.
             TripClaim::HeldBy(holder) if self.clear_if_abandoned(&cmd.trip_id, &holder).await? => Ok(None),

@@ -75,18 +75,16 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-/// Ready when the database answers and migrations ran. Redis down does not make the
-/// gateway unready (the SQL fence decides alone) but is named in the body.
+/// Ready when the global database answers and its migrations ran, and no shard's own record
+/// contradicts `database.shards`. Redis down does not make the gateway unready (the SQL
+/// fence decides alone) but is named in the body. Neither does one shard down: the other
+/// regions go on (its drivers get 503); each shard is named in the body.
 async fn readyz(State(state): State<AppState>) -> Response {
     let timeout = Duration::from_secs(1);
-    let pings = std::iter::once(&state.store)
-        .chain(state.shards.all())
-        .map(|db| tokio::time::timeout(timeout, db.ping()));
-    let database = futures_util::future::join_all(pings)
-        .await
-        .iter()
-        .all(|ping| matches!(ping, Ok(Ok(()))));
+    let up = |ping: Result<Result<(), sqlx::Error>, tokio::time::error::Elapsed>| matches!(ping, Ok(Ok(())));
+    let database = up(tokio::time::timeout(timeout, state.store.ping()).await);
     let migrated = state.migrated.load(Ordering::Acquire);
+    let misrouted = state.shard_health.misrouted.load_full();
     let redis = match &state.redis {
         None => "disabled",
         Some(redis) => {
@@ -97,14 +95,33 @@ async fn readyz(State(state): State<AppState>) -> Response {
             }
         }
     };
-    let ready = database && migrated;
-    let body = json!({
+    let ready = database && migrated && misrouted.is_none();
+    let mut body = json!({
         "status": if ready { "ready" } else { "not_ready" },
         "database": if database { "up" } else { "down" },
         "migrated": migrated,
         "redis": redis,
         "lock_store": state.locks.backend(),
     });
+    if state.shards.len() > 1 {
+        let pings = state
+            .shards
+            .all()
+            .iter()
+            .map(|db| tokio::time::timeout(timeout, db.ping()));
+        let shards: Vec<Value> = futures_util::future::join_all(pings)
+            .await
+            .into_iter()
+            .zip(&state.shard_health.migrated)
+            .map(|(ping, migrated)| {
+                json!({"database": if up(ping) { "up" } else { "down" }, "migrated": migrated.load(Ordering::Acquire)})
+            })
+            .collect();
+        body["shards"] = Value::Array(shards);
+    }
+    if let Some(reason) = misrouted {
+        body["misrouted"] = Value::String(reason.to_string());
+    }
     let status = if ready {
         StatusCode::OK
     } else {

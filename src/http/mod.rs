@@ -75,8 +75,10 @@ pub struct Shared {
     pub redis: Option<RedisHandle>,
     /// The lock store (for `/readyz`).
     pub locks: Arc<dyn LockStore>,
-    /// True once migrations ran: until then `/readyz` answers 503.
+    /// True once the global database's migrations ran: until then `/readyz` answers 503.
     pub migrated: Arc<AtomicBool>,
+    /// Each shard's readiness, and whether the shard list contradicts the shards' own record.
+    pub shard_health: Arc<ShardHealth>,
     /// Request metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Users recently found to exist (`auth.user_cache_ms`).
@@ -85,6 +87,26 @@ pub struct Shared {
     pub backend_keys: Option<Arc<crate::auth::BackendKeys>>,
     /// The backend routes tripgate does not own are forwarded to (`[upstream]`).
     pub upstream: Option<upstream::Upstream>,
+}
+
+/// What `/readyz` and the driver route know of the shards.
+#[derive(Debug)]
+pub struct ShardHealth {
+    /// Per shard: migrated, its identity checked, its workers started.
+    pub migrated: Vec<AtomicBool>,
+    /// Set when a shard's database says it is another shard (or of another count) than
+    /// `database.shards` makes it: the gateway then refuses to serve (503, not ready).
+    pub misrouted: arc_swap::ArcSwapOption<String>,
+}
+
+impl ShardHealth {
+    /// Nothing known yet of `shards` shards.
+    pub fn new(shards: usize) -> Self {
+        Self {
+            migrated: (0..shards).map(|_| AtomicBool::new(false)).collect(),
+            misrouted: arc_swap::ArcSwapOption::empty(),
+        }
+    }
 }
 
 /// Users recently found to exist, active, with their type: the auth layer looks a token's
@@ -160,6 +182,11 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap, allowed: &[Role
         },
     };
     if user.role != Role::Admin {
+        // A shard list that contradicts the shards' own record would look users and trips
+        // up in the wrong database: refuse (admins still reach the admin API).
+        if let Some(reason) = state.shard_health.misrouted.load_full() {
+            return Err(ApiError::Unavailable(reason.to_string()));
+        }
         let user_type = state
             .known_users
             .user_type(state.shards.for_id(&user.id), &user.id)

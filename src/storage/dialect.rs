@@ -60,6 +60,10 @@ impl Dialect {
                     include_str!("../../migrations/postgres/0005_flag_overrides.sql"),
                 ),
                 ("guard", include_str!("../../migrations/postgres/0006_guard.sql")),
+                (
+                    "shard identity",
+                    include_str!("../../migrations/postgres/0007_shard_identity.sql"),
+                ),
             ],
             Self::Sqlite => &[
                 ("init", include_str!("../../migrations/sqlite/0001_init.sql")),
@@ -72,6 +76,10 @@ impl Dialect {
                     include_str!("../../migrations/sqlite/0003_flag_overrides.sql"),
                 ),
                 ("guard", include_str!("../../migrations/sqlite/0004_guard.sql")),
+                (
+                    "shard identity",
+                    include_str!("../../migrations/sqlite/0005_shard_identity.sql"),
+                ),
             ],
         })
     }

@@ -131,12 +131,20 @@ impl Shards {
         Ok(total)
     }
 
-    /// The newest jobs (in `state`) of each shard, newest first, shard after shard; at most
-    /// 500 in all.
+    /// The newest jobs (in `state`) of every shard, at most 500: each shard's newest first,
+    /// taken in turn, so no shard hides another's.
     pub async fn list_jobs(&self, state: Option<JobState>) -> Result<Vec<Job>, sqlx::Error> {
-        let mut jobs = Vec::new();
+        let mut lists = Vec::new();
         for store in self.all() {
-            jobs.extend(store.list_jobs(state).await?);
+            lists.push(store.list_jobs(state).await?.into_iter());
+        }
+        let mut jobs = Vec::new();
+        while jobs.len() < 500 {
+            let before = jobs.len();
+            jobs.extend(lists.iter_mut().filter_map(Iterator::next));
+            if jobs.len() == before {
+                break;
+            }
         }
         jobs.truncate(500);
         Ok(jobs)
@@ -150,5 +158,30 @@ impl Shards {
             }
         }
         Ok(None)
+    }
+}
+
+impl Storage {
+    /// Records that this database is shard `index` of `count` unless it already says
+    /// which it is; returns what it says, `(index, count)`.
+    pub async fn claim_shard_identity(&self, index: usize, count: usize) -> Result<(i64, i64), sqlx::Error> {
+        let mut conn = self.conn().await?;
+        sqlx::query(
+            "INSERT INTO shard_identity (id, shard_index, shard_count, recorded_at) VALUES (1, $1, $2, $3) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(index as i64)
+        .bind(count as i64)
+        .bind(crate::domain::now_ms())
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query_as("SELECT shard_index, shard_count FROM shard_identity WHERE id = 1")
+            .fetch_one(&mut *conn)
+            .await
+    }
+
+    /// `(index, count)` of this storage as a shard.
+    pub fn shard(&self) -> (usize, usize) {
+        self.shard
     }
 }

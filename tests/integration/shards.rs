@@ -107,35 +107,57 @@ async fn two_shards(backend: Backend) {
     assert_eq!(status, 200, "the stranger is free on their own shard");
 
     // The checks cover both shards (one invariant broken on shard 1 shows).
-    let checks = |gw: &Gateway| {
-        let admin = admin.clone();
-        let (http, url) = (gw.http.clone(), format!("{}/admin/checks", gw.admin));
-        async move {
-            let body: serde_json::Value = http
-                .get(url)
-                .bearer_auth(admin)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            body
-        }
-    };
     assert_eq!(
-        checks(&gw).await,
+        gw.admin_get("/admin/checks").await.1,
         json!({"double_assignments": 0, "duplicate_otps": 0, "drivers_with_two_trips": 0})
     );
     shards.all()[1]
         .set_driver_status(&locals[0], true, tripgate::domain::Availability::Available)
         .await
         .unwrap();
-    assert_eq!(checks(&gw).await["double_assignments"], 1);
+    assert_eq!(gw.admin_get("/admin/checks").await.1["double_assignments"], 1);
     let metrics = gw.metrics().await;
     assert!(
         metrics.contains("pool=\"api-shard1\"") && metrics.contains("pool=\"jobs-shard0\""),
         "each shard's pools are reported"
     );
+    let (status, ready) = gw.admin_get("/readyz").await;
+    assert_eq!(status, 200, "{ready}");
+    assert_eq!(ready["shards"][1], json!({"database": "up", "migrated": true}));
     gw.shutdown().await;
+
+    // The same shards listed the other way round: each database says which shard it is,
+    // so the gateway refuses to serve rather than send ids to the wrong one.
+    let dir = TempDir::new();
+    let mut swapped = crate::support::config(&global.url, dir.path(), &options);
+    swapped.database.shards = shard_dbs.iter().rev().map(|db| db.url.clone()).collect();
+    let running = tripgate::server::start(swapped, tripgate::server::Role::Serve)
+        .await
+        .unwrap();
+    let admin_url = format!("http://{}", running.admin_addr.unwrap());
+    let api_url = format!("http://{}", running.api_addr.unwrap());
+    let ready = crate::support::eventually(Duration::from_secs(10), "misrouted shards named", || {
+        let url = format!("{admin_url}/readyz");
+        async move {
+            let res = reqwest::get(url).await.ok()?;
+            let status = res.status().as_u16();
+            let body: serde_json::Value = res.json().await.ok()?;
+            body["misrouted"].is_string().then_some((status, body))
+        }
+    })
+    .await;
+    assert_eq!(ready.0, 503, "{}", ready.1);
+    let token = tripgate::auth::TokenKeys::new(crate::support::SECRET, 600)
+        .mint(&locals[1], Role::Driver)
+        .unwrap();
+    let res = reqwest::Client::new()
+        .post(format!("{api_url}/api/driver/trip/request-action"))
+        .bearer_auth(token)
+        .json(&json!({"trip_request_id": trip, "action": "accepted"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 503);
+    drop(dir);
+    running.shutdown().await;
 }
