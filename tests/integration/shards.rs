@@ -161,3 +161,64 @@ async fn two_shards(backend: Backend) {
     drop(dir);
     running.shutdown().await;
 }
+
+/// One shard's database down — from the start — holds up no other: the gateway is ready on
+/// the global database, names the shard that is down, accepts on the other shard and runs
+/// its side effects; the down shard's drivers get 503; once it is back it is migrated and
+/// serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_shard_down_holds_up_no_other() {
+    let Some(base) = crate::support::postgres_url() else {
+        return;
+    };
+    let global = TestDb::new(Backend::Postgres).await;
+    let (up_db, down_db) = (
+        TestDb::new(Backend::Postgres).await,
+        TestDb::new(Backend::Postgres).await,
+    );
+    let (proxy, down_url) = crate::support::proxied_postgres(&base, &down_db).await;
+    proxy.cut();
+    let dir = TempDir::new();
+    let options = Options {
+        percent: 100.0,
+        acquire_timeout_ms: 500,
+        ..Options::default()
+    };
+    let mut config = crate::support::config(&global.url, dir.path(), &options);
+    config.database.shards = vec![up_db.url.clone(), down_url];
+    // Ready although shard 1 never answered (start_with waits for /readyz 200).
+    let gw = Gateway::start_with(config, dir).await;
+    let shards = gw.running.as_ref().unwrap().shards.clone();
+    let (_, ready) = gw.admin_get("/readyz").await;
+    assert_eq!(ready["shards"][1]["database"], "down", "{ready}");
+    assert_eq!(ready["shards"][1]["migrated"], false, "{ready}");
+
+    // Shard 0 accepts, and its own workers run the side effects.
+    let w = World::new(&shards.all()[0]).await;
+    let drivers = w.drivers(3).await;
+    let trip = w.trip(&drivers).await;
+    let answers = race(&gw, &drivers, &trip).await;
+    assert_eq!(answers.iter().filter(|a| a.0 == 200).count(), 1, "{answers:?}");
+    wait_effects_done(&shards.all()[0], &trip, Duration::from_secs(20)).await;
+
+    // A driver of shard 1 (an id that hashes there) gets 503 while it is down.
+    let stranger = (0..)
+        .map(|_| uuid::Uuid::new_v4().to_string())
+        .find(|id| shard_of(id, 2) == 1)
+        .unwrap();
+    assert_eq!(gw.accept(&stranger, &trip).await.0, 503);
+
+    // Back: migrated, then serving.
+    proxy.restore();
+    crate::support::eventually(Duration::from_secs(30), "shard 1 migrated", || async {
+        let (_, ready) = gw.admin_get("/readyz").await;
+        (ready["shards"][1]["migrated"] == true).then_some(())
+    })
+    .await;
+    let w = World::new(&shards.all()[1]).await;
+    let driver = w.driver().await;
+    let trip = w.trip(std::slice::from_ref(&driver)).await;
+    assert_eq!(gw.accept(&driver, &trip).await.0, 200);
+    wait_effects_done(&shards.all()[1], &trip, Duration::from_secs(20)).await;
+    gw.shutdown().await;
+}
