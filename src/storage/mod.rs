@@ -14,6 +14,7 @@
 //! | [`jobs`] | the durable job queue: claim, finish, list, retry |
 //! | [`guard`] | the rollout guard's samples, state (with its judge's lease) and verdicts |
 //! | [`flag_state`] | the fleet-wide flag overrides, the file's last seen percents, the flag change log |
+//! | [`shards`] | one storage per shard (`database.shards`), what spans them, each shard's recorded identity |
 //! | [`dialect`] | what differs between PostgreSQL and SQLite |
 //!
 //! # Postgres and SQLite
