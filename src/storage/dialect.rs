@@ -64,6 +64,10 @@ impl Dialect {
                     "shard identity",
                     include_str!("../../migrations/postgres/0007_shard_identity.sql"),
                 ),
+                (
+                    "claim indexes",
+                    include_str!("../../migrations/postgres/0008_claim_indexes.sql"),
+                ),
             ],
             Self::Sqlite => &[
                 ("init", include_str!("../../migrations/sqlite/0001_init.sql")),
@@ -79,6 +83,10 @@ impl Dialect {
                 (
                     "shard identity",
                     include_str!("../../migrations/sqlite/0005_shard_identity.sql"),
+                ),
+                (
+                    "claim indexes",
+                    include_str!("../../migrations/sqlite/0006_claim_indexes.sql"),
                 ),
             ],
         })

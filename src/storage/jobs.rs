@@ -95,18 +95,29 @@ impl JobResult {
 
 impl Storage {
     /// Claims up to `limit` runnable jobs — queued and due, or running with an expired
-    /// lease (their worker died), those with an OTP to send first — in one statement, leased until `now + lease_ms`. One
-    /// statement is atomic on its own (row locks with SKIP LOCKED on Postgres, the write
-    /// lock on SQLite), so it needs no explicit transaction.
+    /// lease (their worker died), those with an OTP to send first — in one statement,
+    /// leased until `now + lease_ms`. One statement is atomic on its own (row locks with
+    /// SKIP LOCKED on Postgres, the write lock on SQLite), so it needs no explicit
+    /// transaction.
+    ///
+    /// Each kind is taken by its own index in order and stops at `limit` (queued ones by
+    /// `jobs_ready_by_priority`, expired leases by the partial `jobs_lease`), so a claim
+    /// reads about as many entries as it takes however long the backlog is; one condition
+    /// over both states would read and sort every queued job each time, and a queue that
+    /// falls behind would get slower to drain the further behind it is.
     pub async fn claim_jobs(&self, lease_ms: i64, limit: usize) -> Result<Vec<Job>, sqlx::Error> {
         let sql = format!(
             "UPDATE jobs SET state = 'running', attempts = attempts + 1, locked_until = $1, updated_at = $2 \
-             WHERE id IN (SELECT id FROM jobs \
-                          WHERE (state = 'queued' AND run_at <= $2) OR (state = 'running' AND locked_until < $2) \
-                          ORDER BY priority, run_at LIMIT $3 {}) \
-             RETURNING {}",
-            self.dialect.skip_locked(),
-            Job::COLUMNS
+             WHERE id IN (SELECT id FROM ( \
+                 SELECT id, priority, run_at FROM (SELECT id, priority, run_at FROM jobs \
+                     WHERE state = 'queued' AND run_at <= $2 ORDER BY priority, run_at LIMIT $3 {skip}) AS due \
+                 UNION ALL \
+                 SELECT id, priority, run_at FROM (SELECT id, priority, run_at FROM jobs \
+                     WHERE state = 'running' AND locked_until < $2 ORDER BY locked_until LIMIT $3 {skip}) AS expired \
+               ) AS runnable ORDER BY priority, run_at LIMIT $3) \
+             RETURNING {columns}",
+            skip = self.dialect.skip_locked(),
+            columns = Job::COLUMNS
         );
         let now = now_ms();
         sqlx::query_as(&sql)

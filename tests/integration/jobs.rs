@@ -21,6 +21,7 @@ backend_tests!(
     otp_goes_before_a_backlog_of_slower_work,
     done_jobs_are_purged_after_retention,
     a_worker_killed_mid_batch_loses_nothing,
+    a_claim_reads_what_it_takes_not_the_backlog,
 );
 
 /// Accepts `trip` for `driver` directly in storage (atomic_async: a queued job).
@@ -784,4 +785,99 @@ async fn a_worker_killed_mid_batch_loses_nothing(backend: Backend) {
         }
     }
     store.close().await;
+}
+
+/// The claim behind a backlog: 5,000 due jobs queued (priority 1), three urgent ones
+/// (priority 0), two whose lease ran out, two with a live lease and two not yet due. A
+/// claim of 8 takes the urgent ones, the expired leases and the three oldest of the
+/// backlog — nothing live, nothing early. On Postgres it reads about as many index entries
+/// as it takes (a claim that read and sorted every queued job each time would make a
+/// queue that falls behind slower to drain the further behind it is).
+async fn a_claim_reads_what_it_takes_not_the_backlog(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.store().await;
+    let far = now_ms() + 3_600_000;
+    crate::support::execute_sql(
+        &db,
+        &format!(
+            "INSERT INTO vehicle_categories (id, name, type, created_at) VALUES ('cat', 'cat', 'car', 0); \
+             INSERT INTO users (id, user_type, first_name, last_name, phone, created_at) \
+               VALUES ('cust', 'customer', 'C', 'C', '+1', 0); \
+             WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < 5009) \
+             INSERT INTO trip_requests (id, customer_id, vehicle_category_id, type, estimated_fare_cents, \
+                                        current_status, created_at, updated_at) \
+               SELECT 't-' || n, 'cust', 'cat', 'ride_request', 100, 'pending', 0, 0 FROM g; \
+             WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < 5000) \
+             INSERT INTO jobs (id, kind, trip_request_id, cohort, state, attempts, run_at, created_at, \
+                               updated_at, priority) \
+               SELECT 'backlog-' || n, 'trip_accepted', 't-' || n, 'atomic_async', 'queued', 1, n, 0, 0, 1 FROM g; \
+             INSERT INTO jobs (id, kind, trip_request_id, cohort, state, attempts, run_at, locked_until, \
+                               created_at, updated_at, priority) VALUES \
+               ('urgent-1', 'trip_accepted', 't-5001', 'atomic_async', 'queued', 0, 9000, NULL, 0, 0, 0), \
+               ('urgent-2', 'trip_accepted', 't-5002', 'atomic_async', 'queued', 0, 9001, NULL, 0, 0, 0), \
+               ('urgent-3', 'trip_accepted', 't-5003', 'atomic_async', 'queued', 0, 9002, NULL, 0, 0, 0), \
+               ('expired-1', 'trip_accepted', 't-5004', 'atomic_async', 'running', 1, 0, 1, 0, 0, 1), \
+               ('expired-2', 'trip_accepted', 't-5005', 'atomic_async', 'running', 1, 0, 2, 0, 0, 1), \
+               ('live-1', 'trip_accepted', 't-5006', 'atomic_async', 'running', 1, 0, {far}, 0, 0, 0), \
+               ('live-2', 'trip_accepted', 't-5007', 'atomic_async', 'running', 1, 0, {far}, 0, 0, 0), \
+               ('early-1', 'trip_accepted', 't-5008', 'atomic_async', 'queued', 0, {far}, NULL, 0, 0, 0), \
+               ('early-2', 'trip_accepted', 't-5009', 'atomic_async', 'queued', 0, {far}, NULL, 0, 0, 0); \
+             ANALYZE"
+        ),
+    )
+    .await;
+    // Postgres: the jobs table's index and sequential reads so far (the statistics of a
+    // session arrive when it ends; the setup's inserts are the sign they are in).
+    let reads = "SELECT COALESCE((SELECT SUM(idx_tup_read) FROM pg_stat_user_indexes WHERE relname = 'jobs'), 0)::BIGINT \
+                 + COALESCE((SELECT seq_tup_read FROM pg_stat_user_tables WHERE relname = 'jobs'), 0)::BIGINT";
+    let stats_in = |updates: i64| {
+        let db = &db;
+        async move {
+            let done = crate::support::query_i64(
+                db,
+                &format!(
+                    "SELECT COUNT(*) FROM pg_stat_user_tables WHERE relname = 'jobs' \
+                     AND n_tup_ins >= 5009 AND n_tup_upd >= {updates}"
+                ),
+            )
+            .await;
+            (done == 1).then_some(())
+        }
+    };
+    let before = if backend == Backend::Postgres {
+        eventually(Duration::from_secs(15), "the setup's statistics", || stats_in(0)).await;
+        crate::support::query_i64(&db, reads).await
+    } else {
+        0
+    };
+
+    let mut claimed: Vec<String> = store
+        .claim_jobs(60_000, 8)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|j| j.id)
+        .collect();
+    claimed.sort();
+    let expected = [
+        "backlog-1",
+        "backlog-2",
+        "backlog-3",
+        "expired-1",
+        "expired-2",
+        "urgent-1",
+        "urgent-2",
+        "urgent-3",
+    ];
+    assert_eq!(claimed, expected);
+    store.close().await;
+
+    if backend == Backend::Postgres {
+        eventually(Duration::from_secs(15), "the claim's statistics", || stats_in(8)).await;
+        let read = crate::support::query_i64(&db, reads).await - before;
+        assert!(
+            read <= 100,
+            "a claim of 8 read {read} index or table entries of the jobs table (backlog: 5,000)"
+        );
+    }
 }
