@@ -119,6 +119,41 @@ impl Dialect {
         }
     }
 
+    /// `= ANY (…)` / `IN (…)` over the JSON array of strings bound at `$n`: a list of any
+    /// length in one parameter, so the statement's text — and its prepared plan — is the
+    /// same for every length. On Postgres an array, not a subquery: the planner probes a
+    /// primary key for an array, where a semi-join on a set-returning function's guess
+    /// (100 rows) may scan the table.
+    pub fn in_json_list(self, n: usize) -> String {
+        match self {
+            Self::Postgres => format!("= ANY (ARRAY(SELECT jsonb_array_elements_text(${n}::jsonb)))"),
+            Self::Sqlite => format!("IN (SELECT value FROM json_each(${n}))"),
+        }
+    }
+
+    /// A `SELECT` of the rows of the JSON array of objects bound at `$n`, with `columns`
+    /// (name, and `TEXT` or `BIGINT`): many rows in one parameter, one statement text for
+    /// any number of rows (a `VALUES` list has a text per length, each parsed and planned
+    /// on its own, and binds thousands of parameters for a large batch).
+    pub fn json_rows(self, n: usize, columns: &[(&str, &str)]) -> String {
+        match self {
+            Self::Postgres => {
+                let typed: Vec<String> = columns.iter().map(|(c, t)| format!("{c} {t}")).collect();
+                format!(
+                    "SELECT * FROM jsonb_to_recordset(${n}::jsonb) AS r({})",
+                    typed.join(", ")
+                )
+            }
+            Self::Sqlite => {
+                let read: Vec<String> = columns
+                    .iter()
+                    .map(|(c, _)| format!("json_extract(value, '$.{c}') AS {c}"))
+                    .collect();
+                format!("SELECT {} FROM json_each(${n})", read.join(", "))
+            }
+        }
+    }
+
     /// Clause for the job claim's inner `SELECT`, so workers skip each other's rows.
     pub fn skip_locked(self) -> &'static str {
         match self {

@@ -23,22 +23,6 @@ pub struct CallsToBegin<'a> {
     pub effects: &'a [Effect],
 }
 
-/// `$first, $first+1, …` for `n` values.
-fn marks(first: usize, n: usize) -> String {
-    (first..first + n)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// `n` tuples of `width` placeholders from `$first`: `($1, $2), ($3, $4)`.
-fn tuples(first: usize, n: usize, width: usize) -> String {
-    (0..n)
-        .map(|row| format!("({})", marks(first + row * width, width)))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 /// One provider call's outcome, as an attempt records it.
 #[derive(Debug, Clone)]
 pub struct CallOutcome {
@@ -191,15 +175,14 @@ impl Storage {
              JOIN driver_details dd ON dd.user_id = t.driver_id \
              JOIN trip_request_coordinates co ON co.trip_request_id = t.id \
              LEFT JOIN parcel_receivers pr ON pr.trip_request_id = t.id \
-             WHERE t.id IN ({})",
-            marks(1, trip_ids.len()),
+             WHERE t.id {}",
+            self.dialect.in_json_list(1),
             agg = self.dialect.string_agg()
         );
-        let mut query = sqlx::query(&sql);
-        for id in trip_ids {
-            query = query.bind(id);
-        }
-        let rows = query.fetch_all(&mut *self.conn().await?).await?;
+        let rows = sqlx::query(&sql)
+            .bind(serde_json::json!(trip_ids).to_string())
+            .fetch_all(&mut *self.conn().await?)
+            .await?;
         rows.iter()
             .map(|row| {
                 let mut ctx = EffectContext::from_row(row)?;
@@ -322,7 +305,7 @@ impl Storage {
             return Ok(Vec::new());
         }
         let sql = format!(
-            "WITH v(trip, cohort, job, attempt, effect) AS (VALUES {}) \
+            "WITH v AS ({}) \
              INSERT INTO side_effects (trip_request_id, effect, cohort, state, calls, in_flight, repeats, last_call) \
              SELECT v.trip, v.effect, v.cohort, 'pending', 1, 1, 0, 'first' FROM v WHERE {} \
              ON CONFLICT (trip_request_id, effect) DO UPDATE SET calls = side_effects.calls + 1, in_flight = 1, \
@@ -331,21 +314,36 @@ impl Storage {
                                 WHEN side_effects.calls > 0 THEN 'retry' ELSE 'first' END \
              WHERE side_effects.state <> 'done' \
              RETURNING trip_request_id, effect, last_call",
-            tuples(1, rows, 5),
+            self.dialect.json_rows(
+                1,
+                &[
+                    ("trip", "TEXT"),
+                    ("cohort", "TEXT"),
+                    ("job", "TEXT"),
+                    ("attempt", "BIGINT"),
+                    ("effect", "TEXT")
+                ]
+            ),
             attempt_fence("v.job", "v.attempt")
         );
-        let mut query = sqlx::query(&sql);
-        for item in items {
-            for effect in item.effects {
-                query = query
-                    .bind(item.trip_id)
-                    .bind(item.cohort.as_str())
-                    .bind(&item.attempt.job_id)
-                    .bind(item.attempt.number)
-                    .bind(effect.as_str());
-            }
-        }
-        let rows = query.fetch_all(&mut *self.conn().await?).await?;
+        let rows: Vec<serde_json::Value> = items
+            .iter()
+            .flat_map(|item| {
+                item.effects.iter().map(|effect| {
+                    serde_json::json!({
+                        "trip": item.trip_id,
+                        "cohort": item.cohort.as_str(),
+                        "job": item.attempt.job_id,
+                        "attempt": item.attempt.number,
+                        "effect": effect.as_str(),
+                    })
+                })
+            })
+            .collect();
+        let rows = sqlx::query(&sql)
+            .bind(serde_json::Value::from(rows).to_string())
+            .fetch_all(&mut *self.conn().await?)
+            .await?;
         rows.iter()
             .map(|r| {
                 Ok((
@@ -369,31 +367,49 @@ impl Storage {
             return Ok(Vec::new());
         }
         let sql = format!(
-            "WITH v(trip, job, attempt, effect, state, last_error, handed_at) AS (VALUES {}) \
+            "WITH v AS ({}) \
              UPDATE side_effects SET state = v.state, last_error = v.last_error, handed_at = v.handed_at, \
                done_at = $1, in_flight = 0 \
              FROM v WHERE side_effects.trip_request_id = v.trip AND side_effects.effect = v.effect \
                AND side_effects.state <> 'done' AND {} \
              RETURNING side_effects.trip_request_id, side_effects.effect",
-            tuples(2, items.len(), 7),
+            self.dialect.json_rows(
+                2,
+                &[
+                    ("trip", "TEXT"),
+                    ("job", "TEXT"),
+                    ("attempt", "BIGINT"),
+                    ("effect", "TEXT"),
+                    ("state", "TEXT"),
+                    ("last_error", "TEXT"),
+                    ("handed_at", "BIGINT")
+                ]
+            ),
             attempt_fence("v.job", "v.attempt")
         );
-        let mut query = sqlx::query(&sql).bind(now_ms());
-        for (attempt, trip_id, call) in items {
-            let (state, error) = match &call.result {
-                Ok(()) => (EffectState::Done, None),
-                Err(e) => (EffectState::Failed, Some(e.clone())),
-            };
-            query = query
-                .bind(*trip_id)
-                .bind(&attempt.job_id)
-                .bind(attempt.number)
-                .bind(call.effect.as_str())
-                .bind(state.as_str())
-                .bind(error)
-                .bind(call.handed_at);
-        }
-        let rows = query.fetch_all(&mut *self.conn().await?).await?;
+        let rows: Vec<serde_json::Value> = items
+            .iter()
+            .map(|(attempt, trip_id, call)| {
+                let (state, error) = match &call.result {
+                    Ok(()) => (EffectState::Done, None),
+                    Err(e) => (EffectState::Failed, Some(e.as_str())),
+                };
+                serde_json::json!({
+                    "trip": trip_id,
+                    "job": attempt.job_id,
+                    "attempt": attempt.number,
+                    "effect": call.effect.as_str(),
+                    "state": state.as_str(),
+                    "last_error": error,
+                    "handed_at": call.handed_at,
+                })
+            })
+            .collect();
+        let rows = sqlx::query(&sql)
+            .bind(now_ms())
+            .bind(serde_json::Value::from(rows).to_string())
+            .fetch_all(&mut *self.conn().await?)
+            .await?;
         rows.iter()
             .map(|r| Ok((r.try_get("trip_request_id")?, get_enum(r, "effect", Effect::parse)?)))
             .collect()
@@ -416,17 +432,16 @@ impl Storage {
             .await
     }
 
-    /// Runs `{statement} IN (the trips)`; nothing for no trips.
+    /// Runs `{statement}` followed by `IN (the trips)`; nothing for no trips.
     async fn execute_for_trips(&self, statement: &str, trip_ids: &[String]) -> Result<(), sqlx::Error> {
         if trip_ids.is_empty() {
             return Ok(());
         }
-        let sql = format!("{statement} IN ({})", marks(1, trip_ids.len()));
-        let mut query = sqlx::query(&sql);
-        for id in trip_ids {
-            query = query.bind(id);
-        }
-        query.execute(&mut *self.conn().await?).await?;
+        let sql = format!("{statement} {}", self.dialect.in_json_list(1));
+        sqlx::query(&sql)
+            .bind(serde_json::json!(trip_ids).to_string())
+            .execute(&mut *self.conn().await?)
+            .await?;
         Ok(())
     }
 

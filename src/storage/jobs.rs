@@ -163,21 +163,22 @@ impl Storage {
         if attempts.is_empty() {
             return Ok(Vec::new());
         }
-        let values: Vec<String> = (0..attempts.len())
-            .map(|i| format!("(${}, ${})", 2 + 2 * i, 3 + 2 * i))
-            .collect();
         let sql = format!(
-            "WITH v(id, attempts) AS (VALUES {}) \
+            "WITH v AS ({}) \
              UPDATE jobs SET {set} FROM v \
              WHERE jobs.id = v.id AND jobs.attempts = v.attempts AND jobs.state = 'running' \
              RETURNING jobs.id",
-            values.join(", ")
+            self.dialect.json_rows(2, &[("id", "TEXT"), ("attempts", "BIGINT")])
         );
-        let mut query = sqlx::query_scalar(&sql).bind(value);
-        for a in attempts {
-            query = query.bind(&a.job_id).bind(a.number);
-        }
-        query.fetch_all(&mut *self.conn().await?).await
+        let rows: Vec<serde_json::Value> = attempts
+            .iter()
+            .map(|a| serde_json::json!({"id": a.job_id, "attempts": a.number}))
+            .collect();
+        sqlx::query_scalar(&sql)
+            .bind(value)
+            .bind(serde_json::Value::from(rows).to_string())
+            .fetch_all(&mut *self.conn().await?)
+            .await
     }
 
     /// Records the end of an attempt; refused (false) when the attempt no longer holds the
