@@ -215,7 +215,9 @@ impl Storage {
 
     /// Purges up to `batch` of the oldest `done` jobs last changed before `before` (ms),
     /// with their trips' effect records, in one short transaction. Dead jobs stay. Returns
-    /// the number of jobs purged (0: nothing left to purge).
+    /// the number of jobs purged (0: nothing left to purge). The done jobs are read in
+    /// order from the partial index `jobs_done`, so a batch reads about as many entries as
+    /// it purges, not every done job of the retention window.
     pub async fn purge_done_jobs(&self, before: i64, batch: usize) -> Result<u64, sqlx::Error> {
         let mut tx = self.begin().await?;
         let ids: Vec<(String, String)> = sqlx::query_as(&format!(
@@ -230,22 +232,21 @@ impl Storage {
         if ids.is_empty() {
             return Ok(0);
         }
-        let marks: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
-        let sql = format!(
-            "DELETE FROM side_effects WHERE trip_request_id IN ({})",
-            marks.join(", ")
-        );
-        let mut query = sqlx::query(&sql);
-        for (_, trip) in &ids {
-            query = query.bind(trip);
-        }
-        query.execute(&mut *tx).await?;
-        let sql = format!("DELETE FROM jobs WHERE state = 'done' AND id IN ({})", marks.join(", "));
-        let mut query = sqlx::query(&sql);
-        for (id, _) in &ids {
-            query = query.bind(id);
-        }
-        query.execute(&mut *tx).await?;
+        let list = |values: Vec<&String>| serde_json::json!(values).to_string();
+        sqlx::query(&format!(
+            "DELETE FROM side_effects WHERE trip_request_id {}",
+            self.dialect.in_json_list(1)
+        ))
+        .bind(list(ids.iter().map(|(_, trip)| trip).collect()))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(&format!(
+            "DELETE FROM jobs WHERE state = 'done' AND id {}",
+            self.dialect.in_json_list(1)
+        ))
+        .bind(list(ids.iter().map(|(id, _)| id).collect()))
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(ids.len() as u64)
     }

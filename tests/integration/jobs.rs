@@ -22,6 +22,7 @@ backend_tests!(
     done_jobs_are_purged_after_retention,
     a_worker_killed_mid_batch_loses_nothing,
     a_claim_reads_what_it_takes_not_the_backlog,
+    a_purge_reads_what_it_deletes,
 );
 
 /// Accepts `trip` for `driver` directly in storage (atomic_async: a queued job).
@@ -826,30 +827,7 @@ async fn a_claim_reads_what_it_takes_not_the_backlog(backend: Backend) {
         ),
     )
     .await;
-    // Postgres: the jobs table's index and sequential reads so far (the statistics of a
-    // session arrive when it ends; the setup's inserts are the sign they are in).
-    let reads = "SELECT COALESCE((SELECT SUM(idx_tup_read) FROM pg_stat_user_indexes WHERE relname = 'jobs'), 0)::BIGINT \
-                 + COALESCE((SELECT seq_tup_read FROM pg_stat_user_tables WHERE relname = 'jobs'), 0)::BIGINT";
-    let stats_in = |updates: i64| {
-        let db = &db;
-        async move {
-            let done = crate::support::query_i64(
-                db,
-                &format!(
-                    "SELECT COUNT(*) FROM pg_stat_user_tables WHERE relname = 'jobs' \
-                     AND n_tup_ins >= 5009 AND n_tup_upd >= {updates}"
-                ),
-            )
-            .await;
-            (done == 1).then_some(())
-        }
-    };
-    let before = if backend == Backend::Postgres {
-        eventually(Duration::from_secs(15), "the setup's statistics", || stats_in(0)).await;
-        crate::support::query_i64(&db, reads).await
-    } else {
-        0
-    };
+    let before = table_reads_settled(&db, "n_tup_ins >= 5009").await;
 
     let mut claimed: Vec<String> = store
         .claim_jobs(60_000, 8)
@@ -872,12 +850,81 @@ async fn a_claim_reads_what_it_takes_not_the_backlog(backend: Backend) {
     assert_eq!(claimed, expected);
     store.close().await;
 
-    if backend == Backend::Postgres {
-        eventually(Duration::from_secs(15), "the claim's statistics", || stats_in(8)).await;
-        let read = crate::support::query_i64(&db, reads).await - before;
+    if let Some(before) = before {
+        let read = table_reads_settled(&db, "n_tup_upd >= 8").await.unwrap_or(0) - before;
         assert!(
             read <= 100,
             "a claim of 8 read {read} index or table entries of the jobs table (backlog: 5,000)"
         );
     }
+}
+
+/// The purge of done jobs past retention, behind 5,000 of them and 2 recent ones: a batch
+/// of 10 deletes the 10 that finished first, and on Postgres reads about as many index
+/// entries as it deletes (every done job of the retention window, each batch, before).
+async fn a_purge_reads_what_it_deletes(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.store().await;
+    let now = now_ms();
+    crate::support::execute_sql(
+        &db,
+        &format!(
+            "INSERT INTO vehicle_categories (id, name, type, created_at) VALUES ('cat', 'cat', 'car', 0); \
+             INSERT INTO users (id, user_type, first_name, last_name, phone, created_at) \
+               VALUES ('cust', 'customer', 'C', 'C', '+1', 0); \
+             WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < 5002) \
+             INSERT INTO trip_requests (id, customer_id, vehicle_category_id, type, estimated_fare_cents, \
+                                        current_status, created_at, updated_at) \
+               SELECT 't-' || n, 'cust', 'cat', 'ride_request', 100, 'pending', 0, 0 FROM g; \
+             WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < 5002) \
+             INSERT INTO jobs (id, kind, trip_request_id, cohort, state, attempts, run_at, created_at, \
+                               updated_at, priority) \
+               SELECT 'done-' || n, 'trip_accepted', 't-' || n, 'atomic_async', 'done', 1, 0, 0, \
+                      CASE WHEN n > 5000 THEN {now} ELSE 1000 + n END, n % 2 FROM g; \
+             ANALYZE"
+        ),
+    )
+    .await;
+    let before = table_reads_settled(&db, "n_tup_ins >= 5002").await;
+    assert_eq!(store.purge_done_jobs(now - 60_000, 10).await.unwrap(), 10);
+    let left = crate::support::query_i64(
+        &db,
+        "SELECT COUNT(*) FROM jobs WHERE id IN ('done-1', 'done-10', 'done-11', 'done-5001', 'done-5002')",
+    )
+    .await;
+    assert_eq!(left, 3, "the first ten gone; the eleventh and the recent ones kept");
+    store.close().await;
+    if let Some(before) = before {
+        let read = table_reads_settled(&db, "n_tup_del >= 10").await.unwrap_or(0) - before;
+        assert!(
+            read <= 100,
+            "a purge of 10 read {read} entries of the jobs table (5,002 done)"
+        );
+    }
+}
+
+/// Postgres: the index and sequential reads of the jobs table so far, once its statistics
+/// meet `settled` (a condition on `pg_stat_user_tables`, the sign that the sessions of
+/// interest reported: a session's statistics arrive when it ends); `None` on SQLite.
+async fn table_reads_settled(db: &TestDb, settled: &str) -> Option<i64> {
+    if db.backend != Backend::Postgres {
+        return None;
+    }
+    eventually(Duration::from_secs(15), "the jobs table's statistics", || async {
+        let n = crate::support::query_i64(
+            db,
+            &format!("SELECT COUNT(*) FROM pg_stat_user_tables WHERE relname = 'jobs' AND {settled}"),
+        )
+        .await;
+        (n == 1).then_some(())
+    })
+    .await;
+    Some(
+        crate::support::query_i64(
+            db,
+            "SELECT COALESCE((SELECT SUM(idx_tup_read) FROM pg_stat_user_indexes WHERE relname = 'jobs'), 0)::BIGINT \
+             + COALESCE((SELECT seq_tup_read FROM pg_stat_user_tables WHERE relname = 'jobs'), 0)::BIGINT",
+        )
+        .await,
+    )
 }
