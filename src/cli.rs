@@ -528,8 +528,10 @@ fn init_tracing(config: &Config, long_running: bool) {
         "warn"
     };
     let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new(level));
+    // Colours only on a terminal: a log file or pipeline gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match config.log.format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

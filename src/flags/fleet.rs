@@ -49,6 +49,9 @@ pub fn spawn(
                     failing = false;
                     tracing::info!("flag overrides readable again");
                 }
+                // Not migrated yet (a first start): no override to read, and the file's
+                // state is recorded on a later round, once the migrations have run.
+                Err(e) if crate::storage::is_not_migrated(&e) => {}
                 Err(e) if !failing => {
                     failing = true;
                     tracing::warn!(error = %e, "cannot read the flag overrides; the last known flags stay in force");

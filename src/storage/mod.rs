@@ -348,6 +348,16 @@ pub fn is_unavailable(e: &sqlx::Error) -> bool {
     }
 }
 
+/// True when `e` says a table does not exist yet: the database has not been migrated (a
+/// gateway's first start on an empty database reads before its migrations have run).
+/// Postgres `42P01` (undefined_table); SQLite's `no such table`.
+pub fn is_not_migrated(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => db.code().as_deref() == Some("42P01") || db.message().starts_with("no such table"),
+        _ => false,
+    }
+}
+
 /// Postgres class 08 (connection) and 57P0x (shutdown); SQLite `SQLITE_BUSY` (5) and
 /// `SQLITE_LOCKED` (6) with any of their extended codes (`SQLITE_BUSY_SNAPSHOT` = 517,
 /// `SQLITE_LOCKED_SHAREDCACHE` = 262, …): the primary code is the low byte.

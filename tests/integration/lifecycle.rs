@@ -281,8 +281,34 @@ async fn kill9_then_restart(backend: Backend, percent: f64, at_once: usize, batc
 crate::backend_tests!(
     sigterm_during_load_loses_nothing,
     kill9_during_load_then_restart,
-    kill9_with_batches_in_flight
+    kill9_with_batches_in_flight,
+    a_first_start_on_an_empty_database_warns_of_nothing
 );
+
+/// A newcomer's first `tripgate serve` on an empty database: it migrates it and gets
+/// ready, and its log says nothing alarming on the way — the flag overrides, read before
+/// the migrations have run, are simply not there yet (it used to warn twice that a
+/// relation does not exist) — in plain text (no terminal colour codes in a file).
+async fn a_first_start_on_an_empty_database_warns_of_nothing(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let dir = TempDir::new();
+    let mut config = crate::support::config(&db.url, dir.path(), &Options::default());
+    let admin = free_port();
+    config.server.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    config.server.admin_listen = format!("127.0.0.1:{admin}").parse().unwrap();
+    let serve = Process::spawn("serve", &config, dir.path());
+    wait_process_ready(format!("127.0.0.1:{admin}")).await;
+    // Rounds of the fleet sync after the migrations (it polls every 500 ms).
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let log = std::fs::read_to_string(serve.config_path.with_extension("log")).unwrap();
+    // The one warning this configuration should give: no Redis, so one instance only.
+    let alarming: Vec<&str> = log
+        .lines()
+        .filter(|l| (l.contains("WARN") || l.contains("ERROR")) && !l.contains("redis.url is empty"))
+        .collect();
+    assert!(alarming.is_empty(), "{alarming:#?}");
+    assert!(!log.contains('\u{1b}'), "terminal colour codes in a log file: {log}");
+}
 
 /// Once Postgres is known unreachable (here: gone silent, so a connection attempt hangs),
 /// accepts answer 503 at once instead of each waiting `database.acquire_timeout_ms` (3 s
