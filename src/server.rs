@@ -130,7 +130,7 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
                 flags.set_overrides(fleet::overrides_of(&rows));
             }
             // An empty database (a first start) holds no override: its migrations run next.
-            Ok(Err(e)) if crate::storage::is_not_migrated(&e) => {}
+            Ok(Err(e)) if crate::storage::is_not_migrated(&e) && !store.is_migrated() => {}
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "flag overrides not read at start; the file's flags until they are")
             }

@@ -50,8 +50,9 @@ pub fn spawn(
                     tracing::info!("flag overrides readable again");
                 }
                 // Not migrated yet (a first start): no override to read, and the file's
-                // state is recorded on a later round, once the migrations have run.
-                Err(e) if crate::storage::is_not_migrated(&e) => {}
+                // state is recorded on a later round, once the migrations have run. A table
+                // missing after them is a real failure, and warned of.
+                Err(e) if crate::storage::is_not_migrated(&e) && !store.is_migrated() => {}
                 Err(e) if !failing => {
                     failing = true;
                     tracing::warn!(error = %e, "cannot read the flag overrides; the last known flags stay in force");

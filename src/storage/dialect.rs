@@ -65,8 +65,20 @@ impl Dialect {
                     include_str!("../../migrations/postgres/0007_shard_identity.sql"),
                 ),
                 (
-                    "claim indexes",
-                    include_str!("../../migrations/postgres/0008_claim_indexes.sql"),
+                    "jobs lease index",
+                    include_str!("../../migrations/postgres/0008_jobs_lease_index.sql"),
+                ),
+                (
+                    "jobs done index",
+                    include_str!("../../migrations/postgres/0009_jobs_done_index.sql"),
+                ),
+                (
+                    "drop jobs_ready",
+                    include_str!("../../migrations/postgres/0010_drop_jobs_ready.sql"),
+                ),
+                (
+                    "side effects fillfactor",
+                    include_str!("../../migrations/postgres/0011_side_effects_fillfactor.sql"),
                 ),
             ],
             Self::Sqlite => &[
@@ -254,7 +266,8 @@ async fn listen(url: &str, channel: &str, wake: &Notify) -> Result<(), sqlx::Err
     }
 }
 
-/// The embedded migrations of one dialect: `(description, sql)`, version = position + 1.
+/// The embedded migrations of one dialect: `(description, sql)`, version = position + 1;
+/// one whose SQL starts with `-- no-transaction` runs outside a transaction.
 #[derive(Debug)]
 pub struct Embedded(&'static [(&'static str, &'static str)]);
 
@@ -271,7 +284,9 @@ impl<'s> MigrationSource<'s> for Embedded {
                         (*description).into(),
                         MigrationType::Simple,
                         (*sql).into(),
-                        false,
+                        // sqlx's marker for a migration that cannot run in a transaction
+                        // (one statement, e.g. CREATE INDEX CONCURRENTLY).
+                        sql.starts_with("-- no-transaction"),
                     )
                 })
                 .collect())

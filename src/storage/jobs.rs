@@ -104,7 +104,8 @@ impl Storage {
     /// `jobs_ready_by_priority`, expired leases by the partial `jobs_lease`), so a claim
     /// reads about as many entries as it takes however long the backlog is; one condition
     /// over both states would read and sort every queued job each time, and a queue that
-    /// falls behind would get slower to drain the further behind it is.
+    /// falls behind would get slower to drain the further behind it is. (With more than
+    /// `limit` leases expired at once, the oldest leases are the ones considered.)
     pub async fn claim_jobs(&self, lease_ms: i64, limit: usize) -> Result<Vec<Job>, sqlx::Error> {
         let sql = format!(
             "UPDATE jobs SET state = 'running', attempts = attempts + 1, locked_until = $1, updated_at = $2 \

@@ -94,6 +94,8 @@ pub struct Storage {
 #[derive(Debug)]
 struct Reachability {
     down: AtomicBool,
+    /// Whether this process has run the migrations on this database.
+    migrated: AtomicBool,
     /// Wakes the probe after a failure.
     failed: Notify,
     prober: Once,
@@ -142,6 +144,7 @@ impl Storage {
             url: url.into(),
             reach: Arc::new(Reachability {
                 down: AtomicBool::new(false),
+                migrated: AtomicBool::new(false),
                 failed: Notify::new(),
                 prober: Once::new(),
             }),
@@ -193,10 +196,21 @@ impl Storage {
         self.dialect.kind()
     }
 
-    /// Applies the migrations that are not yet applied.
+    /// Applies the migrations that are not yet applied. Migrations it does not know, of a
+    /// newer release, are left alone: every schema change is expand-then-contract, so this
+    /// release runs on a newer release's schema (a rollback, or one of its processes
+    /// restarting mid-upgrade) instead of refusing to start.
     pub async fn migrate(&self) -> Result<(), MigrateError> {
-        let migrator = Migrator::new(self.dialect.migrations()).await?;
-        migrator.run(&self.pool).await
+        let mut migrator = Migrator::new(self.dialect.migrations()).await?;
+        migrator.set_ignore_missing(true);
+        migrator.run(&self.pool).await?;
+        self.reach.migrated.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Whether [`Storage::migrate`] has run on this database in this process.
+    pub fn is_migrated(&self) -> bool {
+        self.reach.migrated.load(Ordering::Acquire)
     }
 
     /// Round trip to the database.
@@ -348,9 +362,10 @@ pub fn is_unavailable(e: &sqlx::Error) -> bool {
     }
 }
 
-/// True when `e` says a table does not exist yet: the database has not been migrated (a
-/// gateway's first start on an empty database reads before its migrations have run).
-/// Postgres `42P01` (undefined_table); SQLite's `no such table`.
+/// True when `e` says a table does not exist: before [`Storage::is_migrated`], the
+/// database has not been migrated yet (a gateway's first start on an empty database reads
+/// before its migrations have run). Postgres `42P01` (undefined_table); SQLite's `no such
+/// table`.
 pub fn is_not_migrated(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Database(db) => db.code().as_deref() == Some("42P01") || db.message().starts_with("no such table"),

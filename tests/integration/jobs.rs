@@ -801,13 +801,7 @@ async fn a_claim_reads_what_it_takes_not_the_backlog(backend: Backend) {
     crate::support::execute_sql(
         &db,
         &format!(
-            "INSERT INTO vehicle_categories (id, name, type, created_at) VALUES ('cat', 'cat', 'car', 0); \
-             INSERT INTO users (id, user_type, first_name, last_name, phone, created_at) \
-               VALUES ('cust', 'customer', 'C', 'C', '+1', 0); \
-             WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < 5009) \
-             INSERT INTO trip_requests (id, customer_id, vehicle_category_id, type, estimated_fare_cents, \
-                                        current_status, created_at, updated_at) \
-               SELECT 't-' || n, 'cust', 'cat', 'ride_request', 100, 'pending', 0, 0 FROM g; \
+            "{} \
              WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < 5000) \
              INSERT INTO jobs (id, kind, trip_request_id, cohort, state, attempts, run_at, created_at, \
                                updated_at, priority) \
@@ -823,7 +817,8 @@ async fn a_claim_reads_what_it_takes_not_the_backlog(backend: Backend) {
                ('live-2', 'trip_accepted', 't-5007', 'atomic_async', 'running', 1, 0, {far}, 0, 0, 0), \
                ('early-1', 'trip_accepted', 't-5008', 'atomic_async', 'queued', 0, {far}, NULL, 0, 0, 0), \
                ('early-2', 'trip_accepted', 't-5009', 'atomic_async', 'queued', 0, {far}, NULL, 0, 0, 0); \
-             ANALYZE"
+             ANALYZE",
+            pending_trips(5009)
         ),
     )
     .await;
@@ -869,19 +864,14 @@ async fn a_purge_reads_what_it_deletes(backend: Backend) {
     crate::support::execute_sql(
         &db,
         &format!(
-            "INSERT INTO vehicle_categories (id, name, type, created_at) VALUES ('cat', 'cat', 'car', 0); \
-             INSERT INTO users (id, user_type, first_name, last_name, phone, created_at) \
-               VALUES ('cust', 'customer', 'C', 'C', '+1', 0); \
-             WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < 5002) \
-             INSERT INTO trip_requests (id, customer_id, vehicle_category_id, type, estimated_fare_cents, \
-                                        current_status, created_at, updated_at) \
-               SELECT 't-' || n, 'cust', 'cat', 'ride_request', 100, 'pending', 0, 0 FROM g; \
+            "{} \
              WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < 5002) \
              INSERT INTO jobs (id, kind, trip_request_id, cohort, state, attempts, run_at, created_at, \
                                updated_at, priority) \
                SELECT 'done-' || n, 'trip_accepted', 't-' || n, 'atomic_async', 'done', 1, 0, 0, \
                       CASE WHEN n > 5000 THEN {now} ELSE 1000 + n END, n % 2 FROM g; \
-             ANALYZE"
+             ANALYZE",
+            pending_trips(5002)
         ),
     )
     .await;
@@ -926,5 +916,18 @@ async fn table_reads_settled(db: &TestDb, settled: &str) -> Option<i64> {
              + COALESCE((SELECT seq_tup_read FROM pg_stat_user_tables WHERE relname = 'jobs'), 0)::BIGINT",
         )
         .await,
+    )
+}
+
+/// SQL for a category, a customer and `n` pending trips `t-1` … `t-n` (for job rows).
+fn pending_trips(n: usize) -> String {
+    format!(
+        "INSERT INTO vehicle_categories (id, name, type, created_at) VALUES ('cat', 'cat', 'car', 0); \
+         INSERT INTO users (id, user_type, first_name, last_name, phone, created_at) \
+           VALUES ('cust', 'customer', 'C', 'C', '+1', 0); \
+         WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < {n}) \
+         INSERT INTO trip_requests (id, customer_id, vehicle_category_id, type, estimated_fare_cents, \
+                                    current_status, created_at, updated_at) \
+           SELECT 't-' || n, 'cust', 'cat', 'ride_request', 100, 'pending', 0, 0 FROM g;"
     )
 }
