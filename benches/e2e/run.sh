@@ -6,7 +6,9 @@
 # with pgbench and redis-benchmark in the same run, and prints every report.
 # Env: SCENARIOS (default "compare burst-pg burst-sqlite saturation"; also "hot-path", the
 # accept against the minimal fence transaction; "jobs"; "shards", one database vs two
-# shards: see BENCHMARKS.md), OUT (default target/e2e).
+# shards: see BENCHMARKS.md; "cpu-split", each process's CPU per accept at saturation),
+# OUT (default target/e2e), BIN (another build's binary instead of building this one),
+# LOGDUR (log_min_duration_statement on the gateway's fresh databases, e.g. 0).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PG=${PG:-postgres://postgres@127.0.0.1:5432}
@@ -14,8 +16,7 @@ REDIS=${REDIS:-redis://127.0.0.1:6379}
 OUT=$(realpath -m "${OUT:-target/e2e}")
 SCENARIOS=${SCENARIOS:-"compare burst-pg burst-sqlite saturation"}
 mkdir -p "$OUT"
-cargo build --release --quiet
-BIN=$PWD/target/release/tripgate
+if [ -z "${BIN:-}" ]; then cargo build --release --quiet; BIN=$PWD/target/release/tripgate; fi
 
 serve_pid=""
 stop() { [ -n "$serve_pid" ] && kill "$serve_pid" 2>/dev/null && wait "$serve_pid" 2>/dev/null; serve_pid=""; }
@@ -60,7 +61,12 @@ TOML
   echo "gateway did not start"; cat "$dir/serve.log"; exit 1
 }
 
-fresh_pg() { local db="tg_bench_$1"; psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" -qc "CREATE DATABASE $db"; echo "$PG/$db"; }
+fresh_pg() {
+  local db="tg_bench_$1"
+  psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" -qc "CREATE DATABASE $db"
+  if [ -n "${LOGDUR:-}" ]; then psql "$PG/postgres" -qc "ALTER DATABASE $db SET log_min_duration_statement = $LOGDUR"; fi
+  echo "$PG/$db"
+}
 drive() { local name=$1; shift; (cd "$OUT/$name" && "$BIN" drive --config config.toml --json "$@") | tee "$OUT/$name-$1.json"; echo; }
 
 for s in $SCENARIOS; do
@@ -116,6 +122,12 @@ for s in $SCENARIOS; do
              AND current_status IN ('accepted', 'ongoing') GROUP BY driver_id HAVING COUNT(*) > 1) x) AS drivers_with_two_trips" \
           | tee -a "$OUT/shards-split.txt"
       done ;;
+    cpu-split)  # where a saturated accept's CPU goes: each process's CPU over the accepts
+      start cpu-split "$(fresh_pg cpu_split)" "$REDIS" 100 1500 800
+      python3 benches/e2e/cpu_sample.py sample "$serve_pid" "$OUT/cpu-split/samples.txt" &
+      drive cpu-split burst --drivers 6000 --trips 6000 --concurrency 64
+      stop; sleep 0.5
+      python3 benches/e2e/cpu_sample.py window "$OUT/cpu-split/samples.txt" | tee "$OUT/cpu-split.txt" ;;
     jobs)  # issue #12: do the side effects keep up? Providers answering at once (simulated, 0 ms)
       start jobs-sat "$(fresh_pg jobs_sat)" "$REDIS" 100 0 0
       drive jobs-sat burst --drivers 6000 --trips 6000 --concurrency 64   # saturation: otp_after_load_ms
