@@ -277,8 +277,8 @@ pub async fn purge_done_jobs(
 
 /// Most jobs claimed by one statement — and run as one batch. Under a backlog a bigger
 /// batch costs the same handful of statements for more jobs (BENCHMARKS.md §0b: 32 let the
-/// queue grow at saturation, 128 keeps up); a batch's rows stay far below either
-/// database's parameter limit (128 jobs × 7 effects × 7 values).
+/// queue grow at saturation, 128 keeps up); a batch's rows travel as one JSON parameter
+/// per statement (128 jobs × 7 effects: some 100 KB).
 const CLAIM_BATCH: usize = 128;
 
 /// The job workers of this process: one dispatcher that claims jobs and runs up to
