@@ -789,9 +789,10 @@ async fn a_worker_killed_mid_batch_loses_nothing(backend: Backend) {
 }
 
 /// The claim behind a backlog: 5,000 due jobs queued (priority 1), three urgent ones
-/// (priority 0), two whose lease ran out, two with a live lease and two not yet due. A
-/// claim of 8 takes the urgent ones, the expired leases and the three oldest of the
-/// backlog — nothing live, nothing early. On Postgres it reads about as many index entries
+/// (priority 0), two whose lease ran out, two with a live lease, two not yet due, and
+/// 3,000 urgent retries not yet due (an SMS provider down: each OTP job waits out its
+/// backoff). A claim of 8 takes the urgent ones, the expired leases and the three oldest
+/// of the backlog — nothing live, nothing early. On Postgres it reads about as many index entries
 /// as it takes (a claim that read and sorted every queued job each time would make a
 /// queue that falls behind slower to drain the further behind it is).
 async fn a_claim_reads_what_it_takes_not_the_backlog(backend: Backend) {
@@ -806,6 +807,11 @@ async fn a_claim_reads_what_it_takes_not_the_backlog(backend: Backend) {
              INSERT INTO jobs (id, kind, trip_request_id, cohort, state, attempts, run_at, created_at, \
                                updated_at, priority) \
                SELECT 'backlog-' || n, 'trip_accepted', 't-' || n, 'atomic_async', 'queued', 1, n, 0, 0, 1 FROM g; \
+             WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < 3000) \
+             INSERT INTO jobs (id, kind, trip_request_id, cohort, state, attempts, run_at, created_at, \
+                               updated_at, priority) \
+               SELECT 'retry-' || n, 'trip_accepted', 't-' || (5009 + n), 'atomic_async', 'queued', 1, \
+                      {far} + n, 0, 0, 0 FROM g; \
              INSERT INTO jobs (id, kind, trip_request_id, cohort, state, attempts, run_at, locked_until, \
                                created_at, updated_at, priority) VALUES \
                ('urgent-1', 'trip_accepted', 't-5001', 'atomic_async', 'queued', 0, 9000, NULL, 0, 0, 0), \
@@ -818,11 +824,11 @@ async fn a_claim_reads_what_it_takes_not_the_backlog(backend: Backend) {
                ('early-1', 'trip_accepted', 't-5008', 'atomic_async', 'queued', 0, {far}, NULL, 0, 0, 0), \
                ('early-2', 'trip_accepted', 't-5009', 'atomic_async', 'queued', 0, {far}, NULL, 0, 0, 0); \
              ANALYZE",
-            pending_trips(5009)
+            pending_trips(8009)
         ),
     )
     .await;
-    let before = table_reads_settled(&db, "n_tup_ins >= 5009").await;
+    let before = table_reads_settled(&db, "n_tup_ins >= 8009").await;
 
     let mut claimed: Vec<String> = store
         .claim_jobs(60_000, 8)
