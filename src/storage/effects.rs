@@ -300,8 +300,7 @@ impl Storage {
         &self,
         items: &[CallsToBegin<'_>],
     ) -> Result<Vec<(String, Effect, Call)>, sqlx::Error> {
-        let rows: usize = items.iter().map(|i| i.effects.len()).sum();
-        if rows == 0 {
+        if items.iter().all(|i| i.effects.is_empty()) {
             return Ok(Vec::new());
         }
         let sql = format!(
@@ -326,7 +325,7 @@ impl Storage {
             ),
             attempt_fence("v.job", "v.attempt")
         );
-        let rows: Vec<serde_json::Value> = items
+        let batch: Vec<serde_json::Value> = items
             .iter()
             .flat_map(|item| {
                 item.effects.iter().map(|effect| {
@@ -341,7 +340,7 @@ impl Storage {
             })
             .collect();
         let rows = sqlx::query(&sql)
-            .bind(serde_json::Value::from(rows).to_string())
+            .bind(serde_json::Value::from(batch).to_string())
             .fetch_all(&mut *self.conn().await?)
             .await?;
         rows.iter()
@@ -387,7 +386,7 @@ impl Storage {
             ),
             attempt_fence("v.job", "v.attempt")
         );
-        let rows: Vec<serde_json::Value> = items
+        let batch: Vec<serde_json::Value> = items
             .iter()
             .map(|(attempt, trip_id, call)| {
                 let (state, error) = match &call.result {
@@ -407,7 +406,7 @@ impl Storage {
             .collect();
         let rows = sqlx::query(&sql)
             .bind(now_ms())
-            .bind(serde_json::Value::from(rows).to_string())
+            .bind(serde_json::Value::from(batch).to_string())
             .fetch_all(&mut *self.conn().await?)
             .await?;
         rows.iter()

@@ -171,13 +171,13 @@ impl Storage {
              RETURNING jobs.id",
             self.dialect.json_rows(2, &[("id", "TEXT"), ("attempts", "BIGINT")])
         );
-        let rows: Vec<serde_json::Value> = attempts
+        let batch: Vec<serde_json::Value> = attempts
             .iter()
             .map(|a| serde_json::json!({"id": a.job_id, "attempts": a.number}))
             .collect();
         sqlx::query_scalar(&sql)
             .bind(value)
-            .bind(serde_json::Value::from(rows).to_string())
+            .bind(serde_json::Value::from(batch).to_string())
             .fetch_all(&mut *self.conn().await?)
             .await
     }
