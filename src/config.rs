@@ -84,9 +84,10 @@ pub struct UpstreamConfig {
     pub url: String,
     /// Bound on connecting to the upstream.
     pub connect_timeout_ms: u64,
-    /// Bound on the wait for the upstream's response head.
+    /// Bound on the wait for the upstream's response head, from the moment the request's
+    /// body has been sent (an upload is bounded by `idle_timeout_ms` instead).
     pub timeout_ms: u64,
-    /// Most time between two bytes of a body or a websocket once the head arrived.
+    /// Most time between two bytes of an upload, a response body or a websocket.
     pub idle_timeout_ms: u64,
     /// Idle keep-alive connections kept to the upstream.
     pub max_idle_per_host: usize,

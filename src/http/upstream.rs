@@ -6,12 +6,18 @@
 //! is tunnelled both ways until either side closes.
 //!
 //! Failures answer in the app's envelope: unreachable or reset → 502 `bad_gateway_502`; no
-//! response head within `upstream.timeout_ms` → 504 `gateway_timeout_504`. After the head, a
-//! body or a tunnel runs as long as it moves, with at most `upstream.idle_timeout_ms`
-//! between bytes. Pass-through requests are counted in `tripgate_upstream_*` only.
+//! response head within `upstream.timeout_ms` of the request's body having been sent → 504
+//! `gateway_timeout_504`. A body (an upload, then the answer's) or a tunnel runs as long as
+//! it moves, with at most `upstream.idle_timeout_ms` between bytes: a slow upload is not cut
+//! by `timeout_ms`, a stalled one is (504). Pass-through requests are counted in
+//! `tripgate_upstream_*` only.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -19,10 +25,12 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tower_http::timeout::TimeoutBody;
+use tokio::sync::oneshot;
+use tower_http::timeout::{TimeoutBody, TimeoutError};
 
 use crate::config::UpstreamConfig;
 use crate::error::ApiError;
@@ -167,10 +175,10 @@ pub async fn forward(State(up): State<Upstream>, mut req: Request) -> Response {
     {
         headers.insert(header::HOST, host);
     }
-    let body = if websocket {
-        Body::empty()
+    let (body, upload) = if websocket || body.is_end_stream() {
+        (Body::empty(), Upload::done())
     } else {
-        Body::new(TimeoutBody::new(up.idle, body))
+        Upload::of(Body::new(TimeoutBody::new(up.idle, body)))
     };
     let mut upstream_req = axum::http::Request::new(body);
     *upstream_req.method_mut() = parts.method;
@@ -178,9 +186,13 @@ pub async fn forward(State(up): State<Upstream>, mut req: Request) -> Response {
     *upstream_req.headers_mut() = headers;
     *upstream_req.version_mut() = axum::http::Version::HTTP_11;
 
-    let answer = tokio::time::timeout(up.timeout, up.client.request(upstream_req)).await;
+    let answer = head_after_upload(up.timeout, up.client.request(upstream_req), upload.sent).await;
     let mut res = match answer {
         Err(_) => return failed(&up, &route, "timeout", ApiError::GatewayTimeout, started),
+        // The client's upload stalled past `idle_timeout_ms`.
+        Ok(Err(_)) if upload.stalled.load(Ordering::Acquire) => {
+            return failed(&up, &route, "timeout", ApiError::GatewayTimeout, started);
+        }
         Ok(Err(e)) => {
             let kind = if e.is_connect() { "connect" } else { "reset" };
             tracing::debug!(error = %e, kind, "upstream request failed");
@@ -223,6 +235,90 @@ fn failed(up: &Upstream, route: &str, kind: &str, error: ApiError, started: Inst
         .upstream_request(route, res.status().as_u16(), started.elapsed());
     res.extensions_mut().insert(PassThrough);
     res
+}
+
+/// The upstream's answer: while the request's body is still being sent, as long as the
+/// upload moves (its body has its own idle timeout); from the moment it is sent (or
+/// abandoned), at most `timeout` more. An upstream may answer before the upload ends.
+async fn head_after_upload<F: Future>(
+    timeout: Duration,
+    answer: F,
+    sent: oneshot::Receiver<()>,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    tokio::pin!(answer);
+    tokio::select! {
+        out = &mut answer => return Ok(out),
+        // Sent, or the body was dropped (the request failed or was answered early).
+        _ = sent => {}
+    }
+    tokio::time::timeout(timeout, answer).await
+}
+
+/// A request body being forwarded, and what the wait for the answer needs to know of it.
+struct Upload {
+    /// Resolves once the body has been sent (or dropped).
+    sent: oneshot::Receiver<()>,
+    /// The body ended in an idle timeout (the client stopped sending).
+    stalled: Arc<AtomicBool>,
+}
+
+impl Upload {
+    /// No body to send: the wait for the answer's head starts at once.
+    fn done() -> Self {
+        let (_, sent) = oneshot::channel();
+        Self {
+            sent,
+            stalled: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// `body`, watched.
+    fn of(body: Body) -> (Body, Self) {
+        let (tx, sent) = oneshot::channel();
+        let stalled = Arc::new(AtomicBool::new(false));
+        let watched = Watched {
+            inner: body,
+            sent: Some(tx),
+            stalled: stalled.clone(),
+        };
+        (Body::new(watched), Self { sent, stalled })
+    }
+}
+
+/// A body that says when it has been sent to its end (dropping it says so too).
+struct Watched {
+    inner: Body,
+    sent: Option<oneshot::Sender<()>>,
+    stalled: Arc<AtomicBool>,
+}
+
+impl HttpBody for Watched {
+    type Data = <Body as HttpBody>::Data;
+    type Error = <Body as HttpBody>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if let Some(Err(e)) = &frame
+            && std::iter::successors(std::error::Error::source(e), |e| e.source()).any(|e| e.is::<TimeoutError>())
+        {
+            self.stalled.store(true, Ordering::Release);
+        }
+        if frame.is_none() || self.inner.is_end_stream() {
+            self.sent.take();
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Copies both ways until either side closes or nothing moves for `idle`.

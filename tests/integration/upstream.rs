@@ -320,6 +320,56 @@ async fn websockets_tunnel_and_a_thousand_requests_are_answered() {
     gw.shutdown().await;
 }
 
+/// `timeout_ms` bounds the wait for the answer once the request is sent, not the upload: a
+/// slow upload that keeps moving goes through however long it takes; one that stops for
+/// `idle_timeout_ms` is cut with a 504.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_upload_goes_through_and_a_stalled_one_is_cut() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let db = TestDb::new(Backend::Sqlite).await;
+    let up = upstream().await;
+    let dir = TempDir::new();
+    let mut config = crate::support::config(&db.url, dir.path(), &Options::default());
+    upstream_options(&mut config, up);
+    config.upstream.idle_timeout_ms = 1_000;
+    let gw = Gateway::start_with(config, dir).await;
+    let addr = gw.api.trim_start_matches("http://").to_owned();
+    // POSTs `total` bytes to /upload, `sent` of them in 64 KiB chunks 150 ms apart; the
+    // whole answer.
+    let upload = |total: usize, sent: usize| {
+        let addr = addr.clone();
+        async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let head = format!(
+                "POST /upload HTTP/1.1\r\nhost: tripgate\r\ncontent-length: {total}\r\nconnection: close\r\n\r\n"
+            );
+            stream.write_all(head.as_bytes()).await.unwrap();
+            for _ in 0..sent / 65_536 {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                if stream.write_all(&[1u8; 65_536]).await.is_err() {
+                    break; // answered and closed early: the answer says why
+                }
+            }
+            let mut answer = String::new();
+            let _ = stream.read_to_string(&mut answer).await;
+            answer
+        }
+    };
+
+    // 512 KiB over ~1.2 s, more than timeout_ms (500 ms), never idle for 1 s.
+    let started = Instant::now();
+    let answer = upload(8 * 65_536, 8 * 65_536).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(started.elapsed() > Duration::from_millis(1_000), "the upload was slow");
+    assert!(answer.ends_with(&(8 * 65_536).to_string()), "{answer}");
+
+    // 64 KiB of 512, then nothing: cut after idle_timeout_ms, 504 in the app's envelope.
+    let answer = upload(8 * 65_536, 65_536).await;
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    assert!(answer.contains("gateway_timeout_504"), "{answer}");
+    gw.shutdown().await;
+}
+
 /// Tripgate's own routes stay its own in front of the backend; its demo routes are off, so
 /// the backend's versions answer; an unreachable upstream is 502 at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
