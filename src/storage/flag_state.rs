@@ -160,6 +160,21 @@ impl Storage {
         file_bp: u32,
     ) -> Result<(OverrideRow, AuditEntry), sqlx::Error> {
         let mut tx = self.begin().await?;
+        // A row to lock even for the flag's first override (as a cleared one, which no one
+        // sees: this transaction overwrites it): two first sets at once then go one after
+        // the other, so neither loses the other's fields and each entry's `from` is what
+        // was in force before it. (On Postgres a lock on a row that does not exist yet
+        // locks nothing; on SQLite writers are one at a time anyway.)
+        sqlx::query(
+            "INSERT INTO flag_overrides (flag, active, actor, source, reason, at) \
+             VALUES ($1, FALSE, $2, $3, '', $4) ON CONFLICT (flag) DO NOTHING",
+        )
+        .bind(flag)
+        .bind(&by.actor)
+        .bind(&by.source)
+        .bind(by.at)
+        .execute(&mut *tx)
+        .await?;
         let current: Option<OverrideRow> = sqlx::query_as(&format!(
             "SELECT {OVERRIDE_COLUMNS} FROM flag_overrides WHERE flag = $1 {}",
             self.dialect.lock_rows()

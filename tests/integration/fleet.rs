@@ -513,6 +513,68 @@ async fn file_changes_are_recorded_once(backend: Backend) {
 
 crate::backend_tests!(file_changes_are_recorded_once);
 
+/// The first overrides of a flag, set at once: they go one after the other, so the
+/// override in force keeps every one's field (none is lost to another's write) and the
+/// last one's audit entry shows what the others set before it.
+async fn first_overrides_at_once_lose_nothing(backend: Backend) {
+    use tripgate::storage::flag_state::{ChangeBy, OverridePatch};
+    let db = TestDb::new(backend).await;
+    let store = db.store().await;
+    for round in 0..4 {
+        let flag = format!("f{round}");
+        let by = |n: i64| ChangeBy {
+            actor: format!("ops-{n}"),
+            source: "api".into(),
+            reason: String::new(),
+            at: n,
+        };
+        let patches = [
+            OverridePatch {
+                percent_bp: Some(5_000),
+                ..OverridePatch::default()
+            },
+            OverridePatch {
+                allow: Some(vec!["d-allowed".into()]),
+                ..OverridePatch::default()
+            },
+            OverridePatch {
+                deny: Some(vec!["d-denied".into()]),
+                ..OverridePatch::default()
+            },
+        ];
+        let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(patches.len()));
+        let sets = patches.iter().enumerate().map(|(n, patch)| {
+            let (store, barrier, flag, by) = (store.clone(), barrier.clone(), flag.clone(), by(n as i64));
+            async move {
+                barrier.wait().await;
+                store.set_flag_override(&flag, patch, &by, 1_000).await.unwrap()
+            }
+        });
+        let entries: Vec<_> = futures_util::future::join_all(sets)
+            .await
+            .into_iter()
+            .map(|(_, entry)| entry)
+            .collect();
+        let now = store.flag_overrides().await.unwrap();
+        let now = now.iter().find(|o| o.flag == flag).unwrap();
+        assert_eq!(
+            (now.percent_bp, now.allow.clone(), now.deny.clone()),
+            (Some(5_000), vec!["d-allowed".to_string()], vec!["d-denied".to_string()]),
+            "round {round}: a concurrent first set was lost"
+        );
+        // The last set saw the two before it: its entry shows all three fields, 50 % in
+        // force. (Sets that each saw no override show only their own field.)
+        assert!(
+            entries.iter().any(|e| e.to == 50.0
+                && e.allow.as_deref() == Some(&["d-allowed".to_string()][..])
+                && e.deny.as_deref() == Some(&["d-denied".to_string()][..])),
+            "round {round}: no entry saw the others: {entries:#?}"
+        );
+    }
+}
+
+crate::backend_tests!(first_overrides_at_once_lose_nothing);
+
 /// The previous release's audit entries survive this release's migration: its API and CLI
 /// wrote the file (`write`), its watcher recorded file edits (`file`).
 async fn the_previous_audit_log_survives_the_upgrade(backend: Backend) {
