@@ -16,7 +16,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
@@ -175,7 +175,7 @@ pub async fn forward(State(up): State<Upstream>, mut req: Request) -> Response {
     {
         headers.insert(header::HOST, host);
     }
-    let (body, upload) = if websocket || body.is_end_stream() {
+    let (body, mut upload) = if websocket || body.is_end_stream() {
         (Body::empty(), Upload::done())
     } else {
         Upload::of(Body::new(TimeoutBody::new(up.idle, body)))
@@ -186,19 +186,19 @@ pub async fn forward(State(up): State<Upstream>, mut req: Request) -> Response {
     *upstream_req.headers_mut() = headers;
     *upstream_req.version_mut() = axum::http::Version::HTTP_11;
 
-    let answer = head_after_upload(up.timeout, up.client.request(upstream_req), upload.sent).await;
+    let answer = head_after_upload(up.timeout, up.idle, up.client.request(upstream_req), &mut upload).await;
     let mut res = match answer {
-        Err(_) => return failed(&up, &route, "timeout", ApiError::GatewayTimeout, started),
-        // The client's upload stalled past `idle_timeout_ms`.
-        Ok(Err(_)) if upload.stalled.load(Ordering::Acquire) => {
+        None => return failed(&up, &route, "timeout", ApiError::GatewayTimeout, started),
+        // The client stopped sending for `idle_timeout_ms`.
+        Some(Err(_)) if upload.stalled.load(Ordering::Acquire) => {
             return failed(&up, &route, "timeout", ApiError::GatewayTimeout, started);
         }
-        Ok(Err(e)) => {
+        Some(Err(e)) => {
             let kind = if e.is_connect() { "connect" } else { "reset" };
             tracing::debug!(error = %e, kind, "upstream request failed");
             return failed(&up, &route, kind, ApiError::BadGateway, started);
         }
-        Ok(Ok(res)) => res,
+        Some(Ok(res)) => res,
     };
     up.metrics
         .upstream_request(&route, res.status().as_u16(), started.elapsed());
@@ -238,58 +238,86 @@ fn failed(up: &Upstream, route: &str, kind: &str, error: ApiError, started: Inst
 }
 
 /// The upstream's answer: while the request's body is still being sent, as long as the
-/// upload moves (its body has its own idle timeout); from the moment it is sent (or
-/// abandoned), at most `timeout` more. An upstream may answer before the upload ends.
+/// upload moves — no byte for `idle` (the client stopped sending, or the upstream stopped
+/// reading) ends it; from the moment it is sent (or abandoned), at most `timeout` more.
+/// An upstream may answer before the upload ends. `None`: timed out.
 async fn head_after_upload<F: Future>(
     timeout: Duration,
+    idle: Duration,
     answer: F,
-    sent: oneshot::Receiver<()>,
-) -> Result<F::Output, tokio::time::error::Elapsed> {
+    upload: &mut Upload,
+) -> Option<F::Output> {
     tokio::pin!(answer);
-    tokio::select! {
-        out = &mut answer => return Ok(out),
-        // Sent, or the body was dropped (the request failed or was answered early).
-        _ = sent => {}
+    loop {
+        let quiet_until = upload.moved_at() + idle;
+        tokio::select! {
+            // In this order: a bodiless request (sent at once) never arms the idle timer.
+            biased;
+            out = &mut answer => return Some(out),
+            // Sent, or the body was dropped (the request failed or was answered early).
+            _ = &mut upload.sent => break,
+            () = tokio::time::sleep_until(quiet_until.into()) => {
+                if upload.moved_at() + idle <= Instant::now() {
+                    upload.stalled.store(true, Ordering::Release);
+                    return None;
+                }
+            }
+        }
     }
-    tokio::time::timeout(timeout, answer).await
+    tokio::time::timeout(timeout, answer).await.ok()
 }
 
 /// A request body being forwarded, and what the wait for the answer needs to know of it.
 struct Upload {
     /// Resolves once the body has been sent (or dropped).
     sent: oneshot::Receiver<()>,
-    /// The body ended in an idle timeout (the client stopped sending).
+    /// The upload stopped moving for `idle_timeout_ms`.
     stalled: Arc<AtomicBool>,
+    /// When the upload began.
+    began: Instant,
+    /// When it last moved: milliseconds after `began`.
+    moved_ms: Arc<AtomicU64>,
 }
 
 impl Upload {
     /// No body to send: the wait for the answer's head starts at once.
     fn done() -> Self {
-        let (_, sent) = oneshot::channel();
-        Self {
-            sent,
-            stalled: Arc::new(AtomicBool::new(false)),
-        }
+        Self::of(Body::empty()).1
     }
 
     /// `body`, watched.
     fn of(body: Body) -> (Body, Self) {
         let (tx, sent) = oneshot::channel();
-        let stalled = Arc::new(AtomicBool::new(false));
+        let upload = Self {
+            sent,
+            stalled: Arc::new(AtomicBool::new(false)),
+            began: Instant::now(),
+            moved_ms: Arc::new(AtomicU64::new(0)),
+        };
         let watched = Watched {
             inner: body,
             sent: Some(tx),
-            stalled: stalled.clone(),
+            stalled: upload.stalled.clone(),
+            began: upload.began,
+            moved_ms: upload.moved_ms.clone(),
         };
-        (Body::new(watched), Self { sent, stalled })
+        (Body::new(watched), upload)
+    }
+
+    /// When the upload last moved.
+    fn moved_at(&self) -> Instant {
+        self.began + Duration::from_millis(self.moved_ms.load(Ordering::Acquire))
     }
 }
 
-/// A body that says when it has been sent to its end (dropping it says so too).
+/// A body that says when it moves and when it has been sent to its end (dropping it says
+/// so too).
 struct Watched {
     inner: Body,
     sent: Option<oneshot::Sender<()>>,
     stalled: Arc<AtomicBool>,
+    began: Instant,
+    moved_ms: Arc<AtomicU64>,
 }
 
 impl HttpBody for Watched {
@@ -301,6 +329,8 @@ impl HttpBody for Watched {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        let moved = self.began.elapsed().as_millis() as u64;
+        self.moved_ms.store(moved, Ordering::Release);
         if let Some(Err(e)) = &frame
             && std::iter::successors(std::error::Error::source(e), |e| e.source()).any(|e| e.is::<TimeoutError>())
         {

@@ -368,6 +368,38 @@ async fn a_slow_upload_goes_through_and_a_stalled_one_is_cut() {
     assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
     assert!(answer.contains("gateway_timeout_504"), "{answer}");
     gw.shutdown().await;
+
+    // An upstream that takes the connection but never reads: once the socket buffers are
+    // full the upload stops moving, and is cut after idle_timeout_ms too (not left hanging).
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            held.push(conn);
+        }
+    });
+    let dir = TempDir::new();
+    let mut config = crate::support::config(&db.url, dir.path(), &Options::default());
+    upstream_options(&mut config, silent_addr);
+    config.upstream.idle_timeout_ms = 1_000;
+    let gw = Gateway::start_with(config, dir).await;
+    let started = Instant::now();
+    let res = reqwest::Client::new()
+        .post(format!("{}/upload", gw.api))
+        .body(vec![1u8; 64 * 1024 * 1024])
+        .timeout(Duration::from_secs(15))
+        .send()
+        .await;
+    // The gateway may answer before it has read the whole body and close the connection
+    // (then the client sees its send fail), or read it all and answer.
+    if let Ok(res) = res {
+        assert_eq!(res.status(), 504);
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(body["response_code"], "gateway_timeout_504");
+    }
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    gw.shutdown().await;
 }
 
 /// Tripgate's own routes stay its own in front of the backend; its demo routes are off, so
