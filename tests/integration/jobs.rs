@@ -352,7 +352,15 @@ async fn killed_worker_effects_exactly_once(backend: Backend) {
         let expected_calls = if r.effect == Effect::OtpSms { 2 } else { 1 };
         assert_eq!((r.effect.as_str(), r.calls), (r.effect.as_str(), expected_calls));
     }
-    let jobs = store.list_jobs(Some(JobState::Done)).await.unwrap();
+    // The job is marked done just after its last effect record (a statement of its own).
+    let jobs = eventually(Duration::from_secs(10), "the job done", || {
+        let store = store.clone();
+        async move {
+            let jobs = store.list_jobs(Some(JobState::Done)).await.ok()?;
+            (!jobs.is_empty()).then_some(jobs)
+        }
+    })
+    .await;
     assert_eq!(jobs.len(), 1);
     assert!(jobs[0].attempts >= 2, "taken again after the lease expired");
     store.close().await;
