@@ -111,6 +111,15 @@ fn upstream_options(config: &mut tripgate::config::Config, upstream: SocketAddr)
     config.upstream.route_labels = vec!["/api/v1/".into(), "/upload".into()];
 }
 
+/// A gateway (in this process) in front of `upstream`, with `idle_timeout_ms`.
+async fn in_front_of(db: &TestDb, upstream: SocketAddr, idle_timeout_ms: u64) -> Gateway {
+    let dir = TempDir::new();
+    let mut config = crate::support::config(&db.url, dir.path(), &Options::default());
+    upstream_options(&mut config, upstream);
+    config.upstream.idle_timeout_ms = idle_timeout_ms;
+    Gateway::start_with(config, dir).await
+}
+
 /// A `tripgate serve` process in front of `upstream` (its memory is measured).
 async fn gateway_process(db: &TestDb, upstream: SocketAddr) -> (Process, String, String, TempDir) {
     let dir = TempDir::new();
@@ -278,11 +287,7 @@ async fn requests_pass_through_intact_and_bodies_stream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn websockets_tunnel_and_a_thousand_requests_are_answered() {
     let db = TestDb::new(Backend::Sqlite).await;
-    let up = upstream().await;
-    let dir = TempDir::new();
-    let mut config = crate::support::config(&db.url, dir.path(), &Options::default());
-    upstream_options(&mut config, up);
-    let gw = Gateway::start_with(config, dir).await;
+    let gw = in_front_of(&db, upstream().await, 60_000).await;
 
     let ws_url = format!("{}/ws", gw.api.replacen("http://", "ws://", 1));
     let (mut socket, res) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
@@ -327,12 +332,7 @@ async fn websockets_tunnel_and_a_thousand_requests_are_answered() {
 async fn a_slow_upload_goes_through_and_a_stalled_one_is_cut() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let db = TestDb::new(Backend::Sqlite).await;
-    let up = upstream().await;
-    let dir = TempDir::new();
-    let mut config = crate::support::config(&db.url, dir.path(), &Options::default());
-    upstream_options(&mut config, up);
-    config.upstream.idle_timeout_ms = 1_000;
-    let gw = Gateway::start_with(config, dir).await;
+    let gw = in_front_of(&db, upstream().await, 1_000).await;
     let addr = gw.api.trim_start_matches("http://").to_owned();
     // POSTs `total` bytes to /upload, `sent` of them in 64 KiB chunks 150 ms apart; the
     // whole answer.
@@ -379,11 +379,7 @@ async fn a_slow_upload_goes_through_and_a_stalled_one_is_cut() {
             held.push(conn);
         }
     });
-    let dir = TempDir::new();
-    let mut config = crate::support::config(&db.url, dir.path(), &Options::default());
-    upstream_options(&mut config, silent_addr);
-    config.upstream.idle_timeout_ms = 1_000;
-    let gw = Gateway::start_with(config, dir).await;
+    let gw = in_front_of(&db, silent_addr, 1_000).await;
     let started = Instant::now();
     let res = reqwest::Client::new()
         .post(format!("{}/upload", gw.api))
