@@ -164,6 +164,7 @@ fn gateway_overhead(c: &mut Criterion) {
                 trip_id: trip.clone(),
                 action: TripAction::Rejected,
                 received_at_ms: 0,
+                driver_checked: true,
             }))
             .unwrap()
         })

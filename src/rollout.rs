@@ -111,6 +111,7 @@ mod tests {
             trip_id: "6f1c2b8e-7a8e-4a3e-9d7c-6a0c1f7b2d11".into(),
             action: TripAction::Accepted,
             received_at_ms: 1,
+            driver_checked: true,
         }
     }
 

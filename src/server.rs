@@ -189,6 +189,9 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
     let admin_addr: Option<SocketAddr>;
     let mut servers: Vec<JoinHandle<()>> = Vec::new();
 
+    let known_users = Arc::new(crate::storage::users::KnownUsers::new(Duration::from_millis(
+        config.auth.user_cache_ms,
+    )));
     let state = AppState::new(crate::http::Shared {
         config: config.clone(),
         store: store.clone(),
@@ -201,9 +204,7 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
         migrated: migrated.clone(),
         shard_health: shard_health.clone(),
         metrics: metrics.clone(),
-        known_users: Arc::new(crate::http::KnownUsers::new(Duration::from_millis(
-            config.auth.user_cache_ms,
-        ))),
+        known_users: known_users.clone(),
         upstream,
         backend_keys: crate::auth::BackendKeys::from_config(&config.auth)
             .map_err(|(key, reason)| StartError::Auth(format!("{key}: {reason}")))?
@@ -220,14 +221,15 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
             .all()
             .iter()
             .map(|shard| AcceptServices {
-                legacy: LegacyAccept::new(shard.clone(), runner(shard), lease_ms),
+                legacy: LegacyAccept::new(shard.clone(), runner(shard), lease_ms).with_known_users(known_users.clone()),
                 atomic: AtomicAsyncAccept::with_budget(
                     shard.clone(),
                     TripLocks::new(locks.clone(), metrics.clone()),
                     (config.client_timeout() / 2).min(Duration::from_secs(3)),
                     config.client_timeout() + Duration::from_secs(1),
                     budget.clone(),
-                ),
+                )
+                .with_known_users(known_users.clone()),
                 budget: budget.clone(),
             })
             .collect();

@@ -4,7 +4,8 @@
 //!    away without touching the database; the lock is never the judge: Redis down or slow
 //!    just means step 2 decides alone.
 //! 2. One statement (one database round trip, `Storage::accept_fenced`): the pre-checks —
-//!    no such trip, taken, not pending, driver unavailable, wrong vehicle, in that order —
+//!    the driver an active driver (the auth layer leaves that to the accept), no such
+//!    trip, taken, not pending, driver unavailable, wrong vehicle, in that order —
 //!    and the fence with its writes (driver `on_trip`, status, the job row: outbox) on the
 //!    locked trip and driver rows; it returns the outcome and the minimal trip. Under load,
 //!    concurrent accepts share that statement and its commit (group commit).
@@ -20,13 +21,15 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::{Accept, AcceptCommand, AcceptReply, Strategy, new_otp, refusal};
+use super::{Accept, AcceptCommand, AcceptReply, Strategy, check_driver, new_otp, refusal};
+use crate::auth::Role;
 use crate::budget::DriverBudget;
 use crate::domain::Cohort;
 use crate::error::{ApiError, Outcome};
 use crate::lock_store::{Owner, TripClaim, TripLocks};
 use crate::storage::Storage;
 use crate::storage::assign::{AssignOutcome, Fence};
+use crate::storage::users::KnownUsers;
 
 /// The atomic_async accept service.
 pub type AtomicAsyncAccept = Accept<AtomicAsync>;
@@ -92,13 +95,13 @@ impl Strategy for AtomicAsync {
         &self.store
     }
 
-    async fn accept(&self, cmd: AcceptCommand) -> Result<AcceptReply, ApiError> {
+    async fn accept(&self, mut cmd: AcceptCommand, users: &KnownUsers) -> Result<AcceptReply, ApiError> {
         // A second pass only when the lock that was in the way belonged to a request that
         // ended without the trip: this driver's earlier one, or a dead one's. The budget is
         // charged once, on the first.
         let mut budget = self.budget.as_ref();
         for _pass in 0..2 {
-            if let Some(reply) = self.try_accept(&cmd, budget.take()).await? {
+            if let Some(reply) = self.try_accept(&mut cmd, budget.take(), users).await? {
                 return Ok(reply);
             }
         }
@@ -110,23 +113,30 @@ impl Strategy for AtomicAsync {
 
 impl AtomicAsync {
     /// One pass: claim, then the fenced statement. `None` when the lock was in the way but
-    /// its holder is gone: try again.
+    /// its holder is gone: try again. An unchecked driver (`cmd.driver_checked` false) is
+    /// settled by the statement; an answer that does not reach it looks the driver up
+    /// first (a refused request costs that read, as every request did before).
     async fn try_accept(
         &self,
-        cmd: &AcceptCommand,
+        cmd: &mut AcceptCommand,
         budget: Option<&DriverBudget>,
+        users: &KnownUsers,
     ) -> Result<Option<AcceptReply>, ApiError> {
-        match self
+        let claim = self
             .locks
             .claim(
                 &cmd.trip_id,
                 &cmd.driver_id,
                 budget.and_then(DriverBudget::for_lock_claim),
             )
-            .await
-        {
+            .await;
+        if !matches!(claim, TripClaim::Acquired(_) | TripClaim::Unanswered(_)) {
+            check_driver(users, &self.store, cmd).await?;
+            cmd.driver_checked = true;
+        }
+        match claim {
             TripClaim::OverBudget => Err(ApiError::RateLimited),
-            TripClaim::Acquired(owner) => self.commit(cmd, Some(owner)).await.map(Some),
+            TripClaim::Acquired(owner) => self.commit(cmd, Some(owner), users).await.map(Some),
             // The lock store is down or slow: the in-process budget, then the fence alone
             // decides.
             TripClaim::Unanswered(owner) if budget.is_some_and(|b| !b.check_here(&cmd.driver_id)) => {
@@ -134,9 +144,10 @@ impl AtomicAsync {
                 // the background: the store is failing, the answer need not wait for it).
                 let (locks, trip_id) = (self.locks.clone(), cmd.trip_id.clone());
                 tokio::spawn(async move { locks.release(&trip_id, &owner).await });
+                check_driver(users, &self.store, cmd).await?;
                 Err(ApiError::RateLimited)
             }
-            TripClaim::Unanswered(_) => self.commit(cmd, None).await.map(Some),
+            TripClaim::Unanswered(_) => self.commit(cmd, None, users).await.map(Some),
             // Another request holds it. One that died (this driver's or another's) left
             // a lock older than any request runs: cleared, and we go again.
             TripClaim::HeldBy(holder) if self.clear_if_abandoned(&cmd.trip_id, &holder).await? => Ok(None),
@@ -148,8 +159,14 @@ impl AtomicAsync {
     }
 
     /// The fenced statement; on anything but a win (or this driver's own earlier win), the
-    /// lock, if we hold it, is released.
-    async fn commit(&self, cmd: &AcceptCommand, owner: Option<Owner>) -> Result<AcceptReply, ApiError> {
+    /// lock, if we hold it, is released. The statement also settled the driver: remembered
+    /// in `users` when found.
+    async fn commit(
+        &self,
+        cmd: &AcceptCommand,
+        owner: Option<Owner>,
+        users: &KnownUsers,
+    ) -> Result<AcceptReply, ApiError> {
         let fence = Fence {
             trip_id: cmd.trip_id.clone(),
             driver_id: cmd.driver_id.clone(),
@@ -166,6 +183,9 @@ impl AtomicAsync {
             self.locks.release(&cmd.trip_id, owner).await;
         }
         let fenced = fenced?;
+        if fenced.outcome != AssignOutcome::UnknownDriver {
+            users.remember(&cmd.driver_id, Role::Driver.as_str());
+        }
         let trip = fenced
             .trip
             .unwrap_or_else(|| json!({"id": cmd.trip_id, "current_status": "accepted"}));

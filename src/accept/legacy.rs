@@ -9,12 +9,13 @@
 //! writes, COMMIT), the effects (each a provider call and its records), the reload (one
 //! query per relation).
 
-use super::{Accept, AcceptCommand, AcceptReply, Strategy, new_otp, refusal};
+use super::{Accept, AcceptCommand, AcceptReply, Strategy, check_driver, new_otp, refusal};
 use crate::domain::Cohort;
 use crate::error::{ApiError, Outcome};
 use crate::jobs::JobRunner;
 use crate::storage::Storage;
 use crate::storage::assign::{AssignOutcome, Assignment};
+use crate::storage::users::KnownUsers;
 
 /// The legacy accept service.
 pub type LegacyAccept = Accept<Legacy>;
@@ -42,7 +43,9 @@ impl Strategy for Legacy {
         &self.store
     }
 
-    async fn accept(&self, cmd: AcceptCommand) -> Result<AcceptReply, ApiError> {
+    async fn accept(&self, cmd: AcceptCommand, users: &KnownUsers) -> Result<AcceptReply, ApiError> {
+        // The lookup the auth layer makes for every other route, first, as before.
+        check_driver(users, &self.store, &cmd).await?;
         let assignment = match precheck(&self.store, &cmd, Self::COHORT).await? {
             Precheck::Proceed(assignment) => assignment,
             // Today's behaviour: the driver's own retry is refused like anyone else's.

@@ -14,10 +14,12 @@ use std::task::{Context, Poll};
 use futures_util::future::BoxFuture;
 use serde_json::{Map, Value};
 
+use crate::auth::Role;
 use crate::domain::{Cohort, TripAction};
 use crate::error::{ApiError, FieldError, Outcome};
 use crate::storage::Storage;
 use crate::storage::assign::AssignOutcome;
+use crate::storage::users::KnownUsers;
 
 /// One driver request, after authentication and validation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +32,10 @@ pub struct AcceptCommand {
     pub action: TripAction,
     /// When the request arrived (ms), for OTP delivery time.
     pub received_at_ms: i64,
+    /// False when the auth layer left settling that the driver is an active driver to
+    /// the accept (a driver it had not seen within `auth.user_cache_ms`): the atomic_async
+    /// statement does it on the way, anything else by [`check_driver`] first.
+    pub driver_checked: bool,
 }
 
 /// How one cohort takes a trip: the part of an accept that differs between cohorts.
@@ -37,8 +43,14 @@ pub trait Strategy: Send + Sync + 'static {
     /// The cohort this strategy serves (written on the trip, its job and its effects).
     const COHORT: Cohort;
 
-    /// Takes the trip for the command's driver, or says why not.
-    fn accept(&self, cmd: AcceptCommand) -> impl Future<Output = Result<AcceptReply, ApiError>> + Send;
+    /// Takes the trip for the command's driver, or says why not; settles, unless
+    /// `cmd.driver_checked`, that the driver is an active driver (`users` remembers what
+    /// was found).
+    fn accept(
+        &self,
+        cmd: AcceptCommand,
+        users: &KnownUsers,
+    ) -> impl Future<Output = Result<AcceptReply, ApiError>> + Send;
 
     /// The storage the shared steps (reject) use.
     fn store(&self) -> &Storage;
@@ -48,22 +60,30 @@ pub trait Strategy: Send + Sync + 'static {
 /// accept goes to the strategy `S`.
 pub struct Accept<S> {
     strategy: Arc<S>,
+    users: Arc<KnownUsers>,
 }
 
 impl<S> Clone for Accept<S> {
     fn clone(&self) -> Self {
         Self {
             strategy: self.strategy.clone(),
+            users: self.users.clone(),
         }
     }
 }
 
 impl<S: Strategy> Accept<S> {
-    /// The service over `strategy`.
+    /// The service over `strategy` (drivers left unchecked are looked up every time).
     pub fn from_strategy(strategy: S) -> Self {
         Self {
             strategy: Arc::new(strategy),
+            users: Arc::new(KnownUsers::new(std::time::Duration::ZERO)),
         }
+    }
+
+    /// The same, remembering the drivers it finds in `users` (the auth layer's cache).
+    pub fn with_known_users(self, users: Arc<KnownUsers>) -> Self {
+        Self { users, ..self }
     }
 }
 
@@ -77,13 +97,16 @@ impl<S: Strategy> tower::Service<AcceptCommand> for Accept<S> {
     }
 
     fn call(&mut self, cmd: AcceptCommand) -> Self::Future {
-        let strategy = self.strategy.clone();
+        let (strategy, users) = (self.strategy.clone(), self.users.clone());
         // On its own task: a driver app that hangs up mid-request must not cut a lock from
         // its accept, a transaction from its job, or legacy's effects in half.
         let task = tokio::spawn(async move {
             match cmd.action {
-                TripAction::Rejected => reject(strategy.store(), &cmd).await,
-                TripAction::Accepted => strategy.accept(cmd).await,
+                TripAction::Rejected => {
+                    check_driver(&users, strategy.store(), &cmd).await?;
+                    reject(strategy.store(), &cmd).await
+                }
+                TripAction::Accepted => strategy.accept(cmd, &users).await,
             }
         });
         Box::pin(async move {
@@ -162,6 +185,18 @@ pub fn uuid_field(fields: &Map<String, Value>, name: &str, errors: &mut Vec<Fiel
     }
 }
 
+/// Settles that the command's driver is an active driver when the auth layer left it to
+/// the accept (`driver_checked` false): one lookup, remembered in `users`. 401 if not.
+pub(crate) async fn check_driver(users: &KnownUsers, store: &Storage, cmd: &AcceptCommand) -> Result<(), ApiError> {
+    if cmd.driver_checked {
+        return Ok(());
+    }
+    match users.user_type(store, &cmd.driver_id).await? {
+        Some(kind) if kind == Role::Driver.as_str() => Ok(()),
+        _ => Err(ApiError::Unauthorized),
+    }
+}
+
 /// A driver declines an offer: recorded, 200. Same in both cohorts.
 pub(crate) async fn reject(store: &Storage, cmd: &AcceptCommand) -> Result<AcceptReply, ApiError> {
     store.trip_snapshot(&cmd.trip_id).await?.ok_or(ApiError::TripNotFound)?;
@@ -177,6 +212,7 @@ pub(crate) fn refusal(outcome: AssignOutcome) -> ApiError {
         AssignOutcome::DriverBusy => ApiError::DriverUnavailable,
         AssignOutcome::VehicleMismatch => ApiError::VehicleMismatch,
         AssignOutcome::Taken | AssignOutcome::AlreadyMine => ApiError::TripTaken,
+        AssignOutcome::UnknownDriver => ApiError::Unauthorized,
         AssignOutcome::Accepted { .. } => ApiError::Internal("accepted trip treated as a refusal".into()),
     }
 }

@@ -1,13 +1,16 @@
 //! The driver route: `POST /api/driver/trip/request-action` (and the path the existing app
 //! calls, `/api/driver/ride/trip-action`).
 //!
-//! Auth first (401/403 before the body is read); then the body is parsed into an
+//! Auth first (a bad token or role: 401/403 before the body is read; whether a driver the
+//! user cache does not know is an active driver is left to the accept, which settles it in
+//! its statement on atomic_async); then the body is parsed into an
 //! [`AcceptCommand`] (400 here: a malformed request never gets a cohort); then the rollout
 //! router sends the command to its cohort's service — the per-driver rate limit in front of
 //! each, one budget for both — and the answer goes out in the shared envelope, tagged with
 //! the cohort that produced it.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -19,7 +22,7 @@ use axum::routing::post;
 use tower::{Layer, ServiceExt};
 
 use super::rate_limit::{DriverRateLimit, DriverRateLimitLayer};
-use super::{AppState, json_body};
+use super::{AppState, UserUnchecked, json_body};
 use crate::accept::atomic_async::AtomicAsyncAccept;
 use crate::accept::legacy::LegacyAccept;
 use crate::accept::{AcceptCommand, parse_request};
@@ -86,13 +89,17 @@ pub fn routes(state: &AppState, services: Vec<AcceptServices>) -> Router {
     }
     routes
         .with_state(route)
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), super::drivers))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            super::drivers_checked_by_route,
+        ))
 }
 
 /// Parse, route (to the driver's shard, then the driver's cohort), answer.
 async fn trip_action(
     State(route): State<DriverRoute>,
     Extension(user): Extension<AuthUser>,
+    unchecked: Option<Extension<UserUnchecked>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -111,11 +118,23 @@ async fn trip_action(
         route.state.metrics.cohort_assigned(TRIP_ACCEPT_FLAG, cohort);
         return tag(ApiError::TripNotFound.into_response(), cohort);
     }
+    // A shard whose migrations have not run yet (its database was down at start) has not
+    // the statements this release sends: unavailable, not a 500.
+    if !route
+        .state
+        .shard_health
+        .migrated
+        .get(shard)
+        .is_some_and(|m| m.load(Ordering::Acquire))
+    {
+        return ApiError::Unavailable(format!("shard {shard} is not migrated yet")).into_response();
+    }
     let command = AcceptCommand {
         driver_id: user.id,
         trip_id,
         action,
         received_at_ms,
+        driver_checked: unchecked.is_none(),
     };
     let Some(router) = route.routers.get(shard) else {
         return ApiError::Internal(format!("no accept services for shard {shard}")).into_response();
@@ -124,6 +143,11 @@ async fn trip_action(
         Ok(routed) => routed,
         Err(e) => return e.into_response(),
     };
+    // A driver who turned out not to be one (deleted or deactivated since the token was
+    // issued) is unauthenticated, as the auth layer would have answered: no cohort.
+    if let Err(e @ ApiError::Unauthorized) = result {
+        return e.into_response();
+    }
     route.state.metrics.cohort_assigned(TRIP_ACCEPT_FLAG, cohort);
     let response = match result {
         Ok(reply) => {

@@ -14,10 +14,8 @@ pub mod observe;
 pub mod rate_limit;
 pub mod upstream;
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -82,7 +80,7 @@ pub struct Shared {
     /// Request metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Users recently found to exist (`auth.user_cache_ms`).
-    pub known_users: Arc<KnownUsers>,
+    pub known_users: Arc<crate::storage::users::KnownUsers>,
     /// The backend's own tokens (RS256 / ES256), when `auth` names their keys.
     pub backend_keys: Option<Arc<crate::auth::BackendKeys>>,
     /// The backend routes tripgate does not own are forwarded to (`[upstream]`).
@@ -109,62 +107,31 @@ impl ShardHealth {
     }
 }
 
-/// Users recently found to exist, active, with their type: the auth layer looks a token's
-/// user up once per `auth.user_cache_ms` instead of on every request. Only positive
-/// answers are kept (a user created a moment ago is never refused from memory); bounded.
-#[derive(Debug)]
-pub struct KnownUsers {
-    ttl: Duration,
-    users: Mutex<HashMap<String, (String, Instant)>>,
+/// Who settles that a token's user exists: the auth layer, or the route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UserCheck {
+    /// The auth layer looks the user up (at most once per `auth.user_cache_ms`).
+    Now,
+    /// A driver the cache does not know is let through marked [`UserUnchecked`]: the route
+    /// settles it (the driver route: inside the atomic_async accept's own statement, or
+    /// by the same lookup before anything else).
+    ByRoute,
 }
 
-impl KnownUsers {
-    /// Most users kept; past it the expired ones are dropped, then all.
-    const CAPACITY: usize = 100_000;
-
-    /// A cache keeping each user `ttl` (zero: none).
-    pub fn new(ttl: Duration) -> Self {
-        Self {
-            ttl,
-            users: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// The type (`driver` | `customer`) of the active user `id`: from memory when found
-    /// within the TTL, else from `store`.
-    async fn user_type(&self, store: &Storage, id: &str) -> Result<Option<String>, ApiError> {
-        if let Some((kind, at)) = self.lock().get(id)
-            && at.elapsed() < self.ttl
-        {
-            return Ok(Some(kind.clone()));
-        }
-        let kind = store.user_type(id).await?;
-        if let Some(kind) = &kind
-            && !self.ttl.is_zero()
-        {
-            let mut users = self.lock();
-            if users.len() >= Self::CAPACITY {
-                let ttl = self.ttl;
-                users.retain(|_, (_, at)| at.elapsed() < ttl);
-                if users.len() >= Self::CAPACITY {
-                    users.clear();
-                }
-            }
-            users.insert(id.to_owned(), (kind.clone(), Instant::now()));
-        }
-        Ok(kind)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Instant)>> {
-        // Single inserts and removals: a panic while holding it leaves the map consistent.
-        self.users.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-}
+/// On a request whose driver the auth layer let through unchecked ([`UserCheck::ByRoute`]).
+#[derive(Debug, Clone, Copy)]
+pub struct UserUnchecked;
 
 /// Verifies the bearer token: valid signature and times, and (drivers and customers) a
-/// user that exists with that role (looked up at most once per `auth.user_cache_ms`). Then
-/// the role must be one of `allowed`.
-pub async fn authenticate(state: &AppState, headers: &HeaderMap, allowed: &[Role]) -> Result<AuthUser, ApiError> {
+/// user that exists with that role (looked up at most once per `auth.user_cache_ms`; with
+/// [`UserCheck::ByRoute`] a driver the cache does not know is left to the route: the
+/// second value is then false). Then the role must be one of `allowed`.
+async fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+    allowed: &[Role],
+    check: UserCheck,
+) -> Result<(AuthUser, bool), ApiError> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -181,16 +148,26 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap, allowed: &[Role
             None => return Err(ApiError::Unauthorized),
         },
     };
+    let mut checked = true;
     if user.role != Role::Admin {
         // A shard list that contradicts the shards' own record would look users and trips
         // up in the wrong database: refuse (admins still reach the admin API).
         if let Some(reason) = state.shard_health.misrouted.load_full() {
             return Err(ApiError::Unavailable(reason.to_string()));
         }
-        let user_type = state
-            .known_users
-            .user_type(state.shards.for_id(&user.id), &user.id)
-            .await?;
+        let user_type = match state.known_users.cached(&user.id) {
+            Some(kind) => Some(kind),
+            None if check == UserCheck::ByRoute && user.role == Role::Driver => {
+                checked = false;
+                Some(user.role.as_str().to_owned())
+            }
+            None => {
+                state
+                    .known_users
+                    .user_type(state.shards.for_id(&user.id), &user.id)
+                    .await?
+            }
+        };
         if user_type.as_deref() != Some(user.role.as_str()) {
             return Err(ApiError::Unauthorized);
         }
@@ -198,14 +175,23 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap, allowed: &[Role
     if !allowed.contains(&user.role) {
         return Err(ApiError::Forbidden);
     }
-    Ok(user)
+    Ok((user, checked))
 }
 
 /// Middleware: authenticate as one of `allowed`, or answer 401/403.
-async fn require(state: AppState, allowed: &'static [Role], mut req: Request, next: Next) -> Response {
-    match authenticate(&state, req.headers(), allowed).await {
-        Ok(user) => {
+async fn require(
+    state: AppState,
+    allowed: &'static [Role],
+    check: UserCheck,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    match authenticate(&state, req.headers(), allowed, check).await {
+        Ok((user, checked)) => {
             req.extensions_mut().insert(user.clone());
+            if !checked {
+                req.extensions_mut().insert(UserUnchecked);
+            }
             let mut res = next.run(req).await;
             res.extensions_mut().insert(user);
             res
@@ -214,24 +200,25 @@ async fn require(state: AppState, allowed: &'static [Role], mut req: Request, ne
     }
 }
 
-/// Middleware: drivers only.
-pub async fn drivers(State(s): State<AppState>, req: Request, next: Next) -> Response {
-    require(s, &[Role::Driver], req, next).await
+/// Middleware: drivers only; a driver the user cache does not know is passed on
+/// [`UserUnchecked`], for the route to settle.
+pub async fn drivers_checked_by_route(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    require(s, &[Role::Driver], UserCheck::ByRoute, req, next).await
 }
 
 /// Middleware: customers only.
 pub async fn customers(State(s): State<AppState>, req: Request, next: Next) -> Response {
-    require(s, &[Role::Customer], req, next).await
+    require(s, &[Role::Customer], UserCheck::Now, req, next).await
 }
 
 /// Middleware: customers and admins.
 pub async fn customers_or_admins(State(s): State<AppState>, req: Request, next: Next) -> Response {
-    require(s, &[Role::Customer, Role::Admin], req, next).await
+    require(s, &[Role::Customer, Role::Admin], UserCheck::Now, req, next).await
 }
 
 /// Middleware: admins only.
 pub async fn admins(State(s): State<AppState>, req: Request, next: Next) -> Response {
-    require(s, &[Role::Admin], req, next).await
+    require(s, &[Role::Admin], UserCheck::Now, req, next).await
 }
 
 /// The body of a JSON request: 413 past the limit, 415 for another content type.

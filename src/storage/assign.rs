@@ -89,6 +89,10 @@ pub enum AssignOutcome {
     VehicleMismatch,
     /// No such trip.
     NotFound,
+    /// The driver is not an active user of type driver (deleted or deactivated since the
+    /// token was issued): nothing was locked or written. The atomic_async statement settles
+    /// this itself, sparing the auth layer its lookup.
+    UnknownDriver,
 }
 
 /// What [`Storage::accept_fenced`] answers: the outcome and, when the trip exists, the
@@ -104,11 +108,6 @@ pub struct Fenced {
 /// The update that assigns the trip (legacy: the row is locked and was checked).
 const ASSIGN_SQL: &str = "UPDATE trip_requests SET driver_id = $2, vehicle_id = $3, current_status = 'accepted', \
      otp = $4, accepted_cohort = $5, accept_requested_at = $6, version = version + 1, updated_at = $7 WHERE id = $1";
-
-/// The effect lists `tripgate_accept_batch` takes to write `pending` records: empty since
-/// this release (the contract step) — the job creates its records; the parameters stay
-/// for the previous release's gateways, which still pass them during an upgrade.
-const NO_EFFECT_RECORDS: &str = "";
 
 /// The minimal trip: the answer of an atomic_async accept.
 const MINIMAL_TRIP_SQL: &str = "SELECT t.id, t.current_status, t.driver_id, t.customer_id, \
@@ -155,9 +154,10 @@ impl Storage {
         self.group.counts()
     }
 
-    /// Several atomic_async accepts in one statement (Postgres: `tripgate_accept_batch`) or
-    /// one transaction (SQLite), in arrival order: each gets the outcome it would get one
-    /// after another. A database error fails them all and writes nothing; in a batch of
+    /// Several atomic_async accepts in one statement (Postgres:
+    /// `tripgate_accept_batch_checked`, migration 0012) or one transaction (SQLite), in
+    /// arrival order: each gets the outcome it would get one after another, a member whose
+    /// driver is not an active driver [`AssignOutcome::UnknownDriver`]. A database error fails them all and writes nothing; in a batch of
     /// several, each member gets an unavailable error (503: nothing of theirs was wrong, and
     /// a retry runs in another batch). Workers are woken after the commit.
     pub async fn accept_fenced_batch(&self, fences: &[Fence]) -> Vec<Result<Fenced, sqlx::Error>> {
@@ -206,11 +206,9 @@ impl Storage {
                        "requested_at": f.requested_at_ms, "job": job.id})
             })
             .collect();
-        let rows = sqlx::query("SELECT * FROM tripgate_accept_batch($1, $2, $3, $4)")
+        let rows = sqlx::query("SELECT * FROM tripgate_accept_batch_checked($1, $2)")
             .bind(Value::Array(members).to_string())
             .bind(now_ms())
-            .bind(NO_EFFECT_RECORDS)
-            .bind(NO_EFFECT_RECORDS)
             .fetch_all(&mut *self.conn().await?)
             .await?;
         let mut out: Vec<Result<Fenced, sqlx::Error>> = fences
@@ -230,7 +228,7 @@ impl Storage {
         Ok(out)
     }
 
-    /// The same steps as `tripgate_accept_batch`, in one write transaction (SQLite has no
+    /// The same steps as `tripgate_accept_batch_checked`, in one write transaction (SQLite has no
     /// stored functions; its round trips are calls into the library, not the network).
     async fn accept_batch_sqlite(
         &self,
@@ -309,7 +307,13 @@ pub struct Checks {
     pub drivers_with_two_trips: i64,
 }
 
-/// One member's outcome from its row of `tripgate_accept` / `tripgate_accept_batch`.
+impl Fenced {
+    fn without_trip(outcome: AssignOutcome) -> Self {
+        Self { outcome, trip: None }
+    }
+}
+
+/// One member's outcome from its row of `tripgate_accept_batch_checked`.
 fn fenced_from_row(row: &AnyRow, f: &Fence, job: &Job) -> Result<Fenced, sqlx::Error> {
     let outcome = match row.try_get::<String, _>("outcome")?.as_str() {
         "accepted" => AssignOutcome::Accepted { job: job.clone() },
@@ -318,12 +322,9 @@ fn fenced_from_row(row: &AnyRow, f: &Fence, job: &Job) -> Result<Fenced, sqlx::E
         "not_pending" => AssignOutcome::NotPending,
         "driver_busy" => AssignOutcome::DriverBusy,
         "vehicle_mismatch" => AssignOutcome::VehicleMismatch,
-        "not_found" => {
-            return Ok(Fenced {
-                outcome: AssignOutcome::NotFound,
-                trip: None,
-            });
-        }
+        // Neither reads the trip: no minimal trip comes back.
+        "not_found" => return Ok(Fenced::without_trip(AssignOutcome::NotFound)),
+        "unknown_driver" => return Ok(Fenced::without_trip(AssignOutcome::UnknownDriver)),
         other => return Err(sqlx::Error::Protocol(format!("tripgate_accept answered {other:?}"))),
     };
     Ok(Fenced {
@@ -332,19 +333,25 @@ fn fenced_from_row(row: &AnyRow, f: &Fence, job: &Job) -> Result<Fenced, sqlx::E
     })
 }
 
-/// `tripgate_accept`'s steps for one member, inside the batch's SQLite transaction.
+/// `tripgate_accept_batch_checked`'s steps for one member, inside the batch's SQLite
+/// transaction.
 async fn sqlite_accept(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
     f: &Fence,
     job: &Job,
 ) -> Result<Fenced, sqlx::Error> {
+    let known: Option<i64> =
+        sqlx::query_scalar("SELECT 1 FROM users WHERE id = $1 AND is_active = TRUE AND user_type = 'driver'")
+            .bind(&f.driver_id)
+            .fetch_optional(&mut **tx)
+            .await?;
+    if known.is_none() {
+        return Ok(Fenced::without_trip(AssignOutcome::UnknownDriver));
+    }
     let sql = format!("SELECT {} FROM trip_requests WHERE id = $1", TripSnapshot::COLUMNS);
     let trip: Option<TripSnapshot> = sqlx::query_as(&sql).bind(&f.trip_id).fetch_optional(&mut **tx).await?;
     let Some(trip) = trip else {
-        return Ok(Fenced {
-            outcome: AssignOutcome::NotFound,
-            trip: None,
-        });
+        return Ok(Fenced::without_trip(AssignOutcome::NotFound));
     };
     let outcome = match trip.driver_id.as_deref() {
         Some(d) if d == f.driver_id => AssignOutcome::AlreadyMine,

@@ -80,6 +80,10 @@ impl Dialect {
                     "side effects fillfactor",
                     include_str!("../../migrations/postgres/0011_side_effects_fillfactor.sql"),
                 ),
+                (
+                    "accept batch checks driver",
+                    include_str!("../../migrations/postgres/0012_accept_batch_checks_driver.sql"),
+                ),
             ],
             Self::Sqlite => &[
                 ("init", include_str!("../../migrations/sqlite/0001_init.sql")),

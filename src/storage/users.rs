@@ -1,5 +1,9 @@
 //! Users, drivers and their vehicles; the driver's state the accept pre-checks read.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
 use sqlx::any::AnyRow;
 use sqlx::{Any, Executor, FromRow, Row};
 
@@ -170,4 +174,70 @@ where
     .execute(exec)
     .await?;
     Ok(())
+}
+
+/// Users recently found to exist, active, with their type: the auth layer looks a token's
+/// user up once per `auth.user_cache_ms` instead of on every request, and an atomic_async
+/// accept, whose statement settles its driver itself, tells it what it found. Only
+/// positive answers are kept (a user created a moment ago is never refused from memory);
+/// bounded.
+#[derive(Debug)]
+pub struct KnownUsers {
+    ttl: Duration,
+    users: Mutex<HashMap<String, (String, Instant)>>,
+}
+
+impl KnownUsers {
+    /// Most users kept; past it the expired ones are dropped, then all.
+    const CAPACITY: usize = 100_000;
+
+    /// A cache keeping each user `ttl` (zero: none).
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            users: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The type (`driver` | `customer`) of user `id` if it was found active within the TTL.
+    pub fn cached(&self, id: &str) -> Option<String> {
+        match self.lock().get(id) {
+            Some((kind, at)) if at.elapsed() < self.ttl => Some(kind.clone()),
+            _ => None,
+        }
+    }
+
+    /// The type (`driver` | `customer`) of the active user `id`: from memory when found
+    /// within the TTL, else from `store`.
+    pub async fn user_type(&self, store: &Storage, id: &str) -> Result<Option<String>, sqlx::Error> {
+        if let Some(kind) = self.cached(id) {
+            return Ok(Some(kind));
+        }
+        let kind = store.user_type(id).await?;
+        if let Some(kind) = &kind {
+            self.remember(id, kind);
+        }
+        Ok(kind)
+    }
+
+    /// Records that user `id` was just found active with type `kind`.
+    pub fn remember(&self, id: &str, kind: &str) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let mut users = self.lock();
+        if users.len() >= Self::CAPACITY {
+            let ttl = self.ttl;
+            users.retain(|_, (_, at)| at.elapsed() < ttl);
+            if users.len() >= Self::CAPACITY {
+                users.clear();
+            }
+        }
+        users.insert(id.to_owned(), (kind.to_owned(), Instant::now()));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Instant)>> {
+        // Single inserts and removals: a panic while holding it leaves the map consistent.
+        self.users.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }

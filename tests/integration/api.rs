@@ -11,6 +11,7 @@ use crate::support::{Backend, Gateway, Options, TestDb, WebhookStub, World, code
 
 backend_tests!(
     auth_trusts_a_found_user_for_user_cache_ms,
+    an_unseen_driver_is_settled_by_the_accept_statement,
     double_assignments_counts_a_half_written_accept,
     one_driver_on_two_paths_at_once,
     driver_holding_a_trip_cannot_take_another_atomic_async,
@@ -684,6 +685,81 @@ async fn auth_trusts_a_found_user_for_user_cache_ms(backend: Backend) {
         }
         gw.shutdown().await;
     }
+}
+
+/// A driver the auth layer has not seen within `auth.user_cache_ms` (every driver's first
+/// accept) is not looked up before an atomic_async accept: the accept's own statement
+/// settles that they are an active driver, so the accept costs one database round trip
+/// (issue #11, item 4). A driver deleted or deactivated since their token was issued is
+/// still refused `401` on every path — by that statement (nothing written, the trip's lock
+/// released for the next driver), by the lookup legacy and a reject make first — and the
+/// refusal carries no cohort, as the auth layer's did.
+async fn an_unseen_driver_is_settled_by_the_accept_statement(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let w = World::new(&db.store().await).await;
+    let atomic_drivers = w.drivers(12).await;
+    let legacy_driver = w.driver().await;
+    let mut trips = Vec::new();
+    for _ in 0..13 {
+        trips.push(w.trip(&[]).await);
+    }
+    let dir = crate::support::TempDir::new();
+    let options = Options {
+        redis_url: redis_for(backend),
+        allow: atomic_drivers.clone(),
+        ..Options::default()
+    };
+    let mut config = crate::support::config(&db.url, dir.path(), &options);
+    config.auth.user_cache_ms = 0;
+    let gw = Gateway::start_with(config, dir).await;
+    let acquires = || async {
+        crate::support::metric_value(
+            &gw.metrics().await,
+            "tripgate_db_pool_acquire_seconds_count{pool=\"api\"}",
+        )
+    };
+
+    // Ten first accepts one after another: one statement each, no lookup beside it.
+    let before = acquires().await;
+    for (d, t) in atomic_drivers.iter().zip(&trips).take(10) {
+        let (status, body, cohort) = gw.accept(d, t).await;
+        assert_eq!((status, cohort.as_str()), (200, "atomic_async"), "{body}");
+    }
+    let used = acquires().await - before;
+    assert!(
+        (10.0..15.0).contains(&used),
+        "{used} connections taken from the api pool for 10 first accepts: the user lookup must ride in the statement"
+    );
+
+    // Deactivated after their token was issued: refused, whichever path answers.
+    let (gone, next) = (&atomic_drivers[10], &atomic_drivers[11]);
+    for d in [gone, &legacy_driver] {
+        crate::support::execute_sql(&db, &format!("UPDATE users SET is_active = FALSE WHERE id = '{d}'")).await;
+    }
+    let trip = &trips[10];
+    let (status, body, cohort) = gw.accept(gone, trip).await;
+    assert_eq!((status, code(&body), cohort.as_str()), (401, "auth_login_401", ""));
+    let snapshot = gw.store.trip_snapshot(trip).await.unwrap().unwrap();
+    assert_eq!(snapshot.driver_id, None, "nothing written for a refused driver");
+    let (status, body, _) = gw.accept(next, trip).await;
+    assert_eq!(status, 200, "the refused driver's lock is released at once: {body}");
+    let (status, body, cohort) = gw.action(gone, &trips[11], "rejected").await;
+    assert_eq!((status, code(&body), cohort.as_str()), (401, "auth_login_401", ""));
+    let (status, body, cohort) = gw.accept(&legacy_driver, &trips[12]).await;
+    assert_eq!((status, code(&body), cohort.as_str()), (401, "auth_login_401", ""));
+    assert_eq!(
+        gw.store.trip_snapshot(&trips[12]).await.unwrap().unwrap().driver_id,
+        None
+    );
+
+    let metrics = gw.metrics().await;
+    let unauthorized = crate::support::metric_value(
+        &metrics,
+        "tripgate_http_requests_total{cohort=\"none\",outcome=\"unauthorized\",route=\"/api/driver/trip/request-action\"}",
+    );
+    assert_eq!(unauthorized, 3.0, "the three refusals counted without a cohort");
+    assert_eq!(gw.store.double_assignments().await.unwrap(), 0);
+    gw.shutdown().await;
 }
 
 /// The invariant check counts an accept written half: a trip accepted while its driver is

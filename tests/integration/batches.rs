@@ -38,6 +38,7 @@ fn outcomes(results: &[Result<Fenced, sqlx::Error>]) -> Vec<&'static str> {
                 AssignOutcome::DriverBusy => "driver_busy",
                 AssignOutcome::VehicleMismatch => "vehicle_mismatch",
                 AssignOutcome::NotFound => "not_found",
+                AssignOutcome::UnknownDriver => "unknown_driver",
             },
             Err(_) => "error",
         })
@@ -92,17 +93,21 @@ async fn refusals_do_not_fail_their_batch_mates(backend: Backend) {
     let db = TestDb::new(backend).await;
     let store = db.store().await;
     let w = World::new(&store).await;
-    let (d1, d2, offline, premium) = (
+    let (d1, d2, d3, offline, premium, gone) = (
+        w.driver().await,
         w.driver().await,
         w.driver().await,
         w.driver().await,
         w.driver_in(&w.other_category).await,
+        w.driver().await,
     );
+    execute_sql(&db, &format!("UPDATE users SET is_active = FALSE WHERE id = '{gone}'")).await;
     store
         .set_driver_status(&offline, false, Availability::Unavailable)
         .await
         .unwrap();
-    let (t1, t2, t3, t4) = (
+    let (t1, t2, t3, t4, t5) = (
+        w.trip(&[]).await,
         w.trip(&[]).await,
         w.trip(&[]).await,
         w.trip(&[]).await,
@@ -110,6 +115,8 @@ async fn refusals_do_not_fail_their_batch_mates(backend: Backend) {
     );
     assert!(store.cancel_trip(&t4).await.unwrap());
     let missing = uuid::Uuid::new_v4().to_string();
+    // Drivers that are not (or no longer) active drivers: a deactivated one, an id no user
+    // has, a customer's.
     let results = store
         .accept_fenced_batch(&[
             fence(&missing, &d1),
@@ -118,6 +125,10 @@ async fn refusals_do_not_fail_their_batch_mates(backend: Backend) {
             fence(&t3, &premium),
             fence(&t4, &d2),
             fence(&t3, &d2),
+            fence(&t5, &gone),
+            fence(&t5, &missing),
+            fence(&t5, &w.customer),
+            fence(&t5, &d3),
         ])
         .await;
     assert_eq!(
@@ -128,9 +139,18 @@ async fn refusals_do_not_fail_their_batch_mates(backend: Backend) {
             "driver_busy",
             "vehicle_mismatch",
             "not_pending",
+            "accepted",
+            "unknown_driver",
+            "unknown_driver",
+            "unknown_driver",
             "accepted"
         ]
     );
+    assert!(
+        results[6].as_ref().unwrap().trip.is_none(),
+        "a refused driver is told nothing of the trip"
+    );
+    assert!(store.driver_snapshot(&gone).await.unwrap().unwrap().is_available());
     store.close().await;
 }
 

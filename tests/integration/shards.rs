@@ -193,7 +193,13 @@ async fn one_shard_down_holds_up_no_other() {
     assert_eq!(ready["shards"][1]["database"], "down", "{ready}");
     assert_eq!(ready["shards"][1]["migrated"], false, "{ready}");
 
-    // Shard 0 accepts, and its own workers run the side effects.
+    // Shard 0 serves once its migrations ran (its drivers get 503 before), and its own
+    // workers run the side effects.
+    crate::support::eventually(Duration::from_secs(30), "shard 0 migrated", || async {
+        let (_, ready) = gw.admin_get("/readyz").await;
+        (ready["shards"][0]["migrated"] == true).then_some(())
+    })
+    .await;
     let w = World::new(&shards.all()[0]).await;
     let drivers = w.drivers(3).await;
     let trip = w.trip(&drivers).await;
@@ -201,12 +207,17 @@ async fn one_shard_down_holds_up_no_other() {
     assert_eq!(answers.iter().filter(|a| a.0 == 200).count(), 1, "{answers:?}");
     wait_effects_done(&shards.all()[0], &trip, Duration::from_secs(20)).await;
 
-    // A driver of shard 1 (an id that hashes there) gets 503 while it is down.
-    let stranger = (0..)
-        .map(|_| uuid::Uuid::new_v4().to_string())
-        .find(|id| shard_of(id, 2) == 1)
-        .unwrap();
-    assert_eq!(gw.accept(&stranger, &trip).await.0, 503);
+    // A driver of shard 1 (an id that hashes there) gets 503 on a trip of shard 1 while it
+    // is down (a trip of shard 0 is 404 to them, down or not).
+    let of_shard_1 = || {
+        (0..)
+            .map(|_| uuid::Uuid::new_v4().to_string())
+            .find(|id| shard_of(id, 2) == 1)
+            .unwrap()
+    };
+    let (stranger, their_trip) = (of_shard_1(), of_shard_1());
+    assert_eq!(gw.accept(&stranger, &their_trip).await.0, 503);
+    assert_eq!(gw.accept(&stranger, &trip).await.0, 404);
 
     // Back: migrated, then serving.
     proxy.restore();
