@@ -7,8 +7,11 @@
 //! the chosen service. The answer comes back [`Routed`]: with the cohort that produced it,
 //! success or refusal, for the response header, the metrics and the log line.
 //!
-//! Only a parsed, authenticated command reaches the router: a request that fails
-//! authentication or validation never gets a cohort (`cohort="none"`).
+//! Only a parsed command with a verified token reaches the router: a request that fails
+//! the token check or validation never gets a cohort (`cohort="none"`). Whether the
+//! token's driver is (still) an active driver may be settled inside the cohort's service
+//! (`AcceptCommand::driver_checked`); a driver refused there is answered without a cohort
+//! too (`http/driver.rs`).
 
 use std::task::{Context, Poll};
 

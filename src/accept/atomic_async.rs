@@ -140,14 +140,17 @@ impl AtomicAsync {
             // The lock store is down or slow: the in-process budget, then the fence alone
             // decides.
             TripClaim::Unanswered(owner) if budget.is_some_and(|b| !b.check_here(&cmd.driver_id)) => {
-                // A claim that timed out may still have run: its lock, if any, goes (in
-                // the background: the store is failing, the answer need not wait for it).
-                let (locks, trip_id) = (self.locks.clone(), cmd.trip_id.clone());
-                tokio::spawn(async move { locks.release(&trip_id, &owner).await });
+                self.release_unanswered(&cmd.trip_id, owner);
                 check_driver(users, &self.store, cmd).await?;
                 Err(ApiError::RateLimited)
             }
-            TripClaim::Unanswered(_) => self.commit(cmd, None, users).await.map(Some),
+            TripClaim::Unanswered(owner) => {
+                let reply = self.commit(cmd, None, users).await;
+                if reply.is_err() {
+                    self.release_unanswered(&cmd.trip_id, owner);
+                }
+                reply.map(Some)
+            }
             // Another request holds it. One that died (this driver's or another's) left
             // a lock older than any request runs: cleared, and we go again.
             TripClaim::HeldBy(holder) if self.clear_if_abandoned(&cmd.trip_id, &holder).await? => Ok(None),
@@ -156,6 +159,14 @@ impl AtomicAsync {
             // Another driver's: turned away without a write.
             TripClaim::HeldBy(_) => Err(ApiError::TripTaken),
         }
+    }
+
+    /// A claim that timed out may still have taken the lock: unless its accept won, that
+    /// lock goes, or it would block the trip until its TTL — in the background (the store
+    /// is failing; the answer need not wait for it).
+    fn release_unanswered(&self, trip_id: &str, owner: Owner) {
+        let (locks, trip_id) = (self.locks.clone(), trip_id.to_owned());
+        tokio::spawn(async move { locks.release(&trip_id, &owner).await });
     }
 
     /// The fenced statement; on anything but a win (or this driver's own earlier win), the

@@ -1,9 +1,17 @@
 //! The atomic_async path: one winner under every kind of race, idempotent retries, the
 //! lock released on failure, Redis down, two gateway instances.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
+use tower::ServiceExt;
+use tripgate::accept::AcceptCommand;
+use tripgate::accept::atomic_async::AtomicAsyncAccept;
+use tripgate::domain::{Availability, TripAction};
+use tripgate::lock_store::{Claim, LockError, LockStore, MemoryLockStore, TripLocks};
+use tripgate::metrics::Metrics;
+use tripgate::redis_conn::RedisError;
 
 use crate::backend_tests;
 use crate::support::{
@@ -20,6 +28,70 @@ backend_tests!(
     client_hang_up_cannot_cut_an_accept_in_half,
     stale_lock_of_a_dead_request_does_not_block_the_trip,
 );
+
+/// A lock store that takes the lock, then loses the answer: a Redis call that timed out
+/// after it ran.
+struct AnswersLate(MemoryLockStore);
+
+#[async_trait::async_trait]
+impl LockStore for AnswersLate {
+    async fn acquire(&self, trip_id: &str, owner: &str) -> Result<Claim, LockError> {
+        self.0.acquire(trip_id, owner).await?;
+        Err(LockError::Redis(RedisError::Timeout(Duration::from_millis(50))))
+    }
+    async fn release(&self, trip_id: &str, owner: &str) -> Result<bool, LockError> {
+        self.0.release(trip_id, owner).await
+    }
+    async fn holder(&self, trip_id: &str) -> Result<Option<String>, LockError> {
+        self.0.holder(trip_id).await
+    }
+    fn backend(&self) -> &'static str {
+        "memory"
+    }
+}
+
+/// A claim whose answer was lost (the lock store timed out after setting the lock) and
+/// whose accept the statement then refuses leaves no lock behind — a driver who may not
+/// take the trip (offline, deactivated) must not block it for the lock's TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_answered_late_leaves_no_lock_after_a_refusal() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let store = db.store().await;
+    let w = World::new(&store).await;
+    let (offline, gone) = (w.driver().await, w.driver().await);
+    store
+        .set_driver_status(&offline, false, Availability::Unavailable)
+        .await
+        .unwrap();
+    execute_sql(&db, &format!("UPDATE users SET is_active = FALSE WHERE id = '{gone}'")).await;
+    let locks = Arc::new(AnswersLate(MemoryLockStore::new(Duration::from_secs(300))));
+    let metrics = Arc::new(Metrics::new(Duration::from_secs(7), &[]));
+    let accept = AtomicAsyncAccept::new(
+        store.clone(),
+        TripLocks::new(locks.clone(), metrics),
+        Duration::from_secs(1),
+        Duration::from_secs(8),
+    );
+    for (driver, expected) in [(&offline, "driver_unavailable_403"), (&gone, "auth_login_401")] {
+        let trip = w.trip(&[]).await;
+        let command = AcceptCommand {
+            driver_id: driver.clone(),
+            trip_id: trip.clone(),
+            action: TripAction::Accepted,
+            received_at_ms: 0,
+            driver_checked: false,
+        };
+        let refused = accept.clone().oneshot(command).await;
+        assert!(
+            matches!(&refused, Err(e) if e.response_code() == expected),
+            "{refused:?}"
+        );
+        eventually(Duration::from_secs(2), "the late claim's lock released", || async {
+            locks.0.holder(&trip).await.unwrap().is_none().then_some(())
+        })
+        .await;
+    }
+}
 
 /// Postgres runs with real Redis (the production pair), SQLite with the in-process store.
 fn options(backend: Backend, stub: &WebhookStub) -> Options {
