@@ -6,7 +6,8 @@
 # with pgbench and redis-benchmark in the same run, and prints every report.
 # Env: SCENARIOS (default "compare burst-pg burst-sqlite saturation"; also "hot-path", the
 # accept against the minimal fence transaction; "jobs"; "shards", one database vs two
-# shards: see BENCHMARKS.md; "cpu-split", each process's CPU per accept at saturation),
+# shards: see BENCHMARKS.md; "cpu-split", each process's CPU per accept at saturation;
+# "idle", 1,000 sequential first accepts alone),
 # OUT (default target/e2e), BIN (another build's binary instead of building this one),
 # LOGDUR (log_min_duration_statement on the gateway's fresh databases, e.g. 0).
 set -euo pipefail
@@ -105,6 +106,10 @@ for s in $SCENARIOS; do
       pgbench -n -c 8 -j 2 -T 15 -f benches/e2e/pgbench_accept_function.sql "$lim" \
         | tee "$OUT/pgbench-accept-function.txt" | grep -E 'latency average|tps'
       ;;
+    idle)  # the idle accept alone, longer: 1,000 sequential first accepts (alternate BIN to compare builds)
+      start idle "$(fresh_pg idle)" "$REDIS" 100 1500 800
+      drive idle burst --drivers 1000 --trips 1000 --concurrency 1
+      stop ;;
     shards)  # issue #17: one database, then two databases as two shards — same drives, same run
       start shards-one "$(fresh_pg shards_one)" "$REDIS" 100 1500 800
       drive shards-one burst --drivers 6000 --trips 6000 --concurrency 64   # saturation
