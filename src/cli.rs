@@ -268,7 +268,9 @@ async fn run_async(config: Config, command: Command) -> anyhow::Result<ExitCode>
                 customers,
                 trips,
             };
-            let bar = indicatif::ProgressBar::new((2 + drivers + customers.max(usize::from(trips > 0)) + trips) as u64);
+            // Every shard's part: each shard has its own categories and customers.
+            let rows: usize = plan.split(shards.len()).iter().map(crate::seed::SeedPlan::rows).sum();
+            let bar = indicatif::ProgressBar::new(rows as u64);
             bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
             bar.set_style(
                 indicatif::ProgressStyle::with_template("seeding {bar:40} {pos}/{len} {elapsed}")

@@ -23,6 +23,32 @@ pub struct SeedPlan {
     pub trips: usize,
 }
 
+impl SeedPlan {
+    /// The rows [`seed`] creates for this plan, one `progress` call each: two categories,
+    /// the drivers, the customers (one at least when there are trips), the trips.
+    pub fn rows(&self) -> usize {
+        2 + self.drivers + self.customers.max(usize::from(self.trips > 0)) + self.trips
+    }
+
+    /// The plan of each of `shards` shards ([`seed_shards`]): each count split evenly,
+    /// customers at least one per shard when any are asked for.
+    pub fn split(&self, shards: usize) -> Vec<SeedPlan> {
+        let n = shards.max(1);
+        let share = |total: usize, i: usize| total / n + usize::from(i < total % n);
+        (0..n)
+            .map(|i| SeedPlan {
+                drivers: share(self.drivers, i),
+                customers: if self.customers > 0 {
+                    share(self.customers, i).max(1)
+                } else {
+                    0
+                },
+                trips: share(self.trips, i),
+            })
+            .collect()
+    }
+}
+
 /// A created category.
 #[derive(Debug, Clone, Serialize)]
 pub struct SeededCategory {
@@ -163,22 +189,11 @@ pub async fn seed(store: &Storage, plan: SeedPlan, mut progress: impl FnMut()) -
 /// any are asked for), each shard seeded on its own, every row tagged with its shard when
 /// there are several.
 pub async fn seed_shards(shards: &Shards, plan: SeedPlan, mut progress: impl FnMut()) -> Result<Seeded, sqlx::Error> {
-    let n = shards.len().max(1);
-    if n == 1 {
+    if shards.len() <= 1 {
         return seed(&shards.all()[0], plan, progress).await;
     }
-    let share = |total: usize, i: usize| total / n + usize::from(i < total % n);
     let mut out = Seeded::default();
-    for (i, store) in shards.all().iter().enumerate() {
-        let part = SeedPlan {
-            drivers: share(plan.drivers, i),
-            customers: if plan.customers > 0 {
-                share(plan.customers, i).max(1)
-            } else {
-                0
-            },
-            trips: share(plan.trips, i),
-        };
+    for (i, (store, part)) in shards.all().iter().zip(plan.split(shards.len())).enumerate() {
         let mut seeded = seed(store, part, &mut progress).await?;
         let shard = Some(i);
         seeded.vehicle_categories.iter_mut().for_each(|c| c.shard = shard);
@@ -191,4 +206,34 @@ pub async fn seed_shards(shards: &Shards, plan: SeedPlan, mut progress: impl FnM
         out.trips.extend(seeded.trips);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The progress bar's length is the rows of every shard's part: with customers at
+    /// least one per shard and two categories each, more than the plan's own rows.
+    #[test]
+    fn a_plan_splits_over_shards_with_every_row_counted() {
+        let plan = SeedPlan {
+            drivers: 10,
+            customers: 1,
+            trips: 7,
+        };
+        assert_eq!(plan.rows(), 2 + 10 + 1 + 7);
+        assert_eq!(plan.split(1).iter().map(SeedPlan::rows).sum::<usize>(), plan.rows());
+        let parts = plan.split(3);
+        let drivers: Vec<usize> = parts.iter().map(|p| p.drivers).collect();
+        let trips: Vec<usize> = parts.iter().map(|p| p.trips).collect();
+        assert_eq!((drivers, trips), (vec![4, 3, 3], vec![3, 2, 2]));
+        assert!(parts.iter().all(|p| p.customers == 1));
+        assert_eq!(parts.iter().map(SeedPlan::rows).sum::<usize>(), 3 * 2 + 10 + 3 + 7);
+        let no_customers = SeedPlan {
+            drivers: 2,
+            customers: 0,
+            trips: 0,
+        };
+        assert!(no_customers.split(2).iter().all(|p| p.customers == 0 && p.rows() == 3));
+    }
 }
