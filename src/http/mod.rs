@@ -155,18 +155,16 @@ async fn authenticate(
         if let Some(reason) = state.shard_health.misrouted.load_full() {
             return Err(ApiError::Unavailable(reason.to_string()));
         }
-        let user_type = match state.known_users.cached(&user.id) {
-            Some(kind) => Some(kind),
-            None if check == UserCheck::ByRoute && user.role == Role::Driver => {
+        let user_type = if check == UserCheck::ByRoute && user.role == Role::Driver {
+            state.known_users.cached(&user.id).or_else(|| {
                 checked = false;
                 Some(user.role.as_str().to_owned())
-            }
-            None => {
-                state
-                    .known_users
-                    .user_type(state.shards.for_id(&user.id), &user.id)
-                    .await?
-            }
+            })
+        } else {
+            state
+                .known_users
+                .user_type(state.shards.for_id(&user.id), &user.id)
+                .await?
         };
         if user_type.as_deref() != Some(user.role.as_str()) {
             return Err(ApiError::Unauthorized);
