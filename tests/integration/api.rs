@@ -669,7 +669,7 @@ async fn auth_trusts_a_found_user_for_user_cache_ms(backend: Backend) {
         let w = World::new(&gw.store).await;
         let (d, t) = (w.driver().await, w.trip(&[]).await);
         assert_eq!(gw.action(&d, &t, "rejected").await.0, 200);
-        crate::support::execute_sql(&db, &format!("UPDATE users SET is_active = FALSE WHERE id = '{d}'")).await;
+        crate::support::deactivate_user(&db, &d).await;
         let (status, body, _) = gw.action(&d, &t, "rejected").await;
         if cache_ms > 0 {
             assert_eq!(status, 200, "trusted from memory within {cache_ms} ms");
@@ -737,7 +737,7 @@ async fn an_unseen_driver_is_settled_by_the_accept_statement(backend: Backend) {
     // Deactivated after their token was issued: refused, whichever path answers.
     let (gone, next) = (&atomic_drivers[30], &atomic_drivers[31]);
     for d in [gone, &legacy_driver] {
-        crate::support::execute_sql(&db, &format!("UPDATE users SET is_active = FALSE WHERE id = '{d}'")).await;
+        crate::support::deactivate_user(&db, d).await;
     }
     let trip = &trips[30];
     let (status, body, cohort) = gw.accept(gone, trip).await;

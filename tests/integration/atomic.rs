@@ -63,7 +63,7 @@ async fn a_claim_answered_late_leaves_no_lock_after_a_refusal() {
         .set_driver_status(&offline, false, Availability::Unavailable)
         .await
         .unwrap();
-    execute_sql(&db, &format!("UPDATE users SET is_active = FALSE WHERE id = '{gone}'")).await;
+    crate::support::deactivate_user(&db, &gone).await;
     let locks = Arc::new(AnswersLate(MemoryLockStore::new(Duration::from_secs(300))));
     let metrics = Arc::new(Metrics::new(Duration::from_secs(7), &[]));
     let accept = AtomicAsyncAccept::new(

@@ -101,7 +101,7 @@ async fn refusals_do_not_fail_their_batch_mates(backend: Backend) {
         w.driver_in(&w.other_category).await,
         w.driver().await,
     );
-    execute_sql(&db, &format!("UPDATE users SET is_active = FALSE WHERE id = '{gone}'")).await;
+    crate::support::deactivate_user(&db, &gone).await;
     store
         .set_driver_status(&offline, false, Availability::Unavailable)
         .await

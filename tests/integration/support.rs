@@ -1048,6 +1048,11 @@ pub async fn query_i64(db: &TestDb, sql: &str) -> i64 {
     }
 }
 
+/// Deactivates user `id` behind the gateway's back (as the backend's admin would).
+pub async fn deactivate_user(db: &TestDb, id: &str) {
+    execute_sql(db, &format!("UPDATE users SET is_active = FALSE WHERE id = '{id}'")).await;
+}
+
 pub async fn execute_sql(db: &TestDb, sql: &str) {
     match db.backend {
         Backend::Sqlite => {
