@@ -15,7 +15,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 
 /// Limits of one listener.
 #[derive(Debug, Clone, Copy)]
@@ -76,10 +76,17 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        // Set by the connection's first request. hyper's header timeout starts once it knows
+        // the protocol, and it reads the client's first bytes to learn it with no bound: a
+        // client that connects and sends nothing (or half an HTTP/2 preface) would hold its
+        // slot for ever.
+        let first_request = Arc::new(Notify::new());
+        let started = first_request.clone();
         // The peer's address, for `X-Forwarded-For` on pass-through.
         let service = TowerToHyperService::new(tower::ServiceExt::map_request(
             router.clone(),
             move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                started.notify_one();
                 req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
                 req
             },
@@ -88,9 +95,19 @@ pub async fn serve(
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
         let connection = graceful.watch(connection);
+        let first_request_within = limits.header_read_timeout;
         tokio::spawn(async move {
+            tokio::pin!(connection);
             // Errors here are the client's (reset, timeout, bad request line): nothing to do.
-            let _ = connection.await;
+            tokio::select! {
+                biased;
+                _ = &mut connection => {}
+                _ = first_request.notified() => {
+                    let _ = connection.await;
+                }
+                // No request in time: dropping the connection closes it.
+                _ = tokio::time::sleep(first_request_within) => {}
+            }
             drop(permit);
         });
     }

@@ -69,6 +69,21 @@ async fn slow_loris_is_cut_and_the_cap_refuses_cleanly() {
         started.elapsed()
     );
 
+    // A client that connects and sends nothing, or half an HTTP/2 preface, is cut the same
+    // way: before its first request it holds one of the few connection slots.
+    for opening in [&b""[..], b"PRI * HTTP/2.0\r\n"] {
+        let mut silent = TcpStream::connect(&api).await.unwrap();
+        silent.write_all(opening).await.unwrap();
+        let started = Instant::now();
+        let read = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "a client that sent {opening:?} still connected after 5 s");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "cut after {:?}",
+            started.elapsed()
+        );
+    }
+
     // The cap: 4 idle keep-alive connections are served; a 5th gets a clean 503.
     let mut held = Vec::new();
     for _ in 0..4 {
