@@ -5,6 +5,7 @@
 //! with one line that names the key, so `tripgate` can refuse to start with a clear reason.
 
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -503,6 +504,11 @@ impl Config {
 
     /// Range and consistency checks serde cannot express.
     fn validate(&self) -> Result<(), (&'static str, String)> {
+        for (key, value, range) in self.whole_numbers() {
+            if !range.contains(&value) {
+                return Err((key, format!("{value} is not in {}..={}", range.start(), range.end())));
+            }
+        }
         if self.database.kind().is_none() {
             return Err((
                 "database.url",
@@ -511,9 +517,6 @@ impl Config {
                     self.database.url
                 ),
             ));
-        }
-        if self.database.max_connections == 0 {
-            return Err(("database.max_connections", "must be at least 1".into()));
         }
         for (i, shard) in self.database.shards.iter().enumerate() {
             if kind_of(shard).is_none() {
@@ -544,20 +547,11 @@ impl Config {
                 ),
             ));
         }
-        if self.redis.lock_ttl_s == 0 {
-            return Err(("redis.lock_ttl_s", "must be at least 1".into()));
-        }
-        if self.redis.timeout_ms == 0 {
-            return Err(("redis.timeout_ms", "must be at least 1".into()));
-        }
         if self.auth.hs256_secret.len() < 16 {
             return Err((
                 "auth.hs256_secret",
                 "must be set, at least 16 bytes (or TRIPGATE_AUTH_HS256_SECRET)".into(),
             ));
-        }
-        if self.client.timeout_ms == 0 {
-            return Err(("client.timeout_ms", "must be at least 1".into()));
         }
         if !self.auth.public_key_file.is_empty() && !self.auth.jwks_url.is_empty() {
             return Err((
@@ -586,15 +580,6 @@ impl Config {
                         ),
                     ));
                 }
-            }
-        }
-        for (key, value) in [
-            ("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms),
-            ("upstream.timeout_ms", self.upstream.timeout_ms),
-            ("upstream.idle_timeout_ms", self.upstream.idle_timeout_ms),
-        ] {
-            if value == 0 {
-                return Err((key, "must be at least 1".into()));
             }
         }
         if let Some(bad) = self.upstream.route_labels.iter().find(|p| !p.starts_with('/')) {
@@ -628,34 +613,74 @@ impl Config {
                 ));
             }
         }
-        if self.jobs.workers == 0 {
-            return Err(("jobs.workers", "must be at least 1".into()));
-        }
-        if self.jobs.db_connections == 0 {
-            return Err(("jobs.db_connections", "must be at least 1".into()));
-        }
-        if self.jobs.max_attempts == 0 {
-            return Err(("jobs.max_attempts", "must be at least 1".into()));
-        }
-        if self.jobs.visibility_timeout_s == 0 {
-            return Err(("jobs.visibility_timeout_s", "must be at least 1".into()));
-        }
-        if self.server.max_body_bytes == 0 {
-            return Err(("server.max_body_bytes", "must be at least 1".into()));
-        }
-        if self.server.max_connections == 0 {
-            return Err(("server.max_connections", "must be at least 1".into()));
-        }
-        if self.server.header_read_timeout_ms == 0 {
-            return Err(("server.header_read_timeout_ms", "must be at least 1".into()));
-        }
-        if self.server.rate_limit_per_driver == 0 {
-            return Err(("server.rate_limit_per_driver", "must be at least 1".into()));
-        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(("log.level", format!("{:?} is not a tracing filter", self.log.level)));
         }
         Ok(())
+    }
+
+    /// Every whole-number setting and the range it must be in: at least 1 where 0 would
+    /// switch its part off or spin, and an upper bound past which a value is a mistake
+    /// that would overflow a timer, a time stamp or a semaphore at run time.
+    fn whole_numbers(&self) -> [(&'static str, u64, RangeInclusive<u64>); 27] {
+        const DAY_MS: u64 = 86_400_000;
+        const DAY_S: u64 = 86_400;
+        const COUNT: u64 = 1_000_000;
+        let n = |v: usize| u64::try_from(v).unwrap_or(u64::MAX);
+        let (sms, push) = (&self.providers.sms, &self.providers.push);
+        [
+            ("server.max_body_bytes", n(self.server.max_body_bytes), 1..=1 << 30),
+            (
+                "server.rate_limit_per_driver",
+                self.server.rate_limit_per_driver.into(),
+                1..=COUNT,
+            ),
+            ("server.shutdown_grace_ms", self.server.shutdown_grace_ms, 0..=DAY_MS),
+            ("server.max_connections", n(self.server.max_connections), 1..=COUNT),
+            (
+                "server.header_read_timeout_ms",
+                self.server.header_read_timeout_ms,
+                1..=DAY_MS,
+            ),
+            (
+                "database.max_connections",
+                self.database.max_connections.into(),
+                1..=10_000,
+            ),
+            (
+                "database.acquire_timeout_ms",
+                self.database.acquire_timeout_ms,
+                1..=DAY_MS,
+            ),
+            ("redis.lock_ttl_s", self.redis.lock_ttl_s, 1..=DAY_S),
+            ("redis.timeout_ms", self.redis.timeout_ms, 1..=DAY_MS),
+            ("auth.token_ttl_s", self.auth.token_ttl_s, 1..=3_660 * DAY_S),
+            ("auth.user_cache_ms", self.auth.user_cache_ms, 0..=DAY_MS),
+            ("client.timeout_ms", self.client.timeout_ms, 1..=DAY_MS),
+            ("providers.sms.latency_ms", sms.latency_ms, 0..=DAY_MS),
+            ("providers.sms.timeout_ms", sms.timeout_ms, 1..=DAY_MS),
+            ("providers.push.latency_ms", push.latency_ms, 0..=DAY_MS),
+            ("providers.push.timeout_ms", push.timeout_ms, 1..=DAY_MS),
+            (
+                "upstream.connect_timeout_ms",
+                self.upstream.connect_timeout_ms,
+                1..=DAY_MS,
+            ),
+            ("upstream.timeout_ms", self.upstream.timeout_ms, 1..=DAY_MS),
+            ("upstream.idle_timeout_ms", self.upstream.idle_timeout_ms, 1..=DAY_MS),
+            (
+                "upstream.max_idle_per_host",
+                n(self.upstream.max_idle_per_host),
+                0..=COUNT,
+            ),
+            ("jobs.workers", n(self.jobs.workers), 1..=COUNT),
+            ("jobs.max_attempts", self.jobs.max_attempts.into(), 1..=1_000),
+            ("jobs.backoff_base_ms", self.jobs.backoff_base_ms, 0..=DAY_MS),
+            ("jobs.visibility_timeout_s", self.jobs.visibility_timeout_s, 1..=DAY_S),
+            ("jobs.poll_interval_ms", self.jobs.poll_interval_ms, 1..=DAY_MS),
+            ("jobs.db_connections", self.jobs.db_connections.into(), 1..=10_000),
+            ("jobs.retention_h", self.jobs.retention_h, 0..=87_600),
+        ]
     }
 
     /// `client.timeout_ms` as a duration.
@@ -777,6 +802,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("client.timeout_ms"), "{err}");
+    }
+
+    #[test]
+    fn whole_numbers_out_of_range_are_refused_by_name() {
+        let defaults = parse(SECRET, &[]).unwrap();
+        for (key, _, range) in defaults.whole_numbers() {
+            let (section, leaf) = key.rsplit_once('.').unwrap();
+            // SECRET ends inside [auth].
+            let table = if section == "auth" {
+                String::new()
+            } else {
+                format!("[{section}]\n")
+            };
+            let outside = [range.start().checked_sub(1), Some(range.end() + 1)];
+            for value in outside.into_iter().flatten().chain([i64::MAX as u64]) {
+                let text = format!("{SECRET}{table}{leaf} = {value}\n");
+                let err = parse(&text, &[]).unwrap_err().to_string();
+                assert!(err.contains(key), "{key} = {value} gave {err:?}");
+            }
+            for value in [range.start(), range.end()] {
+                let text = format!("{SECRET}{table}{leaf} = {value}\n");
+                assert!(parse(&text, &[]).is_ok(), "{key} = {value} refused");
+            }
+        }
     }
 
     #[test]

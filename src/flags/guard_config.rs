@@ -86,10 +86,18 @@ impl GuardConfig {
                         .collect::<Result<_, _>>()?;
                 }
                 "step_after_s" | "window_s" | "min_requests" => {
+                    // Bounded so that no arithmetic on them can overflow: the durations
+                    // to 30 days, the count to a trillion.
+                    let max: i64 = if key == "min_requests" {
+                        1_000_000_000_000
+                    } else {
+                        30 * 86_400
+                    };
                     let n = v
                         .as_integer()
-                        .filter(|n| *n >= 1)
-                        .ok_or_else(|| bad(key, "must be a whole number ≥ 1"))? as u64;
+                        .filter(|n| (1..=max).contains(n))
+                        .ok_or_else(|| bad(key, &format!("must be a whole number in 1..={max}")))?
+                        as u64;
                     match key.as_str() {
                         "step_after_s" => g.step_after_s = n,
                         "window_s" => g.window_s = n,

@@ -760,6 +760,19 @@ mod tests {
             ("[trip_accept_v2]\nsalt = \"x\"\n", "required"),
             ("[trip_accept_v2]\npercent = 10\nallow = [1]\n", "strings"),
             ("[other]\npercent = 10\n", "missing"),
+            // Beyond these the guard's time stamp arithmetic would overflow.
+            (
+                "[trip_accept_v2]\npercent = 10\n[trip_accept_v2.guard]\nwindow_s = 2305843009213693952\n",
+                "guard.window_s",
+            ),
+            (
+                "[trip_accept_v2]\npercent = 10\n[trip_accept_v2.guard]\nstep_after_s = 2592001\n",
+                "guard.step_after_s",
+            ),
+            (
+                "[trip_accept_v2]\npercent = 10\n[trip_accept_v2.guard]\nmin_requests = 0\n",
+                "guard.min_requests",
+            ),
         ];
         for (text, needle) in cases {
             let err = FlagSet::parse(text).unwrap_err().to_string();
