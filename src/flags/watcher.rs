@@ -116,7 +116,7 @@ fn watch_folder(path: &Path, changed: Arc<Notify>) -> Option<notify::Recommended
         _ => PathBuf::from("."),
     };
     let mut watcher = match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        if event.is_ok_and(|e| is_change(&e.kind)) {
             changed.notify_one();
         }
     }) {
@@ -131,6 +131,18 @@ fn watch_folder(path: &Path, changed: Arc<Notify>) -> Option<notify::Recommended
         return None;
     }
     Some(watcher)
+}
+
+/// Whether an event in the folder can have changed what the flags file says. Opening and
+/// reading it cannot: inotify reports those too, and the reload's own read would otherwise
+/// wake the watcher again, a reload every debounce interval for ever.
+fn is_change(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
 }
 
 /// What identifies the file's current content cheaply: the resolved target's inode,

@@ -148,6 +148,12 @@ async fn bad_files_keep_the_last_good_flags() {
         let errors = metric(&gw.metrics().await, "tripgate_flags_reloads_total{result=\"error\"}");
         assert!(errors > errors_before, "bad file {i} not counted");
     }
+    // A refused file is reported when it changes, not again and again: reading it is not a
+    // change of its folder.
+    let settled = metric(&gw.metrics().await, "tripgate_flags_reloads_total{result=\"error\"}");
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let errors = metric(&gw.metrics().await, "tripgate_flags_reloads_total{result=\"error\"}");
+    assert_eq!(errors, settled, "the same bad file refused again and again");
     std::fs::remove_file(&path).unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(
