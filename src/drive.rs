@@ -111,24 +111,25 @@ pub struct GuardEvent {
 pub struct CohortReport {
     /// HTTP requests sent (retries included).
     pub requests: usize,
-    /// Latency quantiles of answered requests, ms.
-    pub p50_ms: f64,
+    /// Latency quantiles of answered requests, ms (`null` without any).
+    pub p50_ms: Option<f64>,
     /// 95th percentile.
-    pub p95_ms: f64,
+    pub p95_ms: Option<f64>,
     /// 99th percentile.
-    pub p99_ms: f64,
+    pub p99_ms: Option<f64>,
     /// Slowest.
-    pub max_ms: f64,
+    pub max_ms: Option<f64>,
     /// Requests that hit the app's timeout.
     pub timeouts: usize,
     /// Automatic retries after a timeout (or the retry-storm's extra requests).
     pub retries: usize,
     /// Non-200 answers by `response_code` (`timeout`, `transport` for no answer).
     pub errors: BTreeMap<String, usize>,
-    /// OTP delivery (accept arrival → OTP SMS handed to the provider), ms.
-    pub otp_p50_ms: f64,
+    /// OTP delivery (accept arrival → OTP SMS handed to the provider), ms (`null` without
+    /// an OTP sent).
+    pub otp_p50_ms: Option<f64>,
     /// 95th percentile.
-    pub otp_p95_ms: f64,
+    pub otp_p95_ms: Option<f64>,
     /// How long after the load ended the last of these OTP SMS was handed over, ms (0 when
     /// all went during the load): whether the side effects keep up.
     pub otp_after_load_ms: f64,
@@ -455,11 +456,22 @@ pub async fn drive(config: &Config, options: DriveOptions) -> anyhow::Result<Rep
                 );
                 guard_task = Some(tokio::spawn(watch));
             }
+            // The rollout moves the fleet's percentage; it is put back as it was found.
+            let moves = options.scenario == Scenario::Rollout && !options.guard;
+            let found = if moves {
+                Some(override_percent(&http, &options.admin_url, &admin_token).await?)
+            } else {
+                None
+            };
+            let mut failed = None;
             for (i, (d, t)) in drivers.iter().cloned().zip(trips.iter().cloned()).enumerate() {
-                if options.scenario == Scenario::Rollout && !options.guard {
+                if moves {
                     let step = i * steps.len() / trips.len();
                     if i == 0 || step != (i - 1) * steps.len() / trips.len() {
-                        set_percent(&http, &options.admin_url, &admin_token, steps[step]).await?;
+                        if let Err(e) = set_percent(&http, &options.admin_url, &admin_token, steps[step]).await {
+                            failed = Some(e);
+                            break;
+                        }
                         refresh_flags(&app, &http, &options.admin_url, &admin_token).await;
                     }
                 }
@@ -473,6 +485,12 @@ pub async fn drive(config: &Config, options: DriveOptions) -> anyhow::Result<Rep
             }
             while tasks.join_next().await.is_some() {}
             bar.finish_and_clear();
+            if let Some(found) = found {
+                restore_override(&http, &options.admin_url, &admin_token, found).await?;
+            }
+            if let Some(e) = failed {
+                return Err(e);
+            }
         }
     }
     let elapsed_s = started.elapsed().as_secs_f64();
@@ -494,7 +512,10 @@ pub async fn drive(config: &Config, options: DriveOptions) -> anyhow::Result<Rep
     );
     let mut cohorts = BTreeMap::new();
     let mut duplicate_otps = 0;
-    for (cohort, s) in samples {
+    // Both cohorts, with or without requests: scripts read either one.
+    let mut samples = samples;
+    for cohort in [Cohort::Legacy, Cohort::AtomicAsync] {
+        let s = samples.remove(&cohort).unwrap_or_default();
         // The answered accepts and every trip whose accept went unanswered (timed out at the
         // client: the ones that matter) — each trip once.
         let mut checked: Vec<String> = s.accepted_trips.clone();
@@ -719,16 +740,68 @@ async fn watch_guard(
 
 async fn set_percent(http: &reqwest::Client, admin_url: &str, admin_token: &str, percent: f64) -> anyhow::Result<()> {
     let res = http
-        .put(format!(
-            "{}/admin/flags/{}",
-            admin_url.trim_end_matches('/'),
-            TRIP_ACCEPT_FLAG
-        ))
+        .put(flag_url(admin_url))
         .bearer_auth(admin_token)
-        .json(&json!({ "percent": percent }))
+        .json(&json!({ "percent": percent, "reason": "tripgate drive rollout" }))
         .send()
         .await?;
     anyhow::ensure!(res.status().is_success(), "PUT /admin/flags answered {}", res.status());
+    Ok(())
+}
+
+fn flag_url(admin_url: &str) -> String {
+    format!("{}/admin/flags/{}", admin_url.trim_end_matches('/'), TRIP_ACCEPT_FLAG)
+}
+
+/// The flag's override as found: `None` without one, else its percent (`None` for an
+/// override of allow/deny lists only).
+async fn override_percent(
+    http: &reqwest::Client,
+    admin_url: &str,
+    admin_token: &str,
+) -> anyhow::Result<Option<Option<f64>>> {
+    let res = http
+        .get(format!("{}/admin/flags", admin_url.trim_end_matches('/')))
+        .bearer_auth(admin_token)
+        .send()
+        .await?;
+    anyhow::ensure!(res.status().is_success(), "GET /admin/flags answered {}", res.status());
+    let body: Value = res.json().await?;
+    let found = &body["flags"][TRIP_ACCEPT_FLAG]["override"];
+    Ok((!found.is_null()).then(|| found["percent"].as_f64()))
+}
+
+/// Puts the flag back as `drive rollout` found it: no override (the flags file in force),
+/// or its override's percent again.
+async fn restore_override(
+    http: &reqwest::Client,
+    admin_url: &str,
+    admin_token: &str,
+    found: Option<Option<f64>>,
+) -> anyhow::Result<()> {
+    let what = match found {
+        None => {
+            let res = http
+                .delete(format!("{}/override", flag_url(admin_url)))
+                .bearer_auth(admin_token)
+                .json(&json!({ "reason": "tripgate drive rollout: back as found" }))
+                .send()
+                .await?;
+            anyhow::ensure!(
+                res.status().is_success(),
+                "DELETE /admin/flags/{TRIP_ACCEPT_FLAG}/override answered {}",
+                res.status()
+            );
+            "put back as found (no override)".to_owned()
+        }
+        Some(Some(percent)) => {
+            set_percent(http, admin_url, admin_token, percent).await?;
+            format!("put back as found (override at {percent} %)")
+        }
+        // Its lists are kept; a percent cannot be taken out of an override alone.
+        Some(None) => "left at 100 %: its override held lists only, clear or set it by hand".to_owned(),
+    };
+    eprintln!("rollout: {TRIP_ACCEPT_FLAG} {what}");
     Ok(())
 }
 
@@ -742,14 +815,19 @@ fn progress(len: usize, what: &str) -> indicatif::ProgressBar {
     bar
 }
 
-/// The `q` quantile (nearest rank) of `values`, 0 when empty. Sorts in place.
-pub fn quantile(values: &mut [f64], q: f64) -> f64 {
+/// The `q` quantile (nearest rank) of `values`, `None` when empty. Sorts in place.
+pub fn quantile(values: &mut [f64], q: f64) -> Option<f64> {
     if values.is_empty() {
-        return 0.0;
+        return None;
     }
     values.sort_by(f64::total_cmp);
     let rank = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len());
-    (values[rank - 1] * 100.0).round() / 100.0
+    Some((values[rank - 1] * 100.0).round() / 100.0)
+}
+
+/// A figure of the table, `-` for none.
+fn ms(value: Option<f64>, decimals: usize) -> String {
+    value.map_or_else(|| "-".to_owned(), |v| format!("{v:.decimals$}"))
 }
 
 /// The report as a table for people.
@@ -773,18 +851,18 @@ pub fn render(report: &Report) -> String {
     );
     for (cohort, c) in &report.cohorts {
         out.push_str(&format!(
-            "{:<14}{:>9}{:>10}{:>10.1}{:>10.1}{:>10.1}{:>10.1}{:>9}{:>10}{:>11.0}{:>11.0}{:>12.0}  {:?}\n",
+            "{:<14}{:>9}{:>10}{:>10}{:>10}{:>10}{:>10}{:>9}{:>10}{:>11}{:>11}{:>12.0}  {:?}\n",
             cohort,
             c.requests,
             c.accepted,
-            c.p50_ms,
-            c.p95_ms,
-            c.p99_ms,
-            c.max_ms,
+            ms(c.p50_ms, 1),
+            ms(c.p95_ms, 1),
+            ms(c.p99_ms, 1),
+            ms(c.max_ms, 1),
             c.timeouts,
             c.retries,
-            c.otp_p50_ms,
-            c.otp_p95_ms,
+            ms(c.otp_p50_ms, 0),
+            ms(c.otp_p95_ms, 0),
             c.otp_after_load_ms,
             c.errors
         ));
@@ -824,9 +902,9 @@ mod tests {
     #[test]
     fn nearest_rank_quantiles() {
         let mut v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(quantile(&mut v, 0.5), 50.0);
-        assert_eq!(quantile(&mut v, 0.99), 99.0);
-        assert_eq!(quantile(&mut v, 1.0), 100.0);
-        assert_eq!(quantile(&mut [], 0.5), 0.0);
+        assert_eq!(quantile(&mut v, 0.5), Some(50.0));
+        assert_eq!(quantile(&mut v, 0.99), Some(99.0));
+        assert_eq!(quantile(&mut v, 1.0), Some(100.0));
+        assert_eq!(quantile(&mut [], 0.5), None);
     }
 }
