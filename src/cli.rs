@@ -18,9 +18,10 @@ use crate::storage::shards::Shards;
 #[derive(Debug, Parser)]
 #[command(name = "tripgate", version, about)]
 pub struct Cli {
-    /// Configuration file.
-    #[arg(long, global = true, default_value = "config.toml")]
-    pub config: PathBuf,
+    /// Configuration file [default: config.toml, whose absence means the defaults and the
+    /// environment; a file named here must exist].
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
     /// What to do (default: serve).
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -199,7 +200,10 @@ pub fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let config = Config::load(&cli.config)?;
+    let config = match &cli.config {
+        Some(named) => Config::load_named(named)?,
+        None => Config::load(std::path::Path::new("config.toml"))?,
+    };
     let command = cli.command.unwrap_or(Command::Serve);
     let long_running = matches!(command, Command::Serve | Command::Worker);
     init_tracing(&config, long_running);

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 /// Why a configuration could not be used; the message is one line that names the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file exists but could not be read.
+    /// The file could not be read (a missing file only when it was named on the command line).
     #[error("cannot read {path}: {source}")]
     Read {
         /// The config file.
@@ -474,6 +474,16 @@ impl Config {
         Self::from_toml(path, &text, |name| std::env::var(name).ok())
     }
 
+    /// Reads `path`, which must exist: it was named on the command line, and a typo in it
+    /// must not start a process on the defaults.
+    pub fn load_named(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(path, &text, |name| std::env::var(name).ok())
+    }
+
     /// Parses `text`, applies overrides looked up by `env`, and validates. `path` only
     /// names the source in error messages.
     pub fn from_toml(path: &Path, text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
@@ -488,6 +498,21 @@ impl Config {
             message: e.to_string(),
         })?;
         merge(&mut merged, file);
+        // The defaults leave out the keys that have none (`Option`s); their variables are
+        // looked up too.
+        for (path, like) in [
+            (&["server", "demo_routes"][..], toml::Value::Boolean(false)),
+            (&["providers", "sms", "ca_file"][..], toml::Value::String(String::new())),
+            (
+                &["providers", "push", "ca_file"][..],
+                toml::Value::String(String::new()),
+            ),
+        ] {
+            let name = format!("TRIPGATE_{}", path.join("_").to_ascii_uppercase());
+            if let Some(raw) = env(&name) {
+                insert_leaf(&mut merged, path, parse_env_value(&raw, &like));
+            }
+        }
         apply_env(&mut merged, "TRIPGATE", &env);
         let invalid = |key: String, message: String| ConfigError::Invalid {
             path: path.to_owned(),
@@ -717,6 +742,24 @@ fn apply_env(table: &mut toml::Table, prefix: &str, env: &impl Fn(&str) -> Optio
     }
 }
 
+/// Sets the leaf at `path`, making its tables as needed.
+fn insert_leaf(table: &mut toml::Table, path: &[&str], value: toml::Value) {
+    let Some((leaf, tables)) = path.split_last() else {
+        return;
+    };
+    let mut at = table;
+    for key in tables {
+        let next = at
+            .entry(key.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let toml::Value::Table(inner) = next else {
+            return;
+        };
+        at = inner;
+    }
+    at.insert(leaf.to_string(), value);
+}
+
 fn parse_env_value(raw: &str, like: &toml::Value) -> toml::Value {
     if !like.is_str()
         && let Ok(t) = format!("v = {raw}").parse::<toml::Table>()
@@ -802,6 +845,35 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("client.timeout_ms"), "{err}");
+    }
+
+    #[test]
+    fn keys_without_a_default_are_read_from_the_environment_too() {
+        let c = parse(
+            SECRET,
+            &[
+                ("TRIPGATE_SERVER_DEMO_ROUTES", "false"),
+                ("TRIPGATE_PROVIDERS_SMS_CA_FILE", "/etc/provider-ca.pem"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.server.demo_routes, Some(false));
+        assert_eq!(
+            c.providers.sms.ca_file.as_deref(),
+            Some(Path::new("/etc/provider-ca.pem"))
+        );
+        assert_eq!(c.providers.push.ca_file, None);
+        let err = parse(SECRET, &[("TRIPGATE_SERVER_DEMO_ROUTES", "maybe")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server.demo_routes"), "{err}");
+    }
+
+    #[test]
+    fn a_config_file_named_on_the_command_line_must_exist() {
+        let missing = std::env::temp_dir().join(format!("tg-no-such-{}.toml", uuid::Uuid::new_v4()));
+        let err = Config::load_named(&missing).unwrap_err().to_string();
+        assert!(err.contains("cannot read") && err.contains("tg-no-such-"), "{err}");
     }
 
     #[test]

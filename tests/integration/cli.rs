@@ -59,6 +59,15 @@ fn bad_configuration_fails_with_one_line_naming_the_key() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("database.url"));
+    // A config file named on the command line must exist: a typo in its name does not
+    // start the gateway on the defaults (SQLite in the working folder).
+    let out = tripgate(dir.path(), &["--config", "cofnig.toml", "migrate"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("cofnig.toml") && stderr.trim_end().lines().count() == 1,
+        "{stderr}"
+    );
 }
 
 #[test]
