@@ -149,6 +149,9 @@ async fn ten_thousand_keep_alive_connections() {
     let admin_port = free_port();
     config.server.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     config.server.admin_listen = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    // All 10,000 are opened before the first request goes out, which takes longer than a
+    // client is given to send its first request on a busy machine.
+    config.server.header_read_timeout_ms = 120_000;
     let _serve = Process::spawn("serve", &config, dir.path());
     let target = format!("127.0.0.1:{admin_port}");
     crate::support::eventually(Duration::from_secs(20), "serve up", || {
