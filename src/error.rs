@@ -59,6 +59,9 @@ pub enum ApiError {
     /// Some other resource (job, customer trip) does not exist.
     #[error("{0} not found")]
     NotFound(&'static str),
+    /// The route exists, not with this method.
+    #[error("method not allowed")]
+    MethodNotAllowed,
     /// The request conflicts with the state it would change (e.g. an override while the
     /// flags file's kill switch is on).
     #[error("conflict: {0}")]
@@ -106,6 +109,7 @@ impl ApiError {
             | Self::VehicleMismatch
             | Self::TripNotPending => StatusCode::FORBIDDEN,
             Self::TripNotFound | Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -130,6 +134,7 @@ impl ApiError {
             Self::TripNotPending => "trip_not_pending_403",
             Self::TripNotFound => "trip_request_404",
             Self::NotFound(_) => "default_404",
+            Self::MethodNotAllowed => "method_not_allowed_405",
             Self::Conflict(_) => "conflict_409",
             Self::RateLimited => "too_many_requests_429",
             Self::Unavailable(_) => "service_unavailable_503",
@@ -150,7 +155,7 @@ impl ApiError {
             Self::VehicleMismatch => Outcome::Mismatch,
             Self::TripNotPending => Outcome::NotPending,
             Self::TripNotFound | Self::NotFound(_) => Outcome::NotFound,
-            Self::Conflict(_) => Outcome::Invalid,
+            Self::Conflict(_) | Self::MethodNotAllowed => Outcome::Invalid,
             Self::RateLimited => Outcome::RateLimited,
             Self::Unavailable(_) | Self::Internal(_) | Self::BadGateway | Self::GatewayTimeout => Outcome::Error,
         }
@@ -167,6 +172,7 @@ impl ApiError {
             Self::TripNotPending => "This trip is no longer pending.".into(),
             Self::TripNotFound => "Trip request not found.".into(),
             Self::NotFound(what) => format!("{what} not found."),
+            Self::MethodNotAllowed => "This route does not take this method (see the Allow header).".into(),
             Self::Conflict(why) => why.clone(),
             Self::PayloadTooLarge => "Request body too large.".into(),
             Self::UnsupportedMediaType => "Content-Type must be application/json.".into(),

@@ -249,6 +249,7 @@ pub fn api_router(state: AppState, accept: Vec<driver::AcceptServices>) -> Route
     if state.config.demo_routes() {
         router = router.merge(customer::routes(&state));
     }
+    let router = router.method_not_allowed_fallback(method_not_allowed);
     // Every route tripgate does not own goes to the upstream when there is one.
     let router = match state.upstream.clone() {
         Some(upstream) => router.fallback_service(axum::routing::any(upstream::forward).with_state(upstream)),
@@ -260,10 +261,22 @@ pub fn api_router(state: AppState, accept: Vec<driver::AcceptServices>) -> Route
 
 /// The admin router.
 pub fn admin_router(state: AppState) -> Router {
-    observe::wrap(admin::routes(state), None)
+    observe::wrap(
+        admin::routes(state).method_not_allowed_fallback(method_not_allowed),
+        None,
+    )
+}
+
+/// A route of tripgate's called with a method it does not take: the envelope, and axum
+/// adds the `Allow` header.
+async fn method_not_allowed() -> Response {
+    ApiError::MethodNotAllowed.into_response()
 }
 
 /// A worker's admin router: `/metrics`, `/healthz`, `/readyz` only.
 pub fn worker_admin_router(state: AppState) -> Router {
-    observe::wrap(admin::health_routes(state), None)
+    observe::wrap(
+        admin::health_routes(state).method_not_allowed_fallback(method_not_allowed),
+        None,
+    )
 }

@@ -201,6 +201,17 @@ async fn spec_table_rows(backend: Backend, cohort: Cohort) {
         (7.0, 0.0),
         "the 7 malformed requests are counted without a cohort"
     );
+    // The route with a method it does not take: 405 in the envelope, with `Allow`.
+    let res = reqwest::Client::new()
+        .get(format!("{}{path}", gw.api))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 405);
+    assert_eq!(res.headers()["allow"], "POST");
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(code(&body), "method_not_allowed_405", "{body}");
 
     // Tokens: none, garbage, wrong key, expired, not yet valid, unknown user → 401; a
     // customer's token → 403. (Refused before any cohort is chosen.)
