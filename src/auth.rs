@@ -273,11 +273,16 @@ impl Jwks {
     async fn key(&self, kid: &str) -> Option<(DecodingKey, Algorithm)> {
         let fresh =
             |fetched: &Option<std::time::Instant>| fetched.is_some_and(|at| at.elapsed() < BackendKeys::KEYS_TTL);
-        if let Ok(fetched) = self.fetched.try_lock()
-            && fresh(&fetched)
-            && let Some(found) = self.cached(kid)
-        {
-            return Some(found);
+        if let Some(found) = self.cached(kid) {
+            match self.fetched.try_lock() {
+                Ok(fetched) if fresh(&fetched) => return Some(found),
+                // A fetch is under way (an unknown kid's, perhaps a slow or unanswering
+                // JWKS endpoint, perhaps a stranger's made-up kid): a key we know serves
+                // meanwhile instead of waiting for it.
+                Err(_) => return Some(found),
+                // Old keys and no fetch: this request fetches.
+                Ok(_) => {}
+            }
         }
         let mut fetched = self.fetched.lock().await;
         if fresh(&fetched)

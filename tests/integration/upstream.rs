@@ -604,11 +604,18 @@ async fn the_backends_own_tokens_are_accepted() {
         json!({"keys": [rsa_jwk(keys.path(), "rsa", "k1")]}),
     ));
     let served = jwks.clone();
+    // How long the endpoint takes to answer, ms.
+    let jwks_delay = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let delay = jwks_delay.clone();
     let app = Router::new().route(
         "/jwks",
         get(move || {
-            let served = served.clone();
-            async move { axum::Json(served.read().unwrap().clone()) }
+            let (served, delay) = (served.clone(), delay.clone());
+            async move {
+                let ms = delay.load(std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                axum::Json(served.read().unwrap().clone())
+            }
         }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -639,11 +646,41 @@ async fn the_backends_own_tokens_are_accepted() {
         401
     );
     assert_eq!(
-        try_reject(backend_token(rs, &other, Some("k1"), claims)).await,
+        try_reject(backend_token(rs, &other, Some("k1"), claims.clone())).await,
         401,
         "kid k1 is not this key"
     );
+    // While a made-up kid's fetch waits on a slow endpoint, a known key does not wait with it.
+    jwks_delay.store(2_500, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(tripgate::auth::BackendKeys::REFETCH).await;
+    let stranger = tokio::spawn(reject_with_owned(
+        gw.api.clone(),
+        w.trip(&[]).await,
+        backend_token(rs, &rsa, Some("made-up"), claims.clone()),
+    ));
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    assert_eq!(try_reject(backend_token(rs, &rsa, Some("k1"), claims)).await, 200);
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(1_500),
+        "a known key waited {:?} for another kid's fetch",
+        started.elapsed()
+    );
+    assert_eq!(stranger.await.unwrap(), 401);
     gw.shutdown().await;
+}
+
+/// [`reject_with`] for a spawned task.
+async fn reject_with_owned(api: String, trip: String, token: String) -> u16 {
+    reqwest::Client::new()
+        .post(format!("{api}/api/driver/trip/request-action"))
+        .bearer_auth(token)
+        .json(&json!({"trip_request_id": trip, "action": "rejected"}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
 }
 
 /// The status of a reject of a new trip sent with `token`.
