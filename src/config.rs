@@ -164,6 +164,11 @@ pub struct DatabaseConfig {
     pub max_connections: u32,
     /// Bound on acquiring a connection; past it the request gets 503.
     pub acquire_timeout_ms: u64,
+    /// Postgres: bound on any statement's wait for a row or table lock (`lock_timeout`; 0:
+    /// none). Past it the statement fails and the request gets 503 instead of hanging on a
+    /// lock held elsewhere (the existing backend's own transaction, a stuck session).
+    /// Migrations wait without it.
+    pub lock_timeout_ms: u64,
     /// Empty: `url` holds everything. Otherwise the databases of the shards (a region
     /// each): every driver, customer and trip — with its jobs and side effects — lives on
     /// the shard its id hashes to (`domain::shard_of`), and `url` keeps what is global
@@ -178,6 +183,7 @@ impl Default for DatabaseConfig {
             url: "sqlite://data/tripgate.db".into(),
             max_connections: 8,
             acquire_timeout_ms: 2_000,
+            lock_timeout_ms: 5_000,
             shards: Vec::new(),
         }
     }
@@ -647,7 +653,7 @@ impl Config {
     /// Every whole-number setting and the range it must be in: at least 1 where 0 would
     /// switch its part off or spin, and an upper bound past which a value is a mistake
     /// that would overflow a timer, a time stamp or a semaphore at run time.
-    fn whole_numbers(&self) -> [(&'static str, u64, RangeInclusive<u64>); 27] {
+    fn whole_numbers(&self) -> [(&'static str, u64, RangeInclusive<u64>); 28] {
         const DAY_MS: u64 = 86_400_000;
         const DAY_S: u64 = 86_400;
         const COUNT: u64 = 1_000_000;
@@ -677,6 +683,7 @@ impl Config {
                 self.database.acquire_timeout_ms,
                 1..=DAY_MS,
             ),
+            ("database.lock_timeout_ms", self.database.lock_timeout_ms, 0..=DAY_MS),
             ("redis.lock_ttl_s", self.redis.lock_ttl_s, 1..=DAY_S),
             ("redis.timeout_ms", self.redis.timeout_ms, 1..=DAY_MS),
             ("auth.token_ttl_s", self.auth.token_ttl_s, 1..=3_660 * DAY_S),

@@ -73,6 +73,8 @@ use crate::metrics::{Metrics, PoolMetrics};
 pub struct Storage {
     pool: AnyPool,
     dialect: Dialect,
+    /// `database.lock_timeout_ms`, for the pools made with [`Storage::with_own_pool`].
+    lock_timeout_ms: u64,
     /// Woken after a job is enqueued so an idle worker starts it within milliseconds.
     job_wake: Arc<Notify>,
     /// Wakes workers in other processes (Postgres), shared by every pool of this process.
@@ -105,12 +107,12 @@ struct Reachability {
 const PROBE_EVERY: Duration = Duration::from_millis(200);
 
 /// A pool that connects on first use (so `serve` starts while the database is down).
-fn lazy_pool(url: &str, max_connections: u32, acquire_timeout_ms: u64) -> Result<AnyPool, sqlx::Error> {
+fn lazy_pool(url: &str, max_connections: u32, limits: PoolLimits) -> Result<AnyPool, sqlx::Error> {
     let options: AnyConnectOptions = url.parse()?;
     Ok(AnyPoolOptions::new()
         .max_connections(max_connections)
-        .acquire_timeout(Duration::from_millis(acquire_timeout_ms))
-        .after_connect(|conn, _meta| {
+        .acquire_timeout(Duration::from_millis(limits.acquire_timeout_ms))
+        .after_connect(move |conn, _meta| {
             Box::pin(async move {
                 if conn.backend_name() == "SQLite" {
                     conn.execute(
@@ -118,11 +120,22 @@ fn lazy_pool(url: &str, max_connections: u32, acquire_timeout_ms: u64) -> Result
                          PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;",
                     )
                     .await?;
+                } else {
+                    conn.execute(format!("SET lock_timeout = {}", limits.lock_timeout_ms).as_str())
+                        .await?;
                 }
                 Ok(())
             })
         })
         .connect_lazy_with(options))
+}
+
+/// The bounds every connection of a pool gets (`database.acquire_timeout_ms`,
+/// `database.lock_timeout_ms`).
+#[derive(Debug, Clone, Copy)]
+struct PoolLimits {
+    acquire_timeout_ms: u64,
+    lock_timeout_ms: u64,
 }
 
 impl Storage {
@@ -135,10 +148,15 @@ impl Storage {
             Some(DatabaseKind::Postgres) => (Dialect::Postgres, config.url.clone()),
             _ => (Dialect::Sqlite, dialect::sqlite_url(&config.url)?),
         };
-        let pool = lazy_pool(&url, config.max_connections, config.acquire_timeout_ms)?;
+        let limits = PoolLimits {
+            acquire_timeout_ms: config.acquire_timeout_ms,
+            lock_timeout_ms: config.lock_timeout_ms,
+        };
+        let pool = lazy_pool(&url, config.max_connections, limits)?;
         Ok(Self {
             pool,
             dialect,
+            lock_timeout_ms: config.lock_timeout_ms,
             job_wake: Arc::new(Notify::new()),
             remote_wake: dialect.remote_wake(),
             url: url.into(),
@@ -185,7 +203,14 @@ impl Storage {
     /// Job wake-ups are shared with `self`.
     pub fn with_own_pool(&self, max_connections: u32, acquire_timeout_ms: u64) -> Result<Self, sqlx::Error> {
         Ok(Self {
-            pool: lazy_pool(&self.url, max_connections, acquire_timeout_ms)?,
+            pool: lazy_pool(
+                &self.url,
+                max_connections,
+                PoolLimits {
+                    acquire_timeout_ms,
+                    lock_timeout_ms: self.lock_timeout_ms,
+                },
+            )?,
             pool_metrics: None,
             ..self.clone()
         })
@@ -203,7 +228,22 @@ impl Storage {
     pub async fn migrate(&self) -> Result<(), MigrateError> {
         let mut migrator = Migrator::new(self.dialect.migrations()).await?;
         migrator.set_ignore_missing(true);
-        migrator.run(&self.pool).await?;
+        if self.dialect == Dialect::Postgres {
+            // A schema change may wait for the transactions in its way (an index built
+            // concurrently waits for every one open): through a connection of its own,
+            // without `lock_timeout`.
+            let limits = PoolLimits {
+                acquire_timeout_ms: u64::try_from(self.pool.options().get_acquire_timeout().as_millis())
+                    .unwrap_or(u64::MAX),
+                lock_timeout_ms: 0,
+            };
+            let pool = lazy_pool(&self.url, 1, limits)?;
+            let ran = migrator.run(&pool).await;
+            pool.close().await;
+            ran?;
+        } else {
+            migrator.run(&self.pool).await?;
+        }
         self.reach.migrated.store(true, Ordering::Release);
         Ok(())
     }
@@ -373,11 +413,12 @@ pub fn is_not_migrated(e: &sqlx::Error) -> bool {
     }
 }
 
-/// Postgres class 08 (connection) and 57P0x (shutdown); SQLite `SQLITE_BUSY` (5) and
+/// Postgres class 08 (connection), 57P0x (shutdown) and 55P03 (a lock not granted within
+/// `database.lock_timeout_ms`); SQLite `SQLITE_BUSY` (5) and
 /// `SQLITE_LOCKED` (6) with any of their extended codes (`SQLITE_BUSY_SNAPSHOT` = 517,
 /// `SQLITE_LOCKED_SHAREDCACHE` = 262, …): the primary code is the low byte.
 fn is_unavailable_code(code: &str) -> bool {
-    if code.starts_with("08") || code.starts_with("57P") {
+    if code.starts_with("08") || code.starts_with("57P") || code == "55P03" {
         return true;
     }
     code.parse::<i64>().is_ok_and(|n| matches!(n & 0xff, 5 | 6))

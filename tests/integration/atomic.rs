@@ -8,6 +8,7 @@ use serde_json::Value;
 use tower::ServiceExt;
 use tripgate::accept::AcceptCommand;
 use tripgate::accept::atomic_async::AtomicAsyncAccept;
+use tripgate::auth::Role;
 use tripgate::domain::{Availability, TripAction};
 use tripgate::lock_store::{Claim, LockError, LockStore, MemoryLockStore, TripLocks};
 use tripgate::metrics::Metrics;
@@ -601,5 +602,72 @@ async fn stale_lock_of_a_dead_request_does_not_block_the_trip(backend: Backend) 
         serde_json::Value::Null,
         "a first accept: {body}"
     );
+    gw.shutdown().await;
+}
+
+/// A trip row locked elsewhere (the existing backend's own transaction, a stuck session)
+/// for longer than `database.lock_timeout_ms`: the accept answers 503 then, on both paths,
+/// instead of waiting for ever (and holding its group-commit slot and connection), and
+/// leaves no Redis lock behind; once the row is free the trip is taken as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_row_locked_elsewhere_gets_503_after_lock_timeout() {
+    use sqlx::Connection;
+    let Some(_) = crate::support::postgres_url() else {
+        return;
+    };
+    let db = TestDb::new(Backend::Postgres).await;
+    let stub = WebhookStub::start().await;
+    let dir = crate::support::TempDir::new();
+    let mut config = crate::support::config(&db.url, dir.path(), &options(Backend::Postgres, &stub));
+    config.database.lock_timeout_ms = 300;
+    let gw = Gateway::start_with(config, dir).await;
+    let w = World::new(&gw.store).await;
+    let (d1, d2) = (w.driver().await, w.driver().await);
+    let trip = w.trip(&[d1.clone(), d2.clone()]).await;
+    let mut blocker = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::raw_sql(&format!(
+        "BEGIN; SELECT 1 FROM trip_requests WHERE id = '{trip}' FOR UPDATE;"
+    ))
+    .execute(&mut blocker)
+    .await
+    .unwrap();
+    let accept = |driver: String| {
+        let request = gw
+            .http
+            .post(format!("{}/api/driver/trip/request-action", gw.api))
+            .bearer_auth(gw.token(&driver, Role::Driver))
+            .json(&serde_json::json!({"trip_request_id": trip, "action": "accepted"}))
+            .timeout(Duration::from_secs(4));
+        async move {
+            let res = request.send().await.expect("answered, not left waiting");
+            let status = res.status().as_u16();
+            let body: serde_json::Value = res.json().await.unwrap();
+            (status, body["response_code"].as_str().unwrap_or_default().to_owned())
+        }
+    };
+    // atomic_async (100 %).
+    assert_eq!(accept(d1.clone()).await, (503, "service_unavailable_503".to_owned()));
+    let locks = gw.running.as_ref().unwrap().locks.clone();
+    crate::support::eventually(Duration::from_secs(2), "the Redis lock released", || {
+        let locks = locks.clone();
+        let trip = trip.clone();
+        async move { locks.holder(&trip).await.unwrap().is_none().then_some(()) }
+    })
+    .await;
+    // legacy (an override of 0 %, in force on this gateway at once).
+    let res = gw
+        .http
+        .put(format!("{}/admin/flags/trip_accept_v2", gw.admin))
+        .bearer_auth(gw.token("admin", Role::Admin))
+        .json(&serde_json::json!({"percent": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(accept(d2.clone()).await, (503, "service_unavailable_503".to_owned()));
+    // Nothing was written; with the row free, the trip is taken.
+    sqlx::raw_sql("ROLLBACK").execute(&mut blocker).await.unwrap();
+    assert_eq!(gw.store.trip_snapshot(&trip).await.unwrap().unwrap().driver_id, None);
+    assert_eq!(accept(d2.clone()).await, (200, "default_update_200".to_owned()));
     gw.shutdown().await;
 }
