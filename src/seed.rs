@@ -117,7 +117,7 @@ fn near(i: usize, spread: f64) -> LatLng {
 pub async fn seed(store: &Storage, plan: SeedPlan, mut progress: impl FnMut()) -> Result<Seeded, sqlx::Error> {
     let mut out = Seeded::default();
     for name in ["Standard", "Premium"] {
-        let id = store.create_vehicle_category(name).await?;
+        let id = store.vehicle_category_named(name).await?;
         out.vehicle_categories.push(SeededCategory {
             id,
             name: name.into(),

@@ -82,6 +82,20 @@ impl Storage {
         Ok(id)
     }
 
+    /// The oldest vehicle category named `name`, created if there is none: repeated seeds
+    /// share their categories, so a driver of one seed may take another seed's trip.
+    pub async fn vehicle_category_named(&self, name: &str) -> Result<String, sqlx::Error> {
+        let found: Option<String> =
+            sqlx::query_scalar("SELECT id FROM vehicle_categories WHERE name = $1 ORDER BY created_at, id LIMIT 1")
+                .bind(name)
+                .fetch_optional(&mut *self.conn().await?)
+                .await?;
+        match found {
+            Some(id) => Ok(id),
+            None => self.create_vehicle_category(name).await,
+        }
+    }
+
     /// Creates a customer; returns their id.
     pub async fn create_customer(&self, name: &str, phone: &str) -> Result<String, sqlx::Error> {
         let id = self.new_id();

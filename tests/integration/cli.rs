@@ -125,6 +125,11 @@ async fn seed_json_shape(backend: Backend) {
         let snapshot = store.trip_snapshot(t["id"].as_str().unwrap()).await.unwrap().unwrap();
         assert_eq!(snapshot.status.as_str(), "pending");
     }
+    // A second seed shares the first one's categories (one "Standard", one "Premium").
+    let out = tripgate(dir.path(), &["seed", "--drivers", "2", "--trips", "0", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let again: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(again["vehicle_categories"], seeded["vehicle_categories"]);
     store.close().await;
 }
 
