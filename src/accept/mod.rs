@@ -197,9 +197,15 @@ pub(crate) async fn check_driver(users: &KnownUsers, store: &Storage, cmd: &Acce
     }
 }
 
-/// A driver declines an offer: recorded, 200. Same in both cohorts.
+/// A driver declines an offer: recorded, 200. Same in both cohorts. A trip the driver has
+/// already accepted is not an offer any more: declining it would answer "rejected" while
+/// the trip stays theirs and the customer waits for them, so it is refused as not pending
+/// (releasing an accepted trip is the backend's cancel, not this route).
 pub(crate) async fn reject(store: &Storage, cmd: &AcceptCommand) -> Result<AcceptReply, ApiError> {
-    store.trip_snapshot(&cmd.trip_id).await?.ok_or(ApiError::TripNotFound)?;
+    let trip = store.trip_snapshot(&cmd.trip_id).await?.ok_or(ApiError::TripNotFound)?;
+    if trip.driver_id.as_deref() == Some(cmd.driver_id.as_str()) {
+        return Err(ApiError::TripNotPending);
+    }
     store.record_rejection(&cmd.trip_id, &cmd.driver_id).await?;
     Ok(AcceptReply::rejected())
 }

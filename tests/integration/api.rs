@@ -280,6 +280,12 @@ async fn spec_table_rows(backend: Backend, cohort: Cohort) {
     assert_eq!((status, code(&body), c.as_str()), (200, "default_update_200", served));
     let full = gw.store.trip_with_relations(&t4).await.unwrap().unwrap();
     assert_eq!(full["rejected_drivers"][0]["user_id"], premium.as_str());
+    // Declining a trip the driver has accepted: refused, and the trip stays theirs.
+    let (status, body, _) = gw.action(&d1, &t1, "rejected").await;
+    assert_eq!((status, code(&body)), (403, "trip_not_pending_403"), "{body}");
+    let full = gw.store.trip_with_relations(&t1).await.unwrap().unwrap();
+    assert_eq!(full["driver_id"], d1.as_str());
+    assert_eq!(full["rejected_drivers"], json!([]), "{full}");
     gw.shutdown().await;
 }
 
