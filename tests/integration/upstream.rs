@@ -654,6 +654,7 @@ async fn the_backends_own_tokens_are_accepted() {
     jwks_delay.store(2_500, std::sync::atomic::Ordering::SeqCst);
     tokio::time::sleep(tripgate::auth::BackendKeys::REFETCH).await;
     let stranger = tokio::spawn(reject_with_owned(
+        gw.http.clone(),
         gw.api.clone(),
         w.trip(&[]).await,
         backend_token(rs, &rsa, Some("made-up"), claims.clone()),
@@ -670,10 +671,9 @@ async fn the_backends_own_tokens_are_accepted() {
     gw.shutdown().await;
 }
 
-/// [`reject_with`] for a spawned task.
-async fn reject_with_owned(api: String, trip: String, token: String) -> u16 {
-    reqwest::Client::new()
-        .post(format!("{api}/api/driver/trip/request-action"))
+/// The status of a reject of `trip` sent with `token` (owned: for a spawned task).
+async fn reject_with_owned(http: reqwest::Client, api: String, trip: String, token: String) -> u16 {
+    http.post(format!("{api}/api/driver/trip/request-action"))
         .bearer_auth(token)
         .json(&json!({"trip_request_id": trip, "action": "rejected"}))
         .send()
@@ -685,14 +685,5 @@ async fn reject_with_owned(api: String, trip: String, token: String) -> u16 {
 
 /// The status of a reject of a new trip sent with `token`.
 async fn reject_with(gw: &Gateway, w: &World, token: String) -> u16 {
-    let trip = w.trip(&[]).await;
-    gw.http
-        .post(format!("{}/api/driver/trip/request-action", gw.api))
-        .bearer_auth(token)
-        .json(&json!({"trip_request_id": trip, "action": "rejected"}))
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
+    reject_with_owned(gw.http.clone(), gw.api.clone(), w.trip(&[]).await, token).await
 }
