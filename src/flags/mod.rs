@@ -543,6 +543,15 @@ impl FlagsHandle {
             }
             let old = std::mem::replace(&mut snapshot.file, set.clone());
             snapshot.file_loaded_at_ms = now_ms();
+            // The kill switch clears the override (in the database, by whichever instance
+            // records it first); here at once too, so that a file change after it cannot
+            // bring back an override this instance has not yet read as cleared (its
+            // database cut off meanwhile).
+            for (name, flag) in &set.flags {
+                if flag.threshold == 0 {
+                    snapshot.overrides.remove(name);
+                }
+            }
             let mut seen = self.file_seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             if seen.len() >= FILE_SEEN_MAX {
                 seen.pop_front();

@@ -132,7 +132,8 @@ impl FromRow<'_, AnyRow> for AuditEntry {
 pub enum FileRecord {
     /// The first time the fleet sees this flag: its percent is the baseline, not a change.
     Baseline,
-    /// Another instance already recorded this percent (or nothing changed).
+    /// Another instance already recorded this percent (or nothing changed), or a later
+    /// one: what this instance saw is superseded.
     AlreadyRecorded,
     /// This call recorded the change; with the kill switch (`to` 0) it also cleared the
     /// override in force, recorded as the second entry.
@@ -274,14 +275,18 @@ impl Storage {
             tx.commit().await?;
             return Ok(FileRecord::Baseline);
         }
-        let recorded: i64 = sqlx::query_scalar(&format!(
-            "SELECT percent_bp FROM flag_file_state WHERE flag = $1 {}",
+        let (recorded, recorded_at): (i64, i64) = sqlx::query_as(&format!(
+            "SELECT percent_bp, at FROM flag_file_state WHERE flag = $1 {}",
             self.dialect.lock_rows()
         ))
         .bind(flag)
         .fetch_one(&mut *tx)
         .await?;
-        if recorded == i64::from(percent_bp) {
+        // Nothing changed, or what this instance saw is older than the change the fleet
+        // recorded last: an instance that was cut off from the database while the file went
+        // 20 → 0 → 20 comes back with both, which the others recorded meanwhile (the
+        // percent alone would take its 0 for a new change away from the 20).
+        if recorded == i64::from(percent_bp) || at <= recorded_at {
             tx.commit().await?;
             return Ok(FileRecord::AlreadyRecorded);
         }

@@ -446,12 +446,17 @@ async fn with_the_database_down_the_last_state_holds() {
     write_flags(&path, 0.0);
     alice.wait_percent(&gw.admin, 0.0, Instant::now()).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
+    // The kill switch cleared the override, here at once: the file's next percent is in
+    // force, not the override it cleared (which this instance cannot yet see cleared in
+    // the database).
     write_flags(&path, 30.0);
-    alice.wait_percent(&gw.admin, 50.0, Instant::now()).await;
+    alice.wait_percent(&gw.admin, 30.0, Instant::now()).await;
+    assert!(alice.flag(&gw.admin).await["override"].is_null());
 
     proxy.restore();
-    // Recorded in order once the database answers; the kill switch made meanwhile cleared
-    // the override, so the file's 30 is in force.
+    // Recorded in order once the database answers (the kill switch clearing the override
+    // there too), and the file's 30 stays in force.
+    tokio::time::sleep(Duration::from_millis(700)).await;
     alice.wait_percent(&gw.admin, 30.0, Instant::now()).await;
     let audit = eventually(Duration::from_secs(5), "the outage's file changes recorded", || async {
         let audit = alice.audit(&gw.admin).await;
@@ -477,7 +482,8 @@ async fn with_the_database_down_the_last_state_holds() {
 }
 
 /// The compare-and-set behind "one entry per file change for the fleet": eight instances
-/// recording the same change at once record it once; A → B → A is two changes.
+/// recording the same change at once record it once; A → B → A is two changes; changes seen
+/// before the last one recorded (by an instance that was cut off) are not recorded again.
 async fn file_changes_are_recorded_once(backend: Backend) {
     let db = TestDb::new(backend).await;
     let store = db.store().await;
@@ -498,6 +504,12 @@ async fn file_changes_are_recorded_once(backend: Backend) {
     assert_eq!(race(1000, 3).await, 1, "B -> A once");
     assert_eq!(race(1000, 4).await, 0, "A again is no change");
     assert_eq!(race(2000, 5).await, 1, "A -> B again");
+    // An instance cut off from the database saw the file go B -> A -> B at 6 and 7; the
+    // others recorded both meanwhile (at 8 and 9). Coming back, its two are not new.
+    assert_eq!(race(1000, 8).await, 1, "B -> A");
+    assert_eq!(race(2000, 9).await, 1, "A -> B");
+    assert_eq!(race(1000, 6).await, 0, "a B -> A seen before the last change recorded");
+    assert_eq!(race(2000, 7).await, 0, "and the A -> B after it");
     let entries: Vec<(Option<f64>, f64, i64)> = store
         .flag_audit()
         .await
@@ -507,7 +519,13 @@ async fn file_changes_are_recorded_once(backend: Backend) {
         .collect();
     assert_eq!(
         entries,
-        [(Some(10.0), 20.0, 2), (Some(20.0), 10.0, 3), (Some(10.0), 20.0, 5)]
+        [
+            (Some(10.0), 20.0, 2),
+            (Some(20.0), 10.0, 3),
+            (Some(10.0), 20.0, 5),
+            (Some(20.0), 10.0, 8),
+            (Some(10.0), 20.0, 9)
+        ]
     );
 }
 
