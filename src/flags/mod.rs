@@ -432,6 +432,7 @@ impl Snapshot {
         Some(match stored {
             Some(o) if file.threshold > 0 => format!("file says {}; {}", file.percent(), describe(o)),
             Some(o) => format!("file says 0: kill switch ({} not in force)", describe(o)),
+            None if file.threshold == 0 => "file says 0: kill switch".to_owned(),
             None => format!("file says {}", file.percent()),
         })
     }
