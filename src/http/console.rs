@@ -93,13 +93,28 @@ fn cookie(headers: &HeaderMap) -> Option<&str> {
         .map(|(_, value)| value)
 }
 
+/// The request's console session: signed by us, not expired, and not ended by a logout.
+/// While the database cannot say (it is down), a signed session is taken: the changes it
+/// could make need the database anyway, and the console stays readable in an outage.
+async fn live_session(state: &AppState, headers: &HeaderMap) -> Option<crate::auth::Session> {
+    let session = cookie(headers).and_then(|c| state.keys.verify_session(c))?;
+    match state.store.console_session_ended(&session.csrf).await {
+        Ok(true) => None,
+        Ok(false) => Some(session),
+        Err(e) => {
+            tracing::debug!(error = %e, "console logouts not readable; session taken as live");
+            Some(session)
+        }
+    }
+}
+
 /// The admin check of the admin API: a bearer admin token (as before), or the console's
 /// session cookie — with the session's CSRF token on anything but a read.
 pub async fn admins(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     if req.headers().contains_key(header::AUTHORIZATION) {
         return super::admins(State(state), req, next).await;
     }
-    let Some(session) = cookie(req.headers()).and_then(|c| state.keys.verify_session(c)) else {
+    let Some(session) = live_session(&state, req.headers()).await else {
         return ApiError::Unauthorized.into_response();
     };
     let read = matches!(*req.method(), Method::GET | Method::HEAD);
@@ -189,8 +204,18 @@ fn redirect(to: &'static str, cookie: Option<String>) -> Response {
 async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let session = cookie(&headers).and_then(|c| state.keys.verify_session(c));
     let csrf = headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok());
-    if session.is_some_and(|s| Some(s.csrf.as_str()) != csrf) {
+    if session.as_ref().is_some_and(|s| Some(s.csrf.as_str()) != csrf) {
         return ApiError::CsrfRefused.into_response();
+    }
+    // The cookie is self-contained: unless the logout is remembered, a copy of it would
+    // keep working until it expires (as long as the admin token it was made from).
+    if let Some(s) = session
+        && let Err(e) = state
+            .store
+            .end_console_session(&s.csrf, i64::try_from(s.exp).unwrap_or(i64::MAX))
+            .await
+    {
+        return ApiError::from(e).into_response();
     }
     let mut res = StatusCode::NO_CONTENT.into_response();
     res.headers_mut().insert(
@@ -202,7 +227,7 @@ async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Response {
 
 /// `GET /admin/session`: who is logged in, and the session's CSRF token.
 async fn session(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    match cookie(&headers).and_then(|c| state.keys.verify_session(c)) {
+    match live_session(&state, &headers).await {
         Some(s) => Json(json!({"admin": s.sub, "csrf": s.csrf, "expires": s.exp})).into_response(),
         None => ApiError::Unauthorized.into_response(),
     }

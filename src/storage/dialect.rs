@@ -84,6 +84,10 @@ impl Dialect {
                     "accept batch checks driver",
                     include_str!("../../migrations/postgres/0012_accept_batch_checks_driver.sql"),
                 ),
+                (
+                    "console logouts",
+                    include_str!("../../migrations/postgres/0013_console_logouts.sql"),
+                ),
             ],
             Self::Sqlite => &[
                 ("init", include_str!("../../migrations/sqlite/0001_init.sql")),
@@ -103,6 +107,10 @@ impl Dialect {
                 (
                     "claim indexes",
                     include_str!("../../migrations/sqlite/0006_claim_indexes.sql"),
+                ),
+                (
+                    "console logouts",
+                    include_str!("../../migrations/sqlite/0007_console_logouts.sql"),
                 ),
             ],
         })

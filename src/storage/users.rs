@@ -96,6 +96,31 @@ impl Storage {
         }
     }
 
+    /// Ends the console session `session` (its CSRF token, unique per login) for every
+    /// instance until `expires_at_s`, and forgets the ended sessions that have expired.
+    pub async fn end_console_session(&self, session: &str, expires_at_s: i64) -> Result<(), sqlx::Error> {
+        let mut conn = self.conn().await?;
+        sqlx::query("INSERT INTO console_logouts (session, expires_at) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(session)
+            .bind(expires_at_s)
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query("DELETE FROM console_logouts WHERE expires_at < $1")
+            .bind(now_ms() / 1000)
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Whether the console session `session` was ended by a logout.
+    pub async fn console_session_ended(&self, session: &str) -> Result<bool, sqlx::Error> {
+        let found: Option<i64> = sqlx::query_scalar("SELECT expires_at FROM console_logouts WHERE session = $1")
+            .bind(session)
+            .fetch_optional(&mut *self.conn().await?)
+            .await?;
+        Ok(found.is_some())
+    }
+
     /// Creates a customer; returns their id.
     pub async fn create_customer(&self, name: &str, phone: &str) -> Result<String, sqlx::Error> {
         let id = self.new_id();

@@ -333,8 +333,28 @@ async fn session_cookies_and_csrf() {
         async move { req.send().await.unwrap() }
     };
     assert_eq!(logout(None).await.status(), 403);
-    let res = logout(Some(csrf)).await;
+    let res = logout(Some(csrf.clone())).await;
     assert_eq!(res.status(), 204);
     assert!(res.headers()["set-cookie"].to_str().unwrap().contains("Max-Age=0"));
+    // A copy of the cookie kept from before the logout is refused from then on: reads,
+    // changes (with its CSRF token) and the session itself.
+    let before = gw.admin_get("/admin/flags").await.1["flags"]["trip_accept_v2"]["percent"].clone();
+    let replayed = |req: reqwest::RequestBuilder| {
+        let req = req
+            .header("cookie", session.clone())
+            .header("x-csrf-token", csrf.clone());
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(replayed(gw.http.get(format!("{}/admin/session", gw.admin))).await, 401);
+    assert_eq!(replayed(gw.http.get(format!("{}/admin/flags", gw.admin))).await, 401);
+    let change = gw
+        .http
+        .put(format!("{}/admin/flags/trip_accept_v2", gw.admin))
+        .json(&serde_json::json!({"percent": 31, "reason": "after logout"}));
+    assert_eq!(replayed(change).await, 401);
+    assert_eq!(
+        gw.admin_get("/admin/flags").await.1["flags"]["trip_accept_v2"]["percent"],
+        before
+    );
     gw.shutdown().await;
 }
