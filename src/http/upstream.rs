@@ -223,9 +223,21 @@ pub async fn forward(State(up): State<Upstream>, mut req: Request) -> Response {
     let (mut parts, body) = res.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     add_via(&mut parts.headers);
-    let mut out = Response::from_parts(parts, Body::new(TimeoutBody::new(up.idle, body)));
+    // An answer that breaks off after its head (the upstream resets, or stops sending for
+    // `idle_timeout_ms`) is counted as the error it is; its head was counted above.
+    let metrics = up.metrics.clone();
+    let body = http_body_util::BodyExt::map_err(TimeoutBody::new(up.idle, body), move |e| {
+        metrics.upstream_error(if is_timeout(&*e) { "timeout" } else { "reset" });
+        e
+    });
+    let mut out = Response::from_parts(parts, Body::new(body));
     out.extensions_mut().insert(PassThrough);
     out
+}
+
+/// Whether a body's error is (or was caused by) `idle_timeout_ms` running out.
+fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(e), |e| e.source()).any(|e| e.is::<TimeoutError>())
 }
 
 fn failed(up: &Upstream, route: &str, kind: &str, error: ApiError, started: Instant) -> Response {
@@ -332,7 +344,7 @@ impl HttpBody for Watched {
         let moved = self.began.elapsed().as_millis() as u64;
         self.moved_ms.store(moved, Ordering::Release);
         if let Some(Err(e)) = &frame
-            && std::iter::successors(std::error::Error::source(e), |e| e.source()).any(|e| e.is::<TimeoutError>())
+            && std::error::Error::source(e).is_some_and(is_timeout)
         {
             self.stalled.store(true, Ordering::Release);
         }

@@ -60,6 +60,15 @@ async fn upstream() -> SocketAddr {
             (0..size.mb).map(move |_| Ok::<_, std::io::Error>(chunk.clone())),
         ))
     }
+    /// A head and the start of a body, then the connection breaks.
+    async fn breaks() -> Body {
+        let start = futures_util::stream::iter([Ok(Bytes::from_static(b"the start"))]);
+        let fall = futures_util::stream::once(async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            Err(std::io::Error::other("the backend fell over"))
+        });
+        Body::from_stream(start.chain(fall))
+    }
     async fn slow() -> &'static str {
         tokio::time::sleep(Duration::from_secs(3)).await;
         "late"
@@ -95,6 +104,7 @@ async fn upstream() -> SocketAddr {
         .route("/upload", post(upload))
         .route("/download", get(download))
         .route("/slow", get(slow))
+        .route("/breaks", get(breaks))
         .route("/status/{code}", get(status))
         .route("/hop", get(hop))
         .route("/ws", get(ws))
@@ -243,6 +253,11 @@ async fn requests_pass_through_intact_and_bodies_stream() {
     );
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["response_code"], "gateway_timeout_504");
+    // An answer that breaks off after its head: the client sees it cut, and it is counted
+    // as a reset although its head was a 200.
+    let res = http.get(format!("{api}/breaks")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.bytes().await.is_err(), "the body was cut");
 
     // Counted in tripgate_upstream_*, not in tripgate_http_*.
     let metrics = reqwest::get(format!("{admin}/metrics"))
@@ -276,6 +291,11 @@ async fn requests_pass_through_intact_and_bodies_stream() {
     assert_eq!(
         metric(&metrics, "tripgate_upstream_errors_total{kind=\"timeout\"}"),
         1.0
+    );
+    assert_eq!(
+        metric(&metrics, "tripgate_upstream_errors_total{kind=\"reset\"}"),
+        1.0,
+        "the answer that broke off"
     );
     assert!(
         !metrics.contains("route=\"unmatched\""),
