@@ -329,10 +329,20 @@ async fn step(
             .override_in_force(TRIP_ACCEPT_FLAG)
             .is_some_and(|o| o.source == "guard");
         if active && !by_guard {
-            let who = snapshot.override_in_force(TRIP_ACCEPT_FLAG).map_or_else(
-                || "the flags file".to_owned(),
-                |o| format!("{} ({})", o.actor, o.source),
-            );
+            let who = match snapshot.override_in_force(TRIP_ACCEPT_FLAG) {
+                Some(o) => format!("{} ({})", o.actor, o.source),
+                // No override: someone cleared it since the last tick (its tombstone says
+                // who), or else the file changed.
+                None => store
+                    .flag_overrides()
+                    .await?
+                    .into_iter()
+                    .find(|o| o.flag == TRIP_ACCEPT_FLAG && !o.active && o.at >= row.updated_at)
+                    .map_or_else(
+                        || "the flags file".to_owned(),
+                        |o| format!("{} ({}) clearing the override", o.actor, o.source),
+                    ),
+            };
             row.state = "paused".into();
             row.passes = 0;
             row.reason = format!(
