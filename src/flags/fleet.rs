@@ -101,7 +101,12 @@ pub async fn refresh(handle: &FlagsHandle, store: &Storage, metrics: &Metrics) -
 
 /// Sets the flag gauges from `snapshot`: the percent in force, whether an override is.
 pub fn report(metrics: &Metrics, snapshot: &Snapshot) {
-    metrics.flags_loaded(snapshot.percents(), snapshot.loaded_at_ms);
+    // The last load of either source: a file change made while an override holds is a
+    // reload too (it is audited, not in force).
+    metrics.flags_loaded(
+        snapshot.percents(),
+        snapshot.loaded_at_ms.max(snapshot.file_loaded_at_ms),
+    );
     metrics.flags_overridden(snapshot.overridden());
 }
 

@@ -61,6 +61,9 @@ impl FlagsWatcher {
                 let forced = tokio::select! {
                     _ = changed.notified() => {
                         tokio::time::sleep(DEBOUNCE).await;
+                        // The burst's later events (a write's close after its modify) are
+                        // read with it: one reload per change, not one and an 'unchanged'.
+                        let _ = futures_util::FutureExt::now_or_never(changed.notified());
                         false
                     }
                     _ = recv_hangup(&mut hangup) => true,

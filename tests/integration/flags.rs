@@ -162,9 +162,21 @@ async fn bad_files_keep_the_last_good_flags() {
         "deleted file changed the flags"
     );
     assert_eq!(cohorts_of(&gw, &w, &drivers).await, before, "routing changed");
-    // A good file again is taken.
+    // A good file again is taken: one reload for one write.
+    let reloads = |result: &str| format!("tripgate_flags_reloads_total{{result=\"{result}\"}}");
+    let before = gw.metrics().await;
     std::fs::write(&path, flags_text(100.0, &[])).unwrap();
     time_to_reload(&gw, 100.0, Instant::now()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = gw.metrics().await;
+    assert_eq!(
+        (
+            metric(&after, &reloads("ok")) - metric(&before, &reloads("ok")),
+            metric(&after, &reloads("unchanged")) - metric(&before, &reloads("unchanged"))
+        ),
+        (1.0, 0.0),
+        "one write, one reload"
+    );
     assert!(cohorts_of(&gw, &w, &drivers).await.iter().all(|c| c == "atomic_async"));
     gw.shutdown().await;
 }

@@ -437,12 +437,19 @@ async fn with_the_database_down_the_last_state_holds() {
         (Some(50.0), Some("override"))
     );
     let path = gw.config.flags.path.clone();
+    let reloaded_at =
+        || async { crate::support::metric_value(&gw.metrics().await, "tripgate_flags_last_reload_timestamp_seconds") };
+    let before = reloaded_at().await;
     write_flags(&path, 30.0);
     eventually(Duration::from_secs(1), "file reloaded", || async {
         (alice.flag(&gw.admin).await["file_percent"] == 30.0).then_some(())
     })
     .await;
     assert_eq!(alice.flag(&gw.admin).await["percent"], 50.0, "the override holds");
+    assert!(
+        reloaded_at().await > before,
+        "a file reload under an override is a reload"
+    );
     write_flags(&path, 0.0);
     alice.wait_percent(&gw.admin, 0.0, Instant::now()).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
