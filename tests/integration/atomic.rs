@@ -465,6 +465,19 @@ async fn two_instances_one_winner() {
     store.close().await;
 }
 
+/// A Postgres session holding `trip`'s row lock until it rolls back (or is dropped).
+async fn hold_trip_row(db: &TestDb, trip: &str) -> sqlx::PgConnection {
+    use sqlx::Connection;
+    let mut c = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::raw_sql(&format!(
+        "BEGIN; SELECT 1 FROM trip_requests WHERE id = '{trip}' FOR UPDATE;"
+    ))
+    .execute(&mut c)
+    .await
+    .unwrap();
+    c
+}
+
 /// The driver app gives up while the accept is stuck in the database (another transaction
 /// holds the trip row / the write lock). The accept still completes as a whole: lock, trip,
 /// job and effects — never a lock without an accept, nor an accept without its job.
@@ -482,16 +495,7 @@ async fn client_hang_up_cannot_cut_an_accept_in_half(backend: Backend) {
         Lite(sqlx::SqliteConnection),
     }
     let mut blocker = match backend {
-        Backend::Postgres => {
-            let mut c = sqlx::PgConnection::connect(&db.url).await.unwrap();
-            sqlx::raw_sql(&format!(
-                "BEGIN; SELECT 1 FROM trip_requests WHERE id = '{trip}' FOR UPDATE;"
-            ))
-            .execute(&mut c)
-            .await
-            .unwrap();
-            Blocker::Pg(c)
-        }
+        Backend::Postgres => Blocker::Pg(hold_trip_row(&db, &trip).await),
         Backend::Sqlite => {
             let mut c = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
             sqlx::raw_sql("BEGIN IMMEDIATE; UPDATE users SET is_active = TRUE WHERE 0;")
@@ -611,7 +615,6 @@ async fn stale_lock_of_a_dead_request_does_not_block_the_trip(backend: Backend) 
 /// leaves no Redis lock behind; once the row is free the trip is taken as usual.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_row_locked_elsewhere_gets_503_after_lock_timeout() {
-    use sqlx::Connection;
     let Some(_) = crate::support::postgres_url() else {
         return;
     };
@@ -624,13 +627,7 @@ async fn a_row_locked_elsewhere_gets_503_after_lock_timeout() {
     let w = World::new(&gw.store).await;
     let (d1, d2) = (w.driver().await, w.driver().await);
     let trip = w.trip(&[d1.clone(), d2.clone()]).await;
-    let mut blocker = sqlx::PgConnection::connect(&db.url).await.unwrap();
-    sqlx::raw_sql(&format!(
-        "BEGIN; SELECT 1 FROM trip_requests WHERE id = '{trip}' FOR UPDATE;"
-    ))
-    .execute(&mut blocker)
-    .await
-    .unwrap();
+    let mut blocker = hold_trip_row(&db, &trip).await;
     let accept = |driver: String| {
         let request = gw
             .http
