@@ -665,15 +665,7 @@ async fn seed(http: &reqwest::Client, admin_url: &str, admin_token: &str, plan: 
 
 async fn refresh_flags(app: &App, http: &reqwest::Client, admin_url: &str, admin_token: &str) {
     let flag = async {
-        let body: Value = http
-            .get(format!("{}/admin/flags", admin_url.trim_end_matches('/')))
-            .bearer_auth(admin_token)
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let body = get_flags(http, admin_url, admin_token).await.ok()?;
         let f = &body["flags"][TRIP_ACCEPT_FLAG];
         let toml_text = format!(
             "[{}]\npercent = {}\nsalt = {}\nallow = {}\ndeny = {}\n",
@@ -753,6 +745,17 @@ fn flag_url(admin_url: &str) -> String {
     format!("{}/admin/flags/{}", admin_url.trim_end_matches('/'), TRIP_ACCEPT_FLAG)
 }
 
+/// `GET /admin/flags`.
+async fn get_flags(http: &reqwest::Client, admin_url: &str, admin_token: &str) -> anyhow::Result<Value> {
+    let res = http
+        .get(format!("{}/admin/flags", admin_url.trim_end_matches('/')))
+        .bearer_auth(admin_token)
+        .send()
+        .await?;
+    anyhow::ensure!(res.status().is_success(), "GET /admin/flags answered {}", res.status());
+    Ok(res.json().await?)
+}
+
 /// The flag's override as found: `None` without one, else its percent (`None` for an
 /// override of allow/deny lists only).
 async fn override_percent(
@@ -760,13 +763,7 @@ async fn override_percent(
     admin_url: &str,
     admin_token: &str,
 ) -> anyhow::Result<Option<Option<f64>>> {
-    let res = http
-        .get(format!("{}/admin/flags", admin_url.trim_end_matches('/')))
-        .bearer_auth(admin_token)
-        .send()
-        .await?;
-    anyhow::ensure!(res.status().is_success(), "GET /admin/flags answered {}", res.status());
-    let body: Value = res.json().await?;
+    let body = get_flags(http, admin_url, admin_token).await?;
     let found = &body["flags"][TRIP_ACCEPT_FLAG]["override"];
     Ok((!found.is_null()).then(|| found["percent"].as_f64()))
 }
