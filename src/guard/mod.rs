@@ -331,13 +331,15 @@ async fn step(
         if active && !by_guard {
             let who = match snapshot.override_in_force(TRIP_ACCEPT_FLAG) {
                 Some(o) => format!("{} ({})", o.actor, o.source),
-                // No override: someone cleared it since the last tick (its tombstone says
-                // who), or else the file changed.
+                // No override: whichever came last brought the percent in force — a
+                // clear (its tombstone says who and when) or the file's load. (Not "since
+                // the last tick": a tick can fall between the clear and this instance
+                // reading it.)
                 None => store
                     .flag_overrides()
                     .await?
                     .into_iter()
-                    .find(|o| o.flag == TRIP_ACCEPT_FLAG && !o.active && o.at >= row.updated_at)
+                    .find(|o| o.flag == TRIP_ACCEPT_FLAG && !o.active && o.at >= snapshot.file_loaded_at_ms)
                     .map_or_else(
                         || "the flags file".to_owned(),
                         |o| format!("{} ({}) clearing the override", o.actor, o.source),
