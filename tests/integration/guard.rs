@@ -329,13 +329,24 @@ async fn healthy_traffic_walks_the_steps_with_one_judge() {
         .wait_percent(&b.admin, &a.admin, 50.0, Duration::from_secs(30))
         .await;
     load.retarget(vec![b.api.clone()]).await;
-    let done = admin.wait_state(&a.admin, "done", Duration::from_secs(30)).await;
+    admin.wait_state(&a.admin, "done", Duration::from_secs(30)).await;
     let sent = load.stop().await;
     assert!(sent > 100);
-    assert_eq!(done["percent"], 100.0);
+    // The state is the fleet's (in the database); the percent each instance reports is its
+    // own flags in force, which follow the judge's override within a second (SPEC §4) —
+    // the judge may have been the other instance.
+    let done = eventually(Duration::from_secs(1), "a's percent at the last step", || async {
+        let g = admin.guard(&a.admin).await;
+        (g["percent"] == 100.0).then_some(g)
+    })
+    .await;
+    assert_eq!(done["state"], "done");
     assert!(done["next_step"].is_null());
     for gw in [&a, &b] {
-        assert_eq!(admin.percent(&gw.admin).await, 100.0);
+        eventually(Duration::from_secs(1), "the last step in force", || async {
+            (admin.percent(&gw.admin).await == 100.0).then_some(())
+        })
+        .await;
         // Each instance's gauge follows the shared state within a tick.
         eventually(Duration::from_secs(2), "guard state gauge", || async {
             let metrics = reqwest::get(format!("{}/metrics", gw.admin))
