@@ -329,22 +329,10 @@ async fn step(
             .override_in_force(TRIP_ACCEPT_FLAG)
             .is_some_and(|o| o.source == "guard");
         if active && !by_guard {
-            let who = match snapshot.override_in_force(TRIP_ACCEPT_FLAG) {
-                Some(o) => format!("{} ({})", o.actor, o.source),
-                // No override: whichever came last brought the percent in force — a
-                // clear (its tombstone says who and when) or the file's load. (Not "since
-                // the last tick": a tick can fall between the clear and this instance
-                // reading it.)
-                None => store
-                    .flag_overrides()
-                    .await?
-                    .into_iter()
-                    .find(|o| o.flag == TRIP_ACCEPT_FLAG && !o.active && o.at >= snapshot.file_loaded_at_ms)
-                    .map_or_else(
-                        || "the flags file".to_owned(),
-                        |o| format!("{} ({}) clearing the override", o.actor, o.source),
-                    ),
-            };
+            let who = snapshot.override_in_force(TRIP_ACCEPT_FLAG).map_or_else(
+                || "the flags file".to_owned(),
+                |o| format!("{} ({})", o.actor, o.source),
+            );
             row.state = "paused".into();
             row.passes = 0;
             row.reason = format!(
