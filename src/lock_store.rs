@@ -18,8 +18,33 @@ use crate::redis_conn::{RedisError, RedisHandle};
 
 // === impl TripLocks ===
 
+/// What the request holding a lock settled, written into its token once its statement
+/// answered (the nonce gets a prefix: `{driver_id}:won-{nonce}:{ms}`), so that requests
+/// waiting on the lock know without asking the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mark {
+    /// Its accept committed: the trip is taken (by that driver).
+    Won,
+    /// Its statement found the trip taken by someone else or no longer pending: the race is
+    /// over, the database says how.
+    Closed,
+}
+
+impl Mark {
+    const ALL: [Mark; 2] = [Mark::Won, Mark::Closed];
+
+    fn prefix(self) -> &'static str {
+        match self {
+            Mark::Won => "won-",
+            Mark::Closed => "closed-",
+        }
+    }
+}
+
 /// A lock's owner token, `{driver_id}:{request nonce}:{taken at, ms}`: unique per request,
 /// yet anyone who reads it can tell which driver's request holds the lock and since when.
+/// Once that request's statement has settled the race, the token is swapped for a
+/// [`Mark`]ed form.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owner(String);
 
@@ -37,6 +62,28 @@ impl Owner {
     /// True when a request of `driver_id` holds the lock.
     pub fn is_driver(&self, driver_id: &str) -> bool {
         self.0.strip_prefix(driver_id).is_some_and(|rest| rest.starts_with(':'))
+    }
+
+    /// This token marked with what its request settled: same driver, nonce and time.
+    pub fn marked(&self, mark: Mark) -> Self {
+        match self.0.rsplitn(3, ':').collect::<Vec<_>>()[..] {
+            [at, nonce, driver] => {
+                let nonce = self.mark().map_or(nonce, |m| &nonce[m.prefix().len()..]);
+                Self(format!("{driver}:{}{nonce}:{at}", mark.prefix()))
+            }
+            _ => self.clone(),
+        }
+    }
+
+    /// What the request that took the lock has settled, once its statement answered.
+    pub fn mark(&self) -> Option<Mark> {
+        let nonce = self.0.rsplit(':').nth(1)?;
+        Mark::ALL.into_iter().find(|m| nonce.starts_with(m.prefix()))
+    }
+
+    /// True when `other` is this token, marked or not: the same request's claim.
+    pub fn same_claim(&self, other: &Owner) -> bool {
+        self.marked(Mark::Won) == other.marked(Mark::Won)
     }
 
     /// How long ago the lock was taken (`None` for a token without a time).
@@ -101,6 +148,19 @@ impl TripLocks {
         }
     }
 
+    /// Marks `owner`'s lock on `trip_id` with what its request settled, keeping its TTL,
+    /// so that requests waiting on it answer at once; a failure only means they ask the
+    /// database instead.
+    pub async fn mark(&self, trip_id: &str, owner: &Owner, mark: Mark) {
+        let marked = owner.marked(mark);
+        if let Err(e) = self
+            .timed(self.store.replace(trip_id, owner.as_str(), marked.as_str()))
+            .await
+        {
+            tracing::warn!(trip_id, error = %e, "could not mark the trip lock");
+        }
+    }
+
     /// Who holds `trip_id`'s lock now (`None` when nobody does or the store cannot say).
     pub async fn holder(&self, trip_id: &str) -> Option<Owner> {
         self.store.holder(trip_id).await.ok().flatten().map(Owner)
@@ -153,6 +213,9 @@ pub trait LockStore: Send + Sync {
     }
     /// Deletes the lock only if `owner` holds it. True when it did.
     async fn release(&self, trip_id: &str, owner: &str) -> Result<bool, LockError>;
+    /// Replaces the lock's owner token by `new_owner`, keeping its expiry, only if `owner`
+    /// holds it. True when it did.
+    async fn replace(&self, trip_id: &str, owner: &str, new_owner: &str) -> Result<bool, LockError>;
     /// The holder of `trip_id`'s lock, if any.
     async fn holder(&self, trip_id: &str) -> Result<Option<String>, LockError>;
     /// `redis` or `memory`, the metrics label.
@@ -182,6 +245,7 @@ pub struct RedisLockStore {
     acquire: redis::Script,
     acquire_within: redis::Script,
     release: redis::Script,
+    replace: redis::Script,
 }
 
 impl RedisLockStore {
@@ -204,6 +268,10 @@ impl RedisLockStore {
             )),
             release: redis::Script::new(
                 "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+            ),
+            replace: redis::Script::new(
+                "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+                 redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL') return 1 end return 0",
             ),
         }
     }
@@ -262,6 +330,15 @@ impl LockStore for RedisLockStore {
         call.key(&key).arg(owner);
         let deleted: i64 = self.redis.bounded(call.invoke_async(&mut conn)).await?;
         Ok(deleted == 1)
+    }
+
+    async fn replace(&self, trip_id: &str, owner: &str, new_owner: &str) -> Result<bool, LockError> {
+        let mut conn = self.redis.connection().await?;
+        let key = self.key(trip_id);
+        let mut call = self.replace.prepare_invoke();
+        call.key(&key).arg(owner).arg(new_owner);
+        let replaced: i64 = self.redis.bounded(call.invoke_async(&mut conn)).await?;
+        Ok(replaced == 1)
     }
 
     async fn holder(&self, trip_id: &str) -> Result<Option<String>, LockError> {
@@ -329,6 +406,17 @@ impl LockStore for MemoryLockStore {
         }))
     }
 
+    async fn replace(&self, trip_id: &str, owner: &str, new_owner: &str) -> Result<bool, LockError> {
+        let now = Instant::now();
+        Ok(self.with_locks(|locks| match locks.get_mut(trip_id) {
+            Some((holder, expires)) if holder == owner && *expires > now => {
+                new_owner.clone_into(holder);
+                true
+            }
+            _ => false,
+        }))
+    }
+
     async fn holder(&self, trip_id: &str) -> Result<Option<String>, LockError> {
         let now = Instant::now();
         Ok(self.with_locks(|locks| {
@@ -358,6 +446,21 @@ mod tests {
         assert!(!Owner("d10:abc".into()).is_driver("d1"));
         assert!(!Owner("d1".into()).is_driver("d1"));
         assert_eq!(Owner("d1:abc".into()).age(), None);
+
+        let won = token.marked(Mark::Won);
+        assert_eq!((won.mark(), token.mark()), (Some(Mark::Won), None));
+        assert!(won.is_driver("d1") && !won.is_driver("d"));
+        assert_eq!(won.age().map(|a| a.as_secs()), token.age().map(|a| a.as_secs()));
+        assert_eq!(won.marked(Mark::Won), won, "marking twice changes nothing");
+        let closed = won.marked(Mark::Closed);
+        assert_eq!(closed.mark(), Some(Mark::Closed));
+        assert_eq!(closed.marked(Mark::Won), won, "one mark replaces the other");
+        assert!(token.same_claim(&won) && won.same_claim(&token) && closed.same_claim(&token));
+        assert!(
+            !token.same_claim(&Owner::new("d1")),
+            "another request of the same driver"
+        );
+        assert_eq!(Owner("won-x:abc:1".into()).mark(), None, "a driver id is not a mark");
     }
 
     #[tokio::test]
@@ -371,5 +474,17 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(60)).await;
         assert_eq!(store.holder("t").await.unwrap(), None, "expired");
         assert_eq!(store.acquire("t", "c:1").await.unwrap(), Claim::Acquired);
+        assert!(
+            !store.replace("t", "b:1", "b:2").await.unwrap(),
+            "only the owner replaces"
+        );
+        assert!(store.replace("t", "c:1", "c:2").await.unwrap());
+        assert_eq!(store.holder("t").await.unwrap(), Some("c:2".into()));
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(store.holder("t").await.unwrap(), None, "the expiry is kept");
+        assert!(
+            !store.replace("t", "c:2", "c:3").await.unwrap(),
+            "an expired lock is gone"
+        );
     }
 }

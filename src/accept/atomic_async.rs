@@ -1,8 +1,10 @@
 //! `atomic_async`: the new path (the design document's "AFTER", with its defects fixed).
 //!
 //! 1. The lock store's claim (`SET NX EX`, one Redis round trip) turns the losers of a race
-//!    away without touching the database; the lock is never the judge: Redis down or slow
-//!    just means step 2 decides alone.
+//!    away without touching the database: at once when the holder's accept has committed
+//!    (the winner marks its lock), else once it has (a loser waits on the lock); if the
+//!    holder's statement refuses its driver, the lock goes and the losers try again. The
+//!    lock is never the judge: Redis down or slow just means step 2 decides alone.
 //! 2. One statement (one database round trip, `Storage::accept_fenced`): the pre-checks —
 //!    the driver an active driver (the auth layer leaves that to the accept), no such
 //!    trip, taken, not pending, driver unavailable, wrong vehicle, in that order —
@@ -14,7 +16,9 @@
 //! Fixed from the original: a retry by the winner is answered from the database (also
 //! after the lock expired); a retry that arrives while the same driver's first request
 //! still holds the lock waits, bounded, for that outcome; a lock left behind by a request
-//! that died is cleared; a failed fence or database error releases the lock; and the whole
+//! that died is cleared; a failed fence or database error releases the lock; a driver is
+//! told "taken" only once another driver has the trip (a lock holder that the statement
+//! refuses used to turn the others away and leave the trip with nobody); and the whole
 //! runs on its own task (see [`super::Accept`]) so a client hang-up cannot cut it in half.
 
 use std::time::{Duration, Instant};
@@ -26,10 +30,14 @@ use crate::auth::Role;
 use crate::budget::DriverBudget;
 use crate::domain::Cohort;
 use crate::error::{ApiError, Outcome};
-use crate::lock_store::{Owner, TripClaim, TripLocks};
+use crate::lock_store::{Mark, Owner, TripClaim, TripLocks};
 use crate::storage::Storage;
 use crate::storage::assign::{AssignOutcome, Fence};
 use crate::storage::users::KnownUsers;
+
+/// How often a request waiting on another's lock asks the database whether the trip was
+/// taken meanwhile (the lock was not marked: a lost mark, or a gateway of an earlier release).
+const DATABASE_EVERY: Duration = Duration::from_millis(250);
 
 /// The atomic_async accept service.
 pub type AtomicAsyncAccept = Accept<AtomicAsync>;
@@ -96,12 +104,14 @@ impl Strategy for AtomicAsync {
     }
 
     async fn accept(&self, mut cmd: AcceptCommand, users: &KnownUsers) -> Result<AcceptReply, ApiError> {
-        // A second pass only when the lock that was in the way belonged to a request that
-        // ended without the trip: this driver's earlier one, or a dead one's. The budget is
-        // charged once, on the first.
+        // Another pass only when the lock that was in the way belonged to a request that
+        // ended without the trip: this driver's earlier one, another driver's that the
+        // statement refused, or a dead one's. The budget is charged once, on the first.
+        // Every wait on another request's lock ends by one deadline.
+        let deadline = Instant::now() + self.in_flight_wait;
         let mut budget = self.budget.as_ref();
-        for _pass in 0..2 {
-            if let Some(reply) = self.try_accept(&mut cmd, budget.take(), users).await? {
+        for _pass in 0..4 {
+            if let Some(reply) = self.try_accept(&mut cmd, budget.take(), users, deadline).await? {
                 return Ok(reply);
             }
         }
@@ -121,6 +131,7 @@ impl AtomicAsync {
         cmd: &mut AcceptCommand,
         budget: Option<&DriverBudget>,
         users: &KnownUsers,
+        deadline: Instant,
     ) -> Result<Option<AcceptReply>, ApiError> {
         let claim = self
             .locks
@@ -155,9 +166,10 @@ impl AtomicAsync {
             // a lock older than any request runs: cleared, and we go again.
             TripClaim::HeldBy(holder) if self.clear_if_abandoned(&cmd.trip_id, &holder).await? => Ok(None),
             // This driver's earlier request, still running: its outcome is the answer.
-            TripClaim::HeldBy(holder) if holder.is_driver(&cmd.driver_id) => self.await_in_flight(cmd).await,
-            // Another driver's: turned away without a write.
-            TripClaim::HeldBy(_) => Err(ApiError::TripTaken),
+            TripClaim::HeldBy(holder) if holder.is_driver(&cmd.driver_id) => self.await_in_flight(cmd, deadline).await,
+            // Another driver's: turned away without a write once it has won; while it runs,
+            // its outcome decides (its statement may still refuse that driver).
+            TripClaim::HeldBy(holder) => self.await_other(cmd, holder, deadline).await,
         }
     }
 
@@ -169,8 +181,9 @@ impl AtomicAsync {
         tokio::spawn(async move { locks.release(&trip_id, &owner).await });
     }
 
-    /// The fenced statement; on anything but a win (or this driver's own earlier win), the
-    /// lock, if we hold it, is released. The statement also settled the driver: remembered
+    /// The fenced statement; the lock, if we hold it, is marked when the statement settled
+    /// the race (a win, this driver's own earlier win, taken by someone else, not pending)
+    /// and released otherwise. The statement also settled the driver: remembered
     /// in `users` when found.
     async fn commit(
         &self,
@@ -186,12 +199,20 @@ impl AtomicAsync {
             requested_at_ms: cmd.received_at_ms,
         };
         let fenced = self.store.accept_fenced(&fence).await;
-        let kept = matches!(
-            &fenced,
-            Ok(f) if matches!(f.outcome, AssignOutcome::Accepted { .. } | AssignOutcome::AlreadyMine)
-        );
-        if !kept && let Some(owner) = &owner {
-            self.locks.release(&cmd.trip_id, owner).await;
+        // The lock stays, marked after the answer, when the race is over — requests waiting
+        // on it answer then —; else it goes, and they try again.
+        let settled = fenced.as_ref().ok().and_then(|f| match f.outcome {
+            AssignOutcome::Accepted { .. } | AssignOutcome::AlreadyMine => Some(Mark::Won),
+            AssignOutcome::Taken | AssignOutcome::NotPending => Some(Mark::Closed),
+            _ => None,
+        });
+        match (&owner, settled) {
+            (Some(owner), None) => self.locks.release(&cmd.trip_id, owner).await,
+            (Some(owner), Some(mark)) => {
+                let (locks, trip_id, owner) = (self.locks.clone(), cmd.trip_id.clone(), owner.clone());
+                tokio::spawn(async move { locks.mark(&trip_id, &owner, mark).await });
+            }
+            (None, _) => {}
         }
         let fenced = fenced?;
         if fenced.outcome != AssignOutcome::UnknownDriver {
@@ -211,21 +232,83 @@ impl AtomicAsync {
         }
     }
 
-    /// Waits, bounded, for the outcome of this driver's request that holds the lock.
-    /// `None` when that request ended without taking the trip (try again).
-    async fn await_in_flight(&self, cmd: &AcceptCommand) -> Result<Option<AcceptReply>, ApiError> {
-        let deadline = Instant::now() + self.in_flight_wait;
+    /// Waits, until `deadline`, for the outcome of another driver's request that holds the
+    /// lock. That request's statement may still refuse its driver (busy, wrong vehicle,
+    /// deactivated) and leave the trip pending: telling this driver "taken" before then
+    /// would leave the trip with nobody. The lock says when it is decided — marked, or
+    /// released (`None`: try again) — so a loser of a race between atomic_async drivers
+    /// costs Redis reads, not database reads; the database is asked when the lock is marked
+    /// closed (the answer is taken or not pending), every [`DATABASE_EVERY`] of waiting (a
+    /// winner whose mark was lost, or a gateway of a previous release that does not mark),
+    /// and at the deadline.
+    async fn await_other(
+        &self,
+        cmd: &AcceptCommand,
+        mut holder: Owner,
+        deadline: Instant,
+    ) -> Result<Option<AcceptReply>, ApiError> {
+        let mut pause = Duration::from_millis(2);
+        let mut ask_database_at = Instant::now() + DATABASE_EVERY;
         loop {
-            let trip = self
-                .store
-                .trip_snapshot(&cmd.trip_id)
-                .await?
-                .ok_or(ApiError::TripNotFound)?;
-            match trip.driver_id {
-                Some(d) if d == cmd.driver_id => return self.already_accepted(&cmd.trip_id).await.map(Some),
-                Some(_) => return Err(ApiError::TripTaken),
-                None if !trip.is_open() => return Err(ApiError::TripNotPending),
+            match holder.mark() {
+                Some(Mark::Won) => return Err(ApiError::TripTaken),
+                // Taken by someone without a lock (legacy) or no longer pending: the database
+                // says which. Open after all (the backend reopened it): that lock goes.
+                Some(Mark::Closed) => {
+                    return match self.decided(cmd).await? {
+                        Some(decided) => decided.map(Some),
+                        None => {
+                            self.locks.release(&cmd.trip_id, &holder).await;
+                            Ok(None)
+                        }
+                    };
+                }
                 None => {}
+            }
+            let now = Instant::now();
+            if now >= ask_database_at || now >= deadline {
+                if let Some(decided) = self.decided(cmd).await? {
+                    return decided.map(Some);
+                }
+                if now >= deadline {
+                    return Err(ApiError::Unavailable(
+                        "another driver's accept of this trip is still running".into(),
+                    ));
+                }
+                ask_database_at = now + DATABASE_EVERY;
+            }
+            tokio::time::sleep(pause.min(deadline.saturating_duration_since(now))).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
+            match self.locks.holder(&cmd.trip_id).await {
+                Some(now_held) if now_held.same_claim(&holder) => holder = now_held,
+                // Released (refused), expired, or the store cannot say: go again.
+                _ => return Ok(None),
+            }
+        }
+    }
+
+    /// What the database says of the trip for this driver, if it is decided: taken (by
+    /// them: their earlier accept), not pending, not found. `None` while it is open.
+    async fn decided(&self, cmd: &AcceptCommand) -> Result<Option<Result<AcceptReply, ApiError>>, ApiError> {
+        let trip = self
+            .store
+            .trip_snapshot(&cmd.trip_id)
+            .await?
+            .ok_or(ApiError::TripNotFound)?;
+        Ok(match trip.driver_id {
+            Some(d) if d == cmd.driver_id => Some(self.already_accepted(&cmd.trip_id).await),
+            Some(_) => Some(Err(ApiError::TripTaken)),
+            None if !trip.is_open() => Some(Err(ApiError::TripNotPending)),
+            None => None,
+        })
+    }
+
+    /// Waits, until `deadline`, for the outcome of this driver's request that holds the
+    /// lock. `None` when that request ended without taking the trip (try again).
+    async fn await_in_flight(&self, cmd: &AcceptCommand, deadline: Instant) -> Result<Option<AcceptReply>, ApiError> {
+        loop {
+            if let Some(decided) = self.decided(cmd).await? {
+                return decided.map(Some);
             }
             let holder = self.locks.holder(&cmd.trip_id).await;
             if !holder.is_some_and(|h| h.is_driver(&cmd.driver_id)) {

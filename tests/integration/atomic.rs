@@ -28,6 +28,8 @@ backend_tests!(
     failed_fence_releases_the_lock,
     client_hang_up_cannot_cut_an_accept_in_half,
     stale_lock_of_a_dead_request_does_not_block_the_trip,
+    a_refused_lock_holder_does_not_turn_others_away,
+    a_lost_race_closes_the_lock,
 );
 
 /// A lock store that takes the lock, then loses the answer: a Redis call that timed out
@@ -42,6 +44,9 @@ impl LockStore for AnswersLate {
     }
     async fn release(&self, trip_id: &str, owner: &str) -> Result<bool, LockError> {
         self.0.release(trip_id, owner).await
+    }
+    async fn replace(&self, trip_id: &str, owner: &str, new_owner: &str) -> Result<bool, LockError> {
+        self.0.replace(trip_id, owner, new_owner).await
     }
     async fn holder(&self, trip_id: &str) -> Result<Option<String>, LockError> {
         self.0.holder(trip_id).await
@@ -478,33 +483,48 @@ async fn hold_trip_row(db: &TestDb, trip: &str) -> sqlx::PgConnection {
     c
 }
 
+/// Another transaction holding `trip`'s row (Postgres) or the database's write lock
+/// (SQLite), until released: an accept's statement waits for it.
+enum Blocker {
+    Pg(sqlx::PgConnection),
+    Lite(sqlx::SqliteConnection),
+}
+
+impl Blocker {
+    async fn hold(db: &TestDb, backend: Backend, trip: &str) -> Self {
+        use sqlx::Connection;
+        match backend {
+            Backend::Postgres => Blocker::Pg(hold_trip_row(db, trip).await),
+            Backend::Sqlite => {
+                let mut c = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+                sqlx::raw_sql("BEGIN IMMEDIATE; UPDATE users SET is_active = TRUE WHERE 0;")
+                    .execute(&mut c)
+                    .await
+                    .unwrap();
+                Blocker::Lite(c)
+            }
+        }
+    }
+
+    async fn release(mut self) {
+        match &mut self {
+            Blocker::Pg(c) => sqlx::raw_sql("ROLLBACK").execute(c).await.map(|_| ()).unwrap(),
+            Blocker::Lite(c) => sqlx::raw_sql("ROLLBACK").execute(c).await.map(|_| ()).unwrap(),
+        }
+    }
+}
+
 /// The driver app gives up while the accept is stuck in the database (another transaction
 /// holds the trip row / the write lock). The accept still completes as a whole: lock, trip,
 /// job and effects — never a lock without an accept, nor an accept without its job.
 async fn client_hang_up_cannot_cut_an_accept_in_half(backend: Backend) {
-    use sqlx::Connection;
     let db = TestDb::new(backend).await;
     let stub = WebhookStub::start().await;
     let gw = Gateway::start(&db, options(backend, &stub)).await;
     let w = World::new(&gw.store).await;
     let d = w.driver().await;
     let trip = w.trip(std::slice::from_ref(&d)).await;
-    // Hold the row (Postgres) or the database write lock (SQLite).
-    enum Blocker {
-        Pg(sqlx::PgConnection),
-        Lite(sqlx::SqliteConnection),
-    }
-    let mut blocker = match backend {
-        Backend::Postgres => Blocker::Pg(hold_trip_row(&db, &trip).await),
-        Backend::Sqlite => {
-            let mut c = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
-            sqlx::raw_sql("BEGIN IMMEDIATE; UPDATE users SET is_active = TRUE WHERE 0;")
-                .execute(&mut c)
-                .await
-                .unwrap();
-            Blocker::Lite(c)
-        }
-    };
+    let blocker = Blocker::hold(&db, backend, &trip).await;
     let token = gw.token(&d, tripgate::auth::Role::Driver);
     let hung_up = gw
         .http
@@ -520,10 +540,7 @@ async fn client_hang_up_cannot_cut_an_accept_in_half(backend: Backend) {
         locks.holder(&trip).await.unwrap().is_some(),
         "the accept had taken the lock"
     );
-    match &mut blocker {
-        Blocker::Pg(c) => sqlx::raw_sql("ROLLBACK").execute(c).await.map(|_| ()).unwrap(),
-        Blocker::Lite(c) => sqlx::raw_sql("ROLLBACK").execute(c).await.map(|_| ()).unwrap(),
-    }
+    blocker.release().await;
     gw.wait_effects_done(&trip, Duration::from_secs(15)).await;
     assert_eq!(
         gw.store.trip_snapshot(&trip).await.unwrap().unwrap().driver_id.as_ref(),
@@ -548,6 +565,109 @@ async fn client_hang_up_cannot_cut_an_accept_in_half(backend: Backend) {
     gw.shutdown().await;
 }
 
+/// The lock's holder is a driver the statement refuses (here: already on a trip). Until
+/// that refusal, others who find the lock wait for it instead of being told "taken"; then
+/// one of them takes the trip. (Before, they were answered 403 at once and the trip stayed
+/// pending with nobody.)
+async fn a_refused_lock_holder_does_not_turn_others_away(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let stub = WebhookStub::start().await;
+    let gw = Arc::new(Gateway::start(&db, options(backend, &stub)).await);
+    let w = World::new(&gw.store).await;
+    let (busy, free) = (w.driver().await, w.driver().await);
+    let first = w.trip(std::slice::from_ref(&busy)).await;
+    assert_eq!(gw.accept(&busy, &first).await.0, 200);
+    let trip = w.trip(&[busy.clone(), free.clone()]).await;
+    let blocker = Blocker::hold(&db, backend, &trip).await;
+    let spawn_accept = |driver: String| {
+        let (gw, trip) = (gw.clone(), trip.clone());
+        tokio::spawn(async move { gw.accept(&driver, &trip).await })
+    };
+    let holder_request = spawn_accept(busy.clone());
+    let locks = gw.running.as_ref().unwrap().locks.clone();
+    eventually(Duration::from_secs(5), "the busy driver's claim", || {
+        let (locks, trip, busy) = (locks.clone(), trip.clone(), busy.clone());
+        async move {
+            let holder = locks.holder(&trip).await.unwrap()?;
+            holder.starts_with(&format!("{busy}:")).then_some(())
+        }
+    })
+    .await;
+    let waiting = spawn_accept(free.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "answered while the lock's holder was undecided: {:?}",
+        waiting.await
+    );
+    blocker.release().await;
+    let (status, body, _) = holder_request.await.unwrap();
+    assert_eq!((status, code(&body)), (403, "driver_unavailable_403"), "{body}");
+    let (status, body, cohort) = waiting.await.unwrap();
+    assert_eq!(
+        (status, code(&body), cohort.as_str()),
+        (200, "default_update_200", "atomic_async"),
+        "{body}"
+    );
+    let snapshot = gw.store.trip_snapshot(&trip).await.unwrap().unwrap();
+    assert_eq!(snapshot.driver_id.as_ref(), Some(&free));
+    assert_eq!(gw.store.double_assignments().await.unwrap(), 0);
+    Arc::into_inner(gw).unwrap().shutdown().await;
+}
+
+/// A claim whose statement finds the race already over — the trip taken without a lock (a
+/// legacy accept) or no longer pending — keeps its lock, marked closed: the next drivers
+/// get the database's answer at once instead of each claiming, running the statement and
+/// releasing in turn.
+async fn a_lost_race_closes_the_lock(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let stub = WebhookStub::start().await;
+    let gw = Gateway::start(&db, options(backend, &stub)).await;
+    let w = World::new(&gw.store).await;
+    let (legacy, late, later) = (w.driver().await, w.driver().await, w.driver().await);
+    let set_percent = |percent: f64| {
+        gw.http
+            .put(format!("{}/admin/flags/trip_accept_v2", gw.admin))
+            .bearer_auth(gw.token("admin", Role::Admin))
+            .json(&serde_json::json!({"percent": percent}))
+            .send()
+    };
+    let locks = gw.running.as_ref().unwrap().locks.clone();
+    let closed_by = |trip: String, driver: String| {
+        let locks = locks.clone();
+        eventually(Duration::from_secs(2), "the lock marked closed", move || {
+            let (locks, trip, driver) = (locks.clone(), trip.clone(), driver.clone());
+            async move {
+                let holder = locks.holder(&trip).await.unwrap()?;
+                (holder.starts_with(&format!("{driver}:closed-"))).then_some(())
+            }
+        })
+    };
+
+    let taken = w.trip(&[]).await;
+    assert_eq!(set_percent(0.0).await.unwrap().status(), 200);
+    let (status, _, cohort) = gw.accept(&legacy, &taken).await;
+    assert_eq!((status, cohort.as_str()), (200, "legacy"));
+    assert_eq!(set_percent(100.0).await.unwrap().status(), 200);
+    for driver in [&late, &later] {
+        let (status, body, cohort) = gw.accept(driver, &taken).await;
+        assert_eq!(
+            (status, code(&body), cohort.as_str()),
+            (403, "trip_request_driver_403", "atomic_async")
+        );
+        closed_by(taken.clone(), late.clone()).await;
+    }
+
+    let cancelled = w.trip(&[]).await;
+    assert!(gw.store.cancel_trip(&cancelled).await.unwrap());
+    for driver in [&late, &later] {
+        let (status, body, _) = gw.accept(driver, &cancelled).await;
+        assert_eq!((status, code(&body)), (403, "trip_not_pending_403"));
+        closed_by(cancelled.clone(), late.clone()).await;
+    }
+    gw.shutdown().await;
+}
+
 /// A lock left by a request that died between its claim and its commit (kill -9) must not
 /// block the trip until the TTL: once older than any request can run, and with the trip
 /// still pending in the database, the next driver clears it. A recent lock still turns
@@ -555,22 +675,62 @@ async fn client_hang_up_cannot_cut_an_accept_in_half(backend: Backend) {
 async fn stale_lock_of_a_dead_request_does_not_block_the_trip(backend: Backend) {
     let db = TestDb::new(backend).await;
     let stub = WebhookStub::start().await;
-    let gw = Gateway::start(&db, options(backend, &stub)).await;
+    let gw = Arc::new(Gateway::start(&db, options(backend, &stub)).await);
     let w = World::new(&gw.store).await;
     let (d1, d2) = (w.driver().await, w.driver().await);
     let locks = gw.running.as_ref().unwrap().locks.clone();
 
+    // A live claim: others wait for its outcome; once it is marked won (its accept
+    // committed) they are turned away without a database read.
     let fresh = w.trip(&[]).await;
-    let live = format!("someone:nonce:{}", tripgate::domain::now_ms());
+    let taken_at = tripgate::domain::now_ms();
+    let live = format!("someone:nonce:{taken_at}");
     assert_eq!(
         locks.acquire(&fresh, &live).await.unwrap(),
         tripgate::lock_store::Claim::Acquired
     );
-    let (status, body, _) = gw.accept(&d1, &fresh).await;
+    let waiting = {
+        let (gw, d1, fresh) = (gw.clone(), d1.clone(), fresh.clone());
+        tokio::spawn(async move { gw.accept(&d1, &fresh).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "answered while the claim was undecided");
+    assert!(
+        locks
+            .replace(&fresh, &live, &format!("someone:won-nonce:{taken_at}"))
+            .await
+            .unwrap()
+    );
+    let (status, body, _) = waiting.await.unwrap();
     assert_eq!(
         (status, code(&body)),
         (403, "trip_request_driver_403"),
-        "a live claim turns others away"
+        "a won claim turns others away"
+    );
+    assert_eq!(gw.store.trip_snapshot(&fresh).await.unwrap().unwrap().driver_id, None);
+
+    // A winner that did not mark its lock (a gateway of the previous release, or a lost
+    // mark): the database says "taken" within a few of its checks, not at the deadline.
+    let d0 = w.driver().await;
+    let won = w.trip(&[]).await;
+    assert_eq!(gw.accept(&d0, &won).await.0, 200);
+    let marked = eventually(Duration::from_secs(2), "the winner's mark", || {
+        let (locks, won) = (locks.clone(), won.clone());
+        async move { locks.holder(&won).await.unwrap().filter(|h| h.contains(":won-")) }
+    })
+    .await;
+    assert!(
+        locks
+            .replace(&won, &marked, &marked.replace(":won-", ":"))
+            .await
+            .unwrap()
+    );
+    let started = std::time::Instant::now();
+    let (status, body, _) = gw.accept(&d1, &won).await;
+    assert_eq!((status, code(&body)), (403, "trip_request_driver_403"), "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "decided by the database, not the deadline"
     );
 
     let abandoned = w.trip(&[]).await;
@@ -606,7 +766,7 @@ async fn stale_lock_of_a_dead_request_does_not_block_the_trip(backend: Backend) 
         serde_json::Value::Null,
         "a first accept: {body}"
     );
-    gw.shutdown().await;
+    Arc::into_inner(gw).unwrap().shutdown().await;
 }
 
 /// A trip row locked elsewhere (the existing backend's own transaction, a stuck session)

@@ -317,18 +317,33 @@ async fn one_node_budget_rides_in_the_lock_claim() {
     }
     let w = World::new(&gateways[0].store).await;
 
-    // Warm-up (loads the scripts), then count: one script call per first accept.
+    // Warm-up (loads the scripts), then count: one script call per first accept on its
+    // way (budget and claim together), and one after its answer (the lock marked won).
     let d = w.driver().await;
     let trip = w.trip(&[]).await;
     assert_eq!(gateways[0].accept(&d, &trip).await.0, 200);
+    let key = format!("{prefix}:trip-lock:{{{trip}}}");
+    crate::support::eventually(Duration::from_secs(2), "the warm-up's mark", || {
+        let marked = cli(redis.port, &["GET", &key]).contains(":won-");
+        async move { marked.then_some(()) }
+    })
+    .await;
     cli(redis.port, &["CONFIG", "RESETSTAT"]);
     for i in 0..10 {
         let d = w.driver().await;
         let trip = w.trip(&[]).await;
         assert_eq!(gateways[i % 2].accept(&d, &trip).await.0, 200);
     }
-    let scripts = command_calls(redis.port, "evalsha") + command_calls(redis.port, "eval");
-    assert_eq!(scripts, 10, "one Redis call per accept (budget and claim together)");
+    let counted = || command_calls(redis.port, "evalsha") + command_calls(redis.port, "eval");
+    let scripts = crate::support::eventually(Duration::from_secs(2), "the locks marked", || {
+        let scripts = counted();
+        async move { (scripts >= 20).then_some(scripts) }
+    })
+    .await;
+    assert_eq!(
+        scripts, 20,
+        "one Redis call per accept (budget and claim together) and its mark"
+    );
 
     // One driver's burst of accepts split over both gateways gets one budget (1/s, burst
     // 1): the first takes its trip, the others pass the budget but find the driver busy.
