@@ -130,8 +130,11 @@ pub struct ServerConfig {
     pub shutdown_grace_ms: u64,
     /// Connections served at once per listener; one more gets a 503 and is closed.
     pub max_connections: usize,
-    /// A client must send its request headers within this (slow-loris guard).
+    /// A client must send its request headers within this (slow-loris guard); an HTTP/1.1
+    /// keep-alive connection waits this long for its next request.
     pub header_read_timeout_ms: u64,
+    /// An HTTP/2 connection with no request in progress for this long is closed.
+    pub idle_timeout_ms: u64,
     /// The demo routes (customer create/cancel/details, `POST /admin/seed`,
     /// `GET /admin/checks`) that `tripgate drive` and the demo use. Unset: served without
     /// an `[upstream]`, not with one (see [`Config::demo_routes`]).
@@ -149,6 +152,7 @@ impl Default for ServerConfig {
             shutdown_grace_ms: 10_000,
             max_connections: 16_384,
             header_read_timeout_ms: 5_000,
+            idle_timeout_ms: 60_000,
             demo_routes: None,
         }
     }
@@ -653,7 +657,7 @@ impl Config {
     /// Every whole-number setting and the range it must be in: at least 1 where 0 would
     /// switch its part off or spin, and an upper bound past which a value is a mistake
     /// that would overflow a timer, a time stamp or a semaphore at run time.
-    fn whole_numbers(&self) -> [(&'static str, u64, RangeInclusive<u64>); 28] {
+    fn whole_numbers(&self) -> [(&'static str, u64, RangeInclusive<u64>); 29] {
         const DAY_MS: u64 = 86_400_000;
         const DAY_S: u64 = 86_400;
         const COUNT: u64 = 1_000_000;
@@ -673,6 +677,7 @@ impl Config {
                 self.server.header_read_timeout_ms,
                 1..=DAY_MS,
             ),
+            ("server.idle_timeout_ms", self.server.idle_timeout_ms, 1..=DAY_MS),
             (
                 "database.max_connections",
                 self.database.max_connections.into(),

@@ -213,6 +213,7 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
     let limits = ConnectionLimits {
         max_connections: config.server.max_connections,
         header_read_timeout: Duration::from_millis(config.server.header_read_timeout_ms),
+        idle_timeout: Duration::from_millis(config.server.idle_timeout_ms),
         shutdown_grace: Duration::from_millis(config.server.shutdown_grace_ms),
     };
     if role == Role::Serve {

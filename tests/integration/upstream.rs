@@ -23,7 +23,7 @@ use crate::support::{
     wait_process_ready,
 };
 
-/// The upstream: echo, upload, download, slow, status, hop-by-hop, websocket echo.
+/// The upstream: echo, upload, download, slow, drip, status, hop-by-hop, websocket echo.
 async fn upstream() -> SocketAddr {
     async fn echo(req: Request) -> Response {
         let (parts, body) = req.into_parts();
@@ -69,6 +69,13 @@ async fn upstream() -> SocketAddr {
         });
         Body::from_stream(start.chain(fall))
     }
+    /// Ten chunks, 100 ms apart.
+    async fn drip() -> Body {
+        Body::from_stream(futures_util::stream::iter(0..10).then(|i| async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok::<_, std::io::Error>(Bytes::from(format!("{i}")))
+        }))
+    }
     async fn slow() -> &'static str {
         tokio::time::sleep(Duration::from_secs(3)).await;
         "late"
@@ -104,6 +111,7 @@ async fn upstream() -> SocketAddr {
         .route("/upload", post(upload))
         .route("/download", get(download))
         .route("/slow", get(slow))
+        .route("/drip", get(drip))
         .route("/breaks", get(breaks))
         .route("/status/{code}", get(status))
         .route("/hop", get(hop))
@@ -113,6 +121,71 @@ async fn upstream() -> SocketAddr {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     addr
+}
+
+/// An HTTP/2 connection with no request in progress is closed after
+/// `server.idle_timeout_ms` (it would hold one of `max_connections` for ever), but not while
+/// a response body still streams on it; an HTTP/1.1 keep-alive connection waits
+/// `header_read_timeout_ms` for its next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_connections_are_closed_but_not_mid_body() {
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let db = TestDb::new(Backend::Sqlite).await;
+    let up = upstream().await;
+    let dir = TempDir::new();
+    let mut config = crate::support::config(&db.url, dir.path(), &Options::default());
+    upstream_options(&mut config, up);
+    config.upstream.timeout_ms = 5_000;
+    config.server.idle_timeout_ms = 300;
+    config.server.header_read_timeout_ms = 300;
+    let gw = Gateway::start_with(config, dir).await;
+    let api = gw.api.trim_start_matches("http://").to_owned();
+
+    let stream = tokio::net::TcpStream::connect(&api).await.unwrap();
+    let (mut h2, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let connection = tokio::spawn(connection);
+    let get = |path: &str| {
+        axum::http::Request::get(format!("http://{api}{path}"))
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap()
+    };
+    // A body that streams for a second, three idle periods: delivered whole.
+    let res = h2.send_request(get("/drip")).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let body = res.into_body().collect().await.expect("not cut mid-body").to_bytes();
+    assert_eq!(&body[..], b"0123456789");
+    // The connection was not being closed meanwhile (no GOAWAY): it takes another request.
+    let res = h2
+        .send_request(get("/status/204"))
+        .await
+        .expect("the connection still open");
+    assert_eq!(res.status(), 204);
+    // Then nothing: the server closes the connection.
+    let idle_since = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(5), connection).await;
+    assert!(closed.is_ok(), "an idle HTTP/2 connection still open after 5 s");
+    assert!(
+        idle_since.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        idle_since.elapsed()
+    );
+
+    // HTTP/1.1 keep-alive: one request, then silence.
+    let mut h1 = tokio::net::TcpStream::connect(&api).await.unwrap();
+    h1.write_all(b"GET /status/204 HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), h1.read_to_end(&mut seen)).await;
+    assert!(read.is_ok(), "an idle HTTP/1.1 connection still open after 5 s");
+    assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 204"));
+    gw.shutdown().await;
 }
 
 fn upstream_options(config: &mut tripgate::config::Config, upstream: SocketAddr) {
