@@ -251,7 +251,7 @@ async fn run_async(config: Config, command: Command) -> anyhow::Result<ExitCode>
             let store = Storage::connect(&config.database)?;
             let shards = Shards::connect(&config.database, &store)?;
             for db in std::iter::once(&store).chain(shards.all()) {
-                db.migrate().await?;
+                migrate(db).await?;
             }
             eprintln!("migrations applied ({:?}, {} shard(s))", store.kind(), shards.len());
             Ok(ExitCode::SUCCESS)
@@ -265,7 +265,7 @@ async fn run_async(config: Config, command: Command) -> anyhow::Result<ExitCode>
             let store = Storage::connect(&config.database)?;
             let shards = Shards::connect(&config.database, &store)?;
             for db in std::iter::once(&store).chain(shards.all()) {
-                db.migrate().await?;
+                migrate(db).await?;
             }
             let plan = crate::seed::SeedPlan {
                 drivers,
@@ -508,8 +508,25 @@ async fn flags_in_force(config: &Config) -> anyhow::Result<std::sync::Arc<flags:
 /// The configured database, migrated (an embedded SQLite may be new).
 async fn migrated_store(config: &Config) -> anyhow::Result<Storage> {
     let store = Storage::connect(&config.database)?;
-    store.migrate().await?;
+    migrate(&store).await?;
     Ok(store)
+}
+
+/// Applies `store`'s migrations. A database that cannot be reached is named as such, with
+/// the connection's own error (the pool would only say it timed out "while executing
+/// migrations").
+async fn migrate(store: &Storage) -> anyhow::Result<()> {
+    let Err(e) = store.migrate().await else {
+        return Ok(());
+    };
+    Err(match store.connect_error().await {
+        Some(cause) => anyhow::anyhow!(
+            "cannot reach the {:?} database of database.url: {}",
+            store.kind(),
+            one_line(&cause)
+        ),
+        None => anyhow::anyhow!("migrations: {e}"),
+    })
 }
 
 /// A change made through the CLI: `--actor`, else `$USER`, else `cli`.

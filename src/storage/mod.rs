@@ -248,6 +248,24 @@ impl Storage {
         Ok(())
     }
 
+    /// Why a connection to this database cannot be made, if it cannot: one direct attempt
+    /// (a pool only reports that it timed out), bounded by the acquire timeout.
+    pub async fn connect_error(&self) -> Option<String> {
+        use sqlx::Connection;
+        let attempt = sqlx::AnyConnection::connect(&self.url);
+        match tokio::time::timeout(self.pool.options().get_acquire_timeout(), attempt).await {
+            Ok(Ok(conn)) => {
+                let _ = conn.close().await;
+                None
+            }
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some(format!(
+                "no answer within database.acquire_timeout_ms ({} ms)",
+                self.pool.options().get_acquire_timeout().as_millis()
+            )),
+        }
+    }
+
     /// Whether [`Storage::migrate`] has run on this database in this process.
     pub fn is_migrated(&self) -> bool {
         self.reach.migrated.load(Ordering::Acquire)

@@ -70,6 +70,39 @@ fn bad_configuration_fails_with_one_line_naming_the_key() {
     );
 }
 
+/// A command that needs the database names it as unreachable, with the connection's own
+/// error, in one line — not "pool timed out while executing migrations".
+#[test]
+fn an_unreachable_database_is_named() {
+    let dir = TempDir::new();
+    let port = crate::support::free_port();
+    write_config(dir.path(), "sqlite://unused.db", "");
+    std::fs::write(
+        dir.path().join("config.toml"),
+        format!(
+            "[database]\nurl = \"postgres://postgres@127.0.0.1:{port}/test\"\nacquire_timeout_ms = 300\n\
+             [auth]\nhs256_secret = \"{SECRET}\"\n"
+        ),
+    )
+    .unwrap();
+    for command in [
+        ["migrate"].as_slice(),
+        &["seed"],
+        &["flags", "set", "trip_accept_v2", "50"],
+        &["flags", "clear", "trip_accept_v2"],
+        &["flags", "guard", "pause", "trip_accept_v2"],
+    ] {
+        let out = tripgate(dir.path(), command);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains("cannot reach the Postgres database of database.url") && stderr.contains("refused"),
+            "{command:?}: {stderr}"
+        );
+    }
+}
+
 #[test]
 fn token_prints_a_verifiable_token_alone() {
     let dir = TempDir::new();
