@@ -159,38 +159,120 @@ impl Storage {
     /// arrival order: each gets the outcome it would get one after another, a member whose
     /// driver is not an active driver [`AssignOutcome::UnknownDriver`]. A database error fails them all and writes nothing; in a batch of
     /// several, each member gets an unavailable error (503: nothing of theirs was wrong, and
-    /// a retry runs in another batch). Workers are woken after the commit.
+    /// a retry runs in another batch) — except a row locked elsewhere past the lock timeout,
+    /// which fails only the members of that row (the others go again at once). Workers are
+    /// woken after the commit.
     pub async fn accept_fenced_batch(&self, fences: &[Fence]) -> Vec<Result<Fenced, sqlx::Error>> {
-        let jobs: Vec<Job> = fences
-            .iter()
-            .map(|f| Job::new(&f.trip_id, f.cohort, JobState::Queued, 0))
-            .collect();
-        let result = match self.dialect {
-            Dialect::Postgres => self.accept_batch_postgres(fences, &jobs).await,
-            Dialect::Sqlite => self.accept_batch_sqlite(fences, &jobs).await,
-        };
-        match result {
-            Ok(fenced) => {
-                if fenced.iter().any(|f| {
-                    matches!(
-                        f,
-                        Ok(Fenced {
-                            outcome: AssignOutcome::Accepted { .. },
-                            ..
-                        })
-                    )
-                }) {
-                    self.job_queued();
-                }
-                fenced
-            }
+        let fenced = match self.run_batch(fences).await {
+            Ok(fenced) => fenced,
             // A lone accept keeps its error (a bug stays a 500).
-            Err(e) if fences.len() == 1 => vec![Err(e)],
+            Err(e) if fences.len() == 1 => return vec![Err(e)],
+            Err(e) if is_lock_timeout(&e) => self.without_rows_locked_elsewhere(fences, &e).await,
             Err(e) => {
                 tracing::warn!(accepts = fences.len(), error = %e, "accept batch failed");
                 fences.iter().map(|_| Err(batch_failed(&e))).collect()
             }
+        };
+        let accepted = |f: &Result<Fenced, sqlx::Error>| {
+            matches!(
+                f,
+                Ok(Fenced {
+                    outcome: AssignOutcome::Accepted { .. },
+                    ..
+                })
+            )
+        };
+        if fenced.iter().any(accepted) {
+            self.job_queued();
         }
+        fenced
+    }
+
+    /// One batch statement (transaction) and its members' outcomes.
+    async fn run_batch(&self, fences: &[Fence]) -> Result<Vec<Result<Fenced, sqlx::Error>>, sqlx::Error> {
+        let jobs: Vec<Job> = fences
+            .iter()
+            .map(|f| Job::new(&f.trip_id, f.cohort, JobState::Queued, 0))
+            .collect();
+        match self.dialect {
+            Dialect::Postgres => self.accept_batch_postgres(fences, &jobs).await,
+            Dialect::Sqlite => self.accept_batch_sqlite(fences, &jobs).await,
+        }
+    }
+
+    /// The batch waited past `database.lock_timeout_ms` for a row that something outside
+    /// it holds (the backend's own transaction, a stuck session), and failed as a whole
+    /// (`timed_out`). The members whose trip or driver row is locked right now get that
+    /// 503; the others run again, once, as a batch of their own — else one stuck row would
+    /// fail every batch its retries land in.
+    async fn without_rows_locked_elsewhere(
+        &self,
+        fences: &[Fence],
+        timed_out: &sqlx::Error,
+    ) -> Vec<Result<Fenced, sqlx::Error>> {
+        let mut out: Vec<Result<Fenced, sqlx::Error>> = fences.iter().map(|_| Err(batch_failed(timed_out))).collect();
+        let locked = match self.rows_locked_now(fences).await {
+            Ok(locked) => locked,
+            Err(e) => {
+                tracing::warn!(accepts = fences.len(), error = %e, "accept batch timed out on a lock; probe failed");
+                return out;
+            }
+        };
+        let free: Vec<usize> = (0..fences.len()).filter(|i| !locked[*i]).collect();
+        tracing::warn!(
+            accepts = fences.len(),
+            locked = fences.len() - free.len(),
+            "accept batch timed out on a row locked elsewhere; the others go again"
+        );
+        if free.is_empty() || free.len() == fences.len() {
+            return out;
+        }
+        let again: Vec<Fence> = free.iter().map(|i| fences[*i].clone()).collect();
+        match self.run_batch(&again).await {
+            Ok(results) => {
+                for (i, r) in free.into_iter().zip(results) {
+                    out[i] = r;
+                }
+            }
+            Err(e) => {
+                for i in free {
+                    out[i] = Err(batch_failed(&e));
+                }
+            }
+        }
+        out
+    }
+
+    /// For each member, whether its trip's or its driver's row is locked at this moment
+    /// (Postgres: rows that exist but `FOR UPDATE SKIP LOCKED` passes over; the probe's own
+    /// locks end with its statement).
+    async fn rows_locked_now(&self, fences: &[Fence]) -> Result<Vec<bool>, sqlx::Error> {
+        if self.dialect != Dialect::Postgres {
+            return Ok(vec![false; fences.len()]);
+        }
+        let trips: Vec<&str> = fences.iter().map(|f| f.trip_id.as_str()).collect();
+        let drivers: Vec<&str> = fences.iter().map(|f| f.driver_id.as_str()).collect();
+        let rows = sqlx::query(
+            "SELECT id FROM (SELECT id FROM trip_requests WHERE id = ANY(ARRAY(SELECT jsonb_array_elements_text($1::JSONB))) \
+                 EXCEPT SELECT id FROM (SELECT id FROM trip_requests WHERE id = ANY(ARRAY(SELECT jsonb_array_elements_text($1::JSONB))) \
+                     FOR UPDATE SKIP LOCKED) t) locked_trips \
+             UNION ALL \
+             SELECT user_id FROM (SELECT user_id FROM driver_details WHERE user_id = ANY(ARRAY(SELECT jsonb_array_elements_text($2::JSONB))) \
+                 EXCEPT SELECT user_id FROM (SELECT user_id FROM driver_details \
+                     WHERE user_id = ANY(ARRAY(SELECT jsonb_array_elements_text($2::JSONB))) FOR UPDATE SKIP LOCKED) d) locked_drivers",
+        )
+        .bind(json!(trips).to_string())
+        .bind(json!(drivers).to_string())
+        .fetch_all(&mut *self.conn().await?)
+        .await?;
+        let locked: std::collections::HashSet<String> = rows
+            .iter()
+            .map(|r| r.try_get::<String, _>(0))
+            .collect::<Result<_, _>>()?;
+        Ok(fences
+            .iter()
+            .map(|f| locked.contains(&f.trip_id) || locked.contains(&f.driver_id))
+            .collect())
     }
 
     async fn accept_batch_postgres(
@@ -400,6 +482,11 @@ async fn sqlite_accept(
 }
 
 /// The error each member of a failed batch of several gets: unavailable (503, try again).
+/// Postgres `55P03`: a lock not granted within `database.lock_timeout_ms`.
+fn is_lock_timeout(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"))
+}
+
 fn batch_failed(e: &sqlx::Error) -> sqlx::Error {
     sqlx::Error::Io(std::io::Error::other(format!("accept batch failed: {e}")))
 }

@@ -198,6 +198,57 @@ async fn a_database_error_fails_the_whole_batch_and_writes_nothing(backend: Back
     store.close().await;
 }
 
+/// A row locked elsewhere (the backend's own transaction, a stuck session) past
+/// `database.lock_timeout_ms` fails the whole statement; only the member whose trip or
+/// driver row it is gets the 503, the others are committed — else every batch that one
+/// stuck trip's retries land in would fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_row_locked_elsewhere_fails_only_its_member() {
+    use sqlx::Connection;
+    let Some(_) = crate::support::postgres_url() else {
+        return;
+    };
+    let db = TestDb::new(Backend::Postgres).await;
+    let mut config = tripgate::config::Config::default();
+    config.database.url = db.url.clone();
+    config.database.lock_timeout_ms = 300;
+    let store = Storage::connect(&config.database).unwrap();
+    store.migrate().await.unwrap();
+    let w = World::new(&store).await;
+    let drivers = [w.driver().await, w.driver().await, w.driver().await, w.driver().await];
+    let trips = [
+        w.trip(&[]).await,
+        w.trip(&[]).await,
+        w.trip(&[]).await,
+        w.trip(&[]).await,
+    ];
+    // Another session holds trip 1's row and driver 3's row.
+    let mut elsewhere = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::raw_sql(&format!(
+        "BEGIN; SELECT 1 FROM trip_requests WHERE id = '{}' FOR UPDATE; \
+         SELECT 1 FROM driver_details WHERE user_id = '{}' FOR UPDATE;",
+        trips[1], drivers[3]
+    ))
+    .execute(&mut elsewhere)
+    .await
+    .unwrap();
+    let batch: Vec<Fence> = trips.iter().zip(&drivers).map(|(t, d)| fence(t, d)).collect();
+    let results = store.accept_fenced_batch(&batch).await;
+    assert_eq!(outcomes(&results), ["accepted", "error", "accepted", "error"]);
+    for i in [1, 3] {
+        let e = results[i].as_ref().unwrap_err();
+        assert!(tripgate::storage::is_unavailable(e), "503, try again: {e}");
+        assert_eq!(jobs_of(&store, &trips[i]).await, 0);
+    }
+    assert_eq!(jobs_of(&store, &trips[0]).await, 1);
+    sqlx::raw_sql("ROLLBACK").execute(&mut elsewhere).await.unwrap();
+    let again = store
+        .accept_fenced_batch(&[fence(&trips[1], &drivers[1]), fence(&trips[3], &drivers[3])])
+        .await;
+    assert_eq!(outcomes(&again), ["accepted", "accepted"]);
+    store.close().await;
+}
+
 /// Many accepts at once through `accept_fenced`: every one answered with its own outcome,
 /// and fewer batches than accepts (some batch carried several).
 async fn concurrent_accepts_are_committed_together(backend: Backend) {
