@@ -6,8 +6,10 @@
 //! wrote, effects in order, before it answers.
 //!
 //! A job is claimed with a lease (`jobs.visibility_timeout_s`) that a live attempt renews
-//! every third of it: a worker that dies holding one simply lets the lease run out, and
-//! the job is claimed again — as a new attempt (`jobs.attempts`). Every write of an
+//! every third of it: a worker that dies holding one lets the lease run out, and the job
+//! is claimed again — as a new attempt (`jobs.attempts`). Sooner, in practice: each
+//! process says it is alive every second, and one silent for 5 s has the leases of its
+//! running jobs ended by a live one ([`Storage::reap_dead_instances`]). Every write of an
 //! attempt is fenced by its number, so an attempt that stalled past its lease (a paused
 //! process, a long GC-like stop) finds its writes refused and stops. A failed attempt is
 //! retried with exponential backoff and jitter; after `jobs.max_attempts` it is `dead`
@@ -16,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, watch};
 use tokio::task::{JoinHandle, JoinSet};
@@ -294,6 +296,7 @@ impl Workers {
     /// (if the process is killed instead, their leases run out and they are taken again).
     pub fn start(runner: JobRunner, config: &JobsConfig, shutdown: watch::Receiver<bool>, grace: Duration) -> Self {
         runner.store.forward_wakeups();
+        let store = runner.store.clone();
         let dispatcher = Dispatcher {
             store: runner.store.clone(),
             runner,
@@ -304,13 +307,56 @@ impl Workers {
             grace,
         };
         Self {
-            dispatcher: tokio::spawn(dispatcher.run()),
+            // This process says it is alive for as long as it holds jobs (through the grace
+            // period too), then that it is gone.
+            dispatcher: tokio::spawn(async move {
+                tokio::select! {
+                    () = dispatcher.run() => {}
+                    () = say_alive(&store) => {}
+                }
+                if let Err(e) = store.instance_gone().await {
+                    tracing::debug!(error = %e, "could not remove this process from job_instances");
+                }
+            }),
         }
     }
 
     /// Waits until the dispatcher and its jobs stopped.
     pub async fn join(self) {
         let _ = self.dispatcher.await;
+    }
+}
+
+/// How often a process with job workers says it is alive (`job_instances`).
+const ALIVE_EVERY: Duration = Duration::from_secs(1);
+
+/// How long a process may stay silent before a live one declares it dead and takes back
+/// the jobs it was running — instead of their leases (`jobs.visibility_timeout_s`, 60 s)
+/// running out: after a `kill -9`, the OTPs it held go out seconds later, not a minute.
+const SILENT_FOR: Duration = Duration::from_secs(5);
+
+/// Says this process is alive every [`ALIVE_EVERY`], for ever, and takes back the jobs of
+/// processes silent for [`SILENT_FOR`] — but only once it has itself been heard for that
+/// long: after a database outage, when nobody could say anything, every live process gets
+/// its turn first.
+async fn say_alive(store: &Storage) {
+    let mut heard_since: Option<Instant> = None;
+    loop {
+        match store.instance_alive().await {
+            Ok(()) => {
+                if heard_since.get_or_insert_with(Instant::now).elapsed() >= SILENT_FOR {
+                    let silent_ms = SILENT_FOR.as_millis() as i64;
+                    if let Err(e) = store.reap_dead_instances(silent_ms).await {
+                        tracing::warn!(error = %e, "could not check for dead job processes");
+                    }
+                }
+            }
+            Err(e) => {
+                heard_since = None;
+                tracing::debug!(error = %e, "could not say this process is alive");
+            }
+        }
+        tokio::time::sleep(ALIVE_EVERY).await;
     }
 }
 

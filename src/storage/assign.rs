@@ -564,8 +564,8 @@ async fn insert_job(
     locked_until: Option<i64>,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO jobs (id, kind, trip_request_id, cohort, state, attempts, run_at, locked_until, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $7, $7)",
+        "INSERT INTO jobs (id, kind, trip_request_id, cohort, state, attempts, run_at, locked_until, locked_by, \
+         created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $7, $7)",
     )
     .bind(&job.id)
     .bind(job.kind.as_str())
@@ -575,6 +575,8 @@ async fn insert_job(
     .bind(job.attempts)
     .bind(now)
     .bind(locked_until)
+    // A job this process runs itself (legacy, inline) is its own.
+    .bind(locked_until.map(|_| super::jobs::instance_id()))
     .execute(&mut **tx)
     .await?;
     Ok(())

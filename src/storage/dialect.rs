@@ -88,6 +88,10 @@ impl Dialect {
                     "console logouts",
                     include_str!("../../migrations/postgres/0013_console_logouts.sql"),
                 ),
+                (
+                    "job instances",
+                    include_str!("../../migrations/postgres/0014_job_instances.sql"),
+                ),
             ],
             Self::Sqlite => &[
                 ("init", include_str!("../../migrations/sqlite/0001_init.sql")),
@@ -111,6 +115,10 @@ impl Dialect {
                 (
                     "console logouts",
                     include_str!("../../migrations/sqlite/0007_console_logouts.sql"),
+                ),
+                (
+                    "job instances",
+                    include_str!("../../migrations/sqlite/0008_job_instances.sql"),
                 ),
             ],
         })

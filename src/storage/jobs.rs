@@ -8,6 +8,12 @@ use sqlx::{FromRow, Row};
 use super::{Storage, get_enum};
 use crate::domain::{Cohort, JobKind, JobState, now_ms};
 
+/// This process's name in `jobs.locked_by` and `job_instances`: random, one per start.
+pub fn instance_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| uuid::Uuid::new_v4().simple().to_string())
+}
+
 /// A job row.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Job {
@@ -108,7 +114,8 @@ impl Storage {
     /// `limit` leases expired at once, the oldest leases are the ones considered.)
     pub async fn claim_jobs(&self, lease_ms: i64, limit: usize) -> Result<Vec<Job>, sqlx::Error> {
         let sql = format!(
-            "UPDATE jobs SET state = 'running', attempts = attempts + 1, locked_until = $1, updated_at = $2 \
+            "UPDATE jobs SET state = 'running', attempts = attempts + 1, locked_until = $1, updated_at = $2, \
+                 locked_by = $4 \
              WHERE id IN (SELECT id FROM ( \
                  SELECT id, priority, run_at FROM (SELECT id, priority, run_at FROM jobs \
                      WHERE state = 'queued' AND run_at <= $2 ORDER BY priority, run_at LIMIT $3 {skip}) AS due \
@@ -125,8 +132,75 @@ impl Storage {
             .bind(now + lease_ms)
             .bind(now)
             .bind(limit as i64)
+            .bind(instance_id())
             .fetch_all(&mut *self.conn().await?)
             .await
+    }
+
+    /// Says this process ([`instance_id`]) is alive, now.
+    pub async fn instance_alive(&self) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO job_instances (id, seen_at) VALUES ($1, $2) \
+             ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at",
+        )
+        .bind(instance_id())
+        .bind(now_ms())
+        .execute(&mut *self.conn().await?)
+        .await?;
+        Ok(())
+    }
+
+    /// This process stops (its jobs were finished or put back): it is no longer listed.
+    pub async fn instance_gone(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM job_instances WHERE id = $1")
+            .bind(instance_id())
+            .execute(&mut *self.conn().await?)
+            .await?;
+        Ok(())
+    }
+
+    /// Processes not seen for `silent_ms` are dead (a `kill -9`, a lost machine): they are
+    /// removed, and the leases of the jobs they were running end now, so the next claim
+    /// takes those jobs instead of waiting out `jobs.visibility_timeout_s`. An attempt of a
+    /// process removed wrongly (alive after all) is fenced as after any lease that ran out.
+    /// Returns how many jobs came back.
+    pub async fn reap_dead_instances(&self, silent_ms: i64) -> Result<u64, sqlx::Error> {
+        const SILENT: &str = "FROM job_instances WHERE seen_at < $1 AND id <> $2";
+        let before = now_ms() - silent_ms;
+        // A read first: the write transaction (SQLite: the database's write lock) only when
+        // someone is silent.
+        let silent: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) {SILENT}"))
+            .bind(before)
+            .bind(instance_id())
+            .fetch_one(&mut *self.conn().await?)
+            .await?;
+        if silent == 0 {
+            return Ok(0);
+        }
+        let mut tx = self.begin().await?;
+        let dead: Vec<String> = sqlx::query_scalar(&format!("DELETE {SILENT} RETURNING id"))
+            .bind(before)
+            .bind(instance_id())
+            .fetch_all(&mut *tx)
+            .await?;
+        let back = sqlx::query(&format!(
+            "UPDATE jobs SET locked_until = 0 WHERE state = 'running' AND locked_by {}",
+            self.dialect.in_json_list(1)
+        ))
+        .bind(serde_json::json!(dead).to_string())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        if back > 0 {
+            tracing::warn!(
+                instances = dead.len(),
+                jobs = back,
+                "jobs of processes that stopped answering taken back"
+            );
+            self.job_queued();
+        }
+        Ok(back)
     }
 
     /// Whether `attempt` still holds its job.

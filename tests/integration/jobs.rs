@@ -15,6 +15,7 @@ backend_tests!(
     a_job_queued_by_the_previous_release_runs,
     another_process_s_worker_is_woken_at_once,
     killed_worker_effects_exactly_once,
+    a_silent_process_s_jobs_come_back,
     failing_provider_dead_then_admin_retry,
     two_worker_processes_share_the_queue,
     a_live_attempt_keeps_its_job_and_a_stalled_one_is_fenced_out,
@@ -301,9 +302,11 @@ async fn another_process_s_worker_is_woken_at_once(backend: Backend) {
     store.close().await;
 }
 
-/// `kill -9` of a `tripgate worker` while it runs a job: after a new worker takes the job
-/// (lease expired), every effect is recorded once; effects finished before the kill are not
-/// repeated; the call in flight at the kill is repeated once, with the same idempotency key.
+/// `kill -9` of a `tripgate worker` while it runs a job: a new worker takes the job back
+/// once the dead one has been silent for 5 s — long before the job's lease (the default
+/// 60 s) would run out; every effect is recorded once; effects finished before the kill
+/// are not repeated; the call in flight at the kill is repeated once, with the same
+/// idempotency key.
 async fn killed_worker_effects_exactly_once(backend: Backend) {
     let db = TestDb::new(backend).await;
     let stub = WebhookStub::start().await;
@@ -318,10 +321,10 @@ async fn killed_worker_effects_exactly_once(backend: Backend) {
     let dir = TempDir::new();
     let options = Options {
         webhook: Some(format!("http://{}", stub.addr)),
-        visibility_timeout_s: 2,
         ..Options::default()
     };
     let config = crate::support::config(&db.url, dir.path(), &options);
+    assert_eq!(config.jobs.visibility_timeout_s, 60);
     let mut worker = Process::spawn("worker", &config, dir.path());
     otp_sms_in_flight_the_rest_done(&store, &stub, &trip).await;
     worker.kill9();
@@ -329,7 +332,7 @@ async fn killed_worker_effects_exactly_once(backend: Backend) {
 
     stub.set_delay_for("otp_sms", 0);
     let _worker = Process::spawn("worker", &config, dir.path());
-    eventually(Duration::from_secs(30), "job finished by the second worker", || {
+    eventually(Duration::from_secs(20), "job finished by the second worker", || {
         let (store, trip) = (store.clone(), trip.clone());
         async move {
             let states = store.effect_states(&trip).await.ok()?;
@@ -362,7 +365,47 @@ async fn killed_worker_effects_exactly_once(backend: Backend) {
     })
     .await;
     assert_eq!(jobs.len(), 1);
-    assert!(jobs[0].attempts >= 2, "taken again after the lease expired");
+    assert!(jobs[0].attempts >= 2, "taken again by the second worker");
+    store.close().await;
+}
+
+/// The jobs of a process silent for longer than the limit come back to the queue at
+/// once (their leases end); those of a process still heard from, and those of the
+/// process that checks, stay theirs.
+async fn a_silent_process_s_jobs_come_back(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.store().await;
+    let w = World::new(&store).await;
+    let mut trips = Vec::new();
+    for _ in 0..3 {
+        let (d, t) = (w.driver().await, w.trip(&[]).await);
+        accepted(&store, &d, &t).await;
+        trips.push(t);
+    }
+    let claimed = store.claim_jobs(60_000, 10).await.unwrap();
+    assert_eq!(claimed.len(), 3);
+    store.instance_alive().await.unwrap();
+    // Two other processes: one silent for a minute, one heard a moment ago; one job each.
+    let now = now_ms();
+    crate::support::execute_sql(
+        &db,
+        &format!(
+            "INSERT INTO job_instances (id, seen_at) VALUES ('silent', {}), ('heard', {now}); \
+             UPDATE jobs SET locked_by = 'silent' WHERE trip_request_id = '{}'; \
+             UPDATE jobs SET locked_by = 'heard' WHERE trip_request_id = '{}';",
+            now - 60_000,
+            trips[0],
+            trips[1]
+        ),
+    )
+    .await;
+    assert_eq!(store.reap_dead_instances(5_000).await.unwrap(), 1);
+    assert_eq!(store.reap_dead_instances(5_000).await.unwrap(), 0, "once");
+    let again = store.claim_jobs(60_000, 10).await.unwrap();
+    let again: Vec<&str> = again.iter().map(|j| j.trip_id.as_str()).collect();
+    assert_eq!(again, [trips[0].as_str()], "only the silent process's job");
+    let left = crate::support::query_i64(&db, "SELECT COUNT(*) FROM job_instances WHERE id = 'silent'").await;
+    assert_eq!(left, 0);
     store.close().await;
 }
 
