@@ -329,10 +329,22 @@ async fn step(
             .override_in_force(TRIP_ACCEPT_FLAG)
             .is_some_and(|o| o.source == "guard");
         if active && !by_guard {
-            let who = snapshot.override_in_force(TRIP_ACCEPT_FLAG).map_or_else(
-                || "the flags file".to_owned(),
-                |o| format!("{} ({})", o.actor, o.source),
-            );
+            let who = match snapshot.override_in_force(TRIP_ACCEPT_FLAG) {
+                Some(o) => format!("{} ({})", o.actor, o.source),
+                // No override: the file's percent is in force, because the file changed or
+                // because someone cleared the override — the last change says which.
+                None => match store.last_flag_change(TRIP_ACCEPT_FLAG).await.ok().flatten() {
+                    // (The clear's own percent: a file change not yet in the log is newer.)
+                    Some(c)
+                        if c.action == "clear"
+                            && c.source != "file"
+                            && (c.to * 100.0).round() == f64::from(in_force) =>
+                    {
+                        format!("{} ({}) clearing the override", c.actor, c.source)
+                    }
+                    _ => "the flags file".to_owned(),
+                },
+            };
             row.state = "paused".into();
             row.passes = 0;
             row.reason = format!(

@@ -366,11 +366,19 @@ impl Storage {
 
     /// The change log, oldest first.
     pub async fn flag_audit(&self) -> Result<Vec<AuditEntry>, sqlx::Error> {
-        sqlx::query_as(
-            "SELECT at, actor, source, action, flag, from_bp, to_bp, reason, in_force, allow_ids, deny_ids \
-             FROM flag_audit ORDER BY id",
-        )
-        .fetch_all(&mut *self.conn().await?)
+        sqlx::query_as(&format!("SELECT {AUDIT_COLUMNS} FROM flag_audit ORDER BY id"))
+            .fetch_all(&mut *self.conn().await?)
+            .await
+    }
+
+    /// The last change of `flag` that took effect (a file change while an override held
+    /// did not): what put the percent in force where it is.
+    pub async fn last_flag_change(&self, flag: &str) -> Result<Option<AuditEntry>, sqlx::Error> {
+        sqlx::query_as(&format!(
+            "SELECT {AUDIT_COLUMNS} FROM flag_audit WHERE flag = $1 AND in_force = TRUE ORDER BY id DESC LIMIT 1"
+        ))
+        .bind(flag)
+        .fetch_optional(&mut *self.conn().await?)
         .await
     }
 
@@ -388,6 +396,9 @@ impl Storage {
         Ok(())
     }
 }
+
+/// The columns an [`AuditEntry`] is read from.
+const AUDIT_COLUMNS: &str = "at, actor, source, action, flag, from_bp, to_bp, reason, in_force, allow_ids, deny_ids";
 
 /// Turns `flag`'s override into a tombstone and audits it, within `tx`.
 async fn clear_in(

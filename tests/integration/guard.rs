@@ -541,6 +541,65 @@ async fn inconclusive_without_traffic_mismatch_reported_latency_fails_alone() {
     gw.shutdown().await;
 }
 
+/// The guard's pause names who moved the percent: a person who sets it, a person who
+/// clears the override (the file's percent comes back, but the file did not change), and
+/// the file when it changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pause_names_who_moved_the_percent() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let dir = TempDir::new();
+    write_flags(dir.path(), &guard_flags(10.0, 600, "rollback", &[]));
+    let config = crate::support::config(&db.url, dir.path(), &Options::default());
+    let gw = Gateway::start_with(config, dir).await;
+    let admin = Admin::new();
+    // Running, and its state stored (it has ticked: it knows the percent it watches).
+    let running = || async {
+        let g = admin.guard(&gw.admin).await;
+        (matches!(g["state"].as_str()?, "watching" | "promoting") && g["reason"].is_string()).then_some(())
+    };
+    eventually(Duration::from_secs(10), "the guard running", running).await;
+    // The pause that follows `change`, from `from` to `to` percent: its reason.
+    let paused_by = |from: u32, to: u32| {
+        let admin = &admin;
+        let gw = &gw;
+        async move {
+            let g = admin.wait_state(&gw.admin, "paused", Duration::from_secs(10)).await;
+            let reason = g["reason"].as_str().unwrap().to_owned();
+            assert!(reason.contains(&format!("from {from} to {to} by ")), "{reason}");
+            assert_eq!(admin.post(&gw.admin, "/admin/guard/trip_accept_v2/resume").await, 200);
+            eventually(Duration::from_secs(10), "the guard running again", running).await;
+            reason
+        }
+    };
+
+    let res = gw
+        .http
+        .put(format!("{}/admin/flags/trip_accept_v2", gw.admin))
+        .bearer_auth(&admin.token)
+        .json(&json!({"percent": 20, "reason": "by hand"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(paused_by(10, 20).await.ends_with("by alice (api)"));
+
+    let res = gw
+        .http
+        .delete(format!("{}/admin/flags/trip_accept_v2/override", gw.admin))
+        .bearer_auth(&admin.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let reason = paused_by(20, 10).await;
+    assert!(reason.ends_with("by alice (api) clearing the override"), "{reason}");
+
+    write_flags(gw.dir.path(), &guard_flags(15.0, 600, "rollback", &[]));
+    let reason = paused_by(10, 15).await;
+    assert!(reason.ends_with("by the flags file"), "{reason}");
+    gw.shutdown().await;
+}
+
 /// The embedded default: a guard that restarts mid-step (new process state, same database)
 /// resumes with its passes and walks on; a person's change pauses it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
