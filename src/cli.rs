@@ -250,8 +250,8 @@ async fn run_async(config: Config, command: Command) -> anyhow::Result<ExitCode>
         Command::Migrate => {
             let store = Storage::connect(&config.database)?;
             let shards = Shards::connect(&config.database, &store)?;
-            for db in std::iter::once(&store).chain(shards.all()) {
-                migrate(db).await?;
+            for (db, key) in databases(&config.database, &store, &shards) {
+                migrate(db, &key).await?;
             }
             eprintln!("migrations applied ({:?}, {} shard(s))", store.kind(), shards.len());
             Ok(ExitCode::SUCCESS)
@@ -264,8 +264,8 @@ async fn run_async(config: Config, command: Command) -> anyhow::Result<ExitCode>
         } => {
             let store = Storage::connect(&config.database)?;
             let shards = Shards::connect(&config.database, &store)?;
-            for db in std::iter::once(&store).chain(shards.all()) {
-                migrate(db).await?;
+            for (db, key) in databases(&config.database, &store, &shards) {
+                migrate(db, &key).await?;
             }
             let plan = crate::seed::SeedPlan {
                 drivers,
@@ -508,24 +508,45 @@ async fn flags_in_force(config: &Config) -> anyhow::Result<std::sync::Arc<flags:
 /// The configured database, migrated (an embedded SQLite may be new).
 async fn migrated_store(config: &Config) -> anyhow::Result<Storage> {
     let store = Storage::connect(&config.database)?;
-    migrate(&store).await?;
+    migrate(&store, "database.url").await?;
     Ok(store)
 }
 
-/// Applies `store`'s migrations. A database that cannot be reached is named as such, with
-/// the connection's own error (the pool would only say it timed out "while executing
+/// The global database and every shard's, each with the setting that names it (the first
+/// shard is the global database when no shards are configured).
+fn databases<'a>(
+    config: &crate::config::DatabaseConfig,
+    store: &'a Storage,
+    shards: &'a Shards,
+) -> impl Iterator<Item = (&'a Storage, String)> {
+    let named = !config.shards.is_empty();
+    std::iter::once((store, "database.url".to_owned())).chain(shards.all().iter().enumerate().map(move |(i, s)| {
+        (
+            s,
+            if named {
+                format!("database.shards[{i}]")
+            } else {
+                "database.url".to_owned()
+            },
+        )
+    }))
+}
+
+/// Applies `store`'s migrations. A database that cannot be reached is named as such (by
+/// its setting, `key`), with the connection's own error (the pool would only say it timed out "while executing
 /// migrations").
-async fn migrate(store: &Storage) -> anyhow::Result<()> {
+async fn migrate(store: &Storage, key: &str) -> anyhow::Result<()> {
     let Err(e) = store.migrate().await else {
         return Ok(());
     };
     Err(match store.connect_error().await {
         Some(cause) => anyhow::anyhow!(
-            "cannot reach the {:?} database of database.url: {}",
+            "cannot reach the {:?} database of {}: {}",
             store.kind(),
+            key,
             one_line(&cause)
         ),
-        None => anyhow::anyhow!("migrations: {e}"),
+        None => e.into(),
     })
 }
 

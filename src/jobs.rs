@@ -8,7 +8,7 @@
 //! A job is claimed with a lease (`jobs.visibility_timeout_s`) that a live attempt renews
 //! every third of it: a worker that dies holding one lets the lease run out, and the job
 //! is claimed again — as a new attempt (`jobs.attempts`). Sooner, in practice: each
-//! process says it is alive every second, and one silent for 5 s has the leases of its
+//! process says it is alive every second, and one silent for 15 s has the leases of its
 //! running jobs ended by a live one ([`Storage::reap_dead_instances`]). Every write of an
 //! attempt is fenced by its number, so an attempt that stalled past its lease (a paused
 //! process, a long GC-like stop) finds its writes refused and stops. A failed attempt is
@@ -333,18 +333,24 @@ const ALIVE_EVERY: Duration = Duration::from_secs(1);
 /// How long a process may stay silent before a live one declares it dead and takes back
 /// the jobs it was running — instead of their leases (`jobs.visibility_timeout_s`, 60 s)
 /// running out: after a `kill -9`, the OTPs it held go out seconds later, not a minute.
-const SILENT_FOR: Duration = Duration::from_secs(5);
+/// Well above [`ALIVE_EVERY`] plus a connection's wait on a busy job pool
+/// (`database.acquire_timeout_ms`, 2 s): a live process is never taken for dead by a few
+/// slow heartbeats.
+const SILENT_FOR: Duration = Duration::from_secs(15);
+
+/// How long a process must itself have been heard before it declares others dead: after a
+/// database outage, when nobody could say anything, every live process gets its turn to be
+/// heard again first.
+const HEARD_BEFORE_JUDGING: Duration = Duration::from_secs(5);
 
 /// Says this process is alive every [`ALIVE_EVERY`], for ever, and takes back the jobs of
-/// processes silent for [`SILENT_FOR`] — but only once it has itself been heard for that
-/// long: after a database outage, when nobody could say anything, every live process gets
-/// its turn first.
+/// processes silent for [`SILENT_FOR`] (once heard itself for [`HEARD_BEFORE_JUDGING`]).
 async fn say_alive(store: &Storage) {
     let mut heard_since: Option<Instant> = None;
     loop {
         match store.instance_alive().await {
             Ok(()) => {
-                if heard_since.get_or_insert_with(Instant::now).elapsed() >= SILENT_FOR {
+                if heard_since.get_or_insert_with(Instant::now).elapsed() >= HEARD_BEFORE_JUDGING {
                     let silent_ms = SILENT_FOR.as_millis() as i64;
                     if let Err(e) = store.reap_dead_instances(silent_ms).await {
                         tracing::warn!(error = %e, "could not check for dead job processes");

@@ -269,9 +269,12 @@ impl RedisLockStore {
             release: redis::Script::new(
                 "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
             ),
+            // The expiry kept through PTTL (not SET's KEEPTTL, which needs Redis 6).
             replace: redis::Script::new(
-                "if redis.call('GET', KEYS[1]) == ARGV[1] then \
-                 redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL') return 1 end return 0",
+                "if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end \
+                 local ttl = redis.call('PTTL', KEYS[1]) \
+                 if ttl > 0 then redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl) \
+                 else redis.call('SET', KEYS[1], ARGV[2]) end return 1",
             ),
         }
     }

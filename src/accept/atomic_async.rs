@@ -310,8 +310,18 @@ impl AtomicAsync {
             if let Some(decided) = self.decided(cmd).await? {
                 return decided.map(Some);
             }
-            let holder = self.locks.holder(&cmd.trip_id).await;
-            if !holder.is_some_and(|h| h.is_driver(&cmd.driver_id)) {
+            let Some(holder) = self
+                .locks
+                .holder(&cmd.trip_id)
+                .await
+                .filter(|h| h.is_driver(&cmd.driver_id))
+            else {
+                return Ok(None);
+            };
+            // That request settled the race, yet the trip is open again (the backend reopened
+            // it): its lock is stale, and goes.
+            if holder.mark().is_some() {
+                self.locks.release(&cmd.trip_id, &holder).await;
                 return Ok(None);
             }
             if Instant::now() >= deadline {

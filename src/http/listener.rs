@@ -34,7 +34,7 @@ pub struct ConnectionLimits {
     /// keep-alive connection waits this long for its next request (hyper's timer).
     pub header_read_timeout: Duration,
     /// An HTTP/2 connection with no request open (response bodies included) for this long
-    /// is closed (GOAWAY, then close).
+    /// is closed (GOAWAY; the socket at the latest `header_read_timeout` later).
     pub idle_timeout: Duration,
     /// After shutdown is signalled, in-flight requests get this long.
     pub shutdown_grace: Duration,
@@ -214,6 +214,9 @@ pub async fn serve(
                 _ = stop.wait_for(|stop| *stop) => return,
             }
             let mut closing = false;
+            // Set once an idle connection was told to go: HTTP/2 closes after the client
+            // acknowledges the GOAWAY's PING, which a broken or hostile one never does.
+            let mut closed_by: Option<Instant> = None;
             loop {
                 let idle_until = activity
                     .http2
@@ -235,8 +238,11 @@ pub async fn serve(
                         if idle {
                             connection.as_mut().graceful_shutdown();
                             closing = true;
+                            closed_by = Some(Instant::now() + limits.header_read_timeout);
                         }
                     }
+                    // Dropping the connection closes the socket.
+                    _ = tokio::time::sleep_until(closed_by.unwrap_or_else(Instant::now).into()), if closed_by.is_some() => break,
                 }
             }
         });

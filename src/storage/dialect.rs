@@ -143,6 +143,15 @@ impl Dialect {
         }
     }
 
+    /// The database's own clock in milliseconds since the epoch: one clock for every
+    /// process of a fleet, whatever their hosts' clocks say.
+    pub fn now_ms(self) -> &'static str {
+        match self {
+            Self::Postgres => "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT",
+            Self::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)",
+        }
+    }
+
     /// The aggregate that joins strings with a separator: `agg(expr, ',')`.
     pub fn string_agg(self) -> &'static str {
         match self {

@@ -137,14 +137,15 @@ impl Storage {
             .await
     }
 
-    /// Says this process ([`instance_id`]) is alive, now.
+    /// Says this process ([`instance_id`]) is alive, now — by the database's clock, when the
+    /// statement runs (not when it was sent, nor by this host's clock).
     pub async fn instance_alive(&self) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO job_instances (id, seen_at) VALUES ($1, $2) \
+        sqlx::query(&format!(
+            "INSERT INTO job_instances (id, seen_at) VALUES ($1, {now}) \
              ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at",
-        )
+            now = self.dialect.now_ms()
+        ))
         .bind(instance_id())
-        .bind(now_ms())
         .execute(&mut *self.conn().await?)
         .await?;
         Ok(())
@@ -165,21 +166,24 @@ impl Storage {
     /// process removed wrongly (alive after all) is fenced as after any lease that ran out.
     /// Returns how many jobs came back.
     pub async fn reap_dead_instances(&self, silent_ms: i64) -> Result<u64, sqlx::Error> {
-        const SILENT: &str = "FROM job_instances WHERE seen_at < $1 AND id <> $2";
-        let before = now_ms() - silent_ms;
+        // By the database's clock, as `seen_at` is written.
+        let silent = format!(
+            "FROM job_instances WHERE seen_at < {now} - $1 AND id <> $2",
+            now = self.dialect.now_ms()
+        );
         // A read first: the write transaction (SQLite: the database's write lock) only when
         // someone is silent.
-        let silent: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) {SILENT}"))
-            .bind(before)
+        let count: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) {silent}"))
+            .bind(silent_ms)
             .bind(instance_id())
             .fetch_one(&mut *self.conn().await?)
             .await?;
-        if silent == 0 {
+        if count == 0 {
             return Ok(0);
         }
         let mut tx = self.begin().await?;
-        let dead: Vec<String> = sqlx::query_scalar(&format!("DELETE {SILENT} RETURNING id"))
-            .bind(before)
+        let dead: Vec<String> = sqlx::query_scalar(&format!("DELETE {silent} RETURNING id"))
+            .bind(silent_ms)
             .bind(instance_id())
             .fetch_all(&mut *tx)
             .await?;

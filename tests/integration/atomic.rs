@@ -30,6 +30,7 @@ backend_tests!(
     stale_lock_of_a_dead_request_does_not_block_the_trip,
     a_refused_lock_holder_does_not_turn_others_away,
     a_lost_race_closes_the_lock,
+    a_reopened_trip_is_not_blocked_by_its_old_lock,
 );
 
 /// A lock store that takes the lock, then loses the answer: a Redis call that timed out
@@ -665,6 +666,42 @@ async fn a_lost_race_closes_the_lock(backend: Backend) {
         assert_eq!((status, code(&body)), (403, "trip_not_pending_403"));
         closed_by(cancelled.clone(), late.clone()).await;
     }
+    gw.shutdown().await;
+}
+
+/// A trip the backend puts back to pending (its driver gave it up) while the lock of the
+/// accept that took it still lives, marked won: that driver's new accept is not made to
+/// wait on its own old lock until the deadline (503) — the lock goes and the accept runs.
+/// (The old job goes too here: a trip has one job of a kind, see the notes.)
+async fn a_reopened_trip_is_not_blocked_by_its_old_lock(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let stub = WebhookStub::start().await;
+    let gw = Gateway::start(&db, options(backend, &stub)).await;
+    let w = World::new(&gw.store).await;
+    let d = w.driver().await;
+    let trip = w.trip(&[]).await;
+    assert_eq!(gw.accept(&d, &trip).await.0, 200);
+    let locks = gw.running.as_ref().unwrap().locks.clone();
+    eventually(Duration::from_secs(2), "the lock marked won", || {
+        let (locks, trip) = (locks.clone(), trip.clone());
+        async move { locks.holder(&trip).await.unwrap().filter(|h| h.contains(":won-")) }
+    })
+    .await;
+    gw.wait_effects_done(&trip, Duration::from_secs(15)).await;
+    execute_sql(
+        &db,
+        &format!(
+            "UPDATE trip_requests SET driver_id = NULL, current_status = 'pending' WHERE id = '{trip}'; \
+             UPDATE driver_details SET availability_status = 'available' WHERE user_id = '{d}'; \
+             DELETE FROM side_effects WHERE trip_request_id = '{trip}'; \
+             DELETE FROM jobs WHERE trip_request_id = '{trip}';"
+        ),
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let (status, body, _) = gw.accept(&d, &trip).await;
+    assert_eq!((status, code(&body)), (200, "default_update_200"), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
     gw.shutdown().await;
 }
 

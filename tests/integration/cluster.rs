@@ -328,6 +328,8 @@ async fn one_node_budget_rides_in_the_lock_claim() {
         async move { marked.then_some(()) }
     })
     .await;
+    let ttl: i64 = cli(redis.port, &["PTTL", &key]).trim().parse().unwrap();
+    assert!(ttl > 0, "the mark keeps the lock's expiry: {ttl}");
     cli(redis.port, &["CONFIG", "RESETSTAT"]);
     for i in 0..10 {
         let d = w.driver().await;

@@ -125,6 +125,75 @@ async fn http1_keep_alive_and_http2_are_both_served() {
     gw.shutdown().await;
 }
 
+/// An HTTP/2 client that makes a request, then idles and never answers a PING (the
+/// GOAWAY's, which hyper waits for before it closes): its connection is closed all the
+/// same, `header_read_timeout_ms` after the GOAWAY — else such clients would hold
+/// `max_connections` slots for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_http2_client_that_ignores_pings_is_closed() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let dir = TempDir::new();
+    let mut config = crate::support::config(&db.url, dir.path(), &Options::default());
+    config.server.idle_timeout_ms = 300;
+    config.server.header_read_timeout_ms = 500;
+    let gw = Gateway::start_with(config, dir).await;
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let len = payload.len() as u32;
+        let mut f = len.to_be_bytes()[1..].to_vec();
+        f.extend([kind, flags]);
+        f.extend(stream.to_be_bytes());
+        f.extend(payload);
+        f
+    };
+    // GET /healthz, HPACK without Huffman: :method GET, :scheme http (static entries), then
+    // :path and :authority as literals with indexed names.
+    let mut headers = vec![0x82, 0x86, 0x04, 8];
+    headers.extend(b"/healthz");
+    headers.extend([0x01, 1, b'x']);
+    let mut c = TcpStream::connect(addr(&gw.admin)).await.unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(frame(4, 0, 0, &[])); // SETTINGS
+    hello.extend(frame(1, 0x5, 1, &headers)); // HEADERS, END_STREAM | END_HEADERS
+    c.write_all(&hello).await.unwrap();
+
+    let (mut answered, mut goaway, mut pings) = (false, None, 0);
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = c.read(&mut chunk).await.unwrap_or(0);
+            if n == 0 {
+                return;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            while buf.len() >= 9 {
+                let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+                if buf.len() < 9 + len {
+                    break;
+                }
+                let (kind, flags) = (buf[3], buf[4]);
+                match kind {
+                    1 => answered = true,
+                    // The server's SETTINGS: acknowledged (a client that follows the
+                    // protocol in everything but PINGs).
+                    4 if flags & 1 == 0 => c.write_all(&frame(4, 1, 0, &[])).await.unwrap(),
+                    6 if flags & 1 == 0 => pings += 1,
+                    7 => goaway = Some(started.elapsed()),
+                    _ => {}
+                }
+                buf.drain(..9 + len);
+            }
+        }
+    })
+    .await;
+    assert!(answered, "the request was answered");
+    assert!(goaway.is_some(), "told to go away once idle");
+    assert!(pings >= 1, "the server sent a PING it waited for");
+    assert!(closed.is_ok(), "still connected after 5 s (GOAWAY at {goaway:?})");
+    gw.shutdown().await;
+}
+
 /// 10,000 concurrent keep-alive connections to a `tripgate serve` process, each answered,
 /// all still usable afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
