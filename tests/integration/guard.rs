@@ -164,6 +164,19 @@ impl Admin {
             .as_u16()
     }
 
+    /// A person (alice, through the API) sets the override's percent.
+    async fn set_percent(&self, admin: &str, percent: f64) {
+        let res = self
+            .http
+            .put(format!("{admin}/admin/flags/trip_accept_v2"))
+            .bearer_auth(&self.token)
+            .json(&json!({"percent": percent, "reason": "by hand"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+    }
+
     /// Waits until the guard of `admin` is in `state`; returns its status.
     async fn wait_state(&self, admin: &str, state: &str, within: Duration) -> Value {
         let deadline = Instant::now() + within;
@@ -572,15 +585,7 @@ async fn a_pause_names_who_moved_the_percent() {
         }
     };
 
-    let res = gw
-        .http
-        .put(format!("{}/admin/flags/trip_accept_v2", gw.admin))
-        .bearer_auth(&admin.token)
-        .json(&json!({"percent": 20, "reason": "by hand"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
+    admin.set_percent(&gw.admin, 20.0).await;
     assert!(paused_by(10, 20).await.ends_with("by alice (api)"));
 
     let res = gw
@@ -638,15 +643,7 @@ async fn a_restart_mid_step_resumes_and_people_win() {
         .await;
 
     // A person sets the percent: the guard pauses.
-    let res = restarted
-        .http
-        .put(format!("{}/admin/flags/trip_accept_v2", restarted.admin))
-        .bearer_auth(&admin.token)
-        .json(&json!({"percent": 20, "reason": "by hand"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
+    admin.set_percent(&restarted.admin, 20.0).await;
     let paused = admin
         .wait_state(&restarted.admin, "paused", Duration::from_secs(10))
         .await;

@@ -41,6 +41,17 @@ async fn accepted(store: &tripgate::storage::Storage, driver: &str, trip: &str) 
     assert!(matches!(fenced.outcome, AssignOutcome::Accepted { .. }), "{fenced:?}");
 }
 
+/// `n` trips, each accepted by a driver of its own through [`accepted`].
+async fn accepted_trips(store: &tripgate::storage::Storage, w: &World, n: usize) -> Vec<String> {
+    let mut trips = Vec::new();
+    for _ in 0..n {
+        let (d, t) = (w.driver().await, w.trip(&[]).await);
+        accepted(store, &d, &t).await;
+        trips.push(t);
+    }
+    trips
+}
+
 /// The accept writes no effect records (the contract step: the previous release's job
 /// runner, like this one, creates any that is missing): until the job has run, the trip
 /// shows each effect of its type `pending`, and the job then creates and runs each once.
@@ -220,13 +231,7 @@ async fn two_worker_processes_share_the_queue(backend: Backend) {
     stub.set_delay(20);
     let store = db.store().await;
     let w = World::new(&store).await;
-    let mut trips = Vec::new();
-    for _ in 0..30 {
-        let d = w.driver().await;
-        let t = w.trip(&[]).await;
-        accepted(&store, &d, &t).await;
-        trips.push(t);
-    }
+    let trips = accepted_trips(&store, &w, 30).await;
     let dir = TempDir::new();
     let options = Options {
         webhook: Some(format!("http://{}", stub.addr)),
@@ -376,12 +381,7 @@ async fn a_silent_process_s_jobs_come_back(backend: Backend) {
     let db = TestDb::new(backend).await;
     let store = db.store().await;
     let w = World::new(&store).await;
-    let mut trips = Vec::new();
-    for _ in 0..3 {
-        let (d, t) = (w.driver().await, w.trip(&[]).await);
-        accepted(&store, &d, &t).await;
-        trips.push(t);
-    }
+    let trips = accepted_trips(&store, &w, 3).await;
     let claimed = store.claim_jobs(60_000, 10).await.unwrap();
     assert_eq!(claimed.len(), 3);
     store.instance_alive().await.unwrap();
@@ -715,12 +715,7 @@ async fn done_jobs_are_purged_after_retention(backend: Backend) {
     let db = TestDb::new(backend).await;
     let store = db.store().await;
     let w = World::new(&store).await;
-    let mut trips = Vec::new();
-    for _ in 0..3 {
-        let (d, t) = (w.driver().await, w.trip(&[]).await);
-        accepted(&store, &d, &t).await;
-        trips.push(t);
-    }
+    let trips = accepted_trips(&store, &w, 3).await;
     let (old_done, old_dead, recent_done) = (&trips[0], &trips[1], &trips[2]);
     let long_ago = now_ms() - 100 * 3_600_000;
     crate::support::execute_sql(
@@ -787,12 +782,7 @@ async fn a_worker_killed_mid_batch_loses_nothing(backend: Backend) {
     stub.set_delay(800);
     let store = db.store().await;
     let w = World::new(&store).await;
-    let mut trips = Vec::new();
-    for _ in 0..40 {
-        let (d, t) = (w.driver().await, w.trip(&[]).await);
-        accepted(&store, &d, &t).await;
-        trips.push(t);
-    }
+    let trips = accepted_trips(&store, &w, 40).await;
     let dir = TempDir::new();
     let options = Options {
         webhook: Some(format!("http://{}", stub.addr)),
