@@ -252,15 +252,16 @@ impl Storage {
         }
         let trips: Vec<&str> = fences.iter().map(|f| f.trip_id.as_str()).collect();
         let drivers: Vec<&str> = fences.iter().map(|f| f.driver_id.as_str()).collect();
-        let rows = sqlx::query(
-            "SELECT id FROM (SELECT id FROM trip_requests WHERE id = ANY(ARRAY(SELECT jsonb_array_elements_text($1::JSONB))) \
-                 EXCEPT SELECT id FROM (SELECT id FROM trip_requests WHERE id = ANY(ARRAY(SELECT jsonb_array_elements_text($1::JSONB))) \
+        let (trips_in, drivers_in) = (self.dialect.in_json_list(1), self.dialect.in_json_list(2));
+        let rows = sqlx::query(&format!(
+            "SELECT id FROM (SELECT id FROM trip_requests WHERE id {trips_in} \
+                 EXCEPT SELECT id FROM (SELECT id FROM trip_requests WHERE id {trips_in} \
                      FOR UPDATE SKIP LOCKED) t) locked_trips \
              UNION ALL \
-             SELECT user_id FROM (SELECT user_id FROM driver_details WHERE user_id = ANY(ARRAY(SELECT jsonb_array_elements_text($2::JSONB))) \
-                 EXCEPT SELECT user_id FROM (SELECT user_id FROM driver_details \
-                     WHERE user_id = ANY(ARRAY(SELECT jsonb_array_elements_text($2::JSONB))) FOR UPDATE SKIP LOCKED) d) locked_drivers",
-        )
+             SELECT user_id FROM (SELECT user_id FROM driver_details WHERE user_id {drivers_in} \
+                 EXCEPT SELECT user_id FROM (SELECT user_id FROM driver_details WHERE user_id {drivers_in} \
+                     FOR UPDATE SKIP LOCKED) d) locked_drivers"
+        ))
         .bind(json!(trips).to_string())
         .bind(json!(drivers).to_string())
         .fetch_all(&mut *self.conn().await?)
