@@ -72,10 +72,10 @@ impl Activity {
         OpenRequest(self.clone())
     }
 
-    /// When the connection will have been idle for `limit` if nothing happens meanwhile;
-    /// `None` while a request is open.
+    /// When this HTTP/2 connection will have been idle for `limit` if nothing happens
+    /// meanwhile; `None` while a request is open, and for HTTP/1.1 (hyper's timer).
     fn idle_until(&self, limit: Duration) -> Option<Instant> {
-        (self.open.load(Ordering::Relaxed) == 0)
+        (self.http2.load(Ordering::Relaxed) && self.open.load(Ordering::Relaxed) == 0)
             .then(|| self.since + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + limit)
     }
 }
@@ -218,11 +218,7 @@ pub async fn serve(
             // acknowledges the GOAWAY's PING, which a broken or hostile one never does.
             let mut closed_by: Option<Instant> = None;
             loop {
-                let idle_until = activity
-                    .http2
-                    .load(Ordering::Relaxed)
-                    .then(|| activity.idle_until(limits.idle_timeout))
-                    .flatten();
+                let idle_until = activity.idle_until(limits.idle_timeout);
                 // While requests are open, look again after one idle period.
                 let wake = idle_until.unwrap_or_else(|| Instant::now() + limits.idle_timeout);
                 tokio::select! {
@@ -233,9 +229,7 @@ pub async fn serve(
                         closing = true;
                     }
                     _ = tokio::time::sleep_until(wake.into()), if !closing => {
-                        let idle = activity.http2.load(Ordering::Relaxed)
-                            && activity.idle_until(limits.idle_timeout).is_some_and(|at| at <= Instant::now());
-                        if idle {
+                        if activity.idle_until(limits.idle_timeout).is_some_and(|at| at <= Instant::now()) {
                             connection.as_mut().graceful_shutdown();
                             closing = true;
                             closed_by = Some(Instant::now() + limits.header_read_timeout);
