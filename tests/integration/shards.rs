@@ -30,6 +30,13 @@ async fn two_shards(backend: Backend) {
     let gw = Gateway::start_with(config, dir).await;
     let shards = gw.running.as_ref().unwrap().shards.clone();
     assert_eq!(shards.len(), 2);
+    // Ready means the global database migrated; each shard migrates on its own task (until
+    // then its requests are 503).
+    crate::support::eventually(Duration::from_secs(30), "both shards migrated", || async {
+        let (_, ready) = gw.admin_get("/readyz").await;
+        (ready["shards"][0]["migrated"] == true && ready["shards"][1]["migrated"] == true).then_some(())
+    })
+    .await;
 
     // Demo data through the admin API: split over the shards, each row on the shard its id
     // hashes to, nothing on the global database.
@@ -46,7 +53,7 @@ async fn two_shards(backend: Backend) {
         .await
         .unwrap();
     for kind in ["drivers", "customers", "trips"] {
-        let rows = seeded[kind].as_array().unwrap();
+        let rows = seeded[kind].as_array().unwrap_or_else(|| panic!("{kind}: {seeded}"));
         assert!(!rows.is_empty(), "{kind}: {seeded}");
         for row in rows {
             let (id, shard) = (row["id"].as_str().unwrap(), row["shard"].as_u64().unwrap() as usize);
