@@ -41,6 +41,9 @@ pub enum ApiError {
     /// A valid token of the wrong role.
     #[error("forbidden for this role")]
     Forbidden,
+    /// A customer's token on another customer's trip.
+    #[error("not the token's trip")]
+    NotYourTrip,
     /// Another driver has the trip (or, on legacy, this driver's retry).
     #[error("trip already taken")]
     TripTaken,
@@ -104,6 +107,7 @@ impl ApiError {
             Self::Invalid(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Forbidden
+            | Self::NotYourTrip
             | Self::TripTaken
             | Self::DriverUnavailable
             | Self::VehicleMismatch
@@ -127,7 +131,7 @@ impl ApiError {
         match self {
             Self::Invalid(_) | Self::PayloadTooLarge | Self::UnsupportedMediaType => "default_400",
             Self::Unauthorized => "auth_login_401",
-            Self::Forbidden => "auth_forbidden_403",
+            Self::Forbidden | Self::NotYourTrip => "auth_forbidden_403",
             Self::TripTaken => "trip_request_driver_403",
             Self::DriverUnavailable => "driver_unavailable_403",
             Self::VehicleMismatch => "vehicle_category_mismatch_403",
@@ -149,7 +153,7 @@ impl ApiError {
     pub fn outcome(&self) -> Outcome {
         match self {
             Self::Invalid(_) | Self::PayloadTooLarge | Self::UnsupportedMediaType => Outcome::Invalid,
-            Self::Unauthorized | Self::Forbidden | Self::CsrfRefused => Outcome::Unauthorized,
+            Self::Unauthorized | Self::Forbidden | Self::NotYourTrip | Self::CsrfRefused => Outcome::Unauthorized,
             Self::TripTaken => Outcome::Taken,
             Self::DriverUnavailable => Outcome::Unavailable,
             Self::VehicleMismatch => Outcome::Mismatch,
@@ -166,6 +170,7 @@ impl ApiError {
             Self::Invalid(_) => "The given data was invalid.".into(),
             Self::Unauthorized => "Unauthenticated.".into(),
             Self::Forbidden => "This token's role may not use this endpoint.".into(),
+            Self::NotYourTrip => "This trip request belongs to another customer.".into(),
             Self::TripTaken => "This trip has already been accepted.".into(),
             Self::DriverUnavailable => "Driver is offline, unavailable or already on a trip.".into(),
             Self::VehicleMismatch => "Your vehicle is not in this trip's category.".into(),

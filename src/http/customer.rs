@@ -67,7 +67,7 @@ async fn cancel(
         .await?
         .ok_or(ApiError::TripNotFound)?;
     if owner != user.id {
-        return Err(ApiError::Forbidden);
+        return Err(ApiError::NotYourTrip);
     }
     if !state.shards.for_id(&id).cancel_trip(&id).await? {
         return Err(ApiError::TripNotPending);
@@ -93,7 +93,7 @@ async fn details(
         .await?
         .ok_or(ApiError::TripNotFound)?;
     if user.role != Role::Admin && trip["customer_id"].as_str() != Some(user.id.as_str()) {
-        return Err(ApiError::Forbidden);
+        return Err(ApiError::NotYourTrip);
     }
     Ok(Json(Envelope::ok("default_200", "Trip request details.", trip)).into_response())
 }

@@ -144,7 +144,19 @@ pub async fn forward(State(up): State<Upstream>, mut req: Request) -> Response {
     let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
     let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
     let (parts, body) = req.into_parts();
-    let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    // A reverse proxy forwards requests for a path: not CONNECT (a forward proxy's tunnel)
+    // nor `OPTIONS *` (a question to tripgate itself), which the upstream URL cannot carry.
+    if parts.method == axum::http::Method::CONNECT {
+        return ApiError::MethodNotAllowed.into_response();
+    }
+    let Some(path_and_query) = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .filter(|p| p.starts_with('/'))
+    else {
+        return ApiError::invalid("path", "Only requests for a path (/…) are forwarded.").into_response();
+    };
     let uri = match format!(
         "{}{}{path_and_query}",
         up.base.to_string().trim_end_matches('/'),
@@ -156,7 +168,13 @@ pub async fn forward(State(up): State<Upstream>, mut req: Request) -> Response {
         Err(_) => return ApiError::invalid("path", "The request path cannot be forwarded.").into_response(),
     };
     let mut headers = parts.headers;
-    let original_host = headers.get(header::HOST).cloned();
+    // HTTP/2 carries the host as `:authority`, not as a Host header.
+    let original_host = headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
     strip_hop_by_hop(&mut headers);
     // Credentials meant for tripgate, not for the backend.
     headers.remove(header::PROXY_AUTHORIZATION);
@@ -445,15 +463,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// `X-Forwarded-For` (appended), `X-Forwarded-Proto` and `X-Forwarded-Host` (kept when a
 /// proxy in front already set them), `Via`.
 fn forwarded_headers(headers: &mut HeaderMap, peer: Option<std::net::IpAddr>, host: Option<HeaderValue>) {
-    const XFF: &str = "x-forwarded-for";
     if let Some(ip) = peer {
-        let value = match headers.get(XFF).and_then(|v| v.to_str().ok()) {
-            Some(prior) if !prior.is_empty() => format!("{prior}, {ip}"),
-            _ => ip.to_string(),
-        };
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            headers.insert(XFF, v);
-        }
+        append_to_list(headers, HeaderName::from_static("x-forwarded-for"), &ip.to_string());
     }
     if !headers.contains_key("x-forwarded-proto") {
         headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
@@ -467,12 +478,29 @@ fn forwarded_headers(headers: &mut HeaderMap, peer: Option<std::net::IpAddr>, ho
 }
 
 fn add_via(headers: &mut HeaderMap) {
-    let value = match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.is_empty() => format!("{prior}, 1.1 tripgate"),
-        _ => "1.1 tripgate".to_owned(),
+    append_to_list(headers, header::VIA, "1.1 tripgate");
+}
+
+/// Appends `item` to the list header `name`. Several lines of it are one comma-separated
+/// list (RFC 9110 §5.3): they are joined in order into one line, none dropped. A line that
+/// is not visible ASCII is kept as it is, with `item` on a line of its own.
+fn append_to_list(headers: &mut HeaderMap, name: HeaderName, item: &str) {
+    let lines: Option<Vec<&str>> = headers.get_all(&name).iter().map(|v| v.to_str().ok()).collect();
+    let Some(lines) = lines else {
+        if let Ok(v) = HeaderValue::from_str(item) {
+            headers.append(name, v);
+        }
+        return;
     };
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert(header::VIA, v);
+    let joined = lines
+        .into_iter()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .chain(std::iter::once(item))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if let Ok(v) = HeaderValue::from_str(&joined) {
+        headers.insert(name, v);
     }
 }
 
@@ -525,5 +553,23 @@ mod tests {
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "app.example");
         assert_eq!(h["via"], "1.1 tripgate");
+    }
+
+    /// Several lines of a list header are one list: every hop is kept, in order.
+    #[test]
+    fn every_line_of_a_list_header_is_kept() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("x-forwarded-for", "1.1.1.1"),
+            ("x-forwarded-for", "2.2.2.2, 3.3.3.3"),
+            ("via", "1.0 a"),
+            ("via", "1.0 b"),
+        ] {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        forwarded_headers(&mut h, Some([127, 0, 0, 1].into()), None);
+        let all = |k: &str| h.get_all(k).iter().map(|v| v.to_str().unwrap()).collect::<Vec<_>>();
+        assert_eq!(all("x-forwarded-for"), ["1.1.1.1, 2.2.2.2, 3.3.3.3, 127.0.0.1"]);
+        assert_eq!(all("via"), ["1.0 a, 1.0 b, 1.1 tripgate"]);
     }
 }

@@ -280,6 +280,25 @@ async fn requests_pass_through_intact_and_bodies_stream() {
     );
     assert_eq!(h["via"], "1.1 tripgate");
 
+    // Repeated list headers are one list: no hop is dropped.
+    let res = http
+        .get(format!("{api}/echo"))
+        .header("x-forwarded-for", "1.1.1.1")
+        .header("x-forwarded-for", "2.2.2.2")
+        .header("via", "1.0 a")
+        .header("via", "1.0 b")
+        .send()
+        .await
+        .unwrap();
+    let h = &res.json::<Value>().await.unwrap()["headers"];
+    assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 127.0.0.1");
+    assert_eq!(h["via"], "1.0 a, 1.0 b, 1.1 tripgate");
+    // Over HTTP/2 the host comes as `:authority`; it is the forwarded host all the same.
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let res = h2.get(format!("{api}/echo")).send().await.unwrap();
+    assert_eq!(res.version(), reqwest::Version::HTTP_2);
+    let h = &res.json::<Value>().await.unwrap()["headers"];
+    assert_eq!(h["x-forwarded-host"], api.trim_start_matches("http://"), "{h}");
     // Hop-by-hop headers of the answer go too.
     let res = http.get(format!("{api}/hop")).send().await.unwrap();
     assert!(res.headers().get("x-up-secret").is_none() && res.headers().get("keep-alive").is_none());
@@ -375,6 +394,37 @@ async fn requests_pass_through_intact_and_bodies_stream() {
         "pass-through in tripgate_http_*"
     );
     assert!(!metrics.contains("/api/v1/profile"), "a raw path as a label");
+
+    // What is not a request for a path is not forwarded (nor counted as the upstream's
+    // failure): CONNECT is 405, `OPTIONS *` is 400.
+    for (request, status) in [
+        (
+            "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+            "405",
+        ),
+        ("OPTIONS * HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", "400"),
+    ] {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(api.trim_start_matches("http://"))
+            .await
+            .unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut head = vec![0u8; 12];
+        s.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head[9..12], status.as_bytes(), "{request}");
+    }
+
+    let metrics = reqwest::get(format!("{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(&metrics, "tripgate_upstream_errors_total{kind=\"connect\"}"),
+        0.0,
+        "a refused target counted as the upstream's failure"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
