@@ -385,13 +385,13 @@ async fn flags_command(config: &Config, action: FlagsCommand) -> anyhow::Result<
         } => {
             let threshold =
                 flags::percent_to_threshold(percent).map_err(|r| anyhow::anyhow!("flags set: percent {r}"))?;
-            let file = FlagSet::load(path)?;
             let store = migrated_store(config).await?;
+            let file_bp = declared_percent(path, &store, &name).await?;
             let patch = OverridePatch {
                 percent_bp: Some(threshold),
                 ..OverridePatch::default()
             };
-            let entry = fleet::set_override(&store, &file, &name, &patch, &cli_change(actor, reason)).await?;
+            let entry = fleet::set_override(&store, file_bp, &name, &patch, &cli_change(actor, reason)).await?;
             println!(
                 "{name}: {} -> {} (override by {}; every gateway within a second)",
                 entry.from.unwrap_or(entry.to),
@@ -401,9 +401,9 @@ async fn flags_command(config: &Config, action: FlagsCommand) -> anyhow::Result<
             Ok(ExitCode::SUCCESS)
         }
         FlagsCommand::Clear { name, reason, actor } => {
-            let file = FlagSet::load(path)?;
             let store = migrated_store(config).await?;
-            match fleet::clear_override(&store, &file, &name, &cli_change(actor, reason)).await? {
+            let file_bp = declared_percent(path, &store, &name).await?;
+            match fleet::clear_override(&store, file_bp, &name, &cli_change(actor, reason)).await? {
                 Some(entry) => println!(
                     "{name}: override cleared, {} -> {} (the file's)",
                     entry.from.unwrap_or(entry.to),
@@ -445,7 +445,7 @@ async fn guard_command(config: &Config, action: GuardCommand) -> anyhow::Result<
     let store = migrated_store(config).await?;
     let (name, action) = match action {
         GuardCommand::Status { json } => {
-            let handle = FlagsHandle::new(FlagSet::load(&config.flags.path)?, config.flags.path.clone());
+            let handle = FlagsHandle::new(flags_file(&config.flags.path)?, config.flags.path.clone());
             handle.set_overrides(fleet::overrides_of(&store.flag_overrides().await?));
             let status = crate::guard::status(&store, &handle).await?;
             if json {
@@ -484,14 +484,14 @@ async fn guard_command(config: &Config, action: GuardCommand) -> anyhow::Result<
             println!("{name}: guard {} ({})", row.state, row.reason);
             Ok(ExitCode::SUCCESS)
         }
-        None => anyhow::bail!("flags guard: the guard of {name} is not in a state {action:?} applies to"),
+        None => anyhow::bail!("flags guard: {}", action.refused(&name)),
     }
 }
 
 /// The file's flags with the overrides in the database applied. A database that cannot be
 /// read leaves the file's flags, with a warning on stderr.
 async fn flags_in_force(config: &Config) -> anyhow::Result<std::sync::Arc<flags::Snapshot>> {
-    let handle = FlagsHandle::new(FlagSet::load(&config.flags.path)?, config.flags.path.clone());
+    let handle = FlagsHandle::new(flags_file(&config.flags.path)?, config.flags.path.clone());
     let read = async { Storage::connect(&config.database)?.flag_overrides().await };
     match read.await {
         Ok(rows) => {
@@ -503,6 +503,42 @@ async fn flags_in_force(config: &Config) -> anyhow::Result<std::sync::Arc<flags:
         ),
     }
     Ok(handle.snapshot())
+}
+
+/// The flags file, its error naming it (a parse error alone does not say which file).
+fn flags_file(path: &std::path::Path) -> anyhow::Result<FlagSet> {
+    FlagSet::load(path).map_err(|e| match e {
+        flags::FlagsError::Read { .. } => anyhow::anyhow!("flags file: {e}"),
+        e => anyhow::anyhow!(
+            "flags file {}: {e} (running gateways keep their last good flags; GET /admin/flags shows them)",
+            path.display()
+        ),
+    })
+}
+
+/// The percent (basis points) the flags file declares for `flag`, for an override's set or
+/// clear; `None` when the file has no such flag. A file this host cannot read, or an invalid
+/// one, does not stop them — a bad file is when ops need the override most: the percent the
+/// fleet last recorded from its last good file stands in (`flag_file_state`, what the
+/// running gateways hold), with a warning.
+async fn declared_percent(path: &std::path::Path, store: &Storage, flag: &str) -> anyhow::Result<Option<u32>> {
+    let why = match flags_file(path) {
+        Ok(file) => return Ok(file.percent_bp(flag)),
+        Err(why) => why,
+    };
+    match store.recorded_file_percent(flag).await? {
+        Some(bp) => {
+            eprintln!(
+                "tripgate: warning: {}; using the percent the gateways last recorded from it ({})",
+                one_line(&why.to_string()),
+                f64::from(bp) / 100.0
+            );
+            Ok(Some(bp))
+        }
+        None => Err(anyhow::anyhow!(
+            "{why}; no gateway has recorded {flag} from a good flags file either"
+        )),
+    }
 }
 
 /// The configured database, migrated (an embedded SQLite may be new).

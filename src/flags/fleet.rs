@@ -163,36 +163,32 @@ pub enum OverrideError {
     Database(#[from] sqlx::Error),
 }
 
-/// Sets `flag`'s override (API, CLI, console, guard): refused for a flag the file does not
-/// have, and while the file's kill switch is on.
+/// Sets `flag`'s override (API, CLI, console, guard), given the percent the flags file
+/// declares for it (`file_bp`, basis points; `None`: the file has no such flag): refused for
+/// a flag the file does not have, and while the file's kill switch is on.
 pub async fn set_override(
     store: &Storage,
-    file: &super::FlagSet,
+    file_bp: Option<u32>,
     flag: &str,
     patch: &OverridePatch,
     by: &ChangeBy,
 ) -> Result<AuditEntry, OverrideError> {
-    let declared = file
-        .flags
-        .get(flag)
-        .ok_or_else(|| OverrideError::UnknownFlag(flag.to_owned()))?;
-    if declared.threshold == 0 {
+    let declared = file_bp.ok_or_else(|| OverrideError::UnknownFlag(flag.to_owned()))?;
+    if declared == 0 {
         return Err(OverrideError::KillSwitch(flag.to_owned()));
     }
-    let (_, entry) = store.set_flag_override(flag, patch, by, declared.threshold).await?;
+    let (_, entry) = store.set_flag_override(flag, patch, by, declared).await?;
     Ok(entry)
 }
 
-/// Clears `flag`'s override; `None` when there was none in force.
+/// Clears `flag`'s override (`file_bp` as for [`set_override`]); `None` when there was
+/// none in force.
 pub async fn clear_override(
     store: &Storage,
-    file: &super::FlagSet,
+    file_bp: Option<u32>,
     flag: &str,
     by: &ChangeBy,
 ) -> Result<Option<AuditEntry>, OverrideError> {
-    let declared = file
-        .flags
-        .get(flag)
-        .ok_or_else(|| OverrideError::UnknownFlag(flag.to_owned()))?;
-    Ok(store.clear_flag_override(flag, by, declared.threshold).await?)
+    let declared = file_bp.ok_or_else(|| OverrideError::UnknownFlag(flag.to_owned()))?;
+    Ok(store.clear_flag_override(flag, by, declared).await?)
 }

@@ -144,6 +144,11 @@ pub struct FlagSet {
 }
 
 impl FlagSet {
+    /// The percent `flag` is declared at, in basis points; `None` when there is no such flag.
+    pub fn percent_bp(&self, flag: &str) -> Option<u32> {
+        self.flags.get(flag).map(|f| f.threshold)
+    }
+
     /// Parses and validates a flags file's text.
     pub fn parse(text: &str) -> Result<FlagSet, FlagsError> {
         if text.trim().is_empty() {
@@ -160,7 +165,9 @@ impl FlagSet {
                 reason,
             };
             let toml::Value::Table(fields) = value else {
-                return Err(invalid("", "must be a table ([name])".into()));
+                return Err(FlagsError::Syntax(format!(
+                    "{name} must be a table ([{name}]); a key above the first [name] belongs to no flag"
+                )));
             };
             let mut threshold = None;
             let mut salt = name.clone();
@@ -656,6 +663,17 @@ pub fn write_atomically(path: &Path, text: &str) -> Result<(), FlagsError> {
         uuid::Uuid::new_v4()
     ));
     std::fs::write(&tmp, text).map_err(write_err)?;
+    // The replacement keeps the file's mode and (where allowed) its owner, as an edit in
+    // place would: a group-only file stays group-only.
+    if let Ok(was) = std::fs::metadata(&target) {
+        use std::os::unix::fs::MetadataExt;
+        let kept = std::fs::set_permissions(&tmp, was.permissions());
+        let _ = std::os::unix::fs::chown(&tmp, Some(was.uid()), Some(was.gid()));
+        if let Err(e) = kept {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(write_err(e));
+        }
+    }
     std::fs::rename(&tmp, &target).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         write_err(e)
@@ -697,6 +715,15 @@ mod tests {
             let text = format!("[trip_accept_v2]\npercent = {}\n", f64::from(bp) / 100.0);
             proptest::prop_assert_eq!(FlagSet::parse(&text).unwrap().flags[TRIP_ACCEPT_FLAG].threshold, bp);
         }
+    }
+
+    #[test]
+    fn a_key_above_every_flag_is_named() {
+        let e = FlagSet::parse("percent = 40\n[trip_accept_v2]\npercent = 10\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "syntax error: percent must be a table ([percent]); a key above the first [name] belongs to no flag"
+        );
     }
 
     fn override_of(threshold: Option<u32>, allow: &[&str], deny: &[&str]) -> BTreeMap<String, Override> {
@@ -806,8 +833,12 @@ mod tests {
             text.starts_with("# header\n") && text.contains("percent = 50 # ten"),
             "{text}"
         );
+        // The atomic replacement keeps the file's mode.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
         write_percent(&path, TRIP_ACCEPT_FLAG, 12.5).unwrap();
         assert_eq!(FlagSet::load(&path).unwrap().flags[TRIP_ACCEPT_FLAG].threshold, 1250);
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o640);
         assert!(write_percent(&path, TRIP_ACCEPT_FLAG, 150.0).is_err());
         assert!(write_percent(&path, "nope", 5.0).is_err());
         assert_eq!(

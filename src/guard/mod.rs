@@ -512,7 +512,7 @@ async fn set_percent(
     to: u32,
     reason: &str,
 ) -> Result<(), sqlx::Error> {
-    let file = flags.snapshot().file.clone();
+    let file_bp = flags.snapshot().file.percent_bp(TRIP_ACCEPT_FLAG);
     let patch = OverridePatch {
         percent_bp: Some(to),
         ..OverridePatch::default()
@@ -523,7 +523,7 @@ async fn set_percent(
         reason: reason.to_owned(),
         at: now_ms(),
     };
-    match fleet::set_override(store, &file, TRIP_ACCEPT_FLAG, &patch, &by).await {
+    match fleet::set_override(store, file_bp, TRIP_ACCEPT_FLAG, &patch, &by).await {
         Ok(_) => {}
         Err(fleet::OverrideError::Database(e)) => return Err(e),
         // The file's kill switch (or the flag gone): people win; the next tick pauses.
@@ -553,6 +553,18 @@ impl Action {
             "ack" => Some(Self::Ack),
             _ => None,
         }
+    }
+
+    /// Why the action was refused: the states it applies to (`act` gave `None`).
+    pub fn refused(self, flag: &str) -> String {
+        let (from, _) = self.moves();
+        let verb = format!("{self:?}").to_lowercase();
+        let states = match from {
+            [one] => (*one).to_owned(),
+            [first @ .., last] => format!("{} or {last}", first.join(", ")),
+            [] => String::new(),
+        };
+        format!("{verb} applies only to a guard that is {states}; the guard of {flag} is not")
     }
 
     fn moves(self) -> (&'static [&'static str], &'static str) {
@@ -626,6 +638,18 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
+
+    #[test]
+    fn a_refused_action_names_the_states_it_applies_to() {
+        assert_eq!(
+            Action::Pause.refused("f"),
+            "pause applies only to a guard that is watching, promoting or done; the guard of f is not"
+        );
+        assert_eq!(
+            Action::Resume.refused("f"),
+            "resume applies only to a guard that is paused; the guard of f is not"
+        );
+    }
 
     fn cohort(rng: &mut StdRng, n: u64, error_rate: f64, median_ms: f64, scale: f64) -> CohortSample {
         let mut s = CohortSample::default();

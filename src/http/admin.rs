@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -176,8 +176,8 @@ async fn put_flag(
         return Err(ApiError::invalid("body", "Give a percent, an allow or a deny list."));
     }
     let by = change_by(&user, console.is_some(), fields)?;
-    let file = state.flags.snapshot().file.clone();
-    fleet::set_override(&state.store, &file, &name, &patch, &by)
+    let file_bp = state.flags.snapshot().file.percent_bp(&name);
+    fleet::set_override(&state.store, file_bp, &name, &patch, &by)
         .await
         .map_err(override_error)?;
     let _ = fleet::refresh(&state.flags, &state.store, &state.metrics).await;
@@ -198,8 +198,8 @@ async fn clear_override(
         _ => json_object(&headers, body, &["reason"])?,
     };
     let by = change_by(&user, console.is_some(), fields)?;
-    let file = state.flags.snapshot().file.clone();
-    fleet::clear_override(&state.store, &file, &name, &by)
+    let file_bp = state.flags.snapshot().file.percent_bp(&name);
+    fleet::clear_override(&state.store, file_bp, &name, &by)
         .await
         .map_err(override_error)?;
     let _ = fleet::refresh(&state.flags, &state.store, &state.metrics).await;
@@ -281,7 +281,8 @@ async fn guard_action(
     match crate::guard::act(&state.store, action, &who).await? {
         Some(_) => Ok(Json(crate::guard::status(&state.store, &state.flags).await?)),
         None => Err(ApiError::Conflict(format!(
-            "the guard of {name} is not in a state {action:?} applies to (see GET /admin/guard)"
+            "{} (see GET /admin/guard)",
+            action.refused(&name)
         ))),
     }
 }
@@ -296,7 +297,11 @@ struct JobsQuery {
     state: Option<String>,
 }
 
-async fn jobs(State(state): State<AppState>, Query(q): Query<JobsQuery>) -> Result<Json<Value>, ApiError> {
+async fn jobs(
+    State(state): State<AppState>,
+    q: Result<Query<JobsQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let q = super::query(q)?;
     let wanted = match q.state.as_deref().map(|s| JobState::parse(s).ok_or(s)) {
         None => None,
         Some(Ok(wanted)) => Some(wanted),

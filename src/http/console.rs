@@ -11,7 +11,7 @@
 //!   process stores for the guard. `GET /admin/explain/{flag}/{driver}`: one driver's cohort.
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
@@ -243,7 +243,11 @@ const POINT_MS: i64 = 5 * SLOT_MS;
 
 /// `GET /admin/stats?seconds=N` (default 300, at most 3600): per 5 s and cohort, over every
 /// instance: requests/s, p50/p95/p99 ms, 5xx and timeout rates, OTP delivery p95 ms.
-async fn stats(State(state): State<AppState>, Query(q): Query<StatsQuery>) -> Result<Json<Value>, ApiError> {
+async fn stats(
+    State(state): State<AppState>,
+    q: Result<Query<StatsQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let q = super::query(q)?;
     let seconds = q.seconds.unwrap_or(300).clamp(10, 3600);
     let now = now_ms();
     let end = now - now.rem_euclid(SLOT_MS);

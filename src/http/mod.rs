@@ -219,6 +219,13 @@ pub async fn admins(State(s): State<AppState>, req: Request, next: Next) -> Resp
     require(s, &[Role::Admin], UserCheck::Now, req, next).await
 }
 
+/// A query string's parameters, or a 400 in the API's envelope naming the query (axum's own
+/// rejection is plain text).
+pub fn query<T>(q: Result<axum::extract::Query<T>, axum::extract::rejection::QueryRejection>) -> Result<T, ApiError> {
+    q.map(|axum::extract::Query(q)| q)
+        .map_err(|e| ApiError::invalid("query", e.body_text()))
+}
+
 /// The body of a JSON request: 413 past the limit, 415 for another content type.
 pub fn json_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     let body = body.map_err(|rejection| {

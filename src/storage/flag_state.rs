@@ -256,6 +256,17 @@ impl Storage {
         Ok(entry)
     }
 
+    /// The percent (basis points) the fleet last recorded from its flags file for `flag`:
+    /// the file the running gateways hold as their last good one. `None` before any gateway
+    /// has recorded it.
+    pub async fn recorded_file_percent(&self, flag: &str) -> Result<Option<u32>, sqlx::Error> {
+        let bp: Option<i64> = sqlx::query_scalar("SELECT percent_bp FROM flag_file_state WHERE flag = $1")
+            .bind(flag)
+            .fetch_optional(&mut *self.conn().await?)
+            .await?;
+        Ok(bp.and_then(|bp| u32::try_from(bp).ok()))
+    }
+
     /// Records that this instance's flags file says `percent_bp` for `flag`, as seen at
     /// `at`: a compare-and-set on the fleet's last recorded percent, so N instances seeing
     /// the same change record it once, while a change A → B → A is two entries. A change to

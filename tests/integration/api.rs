@@ -647,8 +647,12 @@ async fn customer_routes(backend: Backend) {
         .unwrap();
     assert_eq!(res.status(), 403);
     let cancel = format!("/api/customer/ride/cancel/{trip}");
-    let (status, _, _) = gw.post_raw(&cancel, Some(&stranger), "application/json", vec![]).await;
-    assert_eq!(status, 403);
+    let (status, body, _) = gw.post_raw(&cancel, Some(&stranger), "application/json", vec![]).await;
+    assert_eq!(
+        (status, body["message"].as_str()),
+        (403, Some("This trip request belongs to another customer.")),
+        "the role is right; the trip is not theirs"
+    );
     // The owner cancels; then nobody can accept.
     let (status, body, _) = gw.post_raw(&cancel, Some(&customer), "application/json", vec![]).await;
     assert_eq!(status, 200, "{body}");
@@ -949,6 +953,12 @@ async fn demo_routes_seed_and_checks(backend: Backend) {
     .await;
     assert_checks(&gw, [1, 1, 1]).await;
     assert_eq!(gw.admin_get("/admin/checks").await.0, 200);
+    // A bad query string is a 400 in the envelope too (axum's own answer is plain text).
+    for path in ["/admin/stats?seconds=abc", "/admin/jobs?state=queued&state=dead"] {
+        let (status, body) = gw.admin_get(path).await;
+        assert_eq!((status, code(&body)), (400, "default_400"), "{path}: {body}");
+        assert_eq!(body["errors"][0]["error_code"], "query", "{path}: {body}");
+    }
     gw.shutdown().await;
 
     let dir = crate::support::TempDir::new();

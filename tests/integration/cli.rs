@@ -298,3 +298,60 @@ fn flags_show_set_explain() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("kill switch"));
     assert_eq!(audit().len(), 2);
 }
+
+/// A flags file that is broken (or missing on this host) does not stop `flags set` and
+/// `flags clear`: the percent the gateways last recorded from the good file stands in, with
+/// a warning. The commands that need the whole file say which file is wrong.
+#[test]
+fn overrides_need_no_good_flags_file() {
+    let dir = TempDir::new();
+    write_config(dir.path(), "sqlite://data/t.db", "");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = rt.block_on(async {
+        let mut config = tripgate::config::Config::default();
+        config.database.url = format!("sqlite://{}", dir.path().join("data/t.db").display());
+        let store = tripgate::storage::Storage::connect(&config.database).unwrap();
+        store.migrate().await.unwrap();
+        // What a gateway records when it loads the good file (10 %).
+        store
+            .record_file_percent("trip_accept_v2", 1000, tripgate::domain::now_ms())
+            .await
+            .unwrap();
+        store
+    });
+    let stderr = |out: &Output| String::from_utf8_lossy(&out.stderr).into_owned();
+    std::fs::write(dir.path().join("flags/rollout.toml"), "[trip_accept_v2\n").unwrap();
+
+    let out = tripgate(dir.path(), &["flags", "show"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("flags file flags/rollout.toml: syntax error"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = tripgate(dir.path(), &["flags", "set", "trip_accept_v2", "40"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("warning: flags file flags/rollout.toml: syntax error")
+            && stderr(&out).contains("last recorded from it (10)"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("10 -> 40"));
+    let overrides = rt.block_on(store.flag_overrides()).unwrap();
+    assert_eq!(
+        overrides.iter().map(|o| (o.active, o.percent_bp)).collect::<Vec<_>>(),
+        [(true, Some(4000))]
+    );
+
+    std::fs::remove_file(dir.path().join("flags/rollout.toml")).unwrap();
+    let out = tripgate(dir.path(), &["flags", "clear", "trip_accept_v2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("override cleared, 40 -> 10"));
+    // A flag no gateway ever recorded: refused, naming the file.
+    let out = tripgate(dir.path(), &["flags", "set", "other_flag", "5"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("flags file: cannot read"), "{}", stderr(&out));
+    assert_eq!(rt.block_on(store.flag_audit()).unwrap().len(), 2);
+}
