@@ -148,12 +148,7 @@ async fn race(http: &reqwest::Client, apis: &[String], drivers: &[String], trip:
 }
 
 async fn lock_errors(admin: &str) -> f64 {
-    let text = reqwest::get(format!("{admin}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = crate::support::metrics_at(admin).await;
     metric(&text, "tripgate_lock_errors_total{backend=\"redis\"}")
 }
 

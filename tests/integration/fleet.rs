@@ -236,12 +236,7 @@ async fn a_fleet_serves_one_flag_state_and_audits_each_change_once() {
         flags_text(10.0, &[]),
         "the file is the default"
     );
-    let exposition = reqwest::get(format!("{}/metrics", b.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let exposition = crate::support::metrics_at(&b.admin).await;
     assert_eq!(
         metric(&exposition, "tripgate_rollout_percent{flag=\"trip_accept_v2\"}"),
         50.0

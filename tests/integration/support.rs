@@ -990,6 +990,16 @@ pub async fn wait_effects_done(store: &Storage, trip: &str, within: Duration) {
     }
 }
 
+/// The `/metrics` exposition of the admin listener at `admin` (`http://host:port`).
+pub async fn metrics_at(admin: &str) -> String {
+    reqwest::get(format!("{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// Waits until a `tripgate serve` process answers 200 on `/readyz` of its admin listener
 /// (`host:port`).
 pub async fn wait_process_ready(admin: impl std::fmt::Display) {

@@ -352,12 +352,7 @@ async fn requests_pass_through_intact_and_bodies_stream() {
     assert!(res.bytes().await.is_err(), "the body was cut");
 
     // Counted in tripgate_upstream_*, not in tripgate_http_*.
-    let metrics = reqwest::get(format!("{admin}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = crate::support::metrics_at(&admin).await;
     assert_eq!(
         metric(
             &metrics,
@@ -414,12 +409,7 @@ async fn requests_pass_through_intact_and_bodies_stream() {
         assert_eq!(&head[9..12], status.as_bytes(), "{request}");
     }
 
-    let metrics = reqwest::get(format!("{admin}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = crate::support::metrics_at(&admin).await;
     assert_eq!(
         metric(&metrics, "tripgate_upstream_errors_total{kind=\"connect\"}"),
         0.0,
