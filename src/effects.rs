@@ -11,6 +11,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::future::join_all;
 use serde_json::json;
@@ -20,9 +21,9 @@ use crate::domain::{Call, Effect, LatLng, now_ms};
 use crate::events::EventBus;
 use crate::metrics::Metrics;
 use crate::providers::{Message, MessageKind, Providers};
-use crate::storage::Storage;
 use crate::storage::effects::{CallOutcome, CallsToBegin, EffectContext};
 use crate::storage::jobs::Attempt;
+use crate::storage::{Storage, while_unreachable};
 
 /// How an attempt's run of a trip's effects ended.
 #[derive(Debug)]
@@ -53,6 +54,9 @@ pub struct EffectRunner {
     providers: Providers,
     events: EventBus,
     metrics: Arc<Metrics>,
+    /// How long a call's outcome is retried while the database cannot be reached (the
+    /// job's lease: after it, another attempt may have the job and its record is refused).
+    patience: Duration,
 }
 
 impl EffectRunner {
@@ -63,7 +67,15 @@ impl EffectRunner {
             providers,
             events,
             metrics,
+            patience: Duration::from_secs(60),
         }
+    }
+
+    /// Retries the records of calls already made for up to `patience` while the database
+    /// cannot be reached (see the field).
+    pub fn with_patience(mut self, patience: Duration) -> Self {
+        self.patience = patience;
+        self
     }
 
     /// The metrics it reports to.
@@ -257,12 +269,18 @@ impl EffectRunner {
                     .iter()
                     .map(|(i, o)| (&jobs[*i].attempt, jobs[*i].trip_id.as_str(), o))
                     .collect();
-                let recorded = self.store.finish_calls_batch(&items).await?;
+                // The providers were called: their outcomes are kept through a database
+                // blip (the write is fenced and skips effects already done, so it repeats
+                // safely), or the next attempt would call them again.
+                let recorded = while_unreachable(self.patience, || self.store.finish_calls_batch(&items)).await?;
                 for (i, outcome) in &batch {
                     let written = recorded
                         .iter()
                         .any(|(t, e)| *t == jobs[*i].trip_id && *e == outcome.effect);
-                    if !written && !lost.contains(i) && !self.store.holds(&jobs[*i].attempt).await? {
+                    if !written
+                        && !lost.contains(i)
+                        && !while_unreachable(self.patience, || self.store.holds(&jobs[*i].attempt)).await?
+                    {
                         lost.insert(*i);
                     }
                 }

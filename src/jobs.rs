@@ -27,8 +27,8 @@ use crate::config::JobsConfig;
 use crate::domain::{Effect, now_ms};
 use crate::effects::{BatchJob, EffectRunner, RunEnd};
 use crate::metrics::Metrics;
-use crate::storage::Storage;
 use crate::storage::jobs::{Attempt, Job, JobResult};
+use crate::storage::{Storage, while_unreachable};
 
 /// Retry policy of `[jobs]`.
 #[derive(Debug, Clone)]
@@ -49,6 +49,12 @@ impl RetryPolicy {
             backoff_base_ms: config.backoff_base_ms,
             lease_ms: (config.visibility_timeout_s * 1000) as i64,
         }
+    }
+
+    /// How long an attempt keeps retrying a write while the database cannot be reached:
+    /// its lease (after it, another attempt may hold the job and the write is refused).
+    pub fn patience(&self) -> Duration {
+        Duration::from_millis(u64::try_from(self.lease_ms).unwrap_or(0))
     }
 
     /// Delay before attempt `attempts + 1`: `base × 2^(attempts-1)`, capped at 5 minutes,
@@ -85,6 +91,7 @@ pub struct JobRunner {
 impl JobRunner {
     /// A runner recording to `store`, running effects with `effects`, retrying by `policy`.
     pub fn new(store: Storage, effects: EffectRunner, policy: RetryPolicy) -> Self {
+        let effects = effects.with_patience(policy.patience());
         Self { store, effects, policy }
     }
 
@@ -152,7 +159,7 @@ impl JobRunner {
             }
         }
         let done_attempts: Vec<Attempt> = done.iter().map(|j| j.attempt()).collect();
-        match self.store.finish_jobs_done(&done_attempts).await {
+        match while_unreachable(self.policy.patience(), || self.store.finish_jobs_done(&done_attempts)).await {
             Ok(finished) => {
                 for job in done {
                     if finished.contains(&job.id) {
@@ -177,12 +184,21 @@ impl JobRunner {
         urgent_left: bool,
         started: std::time::Instant,
     ) -> Option<JobResult> {
-        match self.store.finish_job(&job.attempt(), &result, urgent_left).await {
+        let attempt = job.attempt();
+        match while_unreachable(self.policy.patience(), || {
+            self.store.finish_job(&attempt, &result, urgent_left)
+        })
+        .await
+        {
             Ok(true) => {}
             Ok(false) => return self.lost(job, started),
             // The lease runs out and another attempt is made: effects already recorded done
-            // are skipped then, so nothing is sent twice.
-            Err(e) => tracing::warn!(job_id = %job.id, error = %e, "could not record job result"),
+            // are skipped then, so nothing is sent twice. Nothing of this attempt's result
+            // was written: not counted, nor logged as a retry that will not come.
+            Err(e) => {
+                tracing::warn!(job_id = %job.id, error = %e, "could not record the job's result; it runs again once its lease ends");
+                return None;
+            }
         }
         self.effects
             .metrics()

@@ -420,6 +420,30 @@ pub fn is_unavailable(e: &sqlx::Error) -> bool {
     }
 }
 
+/// Runs `write` until it answers, retrying — 100 ms doubling to 1 s apart — while the
+/// database cannot be reached, for at most `patience`; then its last error. For the job
+/// pipeline's writes after a provider was called (their outcomes, the attempt's result):
+/// a database blip shorter than the job's lease must not lose them, or the next attempt
+/// calls the providers again. Only for writes that are safe to repeat (fenced, idempotent).
+pub async fn while_unreachable<T, F, Fut>(patience: Duration, mut write: F) -> Result<T, sqlx::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+{
+    let give_up = tokio::time::Instant::now() + patience;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match write().await {
+            Err(e) if is_unavailable(&e) && tokio::time::Instant::now() + delay < give_up => {
+                tracing::debug!(error = %e, retry_in_ms = delay.as_millis() as u64, "database unreachable; write retried");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            answer => return answer,
+        }
+    }
+}
+
 /// True when `e` says a table does not exist: before [`Storage::is_migrated`], the
 /// database has not been migrated yet (a gateway's first start on an empty database reads
 /// before its migrations have run). Postgres `42P01` (undefined_table); SQLite's `no such

@@ -978,3 +978,65 @@ fn pending_trips(n: usize) -> String {
            SELECT 't-' || n, 'cust', 'cat', 'ride_request', 100, 'pending', 0, 0 FROM g;"
     )
 }
+
+/// The database goes away while a provider call is in flight, and comes back; nothing
+/// crashes. The call's outcome and the job's result wait for it and are written then:
+/// nothing is sent twice (no repeat), and the job is done long before its lease (60 s)
+/// would have run out and sent another attempt to the providers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_blip_mid_call_sends_nothing_twice() {
+    let Some(base) = crate::support::postgres_url() else {
+        return;
+    };
+    let db = TestDb::new(Backend::Postgres).await;
+    let (proxy, proxied_url) = crate::support::proxied_postgres(&base, &db).await;
+    let stub = WebhookStub::start().await;
+    let store = db.store().await;
+    let w = World::new(&store).await;
+    let (d, other) = (w.driver().await, w.driver().await);
+    let trip = w.trip(&[d.clone(), other]).await;
+    stub.set_delay_for("otp_sms", 2_000);
+    let dir = TempDir::new();
+    let options = Options {
+        webhook: Some(format!("http://{}", stub.addr)),
+        acquire_timeout_ms: 500,
+        ..Options::default()
+    };
+    let mut config = crate::support::config(&db.url, dir.path(), &options);
+    config.database.url = proxied_url;
+    assert_eq!(config.jobs.visibility_timeout_s, 60);
+    let gw = Gateway::start_with(config, dir).await;
+    let started = std::time::Instant::now();
+    accepted(&store, &d, &trip).await;
+    otp_sms_in_flight_the_rest_done(&store, &stub, &trip).await;
+    // The SMS is answered at the provider while the database is away.
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    proxy.restore();
+    eventually(Duration::from_secs(20), "every effect done", || {
+        let (store, trip) = (store.clone(), trip.clone());
+        async move {
+            let states = store.effect_states(&trip).await.ok()?;
+            states.values().all(|s| s == "done").then_some(())
+        }
+    })
+    .await;
+    for r in store.effect_rows(&trip).await.unwrap() {
+        assert_eq!((r.effect.as_str(), r.calls, r.repeats), (r.effect.as_str(), 1, 0));
+    }
+    for kind in ["otp_sms", "otp_push", "arrival_push", "trip_taken_push"] {
+        assert_eq!(stub.calls_for(kind, &trip).len(), 1, "{kind} sent once");
+    }
+    let jobs = eventually(Duration::from_secs(10), "the job done", || {
+        let store = store.clone();
+        async move {
+            let jobs = store.list_jobs(Some(JobState::Done)).await.ok()?;
+            (!jobs.is_empty()).then_some(jobs)
+        }
+    })
+    .await;
+    assert_eq!(jobs[0].attempts, 1, "one attempt: its result was not lost");
+    assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
+    gw.shutdown().await;
+    store.close().await;
+}
