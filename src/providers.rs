@@ -53,6 +53,21 @@ pub enum ProviderError {
     Transport(String),
 }
 
+/// A failed call in words: a timeout says so (with the limit); otherwise reqwest's message
+/// and its causes ("error sending request for url (…)" alone does not say what failed).
+fn transport_error(e: &reqwest::Error, timeout: Duration) -> String {
+    if e.is_timeout() {
+        return format!("timed out after {} ms (providers.*.timeout_ms)", timeout.as_millis());
+    }
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        text = format!("{text}: {c}");
+        cause = c.source();
+    }
+    text
+}
+
 /// Sends messages of one channel (SMS or push).
 #[async_trait::async_trait]
 pub trait Provider: Send + Sync {
@@ -97,7 +112,7 @@ impl Provider for WebhookProvider {
             .json(message)
             .send()
             .await
-            .map_err(|e| ProviderError::Transport(e.to_string()))?;
+            .map_err(|e| ProviderError::Transport(transport_error(&e, self.timeout)))?;
         if response.status().is_success() {
             Ok(())
         } else {
@@ -176,5 +191,43 @@ fn build(config: &ProviderConfig, client: &reqwest::Client) -> Arc<dyn Provider>
             timeout: Duration::from_millis(config.timeout_ms),
         }),
         ProviderKind::Log => Arc::new(LogProvider),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A provider that never answers is named as a timeout, one that is not there by its
+    /// cause: "error sending request" alone would look the same for both.
+    #[tokio::test]
+    async fn a_failed_call_says_what_failed() {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let message = Message {
+            kind: MessageKind::OtpSms,
+            trip_id: "t".into(),
+            to: "+1".into(),
+            body: "b".into(),
+            idempotency_key: "t:otp_sms".into(),
+        };
+        let provider = |url: String| WebhookProvider {
+            client: reqwest::Client::new(),
+            url,
+            timeout: Duration::from_millis(200),
+        };
+        let err = provider(format!("http://{}/sms", silent.local_addr().unwrap()))
+            .send(&message)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("timed out after 200 ms"), "{err}");
+        let port = silent.local_addr().unwrap().port();
+        drop(silent);
+        let err = provider(format!("http://127.0.0.1:{port}/sms"))
+            .send(&message)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.to_lowercase().contains("refused"), "{err}");
     }
 }

@@ -317,6 +317,10 @@ async fn jobs(
 }
 
 async fn retry_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    // Job ids are UUIDs: anything else names no job (and some bytes, NUL, no SQL text).
+    if uuid::Uuid::parse_str(&id).is_err() {
+        return Err(ApiError::NotFound("dead job"));
+    }
     let job = state
         .shards
         .retry_job(&id)

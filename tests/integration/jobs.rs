@@ -486,11 +486,14 @@ async fn failing_provider_dead_then_admin_retry(backend: Backend) {
         4,
         "pushes failed 3 times, then once more"
     );
-    let unknown = format!("{}/admin/jobs/{}/retry", gw.admin, uuid::Uuid::new_v4());
-    assert_eq!(
-        gw.http.post(unknown).bearer_auth(&admin).send().await.unwrap().status(),
-        404
-    );
+    for id in [uuid::Uuid::new_v4().to_string(), "not-a-job".into(), "%00".into()] {
+        let unknown = format!("{}/admin/jobs/{id}/retry", gw.admin);
+        assert_eq!(
+            gw.http.post(unknown).bearer_auth(&admin).send().await.unwrap().status(),
+            404,
+            "{id}"
+        );
+    }
     gw.shutdown().await;
 }
 
