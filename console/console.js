@@ -29,7 +29,12 @@ async function api(method, path, body) {
   if (res.status === 401) { showLogin(); throw new Error("not logged in"); }
   const text = await res.text();
   const data = text ? JSON.parse(text) : null;
-  if (!res.ok) throw new Error((data && (data.message || data.response_code)) || res.status);
+  if (!res.ok) {
+    // The envelope's message, and what each field was refused for ("150 is not in 0..=100").
+    const fields = ((data && data.errors) || []).map((e) => e.message).filter(Boolean);
+    const text = (data && (data.message || data.response_code)) || String(res.status);
+    throw new Error(fields.length ? `${text} ${fields.join("; ")}` : text);
+  }
   return data;
 }
 
@@ -76,7 +81,19 @@ async function refreshFlags() {
       : (o && !o.in_force ? `file (kill switch: the override by ${o.actor} is not in force)` : "file");
     const input = el("input", { type: "number", min: "0", max: "100", step: "0.01", value: f.percent, testid: `percent-input-${name}`, "aria-label": `new percent for ${name}` });
     const apply = el("button", { type: "button", testid: `percent-apply-${name}`, text: "Set percent" });
-    apply.addEventListener("click", () => ask(`Set ${name} to ${input.value}% on every instance?`, { method: "PUT", path: `/admin/flags/${name}`, body: { percent: Number(input.value) } }));
+    apply.addEventListener("click", () => {
+      // An empty field (or text, which a number input reports as empty) is no percent:
+      // Number("") would be 0, the whole fleet on legacy. The range is the API's to check.
+      const typed = input.value.trim();
+      const err = $("#flags-error");
+      if (typed === "" || !Number.isFinite(Number(typed))) {
+        err.textContent = `Enter the new percent of ${name} (0 to 100).`;
+        err.hidden = false;
+        return;
+      }
+      err.hidden = true;
+      ask(`Set ${name} to ${Number(typed)}% on every instance?`, { method: "PUT", path: `/admin/flags/${name}`, body: { percent: Number(typed) } });
+    });
     const controls = el("div", { class: "controls" }, input, apply);
     if (f.source === "override") {
       const clear = el("button", { type: "button", testid: `clear-override-${name}`, text: "Clear override" });
@@ -210,10 +227,15 @@ async function drawStats() {
   const errors = {};
   for (const [k, points] of Object.entries(c)) errors[k] = points.map((p) => Object.assign({}, p, { failed: p.error_rate + p.timeout_rate }));
   chart($("#chart-errors"), errors, "failed", 100);
+  // Live: each cohort's figures of the last 10 s (two points; an instance's samples of
+  // the newest second may not be written yet). A cohort with none there has no traffic
+  // now (0 req/s), whatever it had before.
+  const recent = data.to - 2 * data.step_ms;
   const rows = Object.entries(c).map(([k, points]) => {
-    const p = points[points.length - 1] || {};
+    const last = points[points.length - 1];
+    const p = last && last.at >= recent ? last : { rps: 0 };
     return el("tr", {}, el("td", { class: k === "legacy" ? "legacy" : "atomic", text: k }),
-      el("td", { text: p.rps != null ? p.rps.toFixed(1) : "–" }), el("td", { text: ms(p.p50_ms) }),
+      el("td", { testid: `stats-rps-${k}`, text: p.rps != null ? p.rps.toFixed(1) : "–" }), el("td", { text: ms(p.p50_ms) }),
       el("td", { text: ms(p.p95_ms) }), el("td", { text: ms(p.p99_ms) }), el("td", { text: pct(p.error_rate) }),
       el("td", { text: pct(p.timeout_rate) }), el("td", { text: ms(p.otp_p95_ms) }));
   });

@@ -72,7 +72,7 @@ async fn wait_text(c: &Client, testid: &str, check: impl Fn(&str) -> bool) -> St
             return text;
         }
         assert!(
-            started.elapsed() < Duration::from_secs(15),
+            started.elapsed() < Duration::from_secs(30),
             "{testid} never showed what was expected (last: {text:?})"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -153,6 +153,26 @@ async fn the_console_in_a_real_browser() {
     let audit = wait_text(&c, "audit-table", |t| t.contains("console canary")).await;
     assert!(audit.contains("alice") && audit.contains("console"), "{audit}");
 
+    // No percent typed is no change (not 0 %, every driver on legacy); a refused value
+    // shows the API's reason. Nothing changes either way.
+    fill(&c, "[data-testid='percent-input-trip_accept_v2']", "").await;
+    click(&c, "percent-apply-trip_accept_v2").await;
+    let error = wait_text(&c, "flags-error", |t| !t.is_empty()).await;
+    assert!(error.contains("Enter the new percent"), "{error}");
+    let confirm_hidden = c
+        .execute("return document.getElementById('confirm-box').hidden", vec![])
+        .await
+        .unwrap();
+    assert_eq!(confirm_hidden, json!(true), "nothing to confirm");
+    fill(&c, "[data-testid='percent-input-trip_accept_v2']", "150").await;
+    click(&c, "percent-apply-trip_accept_v2").await;
+    fill(&c, "[data-testid='reason']", "too far").await;
+    click(&c, "confirm").await;
+    let error = wait_text(&c, "flags-error", |t| t.contains("150")).await;
+    assert!(error.contains("150 is not in 0..=100"), "{error}");
+    let (_, flags) = gw.admin_get("/admin/flags").await;
+    assert_eq!(flags["flags"]["trip_accept_v2"]["percent"], 25.0, "nothing changed");
+
     // The charts draw while traffic flows: drivers of both cohorts at 25 %, load until both
     // cohorts' lines have points (not for a fixed time: a busy CI machine is slower).
     let mut drivers = Vec::new();
@@ -205,9 +225,14 @@ async fn the_console_in_a_real_browser() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    wait_text(&c, "stats-rps-legacy", |t| t.parse::<f64>().is_ok_and(|r| r > 0.0)).await;
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = load.await;
     screenshot(&c, "charts").await;
+    // Live figures: once the traffic stopped, no cohort shows the rate it had before.
+    for cohort in ["legacy", "atomic_async"] {
+        wait_text(&c, &format!("stats-rps-{cohort}"), |t| t == "0.0").await;
+    }
 
     // Explain a driver.
     let d = &drivers[0];
