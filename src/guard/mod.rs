@@ -287,6 +287,7 @@ async fn tick(store: &Storage, flags: &FlagsHandle, metrics: &Metrics, me: &str)
         judge: String::new(),
         lease_until: 0,
         updated_at: now,
+        seen_change: None,
     };
     let lease = now + (3 * window).max(5_000);
     let Some(mut row) = store.claim_guard(&initial, me, now, lease).await? else {
@@ -321,6 +322,12 @@ async fn step(
 ) -> Result<(), sqlx::Error> {
     let window = (cfg.window_s * 1000) as i64;
     let active = matches!(row.state.as_str(), "watching" | "promoting" | "done");
+    // The flag changes since the guard last looked (none the first time: what is there
+    // is taken as seen).
+    let (newest, by_person) = store
+        .flag_changes_since(TRIP_ACCEPT_FLAG, row.seen_change.unwrap_or(i64::MAX))
+        .await?;
+    row.seen_change = newest.max(row.seen_change);
     // The percent in force is not the one the guard set or saw: unless the guard's own
     // override explains it (its state was not saved), a person changed it — people win.
     if i64::from(in_force) != row.threshold {
@@ -356,6 +363,23 @@ async fn step(
         }
         row.threshold = i64::from(in_force);
         row.updated_at = now;
+        return Ok(());
+    }
+    // A person's change that left the percent as it was — the same percent again, a driver
+    // pulled out through a deny list — is a person's change all the same: people win (the
+    // guard's next step would replace their override).
+    if active && let Some(change) = by_person {
+        row.state = "paused".into();
+        row.passes = 0;
+        row.reason = format!(
+            "paused: {} ({}) changed the override ({}), the percent in force staying {}",
+            change.actor,
+            change.source,
+            change.action,
+            f64::from(in_force) / 100.0
+        );
+        row.updated_at = now;
+        tracing::warn!(flag = TRIP_ACCEPT_FLAG, reason = %row.reason, "guard paused: people win");
         return Ok(());
     }
     if !matches!(row.state.as_str(), "watching" | "promoting") {

@@ -92,6 +92,10 @@ impl Dialect {
                     "job instances",
                     include_str!("../../migrations/postgres/0014_job_instances.sql"),
                 ),
+                (
+                    "guard seen change",
+                    include_str!("../../migrations/postgres/0015_guard_seen_change.sql"),
+                ),
             ],
             Self::Sqlite => &[
                 ("init", include_str!("../../migrations/sqlite/0001_init.sql")),
@@ -119,6 +123,10 @@ impl Dialect {
                 (
                     "job instances",
                     include_str!("../../migrations/sqlite/0008_job_instances.sql"),
+                ),
+                (
+                    "guard seen change",
+                    include_str!("../../migrations/sqlite/0009_guard_seen_change.sql"),
                 ),
             ],
         })

@@ -393,6 +393,31 @@ impl Storage {
         .await
     }
 
+    /// The newest change of `flag` in force (`flag_audit.id`), and the newest of those after
+    /// `seen` that a person made (source api, cli or console) with its entry: what the
+    /// guard has not accounted for yet.
+    pub async fn flag_changes_since(
+        &self,
+        flag: &str,
+        seen: i64,
+    ) -> Result<(Option<i64>, Option<AuditEntry>), sqlx::Error> {
+        let mut conn = self.conn().await?;
+        let newest: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(id) FROM flag_audit WHERE flag = $1 AND in_force = TRUE")
+                .bind(flag)
+                .fetch_one(&mut *conn)
+                .await?;
+        let by_person = sqlx::query_as(&format!(
+            "SELECT {AUDIT_COLUMNS} FROM flag_audit WHERE flag = $1 AND in_force = TRUE AND id > $2 \
+               AND source IN ('api', 'cli', 'console') ORDER BY id DESC LIMIT 1"
+        ))
+        .bind(flag)
+        .bind(seen)
+        .fetch_optional(&mut *conn)
+        .await?;
+        Ok((newest, by_person))
+    }
+
     /// Starts forwarding other instances' flag changes into `wake` (Postgres `LISTEN`).
     pub fn forward_flag_changes(&self, wake: std::sync::Arc<tokio::sync::Notify>) {
         self.dialect

@@ -70,6 +70,9 @@ pub struct GuardRow {
     pub lease_until: i64,
     /// Last change (ms).
     pub updated_at: i64,
+    /// The newest flag change (`flag_audit.id`) the guard has accounted for; `None`
+    /// before it has looked (see [`Storage::flag_changes_since`]).
+    pub seen_change: Option<i64>,
 }
 
 impl FromRow<'_, AnyRow> for GuardRow {
@@ -84,6 +87,7 @@ impl FromRow<'_, AnyRow> for GuardRow {
             judge: r.try_get("judge")?,
             lease_until: r.try_get("lease_until")?,
             updated_at: r.try_get("updated_at")?,
+            seen_change: r.try_get("seen_change")?,
         })
     }
 }
@@ -115,7 +119,8 @@ impl FromRow<'_, AnyRow> for VerdictRow {
     }
 }
 
-const GUARD_COLUMNS: &str = "flag, state, threshold, passes, next_window_end, reason, judge, lease_until, updated_at";
+const GUARD_COLUMNS: &str =
+    "flag, state, threshold, passes, next_window_end, reason, judge, lease_until, updated_at, seen_change";
 
 impl Storage {
     /// Writes samples (one multi-row statement; a slot already written is kept).
@@ -242,7 +247,8 @@ impl Storage {
     /// meanwhile; false otherwise.
     pub async fn save_guard(&self, row: &GuardRow, read: &GuardRow) -> Result<bool, sqlx::Error> {
         let n = sqlx::query(
-            "UPDATE guard_state SET state = $3, threshold = $4, passes = $5, next_window_end = $6, reason = $7, updated_at = $8 \
+            "UPDATE guard_state SET state = $3, threshold = $4, passes = $5, next_window_end = $6, reason = $7, updated_at = $8, \
+               seen_change = $11 \
              WHERE flag = $1 AND judge = $2 AND state = $9 AND updated_at = $10",
         )
         .bind(&row.flag)
@@ -255,6 +261,7 @@ impl Storage {
         .bind(row.updated_at)
         .bind(&read.state)
         .bind(read.updated_at)
+        .bind(row.seen_change)
         .execute(&mut *self.conn().await?)
         .await?
         .rows_affected();
@@ -262,7 +269,8 @@ impl Storage {
     }
 
     /// A person's pause / resume / ack: moves `flag`'s guard from one of `from` to `to`,
-    /// restarting its count of passes. The new row, or `None` when it was in another state.
+    /// restarting its count of passes; every flag change so far counts as seen (a resume
+    /// walks on from what people set). The new row, or `None` when it was in another state.
     pub async fn move_guard(
         &self,
         flag: &str,
@@ -273,7 +281,8 @@ impl Storage {
     ) -> Result<Option<GuardRow>, sqlx::Error> {
         let states = from.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(", ");
         sqlx::query_as(&format!(
-            "UPDATE guard_state SET state = $2, reason = $3, passes = 0, next_window_end = 0, updated_at = $4 \
+            "UPDATE guard_state SET state = $2, reason = $3, passes = 0, next_window_end = 0, updated_at = $4, \
+               seen_change = (SELECT MAX(id) FROM flag_audit WHERE flag = $1) \
              WHERE flag = $1 AND state IN ({states}) RETURNING {GUARD_COLUMNS}"
         ))
         .bind(flag)

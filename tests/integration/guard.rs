@@ -339,10 +339,10 @@ async fn healthy_traffic_walks_the_steps_with_one_judge() {
     let admin = Admin::new();
     let load = Load::start(vec![a.api.clone()], &drivers, &trip);
     admin
-        .wait_percent(&b.admin, &a.admin, 50.0, Duration::from_secs(30))
+        .wait_percent(&b.admin, &a.admin, 50.0, Duration::from_secs(60))
         .await;
     load.retarget(vec![b.api.clone()]).await;
-    admin.wait_state(&a.admin, "done", Duration::from_secs(30)).await;
+    admin.wait_state(&a.admin, "done", Duration::from_secs(60)).await;
     let sent = load.stop().await;
     assert!(sent > 100);
     // The state is the fleet's (in the database); the percent each instance reports is its
@@ -602,6 +602,35 @@ async fn a_pause_names_who_moved_the_percent() {
     write_flags(gw.dir.path(), &guard_flags(15.0, 600, "rollback", &[]));
     let reason = paused_by(10, 15).await;
     assert!(reason.ends_with("by the flags file"), "{reason}");
+
+    // A person's change that leaves the percent as it was pauses it too: a driver pulled
+    // out through a deny list, the same percent set again (else the guard's next step
+    // would replace their override).
+    for body in [
+        serde_json::json!({"deny": ["drv-9"], "reason": "pull drv-9 out"}),
+        serde_json::json!({"percent": 15, "reason": "hold it here"}),
+    ] {
+        let res = gw
+            .http
+            .put(format!("{}/admin/flags/trip_accept_v2", gw.admin))
+            .bearer_auth(&admin.token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        let g = admin.wait_state(&gw.admin, "paused", Duration::from_secs(10)).await;
+        let reason = g["reason"].as_str().unwrap();
+        assert!(
+            reason.contains("alice (api) changed the override (set), the percent in force staying 15"),
+            "{reason}"
+        );
+        assert_eq!(admin.post(&gw.admin, "/admin/guard/trip_accept_v2/resume").await, 200);
+        eventually(Duration::from_secs(10), "the guard running again", running).await;
+    }
+    // Resumed, it walks on from what people set: their change does not pause it again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_ne!(admin.guard(&gw.admin).await["state"], "paused");
     gw.shutdown().await;
 }
 
