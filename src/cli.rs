@@ -174,16 +174,25 @@ pub enum GuardCommand {
     Pause {
         /// Flag name.
         name: String,
+        /// Who (named in the guard's reason; default: $USER).
+        #[arg(long, env = "TRIPGATE_ACTOR")]
+        actor: Option<String>,
     },
     /// Walk on from the percent in force.
     Resume {
         /// Flag name.
         name: String,
+        /// Who (named in the guard's reason; default: $USER).
+        #[arg(long, env = "TRIPGATE_ACTOR")]
+        actor: Option<String>,
     },
     /// Acknowledge a rollback or hold; the guard stays paused.
     Ack {
         /// Flag name.
         name: String,
+        /// Who (named in the guard's reason; default: $USER).
+        #[arg(long, env = "TRIPGATE_ACTOR")]
+        actor: Option<String>,
     },
 }
 
@@ -443,7 +452,7 @@ async fn flags_command(config: &Config, action: FlagsCommand) -> anyhow::Result<
 
 async fn guard_command(config: &Config, action: GuardCommand) -> anyhow::Result<ExitCode> {
     let store = migrated_store(config).await?;
-    let (name, action) = match action {
+    let (name, actor, action) = match action {
         GuardCommand::Status { json } => {
             let handle = FlagsHandle::new(flags_file(&config.flags.path)?, config.flags.path.clone());
             handle.set_overrides(fleet::overrides_of(&store.flag_overrides().await?));
@@ -471,14 +480,14 @@ async fn guard_command(config: &Config, action: GuardCommand) -> anyhow::Result<
             }
             return Ok(ExitCode::SUCCESS);
         }
-        GuardCommand::Pause { name } => (name, crate::guard::Action::Pause),
-        GuardCommand::Resume { name } => (name, crate::guard::Action::Resume),
-        GuardCommand::Ack { name } => (name, crate::guard::Action::Ack),
+        GuardCommand::Pause { name, actor } => (name, actor, crate::guard::Action::Pause),
+        GuardCommand::Resume { name, actor } => (name, actor, crate::guard::Action::Resume),
+        GuardCommand::Ack { name, actor } => (name, actor, crate::guard::Action::Ack),
     };
     if name != crate::domain::TRIP_ACCEPT_FLAG {
         anyhow::bail!("flags guard: only {} is guarded", crate::domain::TRIP_ACCEPT_FLAG);
     }
-    let who = format!("{} (cli)", cli_change(None, String::new()).actor);
+    let who = format!("{} (cli)", cli_change(actor, String::new()).actor);
     match crate::guard::act(&store, action, &who).await? {
         Some(row) => {
             println!("{name}: guard {} ({})", row.state, row.reason);

@@ -355,3 +355,58 @@ fn overrides_need_no_good_flags_file() {
     assert!(stderr(&out).contains("flags file: cannot read"), "{}", stderr(&out));
     assert_eq!(rt.block_on(store.flag_audit()).unwrap().len(), 2);
 }
+
+/// `flags guard pause|resume|ack` name who acted as `flags set` does (`--actor`, else
+/// `$TRIPGATE_ACTOR`, else `$USER`); an action the guard's state refuses says why.
+#[test]
+fn guard_actions_name_the_actor() {
+    let dir = TempDir::new();
+    write_config(dir.path(), "sqlite://data/t.db", "");
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let mut config = tripgate::config::Config::default();
+        config.database.url = format!("sqlite://{}", dir.path().join("data/t.db").display());
+        let store = tripgate::storage::Storage::connect(&config.database).unwrap();
+        store.migrate().await.unwrap();
+        // The row a judge creates when it first runs.
+        let now = tripgate::domain::now_ms();
+        let row = tripgate::storage::guard::GuardRow {
+            flag: "trip_accept_v2".into(),
+            state: "watching".into(),
+            threshold: 1000,
+            passes: 0,
+            next_window_end: 0,
+            reason: "started".into(),
+            judge: String::new(),
+            lease_until: 0,
+            updated_at: now,
+            seen_change: None,
+        };
+        assert!(store.claim_guard(&row, "judge", now, now).await.unwrap().is_some());
+    });
+    let run = |args: &[&str], actor: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tripgate"));
+        cmd.current_dir(dir.path())
+            .args(args)
+            .env_remove("TRIPGATE_DATABASE_URL");
+        match actor {
+            Some(a) => cmd.env("TRIPGATE_ACTOR", a),
+            None => cmd.env_remove("TRIPGATE_ACTOR"),
+        };
+        cmd.output().unwrap()
+    };
+    let out = run(&["flags", "guard", "pause", "trip_accept_v2"], Some("bob"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("guard paused (pause by bob (cli))"));
+    let out = run(
+        &["flags", "guard", "resume", "trip_accept_v2", "--actor", "carol"],
+        Some("bob"),
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("guard watching (resume by carol (cli))"));
+    let out = run(&["flags", "guard", "ack", "trip_accept_v2"], None);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("ack applies only to a guard that is holding or rolled_back"),
+        "{stderr}"
+    );
+}
