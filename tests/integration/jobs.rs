@@ -83,6 +83,16 @@ async fn effects_pending_until_the_job_records_them(backend: Backend) {
 
 /// Waits until `trip`'s OTP SMS call is at the provider (one call) and every other effect
 /// of it is recorded done.
+/// The done jobs, once there are any (the job is marked done just after its last effect
+/// record, a statement of its own).
+async fn done_jobs(store: &tripgate::storage::Storage) -> Vec<tripgate::storage::jobs::Job> {
+    eventually(Duration::from_secs(10), "a job done", || async {
+        let jobs = store.list_jobs(Some(JobState::Done)).await.ok()?;
+        (!jobs.is_empty()).then_some(jobs)
+    })
+    .await
+}
+
 async fn otp_sms_in_flight_the_rest_done(store: &tripgate::storage::Storage, stub: &WebhookStub, trip: &str) {
     eventually(
         Duration::from_secs(20),
@@ -337,14 +347,7 @@ async fn killed_worker_effects_exactly_once(backend: Backend) {
 
     stub.set_delay_for("otp_sms", 0);
     let _worker = Process::spawn("worker", &config, dir.path());
-    eventually(Duration::from_secs(40), "job finished by the second worker", || {
-        let (store, trip) = (store.clone(), trip.clone());
-        async move {
-            let states = store.effect_states(&trip).await.ok()?;
-            states.values().all(|s| s == "done").then_some(())
-        }
-    })
-    .await;
+    crate::support::wait_effects_done(&store, &trip, Duration::from_secs(40)).await;
     for kind in ["otp_push", "arrival_push", "trip_taken_push"] {
         assert_eq!(
             stub.calls_for(kind, &trip).len(),
@@ -361,14 +364,7 @@ async fn killed_worker_effects_exactly_once(backend: Backend) {
         assert_eq!((r.effect.as_str(), r.calls), (r.effect.as_str(), expected_calls));
     }
     // The job is marked done just after its last effect record (a statement of its own).
-    let jobs = eventually(Duration::from_secs(10), "the job done", || {
-        let store = store.clone();
-        async move {
-            let jobs = store.list_jobs(Some(JobState::Done)).await.ok()?;
-            (!jobs.is_empty()).then_some(jobs)
-        }
-    })
-    .await;
+    let jobs = done_jobs(&store).await;
     assert_eq!(jobs.len(), 1);
     assert!(jobs[0].attempts >= 2, "taken again by the second worker");
     store.close().await;
@@ -1016,28 +1012,14 @@ async fn a_database_blip_mid_call_sends_nothing_twice() {
     proxy.cut();
     tokio::time::sleep(Duration::from_millis(3_000)).await;
     proxy.restore();
-    eventually(Duration::from_secs(20), "every effect done", || {
-        let (store, trip) = (store.clone(), trip.clone());
-        async move {
-            let states = store.effect_states(&trip).await.ok()?;
-            states.values().all(|s| s == "done").then_some(())
-        }
-    })
-    .await;
+    crate::support::wait_effects_done(&store, &trip, Duration::from_secs(20)).await;
     for r in store.effect_rows(&trip).await.unwrap() {
         assert_eq!((r.effect.as_str(), r.calls, r.repeats), (r.effect.as_str(), 1, 0));
     }
     for kind in ["otp_sms", "otp_push", "arrival_push", "trip_taken_push"] {
         assert_eq!(stub.calls_for(kind, &trip).len(), 1, "{kind} sent once");
     }
-    let jobs = eventually(Duration::from_secs(10), "the job done", || {
-        let store = store.clone();
-        async move {
-            let jobs = store.list_jobs(Some(JobState::Done)).await.ok()?;
-            (!jobs.is_empty()).then_some(jobs)
-        }
-    })
-    .await;
+    let jobs = done_jobs(&store).await;
     assert_eq!(jobs[0].attempts, 1, "one attempt: its result was not lost");
     assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
     gw.shutdown().await;
