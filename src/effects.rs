@@ -11,7 +11,6 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures_util::future::join_all;
 use serde_json::json;
@@ -22,7 +21,7 @@ use crate::events::EventBus;
 use crate::metrics::Metrics;
 use crate::providers::{Message, MessageKind, Providers};
 use crate::storage::effects::{CallOutcome, CallsToBegin, EffectContext};
-use crate::storage::jobs::Attempt;
+use crate::storage::jobs::{Attempt, HeldUntil};
 use crate::storage::{Storage, while_unreachable};
 
 /// How an attempt's run of a trip's effects ended.
@@ -54,9 +53,6 @@ pub struct EffectRunner {
     providers: Providers,
     events: EventBus,
     metrics: Arc<Metrics>,
-    /// How long a call's outcome is retried while the database cannot be reached (the
-    /// job's lease: after it, another attempt may have the job and its record is refused).
-    patience: Duration,
 }
 
 impl EffectRunner {
@@ -67,15 +63,7 @@ impl EffectRunner {
             providers,
             events,
             metrics,
-            patience: Duration::from_secs(60),
         }
-    }
-
-    /// Retries the records of calls already made for up to `patience` while the database
-    /// cannot be reached (see the field).
-    pub fn with_patience(mut self, patience: Duration) -> Self {
-        self.patience = patience;
-        self
     }
 
     /// The metrics it reports to.
@@ -101,7 +89,9 @@ impl EffectRunner {
                 return Ok(RunEnd::LeaseLost);
             };
             let calls = begun.into_iter().map(|(e, c)| (0, &ctx, e, c)).collect();
-            let (mut failed, lost) = self.call(std::slice::from_ref(&job), calls).await?;
+            // Legacy, before its answer: a database that is away fails the request at once,
+            // as it always did (the job's lease brings the effects back to a worker).
+            let (mut failed, lost) = self.call(std::slice::from_ref(&job), calls, &HeldUntil::new(0)).await?;
             if !lost.is_empty() {
                 return Ok(RunEnd::LeaseLost);
             }
@@ -115,7 +105,7 @@ impl EffectRunner {
     /// calls begun in one (each row fenced by its own attempt), the bookkeeping effects of
     /// all trips in one each, every provider call at once, and the outcomes recorded as
     /// they come (those that arrive together in one statement). One end per job, in order.
-    pub async fn run_batch(&self, jobs: &[BatchJob]) -> Result<Vec<RunEnd>, sqlx::Error> {
+    pub async fn run_batch(&self, jobs: &[BatchJob], held: &HeldUntil) -> Result<Vec<RunEnd>, sqlx::Error> {
         let trip_ids: Vec<String> = jobs.iter().map(|j| j.trip_id.clone()).collect();
         let contexts = self.store.effect_contexts(&trip_ids).await?;
         let ctx_of = |trip: &str| contexts.iter().find(|c| c.trip_id == trip);
@@ -154,7 +144,7 @@ impl EffectRunner {
                 lost.insert(i);
             }
         }
-        let (failures, lost_calling) = self.call(jobs, calls).await?;
+        let (failures, lost_calling) = self.call(jobs, calls, held).await?;
         lost.extend(lost_calling);
         Ok(jobs
             .iter()
@@ -182,6 +172,7 @@ impl EffectRunner {
         &self,
         jobs: &[BatchJob],
         calls: Vec<(usize, &EffectContext, Effect, Call)>,
+        held: &HeldUntil,
     ) -> Result<(Vec<Vec<(Effect, String)>>, HashSet<usize>), sqlx::Error> {
         let (sent, mut outcomes) = mpsc::unbounded_channel::<(usize, CallOutcome)>();
         // Bookkeeping of many trips in one statement each (a trip's fare without bidding,
@@ -270,16 +261,17 @@ impl EffectRunner {
                     .map(|(i, o)| (&jobs[*i].attempt, jobs[*i].trip_id.as_str(), o))
                     .collect();
                 // The providers were called: their outcomes are kept through a database
-                // blip (the write is fenced and skips effects already done, so it repeats
-                // safely), or the next attempt would call them again.
-                let recorded = while_unreachable(self.patience, || self.store.finish_calls_batch(&items)).await?;
+                // blip while the attempt holds its job (the write is fenced and skips
+                // effects already done, so it repeats safely), or the next attempt would
+                // call them again.
+                let recorded = while_unreachable(held.left(), || self.store.finish_calls_batch(&items)).await?;
                 for (i, outcome) in &batch {
                     let written = recorded
                         .iter()
                         .any(|(t, e)| *t == jobs[*i].trip_id && *e == outcome.effect);
                     if !written
                         && !lost.contains(i)
-                        && !while_unreachable(self.patience, || self.store.holds(&jobs[*i].attempt)).await?
+                        && !while_unreachable(held.left(), || self.store.holds(&jobs[*i].attempt)).await?
                     {
                         lost.insert(*i);
                     }

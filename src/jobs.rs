@@ -27,7 +27,7 @@ use crate::config::JobsConfig;
 use crate::domain::{Effect, now_ms};
 use crate::effects::{BatchJob, EffectRunner, RunEnd};
 use crate::metrics::Metrics;
-use crate::storage::jobs::{Attempt, Job, JobResult};
+use crate::storage::jobs::{Attempt, HeldUntil, Job, JobResult};
 use crate::storage::{Storage, while_unreachable};
 
 /// Retry policy of `[jobs]`.
@@ -49,12 +49,6 @@ impl RetryPolicy {
             backoff_base_ms: config.backoff_base_ms,
             lease_ms: (config.visibility_timeout_s * 1000) as i64,
         }
-    }
-
-    /// How long an attempt keeps retrying a write while the database cannot be reached:
-    /// its lease (after it, another attempt may hold the job and the write is refused).
-    pub fn patience(&self) -> Duration {
-        Duration::from_millis(u64::try_from(self.lease_ms).unwrap_or(0))
     }
 
     /// Delay before attempt `attempts + 1`: `base × 2^(attempts-1)`, capped at 5 minutes,
@@ -91,7 +85,6 @@ pub struct JobRunner {
 impl JobRunner {
     /// A runner recording to `store`, running effects with `effects`, retrying by `policy`.
     pub fn new(store: Storage, effects: EffectRunner, policy: RetryPolicy) -> Self {
-        let effects = effects.with_patience(policy.patience());
         Self { store, effects, policy }
     }
 
@@ -108,9 +101,12 @@ impl JobRunner {
     async fn run(&self, job: &Job) -> Option<JobResult> {
         let started = std::time::Instant::now();
         let attempt = job.attempt();
+        // Legacy's inline run answers a request: it does not wait out a database that is
+        // away (its renewals are not counted as time to wait).
+        let (no_wait, renewed) = (HeldUntil::new(0), HeldUntil::new(0));
         let end = tokio::select! {
             end = self.effects.run_in_order(&attempt, &job.trip_id) => end,
-            () = self.keep_leases(std::slice::from_ref(&attempt)) => Ok(RunEnd::LeaseLost),
+            () = self.keep_leases(std::slice::from_ref(&attempt), &renewed) => Ok(RunEnd::LeaseLost),
         };
         let (failures, urgent_left) = match end {
             Ok(RunEnd::Finished(failures)) => summary(&failures),
@@ -118,7 +114,7 @@ impl JobRunner {
             Err(e) => (vec![format!("storage: {e}")], true),
         };
         let result = self.policy.after_attempt(job.attempts, &failures);
-        self.record(job, result, urgent_left, started).await
+        self.record(job, result, urgent_left, started, &no_wait).await
     }
 
     /// Runs one attempt of each of a batch of claimed jobs together (a handful of
@@ -134,12 +130,14 @@ impl JobRunner {
             })
             .collect();
         let attempts: Vec<Attempt> = batch.iter().map(|b| b.attempt.clone()).collect();
+        // Claimed just now with a lease of `lease_ms` (a little less, counted from here).
+        let held = HeldUntil::new(now_ms() + self.policy.lease_ms);
         let ends: Vec<Result<RunEnd, String>> = tokio::select! {
-            ends = self.effects.run_batch(&batch) => match ends {
+            ends = self.effects.run_batch(&batch, &held) => match ends {
                 Ok(ends) => ends.into_iter().map(Ok).collect(),
                 Err(e) => jobs.iter().map(|_| Err(e.to_string())).collect(),
             },
-            () = self.keep_leases(&attempts) => jobs.iter().map(|_| Ok(RunEnd::LeaseLost)).collect(),
+            () = self.keep_leases(&attempts, &held) => jobs.iter().map(|_| Ok(RunEnd::LeaseLost)).collect(),
         };
         let mut done = Vec::new();
         for (job, end) in jobs.iter().zip(ends) {
@@ -154,12 +152,12 @@ impl JobRunner {
             match self.policy.after_attempt(job.attempts, &failures) {
                 JobResult::Done => done.push(job),
                 result => {
-                    self.record(job, result, urgent_left, started).await;
+                    self.record(job, result, urgent_left, started, &held).await;
                 }
             }
         }
         let done_attempts: Vec<Attempt> = done.iter().map(|j| j.attempt()).collect();
-        match while_unreachable(self.policy.patience(), || self.store.finish_jobs_done(&done_attempts)).await {
+        match while_unreachable(held.left(), || self.store.finish_jobs_done(&done_attempts)).await {
             Ok(finished) => {
                 for job in done {
                     if finished.contains(&job.id) {
@@ -176,20 +174,18 @@ impl JobRunner {
         }
     }
 
-    /// Records an attempt's result (fenced); `None` when the attempt no longer held its job.
+    /// Records an attempt's result (fenced), through a database blip while the attempt
+    /// still holds its job (`held`); `None` when the attempt no longer held its job.
     async fn record(
         &self,
         job: &Job,
         result: JobResult,
         urgent_left: bool,
         started: std::time::Instant,
+        held: &HeldUntil,
     ) -> Option<JobResult> {
         let attempt = job.attempt();
-        match while_unreachable(self.policy.patience(), || {
-            self.store.finish_job(&attempt, &result, urgent_left)
-        })
-        .await
-        {
+        match while_unreachable(held.left(), || self.store.finish_job(&attempt, &result, urgent_left)).await {
             Ok(true) => {}
             Ok(false) => return self.lost(job, started),
             // The lease runs out and another attempt is made: effects already recorded done
@@ -217,14 +213,18 @@ impl JobRunner {
 
     /// Renews the leases of `attempts` (one statement) every third of a lease; returns once
     /// none of them holds its job any more.
-    async fn keep_leases(&self, attempts: &[Attempt]) {
+    async fn keep_leases(&self, attempts: &[Attempt], until: &HeldUntil) {
         let every = Duration::from_millis((self.policy.lease_ms / 3).max(10) as u64);
         let mut held: Vec<Attempt> = attempts.to_vec();
         loop {
             tokio::time::sleep(every).await;
-            match self.store.renew_leases(&held, now_ms() + self.policy.lease_ms).await {
+            let lease_end = now_ms() + self.policy.lease_ms;
+            match self.store.renew_leases(&held, lease_end).await {
                 Ok(ids) if ids.is_empty() => return,
-                Ok(ids) => held.retain(|a| ids.contains(&a.job_id)),
+                Ok(ids) => {
+                    held.retain(|a| ids.contains(&a.job_id));
+                    until.extend(lease_end);
+                }
                 Err(e) => tracing::warn!(jobs = held.len(), error = %e, "could not renew the jobs' leases"),
             }
         }

@@ -58,6 +58,30 @@ pub struct Attempt {
     pub number: i64,
 }
 
+/// Until when (ms) an attempt knows it holds its job: its claim's lease, pushed on by each
+/// renewal. The writes after a provider call retry through a database blip until then and
+/// no longer (after it another attempt may hold the job, and they would be refused).
+#[derive(Debug, Clone)]
+pub struct HeldUntil(std::sync::Arc<std::sync::atomic::AtomicI64>);
+
+impl HeldUntil {
+    /// Held until `until_ms`.
+    pub fn new(until_ms: i64) -> Self {
+        Self(std::sync::Arc::new(std::sync::atomic::AtomicI64::new(until_ms)))
+    }
+
+    /// A renewal took the lease to `until_ms`.
+    pub fn extend(&self, until_ms: i64) {
+        self.0.fetch_max(until_ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long it is still held (zero once over).
+    pub fn left(&self) -> std::time::Duration {
+        let left = self.0.load(std::sync::atomic::Ordering::Relaxed) - now_ms();
+        std::time::Duration::from_millis(u64::try_from(left).unwrap_or(0))
+    }
+}
+
 /// The fence of an attempt in SQL, `$job` and `$number` being its parameters.
 pub(super) fn attempt_fence(job: &str, number: &str) -> String {
     format!("EXISTS (SELECT 1 FROM jobs WHERE id = {job} AND attempts = {number} AND state = 'running')")

@@ -994,7 +994,7 @@ async fn a_database_blip_mid_call_sends_nothing_twice() {
     let w = World::new(&store).await;
     let (d, other) = (w.driver().await, w.driver().await);
     let trip = w.trip(&[d.clone(), other]).await;
-    stub.set_delay_for("otp_sms", 2_000);
+    stub.set_delay_for("otp_sms", 4_000);
     let dir = TempDir::new();
     let options = Options {
         webhook: Some(format!("http://{}", stub.addr)),
@@ -1003,14 +1003,17 @@ async fn a_database_blip_mid_call_sends_nothing_twice() {
     };
     let mut config = crate::support::config(&db.url, dir.path(), &options);
     config.database.url = proxied_url;
+    config.providers.sms.timeout_ms = 10_000;
     assert_eq!(config.jobs.visibility_timeout_s, 60);
     let gw = Gateway::start_with(config, dir).await;
     let started = std::time::Instant::now();
     accepted(&store, &d, &trip).await;
     otp_sms_in_flight_the_rest_done(&store, &stub, &trip).await;
-    // The SMS is answered at the provider while the database is away.
+    // The SMS is answered at the provider while the database is away (cut within 4 s of
+    // the call: its outcome is not written yet; back after the answer).
     proxy.cut();
-    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    assert_eq!(store.effect_states(&trip).await.unwrap()["otp_sms"], "pending");
+    tokio::time::sleep(Duration::from_millis(5_000)).await;
     proxy.restore();
     crate::support::wait_effects_done(&store, &trip, Duration::from_secs(20)).await;
     for r in store.effect_rows(&trip).await.unwrap() {
