@@ -327,6 +327,15 @@ async fn step(
     let (newest, by_person) = store
         .flag_changes_since(TRIP_ACCEPT_FLAG, row.seen_change.unwrap_or(i64::MAX))
         .await?;
+    // The newest change, a person's, says a percent this instance's flags do not have yet
+    // (made on another instance, or its refresh is on the way): the next tick judges it,
+    // with the percent it brought.
+    if let Some((id, change)) = &by_person
+        && Some(*id) == newest
+        && (change.to * 100.0).round() != f64::from(in_force)
+    {
+        return Ok(());
+    }
     row.seen_change = newest.max(row.seen_change);
     // The percent in force is not the one the guard set or saw: unless the guard's own
     // override explains it (its state was not saved), a person changed it — people win.
@@ -368,7 +377,7 @@ async fn step(
     // A person's change that left the percent as it was — the same percent again, a driver
     // pulled out through a deny list — is a person's change all the same: people win (the
     // guard's next step would replace their override).
-    if active && let Some(change) = by_person {
+    if active && let Some((_, change)) = by_person {
         row.state = "paused".into();
         row.passes = 0;
         row.reason = format!(

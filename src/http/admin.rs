@@ -312,6 +312,7 @@ async fn jobs(
             ));
         }
     };
+    state.shard_health.all_ready()?;
     let jobs = state.shards.list_jobs(wanted).await?;
     Ok(Json(json!({"jobs": jobs})))
 }
@@ -321,6 +322,7 @@ async fn retry_job(State(state): State<AppState>, Path(id): Path<String>) -> Res
     if uuid::Uuid::parse_str(&id).is_err() {
         return Err(ApiError::NotFound("dead job"));
     }
+    state.shard_health.all_ready()?;
     let job = state
         .shards
         .retry_job(&id)
@@ -357,6 +359,7 @@ async fn seed(
         customers: count("customers")?,
         trips: count("trips")?,
     };
+    state.shard_health.all_ready()?;
     let seeded = crate::seed::seed_shards(&state.shards, plan, || {}).await?;
     Ok(Json(seeded).into_response())
 }
@@ -364,6 +367,7 @@ async fn seed(
 /// `GET /admin/checks`: the safety invariants over the whole database (every shard), each
 /// must be 0.
 async fn checks(State(state): State<AppState>) -> Result<Json<crate::storage::assign::Checks>, ApiError> {
+    state.shard_health.all_ready()?;
     Ok(Json(state.shards.checks().await?))
 }
 

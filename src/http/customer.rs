@@ -40,6 +40,7 @@ async fn create(
 ) -> Result<Response, ApiError> {
     let body = json_body(&headers, body)?;
     let trip = parse_new_trip(&body, &user.id)?;
+    state.shard_health.ready(state.shards.index_of(&trip.customer_id))?;
     match state.shards.for_id(&trip.customer_id).create_trip(&trip).await? {
         Ok(id) => Ok(Json(Envelope::ok(
             "default_store_200",
@@ -60,6 +61,7 @@ async fn cancel(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = path_uuid(&id)?;
+    state.shard_health.ready(state.shards.index_of(&id))?;
     let owner = state
         .shards
         .for_id(&id)
@@ -86,6 +88,7 @@ async fn details(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = path_uuid(&id)?;
+    state.shard_health.ready(state.shards.index_of(&id))?;
     let trip = state
         .shards
         .for_id(&id)

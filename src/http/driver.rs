@@ -10,7 +10,6 @@
 //! the cohort that produced it.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -120,14 +119,8 @@ async fn trip_action(
     }
     // A shard whose migrations have not run yet (its database was down at start) has not
     // the statements this release sends: unavailable, not a 500.
-    if !route
-        .state
-        .shard_health
-        .migrated
-        .get(shard)
-        .is_some_and(|m| m.load(Ordering::Acquire))
-    {
-        return ApiError::Unavailable(format!("shard {shard} is not migrated yet")).into_response();
+    if let Err(e) = route.state.shard_health.ready(shard) {
+        return e.into_response();
     }
     let command = AcceptCommand {
         driver_id: user.id,

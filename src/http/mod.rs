@@ -15,7 +15,7 @@ pub mod rate_limit;
 pub mod upstream;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -104,6 +104,21 @@ impl ShardHealth {
             migrated: (0..shards).map(|_| AtomicBool::new(false)).collect(),
             misrouted: arc_swap::ArcSwapOption::empty(),
         }
+    }
+
+    /// Shard `index` has been migrated; else 503: until its migrations ran (its database was
+    /// down at start, or they are still running) it lacks the tables this release uses.
+    pub fn ready(&self, index: usize) -> Result<(), ApiError> {
+        if self.migrated.get(index).is_some_and(|m| m.load(Ordering::Acquire)) {
+            Ok(())
+        } else {
+            Err(ApiError::Unavailable(format!("shard {index} is not migrated yet")))
+        }
+    }
+
+    /// Every shard has been migrated (for a request that spans them all); else 503.
+    pub fn all_ready(&self) -> Result<(), ApiError> {
+        (0..self.migrated.len()).try_for_each(|i| self.ready(i))
     }
 }
 

@@ -147,7 +147,12 @@ pub async fn forward(State(up): State<Upstream>, mut req: Request) -> Response {
     // A reverse proxy forwards requests for a path: not CONNECT (a forward proxy's tunnel)
     // nor `OPTIONS *` (a question to tripgate itself), which the upstream URL cannot carry.
     if parts.method == axum::http::Method::CONNECT {
-        return ApiError::MethodNotAllowed.into_response();
+        let mut refused = ApiError::MethodNotAllowed.into_response();
+        refused.headers_mut().insert(
+            header::ALLOW,
+            HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+        );
+        return refused;
     }
     let Some(path_and_query) = parts
         .uri

@@ -394,27 +394,31 @@ impl Storage {
     }
 
     /// The newest change of `flag` in force (`flag_audit.id`), and the newest of those after
-    /// `seen` that a person made (source api, cli or console) with its entry: what the
-    /// guard has not accounted for yet.
+    /// `seen` that a person made (source api, cli or console), with its id: what the guard
+    /// has not accounted for yet.
     pub async fn flag_changes_since(
         &self,
         flag: &str,
         seen: i64,
-    ) -> Result<(Option<i64>, Option<AuditEntry>), sqlx::Error> {
+    ) -> Result<(Option<i64>, Option<(i64, AuditEntry)>), sqlx::Error> {
         let mut conn = self.conn().await?;
         let newest: Option<i64> =
             sqlx::query_scalar("SELECT MAX(id) FROM flag_audit WHERE flag = $1 AND in_force = TRUE")
                 .bind(flag)
                 .fetch_one(&mut *conn)
                 .await?;
-        let by_person = sqlx::query_as(&format!(
-            "SELECT {AUDIT_COLUMNS} FROM flag_audit WHERE flag = $1 AND in_force = TRUE AND id > $2 \
+        let row = sqlx::query(&format!(
+            "SELECT id, {AUDIT_COLUMNS} FROM flag_audit WHERE flag = $1 AND in_force = TRUE AND id > $2 \
                AND source IN ('api', 'cli', 'console') ORDER BY id DESC LIMIT 1"
         ))
         .bind(flag)
         .bind(seen)
         .fetch_optional(&mut *conn)
         .await?;
+        let by_person = match row {
+            Some(r) => Some((r.try_get::<i64, _>("id")?, AuditEntry::from_row(&r)?)),
+            None => None,
+        };
         Ok((newest, by_person))
     }
 

@@ -472,14 +472,12 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
 }
 
 /// The database error of a request: 503 when the database cannot be reached or is
-/// overloaded, or has not been migrated yet (a shard whose migrations are still running
-/// after a start: try again), 500 otherwise.
+/// overloaded (try again), 500 otherwise (a shard not migrated yet is refused before its
+/// statements are sent: `ShardHealth::ready`).
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
         if is_unavailable(&e) {
             Self::Unavailable(e.to_string())
-        } else if is_not_migrated(&e) {
-            Self::Unavailable(format!("database not migrated yet: {e}"))
         } else {
             Self::Internal(e.to_string())
         }
@@ -506,22 +504,6 @@ fn get_enum<T>(r: &AnyRow, column: &str, parse: fn(&str) -> Option<T>) -> Result
 #[cfg(test)]
 mod tests {
     use super::is_unavailable_code;
-    use crate::error::ApiError;
-
-    /// A table that is not there yet (a shard still migrating) is a 503 to try again, not
-    /// a 500; any other statement error stays a 500.
-    #[tokio::test]
-    async fn a_missing_table_is_unavailable() {
-        sqlx::any::install_default_drivers();
-        let pool = sqlx::AnyPool::connect("sqlite::memory:").await.unwrap();
-        let missing = sqlx::query("SELECT 1 FROM trip_requests")
-            .execute(&pool)
-            .await
-            .unwrap_err();
-        assert!(matches!(ApiError::from(missing), ApiError::Unavailable(m) if m.contains("not migrated")));
-        let wrong = sqlx::query("SELEC 1").execute(&pool).await.unwrap_err();
-        assert!(matches!(ApiError::from(wrong), ApiError::Internal(_)));
-    }
 
     #[test]
     fn unavailable_codes() {
