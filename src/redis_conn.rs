@@ -154,10 +154,53 @@ impl RedisHandle {
         }
     }
 
-    /// PING, for `/readyz`.
+    /// PING, for `/readyz`. On a cluster also `CLUSTER INFO`: the PING goes only to the
+    /// masters the client still has a connection to, so a dead master would go unseen
+    /// while every lock call on its slots fails; the cluster's own view (its state, and
+    /// slots served by a node it marked failed) says so.
     pub async fn ping(&self) -> Result<(), RedisError> {
         let mut conn = self.connection().await?;
         let _: String = self.bounded(redis::cmd("PING").query_async(&mut conn)).await?;
+        if self.is_cluster() {
+            let info: String = self
+                .bounded(redis::cmd("CLUSTER").arg("INFO").query_async(&mut conn))
+                .await?;
+            if let Some(problem) = cluster_problem(&info) {
+                return Err(RedisError::Redis(redis::RedisError::from((
+                    redis::ErrorKind::ClusterDown,
+                    "cluster not serving every slot",
+                    problem,
+                ))));
+            }
+        }
         Ok(())
+    }
+}
+
+/// What `CLUSTER INFO` says is wrong: a state other than `ok`, or slots of a failed node.
+fn cluster_problem(info: &str) -> Option<String> {
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.trim().strip_prefix(name)?.strip_prefix(':').map(str::to_owned))
+    };
+    match (field("cluster_state"), field("cluster_slots_fail")) {
+        (Some(state), _) if state != "ok" => Some(format!("cluster_state:{state}")),
+        (_, Some(fail)) if fail != "0" => Some(format!("cluster_slots_fail:{fail}")),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cluster_problem;
+
+    #[test]
+    fn cluster_info_names_a_failed_cluster() {
+        let ok = "cluster_state:ok\r\ncluster_slots_assigned:16384\r\ncluster_slots_ok:16384\r\ncluster_slots_pfail:0\r\ncluster_slots_fail:0\r\n";
+        assert_eq!(cluster_problem(ok), None);
+        let failed = ok.replace("cluster_state:ok", "cluster_state:fail");
+        assert_eq!(cluster_problem(&failed).as_deref(), Some("cluster_state:fail"));
+        let partly = ok.replace("cluster_slots_fail:0", "cluster_slots_fail:5461");
+        assert_eq!(cluster_problem(&partly).as_deref(), Some("cluster_slots_fail:5461"));
     }
 }

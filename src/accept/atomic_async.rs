@@ -108,16 +108,21 @@ impl Strategy for AtomicAsync {
         // ended without the trip: this driver's earlier one, another driver's that the
         // statement refused, or a dead one's. The budget is charged once, on the first.
         // Every wait on another request's lock ends by one deadline.
+        // As many passes as locks come and go before it: each refused holder (busy, wrong
+        // vehicle) releases the lock and costs every waiter one, and a trip wanted by many
+        // refused drivers must still go to the one it fits.
         let deadline = Instant::now() + self.in_flight_wait;
         let mut budget = self.budget.as_ref();
-        for _pass in 0..4 {
+        loop {
             if let Some(reply) = self.try_accept(&mut cmd, budget.take(), users, deadline).await? {
                 return Ok(reply);
             }
+            if Instant::now() >= deadline {
+                return Err(ApiError::Unavailable(
+                    "trip lock still held by an earlier request".into(),
+                ));
+            }
         }
-        Err(ApiError::Unavailable(
-            "trip lock still held by an earlier request".into(),
-        ))
     }
 }
 
@@ -284,6 +289,10 @@ impl AtomicAsync {
                 // Released (refused), expired, or the store cannot say: go again.
                 _ => return Ok(None),
             }
+            // It may have grown stale while we waited (its request died).
+            if self.clear_if_abandoned(&cmd.trip_id, &holder).await? {
+                return Ok(None);
+            }
         }
     }
 
@@ -322,6 +331,11 @@ impl AtomicAsync {
             // it): its lock is stale, and goes.
             if holder.mark().is_some() {
                 self.locks.release(&cmd.trip_id, &holder).await;
+                return Ok(None);
+            }
+            // That request died (a crash between its claim and its commit) and its lock
+            // grew stale while we waited: cleared, and we go again.
+            if self.clear_if_abandoned(&cmd.trip_id, &holder).await? {
                 return Ok(None);
             }
             if Instant::now() >= deadline {

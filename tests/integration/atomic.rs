@@ -29,6 +29,7 @@ backend_tests!(
     client_hang_up_cannot_cut_an_accept_in_half,
     stale_lock_of_a_dead_request_does_not_block_the_trip,
     a_refused_lock_holder_does_not_turn_others_away,
+    many_refused_lock_holders_do_not_turn_the_right_driver_away,
     a_lost_race_closes_the_lock,
     a_reopened_trip_is_not_blocked_by_its_old_lock,
 );
@@ -616,6 +617,46 @@ async fn a_refused_lock_holder_does_not_turn_others_away(backend: Backend) {
     Arc::into_inner(gw).unwrap().shutdown().await;
 }
 
+/// A trip wanted at once by its one fitting driver and fifteen whose vehicles do not fit:
+/// every refused holder's release sends the waiters round again, and the fitting driver
+/// still gets the trip — not a 503 after a fixed number of rounds, with the trip left
+/// pending.
+async fn many_refused_lock_holders_do_not_turn_the_right_driver_away(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let stub = WebhookStub::start().await;
+    let gw = Gateway::start(&db, options(backend, &stub)).await;
+    let w = World::new(&gw.store).await;
+    let mut misfits = Vec::new();
+    for _ in 0..15 {
+        misfits.push(w.driver_in(&w.other_category).await);
+    }
+    for round in 0..5 {
+        let fits = w.driver().await;
+        let mut drivers = misfits.clone();
+        drivers.insert(round * 3, fits.clone());
+        let trip = w.trip(&drivers).await;
+        let results = race(&gw, &drivers, &trip).await;
+        for (driver, (status, body, _)) in drivers.iter().zip(&results) {
+            let answer = (*status, code(body));
+            if *driver == fits {
+                assert_eq!(answer, (200, "default_update_200"), "round {round}: {results:?}");
+            } else {
+                // Refused by its vehicle, or told "taken" once the fitting driver won.
+                assert!(
+                    matches!(
+                        answer,
+                        (403, "vehicle_category_mismatch_403" | "trip_request_driver_403")
+                    ),
+                    "round {round}: {answer:?}"
+                );
+            }
+        }
+        let snapshot = gw.store.trip_snapshot(&trip).await.unwrap().unwrap();
+        assert_eq!(snapshot.driver_id.as_ref(), Some(&fits));
+    }
+    gw.shutdown().await;
+}
+
 /// A claim whose statement finds the race already over — the trip taken without a lock (a
 /// legacy accept) or no longer pending — keeps its lock, marked closed: the next drivers
 /// get the database's answer at once instead of each claiming, running the statement and
@@ -803,6 +844,26 @@ async fn stale_lock_of_a_dead_request_does_not_block_the_trip(backend: Backend) 
         serde_json::Value::Null,
         "a first accept: {body}"
     );
+
+    // Locks of dead requests not yet stale when a retry comes (6.5 s old; stale after
+    // client.timeout_ms + 1 s = 8 s): the retry waits, sees them grow stale and clears
+    // them — the driver's own and another's alike — instead of answering 503 at the end of
+    // its 3 s wait while the lock is long stale.
+    let (d4, d5) = (w.driver().await, w.driver().await);
+    let (own_late, other_late) = (w.trip(&[]).await, w.trip(&[]).await);
+    let old = tripgate::domain::now_ms() - 6_500;
+    for (trip, lock) in [
+        (&own_late, format!("{d4}:nonce:{old}")),
+        (&other_late, format!("ghost:nonce:{old}")),
+    ] {
+        assert_eq!(
+            locks.acquire(trip, &lock).await.unwrap(),
+            tripgate::lock_store::Claim::Acquired
+        );
+    }
+    let (own, other) = tokio::join!(gw.accept(&d4, &own_late), gw.accept(&d5, &other_late));
+    assert_eq!((own.0, code(&own.1)), (200, "default_update_200"), "{:?}", own.1);
+    assert_eq!((other.0, code(&other.1)), (200, "default_update_200"), "{:?}", other.1);
     Arc::into_inner(gw).unwrap().shutdown().await;
 }
 

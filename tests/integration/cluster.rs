@@ -265,6 +265,15 @@ async fn two_gateways_on_a_redis_cluster() {
         }
     }
     assert!(errors > 0.0, "the dead master's lock calls are counted as errors");
+    // `/readyz` names Redis down once the cluster marked the master failed (a PING reaches
+    // only the live masters and said "up").
+    for admin in &admins {
+        crate::support::eventually(Duration::from_secs(20), "readyz: redis down", || async {
+            let body: serde_json::Value = reqwest::get(format!("{admin}/readyz")).await.ok()?.json().await.ok()?;
+            (body["redis"] == "down").then_some(())
+        })
+        .await;
+    }
     assert_eq!(store.double_assignments().await.unwrap(), 0);
     drop(gateways);
     store.close().await;
