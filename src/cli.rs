@@ -202,7 +202,13 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("tripgate: {}", one_line(&e.to_string()));
+            let reason = one_line(&e.to_string());
+            if JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed) {
+                // A log pipeline reading JSON lines gets the reason as one of them too.
+                tracing::error!(reason = %reason, "tripgate: cannot run");
+            } else {
+                eprintln!("tripgate: {reason}");
+            }
             ExitCode::from(2)
         }
     }
@@ -609,6 +615,10 @@ fn cli_change(actor: Option<String>, reason: String) -> ChangeBy {
     }
 }
 
+/// Set once `serve` or `worker` logs JSON lines (`log.format = "json"`): then a fatal
+/// error is logged as one of them instead of printed as text.
+static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn init_tracing(config: &Config, long_running: bool) {
     use tracing_subscriber::EnvFilter;
     let level = if long_running {
@@ -623,7 +633,11 @@ fn init_tracing(config: &Config, long_running: bool) {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match config.log.format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Json => {
+            let done = builder.json().flatten_event(true).try_init();
+            JSON_LOGS.store(done.is_ok() && long_running, std::sync::atomic::Ordering::Relaxed);
+            done
+        }
         LogFormat::Text => builder.try_init(),
     };
 }

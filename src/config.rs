@@ -467,6 +467,22 @@ fn kind_of(url: &str) -> Option<DatabaseKind> {
     }
 }
 
+/// Why a `sqlite:` URL names no database file: no path (SQLite would give every
+/// connection a private, empty database — a `migrate` that applies to nothing), an
+/// in-memory one (the same), or a directory.
+fn sqlite_file_problem(url: &str) -> Option<String> {
+    let rest = url.strip_prefix("sqlite:")?.trim_start_matches("//");
+    let path = rest.split_once('?').map_or(rest, |(path, _)| path);
+    let problem = if path.is_empty() || path == ":memory:" {
+        "names no file"
+    } else if path.ends_with('/') || std::path::Path::new(path).is_dir() {
+        "names a directory"
+    } else {
+        return None;
+    };
+    Some(format!("{url:?} {problem}: use sqlite://path/to/tripgate.db"))
+}
+
 impl Config {
     /// Reads `path` (a missing file means all defaults), applies `TRIPGATE_*` overrides
     /// from the process environment, and validates.
@@ -481,6 +497,7 @@ impl Config {
                 });
             }
         };
+        check_env_names(std::env::vars_os().filter_map(|(name, _)| name.into_string().ok()))?;
         Self::from_toml(path, &text, |name| std::env::var(name).ok())
     }
 
@@ -491,6 +508,7 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
+        check_env_names(std::env::vars_os().filter_map(|(name, _)| name.into_string().ok()))?;
         Self::from_toml(path, &text, |name| std::env::var(name).ok())
     }
 
@@ -499,7 +517,16 @@ impl Config {
     pub fn from_toml(path: &Path, text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let file: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
             path: path.to_owned(),
-            message: one_line(e.message()),
+            message: match e.span() {
+                // Where: the line, and the line itself, as the parser's own (multi-line)
+                // rendering shows it.
+                Some(span) => {
+                    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                    let source = text.lines().nth(line - 1).unwrap_or_default().trim();
+                    format!("line {line} ({source}): {}", one_line(e.message()))
+                }
+                None => one_line(e.message()),
+            },
         })?;
         // Start from the defaults so every key exists and can be overridden from the
         // environment even when the file leaves it out.
@@ -524,10 +551,17 @@ impl Config {
             }
         }
         apply_env(&mut merged, "TRIPGATE", &env);
-        let invalid = |key: String, message: String| ConfigError::Invalid {
-            path: path.to_owned(),
-            key,
-            message,
+        // A value from the environment is blamed on its variable, not on the file.
+        let invalid = |key: String, message: String| {
+            let name = format!("TRIPGATE_{}", key.replace('.', "_").to_ascii_uppercase());
+            ConfigError::Invalid {
+                path: match env(&name) {
+                    Some(_) => PathBuf::from(format!("environment {name}")),
+                    None => path.to_owned(),
+                },
+                key,
+                message,
+            }
         };
         let config: Config = serde_path_to_error::deserialize(toml::Value::Table(merged))
             .map_err(|e| invalid(e.path().to_string(), one_line(&e.inner().to_string())))?;
@@ -553,7 +587,13 @@ impl Config {
                 ),
             ));
         }
+        if let Some(problem) = sqlite_file_problem(&self.database.url) {
+            return Err(("database.url", problem));
+        }
         for (i, shard) in self.database.shards.iter().enumerate() {
+            if let Some(problem) = sqlite_file_problem(shard) {
+                return Err(("database.shards", problem));
+            }
             if kind_of(shard).is_none() {
                 return Err((
                     "database.shards",
@@ -637,18 +677,26 @@ impl Config {
                     format!("{} is not in 0..=1", provider.failure_rate),
                 ));
             }
-            if provider.kind == ProviderKind::Webhook && !provider.url.starts_with("http") {
+            let parsed = reqwest::Url::parse(&provider.url);
+            let http_url = parsed
+                .as_ref()
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some_and(|h| !h.is_empty()));
+            if provider.kind == ProviderKind::Webhook && !http_url {
                 return Err((
                     if key == "providers.sms" {
                         "providers.sms.url"
                     } else {
                         "providers.push.url"
                     },
-                    "a webhook provider needs an http(s):// url".into(),
+                    format!(
+                        "{:?}: a webhook provider needs an http(s)://host/… url{}",
+                        provider.url,
+                        parsed.err().map(|e| format!(" ({e})")).unwrap_or_default()
+                    ),
                 ));
             }
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+        if self.log.level.trim().is_empty() || tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(("log.level", format!("{:?} is not a tracing filter", self.log.level)));
         }
         Ok(())
@@ -740,6 +788,54 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
 
 /// Replaces every leaf whose `PREFIX_SECTION_KEY` variable is set. A value that parses as
 /// a TOML literal of the leaf's type (number, bool) is taken as such, anything else as a string.
+/// The keys that exist only as overrides of a default, and those without one (`Option`s),
+/// as `TRIPGATE_*` names.
+fn env_names() -> Vec<String> {
+    fn walk(table: &toml::Table, prefix: &str, out: &mut Vec<String>) {
+        for (key, value) in table {
+            let name = format!("{prefix}_{}", key.to_ascii_uppercase());
+            match value {
+                toml::Value::Table(inner) => walk(inner, &name, out),
+                _ => out.push(name),
+            }
+        }
+    }
+    let mut out = Vec::new();
+    if let Ok(defaults) = toml::Table::try_from(Config::default()) {
+        walk(&defaults, "TRIPGATE", &mut out);
+    }
+    out.extend(
+        ["SERVER_DEMO_ROUTES", "PROVIDERS_SMS_CA_FILE", "PROVIDERS_PUSH_CA_FILE"].map(|n| format!("TRIPGATE_{n}")),
+    );
+    out
+}
+
+/// A `TRIPGATE_<SECTION>_…` variable that names no setting of that section is a typo that
+/// would otherwise be ignored (an unknown key in the file is refused too). Variables
+/// outside the sections (`TRIPGATE_ACTOR`, the tests' `TRIPGATE_TEST_*`) are not settings.
+fn check_env_names(vars: impl Iterator<Item = String>) -> Result<(), ConfigError> {
+    let known = env_names();
+    let sections: Vec<String> = toml::Table::try_from(Config::default())
+        .map(|t| {
+            t.keys()
+                .map(|k| format!("TRIPGATE_{}_", k.to_ascii_uppercase()))
+                .collect()
+        })
+        .unwrap_or_default();
+    for name in vars {
+        if let Some(section) = sections.iter().find(|s| name.starts_with(s.as_str()))
+            && !known.contains(&name)
+        {
+            return Err(ConfigError::Invalid {
+                path: PathBuf::from(format!("environment {name}")),
+                key: section["TRIPGATE_".len()..section.len() - 1].to_ascii_lowercase(),
+                message: format!("{name} names no setting of this section (misspelt?)"),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn apply_env(table: &mut toml::Table, prefix: &str, env: &impl Fn(&str) -> Option<String>) {
     for (key, value) in table.iter_mut() {
         let name = format!("{prefix}_{}", key.to_ascii_uppercase());
@@ -843,6 +939,19 @@ mod tests {
             ("[providers.sms]\nfailure_rate = 2.0\n", "providers.sms.failure_rate"),
             ("[providers.push]\nkind = \"webhook\"\n", "providers.push.url"),
             ("[providers.sms]\nkind = \"carrier-pigeon\"\n", "providers.sms.kind"),
+            (
+                "[providers.sms]\nkind = \"webhook\"\nurl = \"http//127.0.0.1:9/sms\"\n",
+                "providers.sms.url",
+            ),
+            (
+                "[providers.sms]\nkind = \"webhook\"\nurl = \"http://\"\n",
+                "providers.sms.url",
+            ),
+            ("[database]\nurl = \"sqlite://\"\n", "names no file"),
+            ("[database]\nurl = \"sqlite:\"\n", "database.url"),
+            ("[database]\nurl = \"sqlite://data/\"\n", "names a directory"),
+            ("[database]\nurl = \"sqlite::memory:\"\n", "database.url"),
+            ("[log]\nlevel = \"\"\n", "log.level"),
         ];
         for (text, key) in cases {
             let err = parse(&format!("{SECRET}{text}"), &[]).unwrap_err().to_string();
@@ -857,6 +966,36 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("client.timeout_ms"), "{err}");
+        assert!(err.contains("environment TRIPGATE_CLIENT_TIMEOUT_MS"), "{err}");
+        // The file's value is blamed on the file.
+        let err = parse(&format!("{SECRET}[client]\ntimeout_ms = 0\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("config.toml: client.timeout_ms"), "{err}");
+        // A syntax error says where.
+        let err = parse(&format!("{SECRET}[server]\nrate_limit_per_driver = 20 20\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 4 (rate_limit_per_driver = 20 20)"), "{err}");
+    }
+
+    #[test]
+    fn a_misspelt_variable_of_a_section_is_refused() {
+        let vars = |names: &[&str]| check_env_names(names.iter().map(|n| n.to_string()));
+        assert!(
+            vars(&[
+                "TRIPGATE_SERVER_RATE_LIMIT_PER_DRIVER",
+                "TRIPGATE_PROVIDERS_SMS_CA_FILE",
+                "TRIPGATE_SERVER_DEMO_ROUTES",
+                "TRIPGATE_ACTOR",
+                "TRIPGATE_TEST_POSTGRES_URL",
+                "PATH",
+            ])
+            .is_ok()
+        );
+        let err = vars(&["TRIPGATE_SERVER_BOGUS"]).unwrap_err().to_string();
+        assert!(err.contains("TRIPGATE_SERVER_BOGUS names no setting"), "{err}");
+        assert!(vars(&["TRIPGATE_PROVIDERS_SMS_URLL"]).is_err());
     }
 
     #[test]

@@ -207,6 +207,14 @@ impl IntoResponse for ApiError {
             errors,
         };
         let mut response = (self.status(), Json(body)).into_response();
+        if matches!(self, Self::RateLimited) {
+            // The budget refills at least one request a second (`server.rate_limit_per_driver`
+            // ≥ 1): a client that waits this long is let through.
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
         response.extensions_mut().insert(self.outcome());
         response
     }

@@ -324,14 +324,12 @@ impl Workers {
         };
         Self {
             // This process says it is alive for as long as it holds jobs (through the grace
-            // period too), then that it is gone.
+            // period too); the server says it is gone once its requests ended as well
+            // (`Storage::instance_gone`).
             dispatcher: tokio::spawn(async move {
                 tokio::select! {
                     () = dispatcher.run() => {}
                     () = say_alive(&store) => {}
-                }
-                if let Err(e) = store.instance_gone().await {
-                    tracing::debug!(error = %e, "could not remove this process from job_instances");
                 }
             }),
         }

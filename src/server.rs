@@ -245,7 +245,8 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
             limits,
         ));
         servers.push(serve_http(admin, admin_router(state), shutdown_rx.clone(), limits));
-        tracing::info!(api = ?api_addr, admin = ?admin_addr, database = ?store.kind(), shards = shards.len(), "tripgate listening");
+        let shown = |addr: Option<SocketAddr>| addr.map_or_else(String::new, |a| a.to_string());
+        tracing::info!(api = %shown(api_addr), admin = %shown(admin_addr), database = ?store.kind(), shards = shards.len(), "tripgate listening");
         servers.push(FlagsWatcher::spawn(
             flags.clone(),
             config.flags.path.clone(),
@@ -275,7 +276,7 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
             shutdown_rx.clone(),
             limits,
         ));
-        tracing::info!(admin = ?admin_addr, database = ?store.kind(), "tripgate worker listening");
+        tracing::info!(admin = %admin_addr.map_or_else(String::new, |a| a.to_string()), database = ?store.kind(), "tripgate worker listening");
     }
 
     // Every process writes its per-second request and OTP samples for the rollout guard.
@@ -347,9 +348,17 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
         }));
     }
 
+    let gone = shards.all().to_vec();
     let task = tokio::spawn(async move {
         for server in servers {
             let _ = server.await;
+        }
+        // Every request and worker ended (the listeners abort what outlived the grace):
+        // whatever this process still has running goes back to the queue.
+        for shard in gone {
+            if let Err(e) = shard.instance_gone().await {
+                tracing::warn!(error = %e, "could not return this process's jobs; their leases will expire");
+            }
         }
     });
     Ok(Running {

@@ -160,7 +160,12 @@ pub async fn serve(
     builder.http2().timer(TokioTimer::new());
     // One permit per connection: all of them back means every connection has ended.
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    // The connections' tasks, aborted if they outlive the shutdown grace: their requests
+    // (a legacy accept mid-way through its side effects) end before the process says its
+    // jobs are free (`Storage::instance_gone`).
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = shutdown.wait_for(|stop| *stop) => break,
@@ -199,7 +204,7 @@ pub async fn serve(
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
         let mut stop = shutdown.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             // Held until the connection ends, whichever way.
             let _permit = permit;
             tokio::pin!(connection);
@@ -249,6 +254,8 @@ pub async fn serve(
             tracing::warn!("shutdown grace period over; closing remaining connections");
         }
     }
+    connections.abort_all();
+    while connections.join_next().await.is_some() {}
 }
 
 async fn refuse(mut stream: TcpStream) {

@@ -30,6 +30,25 @@ pub fn wrap(router: Router, metrics: Option<Arc<Metrics>>) -> Router {
         .layer(axum::middleware::from_fn_with_state(metrics, observe))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(axum::middleware::map_request(drop_unusable_request_id))
+}
+
+/// The longest client request id kept; a longer one is replaced as an unusable one is.
+const MAX_REQUEST_ID: usize = 128;
+
+/// A client's request id that is empty, too long or not printable ASCII (it would be
+/// logged as "" or flood the log line) is dropped, so the request gets one of ours.
+async fn drop_unusable_request_id(mut req: Request) -> Request {
+    let usable = |v: &axum::http::HeaderValue| {
+        let bytes = v.as_bytes();
+        !bytes.is_empty() && bytes.len() <= MAX_REQUEST_ID && bytes.iter().all(|b| b.is_ascii_graphic())
+    };
+    let headers = req.headers_mut();
+    let all: Vec<_> = headers.get_all(&REQUEST_ID).iter().collect();
+    if all.len() > 1 || all.first().is_some_and(|v| !usable(v)) {
+        headers.remove(&REQUEST_ID);
+    }
+    req
 }
 
 async fn observe(State(metrics): State<Option<Arc<Metrics>>>, req: Request, next: Next) -> Response {

@@ -175,13 +175,27 @@ impl Storage {
         Ok(())
     }
 
-    /// This process stops (its jobs were finished or put back): it is no longer listed.
-    pub async fn instance_gone(&self) -> Result<(), sqlx::Error> {
+    /// This process stops, every request and worker of it ended: it is no longer listed,
+    /// and a job it still has `running` — a legacy accept's inline run that the shutdown
+    /// grace cut off; the workers put theirs back themselves — goes back to the queue now,
+    /// as a dead process's would ([`Storage::reap_dead_instances`]), instead of waiting
+    /// out its lease. Returns how many jobs came back.
+    pub async fn instance_gone(&self) -> Result<u64, sqlx::Error> {
+        let mut tx = self.begin().await?;
         sqlx::query("DELETE FROM job_instances WHERE id = $1")
             .bind(instance_id())
-            .execute(&mut *self.conn().await?)
+            .execute(&mut *tx)
             .await?;
-        Ok(())
+        let back = sqlx::query("UPDATE jobs SET locked_until = 0 WHERE state = 'running' AND locked_by = $1")
+            .bind(instance_id())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        if back > 0 {
+            tracing::warn!(jobs = back, "jobs cut off by the shutdown returned to the queue");
+        }
+        Ok(back)
     }
 
     /// Processes not seen for `silent_ms` are dead (a `kill -9`, a lost machine): they are

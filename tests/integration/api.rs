@@ -833,6 +833,24 @@ async fn per_driver_rate_limit(backend: Backend) {
     let passed = statuses.iter().filter(|s| **s == 200).count();
     assert!((5..=6).contains(&passed), "burst of 5: {statuses:?}");
     assert!(statuses.iter().all(|s| *s == 200 || *s == 429));
+    // Still over budget (until a token comes back): the refusal says when to come back.
+    let mut refused = 0;
+    for _ in 0..5 {
+        let res = gw
+            .http
+            .post(format!("{}/api/driver/trip/request-action", gw.api))
+            .bearer_auth(gw.token(&noisy, Role::Driver))
+            .json(&json!({"trip_request_id": trip, "action": "rejected"}))
+            .send()
+            .await
+            .unwrap();
+        if res.status() == 429 {
+            assert_eq!(res.headers()["retry-after"], "1");
+            refused = 1;
+            break;
+        }
+    }
+    assert_eq!(refused, 1, "over budget, refused");
     assert_eq!(
         gw.action(&quiet, &trip, "rejected").await.0,
         200,
@@ -850,7 +868,7 @@ async fn per_driver_rate_limit(backend: Backend) {
     );
     assert_eq!(
         crate::support::metric_value(&metrics, &series),
-        (12 - passed) as f64,
+        (12 - passed + refused) as f64,
         "429s counted in the cohort"
     );
     gw.shutdown().await;

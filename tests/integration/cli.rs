@@ -38,6 +38,11 @@ fn bad_configuration_fails_with_one_line_naming_the_key() {
         ("[redis]\nurl = \"redis://a:1,http://b:2\"\n", "redis.url"),
         ("[upstream]\nurl = \"https://backend\"\n", "upstream.url"),
         ("[surprise]\nkey = 1\n", "surprise"),
+        (
+            "[providers.sms]\nkind = \"webhook\"\nurl = \"http//127.0.0.1:9/sms\"\n",
+            "providers.sms.url",
+        ),
+        ("[log]\nlevel = \"\"\n", "log.level"),
     ];
     for (extra, key) in cases {
         write_config(dir.path(), "sqlite://data/t.db", extra);
@@ -59,6 +64,25 @@ fn bad_configuration_fails_with_one_line_naming_the_key() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("database.url"));
+    // … blamed on the variable, and a misspelt one is not ignored.
+    for (name, value, says) in [
+        (
+            "TRIPGATE_SERVER_RATE_LIMIT_PER_DRIVER",
+            "0",
+            "environment TRIPGATE_SERVER_RATE_LIMIT_PER_DRIVER: server.rate_limit_per_driver",
+        ),
+        ("TRIPGATE_SERVER_BOGUS", "1", "TRIPGATE_SERVER_BOGUS names no setting"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_tripgate"))
+            .current_dir(dir.path())
+            .args(["migrate"])
+            .env(name, value)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(says), "{stderr}");
+    }
     // A config file named on the command line must exist: a typo in its name does not
     // start the gateway on the defaults (SQLite in the working folder).
     let out = tripgate(dir.path(), &["--config", "cofnig.toml", "migrate"]);
@@ -68,6 +92,109 @@ fn bad_configuration_fails_with_one_line_naming_the_key() {
         stderr.contains("cofnig.toml") && stderr.trim_end().lines().count() == 1,
         "{stderr}"
     );
+}
+
+/// `tripgate migrate` on a `sqlite:` URL without a file refuses, instead of applying the
+/// migrations to a private database that vanishes with its connection.
+#[test]
+fn a_sqlite_url_without_a_file_is_refused() {
+    let dir = TempDir::new();
+    for url in ["sqlite://", "sqlite:", "sqlite://data/"] {
+        write_config(dir.path(), url, "");
+        let out = tripgate(dir.path(), &["migrate"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{url}: {stderr}");
+        assert!(stderr.contains("database.url"), "{url}: {stderr}");
+    }
+}
+
+/// With `log.format = "json"`, every line `serve` writes is a JSON object — the request
+/// lines with their request id, driver, cohort, outcome and latency, and a fatal error's
+/// reason too — and a client's request id is kept only when usable.
+#[tokio::test]
+async fn json_logs_are_json_lines() {
+    let dir = TempDir::new();
+    let (api, admin) = (crate::support::free_port(), crate::support::free_port());
+    write_config(
+        dir.path(),
+        "sqlite://data/t.db",
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:{api}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
+             [log]\nformat = \"json\"\nlevel = \"info\"\n"
+        ),
+    );
+    let spawn = |log: &str| {
+        Command::new(env!("CARGO_BIN_EXE_tripgate"))
+            .current_dir(dir.path())
+            .arg("serve")
+            .env_remove("TRIPGATE_DATABASE_URL")
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join(log)).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let mut serve = spawn("serve.log");
+    crate::support::wait_process_ready(format!("127.0.0.1:{admin}")).await;
+    let http = reqwest::Client::new();
+    let long = "x".repeat(300);
+    let mut answered = Vec::new();
+    for id in [&b"abc-1"[..], b"", long.as_bytes(), "caf\u{e9}".as_bytes()] {
+        let res = http
+            .post(format!("http://127.0.0.1:{api}/api/driver/trip/request-action"))
+            .header("x-request-id", reqwest::header::HeaderValue::from_bytes(id).unwrap())
+            .json(&serde_json::json!({"trip_request_id": "t", "action": "accepted"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 401);
+        answered.push(res.headers()["x-request-id"].to_str().unwrap().to_owned());
+    }
+    assert_eq!(answered[0], "abc-1", "a usable id is kept");
+    for id in &answered[1..] {
+        assert!(uuid::Uuid::parse_str(id).is_ok(), "an unusable id is replaced: {id:?}");
+    }
+    // A second gateway on the same ports cannot start: its reason is a JSON line too.
+    let second = tokio::task::spawn_blocking({
+        let mut child = spawn("second.log");
+        move || child.wait().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(second.code(), Some(2));
+    let lines = std::fs::read_to_string(dir.path().join("second.log")).unwrap();
+    let last: Value = serde_json::from_str(lines.trim_end().lines().last().unwrap()).unwrap();
+    assert!(last["reason"].as_str().unwrap().contains("cannot listen"), "{lines}");
+
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &serve.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let exit = tokio::task::spawn_blocking(move || serve.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(exit.code(), Some(0));
+    let text = std::fs::read_to_string(dir.path().join("serve.log")).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let requests: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["message"] == "request" && l["route"] != "/readyz")
+        .collect();
+    assert_eq!(requests.len(), 4, "{text}");
+    for (line, id) in requests.iter().zip(&answered) {
+        assert_eq!(line["request_id"], id.as_str(), "the log and the answer agree");
+        assert_eq!(line["outcome"], "unauthorized");
+        for field in ["driver", "cohort", "latency_ms", "route", "status"] {
+            assert!(!line[field].is_null(), "{field} in {line}");
+        }
+    }
+    assert!(lines.iter().any(|l| l["message"] == "stopped"), "{text}");
 }
 
 /// A command that needs the database names it as unreachable, with the connection's own

@@ -9,8 +9,8 @@ use serde_json::json;
 use tripgate::auth::{Role, TokenKeys};
 
 use crate::support::{
-    Backend, Options, Process, SECRET, TempDir, TestDb, WebhookStub, World, eventually, free_port, wait_effects_done,
-    wait_process_ready,
+    Backend, Options, Process, SECRET, TempDir, TestDb, WebhookStub, World, eventually, free_port, query_i64,
+    wait_effects_done, wait_process_ready,
 };
 
 struct Load {
@@ -296,7 +296,73 @@ async fn kill9_then_restart(backend: Backend, percent: f64, at_once: usize, batc
     store.close().await;
 }
 
+/// SIGTERM while legacy accepts wait on a slow provider, with a grace shorter than their
+/// calls: the requests are cut, and the jobs they were running inline go back to the queue
+/// as the process exits — not a minute later when their leases run out — so a restarted
+/// gateway sends the effects within seconds.
+async fn sigterm_past_the_grace_returns_legacy_jobs_at_once(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let stub = WebhookStub::start().await;
+    stub.set_delay(3_000);
+    let store = db.store().await;
+    let w = World::new(&store).await;
+    let dir = TempDir::new();
+    let (api, admin) = (free_port(), free_port());
+    let options = Options {
+        webhook: Some(format!("http://{}", stub.addr)),
+        redis_url: crate::support::redis_for(backend),
+        ..Options::default()
+    };
+    let mut config = crate::support::config(&db.url, dir.path(), &options);
+    config.server.listen = format!("127.0.0.1:{api}").parse().unwrap();
+    config.server.admin_listen = format!("127.0.0.1:{admin}").parse().unwrap();
+    config.server.shutdown_grace_ms = 500;
+    config.providers.sms.timeout_ms = 10_000;
+    config.providers.push.timeout_ms = 10_000;
+    let mut serve = Process::spawn("serve", &config, dir.path());
+    wait_process_ready(format!("127.0.0.1:{admin}")).await;
+    let load = start_load(format!("http://127.0.0.1:{api}"), pairs(&w, 3).await, 3);
+    eventually(Duration::from_secs(20), "the legacy accepts' first calls", || async {
+        (stub.calls().len() >= 3).then_some(())
+    })
+    .await;
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &serve.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || serve.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(exit.code(), Some(0), "exit 0 after SIGTERM");
+    let results = load.task.await.unwrap();
+    assert!(
+        results.iter().all(|(_, r)| r.is_err()),
+        "cut off by the grace: {results:?}"
+    );
+    let held = query_i64(
+        &db,
+        &format!(
+            "SELECT COUNT(*) FROM jobs WHERE state = 'running' AND locked_until > {}",
+            tripgate::domain::now_ms()
+        ),
+    )
+    .await;
+    assert_eq!(held, 0, "jobs still held by the stopped process");
+    assert_eq!(query_i64(&db, "SELECT COUNT(*) FROM job_instances").await, 0);
+
+    stub.set_delay(0);
+    let _serve = Process::spawn("serve", &config, dir.path());
+    wait_process_ready(format!("127.0.0.1:{admin}")).await;
+    for (trip, _) in &results {
+        wait_effects_done(&store, trip, Duration::from_secs(20)).await;
+    }
+    assert_eq!(store.double_assignments().await.unwrap(), 0);
+    store.close().await;
+}
+
 crate::backend_tests!(
+    sigterm_past_the_grace_returns_legacy_jobs_at_once,
     sigterm_during_load_loses_nothing,
     kill9_during_load_then_restart,
     kill9_with_batches_in_flight,
