@@ -91,14 +91,14 @@ pub enum Command {
     },
     /// Create demo data.
     Seed {
-        /// Drivers to create.
-        #[arg(long, default_value_t = 10)]
+        /// Drivers to create (at most 100000, as `POST /admin/seed`).
+        #[arg(long, default_value_t = 10, value_parser = seed_count)]
         drivers: usize,
-        /// Customers to create.
-        #[arg(long, default_value_t = 5)]
+        /// Customers to create (at most 100000).
+        #[arg(long, default_value_t = 5, value_parser = seed_count)]
         customers: usize,
-        /// Pending trips to create.
-        #[arg(long, default_value_t = 10)]
+        /// Pending trips to create (at most 100000).
+        #[arg(long, default_value_t = 10, value_parser = seed_count)]
         trips: usize,
         /// Print the created ids as JSON.
         #[arg(long)]
@@ -116,13 +116,14 @@ pub enum FlagsCommand {
         json: bool,
     },
     /// Set a flag's fleet-wide override in the database (or, with --file, the file).
+    #[command(allow_negative_numbers = true)]
     Set {
         /// Flag name, e.g. trip_accept_v2.
         name: String,
         /// 0..=100 in steps of 0.01.
         percent: f64,
-        /// Why (recorded in the audit log).
-        #[arg(long, default_value = "")]
+        /// Why (recorded in the audit log; at most 1000 bytes, as the API takes).
+        #[arg(long, default_value = "", value_parser = reason_text)]
         reason: String,
         /// Edit the flags file instead (validated, atomic write, comments kept); the
         /// running gateways record the change.
@@ -136,8 +137,8 @@ pub enum FlagsCommand {
     Clear {
         /// Flag name.
         name: String,
-        /// Why (recorded in the audit log).
-        #[arg(long, default_value = "")]
+        /// Why (recorded in the audit log; at most 1000 bytes).
+        #[arg(long, default_value = "", value_parser = reason_text)]
         reason: String,
         /// Who (the audit's actor; default: $USER).
         #[arg(long, env = "TRIPGATE_ACTOR")]
@@ -202,7 +203,7 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            let reason = one_line(&e.to_string());
+            let reason = one_line(&with_causes(&e));
             if JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed) {
                 // A log pipeline reading JSON lines gets the reason as one of them too.
                 tracing::error!(reason = %reason, "tripgate: cannot run");
@@ -323,6 +324,13 @@ async fn run_async(config: Config, command: Command) -> anyhow::Result<ExitCode>
             guard,
         } => {
             let (default_drivers, default_trips) = scenario.default_size();
+            // A burst is drivers × trips one to one: one size given is both.
+            let (drivers, trips) = match (scenario, drivers, trips) {
+                (crate::drive::Scenario::Burst, Some(n), None) | (crate::drive::Scenario::Burst, None, Some(n)) => {
+                    (Some(n), Some(n))
+                }
+                _ => (drivers, trips),
+            };
             let (default_rate, default_duration) = scenario.default_pace();
             let options = crate::drive::DriveOptions {
                 scenario,
@@ -387,7 +395,10 @@ async fn flags_command(config: &Config, action: FlagsCommand) -> anyhow::Result<
             if !reason.is_empty() {
                 anyhow::bail!("flags set --file: a file edit has no --reason (say it in the commit)");
             }
-            let from = flags::write_percent(path, &name, percent)?;
+            let from = flags::write_percent(path, &name, percent).map_err(|e| match e {
+                flags::FlagsError::Read { .. } => anyhow::Error::from(e),
+                other => anyhow::anyhow!("{}: {other}", path.display()),
+            })?;
             println!("{name}: file {from} -> {percent} ({})", path.display());
             Ok(ExitCode::SUCCESS)
         }
@@ -613,6 +624,36 @@ fn cli_change(actor: Option<String>, reason: String) -> ChangeBy {
         reason,
         at: now_ms(),
     }
+}
+
+/// A `--reason`: at most 1000 bytes, as `PUT /admin/flags/{name}` takes (it is shown in
+/// every flags listing).
+fn reason_text(text: &str) -> Result<String, String> {
+    if text.len() > 1000 {
+        return Err(format!("{} bytes; at most 1000", text.len()));
+    }
+    Ok(text.to_owned())
+}
+
+/// A `seed` count: 0..=100000, as `POST /admin/seed` takes.
+fn seed_count(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if n <= 100_000 => Ok(n),
+        _ => Err(format!("{text:?} is not a count in 0..=100000")),
+    }
+}
+
+/// `e` and the causes it does not already say ("error sending request" alone hides the
+/// "Connection refused" beneath it).
+fn with_causes(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text = format!("{text}: {cause}");
+        }
+    }
+    text
 }
 
 /// Set once `serve` or `worker` logs JSON lines (`log.format = "json"`): then a fatal

@@ -459,11 +459,14 @@ pub async fn drive(config: &Config, options: DriveOptions) -> anyhow::Result<Rep
             // The rollout moves the fleet's percentage; it is put back as it was found.
             let moves = options.scenario == Scenario::Rollout && !options.guard;
             let found = if moves {
-                Some(override_percent(&http, &options.admin_url, &admin_token).await?)
+                Some(found_override(&http, &options.admin_url, &admin_token).await?)
             } else {
                 None
             };
             let mut failed = None;
+            // Ctrl-C ends the load early; the flag is still put back as found.
+            let interrupted = tokio::signal::ctrl_c();
+            tokio::pin!(interrupted);
             for (i, (d, t)) in drivers.iter().cloned().zip(trips.iter().cloned()).enumerate() {
                 if moves {
                     let step = i * steps.len() / trips.len();
@@ -476,7 +479,13 @@ pub async fn drive(config: &Config, options: DriveOptions) -> anyhow::Result<Rep
                     }
                 }
                 let target = started + interval.mul_f64(i as f64);
-                tokio::time::sleep_until(target.into()).await;
+                tokio::select! {
+                    () = tokio::time::sleep_until(target.into()) => {}
+                    _ = &mut interrupted => {
+                        failed = Some(anyhow::anyhow!("interrupted (Ctrl-C)"));
+                        break;
+                    }
+                }
                 let (app, bar) = (app.clone(), bar.clone());
                 tasks.spawn(async move {
                     app.accept(&d, &t).await;
@@ -655,9 +664,14 @@ async fn seed(http: &reqwest::Client, admin_url: &str, admin_token: &str, plan: 
         .send()
         .await?;
     let status = res.status();
+    let hint = match status {
+        reqwest::StatusCode::NOT_FOUND => " (is server.demo_routes on?)",
+        reqwest::StatusCode::UNAUTHORIZED | reqwest::StatusCode::FORBIDDEN => " (is auth.hs256_secret the gateway's?)",
+        _ => "",
+    };
     anyhow::ensure!(
         status.is_success(),
-        "POST /admin/seed answered {status} (is server.demo_routes on?): {}",
+        "POST /admin/seed answered {status}{hint}: {}",
         res.text().await.unwrap_or_default()
     );
     Ok(res.json().await?)
@@ -756,47 +770,69 @@ async fn get_flags(http: &reqwest::Client, admin_url: &str, admin_token: &str) -
     Ok(res.json().await?)
 }
 
-/// The flag's override as found: `None` without one, else its percent (`None` for an
-/// override of allow/deny lists only).
-async fn override_percent(
-    http: &reqwest::Client,
-    admin_url: &str,
-    admin_token: &str,
-) -> anyhow::Result<Option<Option<f64>>> {
+/// The flag's override as found (its `percent`, `allow` and `deny`), `None` without one.
+async fn found_override(http: &reqwest::Client, admin_url: &str, admin_token: &str) -> anyhow::Result<Option<Value>> {
     let body = get_flags(http, admin_url, admin_token).await?;
     let found = &body["flags"][TRIP_ACCEPT_FLAG]["override"];
-    Ok((!found.is_null()).then(|| found["percent"].as_f64()))
+    Ok((!found.is_null()).then(|| found.clone()))
+}
+
+/// `DELETE` the flag's override.
+async fn delete_override(http: &reqwest::Client, admin_url: &str, admin_token: &str) -> anyhow::Result<()> {
+    let res = http
+        .delete(format!("{}/override", flag_url(admin_url)))
+        .bearer_auth(admin_token)
+        .json(&json!({ "reason": "tripgate drive rollout: back as found" }))
+        .send()
+        .await?;
+    anyhow::ensure!(
+        res.status().is_success(),
+        "DELETE /admin/flags/{TRIP_ACCEPT_FLAG}/override answered {}",
+        res.status()
+    );
+    Ok(())
 }
 
 /// Puts the flag back as `drive rollout` found it: no override (the flags file in force),
-/// or its override's percent again.
+/// its override's percent again, or — an override of allow/deny lists only, whose percent
+/// the API cannot take out — the override cleared and its lists set again.
 async fn restore_override(
     http: &reqwest::Client,
     admin_url: &str,
     admin_token: &str,
-    found: Option<Option<f64>>,
+    found: Option<Value>,
 ) -> anyhow::Result<()> {
     let what = match found {
         None => {
-            let res = http
-                .delete(format!("{}/override", flag_url(admin_url)))
-                .bearer_auth(admin_token)
-                .json(&json!({ "reason": "tripgate drive rollout: back as found" }))
-                .send()
-                .await?;
-            anyhow::ensure!(
-                res.status().is_success(),
-                "DELETE /admin/flags/{TRIP_ACCEPT_FLAG}/override answered {}",
-                res.status()
-            );
+            delete_override(http, admin_url, admin_token).await?;
             "put back as found (no override)".to_owned()
         }
-        Some(Some(percent)) => {
-            set_percent(http, admin_url, admin_token, percent).await?;
-            format!("put back as found (override at {percent} %)")
-        }
-        // Its lists are kept; a percent cannot be taken out of an override alone.
-        Some(None) => "left at 100 %: its override held lists only, clear or set it by hand".to_owned(),
+        Some(found) => match found["percent"].as_f64() {
+            Some(percent) => {
+                set_percent(http, admin_url, admin_token, percent).await?;
+                format!("put back as found (override at {percent} %)")
+            }
+            None => {
+                delete_override(http, admin_url, admin_token).await?;
+                let lists = json!({
+                    "allow": found["allow"].as_array().cloned().unwrap_or_default(),
+                    "deny": found["deny"].as_array().cloned().unwrap_or_default(),
+                    "reason": "tripgate drive rollout: back as found",
+                });
+                let res = http
+                    .put(flag_url(admin_url))
+                    .bearer_auth(admin_token)
+                    .json(&lists)
+                    .send()
+                    .await?;
+                anyhow::ensure!(
+                    res.status().is_success(),
+                    "PUT /admin/flags/{TRIP_ACCEPT_FLAG} (its lists again) answered {}",
+                    res.status()
+                );
+                "put back as found (an override of lists only)".to_owned()
+            }
+        },
     };
     eprintln!("rollout: {TRIP_ACCEPT_FLAG} {what}");
     Ok(())

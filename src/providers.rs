@@ -164,6 +164,11 @@ impl Providers {
 /// `ca_file` (PEM).
 fn http_client(ca_file: Option<&std::path::Path>) -> Result<reqwest::Client, String> {
     let mut builder = reqwest::Client::builder();
+    let named = |e: reqwest::Error| match ca_file {
+        // A certificate that parsed but that rustls refuses (a truncated one) fails here.
+        Some(path) => format!("{}: HTTP client with its certificates: {e:#}", path.display()),
+        None => format!("HTTP client: {e:#}"),
+    };
     if let Some(path) = ca_file {
         let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let certs = reqwest::Certificate::from_pem_bundle(&pem)
@@ -176,7 +181,7 @@ fn http_client(ca_file: Option<&std::path::Path>) -> Result<reqwest::Client, Str
             builder = builder.add_root_certificate(cert);
         }
     }
-    builder.build().map_err(|e| format!("HTTP client: {e}"))
+    builder.build().map_err(named)
 }
 
 fn build(config: &ProviderConfig, client: &reqwest::Client) -> Arc<dyn Provider> {

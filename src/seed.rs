@@ -153,13 +153,20 @@ pub async fn seed(store: &Storage, plan: SeedPlan, mut progress: impl FnMut()) -
     }
     for i in 0..plan.trips {
         let category = &out.vehicle_categories[i % out.vehicle_categories.len()];
-        let offered_to: Vec<String> = out
+        // Up to five drivers of its category, starting further along for each trip and
+        // wrapping round: every trip is offered to someone while its category has drivers.
+        let fitting: Vec<&String> = out
             .drivers
             .iter()
             .filter(|d| d.vehicle_category_id == category.id)
-            .skip(i % 7)
-            .take(5)
-            .map(|d| d.id.clone())
+            .map(|d| &d.id)
+            .collect();
+        let offered_to: Vec<String> = fitting
+            .iter()
+            .cycle()
+            .skip(if fitting.is_empty() { 0 } else { i % fitting.len() })
+            .take(fitting.len().min(5))
+            .map(|id| (*id).clone())
             .collect();
         let parcel = i % 5 == 4;
         let trip = NewTrip {

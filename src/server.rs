@@ -278,6 +278,21 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
         ));
         tracing::info!(admin = %admin_addr.map_or_else(String::new, |a| a.to_string()), database = ?store.kind(), "tripgate worker listening");
     }
+    // A provider call still running when the grace ends is cut, and made again by the job's
+    // next attempt: the same message twice (same idempotency key).
+    let slowest = [&config.providers.sms, &config.providers.push]
+        .iter()
+        .filter(|p| p.kind == crate::config::ProviderKind::Webhook)
+        .map(|p| p.timeout_ms)
+        .max()
+        .unwrap_or(0);
+    if config.server.shutdown_grace_ms < slowest {
+        tracing::warn!(
+            shutdown_grace_ms = config.server.shutdown_grace_ms,
+            provider_timeout_ms = slowest,
+            "server.shutdown_grace_ms is shorter than a provider's timeout_ms: a call cut by a shutdown is sent again after it"
+        );
+    }
 
     // Every process writes its per-second request and OTP samples for the rollout guard.
     servers.push(crate::guard::write_samples(

@@ -139,7 +139,13 @@ pub async fn admins(State(state): State<AppState>, mut req: Request, next: Next)
 
 /// `POST /admin/login` with `{"token"}` (JSON) or `token=` (a plain form post).
 async fn login(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
-    let body = body.unwrap_or_default();
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return ApiError::PayloadTooLarge.into_response();
+        }
+        Err(rejection) => return ApiError::invalid("body", rejection.body_text()).into_response(),
+    };
     let form = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -157,14 +163,22 @@ async fn login(State(state): State<AppState>, headers: HeaderMap, body: Result<B
             .and_then(|v| v["token"].as_str().map(str::to_owned))
             .unwrap_or_default()
     };
-    let claims = state.keys.verify(token.trim()).filter(|c| c.role == Role::Admin);
+    let claims = state
+        .keys
+        .verify(token.trim())
+        .filter(|c| c.role == Role::Admin && !c.sub.trim().is_empty());
     let Some(claims) = claims else {
         return if form {
             redirect("/?login=failed", None)
         } else {
             (
                 StatusCode::UNAUTHORIZED,
-                Json(json!({"response_code": "auth_login_401", "message": "That is not a valid admin token."})),
+                Json(json!({
+                    "response_code": "auth_login_401",
+                    "message": "That is not a valid admin token.",
+                    "data": null,
+                    "errors": [],
+                })),
             )
                 .into_response()
         };

@@ -163,6 +163,10 @@ async fn authenticate(
             None => return Err(ApiError::Unauthorized),
         },
     };
+    // A token must name someone: an admin's subject is the audit's actor.
+    if user.id.trim().is_empty() {
+        return Err(ApiError::Unauthorized);
+    }
     let mut checked = true;
     if user.role != Role::Admin {
         // A shard list that contradicts the shards' own record would look users and trips

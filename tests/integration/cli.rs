@@ -257,7 +257,7 @@ async fn seed_json_shape(backend: Backend) {
     write_config(dir.path(), &db.url, "");
     let out = tripgate(
         dir.path(),
-        &["seed", "--drivers", "5", "--customers", "2", "--trips", "3", "--json"],
+        &["seed", "--drivers", "5", "--customers", "2", "--trips", "12", "--json"],
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let seeded: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -275,7 +275,16 @@ async fn seed_json_shape(backend: Backend) {
         assert!(d["id"].is_string() && d["vehicle_id"].is_string());
     }
     assert_eq!(seeded["customers"].as_array().unwrap().len(), 2);
-    assert_eq!(seeded["trips"].as_array().unwrap().len(), 3);
+    assert_eq!(seeded["trips"].as_array().unwrap().len(), 12);
+    // Every trip is offered to drivers of its category (with only a few per category,
+    // trips used to be offered to nobody).
+    let unoffered = crate::support::query_i64(
+        &db,
+        "SELECT COUNT(*) FROM trip_requests t WHERE NOT EXISTS \
+         (SELECT 1 FROM trip_request_offers o WHERE o.trip_request_id = t.id)",
+    )
+    .await;
+    assert_eq!(unoffered, 0);
     let store = db.store().await;
     for d in drivers {
         let snapshot = store.driver_snapshot(d["id"].as_str().unwrap()).await.unwrap().unwrap();
@@ -294,6 +303,32 @@ async fn seed_json_shape(backend: Backend) {
 }
 
 crate::backend_tests!(seed_json_shape);
+
+/// The CLI takes no more than the API does, and says which value is wrong: a seed count
+/// over 100000 (it used to run for ever), a reason over 1000 bytes, a negative percent
+/// (refused as a percent, not as an unknown option), a bad flags file named.
+#[test]
+fn the_cli_refuses_what_the_api_refuses() {
+    let dir = TempDir::new();
+    write_config(dir.path(), "sqlite://data/t.db", "");
+    let refused = |args: &[&str], says: &str| {
+        let out = tripgate(dir.path(), args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    };
+    refused(&["seed", "--drivers", "18446744073709551615"], "0..=100000");
+    refused(&["seed", "--trips", "100001"], "0..=100000");
+    let long = "x".repeat(1001);
+    refused(
+        &["flags", "set", "trip_accept_v2", "20", "--reason", &long],
+        "at most 1000",
+    );
+    refused(&["flags", "clear", "trip_accept_v2", "--reason", &long], "at most 1000");
+    refused(&["flags", "set", "--file", "trip_accept_v2", "-1"], "percent");
+    std::fs::write(dir.path().join("flags/rollout.toml"), "[trip_accept_v2\n").unwrap();
+    refused(&["flags", "set", "--file", "trip_accept_v2", "20"], "rollout.toml");
+}
 
 #[test]
 fn flags_show_set_explain() {

@@ -312,11 +312,36 @@ async fn session_cookies_and_csrf() {
         !res.headers()["set-cookie"].to_str().unwrap().contains("Secure"),
         "plain HTTP"
     );
+    let refused = login(None, gw.token("d1", Role::Driver)).await;
+    assert_eq!(refused.status(), 401, "a driver token");
+    let body: Value = refused.json().await.unwrap();
     assert_eq!(
-        login(None, gw.token("d1", Role::Driver)).await.status(),
-        401,
-        "a driver token"
+        (&body["response_code"], &body["data"], &body["errors"]),
+        (&json!("auth_login_401"), &Value::Null, &json!([])),
+        "the envelope: {body}"
     );
+    // An admin token naming nobody (the audit's actor would be ""): refused, here and on
+    // the API.
+    let nobody = gw.token("", Role::Admin);
+    assert_eq!(login(None, nobody.clone()).await.status(), 401, "an empty subject");
+    let res = gw
+        .http
+        .put(format!("{}/admin/flags/trip_accept_v2", gw.admin))
+        .bearer_auth(&nobody)
+        .json(&json!({"percent": 21}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401, "an empty subject on the API");
+    // A body over the limit is that, not a bad token. (A client of its own: the gateway
+    // closes that connection, which the shared pool might otherwise hand out again.)
+    let res = reqwest::Client::new()
+        .post(format!("{}/admin/login", gw.admin))
+        .json(&json!({"token": "x".repeat(3 << 20)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 413);
 
     let session = cookie.split(';').next().unwrap().to_owned();
     let put = |csrf: Option<String>| {

@@ -81,7 +81,8 @@ async fn drive_reports_per_cohort(backend: Backend) {
         (Some(0), Some(0), Some(0))
     );
 
-    let burst = drive(&gw, &["burst", "--drivers", "60", "--trips", "60"]);
+    // One size given is both: 60 trips for 60 drivers.
+    let burst = drive(&gw, &["burst", "--trips", "60"]);
     let cohorts = burst["cohorts"].as_object().unwrap();
     assert_eq!(cohorts.len(), 2, "both cohorts at 50 %: {burst}");
     let accepted: u64 = cohorts.values().map(|c| c["accepted"].as_u64().unwrap()).sum();
@@ -117,6 +118,28 @@ async fn drive_reports_per_cohort(backend: Backend) {
     assert_eq!(
         (flag["percent"].as_f64(), &flag["override"]),
         (Some(50.0), &Value::Null),
+        "{flags}"
+    );
+    // An override of a deny list only (one driver pulled out): back to that, not 100 %.
+    let res = gw
+        .http
+        .put(format!("{}/admin/flags/trip_accept_v2", gw.admin))
+        .bearer_auth(gw.token("admin", tripgate::auth::Role::Admin))
+        .json(&serde_json::json!({"deny": ["driver-x"], "reason": "incident 42"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    drive(&gw, &["rollout", "--rate", "20", "--duration", "1"]);
+    let (_, flags) = gw.admin_get("/admin/flags").await;
+    let flag = &flags["flags"]["trip_accept_v2"];
+    assert_eq!(
+        (
+            flag["percent"].as_f64(),
+            &flag["override"]["percent"],
+            &flag["override"]["deny"]
+        ),
+        (Some(50.0), &Value::Null, &serde_json::json!(["driver-x"])),
         "{flags}"
     );
     gw.shutdown().await;
