@@ -204,7 +204,8 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             let reason = one_line(&with_causes(&e));
-            if JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed) {
+            // Unless the log filter would drop it (then it is printed as text).
+            if JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed) && tracing::enabled!(tracing::Level::ERROR) {
                 // A log pipeline reading JSON lines gets the reason as one of them too.
                 tracing::error!(reason = %reason, "tripgate: cannot run");
             } else {
@@ -269,6 +270,7 @@ async fn run_async(config: Config, command: Command) -> anyhow::Result<ExitCode>
             for (db, key) in databases(&config.database, &store, &shards) {
                 migrate(db, &key).await?;
             }
+            claim_places(&shards).await?;
             eprintln!("migrations applied ({:?}, {} shard(s))", store.kind(), shards.len());
             Ok(ExitCode::SUCCESS)
         }
@@ -283,6 +285,8 @@ async fn run_async(config: Config, command: Command) -> anyhow::Result<ExitCode>
             for (db, key) in databases(&config.database, &store, &shards) {
                 migrate(db, &key).await?;
             }
+            // As `serve`: rows written through a changed shard list would be lost to it.
+            claim_places(&shards).await?;
             let plan = crate::seed::SeedPlan {
                 drivers,
                 customers,
@@ -504,6 +508,10 @@ async fn guard_command(config: &Config, action: GuardCommand) -> anyhow::Result<
     if name != crate::domain::TRIP_ACCEPT_FLAG {
         anyhow::bail!("flags guard: only {} is guarded", crate::domain::TRIP_ACCEPT_FLAG);
     }
+    let file_bp = flags_file(&config.flags.path).ok().and_then(|f| f.percent_bp(&name));
+    if let Some(why) = action.kill_switch_holds(&name, file_bp) {
+        anyhow::bail!("flags guard: {why}");
+    }
     let who = format!("{} (cli)", cli_change(actor, String::new()).actor);
     match crate::guard::act(&store, action, &who).await? {
         Some(row) => {
@@ -623,6 +631,15 @@ fn cli_change(actor: Option<String>, reason: String) -> ChangeBy {
         source: "cli".into(),
         reason,
         at: now_ms(),
+    }
+}
+
+/// Each shard database's recorded place, recorded where none is; an error when the list
+/// contradicts one.
+async fn claim_places(shards: &Shards) -> anyhow::Result<()> {
+    match shards.claim_places().await? {
+        Some(reason) => anyhow::bail!("{}", reason.replace("refusing to serve", "refusing")),
+        None => Ok(()),
     }
 }
 

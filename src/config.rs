@@ -521,7 +521,8 @@ impl Config {
                 // Where: the line, and the line itself, as the parser's own (multi-line)
                 // rendering shows it.
                 Some(span) => {
-                    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                    let before = &text.as_bytes()[..span.start.min(text.len())];
+                    let line = before.iter().filter(|b| **b == b'\n').count() + 1;
                     let source = text.lines().nth(line - 1).unwrap_or_default().trim();
                     format!("line {line} ({source}): {}", one_line(e.message()))
                 }
@@ -553,7 +554,9 @@ impl Config {
         apply_env(&mut merged, "TRIPGATE", &env);
         // A value from the environment is blamed on its variable, not on the file.
         let invalid = |key: String, message: String| {
-            let name = format!("TRIPGATE_{}", key.replace('.', "_").to_ascii_uppercase());
+            // `database.shards[0]` is the variable of `database.shards`.
+            let leaf = key.split('[').next().unwrap_or(&key);
+            let name = format!("TRIPGATE_{}", leaf.replace('.', "_").to_ascii_uppercase());
             ConfigError::Invalid {
                 path: match env(&name) {
                     Some(_) => PathBuf::from(format!("environment {name}")),

@@ -458,15 +458,26 @@ pub async fn drive(config: &Config, options: DriveOptions) -> anyhow::Result<Rep
             }
             // The rollout moves the fleet's percentage; it is put back as it was found.
             let moves = options.scenario == Scenario::Rollout && !options.guard;
+            // Ctrl-C ends the load early and the flag is still put back as found; a second
+            // one exits at once.
+            let (interrupt, mut interrupted) = tokio::sync::watch::channel(false);
+            if moves {
+                tokio::spawn(async move {
+                    if tokio::signal::ctrl_c().await.is_ok() {
+                        let _ = interrupt.send(true);
+                        eprintln!("rollout: interrupted; putting {TRIP_ACCEPT_FLAG} back (Ctrl-C again exits now)");
+                        if tokio::signal::ctrl_c().await.is_ok() {
+                            std::process::exit(130);
+                        }
+                    }
+                });
+            }
             let found = if moves {
                 Some(found_override(&http, &options.admin_url, &admin_token).await?)
             } else {
                 None
             };
             let mut failed = None;
-            // Ctrl-C ends the load early; the flag is still put back as found.
-            let interrupted = tokio::signal::ctrl_c();
-            tokio::pin!(interrupted);
             for (i, (d, t)) in drivers.iter().cloned().zip(trips.iter().cloned()).enumerate() {
                 if moves {
                     let step = i * steps.len() / trips.len();
@@ -481,10 +492,16 @@ pub async fn drive(config: &Config, options: DriveOptions) -> anyhow::Result<Rep
                 let target = started + interval.mul_f64(i as f64);
                 tokio::select! {
                     () = tokio::time::sleep_until(target.into()) => {}
-                    _ = &mut interrupted => {
-                        failed = Some(anyhow::anyhow!("interrupted (Ctrl-C)"));
-                        break;
-                    }
+                    // (No watcher, or it ended: never.)
+                    () = async {
+                        if interrupted.wait_for(|stop| *stop).await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    } => {}
+                }
+                if *interrupted.borrow() {
+                    failed = Some(anyhow::anyhow!("interrupted (Ctrl-C)"));
+                    break;
                 }
                 let (app, bar) = (app.clone(), bar.clone());
                 tasks.spawn(async move {

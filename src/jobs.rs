@@ -312,7 +312,6 @@ impl Workers {
     /// (if the process is killed instead, their leases run out and they are taken again).
     pub fn start(runner: JobRunner, config: &JobsConfig, shutdown: watch::Receiver<bool>, grace: Duration) -> Self {
         runner.store.forward_wakeups();
-        let store = runner.store.clone();
         let dispatcher = Dispatcher {
             store: runner.store.clone(),
             runner,
@@ -323,15 +322,7 @@ impl Workers {
             grace,
         };
         Self {
-            // This process says it is alive for as long as it holds jobs (through the grace
-            // period too); the server says it is gone once its requests ended as well
-            // (`Storage::instance_gone`).
-            dispatcher: tokio::spawn(async move {
-                tokio::select! {
-                    () = dispatcher.run() => {}
-                    () = say_alive(&store) => {}
-                }
-            }),
+            dispatcher: tokio::spawn(dispatcher.run()),
         }
     }
 
@@ -359,6 +350,18 @@ const HEARD_BEFORE_JUDGING: Duration = Duration::from_secs(5);
 
 /// Says this process is alive every [`ALIVE_EVERY`], for ever, and takes back the jobs of
 /// processes silent for [`SILENT_FOR`] (once heard itself for [`HEARD_BEFORE_JUDGING`]).
+/// Says this process is alive (`job_instances`, and takes back the jobs of processes that
+/// went silent) until `gone` turns true: past the job workers' own end, for as long as any
+/// request of this process may still be running a legacy accept's effects — else a peer
+/// would take its job back from under it. The server then says it is gone
+/// (`Storage::instance_gone`).
+pub async fn heartbeat(store: Storage, mut gone: watch::Receiver<bool>) {
+    tokio::select! {
+        () = say_alive(&store) => {}
+        _ = gone.wait_for(|gone| *gone) => {}
+    }
+}
+
 async fn say_alive(store: &Storage) {
     let mut heard_since: Option<Instant> = None;
     loop {

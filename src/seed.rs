@@ -151,16 +151,19 @@ pub async fn seed(store: &Storage, plan: SeedPlan, mut progress: impl FnMut()) -
         out.customers.push(SeededId { id, shard: None });
         progress();
     }
+    // Each category's drivers, gathered once.
+    let mut by_category: std::collections::HashMap<&str, Vec<&String>> = std::collections::HashMap::new();
+    for d in &out.drivers {
+        by_category
+            .entry(d.vehicle_category_id.as_str())
+            .or_default()
+            .push(&d.id);
+    }
     for i in 0..plan.trips {
         let category = &out.vehicle_categories[i % out.vehicle_categories.len()];
         // Up to five drivers of its category, starting further along for each trip and
         // wrapping round: every trip is offered to someone while its category has drivers.
-        let fitting: Vec<&String> = out
-            .drivers
-            .iter()
-            .filter(|d| d.vehicle_category_id == category.id)
-            .map(|d| &d.id)
-            .collect();
+        let fitting = by_category.get(category.id.as_str()).map_or(&[][..], Vec::as_slice);
         let offered_to: Vec<String> = fitting
             .iter()
             .cycle()

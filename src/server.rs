@@ -210,6 +210,7 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
             .map_err(|(key, reason)| StartError::Auth(format!("{key}: {reason}")))?
             .map(Arc::new),
     });
+    let accept_tasks = crate::accept::AcceptTasks::default();
     let limits = ConnectionLimits {
         max_connections: config.server.max_connections,
         header_read_timeout: Duration::from_millis(config.server.header_read_timeout_ms),
@@ -218,11 +219,14 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
     };
     if role == Role::Serve {
         let budget = DriverBudget::new(config.server.rate_limit_per_driver, redis.clone());
+        let tasks = accept_tasks.clone();
         let services: Vec<AcceptServices> = shards
             .all()
             .iter()
             .map(|shard| AcceptServices {
-                legacy: LegacyAccept::new(shard.clone(), runner(shard), lease_ms).with_known_users(known_users.clone()),
+                legacy: LegacyAccept::new(shard.clone(), runner(shard), lease_ms)
+                    .with_known_users(known_users.clone())
+                    .with_tasks(tasks.clone()),
                 atomic: AtomicAsyncAccept::with_budget(
                     shard.clone(),
                     TripLocks::new(locks.clone(), metrics.clone()),
@@ -230,7 +234,8 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
                     config.client_timeout() + Duration::from_secs(1),
                     budget.clone(),
                 )
-                .with_known_users(known_users.clone()),
+                .with_known_users(known_users.clone())
+                .with_tasks(tasks.clone()),
                 budget: budget.clone(),
             })
             .collect();
@@ -314,8 +319,12 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
             }
         }));
     }
+    // Each shard's heartbeat, kept up until every request of this process ended.
+    let (gone_tx, gone_rx) = watch::channel(false);
+    let heartbeats: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>> = Arc::default();
     for (shard, job_runner) in shards.all().iter().cloned().zip(job_runners) {
         let (jobs, metrics, mut shutdown) = (config.jobs.clone(), metrics.clone(), shutdown_rx.clone());
+        let (heartbeats, gone_rx) = (heartbeats.clone(), gone_rx.clone());
         let (shard_health, grace) = (
             shard_health.clone(),
             Duration::from_millis(config.server.shutdown_grace_ms),
@@ -330,12 +339,8 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
             loop {
                 match shard.claim_shard_identity(index, count).await {
                     Ok(recorded) if recorded == (index as i64, count as i64) => break,
-                    Ok((was_index, was_count)) => {
-                        let reason = format!(
-                            "database.shards: the database listed as shard {index} of {count} is shard {was_index} of \
-                             {was_count} (a changed shard list sends existing ids to the wrong database); \
-                             refusing to serve"
-                        );
+                    Ok(recorded) => {
+                        let reason = crate::storage::shards::misplaced(index, count, recorded);
                         tracing::error!("{reason}");
                         shard_health.misrouted.store(Some(Arc::new(reason)));
                         return;
@@ -359,6 +364,9 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
                 metrics,
                 shutdown.clone(),
             ));
+            if let Ok(mut beats) = heartbeats.lock() {
+                beats.push(tokio::spawn(crate::jobs::heartbeat(shard.clone(), gone_rx)));
+            }
             Workers::start(job_runner, &jobs, shutdown, grace).join().await;
         }));
     }
@@ -368,8 +376,21 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
         for server in servers {
             let _ = server.await;
         }
-        // Every request and worker ended (the listeners abort what outlived the grace):
-        // whatever this process still has running goes back to the queue.
+        // Every listener and worker ended; the accepts still running past the grace (their
+        // own tasks: a client's hang-up does not cut them) are cut now. Then the process
+        // stops saying it is alive, and whatever it still has running goes back to the
+        // queue.
+        if !accept_tasks.cut_and_wait(Duration::from_secs(2)).await {
+            tracing::warn!("accepts still running after the shutdown cut them");
+        }
+        let _ = gone_tx.send(true);
+        let beats = heartbeats
+            .lock()
+            .map(|mut b| std::mem::take(&mut *b))
+            .unwrap_or_default();
+        for beat in beats {
+            let _ = beat.await;
+        }
         for shard in gone {
             if let Err(e) = shard.instance_gone().await {
                 tracing::warn!(error = %e, "could not return this process's jobs; their leases will expire");

@@ -111,17 +111,23 @@ impl Strategy for AtomicAsync {
         // As many passes as locks come and go before it: each refused holder (busy, wrong
         // vehicle) releases the lock and costs every waiter one, and a trip wanted by many
         // refused drivers must still go to the one it fits.
+        // A pass can also end without visible progress (the lock store could not say who
+        // holds the lock): the passes are paced, 1 ms doubling to 20 ms.
         let deadline = Instant::now() + self.in_flight_wait;
         let mut budget = self.budget.as_ref();
+        let mut pause = Duration::from_millis(1);
         loop {
             if let Some(reply) = self.try_accept(&mut cmd, budget.take(), users, deadline).await? {
                 return Ok(reply);
             }
-            if Instant::now() >= deadline {
+            let now = Instant::now();
+            if now >= deadline {
                 return Err(ApiError::Unavailable(
                     "trip lock still held by an earlier request".into(),
                 ));
             }
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
         }
     }
 }
@@ -271,9 +277,15 @@ impl AtomicAsync {
                 None => {}
             }
             let now = Instant::now();
-            if now >= ask_database_at || now >= deadline {
+            if now >= ask_database_at || now >= deadline || self.is_stale(&holder) {
                 if let Some(decided) = self.decided(cmd).await? {
                     return decided.map(Some);
+                }
+                // Still open, and the lock grew stale while we waited (its request died):
+                // cleared, and we go again.
+                if self.is_stale(&holder) {
+                    self.release_stale(&cmd.trip_id, &holder).await;
+                    return Ok(None);
                 }
                 if now >= deadline {
                     return Err(ApiError::Unavailable(
@@ -288,10 +300,6 @@ impl AtomicAsync {
                 Some(now_held) if now_held.same_claim(&holder) => holder = now_held,
                 // Released (refused), expired, or the store cannot say: go again.
                 _ => return Ok(None),
-            }
-            // It may have grown stale while we waited (its request died).
-            if self.clear_if_abandoned(&cmd.trip_id, &holder).await? {
-                return Ok(None);
             }
         }
     }
@@ -334,8 +342,10 @@ impl AtomicAsync {
                 return Ok(None);
             }
             // That request died (a crash between its claim and its commit) and its lock
-            // grew stale while we waited: cleared, and we go again.
-            if self.clear_if_abandoned(&cmd.trip_id, &holder).await? {
+            // grew stale while we waited — the trip is still open (read above): cleared,
+            // and we go again.
+            if self.is_stale(&holder) {
+                self.release_stale(&cmd.trip_id, &holder).await;
                 return Ok(None);
             }
             if Instant::now() >= deadline {
@@ -353,21 +363,30 @@ impl AtomicAsync {
     /// `kill -9`): remove that exact lock (compare-and-delete) so it does not block the trip
     /// until its TTL. True when it did. Only old locks cost a database read.
     async fn clear_if_abandoned(&self, trip_id: &str, holder: &Owner) -> Result<bool, ApiError> {
-        let old = holder.age().is_some_and(|age| age > self.stale_after);
-        if !old {
+        if !self.is_stale(holder) {
             return Ok(false);
         }
         let trip = self.store.trip_snapshot(trip_id).await?;
         if !trip.is_some_and(|t| t.is_open()) {
             return Ok(false);
         }
+        self.release_stale(trip_id, holder).await;
+        Ok(true)
+    }
+
+    /// Older than any request can run.
+    fn is_stale(&self, holder: &Owner) -> bool {
+        holder.age().is_some_and(|age| age > self.stale_after)
+    }
+
+    /// Removes `holder`'s stale lock on a trip known to be open (compare-and-delete).
+    async fn release_stale(&self, trip_id: &str, holder: &Owner) {
         tracing::warn!(
             trip_id,
             holder = holder.as_str(),
             "removing a stale trip lock left by a request that did not finish"
         );
         self.locks.release(trip_id, holder).await;
-        Ok(true)
     }
 
     async fn already_accepted(&self, trip_id: &str) -> Result<AcceptReply, ApiError> {

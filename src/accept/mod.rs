@@ -61,6 +61,7 @@ pub trait Strategy: Send + Sync + 'static {
 pub struct Accept<S> {
     strategy: Arc<S>,
     users: Arc<KnownUsers>,
+    tasks: AcceptTasks,
 }
 
 impl<S> Clone for Accept<S> {
@@ -68,6 +69,7 @@ impl<S> Clone for Accept<S> {
         Self {
             strategy: self.strategy.clone(),
             users: self.users.clone(),
+            tasks: self.tasks.clone(),
         }
     }
 }
@@ -78,12 +80,55 @@ impl<S: Strategy> Accept<S> {
         Self {
             strategy: Arc::new(strategy),
             users: Arc::new(KnownUsers::new(std::time::Duration::ZERO)),
+            tasks: AcceptTasks::default(),
         }
     }
 
     /// The same, remembering the drivers it finds in `users` (the auth layer's cache).
     pub fn with_known_users(self, users: Arc<KnownUsers>) -> Self {
         Self { users, ..self }
+    }
+
+    /// The same, its requests' tasks counted in (and cut by) `tasks`.
+    pub fn with_tasks(self, tasks: AcceptTasks) -> Self {
+        Self { tasks, ..self }
+    }
+}
+
+/// The accepts' own tasks (they outlive a client that hangs up), so that a shutdown can
+/// end those still running past its grace — a legacy accept mid-way through its inline
+/// side effects — and know they ended before it gives their jobs back to the queue.
+#[derive(Clone)]
+pub struct AcceptTasks(Arc<TasksInner>);
+
+struct TasksInner {
+    cut: tokio::sync::watch::Sender<bool>,
+    /// One clone per running task.
+    live: Arc<()>,
+}
+
+impl Default for AcceptTasks {
+    fn default() -> Self {
+        Self(Arc::new(TasksInner {
+            cut: tokio::sync::watch::channel(false).0,
+            live: Arc::new(()),
+        }))
+    }
+}
+
+impl AcceptTasks {
+    /// Ends every running accept (answered 503 if anyone still listens) and waits, up to
+    /// `within`, until their tasks are gone. True when they are.
+    pub async fn cut_and_wait(&self, within: std::time::Duration) -> bool {
+        self.0.cut.send_replace(true);
+        let until = tokio::time::Instant::now() + within;
+        while Arc::strong_count(&self.0.live) > 1 {
+            if tokio::time::Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        true
     }
 }
 
@@ -98,15 +143,24 @@ impl<S: Strategy> tower::Service<AcceptCommand> for Accept<S> {
 
     fn call(&mut self, cmd: AcceptCommand) -> Self::Future {
         let (strategy, users) = (self.strategy.clone(), self.users.clone());
+        let (mut cut, live) = (self.tasks.0.cut.subscribe(), self.tasks.0.live.clone());
         // On its own task: a driver app that hangs up mid-request must not cut a lock from
-        // its accept, a transaction from its job, or legacy's effects in half.
+        // its accept, a transaction from its job, or legacy's effects in half. Only a
+        // shutdown past its grace does (`AcceptTasks::cut_and_wait`).
         let task = tokio::spawn(async move {
-            match cmd.action {
-                TripAction::Rejected => {
-                    check_driver(&users, strategy.store(), &cmd).await?;
-                    reject(strategy.store(), &cmd).await
+            let _live = live;
+            let work = async {
+                match cmd.action {
+                    TripAction::Rejected => {
+                        check_driver(&users, strategy.store(), &cmd).await?;
+                        reject(strategy.store(), &cmd).await
+                    }
+                    TripAction::Accepted => strategy.accept(cmd, &users).await,
                 }
-                TripAction::Accepted => strategy.accept(cmd, &users).await,
+            };
+            tokio::select! {
+                reply = work => reply,
+                _ = cut.wait_for(|cut| *cut) => Err(ApiError::Unavailable("shut down mid-request".into())),
             }
         });
         Box::pin(async move {

@@ -588,6 +588,17 @@ impl Action {
         }
     }
 
+    /// Why a resume is refused while the flags file's kill switch (`percent = 0`) holds:
+    /// the guard could not set a percent, and people win over it (`file_bp` is the file's
+    /// percent of the flag, in basis points).
+    pub fn kill_switch_holds(self, flag: &str, file_bp: Option<u32>) -> Option<String> {
+        (self == Self::Resume && file_bp == Some(0)).then(|| {
+            format!(
+                "the flags file's kill switch holds {flag} at 0 %: raise the file's percent before resuming the guard"
+            )
+        })
+    }
+
     /// Why the action was refused: the states it applies to (`act` gave `None`).
     pub fn refused(self, flag: &str) -> String {
         let (from, _) = self.moves();

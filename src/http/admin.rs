@@ -277,6 +277,9 @@ async fn guard_action(
     if name != crate::domain::TRIP_ACCEPT_FLAG {
         return Err(ApiError::NotFound("guarded flag"));
     }
+    if let Some(why) = action.kill_switch_holds(&name, state.flags.snapshot().file.percent_bp(&name)) {
+        return Err(ApiError::Conflict(why));
+    }
     let who = format!("{} ({})", user.id, if console.is_some() { "console" } else { "api" });
     match crate::guard::act(&state.store, action, &who).await? {
         Some(_) => Ok(Json(crate::guard::status(&state.store, &state.flags).await?)),

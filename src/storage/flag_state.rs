@@ -333,7 +333,10 @@ impl Storage {
             from: Some(bp_to_percent(recorded)),
             to: bp_to_percent(percent_bp.into()),
             reason: file.reason.clone(),
-            in_force: !overridden || kill_switch,
+            // Under an override the file's change is not what is in force; its kill switch
+            // is, through the override's clearing (the next entry, from the override's
+            // percent): the change in force is recorded once.
+            in_force: !overridden,
             allow: None,
             deny: None,
         };

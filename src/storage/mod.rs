@@ -341,7 +341,9 @@ impl Storage {
             | sqlx::Error::Tls(_)
             | sqlx::Error::Protocol(_)
             | sqlx::Error::WorkerCrashed => true,
-            sqlx::Error::Database(db) => db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+            sqlx::Error::Database(db) => db
+                .code()
+                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "3D000"),
             _ => false,
         };
         if self.dialect != Dialect::Postgres || !unreachable {
@@ -460,7 +462,9 @@ pub fn is_not_migrated(e: &sqlx::Error) -> bool {
 /// `SQLITE_LOCKED` (6) with any of their extended codes (`SQLITE_BUSY_SNAPSHOT` = 517,
 /// `SQLITE_LOCKED_SHAREDCACHE` = 262, …): the primary code is the low byte.
 fn is_unavailable_code(code: &str) -> bool {
-    if code.starts_with("08") || code.starts_with("57P") || code == "55P03" {
+    // 3D000: the database itself is gone (dropped under a running gateway; recreated
+    // and migrated, it answers again).
+    if code.starts_with("08") || code.starts_with("57P") || code == "55P03" || code == "3D000" {
         return true;
     }
     code.parse::<i64>().is_ok_and(|n| matches!(n & 0xff, 5 | 6))
@@ -507,7 +511,7 @@ mod tests {
 
     #[test]
     fn unavailable_codes() {
-        for code in ["08006", "57P01", "5", "6", "517", "262", "261"] {
+        for code in ["08006", "57P01", "3D000", "5", "6", "517", "262", "261"] {
             assert!(is_unavailable_code(code), "{code}");
         }
         for code in ["23505", "19", "2067", "1", "", "XX000"] {

@@ -105,6 +105,20 @@ impl Shards {
         &self.0[self.index_of(id)]
     }
 
+    /// Each shard's recorded place (recorded now where none is): `Some(reason)` when a
+    /// database of the list says it is another shard — the list changed, and ids would go
+    /// to the wrong database.
+    pub async fn claim_places(&self) -> Result<Option<String>, sqlx::Error> {
+        let count = self.0.len();
+        for (index, store) in self.0.iter().enumerate() {
+            let recorded = store.claim_shard_identity(index, count).await?;
+            if recorded != (index as i64, count as i64) {
+                return Ok(Some(misplaced(index, count, recorded)));
+            }
+        }
+        Ok(None)
+    }
+
     /// The safety invariants over every shard, summed.
     pub async fn checks(&self) -> Result<Checks, sqlx::Error> {
         let mut total = Checks::default();
@@ -159,6 +173,14 @@ impl Shards {
         }
         Ok(None)
     }
+}
+
+/// Why a gateway refuses a shard list that contradicts a database's recorded place.
+pub fn misplaced(index: usize, count: usize, (was_index, was_count): (i64, i64)) -> String {
+    format!(
+        "database.shards: the database listed as shard {index} of {count} is shard {was_index} of \
+         {was_count} (a changed shard list sends existing ids to the wrong database); refusing to serve"
+    )
 }
 
 impl Storage {

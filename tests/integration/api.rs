@@ -835,7 +835,7 @@ async fn per_driver_rate_limit(backend: Backend) {
     assert!(statuses.iter().all(|s| *s == 200 || *s == 429));
     // Still over budget (until a token comes back): the refusal says when to come back.
     let mut refused = 0;
-    for _ in 0..5 {
+    for _ in 0..20 {
         let res = gw
             .http
             .post(format!("{}/api/driver/trip/request-action", gw.api))

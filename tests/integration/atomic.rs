@@ -845,13 +845,13 @@ async fn stale_lock_of_a_dead_request_does_not_block_the_trip(backend: Backend) 
         "a first accept: {body}"
     );
 
-    // Locks of dead requests not yet stale when a retry comes (6.5 s old; stale after
+    // Locks of dead requests not yet stale when a retry comes (6 s old; stale after
     // client.timeout_ms + 1 s = 8 s): the retry waits, sees them grow stale and clears
     // them — the driver's own and another's alike — instead of answering 503 at the end of
     // its 3 s wait while the lock is long stale.
     let (d4, d5) = (w.driver().await, w.driver().await);
     let (own_late, other_late) = (w.trip(&[]).await, w.trip(&[]).await);
-    let old = tripgate::domain::now_ms() - 6_500;
+    let old = tripgate::domain::now_ms() - 6_000;
     for (trip, lock) in [
         (&own_late, format!("{d4}:nonce:{old}")),
         (&other_late, format!("ghost:nonce:{old}")),

@@ -182,6 +182,56 @@ async fn drive_checks_accepts_that_timed_out(backend: Backend) {
 
 crate::backend_tests!(drive_checks_accepts_that_timed_out);
 
+/// Ctrl-C in the middle of `drive rollout` ends the load and still puts the flag back as
+/// found (it used to leave the fleet at the step it had reached).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn drive_rollout_interrupted_puts_the_flag_back() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let gw = Gateway::start(
+        &db,
+        Options {
+            percent: 50.0,
+            ..Options::default()
+        },
+    )
+    .await;
+    let config_path = gw.dir.path().join("drive.toml");
+    std::fs::write(&config_path, toml::to_string(&gw.config).unwrap()).unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_tripgate"))
+        .args(["drive", "rollout", "--rate", "5", "--duration", "60", "--json"])
+        .args(["--url", &gw.api, "--admin-url", &gw.admin, "--config"])
+        .arg(&config_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    crate::support::eventually(std::time::Duration::from_secs(60), "the first step", || async {
+        let (_, flags) = gw.admin_get("/admin/flags").await;
+        (flags["flags"]["trip_accept_v2"]["override"]["percent"] == 10.0).then_some(())
+    })
+    .await;
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let exit = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(!exit.status.success(), "an interrupted run is not a success");
+    let (_, flags) = gw.admin_get("/admin/flags").await;
+    let flag = &flags["flags"]["trip_accept_v2"];
+    assert_eq!(
+        (flag["percent"].as_f64(), &flag["override"]),
+        (Some(50.0), &Value::Null),
+        "{flags}"
+    );
+    gw.shutdown().await;
+}
+
 /// `drive rollout --guard` leaves the percentage to the guard and reports what it did: with
 /// an atomic-only fault (a trigger refusing atomic_async's job rows, so its accepts fail),
 /// the rollback and when it happened.

@@ -384,7 +384,7 @@ async fn a_fleet_serves_one_flag_state_and_audits_each_change_once() {
     assert_eq!(
         changes(&tail[before + 6..]),
         [
-            change("file", "file", 35.0, 0.0, true),
+            change("file", "file", 35.0, 0.0, false),
             change("clear", "file", 60.0, 0.0, true)
         ],
         "the third instance's start recorded nothing; the kill switch once: {tail:#?}"
@@ -469,7 +469,7 @@ async fn with_the_database_down_the_last_state_holds() {
         changes(&audit[entries..]),
         [
             change("file", "file", 10.0, 30.0, false),
-            change("file", "file", 30.0, 0.0, true),
+            change("file", "file", 30.0, 0.0, false),
             change("clear", "file", 50.0, 0.0, true),
             change("file", "file", 0.0, 30.0, true),
         ],

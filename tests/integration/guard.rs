@@ -631,6 +631,13 @@ async fn a_pause_names_who_moved_the_percent() {
     // Resumed, it walks on from what people set: their change does not pause it again.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_ne!(admin.guard(&gw.admin).await["state"], "paused");
+
+    // The file's kill switch pauses it, and a resume is refused while it holds (the guard
+    // could set no percent; it used to say "watching" and log a promotion that never was).
+    write_flags(gw.dir.path(), &guard_flags(0.0, 600, "rollback", &[]));
+    admin.wait_state(&gw.admin, "paused", Duration::from_secs(10)).await;
+    assert_eq!(admin.post(&gw.admin, "/admin/guard/trip_accept_v2/resume").await, 409);
+    assert_eq!(admin.guard(&gw.admin).await["state"], "paused");
     gw.shutdown().await;
 }
 

@@ -303,7 +303,7 @@ async fn kill9_then_restart(backend: Backend, percent: f64, at_once: usize, batc
 async fn sigterm_past_the_grace_returns_legacy_jobs_at_once(backend: Backend) {
     let db = TestDb::new(backend).await;
     let stub = WebhookStub::start().await;
-    stub.set_delay(3_000);
+    stub.set_delay(5_000);
     let store = db.store().await;
     let w = World::new(&store).await;
     let dir = TempDir::new();
@@ -316,7 +316,7 @@ async fn sigterm_past_the_grace_returns_legacy_jobs_at_once(backend: Backend) {
     let mut config = crate::support::config(&db.url, dir.path(), &options);
     config.server.listen = format!("127.0.0.1:{api}").parse().unwrap();
     config.server.admin_listen = format!("127.0.0.1:{admin}").parse().unwrap();
-    config.server.shutdown_grace_ms = 500;
+    config.server.shutdown_grace_ms = 3_000;
     config.providers.sms.timeout_ms = 10_000;
     config.providers.push.timeout_ms = 10_000;
     let mut serve = Process::spawn("serve", &config, dir.path());
@@ -331,6 +331,16 @@ async fn sigterm_past_the_grace_returns_legacy_jobs_at_once(backend: Backend) {
         .status()
         .unwrap();
     assert!(status.success());
+    let signalled_at = tripgate::domain::now_ms();
+    // Through the grace the process still says it is alive (its workers had nothing in
+    // hand and stopped at once): a peer must not take its running jobs from under it.
+    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    let seen = query_i64(&db, "SELECT COALESCE(MAX(seen_at), 0) FROM job_instances").await;
+    assert!(
+        seen > signalled_at + 1_000,
+        "heartbeat stopped at the signal: seen {} ms after it",
+        seen - signalled_at
+    );
     let exit = tokio::task::spawn_blocking(move || serve.child.wait().unwrap())
         .await
         .unwrap();

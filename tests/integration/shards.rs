@@ -138,6 +138,24 @@ async fn two_shards(backend: Backend) {
     let dir = TempDir::new();
     let mut swapped = crate::support::config(&global.url, dir.path(), &options);
     swapped.database.shards = shard_dbs.iter().rev().map(|db| db.url.clone()).collect();
+    // `tripgate seed` (and `migrate`) check it too: rows seeded through the swapped list
+    // would be lost to the right one.
+    let swapped_path = dir.path().join("swapped.toml");
+    std::fs::write(&swapped_path, toml::to_string(&swapped).unwrap()).unwrap();
+    for command in [["seed", "--drivers", "2"].as_slice(), &["migrate"]] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tripgate"))
+            .args(command)
+            .arg("--config")
+            .arg(&swapped_path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command:?}: {stderr}");
+        assert!(
+            stderr.contains("database.shards: the database listed as shard 0 of 2 is shard 1"),
+            "{stderr}"
+        );
+    }
     let running = tripgate::server::start(swapped, tripgate::server::Role::Serve)
         .await
         .unwrap();
