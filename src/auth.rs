@@ -197,9 +197,21 @@ impl BackendKeys {
         let source = if !auth.public_key_file.is_empty() {
             let pem = std::fs::read(&auth.public_key_file)
                 .map_err(|e| ("auth.public_key_file", format!("{}: {e}", auth.public_key_file)))?;
+            let refused = |why: &str| Err(("auth.public_key_file", format!("{}: {why}", auth.public_key_file)));
+            // What the PEM holds: a private key (Passport's oauth-private.key beside the
+            // public one) would load and then verify nothing.
+            let block = pem::parse(&pem).ok();
+            if block.as_ref().is_some_and(|b| b.tag().contains("PRIVATE")) {
+                return refused("a private key; give the public one (e.g. Passport's oauth-public.key)");
+            }
             if let Ok(key) = DecodingKey::from_rsa_pem(&pem) {
                 KeySource::Static(key, Algorithm::RS256)
             } else if let Ok(key) = DecodingKey::from_ec_pem(&pem) {
+                // ES256 is P-256: its curve's OID is in the key's DER.
+                const P256_OID: [u8; 10] = [0x06, 0x08, 0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x03, 0x01, 0x07];
+                if !block.is_some_and(|b| b.contents().windows(P256_OID.len()).any(|w| w == P256_OID)) {
+                    return refused("an EC key of another curve than P-256 (ES256)");
+                }
                 KeySource::Static(key, Algorithm::ES256)
             } else {
                 return Err((
@@ -242,7 +254,16 @@ impl BackendKeys {
             return None;
         }
         let mut validation = Validation::new(alg);
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        // A configured audience or issuer is required, not only checked when present
+        // (jsonwebtoken checks `aud`/`iss` only in a token that carries them).
+        let mut required = vec!["exp", "sub"];
+        if !self.audience.is_empty() {
+            required.push("aud");
+        }
+        if !self.issuer.is_empty() {
+            required.push("iss");
+        }
+        validation.set_required_spec_claims(&required);
         validation.validate_nbf = true;
         validation.leeway = 5;
         // Passport puts the client id in `aud`: checked when configured, else accepted.
@@ -294,25 +315,42 @@ impl Jwks {
             return None;
         }
         *fetched = Some(std::time::Instant::now());
-        let set: jsonwebtoken::jwk::JwkSet =
+        let set: serde_json::Value =
             match async { self.http.get(&self.url).send().await?.error_for_status()?.json().await }.await {
                 Ok(set) => set,
                 Err(e) => {
+                    // The keys we had stay usable while the endpoint is down.
                     tracing::warn!(url = %self.url, error = %e, "JWKS not fetched");
-                    return None;
+                    return self.cached(kid);
                 }
             };
-        let keys = set
-            .keys
+        let Some(entries) = set["keys"].as_array() else {
+            tracing::warn!(url = %self.url, "JWKS without a keys array; the keys we had stay");
+            return self.cached(kid);
+        };
+        // Each key on its own: one this gateway cannot use (another curve, an encryption
+        // key, a key type it does not know) is skipped, not the whole set (RFC 7517 §5).
+        let keys = entries
             .iter()
+            .filter_map(|entry| serde_json::from_value::<jsonwebtoken::jwk::Jwk>(entry.clone()).ok())
             .filter_map(|jwk| {
                 let kid = jwk.common.key_id.clone()?;
+                if matches!(
+                    jwk.common.public_key_use,
+                    Some(jsonwebtoken::jwk::PublicKeyUse::Encryption)
+                ) {
+                    return None;
+                }
                 let alg = match &jwk.algorithm {
                     jsonwebtoken::jwk::AlgorithmParameters::RSA(_) => Algorithm::RS256,
-                    jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_) => Algorithm::ES256,
+                    jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(ec)
+                        if ec.curve == jsonwebtoken::jwk::EllipticCurve::P256 =>
+                    {
+                        Algorithm::ES256
+                    }
                     _ => return None,
                 };
-                Some((kid, (DecodingKey::from_jwk(jwk).ok()?, alg)))
+                Some((kid, (DecodingKey::from_jwk(&jwk).ok()?, alg)))
             })
             .collect();
         if let Ok(mut cache) = self.keys.write() {

@@ -189,8 +189,18 @@ pub async fn forward(State(up): State<Upstream>, mut req: Request) -> Response {
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     }
     if !up.trust_forwarded {
-        headers.remove("x-forwarded-proto");
-        headers.remove("x-forwarded-host");
+        // A client's own say on how it reached us (spoofable): what tripgate saw replaces
+        // Proto and Host; the rest, which tripgate does not set, goes.
+        for name in [
+            "x-forwarded-proto",
+            "x-forwarded-host",
+            "x-forwarded-port",
+            "x-forwarded-prefix",
+            "x-real-ip",
+            "forwarded",
+        ] {
+            headers.remove(name);
+        }
     }
     forwarded_headers(&mut headers, peer, original_host);
     if let Some(authority) = up.base.authority()
@@ -198,18 +208,36 @@ pub async fn forward(State(up): State<Upstream>, mut req: Request) -> Response {
     {
         headers.insert(header::HOST, host);
     }
-    let (body, mut upload) = if websocket || body.is_end_stream() {
+    let bodiless = body.is_end_stream();
+    let (body, mut upload) = if websocket || bodiless {
         (Body::empty(), Upload::done())
     } else {
         Upload::of(Body::new(TimeoutBody::new(up.idle, body)))
     };
-    let mut upstream_req = axum::http::Request::new(body);
-    *upstream_req.method_mut() = parts.method;
-    *upstream_req.uri_mut() = uri;
-    *upstream_req.headers_mut() = headers;
-    *upstream_req.version_mut() = axum::http::Version::HTTP_11;
-
-    let answer = head_after_upload(up.timeout, up.idle, up.client.request(upstream_req), &mut upload).await;
+    // A safe request without a body is sent again, once, when its pooled connection failed
+    // before an answer (the upstream closed it while idle: the usual race of keep-alive),
+    // as a browser or nginx would; anything else is the client's to retry.
+    let again = (!websocket && bodiless && parts.method.is_safe())
+        .then(|| (parts.method.clone(), uri.clone(), headers.clone()));
+    let request = |method, uri, headers, body| {
+        let mut upstream_req = axum::http::Request::new(body);
+        *upstream_req.method_mut() = method;
+        *upstream_req.uri_mut() = uri;
+        *upstream_req.headers_mut() = headers;
+        *upstream_req.version_mut() = axum::http::Version::HTTP_11;
+        upstream_req
+    };
+    let sent = up.client.request(request(parts.method, uri, headers, body));
+    let mut answer = head_after_upload(up.timeout, up.idle, sent, &mut upload).await;
+    if let (Some(Err(e)), Some((method, uri, headers))) = (&answer, again)
+        && !e.is_connect()
+    {
+        tracing::debug!(error = %e, "upstream connection failed before an answer; sending again");
+        let retry = up.client.request(request(method, uri, headers, Body::empty()));
+        answer = tokio::time::timeout(up.timeout.saturating_sub(started.elapsed()), retry)
+            .await
+            .ok();
+    }
     let mut res = match answer {
         None => return failed(&up, &route, "timeout", ApiError::GatewayTimeout, started),
         // The client stopped sending for `idle_timeout_ms`.

@@ -249,6 +249,10 @@ async fn requests_pass_through_intact_and_bodies_stream() {
         .header("x-forwarded-for", "203.0.113.9")
         .header("x-forwarded-host", "evil.example")
         .header("x-forwarded-proto", "https")
+        .header("x-forwarded-port", "8443")
+        .header("x-forwarded-prefix", "/evil")
+        .header("x-real-ip", "1.2.3.4")
+        .header("forwarded", "for=1.2.3.4;host=evil.example;proto=https")
         .header("proxy-authorization", "Basic c2VjcmV0")
         .header("cookie", "app=1; tg_session=console-secret")
         .header("x-request-id", "req-42")
@@ -267,7 +271,18 @@ async fn requests_pass_through_intact_and_bodies_stream() {
     assert_eq!(seen["body"], r#"{"name":"Ada"}"#);
     let h = &seen["headers"];
     assert_eq!(h["cookie"], "app=1", "the console's session stays with tripgate");
-    for gone in ["x-hop-secret", "keep-alive", "te", "connection", "proxy-authorization"] {
+    for gone in [
+        "x-hop-secret",
+        "keep-alive",
+        "te",
+        "connection",
+        "proxy-authorization",
+        // A client's say on how it reached us, not trusted (upstream.trust_forwarded).
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-real-ip",
+        "forwarded",
+    ] {
         assert!(h[gone].is_null(), "{gone} forwarded: {h}");
     }
     assert_eq!(h["authorization"], "Bearer backend-token");
@@ -591,6 +606,57 @@ async fn own_routes_stay_demo_routes_pass_and_a_dead_upstream_is_502() {
     gw.shutdown().await;
 }
 
+/// An upstream that closes every other connection after reading its request, without an
+/// answer (a keep-alive connection it closed as the request arrived): a GET is sent again
+/// and answered; a POST is not sent twice (502).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_safe_request_is_sent_again_when_its_connection_fails() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = served.clone();
+    tokio::spawn(async move {
+        let mut n = 0usize;
+        while let Ok((mut conn, _)) = listener.accept().await {
+            n += 1;
+            let answer = n.is_multiple_of(2);
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => seen.extend_from_slice(&buf[..k]),
+                    }
+                }
+                if answer {
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let _ = conn
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+                        .await;
+                }
+            });
+        }
+    });
+    let db = TestDb::new(Backend::Sqlite).await;
+    let gw = in_front_of(&db, addr, 60_000).await;
+    let res = gw.http.get(format!("{}/api/v1/page", gw.api)).send().await.unwrap();
+    assert_eq!(res.status(), 200, "a GET is sent again");
+    assert_eq!(res.text().await.unwrap(), "ok");
+    let res = gw
+        .http
+        .post(format!("{}/api/v1/order", gw.api))
+        .body("")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 502, "a POST is not sent twice");
+    assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 1);
+    gw.shutdown().await;
+}
+
 /// A key pair made by openssl: (private PEM, public PEM file).
 fn key_pair(dir: &std::path::Path, name: &str, ec: bool) -> (Vec<u8>, std::path::PathBuf) {
     let private = format!("{name}.pem");
@@ -772,10 +838,15 @@ async fn the_backends_own_tokens_are_accepted() {
         try_reject(backend_token(rs, &rsa, Some("k1"), claims.clone())).await,
         200
     );
-    jwks.write().unwrap()["keys"]
-        .as_array_mut()
-        .unwrap()
-        .push(rsa_jwk(keys.path(), "other", "k2"));
+    // Rotated in beside keys this gateway cannot use (another key type, another curve):
+    // those are skipped, not the whole set.
+    {
+        let mut set = jwks.write().unwrap();
+        let list = set["keys"].as_array_mut().unwrap();
+        list.push(json!({"kty": "foo", "kid": "odd"}));
+        list.push(json!({"kty": "EC", "crv": "secp256k1", "kid": "k256", "x": "AA", "y": "AA"}));
+        list.push(rsa_jwk(keys.path(), "other", "k2"));
+    }
     // (An unknown kid fetches the set again at most every second.)
     tokio::time::sleep(tripgate::auth::BackendKeys::REFETCH).await;
     assert_eq!(
@@ -811,6 +882,57 @@ async fn the_backends_own_tokens_are_accepted() {
     );
     assert_eq!(stranger.await.unwrap(), 401);
     gw.shutdown().await;
+
+    // 4. `auth.audience` and `auth.issuer` set: a token must carry both, and match.
+    let dir = TempDir::new();
+    let mut config = crate::support::config(&db.url, dir.path(), &Options::default());
+    config.auth.public_key_file = rsa_pub.display().to_string();
+    config.auth.audience = "client-7".into();
+    config.auth.issuer = "https://backend".into();
+    let gw = Gateway::start_with(config, dir).await;
+    let try_reject = |token: String| reject_with(&gw, &w, token);
+    let full = json!({"sub": d, "role": "driver", "exp": exp, "aud": "client-7", "iss": "https://backend"});
+    assert_eq!(try_reject(backend_token(rs, &rsa, None, full.clone())).await, 200);
+    for (drop, set) in [("aud", None), ("iss", None), ("aud", Some("client-8"))] {
+        let mut claims = full.clone();
+        match set {
+            None => {
+                claims.as_object_mut().unwrap().remove(drop);
+            }
+            Some(value) => claims[drop] = json!(value),
+        }
+        assert_eq!(
+            try_reject(backend_token(rs, &rsa, None, claims)).await,
+            401,
+            "{drop} missing or wrong"
+        );
+    }
+    gw.shutdown().await;
+
+    // 5. A key file that cannot verify the tokens is refused at start: a private key
+    //    (Passport's oauth-private.key for the public one), an EC key of another curve.
+    openssl(
+        keys.path(),
+        &[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-384",
+            "-out",
+            "p384.pem",
+        ],
+    );
+    openssl(keys.path(), &["pkey", "-in", "p384.pem", "-pubout", "-out", "p384.pub"]);
+    for (file, says) in [("rsa.pem", "a private key"), ("p384.pub", "P-256")] {
+        let auth = tripgate::config::AuthConfig {
+            public_key_file: keys.path().join(file).display().to_string(),
+            ..Default::default()
+        };
+        let err = tripgate::auth::BackendKeys::from_config(&auth).unwrap_err();
+        assert_eq!(err.0, "auth.public_key_file");
+        assert!(err.1.contains(says), "{file}: {}", err.1);
+    }
 }
 
 /// The status of a reject of `trip` sent with `token` (owned: for a spawned task).
