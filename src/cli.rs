@@ -270,7 +270,11 @@ async fn run_async(config: Config, command: Command) -> anyhow::Result<ExitCode>
             for (db, key) in databases(&config.database, &store, &shards) {
                 migrate(db, &key).await?;
             }
-            claim_places(&shards).await?;
+            // A sharded list's places, recorded as `serve` would; one database alone may yet
+            // become a shard of a list, and records nothing here.
+            if !config.database.shards.is_empty() {
+                claim_places(&shards).await?;
+            }
             eprintln!("migrations applied ({:?}, {} shard(s))", store.kind(), shards.len());
             Ok(ExitCode::SUCCESS)
         }

@@ -458,14 +458,14 @@ pub async fn drive(config: &Config, options: DriveOptions) -> anyhow::Result<Rep
             }
             // The rollout moves the fleet's percentage; it is put back as it was found.
             let moves = options.scenario == Scenario::Rollout && !options.guard;
-            // Ctrl-C ends the load early and the flag is still put back as found; a second
-            // one exits at once.
+            // Ctrl-C ends the load early (the accepts in flight are still answered and the
+            // flag put back as found); a second one exits at once.
             let (interrupt, mut interrupted) = tokio::sync::watch::channel(false);
-            if moves {
+            {
                 tokio::spawn(async move {
                     if tokio::signal::ctrl_c().await.is_ok() {
                         let _ = interrupt.send(true);
-                        eprintln!("rollout: interrupted; putting {TRIP_ACCEPT_FLAG} back (Ctrl-C again exits now)");
+                        eprintln!("interrupted: finishing the accepts in flight (Ctrl-C again exits now)");
                         if tokio::signal::ctrl_c().await.is_ok() {
                             std::process::exit(130);
                         }

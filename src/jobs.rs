@@ -88,6 +88,11 @@ impl JobRunner {
         Self { store, effects, policy }
     }
 
+    /// The storage it records to (the jobs pool).
+    pub fn store(&self) -> &Storage {
+        &self.store
+    }
+
     /// Runs one attempt of a job the caller has just written, already claimed (legacy's
     /// accept): its effects one after another, in the legacy order. If the process dies
     /// meanwhile, the job's lease runs out and a worker finishes what is not done.
@@ -348,13 +353,12 @@ const SILENT_FOR: Duration = Duration::from_secs(15);
 /// heard again first.
 const HEARD_BEFORE_JUDGING: Duration = Duration::from_secs(5);
 
-/// Says this process is alive every [`ALIVE_EVERY`], for ever, and takes back the jobs of
-/// processes silent for [`SILENT_FOR`] (once heard itself for [`HEARD_BEFORE_JUDGING`]).
 /// Says this process is alive (`job_instances`, and takes back the jobs of processes that
 /// went silent) until `gone` turns true: past the job workers' own end, for as long as any
 /// request of this process may still be running a legacy accept's effects — else a peer
 /// would take its job back from under it. The server then says it is gone
-/// (`Storage::instance_gone`).
+/// (`Storage::instance_gone`). `store` is the jobs pool, whose wait [`SILENT_FOR`] allows
+/// for.
 pub async fn heartbeat(store: Storage, mut gone: watch::Receiver<bool>) {
     tokio::select! {
         () = say_alive(&store) => {}
@@ -362,6 +366,8 @@ pub async fn heartbeat(store: Storage, mut gone: watch::Receiver<bool>) {
     }
 }
 
+/// Says this process is alive every [`ALIVE_EVERY`] and takes back the jobs of processes
+/// silent for [`SILENT_FOR`] (once heard itself for [`HEARD_BEFORE_JUDGING`]).
 async fn say_alive(store: &Storage) {
     let mut heard_since: Option<Instant> = None;
     loop {

@@ -365,22 +365,37 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
                 shutdown.clone(),
             ));
             if let Ok(mut beats) = heartbeats.lock() {
-                beats.push(tokio::spawn(crate::jobs::heartbeat(shard.clone(), gone_rx)));
+                beats.push(tokio::spawn(crate::jobs::heartbeat(
+                    job_runner.store().clone(),
+                    gone_rx,
+                )));
             }
             Workers::start(job_runner, &jobs, shutdown, grace).join().await;
         }));
     }
 
     let gone = shards.all().to_vec();
+    let grace = Duration::from_millis(config.server.shutdown_grace_ms);
+    let signalled = {
+        let mut shutdown = shutdown_rx.clone();
+        tokio::spawn(async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+            tokio::time::Instant::now()
+        })
+    };
     let task = tokio::spawn(async move {
         for server in servers {
             let _ = server.await;
         }
-        // Every listener and worker ended; the accepts still running past the grace (their
-        // own tasks: a client's hang-up does not cut them) are cut now. Then the process
-        // stops saying it is alive, and whatever it still has running goes back to the
-        // queue.
-        if !accept_tasks.cut_and_wait(Duration::from_secs(2)).await {
+        // Every listener and worker ended. The accepts still running (their own tasks: a
+        // client's hang-up does not cut them) get the rest of the grace, then are cut. Then
+        // the process stops saying it is alive, and whatever it still has running goes
+        // back to the queue.
+        let signalled = signalled.await.unwrap_or_else(|_| tokio::time::Instant::now());
+        if !accept_tasks
+            .finish_or_cut(signalled + grace, Duration::from_secs(2))
+            .await
+        {
             tracing::warn!("accepts still running after the shutdown cut them");
         }
         let _ = gone_tx.send(true);
@@ -391,7 +406,11 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
         for beat in beats {
             let _ = beat.await;
         }
-        for shard in gone {
+        for (i, shard) in gone.iter().enumerate() {
+            // A shard never migrated ran no job here.
+            if !shard_health.migrated.get(i).is_some_and(|m| m.load(Ordering::Acquire)) {
+                continue;
+            }
             if let Err(e) = shard.instance_gone().await {
                 tracing::warn!(error = %e, "could not return this process's jobs; their leases will expire");
             }

@@ -117,11 +117,19 @@ impl Default for AcceptTasks {
 }
 
 impl AcceptTasks {
-    /// Ends every running accept (answered 503 if anyone still listens) and waits, up to
-    /// `within`, until their tasks are gone. True when they are.
-    pub async fn cut_and_wait(&self, within: std::time::Duration) -> bool {
+    /// Lets the running accepts finish until `grace_end`, then ends those still running
+    /// (answered 503 if anyone still listens) and waits, up to `within`, until their tasks
+    /// are gone. True when they are.
+    pub async fn finish_or_cut(&self, grace_end: tokio::time::Instant, within: std::time::Duration) -> bool {
+        if self.wait_until(grace_end).await {
+            return true;
+        }
         self.0.cut.send_replace(true);
-        let until = tokio::time::Instant::now() + within;
+        self.wait_until(tokio::time::Instant::now() + within).await
+    }
+
+    /// Waits until no accept runs (true), or `until`.
+    async fn wait_until(&self, until: tokio::time::Instant) -> bool {
         while Arc::strong_count(&self.0.live) > 1 {
             if tokio::time::Instant::now() >= until {
                 return false;
@@ -160,7 +168,8 @@ impl<S: Strategy> tower::Service<AcceptCommand> for Accept<S> {
             };
             tokio::select! {
                 reply = work => reply,
-                _ = cut.wait_for(|cut| *cut) => Err(ApiError::Unavailable("shut down mid-request".into())),
+                // (A sender gone is no cut.)
+                Ok(_) = cut.wait_for(|cut| *cut) => Err(ApiError::Unavailable("shut down mid-request".into())),
             }
         });
         Box::pin(async move {

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use axum::http::{StatusCode, Uri};
+use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use hyper_util::client::legacy::Client;
@@ -217,8 +217,8 @@ pub async fn forward(State(up): State<Upstream>, mut req: Request) -> Response {
     // A safe request without a body is sent again, once, when its pooled connection failed
     // before an answer (the upstream closed it while idle: the usual race of keep-alive),
     // as a browser or nginx would; anything else is the client's to retry.
-    let again = (!websocket && bodiless && parts.method.is_safe())
-        .then(|| (parts.method.clone(), uri.clone(), headers.clone()));
+    let safe = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
+    let again = (!websocket && bodiless && safe).then(|| (parts.method.clone(), uri.clone(), headers.clone()));
     let request = |method, uri, headers, body| {
         let mut upstream_req = axum::http::Request::new(body);
         *upstream_req.method_mut() = method;

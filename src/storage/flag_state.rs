@@ -307,12 +307,14 @@ impl Storage {
             .bind(at)
             .execute(&mut *tx)
             .await?;
-        let overridden: bool =
-            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM flag_overrides WHERE flag = $1 AND active = TRUE")
+        // An active override, and whether it holds a percent (one of lists only keeps the
+        // file's percent in force).
+        let (overridden, percent_overridden): (i64, i64) =
+            sqlx::query_as("SELECT COUNT(*), COUNT(percent_bp) FROM flag_overrides WHERE flag = $1 AND active = TRUE")
                 .bind(flag)
                 .fetch_one(&mut *tx)
-                .await?
-                > 0;
+                .await?;
+        let (overridden, percent_overridden) = (overridden > 0, percent_overridden > 0);
         let kill_switch = percent_bp == 0;
         let file = ChangeBy {
             actor: "file".into(),
@@ -336,7 +338,7 @@ impl Storage {
             // Under an override the file's change is not what is in force; its kill switch
             // is, through the override's clearing (the next entry, from the override's
             // percent): the change in force is recorded once.
-            in_force: !overridden,
+            in_force: !percent_overridden,
             allow: None,
             deny: None,
         };

@@ -110,6 +110,14 @@ impl Shards {
     /// to the wrong database.
     pub async fn claim_places(&self) -> Result<Option<String>, sqlx::Error> {
         let count = self.0.len();
+        // Every recorded place first: a contradiction records nothing anywhere.
+        for (index, store) in self.0.iter().enumerate() {
+            if let Some(recorded) = store.recorded_shard_identity().await?
+                && recorded != (index as i64, count as i64)
+            {
+                return Ok(Some(misplaced(index, count, recorded)));
+            }
+        }
         for (index, store) in self.0.iter().enumerate() {
             let recorded = store.claim_shard_identity(index, count).await?;
             if recorded != (index as i64, count as i64) {
@@ -184,6 +192,13 @@ pub fn misplaced(index: usize, count: usize, (was_index, was_count): (i64, i64))
 }
 
 impl Storage {
+    /// Which shard this database says it is, `(index, count)`, if it says.
+    pub async fn recorded_shard_identity(&self) -> Result<Option<(i64, i64)>, sqlx::Error> {
+        sqlx::query_as("SELECT shard_index, shard_count FROM shard_identity WHERE id = 1")
+            .fetch_optional(&mut *self.conn().await?)
+            .await
+    }
+
     /// Records that this database is shard `index` of `count` unless it already says
     /// which it is; returns what it says, `(index, count)`.
     pub async fn claim_shard_identity(&self, index: usize, count: usize) -> Result<(i64, i64), sqlx::Error> {

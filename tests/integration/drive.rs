@@ -23,6 +23,17 @@ fn drive(gw: &Gateway, args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// No override: the flags file's `percent` is in force, as `drive rollout` found it.
+async fn assert_the_file_in_force(gw: &Gateway, percent: f64) {
+    let (_, flags) = gw.admin_get("/admin/flags").await;
+    let flag = &flags["flags"]["trip_accept_v2"];
+    assert_eq!(
+        (flag["percent"].as_f64(), &flag["override"]),
+        (Some(percent), &Value::Null),
+        "{flags}"
+    );
+}
+
 async fn drive_reports_per_cohort(backend: Backend) {
     let db = TestDb::new(backend).await;
     let redis_url = crate::support::redis_for(backend);
@@ -113,13 +124,7 @@ async fn drive_reports_per_cohort(backend: Backend) {
     // it found it: no override, the file's 50 % in force.
     let rollout = drive(&gw, &["rollout", "--rate", "20", "--duration", "1"]);
     assert_eq!(rollout["scenario"], "rollout");
-    let (_, flags) = gw.admin_get("/admin/flags").await;
-    let flag = &flags["flags"]["trip_accept_v2"];
-    assert_eq!(
-        (flag["percent"].as_f64(), &flag["override"]),
-        (Some(50.0), &Value::Null),
-        "{flags}"
-    );
+    assert_the_file_in_force(&gw, 50.0).await;
     // An override of a deny list only (one driver pulled out): back to that, not 100 %.
     let res = gw
         .http
@@ -222,13 +227,7 @@ async fn drive_rollout_interrupted_puts_the_flag_back() {
         .await
         .unwrap();
     assert!(!exit.status.success(), "an interrupted run is not a success");
-    let (_, flags) = gw.admin_get("/admin/flags").await;
-    let flag = &flags["flags"]["trip_accept_v2"];
-    assert_eq!(
-        (flag["percent"].as_f64(), &flag["override"]),
-        (Some(50.0), &Value::Null),
-        "{flags}"
-    );
+    assert_the_file_in_force(&gw, 50.0).await;
     gw.shutdown().await;
 }
 

@@ -485,3 +485,42 @@ async fn overrides_on_the_embedded_default() {
     assert_eq!(audit[0]["deny"], json!([drivers[0]]));
     gw.shutdown().await;
 }
+
+/// Under an override of lists only, the file's percent is the one in force: its changes
+/// are audited in force — the kill switch too, once — not as changes an override hid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn file_changes_under_a_lists_only_override_are_in_force() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let gw = Gateway::start(
+        &db,
+        Options {
+            percent: 50.0,
+            ..Options::default()
+        },
+    )
+    .await;
+    let res = gw
+        .http
+        .put(format!("{}/admin/flags/trip_accept_v2", gw.admin))
+        .bearer_auth(gw.token("carol", Role::Admin))
+        .json(&json!({"deny": ["drv-9"], "reason": "pull drv-9 out"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    for percent in [30.0, 0.0] {
+        std::fs::write(&gw.config.flags.path, flags_text(percent, &[])).unwrap();
+        time_to_reload(&gw, percent, Instant::now()).await;
+        let entry = crate::support::eventually(Duration::from_secs(3), "the file change audited", || async {
+            let (_, audit) = gw.admin_get("/admin/audit").await;
+            audit["entries"]
+                .as_array()?
+                .iter()
+                .find(|e| e["action"] == "file" && e["to"] == percent)
+                .cloned()
+        })
+        .await;
+        assert_eq!(entry["in_force"], true, "{entry}");
+    }
+    gw.shutdown().await;
+}

@@ -371,7 +371,47 @@ async fn sigterm_past_the_grace_returns_legacy_jobs_at_once(backend: Backend) {
     store.close().await;
 }
 
+/// A legacy accept whose driver app hung up (timed out) while its effects run inline is
+/// not cut by a shutdown before the grace ends: it finishes, and its effects are done, not
+/// handed back to be sent again.
+async fn a_hung_up_accept_finishes_within_the_grace(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let stub = WebhookStub::start().await;
+    stub.set_delay(700);
+    let store = db.store().await;
+    let dir = TempDir::new();
+    let options = Options {
+        webhook: Some(format!("http://{}", stub.addr)),
+        redis_url: crate::support::redis_for(backend),
+        ..Options::default()
+    };
+    let mut config = crate::support::config(&db.url, dir.path(), &options);
+    config.server.shutdown_grace_ms = 15_000;
+    let gw = crate::support::Gateway::start_with(config, dir).await;
+    let w = World::new(&gw.store).await;
+    let (driver, trip) = (w.driver().await, w.trip(&[]).await);
+    let hung_up = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap()
+        .post(format!("{}/api/driver/trip/request-action", gw.api))
+        .bearer_auth(gw.token(&driver, tripgate::auth::Role::Driver))
+        .json(&json!({"trip_request_id": trip, "action": "accepted"}))
+        .send()
+        .await;
+    assert!(hung_up.is_err(), "the app gave up: {hung_up:?}");
+    assert!(!stub.calls().is_empty(), "its effects are under way");
+    gw.shutdown().await;
+    // Done by the accept itself before the process let go of it.
+    wait_effects_done(&store, &trip, Duration::from_millis(100)).await;
+    for kind in ["otp_sms", "otp_push", "arrival_push"] {
+        assert_eq!(stub.calls_for(kind, &trip).len(), 1, "{kind}");
+    }
+    store.close().await;
+}
+
 crate::backend_tests!(
+    a_hung_up_accept_finishes_within_the_grace,
     sigterm_past_the_grace_returns_legacy_jobs_at_once,
     sigterm_during_load_loses_nothing,
     kill9_during_load_then_restart,
