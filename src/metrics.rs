@@ -33,6 +33,9 @@ const LATENCY_BUCKETS: [f64; 18] = [
 /// Every metric tripgate exports.
 pub struct Metrics {
     registry: Registry,
+    /// Whether this process follows the flags (and may run the guard); a `tripgate
+    /// worker` does not, and leaves those series to the processes that do.
+    flags_here: std::sync::atomic::AtomicBool,
     http_duration: HistogramVec,
     http_requests: IntCounterVec,
     http_timeouts: IntCounterVec,
@@ -394,7 +397,15 @@ impl Metrics {
             client_timeout,
             hot_routes: hot_routes.to_vec(),
             request_children,
+            flags_here: std::sync::atomic::AtomicBool::new(true),
         }
+    }
+
+    /// This process does not follow the flags (`tripgate worker`): its exposition leaves
+    /// out the flag and guard series, whose initial values would read as a percent in
+    /// force on the dashboard (`max by (flag)` over every process).
+    pub fn without_flags(&self) {
+        self.flags_here.store(false, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Records one finished request.
@@ -591,7 +602,16 @@ impl Metrics {
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+        let mut families = self.registry.gather();
+        if !self.flags_here.load(std::sync::atomic::Ordering::Relaxed) {
+            families.retain(|f| {
+                let name = f.name();
+                !["tripgate_rollout_percent", "tripgate_flags_", "tripgate_guard_"]
+                    .iter()
+                    .any(|p| name.starts_with(p))
+            });
+        }
+        if let Err(e) = TextEncoder::new().encode(&families, &mut buf) {
             tracing::error!(error = %e, "metrics encoding failed");
         }
         String::from_utf8(buf).unwrap_or_default()

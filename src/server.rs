@@ -118,6 +118,9 @@ impl Running {
 pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new(config.client_timeout(), &crate::http::driver::ROUTES));
+    if role == Role::Worker {
+        metrics.without_flags();
+    }
     let store = Storage::connect(&config.database)?.observed_as("api", &metrics);
     let flag_set = FlagSet::load(&config.flags.path)?;
     let flags = FlagsHandle::new(flag_set, config.flags.path.clone());

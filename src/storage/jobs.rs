@@ -8,6 +8,10 @@ use sqlx::{FromRow, Row};
 use super::{Storage, get_enum};
 use crate::domain::{Cohort, JobKind, JobState, now_ms};
 
+/// The retries due within this long wake this process's workers when due; later ones are
+/// found by their poll.
+const RETRY_WAKE_WITHIN_MS: i64 = 10_000;
+
 /// This process's name in `jobs.locked_by` and `job_instances`: random, one per start.
 pub fn instance_id() -> &'static str {
     static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -84,7 +88,18 @@ impl HeldUntil {
 
 /// The fence of an attempt in SQL, `$job` and `$number` being its parameters.
 pub(super) fn attempt_fence(job: &str, number: &str) -> String {
-    format!("EXISTS (SELECT 1 FROM jobs WHERE id = {job} AND attempts = {number} AND state = 'running')")
+    format!(
+        "EXISTS (SELECT 1 FROM jobs WHERE id = {job} AND attempts = {number} AND state = 'running' AND {})",
+        held_here("locked_by")
+    )
+}
+
+/// `column` names this process: with the attempt's number, what fences a write. The number
+/// alone repeats after an admin retry (it starts the count again), and a stalled attempt
+/// of another process would then pass for the live one.
+fn held_here(column: &str) -> String {
+    // A UUID's hex digits: nothing to quote.
+    format!("{column} = '{}'", instance_id())
 }
 
 impl FromRow<'_, AnyRow> for Job {
@@ -247,12 +262,14 @@ impl Storage {
 
     /// Whether `attempt` still holds its job.
     pub async fn holds(&self, attempt: &Attempt) -> Result<bool, sqlx::Error> {
-        let held: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE id = $1 AND attempts = $2 AND state = 'running'")
-                .bind(&attempt.job_id)
-                .bind(attempt.number)
-                .fetch_one(&mut *self.conn().await?)
-                .await?;
+        let held: i64 = sqlx::query_scalar(&format!(
+            "SELECT COUNT(*) FROM jobs WHERE id = $1 AND attempts = $2 AND state = 'running' AND {}",
+            held_here("locked_by")
+        ))
+        .bind(&attempt.job_id)
+        .bind(attempt.number)
+        .fetch_one(&mut *self.conn().await?)
+        .await?;
         Ok(held > 0)
     }
 
@@ -283,9 +300,10 @@ impl Storage {
         let sql = format!(
             "WITH v AS ({}) \
              UPDATE jobs SET {set} FROM v \
-             WHERE jobs.id = v.id AND jobs.attempts = v.attempts AND jobs.state = 'running' \
+             WHERE jobs.id = v.id AND jobs.attempts = v.attempts AND jobs.state = 'running' AND {} \
              RETURNING jobs.id",
-            self.dialect.json_rows(2, &[("id", "TEXT"), ("attempts", "BIGINT")])
+            self.dialect.json_rows(2, &[("id", "TEXT"), ("attempts", "BIGINT")]),
+            held_here("jobs.locked_by")
         );
         let batch: Vec<serde_json::Value> = attempts
             .iter()
@@ -313,20 +331,35 @@ impl Storage {
             JobResult::RetryAt(at, e) => (JobState::Queued, *at, Some(e.as_str())),
             JobResult::Dead(e) => (JobState::Dead, now, Some(e.as_str())),
         };
-        let done = sqlx::query(
+        let sql = format!(
             "UPDATE jobs SET state = $2, run_at = $3, last_error = COALESCE($4, last_error), locked_until = NULL, \
                updated_at = $5, priority = $7 \
-             WHERE id = $1 AND attempts = $6 AND state = 'running'",
-        )
-        .bind(&attempt.job_id)
-        .bind(state.as_str())
-        .bind(run_at)
-        .bind(error)
-        .bind(now)
-        .bind(attempt.number)
-        .bind(if urgent_left { 0_i64 } else { 1 })
-        .execute(&mut *self.conn().await?)
-        .await?;
+             WHERE id = $1 AND attempts = $6 AND state = 'running' AND {}",
+            held_here("locked_by")
+        );
+        let done = sqlx::query(&sql)
+            .bind(&attempt.job_id)
+            .bind(state.as_str())
+            .bind(run_at)
+            .bind(error)
+            .bind(now)
+            .bind(attempt.number)
+            .bind(if urgent_left { 0_i64 } else { 1 })
+            .execute(&mut *self.conn().await?)
+            .await?;
+        // A retry due before the workers' next poll wakes them when it is due: the backoff
+        // is `jobs.backoff_base_ms`'s, not `jobs.poll_interval_ms`'s.
+        if done.rows_affected() > 0
+            && let JobResult::RetryAt(at, _) = result
+            && (0..=RETRY_WAKE_WITHIN_MS).contains(&(at - now))
+        {
+            let wake = self.job_wake.clone();
+            let due = std::time::Duration::from_millis((at - now) as u64);
+            tokio::spawn(async move {
+                tokio::time::sleep(due).await;
+                wake.notify_one();
+            });
+        }
         Ok(done.rows_affected() > 0)
     }
 

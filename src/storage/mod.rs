@@ -90,6 +90,10 @@ pub struct Storage {
     /// Which shard this database is, of how many (`(0, 1)` unsharded): the ids it makes
     /// hash to it.
     shard: (usize, usize),
+    /// Whether this pool timing out says the database is down (the requests' pool). A
+    /// pool of its own ([`Storage::with_own_pool`], the job workers') that runs out is
+    /// busy, not a reason to answer the accepts 503.
+    timeout_is_down: bool,
 }
 
 /// The database is known unreachable until a probe connects again.
@@ -174,6 +178,7 @@ impl Storage {
             })),
             pool_metrics: None,
             shard: (0, 1),
+            timeout_is_down: true,
         })
     }
 
@@ -212,6 +217,7 @@ impl Storage {
                 },
             )?,
             pool_metrics: None,
+            timeout_is_down: false,
             ..self.clone()
         })
     }
@@ -336,11 +342,8 @@ impl Storage {
     /// there is contention, which a probe would not see.)
     fn observe(&self, e: &sqlx::Error) {
         let unreachable = match e {
-            sqlx::Error::Io(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::Tls(_)
-            | sqlx::Error::Protocol(_)
-            | sqlx::Error::WorkerCrashed => true,
+            sqlx::Error::PoolTimedOut => self.timeout_is_down,
+            sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => true,
             sqlx::Error::Database(db) => db
                 .code()
                 .is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "3D000"),

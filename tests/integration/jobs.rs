@@ -24,6 +24,7 @@ backend_tests!(
     a_worker_killed_mid_batch_loses_nothing,
     a_claim_reads_what_it_takes_not_the_backlog,
     a_purge_reads_what_it_deletes,
+    a_retried_job_s_number_does_not_let_a_stalled_attempt_back_in,
 );
 
 /// Accepts `trip` for `driver` directly in storage (atomic_async: a queued job).
@@ -411,23 +412,25 @@ async fn failing_provider_dead_then_admin_retry(backend: Backend) {
     let db = TestDb::new(backend).await;
     let stub = WebhookStub::start().await;
     stub.set_failing(true);
-    let gw = Gateway::start(
-        &db,
-        Options {
-            percent: 100.0,
-            webhook: Some(format!("http://{}", stub.addr)),
-            max_attempts: 3,
-            backoff_base_ms: 20,
-            ..Options::default()
-        },
-    )
-    .await;
+    let dir = TempDir::new();
+    let options = Options {
+        percent: 100.0,
+        webhook: Some(format!("http://{}", stub.addr)),
+        max_attempts: 3,
+        backoff_base_ms: 20,
+        ..Options::default()
+    };
+    let mut config = crate::support::config(&db.url, dir.path(), &options);
+    // The retries are due after tens of milliseconds (backoff_base_ms): they run then,
+    // not at the workers' next poll.
+    config.jobs.poll_interval_ms = 30_000;
+    let gw = Gateway::start_with(config, dir).await;
     let w = World::new(&gw.store).await;
     let d = w.driver().await;
     let trip = w.trip(std::slice::from_ref(&d)).await;
     assert_eq!(gw.accept(&d, &trip).await.0, 200);
 
-    let dead = eventually(Duration::from_secs(20), "job dead", || async {
+    let dead = eventually(Duration::from_secs(10), "job dead", || async {
         let (status, body) = gw.admin_get("/admin/jobs?state=dead").await;
         assert_eq!(status, 200);
         body["jobs"].as_array().filter(|j| !j.is_empty()).cloned()
@@ -607,6 +610,16 @@ async fn a_live_attempt_keeps_its_job_and_a_stalled_one_is_fenced_out(backend: B
         1.0,
         "the call in flight at the stop, made again: a repeat"
     );
+    // A worker follows no flags: it exports no percent for the dashboard's `max by (flag)`
+    // to take for the one in force.
+    for family in [
+        "tripgate_rollout_percent",
+        "tripgate_flags_override",
+        "tripgate_guard_state",
+    ] {
+        assert!(!second_metrics.contains(family), "{family} on a worker");
+    }
+    assert!(second_metrics.contains("tripgate_job_attempts_total"));
     for path in ["/healthz", "/readyz"] {
         let res = reqwest::get(format!("http://127.0.0.1:{second_admin}{path}"))
             .await
@@ -1026,5 +1039,103 @@ async fn a_database_blip_mid_call_sends_nothing_twice() {
     assert_eq!(jobs[0].attempts, 1, "one attempt: its result was not lost");
     assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
     gw.shutdown().await;
+    store.close().await;
+}
+
+/// The job workers' pool running out (its connections held by a stuck statement) is
+/// their own business: the requests' pool does not take it for the database being down
+/// and answer every accept 503 (README: "a database pool of its own").
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_busy_jobs_pool_does_not_turn_requests_away() {
+    use sqlx::Connection;
+    let Some(_) = crate::support::postgres_url() else {
+        return;
+    };
+    let db = TestDb::new(Backend::Postgres).await;
+    let store = db.store().await;
+    let jobs_store = store.with_own_pool(1, 200).unwrap();
+    let w = World::new(&store).await;
+    let trip = w.trip(&[]).await;
+    let job = uuid::Uuid::new_v4().to_string();
+    let now = now_ms();
+    crate::support::execute_sql(
+        &db,
+        &format!(
+            "INSERT INTO jobs (id, kind, trip_request_id, cohort, state, attempts, locked_until, run_at, created_at, updated_at) \
+             VALUES ('{job}', 'trip_accepted', '{trip}', 'atomic_async', 'dead', 3, 0, {now}, {now}, {now})"
+        ),
+    )
+    .await;
+    // The jobs pool's one connection waits on the job's row, locked elsewhere.
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::raw_sql(&format!("BEGIN; SELECT 1 FROM jobs WHERE id = '{job}' FOR UPDATE;"))
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let stuck = {
+        let (jobs_store, job) = (jobs_store.clone(), job.clone());
+        tokio::spawn(async move { jobs_store.retry_job(&job).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let busy = jobs_store.list_jobs(None).await;
+    assert!(matches!(busy, Err(sqlx::Error::PoolTimedOut)), "{busy:?}");
+    // The requests' pool still serves.
+    assert!(store.trip_snapshot(&trip).await.is_ok(), "the database taken for down");
+    sqlx::raw_sql("ROLLBACK").execute(&mut holder).await.unwrap();
+    let _ = stuck.await;
+    store.close().await;
+}
+
+/// An admin retry starts a dead job's count of attempts again, so a stalled attempt of one
+/// process and the live attempt of another can carry the same number: the stalled one's
+/// writes are still refused (the job names the process that holds it).
+async fn a_retried_job_s_number_does_not_let_a_stalled_attempt_back_in(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.store().await;
+    let w = World::new(&store).await;
+    let trip = w.trip(&[]).await;
+    let job = uuid::Uuid::new_v4().to_string();
+    let now = now_ms();
+    // Attempt 1 of the retried job, taken by another process.
+    crate::support::execute_sql(
+        &db,
+        &format!(
+            "INSERT INTO jobs (id, kind, trip_request_id, cohort, state, attempts, locked_until, locked_by, run_at, \
+               created_at, updated_at) \
+             VALUES ('{job}', 'trip_accepted', '{trip}', 'atomic_async', 'running', 1, {}, 'another-process', {now}, \
+               {now}, {now})",
+            now + 60_000
+        ),
+    )
+    .await;
+    // This process's attempt 1, from before the job died and was retried.
+    let stalled = tripgate::storage::jobs::Attempt {
+        job_id: job.clone(),
+        number: 1,
+    };
+    assert!(
+        !store.holds(&stalled).await.unwrap(),
+        "the stalled attempt holds the job"
+    );
+    assert!(
+        store
+            .finish_jobs_done(std::slice::from_ref(&stalled))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let (state, holder) = (
+        crate::support::query_i64(
+            &db,
+            &format!("SELECT COUNT(*) FROM jobs WHERE id = '{job}' AND state = 'running'"),
+        )
+        .await,
+        crate::support::query_i64(
+            &db,
+            &format!("SELECT COUNT(*) FROM jobs WHERE id = '{job}' AND locked_by = 'another-process'"),
+        )
+        .await,
+    );
+    assert_eq!((state, holder), (1, 1), "the live attempt keeps its job");
     store.close().await;
 }
