@@ -7,7 +7,8 @@
 //!
 //! A job is claimed with a lease (`jobs.visibility_timeout_s`) that a live attempt renews
 //! every third of it: a worker that dies holding one lets the lease run out, and the job
-//! is claimed again — as a new attempt (`jobs.attempts`). Sooner, in practice: each
+//! is claimed again — as a new attempt (`jobs.attempts` counts them against the budget,
+//! `jobs.claims` numbers them and is never reset). Sooner, in practice: each
 //! process says it is alive every second, and one silent for 15 s has the leases of its
 //! running jobs ended by a live one ([`Storage::reap_dead_instances`]). Every write of an
 //! attempt is fenced by its number, so an attempt that stalled past its lease (a paused

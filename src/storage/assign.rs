@@ -565,8 +565,8 @@ async fn insert_job(
     locked_until: Option<i64>,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO jobs (id, kind, trip_request_id, cohort, state, attempts, run_at, locked_until, locked_by, \
-         created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $7, $7)",
+        "INSERT INTO jobs (id, kind, trip_request_id, cohort, state, attempts, claims, run_at, locked_until, \
+         locked_by, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $6, $7, $8, $9, $7, $7)",
     )
     .bind(&job.id)
     .bind(job.kind.as_str())
@@ -593,6 +593,7 @@ impl Job {
             cohort,
             state,
             attempts,
+            claims: attempts,
             last_error: None,
         }
     }

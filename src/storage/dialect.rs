@@ -96,6 +96,10 @@ impl Dialect {
                     "guard seen change",
                     include_str!("../../migrations/postgres/0015_guard_seen_change.sql"),
                 ),
+                (
+                    "job claims",
+                    include_str!("../../migrations/postgres/0016_job_claims.sql"),
+                ),
             ],
             Self::Sqlite => &[
                 ("init", include_str!("../../migrations/sqlite/0001_init.sql")),
@@ -127,6 +131,10 @@ impl Dialect {
                 (
                     "guard seen change",
                     include_str!("../../migrations/sqlite/0009_guard_seen_change.sql"),
+                ),
+                (
+                    "job claims",
+                    include_str!("../../migrations/sqlite/0010_job_claims.sql"),
                 ),
             ],
         })

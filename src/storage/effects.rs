@@ -320,10 +320,11 @@ impl Storage {
                     ("cohort", "TEXT"),
                     ("job", "TEXT"),
                     ("attempt", "BIGINT"),
+                    ("claim", "BIGINT"),
                     ("effect", "TEXT")
                 ]
             ),
-            attempt_fence("v.job", "v.attempt")
+            attempt_fence("v.job", "v.attempt", "v.claim")
         );
         let batch: Vec<serde_json::Value> = items
             .iter()
@@ -334,6 +335,7 @@ impl Storage {
                         "cohort": item.cohort.as_str(),
                         "job": item.attempt.job_id,
                         "attempt": item.attempt.number,
+                        "claim": item.attempt.claim,
                         "effect": effect.as_str(),
                     })
                 })
@@ -378,13 +380,14 @@ impl Storage {
                     ("trip", "TEXT"),
                     ("job", "TEXT"),
                     ("attempt", "BIGINT"),
+                    ("claim", "BIGINT"),
                     ("effect", "TEXT"),
                     ("state", "TEXT"),
                     ("last_error", "TEXT"),
                     ("handed_at", "BIGINT")
                 ]
             ),
-            attempt_fence("v.job", "v.attempt")
+            attempt_fence("v.job", "v.attempt", "v.claim")
         );
         let batch: Vec<serde_json::Value> = items
             .iter()
@@ -397,6 +400,7 @@ impl Storage {
                     "trip": trip_id,
                     "job": attempt.job_id,
                     "attempt": attempt.number,
+                    "claim": attempt.claim,
                     "effect": call.effect.as_str(),
                     "state": state.as_str(),
                     "last_error": error,

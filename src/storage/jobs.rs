@@ -31,35 +31,42 @@ pub struct Job {
     pub cohort: Cohort,
     /// Where it is in the queue.
     pub state: JobState,
-    /// Attempts started.
+    /// Attempts started (since the last admin retry): the retry budget.
     pub attempts: i64,
+    /// Claims of the job, never reset: what fences an attempt's writes.
+    #[serde(skip)]
+    pub claims: i64,
     /// Why the last attempt failed.
     pub last_error: Option<String>,
 }
 
 impl Job {
     /// The columns a [`Job`] is read from: every `SELECT` and `RETURNING` of a job.
-    const COLUMNS: &'static str = "id, kind, trip_request_id, cohort, state, attempts, last_error";
+    const COLUMNS: &'static str = "id, kind, trip_request_id, cohort, state, attempts, claims, last_error";
 
     /// The attempt this row, as its claim returned it, stands for.
     pub fn attempt(&self) -> Attempt {
         Attempt {
             job_id: self.id.clone(),
             number: self.attempts,
+            claim: self.claims,
         }
     }
 }
 
-/// One attempt at a job: the job and the attempt's number (`jobs.attempts` as the claim
-/// that started it set it). Every write an attempt makes is fenced by it — the job must
-/// still be `running` under this number — so once a lease ran out and another attempt
-/// took the job, the late attempt's writes are refused.
+/// One attempt at a job: the job and the attempt's numbers as the claim that started it
+/// set them. Every write an attempt makes is fenced by them — the job must still be
+/// `running` under both numbers and name this process — so once a lease ran out and
+/// another attempt took the job, the late attempt's writes are refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attempt {
     /// The job.
     pub job_id: String,
-    /// Its number.
+    /// Its number in `jobs.attempts` (the retry budget, which an admin retry starts
+    /// again; the previous release's claims move it too).
     pub number: i64,
+    /// Its number in `jobs.claims` (every claim of this release, never reset).
+    pub claim: i64,
 }
 
 /// Until when (ms) an attempt knows it holds its job: its claim's lease, pushed on by each
@@ -86,17 +93,31 @@ impl HeldUntil {
     }
 }
 
-/// The fence of an attempt in SQL, `$job` and `$number` being its parameters.
-pub(super) fn attempt_fence(job: &str, number: &str) -> String {
+/// The fence of an attempt in SQL, `$job`, `$number` and `$claim` being its parameters.
+pub(super) fn attempt_fence(job: &str, number: &str, claim: &str) -> String {
     format!(
-        "EXISTS (SELECT 1 FROM jobs WHERE id = {job} AND attempts = {number} AND state = 'running' AND {})",
-        held_here("locked_by")
+        "EXISTS (SELECT 1 FROM jobs WHERE id = {job} AND {})",
+        held("", number, claim)
     )
 }
 
-/// `column` names this process: with the attempt's number, what fences a write. The number
-/// alone repeats after an admin retry (it starts the count again), and a stalled attempt
-/// of another process would then pass for the live one.
+/// The job row (columns prefixed `table`) is held by the attempt whose numbers are
+/// `number` and `claim` (SQL expressions), of this process.
+///
+/// `attempts` alone repeats after an admin retry (it starts the count again), and the same
+/// process could claim the retried job under the number of one of its own stalled
+/// attempts from before; `claims` alone does not move when a process of the previous
+/// release claims the job (nor does `locked_by`). Together, with `locked_by`, they fence
+/// both.
+fn held(table: &str, number: &str, claim: &str) -> String {
+    format!(
+        "{table}attempts = {number} AND {table}claims = {claim} AND {table}state = 'running' AND {}",
+        held_here(&format!("{table}locked_by"))
+    )
+}
+
+/// `column` names this process: with the attempt's numbers, what fences a write (the
+/// numbers of a stalled attempt of another process can repeat in the live one's).
 fn held_here(column: &str) -> String {
     // A UUID's hex digits: nothing to quote.
     format!("{column} = '{}'", instance_id())
@@ -111,6 +132,7 @@ impl FromRow<'_, AnyRow> for Job {
             cohort: get_enum(r, "cohort", Cohort::parse)?,
             state: get_enum(r, "state", JobState::parse)?,
             attempts: r.try_get("attempts")?,
+            claims: r.try_get("claims")?,
             last_error: r.try_get("last_error")?,
         })
     }
@@ -153,7 +175,7 @@ impl Storage {
     /// `limit` leases expired at once, the oldest leases are the ones considered.)
     pub async fn claim_jobs(&self, lease_ms: i64, limit: usize) -> Result<Vec<Job>, sqlx::Error> {
         let sql = format!(
-            "UPDATE jobs SET state = 'running', attempts = attempts + 1, locked_until = $1, updated_at = $2, \
+            "UPDATE jobs SET state = 'running', attempts = attempts + 1, claims = claims + 1, locked_until = $1, updated_at = $2, \
                  locked_by = $4 \
              WHERE id IN (SELECT id FROM ( \
                  SELECT id, priority, run_at FROM (SELECT id, priority, run_at FROM jobs \
@@ -263,11 +285,12 @@ impl Storage {
     /// Whether `attempt` still holds its job.
     pub async fn holds(&self, attempt: &Attempt) -> Result<bool, sqlx::Error> {
         let held: i64 = sqlx::query_scalar(&format!(
-            "SELECT COUNT(*) FROM jobs WHERE id = $1 AND attempts = $2 AND state = 'running' AND {}",
-            held_here("locked_by")
+            "SELECT COUNT(*) FROM jobs WHERE id = $1 AND {}",
+            held("", "$2", "$3")
         ))
         .bind(&attempt.job_id)
         .bind(attempt.number)
+        .bind(attempt.claim)
         .fetch_one(&mut *self.conn().await?)
         .await?;
         Ok(held > 0)
@@ -300,14 +323,15 @@ impl Storage {
         let sql = format!(
             "WITH v AS ({}) \
              UPDATE jobs SET {set} FROM v \
-             WHERE jobs.id = v.id AND jobs.attempts = v.attempts AND jobs.state = 'running' AND {} \
+             WHERE jobs.id = v.id AND {} \
              RETURNING jobs.id",
-            self.dialect.json_rows(2, &[("id", "TEXT"), ("attempts", "BIGINT")]),
-            held_here("jobs.locked_by")
+            self.dialect
+                .json_rows(2, &[("id", "TEXT"), ("attempts", "BIGINT"), ("claims", "BIGINT")]),
+            held("jobs.", "v.attempts", "v.claims")
         );
         let batch: Vec<serde_json::Value> = attempts
             .iter()
-            .map(|a| serde_json::json!({"id": a.job_id, "attempts": a.number}))
+            .map(|a| serde_json::json!({"id": a.job_id, "attempts": a.number, "claims": a.claim}))
             .collect();
         sqlx::query_scalar(&sql)
             .bind(value)
@@ -334,8 +358,8 @@ impl Storage {
         let sql = format!(
             "UPDATE jobs SET state = $2, run_at = $3, last_error = COALESCE($4, last_error), locked_until = NULL, \
                updated_at = $5, priority = $7 \
-             WHERE id = $1 AND attempts = $6 AND state = 'running' AND {}",
-            held_here("locked_by")
+             WHERE id = $1 AND {}",
+            held("", "$6", "$8")
         );
         let done = sqlx::query(&sql)
             .bind(&attempt.job_id)
@@ -345,6 +369,7 @@ impl Storage {
             .bind(now)
             .bind(attempt.number)
             .bind(if urgent_left { 0_i64 } else { 1 })
+            .bind(attempt.claim)
             .execute(&mut *self.conn().await?)
             .await?;
         // A retry due before the workers' next poll wakes them when it is due: the backoff

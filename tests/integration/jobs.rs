@@ -25,6 +25,7 @@ backend_tests!(
     a_claim_reads_what_it_takes_not_the_backlog,
     a_purge_reads_what_it_deletes,
     a_retried_job_s_number_does_not_let_a_stalled_attempt_back_in,
+    a_stalled_attempt_of_this_process_is_fenced_after_a_retry_or_an_old_claim,
 );
 
 /// Accepts `trip` for `driver` directly in storage (atomic_async: a queued job).
@@ -1112,6 +1113,7 @@ async fn a_retried_job_s_number_does_not_let_a_stalled_attempt_back_in(backend: 
     let stalled = tripgate::storage::jobs::Attempt {
         job_id: job.clone(),
         number: 1,
+        claim: 0,
     };
     assert!(
         !store.holds(&stalled).await.unwrap(),
@@ -1137,5 +1139,109 @@ async fn a_retried_job_s_number_does_not_let_a_stalled_attempt_back_in(backend: 
         .await,
     );
     assert_eq!((state, holder), (1, 1), "the live attempt keeps its job");
+    store.close().await;
+}
+
+/// The same process can claim a retried job under the attempt number (`jobs.attempts`,
+/// which an admin retry starts again) of one of its own attempts from before the job died:
+/// that stalled attempt is still fenced out, by the count of claims. And a claim by a
+/// process of the previous release, which moves neither that count nor `locked_by`, still
+/// fences out this process's attempt, by `attempts`.
+async fn a_stalled_attempt_of_this_process_is_fenced_after_a_retry_or_an_old_claim(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.store().await;
+    let w = World::new(&store).await;
+    let trip = w.trip(&[]).await;
+    let job = uuid::Uuid::new_v4().to_string();
+    let now = now_ms();
+    crate::support::execute_sql(
+        &db,
+        &format!(
+            "INSERT INTO jobs (id, kind, trip_request_id, cohort, state, attempts, run_at, created_at, updated_at) \
+             VALUES ('{job}', 'trip_accepted', '{trip}', 'atomic_async', 'queued', 0, {}, {now}, {now})",
+            now - 1
+        ),
+    )
+    .await;
+    let claim = |lease_ms: i64| {
+        let store = store.clone();
+        async move {
+            let mut claimed = store.claim_jobs(lease_ms, 10).await.unwrap();
+            assert_eq!(claimed.len(), 1, "{claimed:?}");
+            claimed.remove(0)
+        }
+    };
+    // Attempt 1 stalls past its lease; attempt 2, of this process too, fails for good.
+    let stalled = claim(-1_000).await.attempt();
+    let second = claim(60_000).await;
+    assert_eq!(second.attempts, 2);
+    assert!(
+        store
+            .finish_job(
+                &second.attempt(),
+                &tripgate::storage::jobs::JobResult::Dead("no".into()),
+                true
+            )
+            .await
+            .unwrap()
+    );
+    // Retried by hand: this process claims it again, as attempt 1.
+    assert_eq!(store.retry_job(&job).await.unwrap().map(|j| j.attempts), Some(0));
+    let live = claim(60_000).await;
+    assert_eq!(live.attempts, stalled.number, "the attempt number repeats");
+    let live = live.attempt();
+
+    assert!(
+        !store.holds(&stalled).await.unwrap(),
+        "the stalled attempt holds the job"
+    );
+    let effects = [Effect::OtpPush];
+    let calls = |attempt| tripgate::storage::effects::CallsToBegin {
+        attempt,
+        trip_id: &trip,
+        cohort: Cohort::AtomicAsync,
+        effects: &effects,
+    };
+    assert!(
+        store.begin_calls_batch(&[calls(&stalled)]).await.unwrap().is_empty(),
+        "the stalled attempt began a call"
+    );
+    assert!(
+        store
+            .finish_jobs_done(std::slice::from_ref(&stalled))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        !store
+            .finish_job(&stalled, &tripgate::storage::jobs::JobResult::Done, false)
+            .await
+            .unwrap()
+    );
+    assert!(store.holds(&live).await.unwrap(), "the live attempt lost its job");
+    assert_eq!(store.begin_calls_batch(&[calls(&live)]).await.unwrap().len(), 1);
+
+    // A process of the previous release takes the job once the lease ran out: it counts
+    // the attempt, not the claim, and leaves `locked_by` as it was.
+    crate::support::execute_sql(
+        &db,
+        &format!(
+            "UPDATE jobs SET attempts = attempts + 1, locked_until = {} WHERE id = '{job}'",
+            now_ms() + 60_000
+        ),
+    )
+    .await;
+    assert!(
+        !store.holds(&live).await.unwrap(),
+        "an attempt taken over by the previous release still holds the job"
+    );
+    assert!(
+        store
+            .finish_jobs_done(std::slice::from_ref(&live))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     store.close().await;
 }

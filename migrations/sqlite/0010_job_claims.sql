@@ -1,0 +1,11 @@
+-- An attempt at a job was known by `jobs.attempts`, which an admin retry of a dead job
+-- starts again from 0: the same process could then claim the retried job as attempt 1
+-- while its own stalled attempt 1 from before the job died was still to write, and that
+-- attempt's writes passed the fence (same number, same process). `claims` counts every
+-- claim of the job and is never reset; the fences check it, and `attempts` stays the
+-- retry budget.
+-- Expand-only: a column with a default that the previous release neither reads nor
+-- writes. Its claims leave the count as it was; each attempt of that release is still
+-- fenced by its own `attempts` and `locked_by`, and an attempt of this release by a
+-- count that only this release's claims move, with `locked_by` naming its process.
+ALTER TABLE jobs ADD COLUMN claims BIGINT NOT NULL DEFAULT 0;
