@@ -233,13 +233,19 @@ async fn kill9_then_restart(backend: Backend, percent: f64, at_once: usize, batc
     let pairs = pairs(&w, if batched { 800 } else { 400 }).await;
     let load = start_load(format!("http://127.0.0.1:{api}"), pairs.clone(), at_once);
     if batched {
-        // Kill as soon as batches of several accepts are committing.
+        // Kill as soon as batches of several accepts are committing: one was formed (its
+        // size is recorded before its statement runs) and an accept was answered (after
+        // its commit) — on a busy machine the first commit can come well after the first
+        // batch.
         let metrics = format!("http://127.0.0.1:{admin}/metrics");
         eventually(Duration::from_secs(20), "a batch of several accepts", || async {
             let text = reqwest::get(&metrics).await.ok()?.text().await.ok()?;
             let sum = crate::support::metric_value(&text, "tripgate_accept_batch_size_sum");
             let count = crate::support::metric_value(&text, "tripgate_accept_batch_size_count");
-            (sum > count).then_some(())
+            let answered = text
+                .lines()
+                .any(|l| l.starts_with("tripgate_http_requests_total{cohort=\"atomic_async\",outcome=\"accepted\""));
+            (sum > count && answered).then_some(())
         })
         .await;
     } else {
