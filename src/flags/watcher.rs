@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::{FlagSet, FlagsError, FlagsHandle};
@@ -32,16 +32,33 @@ pub fn reload(handle: &FlagsHandle, path: &Path) -> Result<Reload, FlagsError> {
 }
 
 /// Watches the flags file's folder (not the file: editors replace it by rename, and a
-/// Kubernetes ConfigMap swaps a `..data` symlink), debounces, and reloads; a slow poll of
-/// the resolved file's fingerprint covers filesystems without inotify; `SIGHUP` forces a
+/// Kubernetes ConfigMap swaps a `..data` symlink) — and, when the file is a symlink into
+/// another folder, that folder too — lets a change settle, and reloads; a slow poll of the
+/// resolved file's fingerprint covers filesystems without inotify; `SIGHUP` forces a
 /// reload. Each change is logged and counted; the fleet sync ([`super::fleet`]) records it in
 /// the audit log, once for the fleet.
+///
+/// A file written in place is read once its writer closes it, not between two of its
+/// writes: a half-written file can be valid and say something else (`percent = 0` of
+/// `percent = 0.5`: the kill switch, which clears the overrides for good).
 pub struct FlagsWatcher;
 
 /// How long to let a burst of filesystem events settle before reading the file.
 const DEBOUNCE: Duration = Duration::from_millis(75);
+/// How long, from its first write, a file written in place may stay open before it is read
+/// anyway (SPEC §4: a change is in force within 1 s of the write).
+const WRITE_WAIT: Duration = Duration::from_millis(800);
 /// Fallback poll interval.
 const POLL: Duration = Duration::from_secs(5);
+
+/// What a filesystem event says about the flags file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    /// Written in place, still open: read it once it is closed.
+    Writing,
+    /// Closed after a write, replaced, renamed, linked: read it once the burst settles.
+    Changed,
+}
 
 impl FlagsWatcher {
     /// Starts watching until `shutdown` turns true.
@@ -52,18 +69,15 @@ impl FlagsWatcher {
         mut shutdown: watch::Receiver<bool>,
     ) -> JoinHandle<()> {
         tokio::spawn(async move {
-            let changed = Arc::new(Notify::new());
+            let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
             // Kept alive for as long as the loop runs; dropping it stops the OS watch.
-            let _watcher = watch_folder(&path, changed.clone());
+            let mut folders = Folders::watch(&path, tx);
             let mut hangup = hangup_signal();
             let mut seen = fingerprint(&path);
             loop {
                 let forced = tokio::select! {
-                    _ = changed.notified() => {
-                        tokio::time::sleep(DEBOUNCE).await;
-                        // The burst's later events (a write's close after its modify) are
-                        // read with it: one reload per change, not one and an 'unchanged'.
-                        let _ = futures_util::FutureExt::now_or_never(changed.notified());
+                    Some(first) = events.recv() => {
+                        settle(&mut events, first).await;
                         false
                     }
                     _ = recv_hangup(&mut hangup) => true,
@@ -78,8 +92,29 @@ impl FlagsWatcher {
                 };
                 seen = fingerprint(&path);
                 apply(&handle, &path, &metrics, forced);
+                if let Some(folders) = folders.as_mut() {
+                    folders.follow_target(&path);
+                }
             }
         })
+    }
+}
+
+/// Waits until the burst of events that began with `first` is over: no event for
+/// [`DEBOUNCE`] and no write in place left unclosed — or [`WRITE_WAIT`] after it began.
+async fn settle(events: &mut tokio::sync::mpsc::UnboundedReceiver<Seen>, first: Seen) {
+    let began = tokio::time::Instant::now();
+    let mut writing = first == Seen::Writing;
+    loop {
+        let left = WRITE_WAIT.saturating_sub(began.elapsed());
+        let wait = if writing { left } else { DEBOUNCE.min(left) };
+        match tokio::time::timeout(wait, events.recv()).await {
+            Ok(Some(seen)) => writing = seen == Seen::Writing,
+            Ok(None) | Err(_) => return,
+        }
+        if began.elapsed() >= WRITE_WAIT {
+            return;
+        }
     }
 }
 
@@ -112,39 +147,97 @@ pub fn apply(handle: &FlagsHandle, path: &Path, metrics: &Metrics, forced: bool)
     }
 }
 
-fn watch_folder(path: &Path, changed: Arc<Notify>) -> Option<notify::RecommendedWatcher> {
-    use notify::Watcher;
-    let folder = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    let mut watcher = match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok_and(|e| is_change(&e.kind)) {
-            changed.notify_one();
-        }
-    }) {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::warn!(error = %e, "no filesystem watcher; flags are polled every {POLL:?}");
-            return None;
-        }
-    };
-    if let Err(e) = watcher.watch(&folder, notify::RecursiveMode::NonRecursive) {
-        tracing::warn!(folder = %folder.display(), error = %e, "cannot watch the flags folder; flags are polled every {POLL:?}");
-        return None;
-    }
-    Some(watcher)
+/// The OS watch on the flags file's folder, and on the folder of the file it links to
+/// when that is another one (a symlink into a mounted volume, say).
+struct Folders {
+    watcher: notify::RecommendedWatcher,
+    /// The linked-to file's folder being watched, if any.
+    target: Option<PathBuf>,
 }
 
-/// Whether an event in the folder can have changed what the flags file says. Opening and
-/// reading it cannot: inotify reports those too, and the reload's own read would otherwise
-/// wake the watcher again, a reload every debounce interval for ever.
-fn is_change(kind: &notify::EventKind) -> bool {
-    use notify::event::{AccessKind, AccessMode, EventKind};
-    match kind {
-        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
-        EventKind::Access(_) => false,
-        _ => true,
+impl Folders {
+    fn watch(path: &Path, events: tokio::sync::mpsc::UnboundedSender<Seen>) -> Option<Self> {
+        use notify::Watcher;
+        let folder = folder_of(path);
+        let names = [
+            path.file_name(),
+            std::fs::canonicalize(path).ok().as_deref().and_then(Path::file_name),
+        ]
+        .into_iter()
+        .flatten()
+        .map(std::ffi::OsStr::to_owned)
+        .collect::<Vec<_>>();
+        let mut watcher = match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if let Some(seen) = event.ok().and_then(|e| seen(&e, &names)) {
+                let _ = events.send(seen);
+            }
+        }) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "no filesystem watcher; flags are polled every {POLL:?}");
+                return None;
+            }
+        };
+        if let Err(e) = watcher.watch(&folder, notify::RecursiveMode::NonRecursive) {
+            tracing::warn!(folder = %folder.display(), error = %e, "cannot watch the flags folder; flags are polled every {POLL:?}");
+            return None;
+        }
+        let mut folders = Self { watcher, target: None };
+        folders.follow_target(path);
+        Some(folders)
+    }
+
+    /// Watches the folder of the file `path` now links to, if that is not `path`'s own
+    /// folder (and stops watching the one it linked to before).
+    fn follow_target(&mut self, path: &Path) {
+        use notify::Watcher;
+        let own = std::fs::canonicalize(folder_of(path)).ok();
+        let target = std::fs::canonicalize(path)
+            .ok()
+            .map(|t| folder_of(&t))
+            .filter(|t| Some(t) != own.as_ref());
+        if target == self.target {
+            return;
+        }
+        if let Some(old) = self.target.take() {
+            let _ = self.watcher.unwatch(&old);
+        }
+        if let Some(new) = target {
+            match self.watcher.watch(&new, notify::RecursiveMode::NonRecursive) {
+                Ok(()) => self.target = Some(new),
+                Err(e) => {
+                    tracing::warn!(folder = %new.display(), error = %e, "cannot watch the folder the flags file links to; its edits are polled every {POLL:?}")
+                }
+            }
+        }
+    }
+}
+
+fn folder_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// What an event in a watched folder says about the flags file, whose names (its own, the
+/// file it links to) are `names`. Opening and reading cannot change it: inotify reports
+/// those too, and the reload's own read would otherwise wake the watcher again, a reload
+/// every debounce interval for ever. A write to the file itself (not a temporary file
+/// renamed over it) is one still in progress until its close.
+fn seen(event: &notify::Event, names: &[std::ffi::OsString]) -> Option<Seen> {
+    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+    let of_the_file = || {
+        event
+            .paths
+            .iter()
+            .any(|p| p.file_name().is_some_and(|n| names.iter().any(|name| name == n)))
+    };
+    match event.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => Some(Seen::Changed),
+        EventKind::Access(_) => None,
+        EventKind::Modify(ModifyKind::Data(_)) if of_the_file() => Some(Seen::Writing),
+        _ => Some(Seen::Changed),
     }
 }
 

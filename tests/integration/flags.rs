@@ -52,6 +52,55 @@ async fn reload_within_a_second_for_each_write_style() {
     let took = time_to_reload(&gw, 20.0, started).await;
     assert!(took < Duration::from_secs(1), "in-place write took {took:?}");
 
+    // 1b. In place, by a writer that pauses halfway with the file open: what it wrote so
+    //     far ("percent = 0" of "percent = 0.5") is valid and would be the kill switch.
+    //     It is read once the writer closes the file.
+    let full = flags_text(0.5, &[]);
+    let cut = full.find("percent = 0").unwrap() + "percent = 0".len();
+    let watching = {
+        let (gw_admin, token) = (gw.admin.clone(), gw.token("admin", Role::Admin));
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut in_force = Vec::new();
+            while !flag.load(Ordering::SeqCst) {
+                let body: Value = reqwest::Client::new()
+                    .get(format!("{gw_admin}/admin/flags"))
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                in_force.push(body["flags"]["trip_accept_v2"]["percent"].as_f64().unwrap());
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            in_force
+        });
+        (stop, task)
+    };
+    let started = {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&path).unwrap();
+        file.write_all(&full.as_bytes()[..cut]).unwrap();
+        file.flush().unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        file.write_all(&full.as_bytes()[cut..]).unwrap();
+        Instant::now()
+    };
+    let took = time_to_reload(&gw, 0.5, started).await;
+    assert!(
+        took < Duration::from_secs(1),
+        "in-place write took {took:?} after its close"
+    );
+    watching.0.store(true, Ordering::SeqCst);
+    let in_force = watching.1.await.unwrap();
+    assert!(
+        !in_force.contains(&0.0),
+        "the half-written file was put in force: {in_force:?}"
+    );
+
     // 2. Editor save: temp file + rename.
     let started = Instant::now();
     let tmp = dir.join(".rollout.toml.swp");
@@ -81,22 +130,51 @@ async fn reload_within_a_second_for_each_write_style() {
     assert!(took < Duration::from_secs(1), "ConfigMap swap took {took:?}");
     std::fs::remove_dir_all(&v1).unwrap();
 
+    // 4. A symlink to a file in another folder (a mounted volume, say): the link swapped
+    //    in, then the file it links to edited in place, then by rename.
+    let other = tempfile_dir(&dir);
+    std::fs::write(other.join("rollout.toml"), flags_text(60.0, &[])).unwrap();
+    std::os::unix::fs::symlink(other.join("rollout.toml"), dir.join(".link_tmp")).unwrap();
+    let started = Instant::now();
+    std::fs::rename(dir.join(".link_tmp"), &path).unwrap();
+    let took = time_to_reload(&gw, 60.0, started).await;
+    assert!(took < Duration::from_secs(1), "link to another folder took {took:?}");
+    let started = Instant::now();
+    std::fs::write(other.join("rollout.toml"), flags_text(70.0, &[])).unwrap();
+    let took = time_to_reload(&gw, 70.0, started).await;
+    assert!(
+        took < Duration::from_secs(1),
+        "the linked file written in place took {took:?}"
+    );
+    std::fs::write(other.join(".tmp"), flags_text(80.0, &[])).unwrap();
+    let started = Instant::now();
+    std::fs::rename(other.join(".tmp"), other.join("rollout.toml")).unwrap();
+    let took = time_to_reload(&gw, 80.0, started).await;
+    assert!(took < Duration::from_secs(1), "the linked file replaced took {took:?}");
+
     // File edits are audited with actor `file` (after a short settle delay, which lets the
     // API or CLI claim a write as theirs first).
     let audit = crate::support::eventually(Duration::from_secs(10), "file edits audited", || async {
         let (_, audit) = gw.admin_get("/admin/audit").await;
-        (audit["entries"].as_array()?.len() >= 4).then_some(audit)
+        (audit["entries"].as_array()?.len() >= 8).then_some(audit)
     })
     .await;
     let entries = audit["entries"].as_array().unwrap();
     let tos: Vec<f64> = entries.iter().map(|e| e["to"].as_f64().unwrap()).collect();
-    assert_eq!(tos, [20.0, 30.0, 40.0, 50.0], "{audit}");
+    assert_eq!(tos, [20.0, 0.5, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0], "{audit}");
     assert!(entries.iter().all(|e| e["actor"] == "file" && e["source"] == "file"));
     assert_eq!(
         metric(&gw.metrics().await, "tripgate_rollout_percent{flag=\"trip_accept_v2\"}"),
-        50.0
+        80.0
     );
     gw.shutdown().await;
+}
+
+/// A folder beside the gateway's flags folder (inside the test's temporary directory).
+fn tempfile_dir(flags_dir: &Path) -> std::path::PathBuf {
+    let other = flags_dir.parent().unwrap().join("mounted");
+    std::fs::create_dir_all(&other).unwrap();
+    other
 }
 
 /// The cohort each driver is served by now. A reject goes through the router like an
