@@ -165,7 +165,8 @@ pub enum OverrideError {
 
 /// Sets `flag`'s override (API, CLI, console, guard), given the percent the flags file
 /// declares for it (`file_bp`, basis points; `None`: the file has no such flag): refused for
-/// a flag the file does not have, and while the file's kill switch is on.
+/// a flag the file does not have, and while the file's kill switch is on — this caller's
+/// copy's, or the one the fleet's gateways last recorded.
 pub async fn set_override(
     store: &Storage,
     file_bp: Option<u32>,
@@ -177,8 +178,11 @@ pub async fn set_override(
     if declared == 0 {
         return Err(OverrideError::KillSwitch(flag.to_owned()));
     }
-    let (_, entry) = store.set_flag_override(flag, patch, by, declared).await?;
-    Ok(entry)
+    match store.set_flag_override(flag, patch, by, declared).await? {
+        Some((_, entry)) => Ok(entry),
+        // The fleet's file says 0 (this caller's copy is behind or elsewhere).
+        None => Err(OverrideError::KillSwitch(flag.to_owned())),
+    }
 }
 
 /// Clears `flag`'s override (`file_bp` as for [`set_override`]); `None` when there was

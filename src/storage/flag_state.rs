@@ -151,15 +151,17 @@ impl Storage {
     }
 
     /// Sets (or changes) `flag`'s override by `patch` and audits it, in one transaction.
-    /// `file_bp` is the file's percent (for the entry's `from`/`to` where the override
-    /// keeps the file's). Returns the override now in force and its entry.
+    /// `file_bp` is the caller's file's percent (for the entry's `from`/`to` where the
+    /// override keeps the file's; the fleet's recorded one, if any, stands instead).
+    /// Returns the override now in force and its entry; `None`, changing nothing, while the
+    /// fleet's recorded file percent is 0 (the kill switch).
     pub async fn set_flag_override(
         &self,
         flag: &str,
         patch: &OverridePatch,
         by: &ChangeBy,
         file_bp: u32,
-    ) -> Result<(OverrideRow, AuditEntry), sqlx::Error> {
+    ) -> Result<Option<(OverrideRow, AuditEntry)>, sqlx::Error> {
         let mut tx = self.begin().await?;
         // A row to lock even for the flag's first override (as a cleared one, which no one
         // sees: this transaction overwrites it): two first sets at once then go one after
@@ -183,6 +185,21 @@ impl Storage {
         .bind(flag)
         .fetch_optional(&mut *tx)
         .await?;
+        // The file the fleet's gateways hold, as they last recorded it, over the caller's
+        // copy (a CLI host's stale checkout, an instance that has not reloaded yet): its
+        // kill switch refuses the override (`None`) — else the override would wait,
+        // recorded as in force while it was not, and take over when the file rose again.
+        // A kill switch recorded after this read clears the override this sets (its
+        // transaction waits for this one's lock on the row).
+        let recorded: Option<i64> = sqlx::query_scalar("SELECT percent_bp FROM flag_file_state WHERE flag = $1")
+            .bind(flag)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let file_bp = match recorded.map(u32::try_from) {
+            Some(Ok(0)) => return Ok(None),
+            Some(Ok(bp)) => bp,
+            _ => file_bp,
+        };
         let base = current.filter(|o| o.active);
         let row = OverrideRow {
             flag: flag.to_owned(),
@@ -236,7 +253,7 @@ impl Storage {
         insert_entry(&mut tx, &entry).await?;
         self.notify_flags(&mut tx).await?;
         tx.commit().await?;
-        Ok((row, entry))
+        Ok(Some((row, entry)))
     }
 
     /// Clears `flag`'s override, if one is in force, and audits it, in one transaction.

@@ -533,6 +533,44 @@ async fn file_changes_are_recorded_once(backend: Backend) {
 
 crate::backend_tests!(file_changes_are_recorded_once);
 
+/// The kill switch the fleet's gateways hold refuses an override even when the caller's
+/// copy of the file says otherwise (a CLI host's stale checkout, an instance that has not
+/// reloaded yet): the override would otherwise be recorded as in force while it was not,
+/// and take over when the file rose again.
+async fn the_fleet_s_kill_switch_refuses_an_override_whatever_the_caller_s_file_says(backend: Backend) {
+    use tripgate::flags::fleet::{OverrideError, set_override};
+    use tripgate::storage::flag_state::{ChangeBy, OverridePatch};
+    let db = TestDb::new(backend).await;
+    let store = db.store().await;
+    let by = ChangeBy {
+        actor: "ops".into(),
+        source: "cli".into(),
+        reason: String::new(),
+        at: 10,
+    };
+    let patch = OverridePatch {
+        percent_bp: Some(3_000),
+        ..OverridePatch::default()
+    };
+    store.record_file_percent("f", 2_000, 1).await.unwrap();
+    assert!(matches!(
+        store.record_file_percent("f", 0, 2).await.unwrap(),
+        FileRecord::Recorded(_)
+    ));
+    let refused = set_override(&store, Some(2_000), "f", &patch, &by).await;
+    assert!(matches!(refused, Err(OverrideError::KillSwitch(_))), "{refused:?}");
+    assert!(store.flag_overrides().await.unwrap().iter().all(|o| !o.active));
+    assert_eq!(store.flag_audit().await.unwrap().len(), 1, "only the kill switch");
+    // The file rises again: nothing was waiting to take over, and an override now counts
+    // from the file's percent the fleet holds.
+    store.record_file_percent("f", 500, 3).await.unwrap();
+    assert!(store.flag_overrides().await.unwrap().iter().all(|o| !o.active));
+    let set = set_override(&store, Some(2_000), "f", &patch, &by).await.unwrap();
+    assert_eq!((set.from, set.to), (Some(5.0), 30.0));
+}
+
+crate::backend_tests!(the_fleet_s_kill_switch_refuses_an_override_whatever_the_caller_s_file_says);
+
 /// The first overrides of a flag, set at once: they go one after the other, so the
 /// override in force keeps every one's field (none is lost to another's write) and the
 /// last one's audit entry shows what the others set before it.
@@ -567,7 +605,11 @@ async fn first_overrides_at_once_lose_nothing(backend: Backend) {
             let (store, barrier, flag, by) = (store.clone(), barrier.clone(), flag.clone(), by(n as i64));
             async move {
                 barrier.wait().await;
-                store.set_flag_override(&flag, patch, &by, 1_000).await.unwrap()
+                store
+                    .set_flag_override(&flag, patch, &by, 1_000)
+                    .await
+                    .unwrap()
+                    .unwrap()
             }
         });
         let entries: Vec<_> = futures_util::future::join_all(sets)
