@@ -487,9 +487,16 @@ impl Config {
     /// Reads `path` (a missing file means all defaults), applies `TRIPGATE_*` overrides
     /// from the process environment, and validates.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        let (text, source) = match std::fs::read_to_string(path) {
+            Ok(text) => (text, path.to_owned()),
+            // Errors name what was read: no file, so the defaults and the environment.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (
+                String::new(),
+                PathBuf::from(format!(
+                    "{} not found, so the defaults and the environment",
+                    path.display()
+                )),
+            ),
             Err(source) => {
                 return Err(ConfigError::Read {
                     path: path.to_owned(),
@@ -498,7 +505,7 @@ impl Config {
             }
         };
         check_env_names(std::env::vars_os().filter_map(|(name, _)| name.into_string().ok()))?;
-        Self::from_toml(path, &text, |name| std::env::var(name).ok())
+        Self::from_toml(&source, &text, |name| std::env::var(name).ok())
     }
 
     /// Reads `path`, which must exist: it was named on the command line, and a typo in it
@@ -699,8 +706,25 @@ impl Config {
                 ));
             }
         }
-        if self.log.level.trim().is_empty() || tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return Err(("log.level", format!("{:?} is not a tracing filter", self.log.level)));
+        // A bare word is a target to tracing (`warning`: the logs of a module named so, at
+        // every level, and nothing else): here it must be a level, and a target is written
+        // `target=level`.
+        const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+        let bare_word_not_a_level = self.log.level.split(',').any(|directive| {
+            let directive = directive.trim();
+            !directive.contains('=') && !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(directive))
+        });
+        if self.log.level.trim().is_empty()
+            || bare_word_not_a_level
+            || tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err()
+        {
+            return Err((
+                "log.level",
+                format!(
+                    "{:?} is not a level (trace, debug, info, warn, error, off) or a tracing filter of target=level directives",
+                    self.log.level
+                ),
+            ));
         }
         Ok(())
     }
@@ -955,11 +979,19 @@ mod tests {
             ("[database]\nurl = \"sqlite://data/\"\n", "names a directory"),
             ("[database]\nurl = \"sqlite::memory:\"\n", "database.url"),
             ("[log]\nlevel = \"\"\n", "log.level"),
+            // A bare word is a target to tracing: "warning" would switch every log off.
+            ("[log]\nlevel = \"warning\"\n", "log.level"),
+            ("[log]\nlevel = \"info,verbose\"\n", "log.level"),
+            ("[log]\nlevel = \"tripgate=verbose\"\n", "log.level"),
         ];
         for (text, key) in cases {
             let err = parse(&format!("{SECRET}{text}"), &[]).unwrap_err().to_string();
             assert!(err.contains(key), "{text:?} gave {err:?}");
             assert!(!err.contains('\n'), "{err:?} spans lines");
+        }
+        for good in ["warn", "INFO", "info,tripgate=debug", "tripgate::jobs=trace"] {
+            let text = format!("{SECRET}[log]\nlevel = {good:?}\n");
+            assert!(parse(&text, &[]).is_ok(), "{good} refused");
         }
         let err = parse("", &[]).unwrap_err().to_string();
         assert!(err.contains("auth.hs256_secret"), "{err}");
