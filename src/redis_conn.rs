@@ -72,7 +72,8 @@ enum Client {
 pub struct RedisHandle {
     client: Arc<Client>,
     manager: Arc<ArcSwapOption<RedisConn>>,
-    /// Held while connecting, so only one task dials at a time; others fail fast.
+    /// Held while connecting, so only one task dials at a time; the others wait for its
+    /// outcome (within the timeout) rather than dial again.
     connecting: Arc<tokio::sync::Mutex<()>>,
     /// Bound on every call.
     pub timeout: Duration,
@@ -123,7 +124,14 @@ impl RedisHandle {
             return Ok((*manager).clone());
         }
         let Ok(_guard) = self.connecting.try_lock() else {
-            return Err(RedisError::Timeout(self.timeout));
+            // Another task is dialing (a process's first calls come at once: a worker's
+            // batch of jobs publishing their events): its connection serves this call too.
+            // Failing at once, as this did, failed those effects with Redis up.
+            let _ = tokio::time::timeout(self.timeout, self.connecting.lock()).await;
+            return match self.manager.load_full() {
+                Some(manager) => Ok((*manager).clone()),
+                None => Err(RedisError::Timeout(self.timeout)),
+            };
         };
         let manager = match &*self.client {
             Client::Single(client) => {

@@ -926,3 +926,32 @@ async fn a_row_locked_elsewhere_gets_503_after_lock_timeout() {
     assert_eq!(accept(d2.clone()).await, (200, "default_update_200".to_owned()));
     gw.shutdown().await;
 }
+
+/// A process's first Redis calls come at once (a worker's batch of jobs publishing their
+/// events, a burst of accepts): one dials, and the others wait for its connection instead
+/// of failing with Redis up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_first_redis_calls_at_once_share_one_dial() {
+    let Some(url) = crate::support::redis_url() else {
+        return;
+    };
+    let handle = tripgate::redis_conn::RedisHandle::new(&tripgate::config::RedisConfig {
+        url,
+        // Room for a loaded machine's dial, and still a bound.
+        timeout_ms: 2_000,
+        ..tripgate::config::RedisConfig::default()
+    })
+    .unwrap();
+    let barrier = Arc::new(tokio::sync::Barrier::new(16));
+    let calls = (0..16).map(|_| {
+        let (handle, barrier) = (handle.clone(), barrier.clone());
+        tokio::spawn(async move {
+            barrier.wait().await;
+            handle.connection().await.map(|_| ())
+        })
+    });
+    for call in futures_util::future::join_all(calls).await {
+        let result = call.unwrap();
+        assert!(result.is_ok(), "{result:?}");
+    }
+}
