@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 use super::{FlagsHandle, Override, Snapshot};
 use crate::metrics::Metrics;
 use crate::storage::Storage;
-use crate::storage::flag_state::{AuditEntry, ChangeBy, FileRecord, OverridePatch, OverrideRow};
+use crate::storage::flag_state::{AuditEntry, ChangeBy, FileLists, FileRecord, OverridePatch, OverrideRow};
 
 /// How often the overrides are re-read without a notification.
 pub const POLL: Duration = Duration::from_millis(500);
@@ -135,8 +135,16 @@ pub fn overrides_of(rows: &[OverrideRow]) -> BTreeMap<String, Override> {
 /// Stops at the first error (the rest wait for the next round, in order).
 async fn record_file_changes(handle: &FlagsHandle, store: &Storage) -> Result<(), sqlx::Error> {
     while let Some(seen) = handle.next_file_seen() {
-        for (flag, threshold) in &seen.thresholds {
-            if let FileRecord::Recorded(recorded) = store.record_file_percent(flag, *threshold, seen.at_ms).await? {
+        for (flag, declared) in &seen.flags {
+            let lists = FileLists {
+                salt: declared.salt.clone(),
+                allow: declared.allow.iter().cloned().collect(),
+                deny: declared.deny.iter().cloned().collect(),
+            };
+            if let FileRecord::Recorded(recorded) = store
+                .record_file_flag(flag, declared.threshold, Some(&lists), seen.at_ms)
+                .await?
+            {
                 let (entry, cleared) = *recorded;
                 tracing::info!(flag = %flag, from = ?entry.from, to = entry.to, in_force = entry.in_force, "flags file change recorded");
                 if let Some(cleared) = cleared {

@@ -462,13 +462,13 @@ pub struct FlagsHandle {
     refreshing: Arc<tokio::sync::Mutex<()>>,
 }
 
-/// The file's percent per flag (basis points) as this instance loaded it, and when.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The file's flags as this instance loaded them, and when.
+#[derive(Debug, Clone, PartialEq)]
 pub struct FileSeen {
     /// When it was swapped in (ms).
     pub at_ms: i64,
-    /// Flag name → percent in basis points.
-    pub thresholds: BTreeMap<String, u32>,
+    /// Flag name → the flag (its percent, salt and lists are recorded).
+    pub flags: BTreeMap<String, Flag>,
 }
 
 /// Most file contents kept for the fleet sync while the database cannot be reached.
@@ -478,7 +478,7 @@ impl FileSeen {
     fn of(set: &FlagSet, at_ms: i64) -> Self {
         Self {
             at_ms,
-            thresholds: set.flags.iter().map(|(n, f)| (n.clone(), f.threshold)).collect(),
+            flags: set.flags.clone(),
         }
     }
 }
@@ -777,7 +777,7 @@ mod tests {
         let seen: Vec<u32> = std::iter::from_fn(|| {
             let next = handle.next_file_seen()?;
             handle.file_seen_recorded();
-            Some(next.thresholds[TRIP_ACCEPT_FLAG])
+            Some(next.flags[TRIP_ACCEPT_FLAG].threshold)
         })
         .collect();
         assert_eq!(seen, [1000, 2000, 0]);

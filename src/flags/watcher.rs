@@ -126,10 +126,15 @@ pub fn apply(handle: &FlagsHandle, path: &Path, metrics: &Metrics, forced: bool)
             metrics.flags_reload("ok");
             super::fleet::report(metrics, &snapshot);
             for (name, flag) in &snapshot.file.flags {
-                let from = old.flags.get(name).map(|f| f.percent());
+                let before = old.flags.get(name);
+                let from = before.map(|f| f.percent());
                 let source = snapshot.source(name);
                 tracing::info!(flag = %name, from = ?from, to = flag.percent(), in_force = ?snapshot.set.flags.get(name).map(|f| f.percent()), source, version = snapshot.version, "flags file reloaded");
-                if from != Some(flag.percent()) {
+                // Who is in which cohort changed: the percent, or the salt or a list.
+                let moved = before.is_none_or(|b| {
+                    (b.threshold, &b.salt, &b.allow, &b.deny) != (flag.threshold, &flag.salt, &flag.allow, &flag.deny)
+                });
+                if moved {
                     metrics.flag_changed(name, "file");
                 }
             }

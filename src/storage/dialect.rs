@@ -100,6 +100,10 @@ impl Dialect {
                     "job claims",
                     include_str!("../../migrations/postgres/0016_job_claims.sql"),
                 ),
+                (
+                    "file lists",
+                    include_str!("../../migrations/postgres/0017_file_lists.sql"),
+                ),
             ],
             Self::Sqlite => &[
                 ("init", include_str!("../../migrations/sqlite/0001_init.sql")),
@@ -135,6 +139,10 @@ impl Dialect {
                 (
                     "job claims",
                     include_str!("../../migrations/sqlite/0010_job_claims.sql"),
+                ),
+                (
+                    "file lists",
+                    include_str!("../../migrations/sqlite/0011_file_lists.sql"),
                 ),
             ],
         })

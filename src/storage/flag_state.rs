@@ -140,6 +140,40 @@ pub enum FileRecord {
     Recorded(Box<(AuditEntry, Option<AuditEntry>)>),
 }
 
+/// Who the flags file puts in which cohort besides its percent: the hash's salt (a new one
+/// reshuffles every cohort) and the allow and deny lists (sorted). Recorded with the
+/// percent, so a change to them is audited as one to the percent is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct FileLists {
+    /// The hash's salt.
+    pub salt: String,
+    /// Driver ids always on atomic_async.
+    pub allow: Vec<String>,
+    /// Driver ids always on legacy.
+    pub deny: Vec<String>,
+}
+
+impl FileLists {
+    /// What changed from `before`, for the audit's reason; empty when nothing did.
+    fn changes_from(&self, before: &Self) -> String {
+        let mut what = Vec::new();
+        if self.salt != before.salt {
+            what.push(format!("salt {:?} -> {:?}: cohorts reshuffled", before.salt, self.salt));
+        }
+        for (name, now, then) in [
+            ("allow", &self.allow, &before.allow),
+            ("deny", &self.deny, &before.deny),
+        ] {
+            let added: Vec<&String> = now.iter().filter(|id| !then.contains(id)).collect();
+            let removed: Vec<&String> = then.iter().filter(|id| !now.contains(id)).collect();
+            if !added.is_empty() || !removed.is_empty() {
+                what.push(format!("{name} list: added {added:?}, removed {removed:?}"));
+            }
+        }
+        what.join("; ")
+    }
+}
+
 const OVERRIDE_COLUMNS: &str = "flag, active, percent_bp, allow_ids, deny_ids, actor, source, reason, at";
 
 impl Storage {
@@ -284,18 +318,36 @@ impl Storage {
         Ok(bp.and_then(|bp| u32::try_from(bp).ok()))
     }
 
-    /// Records that this instance's flags file says `percent_bp` for `flag`, as seen at
-    /// `at`: a compare-and-set on the fleet's last recorded percent, so N instances seeing
-    /// the same change record it once, while a change A → B → A is two entries. A change to
-    /// 0 (the kill switch) also clears the override in force.
+    /// [`Storage::record_file_flag`] without the lists (as the previous release recorded).
     pub async fn record_file_percent(&self, flag: &str, percent_bp: u32, at: i64) -> Result<FileRecord, sqlx::Error> {
+        self.record_file_flag(flag, percent_bp, None, at).await
+    }
+
+    /// Records that this instance's flags file says `percent_bp` and `lists` for `flag`, as
+    /// seen at `at`: a compare-and-set on the fleet's last recorded file, so N instances
+    /// seeing the same change record it once, while a change A → B → A is two entries. A
+    /// change to 0 (the kill switch) also clears the override in force. A change of the
+    /// lists alone is an entry of its own (`from` = `to`, what changed in the reason, in
+    /// force at once: an override adds lists to the file's, and the salt is the file's);
+    /// lists not recorded yet (`NULL`: the previous release's instances record none) are
+    /// taken as they are, without an entry.
+    pub async fn record_file_flag(
+        &self,
+        flag: &str,
+        percent_bp: u32,
+        lists: Option<&FileLists>,
+        at: i64,
+    ) -> Result<FileRecord, sqlx::Error> {
+        let lists_json = lists.and_then(|l| serde_json::to_string(l).ok());
         let mut tx = self.begin().await?;
         let inserted = sqlx::query(
-            "INSERT INTO flag_file_state (flag, percent_bp, at) VALUES ($1, $2, $3) ON CONFLICT (flag) DO NOTHING",
+            "INSERT INTO flag_file_state (flag, percent_bp, at, lists) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (flag) DO NOTHING",
         )
         .bind(flag)
         .bind(i64::from(percent_bp))
         .bind(at)
+        .bind(lists_json.as_deref())
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -303,25 +355,39 @@ impl Storage {
             tx.commit().await?;
             return Ok(FileRecord::Baseline);
         }
-        let (recorded, recorded_at): (i64, i64) = sqlx::query_as(&format!(
-            "SELECT percent_bp, at FROM flag_file_state WHERE flag = $1 {}",
+        let (recorded, recorded_at, recorded_lists): (i64, i64, Option<String>) = sqlx::query_as(&format!(
+            "SELECT percent_bp, at, lists FROM flag_file_state WHERE flag = $1 {}",
             self.dialect.lock_rows()
         ))
         .bind(flag)
         .fetch_one(&mut *tx)
         .await?;
+        let before: Option<FileLists> = recorded_lists.as_deref().and_then(|l| serde_json::from_str(l).ok());
+        let lists_change = match (lists, &before) {
+            (Some(now), Some(before)) => now.changes_from(before),
+            _ => String::new(),
+        };
+        let percent_changed = recorded != i64::from(percent_bp);
         // Nothing changed, or what this instance saw is older than the change the fleet
         // recorded last: an instance that was cut off from the database while the file went
         // 20 → 0 → 20 comes back with both, which the others recorded meanwhile (the
         // percent alone would take its 0 for a new change away from the 20).
-        if recorded == i64::from(percent_bp) || at <= recorded_at {
+        if (!percent_changed && lists_change.is_empty()) || at <= recorded_at {
+            if before.is_none() && lists_json.is_some() && at > recorded_at {
+                sqlx::query("UPDATE flag_file_state SET lists = $2 WHERE flag = $1 AND lists IS NULL")
+                    .bind(flag)
+                    .bind(lists_json.as_deref())
+                    .execute(&mut *tx)
+                    .await?;
+            }
             tx.commit().await?;
             return Ok(FileRecord::AlreadyRecorded);
         }
-        sqlx::query("UPDATE flag_file_state SET percent_bp = $2, at = $3 WHERE flag = $1")
+        sqlx::query("UPDATE flag_file_state SET percent_bp = $2, at = $3, lists = COALESCE($4, lists) WHERE flag = $1")
             .bind(flag)
             .bind(i64::from(percent_bp))
             .bind(at)
+            .bind(lists_json.as_deref())
             .execute(&mut *tx)
             .await?;
         // An active override, and whether it holds a percent (one of lists only keeps the
@@ -332,7 +398,7 @@ impl Storage {
                 .fetch_one(&mut *tx)
                 .await?;
         let (overridden, percent_overridden) = (overridden > 0, percent_overridden > 0);
-        let kill_switch = percent_bp == 0;
+        let kill_switch = percent_changed && percent_bp == 0;
         let file = ChangeBy {
             actor: "file".into(),
             source: "file".into(),
@@ -343,23 +409,33 @@ impl Storage {
             },
             at,
         };
-        let entry = AuditEntry {
+        let entry = |from: i64, reason: String, in_force: bool, lists: Option<&FileLists>| AuditEntry {
             at,
             actor: file.actor.clone(),
             source: file.source.clone(),
             action: "file".into(),
             flag: flag.to_owned(),
-            from: Some(bp_to_percent(recorded)),
+            from: Some(bp_to_percent(from)),
             to: bp_to_percent(percent_bp.into()),
-            reason: file.reason.clone(),
-            // Under an override the file's change is not what is in force; its kill switch
+            reason,
+            in_force,
+            allow: lists.map(|l| l.allow.clone()),
+            deny: lists.map(|l| l.deny.clone()),
+        };
+        let mut entries = Vec::new();
+        if percent_changed {
+            // Under an override the file's percent is not what is in force; its kill switch
             // is, through the override's clearing (the next entry, from the override's
             // percent): the change in force is recorded once.
-            in_force: !percent_overridden,
-            allow: None,
-            deny: None,
-        };
-        insert_entry(&mut tx, &entry).await?;
+            entries.push(entry(recorded, file.reason.clone(), !percent_overridden, None));
+        }
+        if !lists_change.is_empty() {
+            let from = if percent_changed { percent_bp.into() } else { recorded };
+            entries.push(entry(from, lists_change, true, lists));
+        }
+        for e in &entries {
+            insert_entry(&mut tx, e).await?;
+        }
         let cleared = if kill_switch && overridden {
             clear_in(&mut tx, flag, &file, 0).await?
         } else {
@@ -369,7 +445,11 @@ impl Storage {
             self.notify_flags(&mut tx).await?;
         }
         tx.commit().await?;
-        Ok(FileRecord::Recorded(Box::new((entry, cleared))))
+        let first = entries
+            .into_iter()
+            .next()
+            .ok_or_else(|| sqlx::Error::Protocol("no change to record".into()))?;
+        Ok(FileRecord::Recorded(Box::new((first, cleared))))
     }
 
     /// Records that the guard latched a fail and kept `flag` at `percent_bp` (`on_fail =

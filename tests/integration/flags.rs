@@ -602,3 +602,54 @@ async fn file_changes_under_a_lists_only_override_are_in_force() {
     }
     gw.shutdown().await;
 }
+
+/// A file edit of the lists or the salt alone moves drivers between cohorts: it is audited
+/// (actor `file`, what changed in the reason) and counted, as a percent change is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn file_list_and_salt_edits_are_audited_and_counted() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let gw = Gateway::start(
+        &db,
+        Options {
+            percent: 10.0,
+            ..Options::default()
+        },
+    )
+    .await;
+    let path = gw.config.flags.path.clone();
+    std::fs::write(&path, flags_text(10.0, &["d-1".to_string()])).unwrap();
+    let salted = flags_text(10.0, &["d-1".to_string()]).replace("salt = \"trip_accept_v2\"", "salt = \"reshuffle\"");
+    let audit = crate::support::eventually(Duration::from_secs(10), "the allow edit audited", || async {
+        let (_, audit) = gw.admin_get("/admin/audit").await;
+        (!audit["entries"].as_array()?.is_empty()).then_some(audit)
+    })
+    .await;
+    let entry = &audit["entries"][0];
+    assert_eq!(
+        (&entry["actor"], &entry["from"], &entry["to"]),
+        (&json!("file"), &json!(10.0), &json!(10.0))
+    );
+    assert_eq!(entry["reason"], "allow list: added [\"d-1\"], removed []", "{entry}");
+    assert_eq!(entry["allow"], json!(["d-1"]));
+    std::fs::write(&path, salted).unwrap();
+    let audit = crate::support::eventually(Duration::from_secs(10), "the salt edit audited", || async {
+        let (_, audit) = gw.admin_get("/admin/audit").await;
+        (audit["entries"].as_array()?.len() == 2).then_some(audit)
+    })
+    .await;
+    assert!(
+        audit["entries"][1]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("cohorts reshuffled"),
+        "{audit}"
+    );
+    assert_eq!(
+        metric(
+            &gw.metrics().await,
+            "tripgate_flags_changes_total{flag=\"trip_accept_v2\",source=\"file\"}"
+        ),
+        2.0
+    );
+    gw.shutdown().await;
+}

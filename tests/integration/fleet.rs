@@ -571,6 +571,107 @@ async fn the_fleet_s_kill_switch_refuses_an_override_whatever_the_caller_s_file_
 
 crate::backend_tests!(the_fleet_s_kill_switch_refuses_an_override_whatever_the_caller_s_file_says);
 
+/// The file's salt and lists are recorded with its percent: a change of them alone is an
+/// entry (from = to, what changed in the reason, in force), once for the fleet; with the
+/// percent, under an override of the percent, two (the percent's not in force, the lists'
+/// in force); lists the previous release left unrecorded are taken without an entry.
+async fn file_salt_and_list_changes_are_recorded(backend: Backend) {
+    use tripgate::storage::flag_state::{ChangeBy, FileLists, OverridePatch};
+    let db = TestDb::new(backend).await;
+    let store = db.store().await;
+    let lists = |salt: &str, deny: &[&str]| FileLists {
+        salt: salt.into(),
+        allow: vec![],
+        deny: deny.iter().map(|d| d.to_string()).collect(),
+    };
+    let record = |bp: u32, l: FileLists, at: i64| {
+        let store = store.clone();
+        async move { store.record_file_flag("f", bp, Some(&l), at).await.unwrap() }
+    };
+    assert_eq!(record(1000, lists("s", &[]), 1).await, FileRecord::Baseline);
+    assert_eq!(record(1000, lists("s", &[]), 2).await, FileRecord::AlreadyRecorded);
+    let race = futures_util::future::join_all((0..4).map(|_| record(1000, lists("s", &["d1"]), 3))).await;
+    assert_eq!(
+        race.iter().filter(|r| matches!(r, FileRecord::Recorded(_))).count(),
+        1,
+        "once for the fleet"
+    );
+    assert!(matches!(
+        record(1000, lists("s2", &["d1"]), 4).await,
+        FileRecord::Recorded(_)
+    ));
+    // An instance of the previous release records the percent alone: no change.
+    assert_eq!(
+        store.record_file_percent("f", 1000, 5).await.unwrap(),
+        FileRecord::AlreadyRecorded
+    );
+    // Percent and list at once, under an override of the percent.
+    let by = ChangeBy {
+        actor: "ops".into(),
+        source: "api".into(),
+        reason: String::new(),
+        at: 6,
+    };
+    let patch = OverridePatch {
+        percent_bp: Some(5_000),
+        ..OverridePatch::default()
+    };
+    store.set_flag_override("f", &patch, &by, 1000).await.unwrap().unwrap();
+    assert!(matches!(
+        record(2000, lists("s2", &[]), 7).await,
+        FileRecord::Recorded(_)
+    ));
+    type Entry = (String, Option<f64>, f64, bool, String, Option<Vec<String>>);
+    let entries: Vec<Entry> = store
+        .flag_audit()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.action, e.from, e.to, e.in_force, e.reason, e.deny))
+        .collect();
+    let file = |from: f64, to: f64, in_force: bool, reason: &str, deny: Option<&[&str]>| {
+        (
+            "file".to_string(),
+            Some(from),
+            to,
+            in_force,
+            reason.to_string(),
+            deny.map(|d| d.iter().map(|d| d.to_string()).collect()),
+        )
+    };
+    assert_eq!(entries.len(), 5, "{entries:#?}");
+    assert_eq!(
+        entries[0],
+        file(10.0, 10.0, true, "deny list: added [\"d1\"], removed []", Some(&["d1"]))
+    );
+    assert_eq!(
+        entries[1],
+        file(
+            10.0,
+            10.0,
+            true,
+            "salt \"s\" -> \"s2\": cohorts reshuffled",
+            Some(&["d1"])
+        )
+    );
+    assert_eq!(entries[2].0, "set");
+    assert_eq!(entries[3], file(10.0, 20.0, false, "", None));
+    assert_eq!(
+        entries[4],
+        file(20.0, 20.0, true, "deny list: added [], removed [\"d1\"]", Some(&[]))
+    );
+    // A row the previous release recorded (no lists): taken as they are, no entry.
+    crate::support::execute_sql(&db, "UPDATE flag_file_state SET lists = NULL").await;
+    assert_eq!(record(2000, lists("s3", &[]), 8).await, FileRecord::AlreadyRecorded);
+    assert!(matches!(
+        record(2000, lists("s4", &[]), 9).await,
+        FileRecord::Recorded(_)
+    ));
+    assert_eq!(store.flag_audit().await.unwrap().len(), 6);
+}
+
+crate::backend_tests!(file_salt_and_list_changes_are_recorded);
+
 /// The first overrides of a flag, set at once: they go one after the other, so the
 /// override in force keeps every one's field (none is lost to another's write) and the
 /// last one's audit entry shows what the others set before it.
