@@ -215,6 +215,7 @@ impl EffectRunner {
                                 effect,
                                 handed_at,
                                 result: result.clone(),
+                                maybe_done: false,
                             },
                         ));
                     }
@@ -229,10 +230,14 @@ impl EffectRunner {
                 let sent = sent.clone();
                 async move {
                     let handed_at = now_ms();
-                    let result = self.perform(ctx, effect).await;
-                    if let Err(reason) = &result {
-                        tracing::warn!(trip_id = %ctx.trip_id, effect = effect.as_str(), %reason, "side effect failed");
-                    }
+                    let (result, maybe_done) = match self.perform(ctx, effect).await {
+                        Ok(()) => (Ok(()), false),
+                        Err(failed) => {
+                            let reason = failed.reason;
+                            tracing::warn!(trip_id = %ctx.trip_id, effect = effect.as_str(), %reason, maybe_done = failed.maybe_done, "side effect failed");
+                            (Err(reason), failed.maybe_done)
+                        }
+                    };
                     self.metrics
                         .effect_done(ctx.cohort, effect, result.is_ok(), call, handed_at, ctx.requested_at_ms);
                     let _ = sent.send((
@@ -241,6 +246,7 @@ impl EffectRunner {
                             effect,
                             handed_at,
                             result,
+                            maybe_done,
                         },
                     ));
                 }
@@ -288,7 +294,7 @@ impl EffectRunner {
         recorded
     }
 
-    async fn perform(&self, ctx: &EffectContext, effect: Effect) -> Result<(), String> {
+    async fn perform(&self, ctx: &EffectContext, effect: Effect) -> Result<(), Failed> {
         let message = |kind, to: &str, body: String| Message {
             kind,
             trip_id: ctx.trip_id.clone(),
@@ -301,27 +307,27 @@ impl EffectRunner {
                 .store
                 .settle_bids(&ctx.trip_id, &ctx.driver_id, ctx.bid_on_fare)
                 .await
-                .map_err(|e| e.to_string()),
+                .map_err(Failed::certain),
             Effect::CleanupRejected => self
                 .store
                 .cleanup_rejections(&ctx.trip_id)
                 .await
-                .map_err(|e| e.to_string()),
+                .map_err(Failed::certain),
             Effect::ParcelSms => {
                 let Some(receiver) = &ctx.receiver else {
-                    return Err("parcel trip without a receiver".into());
+                    return Err(Failed::certain("parcel trip without a receiver"));
                 };
                 let body = format!(
                     "Hi {}, your parcel is on its way with {}. Code: {}",
                     receiver.name, ctx.driver_name, ctx.otp
                 );
                 let msg = message(MessageKind::ParcelSms, &receiver.phone, body);
-                self.providers.sms.send(&msg).await.map_err(|e| e.to_string())
+                self.providers.sms.send(&msg).await.map_err(Failed::provider)
             }
             Effect::OtpPush => {
                 let body = format!("{} accepted your trip. Your OTP is {}", ctx.driver_name, ctx.otp);
                 let msg = message(MessageKind::OtpPush, &ctx.customer_push_token, body);
-                self.providers.push.send(&msg).await.map_err(|e| e.to_string())
+                self.providers.push.send(&msg).await.map_err(Failed::provider)
             }
             Effect::OtpSms => {
                 let body = format!(
@@ -329,7 +335,7 @@ impl EffectRunner {
                     ctx.otp, ctx.driver_name
                 );
                 let msg = message(MessageKind::OtpSms, &ctx.customer_phone, body);
-                self.providers.sms.send(&msg).await.map_err(|e| e.to_string())
+                self.providers.sms.send(&msg).await.map_err(Failed::provider)
             }
             Effect::ArrivalPush => {
                 let minutes = ctx.driver_position.map(|p| arrival_minutes(p, ctx.pickup));
@@ -338,7 +344,7 @@ impl EffectRunner {
                     None => format!("{} is on the way", ctx.driver_name),
                 };
                 let msg = message(MessageKind::ArrivalPush, &ctx.customer_push_token, body);
-                self.providers.push.send(&msg).await.map_err(|e| e.to_string())
+                self.providers.push.send(&msg).await.map_err(Failed::provider)
             }
             Effect::TripTakenPush => {
                 if ctx.other_drivers_push_tokens.is_empty() {
@@ -350,15 +356,44 @@ impl EffectRunner {
                     &to,
                     "This trip has been taken by another driver".into(),
                 );
-                self.providers.push.send(&msg).await.map_err(|e| e.to_string())
+                self.providers.push.send(&msg).await.map_err(Failed::provider)
             }
             Effect::TripAcceptedEvent => {
                 let data = json!({"trip_id": ctx.trip_id, "driver_id": ctx.driver_id, "cohort": ctx.cohort.as_str()});
-                self.events
-                    .publish("trip.accepted", data)
-                    .await
-                    .map_err(|e| e.to_string())
+                self.events.publish("trip.accepted", data).await.map_err(|e| Failed {
+                    // A PUBLISH that timed out may have run.
+                    maybe_done: match &e {
+                        crate::redis_conn::RedisError::Timeout(_) => true,
+                        crate::redis_conn::RedisError::Redis(e) => e.is_timeout(),
+                    },
+                    reason: e.to_string(),
+                })
             }
+        }
+    }
+}
+
+/// Why an effect failed, and whether it may have happened all the same.
+struct Failed {
+    reason: String,
+    /// The call may have been handled (it timed out after it was sent): the next one is a
+    /// repeat, counted as such, not a retry.
+    maybe_done: bool,
+}
+
+impl Failed {
+    /// A failure that did nothing.
+    fn certain(reason: impl std::fmt::Display) -> Self {
+        Self {
+            reason: reason.to_string(),
+            maybe_done: false,
+        }
+    }
+
+    fn provider(e: crate::providers::ProviderError) -> Self {
+        Self {
+            maybe_done: e.maybe_done(),
+            reason: e.to_string(),
         }
     }
 }

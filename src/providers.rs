@@ -48,16 +48,28 @@ pub enum ProviderError {
     /// The webhook answered with a non-2xx status.
     #[error("webhook answered {0}")]
     Status(u16),
-    /// The webhook could not be reached or timed out.
+    /// The webhook could not be reached, or failed before it answered.
     #[error("webhook call failed: {0}")]
     Transport(String),
+    /// No answer within `providers.*.timeout_ms`: the message may have been delivered
+    /// all the same.
+    #[error("webhook call failed: timed out after {0} ms (providers.*.timeout_ms)")]
+    TimedOut(u128),
 }
 
-/// A failed call in words: a timeout says so (with the limit); otherwise reqwest's message
-/// and its causes ("error sending request for url (…)" alone does not say what failed).
-fn transport_error(e: &reqwest::Error, timeout: Duration) -> String {
+impl ProviderError {
+    /// Whether the message may have reached the provider all the same: a call that timed
+    /// out may have been sent and handled (its next call is a repeat, not a retry).
+    pub fn maybe_done(&self) -> bool {
+        matches!(self, Self::TimedOut(_))
+    }
+}
+
+/// A failed call: a timeout says so (with the limit); otherwise reqwest's message and its
+/// causes ("error sending request for url (…)" alone does not say what failed).
+fn transport_error(e: &reqwest::Error, timeout: Duration) -> ProviderError {
     if e.is_timeout() {
-        return format!("timed out after {} ms (providers.*.timeout_ms)", timeout.as_millis());
+        return ProviderError::TimedOut(timeout.as_millis());
     }
     let mut text = e.to_string();
     let mut cause = std::error::Error::source(e);
@@ -65,7 +77,7 @@ fn transport_error(e: &reqwest::Error, timeout: Duration) -> String {
         text = format!("{text}: {c}");
         cause = c.source();
     }
-    text
+    ProviderError::Transport(text)
 }
 
 /// Sends messages of one channel (SMS or push).
@@ -112,7 +124,7 @@ impl Provider for WebhookProvider {
             .json(message)
             .send()
             .await
-            .map_err(|e| ProviderError::Transport(transport_error(&e, self.timeout)))?;
+            .map_err(|e| transport_error(&e, self.timeout))?;
         if response.status().is_success() {
             Ok(())
         } else {
@@ -223,16 +235,19 @@ mod tests {
         let err = provider(format!("http://{}/sms", silent.local_addr().unwrap()))
             .send(&message)
             .await
-            .unwrap_err()
-            .to_string();
+            .unwrap_err();
+        // Sent, perhaps handled: its outcome is unknown.
+        assert!(err.maybe_done());
+        let err = err.to_string();
         assert!(err.contains("timed out after 200 ms"), "{err}");
         let port = silent.local_addr().unwrap().port();
         drop(silent);
         let err = provider(format!("http://127.0.0.1:{port}/sms"))
             .send(&message)
             .await
-            .unwrap_err()
-            .to_string();
+            .unwrap_err();
+        assert!(!err.maybe_done());
+        let err = err.to_string();
         assert!(err.to_lowercase().contains("refused"), "{err}");
     }
 }

@@ -32,6 +32,9 @@ use crate::redis_conn::RedisHandle;
 use crate::storage::Storage;
 use crate::storage::shards::Shards;
 
+/// The least bound on a `trip.accepted` publish (ms); `redis.timeout_ms` if longer.
+const EVENT_TIMEOUT_MS: u64 = 1_000;
+
 /// What to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -151,7 +154,14 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
     let (locks, events): (Arc<dyn LockStore>, EventBus) = match &redis {
         Some(r) => (
             Arc::new(RedisLockStore::new(r.clone(), config.redis.lock_ttl_s)),
-            EventBus::Redis(r.clone()),
+            // Events are published by the jobs, after the answer: a connection of their
+            // own, bounded by at least EVENT_TIMEOUT — a Redis slower than the lock calls'
+            // bound (tens of ms, which an accept can wait) would otherwise fail every
+            // publish (perhaps after it ran) and retry it until the job died.
+            EventBus::Redis(RedisHandle::new(&crate::config::RedisConfig {
+                timeout_ms: config.redis.timeout_ms.max(EVENT_TIMEOUT_MS),
+                ..config.redis.clone()
+            })?),
         ),
         None => (
             Arc::new(MemoryLockStore::new(Duration::from_secs(config.redis.lock_ttl_s))),

@@ -32,6 +32,9 @@ pub struct CallOutcome {
     pub handed_at: i64,
     /// Done, or why it failed.
     pub result: Result<(), String>,
+    /// A failure whose call may have been handled all the same (it timed out): its record
+    /// stays in flight, so the next call counts as a repeat, as after a crash.
+    pub maybe_done: bool,
 }
 
 /// Who an accepted trip's side effects go to.
@@ -126,7 +129,8 @@ pub struct EffectRecord {
     pub handed_at: Option<i64>,
     /// When it was recorded done (ms).
     pub done_at: Option<i64>,
-    /// A call is in flight: made, its outcome not recorded (or the process died there).
+    /// A call is in flight: made, its outcome not recorded (or the process died there), or
+    /// recorded failed without knowing whether it was handled (it timed out).
     pub in_flight: bool,
     /// Calls made again while an earlier call's outcome was unknown (the real duplicates;
     /// a call again after a recorded failure is a retry, not counted here).
@@ -370,7 +374,7 @@ impl Storage {
         let sql = format!(
             "WITH v AS ({}) \
              UPDATE side_effects SET state = v.state, last_error = v.last_error, handed_at = v.handed_at, \
-               done_at = $1, in_flight = 0 \
+               done_at = $1, in_flight = v.in_flight \
              FROM v WHERE side_effects.trip_request_id = v.trip AND side_effects.effect = v.effect \
                AND side_effects.state <> 'done' AND {} \
              RETURNING side_effects.trip_request_id, side_effects.effect",
@@ -384,7 +388,8 @@ impl Storage {
                     ("effect", "TEXT"),
                     ("state", "TEXT"),
                     ("last_error", "TEXT"),
-                    ("handed_at", "BIGINT")
+                    ("handed_at", "BIGINT"),
+                    ("in_flight", "BIGINT")
                 ]
             ),
             attempt_fence("v.job", "v.attempt", "v.claim")
@@ -405,6 +410,7 @@ impl Storage {
                     "state": state.as_str(),
                     "last_error": error,
                     "handed_at": call.handed_at,
+                    "in_flight": i64::from(call.result.is_err() && call.maybe_done),
                 })
             })
             .collect();

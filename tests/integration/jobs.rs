@@ -26,6 +26,7 @@ backend_tests!(
     a_purge_reads_what_it_deletes,
     a_retried_job_s_number_does_not_let_a_stalled_attempt_back_in,
     a_stalled_attempt_of_this_process_is_fenced_after_a_retry_or_an_old_claim,
+    a_call_that_timed_out_is_counted_as_a_repeat_when_made_again,
 );
 
 /// Accepts `trip` for `driver` directly in storage (atomic_async: a queued job).
@@ -445,6 +446,9 @@ async fn failing_provider_dead_then_admin_retry(backend: Backend) {
     );
     assert!(job["last_error"].as_str().unwrap().contains("otp_sms"), "{job}");
     assert_eq!(stub.calls_for("otp_sms", &trip).len(), 3, "one call per attempt");
+    // The provider answered each failure: the calls again were retries, not repeats.
+    let (_, checks) = gw.admin_get("/admin/checks").await;
+    assert_eq!(checks["duplicate_otps"], 0, "{checks}");
     let details = gw.details(&trip).await;
     assert_eq!(details["side_effects"]["otp_sms"], "failed");
     assert_eq!(
@@ -1244,4 +1248,96 @@ async fn a_stalled_attempt_of_this_process_is_fenced_after_a_retry_or_an_old_cla
             .is_empty()
     );
     store.close().await;
+}
+
+/// A provider call that timed out may have been handled all the same: made again, it is a
+/// repeat (the possible duplicate), counted in `result="repeat"` and in the checks'
+/// `duplicate_otps`, not a retry after a known failure.
+async fn a_call_that_timed_out_is_counted_as_a_repeat_when_made_again(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let stub = WebhookStub::start().await;
+    stub.set_delay_for("otp_sms", 1_000);
+    let dir = TempDir::new();
+    let options = Options {
+        percent: 100.0,
+        webhook: Some(format!("http://{}", stub.addr)),
+        max_attempts: 2,
+        backoff_base_ms: 20,
+        ..Options::default()
+    };
+    let mut config = crate::support::config(&db.url, dir.path(), &options);
+    config.providers.sms.timeout_ms = 300;
+    let gw = Gateway::start_with(config, dir).await;
+    let w = World::new(&gw.store).await;
+    let d = w.driver().await;
+    let trip = w.trip(std::slice::from_ref(&d)).await;
+    assert_eq!(gw.accept(&d, &trip).await.0, 200);
+    eventually(Duration::from_secs(15), "job dead", || async {
+        let (_, body) = gw.admin_get("/admin/jobs?state=dead").await;
+        body["jobs"].as_array().filter(|j| !j.is_empty()).map(|_| ())
+    })
+    .await;
+    assert_eq!(stub.calls_for("otp_sms", &trip).len(), 2);
+    let (_, checks) = gw.admin_get("/admin/checks").await;
+    assert_eq!(checks["duplicate_otps"], 1, "{checks}");
+    assert_eq!(
+        crate::support::metric_value(
+            &gw.metrics().await,
+            "tripgate_side_effects_total{cohort=\"atomic_async\",effect=\"otp_sms\",result=\"repeat\"}"
+        ),
+        1.0
+    );
+    gw.shutdown().await;
+}
+
+/// A Redis slower than the lock calls' bound (`redis.timeout_ms`, which an accept can
+/// wait) still takes the jobs' `trip.accepted` events: they are published with a bound of
+/// their own (at least 1 s), once, instead of timing out — perhaps after the PUBLISH ran —
+/// and being retried until the job dies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_redis_still_takes_the_events_once() {
+    let Some(url) = crate::support::redis_url() else {
+        return;
+    };
+    let target: std::net::SocketAddr = url
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("the test Redis URL is redis://host:port");
+    let proxy = crate::support::Proxy::start(target).await;
+    let db = TestDb::new(Backend::Sqlite).await;
+    let stub = WebhookStub::start().await;
+    let gw = Gateway::start(
+        &db,
+        Options {
+            percent: 100.0,
+            redis_url: Some(format!("redis://127.0.0.1:{}", proxy.port)),
+            webhook: Some(format!("http://{}", stub.addr)),
+            max_attempts: 2,
+            ..Options::default()
+        },
+    )
+    .await;
+    let w = World::new(&gw.store).await;
+    let d = w.driver().await;
+    let trip = w.trip(std::slice::from_ref(&d)).await;
+    // Past the lock calls' 200 ms (the SQL fence decides alone), within the events' 1 s.
+    proxy.slow_replies(400);
+    assert_eq!(gw.accept(&d, &trip).await.0, 200);
+    let job = eventually(Duration::from_secs(15), "the job finished", || async {
+        let (_, body) = gw.admin_get("/admin/jobs").await;
+        body["jobs"]
+            .as_array()?
+            .iter()
+            .find(|j| j["trip_id"] == trip.as_str() && j["state"] != "queued" && j["state"] != "running")
+            .cloned()
+    })
+    .await;
+    assert_eq!(
+        (&job["state"], &job["attempts"]),
+        (&serde_json::json!("done"), &serde_json::json!(1)),
+        "{job}"
+    );
+    assert_eq!(gw.details(&trip).await["side_effects"]["trip_accepted_event"], "done");
+    gw.shutdown().await;
 }

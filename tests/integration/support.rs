@@ -850,6 +850,8 @@ pub struct Proxy {
     /// While cut: hold new connections open without an answer (a host that went silent)
     /// instead of closing them (a host that refuses).
     silent: Arc<AtomicBool>,
+    /// Added before each chunk of the server's answers (a slow server or link).
+    reply_delay_ms: Arc<AtomicU64>,
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accept: JoinHandle<()>,
 }
@@ -860,11 +862,12 @@ impl Proxy {
         let port = listener.local_addr().unwrap().port();
         let up = Arc::new(AtomicBool::new(true));
         let silent = Arc::new(AtomicBool::new(false));
+        let reply_delay_ms = Arc::new(AtomicU64::new(0));
         let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::new(Mutex::new(Vec::new()));
-        let (u, c, quiet) = (up.clone(), conns.clone(), silent.clone());
+        let (u, c, quiet, slow) = (up.clone(), conns.clone(), silent.clone(), reply_delay_ms.clone());
         let accept = tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
+                let Ok((inbound, _)) = listener.accept().await else {
                     continue;
                 };
                 if !u.load(Ordering::SeqCst) {
@@ -877,9 +880,34 @@ impl Proxy {
                     }
                     continue;
                 }
+                let slow = slow.clone();
                 let task = tokio::spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    let Ok(outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (mut in_read, mut in_write) = inbound.into_split();
+                    let (mut out_read, mut out_write) = outbound.into_split();
+                    let requests = tokio::io::copy(&mut in_read, &mut out_write);
+                    let replies = async {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match out_read.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            let delay = slow.load(Ordering::SeqCst);
+                            if delay > 0 {
+                                tokio::time::sleep(Duration::from_millis(delay)).await;
+                            }
+                            if in_write.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        _ = requests => {}
+                        () = replies => {}
                     }
                 });
                 c.lock().unwrap().push(task);
@@ -889,9 +917,15 @@ impl Proxy {
             port,
             up,
             silent,
+            reply_delay_ms,
             conns,
             accept,
         }
+    }
+
+    /// Delays each chunk of the server's answers by `ms` (0: none).
+    pub fn slow_replies(&self, ms: u64) {
+        self.reply_delay_ms.store(ms, Ordering::SeqCst);
     }
 
     /// Cuts every connection; new ones are held open and never answered.
