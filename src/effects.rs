@@ -75,7 +75,13 @@ impl EffectRunner {
     /// the legacy order (legacy's inline run), each begun and recorded on its own: an
     /// attempt that stalls midway calls nothing more once it lost its job (every write is
     /// fenced by the attempt), and an effect never called is never shown in flight.
-    pub async fn run_in_order(&self, attempt: &Attempt, trip_id: &str) -> Result<RunEnd, sqlx::Error> {
+    /// The outcomes of the calls it made are written through a database blip until `held`.
+    pub async fn run_in_order(
+        &self,
+        attempt: &Attempt,
+        trip_id: &str,
+        held: &HeldUntil,
+    ) -> Result<RunEnd, sqlx::Error> {
         let job = BatchJob {
             attempt: attempt.clone(),
             trip_id: trip_id.to_owned(),
@@ -89,9 +95,9 @@ impl EffectRunner {
                 return Ok(RunEnd::LeaseLost);
             };
             let calls = begun.into_iter().map(|(e, c)| (0, &ctx, e, c)).collect();
-            // Legacy, before its answer: a database that is away fails the request at once,
-            // as it always did (the job's lease brings the effects back to a worker).
-            let (mut failed, lost) = self.call(std::slice::from_ref(&job), calls, &HeldUntil::new(0)).await?;
+            // Legacy, before its answer: a database that stays away past the request's
+            // deadline ends the run (the job's lease brings the rest to a worker).
+            let (mut failed, lost) = self.call(std::slice::from_ref(&job), calls, held).await?;
             if !lost.is_empty() {
                 return Ok(RunEnd::LeaseLost);
             }

@@ -97,21 +97,18 @@ impl JobRunner {
     /// Runs one attempt of a job the caller has just written, already claimed (legacy's
     /// accept): its effects one after another, in the legacy order. If the process dies
     /// meanwhile, the job's lease runs out and a worker finishes what is not done.
-    pub async fn run_inline(&self, job: &Job) -> Option<JobResult> {
-        self.run(job).await
-    }
-
-    /// Runs one attempt of a claimed `job`, renewing its lease while it runs, and records
-    /// its result. `None` when the attempt lost the job (its lease ran out — the process
-    /// stalled — and another attempt took it): it stopped, and recorded nothing.
-    async fn run(&self, job: &Job) -> Option<JobResult> {
+    ///
+    /// It answers a request, so it waits out a database that went away only until
+    /// `until_ms` (the request's own deadline): the outcomes of the calls it made are then
+    /// written when the database is back, instead of being lost and the calls made again
+    /// by the worker the lease brings (an OTP SMS twice after a blip).
+    pub async fn run_inline(&self, job: &Job, until_ms: i64) -> Option<JobResult> {
         let started = std::time::Instant::now();
         let attempt = job.attempt();
-        // Legacy's inline run answers a request: it does not wait out a database that is
-        // away (its renewals are not counted as time to wait).
-        let (no_wait, renewed) = (HeldUntil::new(0), HeldUntil::new(0));
+        // Its renewals are not counted as time to wait.
+        let (patience, renewed) = (HeldUntil::new(until_ms), HeldUntil::new(0));
         let end = tokio::select! {
-            end = self.effects.run_in_order(&attempt, &job.trip_id) => end,
+            end = self.effects.run_in_order(&attempt, &job.trip_id, &patience) => end,
             () = self.keep_leases(std::slice::from_ref(&attempt), &renewed) => Ok(RunEnd::LeaseLost),
         };
         let (failures, urgent_left) = match end {
@@ -120,7 +117,7 @@ impl JobRunner {
             Err(e) => (vec![format!("storage: {e}")], true),
         };
         let result = self.policy.after_attempt(job.attempts, &failures);
-        self.record(job, result, urgent_left, started, &no_wait).await
+        self.record(job, result, urgent_left, started, &patience).await
     }
 
     /// Runs one attempt of each of a batch of claimed jobs together (a handful of

@@ -237,7 +237,7 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
             .all()
             .iter()
             .map(|shard| AcceptServices {
-                legacy: LegacyAccept::new(shard.clone(), runner(shard), lease_ms)
+                legacy: LegacyAccept::new(shard.clone(), runner(shard), lease_ms, config.client.timeout_ms as i64)
                     .with_known_users(known_users.clone())
                     .with_tasks(tasks.clone()),
                 atomic: AtomicAsyncAccept::with_budget(

@@ -10,12 +10,14 @@
 //! query per relation).
 
 use super::{Accept, AcceptCommand, AcceptReply, Strategy, check_driver, new_otp, refusal};
-use crate::domain::Cohort;
+use serde_json::json;
+
+use crate::domain::{Cohort, now_ms};
 use crate::error::{ApiError, Outcome};
 use crate::jobs::JobRunner;
-use crate::storage::Storage;
 use crate::storage::assign::{AssignOutcome, Assignment};
 use crate::storage::users::KnownUsers;
+use crate::storage::{Storage, is_unavailable, while_unreachable};
 
 /// The legacy accept service.
 pub type LegacyAccept = Accept<Legacy>;
@@ -23,9 +25,16 @@ pub type LegacyAccept = Accept<Legacy>;
 impl LegacyAccept {
     /// A legacy handler over `store`, running effects inline with `jobs`. `lease_ms` is how
     /// long the request's own claim on its job lasts: if the process dies while the effects
-    /// run, a worker finishes them after that.
-    pub fn new(store: Storage, jobs: JobRunner, lease_ms: i64) -> Self {
-        Self::from_strategy(Legacy { store, jobs, lease_ms })
+    /// run, a worker finishes them after that. `deadline_ms` (`client.timeout_ms`) bounds,
+    /// from the request's arrival, how long a committed accept waits out a database that
+    /// went away.
+    pub fn new(store: Storage, jobs: JobRunner, lease_ms: i64, deadline_ms: i64) -> Self {
+        Self::from_strategy(Legacy {
+            store,
+            jobs,
+            lease_ms,
+            deadline_ms,
+        })
     }
 }
 
@@ -34,6 +43,7 @@ pub struct Legacy {
     store: Storage,
     jobs: JobRunner,
     lease_ms: i64,
+    deadline_ms: i64,
 }
 
 impl Strategy for Legacy {
@@ -57,13 +67,20 @@ impl Strategy for Legacy {
         };
         // Inline, before the answer: bidding, parcel SMS, cleanup, OTP push, OTP SMS,
         // arrival estimate, "trip taken" pushes, the trip.accepted event.
-        self.jobs.run_inline(&job).await;
-        // The heavy reload with every relation.
-        let trip = self
-            .store
-            .trip_with_relations(&cmd.trip_id)
-            .await?
-            .ok_or(ApiError::TripNotFound)?;
+        let deadline = cmd.received_at_ms + self.deadline_ms;
+        self.jobs.run_inline(&job, deadline).await;
+        // The heavy reload with every relation. The accept is committed: a database away
+        // until the deadline does not make it a 503 (the driver would take the trip for
+        // lost, and their retry is refused as taken), it answers with what is known.
+        let left = std::time::Duration::from_millis(u64::try_from(deadline - now_ms()).unwrap_or(0));
+        let trip = match while_unreachable(left, || self.store.trip_with_relations(&cmd.trip_id)).await {
+            Ok(trip) => trip.ok_or(ApiError::TripNotFound)?,
+            Err(e) if is_unavailable(&e) => {
+                tracing::warn!(trip_id = %cmd.trip_id, error = %e, "accept committed; its trip not reloaded (database unreachable): answered without its relations");
+                json!({"id": cmd.trip_id, "current_status": "accepted", "driver_id": cmd.driver_id})
+            }
+            Err(e) => return Err(e.into()),
+        };
         Ok(AcceptReply {
             outcome: Outcome::Accepted,
             message: "Trip request accepted.",

@@ -1341,3 +1341,56 @@ async fn a_slow_redis_still_takes_the_events_once() {
     assert_eq!(gw.details(&trip).await["side_effects"]["trip_accepted_event"], "done");
     gw.shutdown().await;
 }
+
+/// Legacy's inline run through a database blip while its OTP SMS is at the provider: the
+/// outcome is written once the database is back (within the request's deadline), so the
+/// SMS is not sent again by the worker the job's lease would bring, and the committed
+/// accept answers 200 — not a 503 after its commit, which the driver would take for a
+/// lost trip (their retry is refused as taken).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_blip_during_a_legacy_accept_answers_200_and_sends_nothing_twice() {
+    let Some(base) = crate::support::postgres_url() else {
+        return;
+    };
+    let db = TestDb::new(Backend::Postgres).await;
+    let (proxy, proxied_url) = crate::support::proxied_postgres(&base, &db).await;
+    let stub = WebhookStub::start().await;
+    let store = db.store().await;
+    let w = World::new(&store).await;
+    let d = w.driver().await;
+    let trip = w.trip(std::slice::from_ref(&d)).await;
+    stub.set_delay_for("otp_sms", 1_500);
+    let dir = TempDir::new();
+    let options = Options {
+        percent: 0.0,
+        webhook: Some(format!("http://{}", stub.addr)),
+        acquire_timeout_ms: 500,
+        // Short, so that an outcome lost to the blip would be called again within the test.
+        visibility_timeout_s: 3,
+        ..Options::default()
+    };
+    let mut config = crate::support::config(&db.url, dir.path(), &options);
+    config.database.url = proxied_url;
+    let gw = Gateway::start_with(config, dir).await;
+    let blip = async {
+        eventually(Duration::from_secs(10), "the OTP SMS at the provider", || async {
+            (!stub.calls_for("otp_sms", &trip).is_empty()).then_some(())
+        })
+        .await;
+        // Away until after the provider's answer (1.5 s after the call).
+        proxy.cut();
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        proxy.restore();
+    };
+    let ((status, body, _), ()) = tokio::join!(gw.accept(&d, &trip), blip);
+    assert_eq!(status, 200, "{body}");
+    crate::support::wait_effects_done(&store, &trip, Duration::from_secs(20)).await;
+    // Past a lease: a lost outcome would have been called again by now.
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    assert_eq!(stub.calls_for("otp_sms", &trip).len(), 1, "the OTP SMS sent twice");
+    for r in store.effect_rows(&trip).await.unwrap() {
+        assert_eq!((r.effect.as_str(), r.repeats), (r.effect.as_str(), 0));
+    }
+    gw.shutdown().await;
+    store.close().await;
+}
