@@ -21,7 +21,9 @@ use tokio::task::JoinHandle;
 use super::{FlagsHandle, Override, Snapshot};
 use crate::metrics::Metrics;
 use crate::storage::Storage;
-use crate::storage::flag_state::{AuditEntry, ChangeBy, FileLists, FileRecord, OverridePatch, OverrideRow};
+use crate::storage::flag_state::{
+    AuditEntry, ChangeBy, FileLists, FileRecord, OverridePatch, OverrideRow, OverrideSet,
+};
 
 /// How often the overrides are re-read without a notification.
 pub const POLL: Duration = Duration::from_millis(500);
@@ -166,15 +168,18 @@ pub enum OverrideError {
     /// The flags file says 0: the kill switch wins over any override.
     #[error("the flags file says {0} = 0 (the kill switch), which wins over any override; change the file first")]
     KillSwitch(String),
+    /// A person changed the flag since the guard looked: people win.
+    #[error("a person changed {0} since the guard looked; people win")]
+    PeopleFirst(String),
     /// The database refused or cannot be reached; nothing changed.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
 }
 
-/// Sets `flag`'s override (API, CLI, console, guard), given the percent the flags file
-/// declares for it (`file_bp`, basis points; `None`: the file has no such flag): refused for
-/// a flag the file does not have, and while the file's kill switch is on — this caller's
-/// copy's, or the one the fleet's gateways last recorded.
+/// Sets `flag`'s override (API, CLI, console), given the percent the flags file declares
+/// for it (`file_bp`, basis points; `None`: the file has no such flag): refused for a flag
+/// the file does not have, and while the file's kill switch is on — this caller's copy's,
+/// or the one the fleet's gateways last recorded.
 pub async fn set_override(
     store: &Storage,
     file_bp: Option<u32>,
@@ -182,14 +187,28 @@ pub async fn set_override(
     patch: &OverridePatch,
     by: &ChangeBy,
 ) -> Result<AuditEntry, OverrideError> {
+    set_override_unless_people(store, file_bp, flag, patch, by, None).await
+}
+
+/// [`set_override`] for the guard: also refused (`PeopleFirst`) when a person changed the
+/// flag after `seen` (the newest change the guard accounted for; `None`: no condition).
+pub async fn set_override_unless_people(
+    store: &Storage,
+    file_bp: Option<u32>,
+    flag: &str,
+    patch: &OverridePatch,
+    by: &ChangeBy,
+    seen: Option<i64>,
+) -> Result<AuditEntry, OverrideError> {
     let declared = file_bp.ok_or_else(|| OverrideError::UnknownFlag(flag.to_owned()))?;
     if declared == 0 {
         return Err(OverrideError::KillSwitch(flag.to_owned()));
     }
-    match store.set_flag_override(flag, patch, by, declared).await? {
-        Some((_, entry)) => Ok(entry),
+    match store.set_flag_override(flag, patch, by, declared, seen).await? {
+        OverrideSet::Set(set) => Ok(set.1),
         // The fleet's file says 0 (this caller's copy is behind or elsewhere).
-        None => Err(OverrideError::KillSwitch(flag.to_owned())),
+        OverrideSet::KillSwitch => Err(OverrideError::KillSwitch(flag.to_owned())),
+        OverrideSet::PeopleFirst => Err(OverrideError::PeopleFirst(flag.to_owned())),
     }
 }
 

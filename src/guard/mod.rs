@@ -41,6 +41,11 @@ use crate::storage::guard::{GuardRow, SampleRow, VerdictRow};
 
 /// How often each instance looks at the guard.
 const TICK: Duration = Duration::from_millis(250);
+/// How long the judge's lease lasts, renewed every tick: a judge that dies (`kill -9`) is
+/// replaced by another instance within it. A judge that stalls past it and comes back
+/// finds its state saves refused (the row names the new judge), and the guard's own
+/// override explains a percent it set meanwhile.
+const LEASE_MS: i64 = 5_000;
 /// How long after a window's end its samples are judged (every process writes each second).
 const GRACE_MS: i64 = 1_500;
 /// How long samples and verdicts are kept (the console charts them).
@@ -289,7 +294,7 @@ async fn tick(store: &Storage, flags: &FlagsHandle, metrics: &Metrics, me: &str)
         updated_at: now,
         seen_change: None,
     };
-    let lease = now + (3 * window).max(5_000);
+    let lease = now + LEASE_MS;
     let Some(mut row) = store.claim_guard(&initial, me, now, lease).await? else {
         if let Some(row) = store.guard_row(flag).await? {
             metrics.guard_state(flag, &row.state);
@@ -473,8 +478,11 @@ async fn step(
             row.reason = reason.clone();
             row.passes = 0;
             match cfg.on_fail {
-                OnFail::Rollback if still(store, read).await? => {
-                    set_percent(store, flags, metrics, 0, &reason).await?;
+                OnFail::Rollback
+                    if still(store, read).await?
+                        && set_percent(store, flags, metrics, 0, &reason, Some(row.seen_change.unwrap_or(0)))
+                            .await? =>
+                {
                     row.state = "rolled_back".into();
                     row.threshold = 0;
                 }
@@ -515,7 +523,9 @@ async fn promote(
     cfg: &GuardConfig,
     now: i64,
 ) -> Result<(), sqlx::Error> {
-    set_percent(store, flags, metrics, to, reason).await?;
+    if !set_percent(store, flags, metrics, to, reason, Some(row.seen_change.unwrap_or(0))).await? {
+        return Ok(());
+    }
     tracing::info!(
         flag = TRIP_ACCEPT_FLAG,
         to = f64::from(to) / 100.0,
@@ -537,14 +547,17 @@ async fn promote(
     Ok(())
 }
 
-/// Sets the fleet-wide override (source `guard`) and applies it here at once.
+/// Sets the fleet-wide override (source `guard`) and applies it here at once, unless a
+/// person changed the flag after `seen` (the newest change the guard accounted for):
+/// whether it was set.
 async fn set_percent(
     store: &Storage,
     flags: &FlagsHandle,
     metrics: &Metrics,
     to: u32,
     reason: &str,
-) -> Result<(), sqlx::Error> {
+    seen: Option<i64>,
+) -> Result<bool, sqlx::Error> {
     let file_bp = flags.snapshot().file.percent_bp(TRIP_ACCEPT_FLAG);
     let patch = OverridePatch {
         percent_bp: Some(to),
@@ -556,14 +569,18 @@ async fn set_percent(
         reason: reason.to_owned(),
         at: now_ms(),
     };
-    match fleet::set_override(store, file_bp, TRIP_ACCEPT_FLAG, &patch, &by).await {
-        Ok(_) => {}
+    let set = match fleet::set_override_unless_people(store, file_bp, TRIP_ACCEPT_FLAG, &patch, &by, seen).await {
+        Ok(_) => true,
         Err(fleet::OverrideError::Database(e)) => return Err(e),
-        // The file's kill switch (or the flag gone): people win; the next tick pauses.
-        Err(e) => tracing::warn!(error = %e, "guard could not set the percent"),
-    }
+        // A person's change since the guard looked, the file's kill switch (or the flag
+        // gone): people win; the next tick pauses.
+        Err(e) => {
+            tracing::warn!(error = %e, "guard could not set the percent");
+            false
+        }
+    };
     let _ = fleet::refresh(flags, store, metrics).await;
-    Ok(())
+    Ok(set)
 }
 
 /// A person's action on the guard.

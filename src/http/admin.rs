@@ -257,7 +257,7 @@ fn driver_ids(fields: &serde_json::Map<String, Value>, field: &'static str) -> R
 fn override_error(e: fleet::OverrideError) -> ApiError {
     match e {
         fleet::OverrideError::UnknownFlag(_) => ApiError::NotFound("flag"),
-        fleet::OverrideError::KillSwitch(_) => ApiError::Conflict(e.to_string()),
+        fleet::OverrideError::KillSwitch(_) | fleet::OverrideError::PeopleFirst(_) => ApiError::Conflict(e.to_string()),
         fleet::OverrideError::Database(e) => e.into(),
     }
 }

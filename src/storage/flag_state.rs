@@ -140,6 +140,17 @@ pub enum FileRecord {
     Recorded(Box<(AuditEntry, Option<AuditEntry>)>),
 }
 
+/// What [`Storage::set_flag_override`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OverrideSet {
+    /// Set: the override now in force and its audit entry.
+    Set(Box<(OverrideRow, AuditEntry)>),
+    /// Refused: the fleet's flags file says 0 (the kill switch).
+    KillSwitch,
+    /// Refused: a person changed the flag after what the caller accounted for.
+    PeopleFirst,
+}
+
 /// Who the flags file puts in which cohort besides its percent: the hash's salt (a new one
 /// reshuffles every cohort) and the allow and deny lists (sorted). Recorded with the
 /// percent, so a change to them is audited as one to the percent is.
@@ -187,15 +198,19 @@ impl Storage {
     /// Sets (or changes) `flag`'s override by `patch` and audits it, in one transaction.
     /// `file_bp` is the caller's file's percent (for the entry's `from`/`to` where the
     /// override keeps the file's; the fleet's recorded one, if any, stands instead).
-    /// Returns the override now in force and its entry; `None`, changing nothing, while the
-    /// fleet's recorded file percent is 0 (the kill switch).
+    /// Returns the override now in force and its entry, or why it changed nothing: the
+    /// fleet's recorded file percent is 0 (the kill switch), or — given `people_after`, the
+    /// newest change the caller (the guard) has accounted for — a person (API, CLI,
+    /// console) changed the flag since: people win over the guard, which looked before
+    /// their change committed.
     pub async fn set_flag_override(
         &self,
         flag: &str,
         patch: &OverridePatch,
         by: &ChangeBy,
         file_bp: u32,
-    ) -> Result<Option<(OverrideRow, AuditEntry)>, sqlx::Error> {
+        people_after: Option<i64>,
+    ) -> Result<OverrideSet, sqlx::Error> {
         let mut tx = self.begin().await?;
         // A row to lock even for the flag's first override (as a cleared one, which no one
         // sees: this transaction overwrites it): two first sets at once then go one after
@@ -230,10 +245,25 @@ impl Storage {
             .fetch_optional(&mut *tx)
             .await?;
         let file_bp = match recorded.map(u32::try_from) {
-            Some(Ok(0)) => return Ok(None),
+            Some(Ok(0)) => return Ok(OverrideSet::KillSwitch),
             Some(Ok(bp)) => bp,
             _ => file_bp,
         };
+        // A person's change commits under the same row lock as this one, so it is either
+        // seen here or made after this commits (and then pauses the guard on its own).
+        if let Some(seen) = people_after {
+            let newer: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM flag_audit WHERE flag = $1 AND id > $2 AND in_force = TRUE \
+                   AND source IN ('api', 'cli', 'console')",
+            )
+            .bind(flag)
+            .bind(seen)
+            .fetch_one(&mut *tx)
+            .await?;
+            if newer > 0 {
+                return Ok(OverrideSet::PeopleFirst);
+            }
+        }
         let base = current.filter(|o| o.active);
         let row = OverrideRow {
             flag: flag.to_owned(),
@@ -287,7 +317,7 @@ impl Storage {
         insert_entry(&mut tx, &entry).await?;
         self.notify_flags(&mut tx).await?;
         tx.commit().await?;
-        Ok(Some((row, entry)))
+        Ok(OverrideSet::Set(Box::new((row, entry))))
     }
 
     /// Clears `flag`'s override, if one is in force, and audits it, in one transaction.

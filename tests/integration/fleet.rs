@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tripgate::auth::{Role, TokenKeys};
-use tripgate::storage::flag_state::FileRecord;
+use tripgate::storage::flag_state::{FileRecord, OverrideSet};
 
 use crate::support::{
     Backend, Gateway, Options, Process, SECRET, TempDir, TestDb, World, eventually, flags_text, free_port,
@@ -616,7 +616,7 @@ async fn file_salt_and_list_changes_are_recorded(backend: Backend) {
         percent_bp: Some(5_000),
         ..OverridePatch::default()
     };
-    store.set_flag_override("f", &patch, &by, 1000).await.unwrap().unwrap();
+    store.set_flag_override("f", &patch, &by, 1000, None).await.unwrap();
     assert!(matches!(
         record(2000, lists("s2", &[]), 7).await,
         FileRecord::Recorded(_)
@@ -672,6 +672,47 @@ async fn file_salt_and_list_changes_are_recorded(backend: Backend) {
 
 crate::backend_tests!(file_salt_and_list_changes_are_recorded);
 
+/// The guard's step sets its override only if no person changed the flag since the guard
+/// looked (`people_after`, checked under the override row's lock): a person's change
+/// committed between the guard's look and its step is never overwritten by the step.
+async fn a_guard_step_never_overwrites_a_person_s_change_made_meanwhile(backend: Backend) {
+    use tripgate::flags::fleet::{OverrideError, set_override, set_override_unless_people};
+    use tripgate::storage::flag_state::{ChangeBy, OverridePatch};
+    let db = TestDb::new(backend).await;
+    let store = db.store().await;
+    let by = |source: &str, at: i64| ChangeBy {
+        actor: source.into(),
+        source: source.into(),
+        reason: String::new(),
+        at,
+    };
+    let percent = |bp: u32| OverridePatch {
+        percent_bp: Some(bp),
+        ..OverridePatch::default()
+    };
+    store.record_file_percent("f", 1_000, 1).await.unwrap();
+    // The guard looked: the newest change in force is its own step to 10 %.
+    set_override_unless_people(&store, Some(1_000), "f", &percent(1_000), &by("guard", 2), Some(0))
+        .await
+        .unwrap();
+    let seen = store.flag_changes_since("f", 0).await.unwrap().0;
+    // A person sets 30 % before the guard's next step commits.
+    set_override(&store, Some(1_000), "f", &percent(3_000), &by("api", 3))
+        .await
+        .unwrap();
+    let step = set_override_unless_people(&store, Some(1_000), "f", &percent(5_000), &by("guard", 4), seen).await;
+    assert!(matches!(step, Err(OverrideError::PeopleFirst(_))), "{step:?}");
+    let in_force = store.flag_overrides().await.unwrap();
+    assert_eq!(in_force[0].percent_bp, Some(3_000), "the person's percent stays");
+    // Once the guard has seen it (it pauses then; resumed, it steps again).
+    let seen = store.flag_changes_since("f", 0).await.unwrap().0;
+    set_override_unless_people(&store, Some(1_000), "f", &percent(5_000), &by("guard", 5), seen)
+        .await
+        .unwrap();
+}
+
+crate::backend_tests!(a_guard_step_never_overwrites_a_person_s_change_made_meanwhile);
+
 /// The first overrides of a flag, set at once: they go one after the other, so the
 /// override in force keeps every one's field (none is lost to another's write) and the
 /// last one's audit entry shows what the others set before it.
@@ -706,11 +747,10 @@ async fn first_overrides_at_once_lose_nothing(backend: Backend) {
             let (store, barrier, flag, by) = (store.clone(), barrier.clone(), flag.clone(), by(n as i64));
             async move {
                 barrier.wait().await;
-                store
-                    .set_flag_override(&flag, patch, &by, 1_000)
-                    .await
-                    .unwrap()
-                    .unwrap()
+                match store.set_flag_override(&flag, patch, &by, 1_000, None).await.unwrap() {
+                    OverrideSet::Set(set) => *set,
+                    refused => panic!("{refused:?}"),
+                }
             }
         });
         let entries: Vec<_> = futures_util::future::join_all(sets)
