@@ -131,8 +131,9 @@ pub struct CohortReport {
     /// 95th percentile.
     pub otp_p95_ms: Option<f64>,
     /// How long after the load ended the last of these OTP SMS was handed over, ms (0 when
-    /// all went during the load): whether the side effects keep up.
-    pub otp_after_load_ms: f64,
+    /// all went during the load; `null` without an OTP sent): whether the side effects
+    /// keep up.
+    pub otp_after_load_ms: Option<f64>,
     /// Accepted trips.
     pub accepted: usize,
 }
@@ -263,12 +264,42 @@ impl App {
     }
 }
 
+/// Sizes that cannot make the scenario are refused, not quietly changed.
+fn check_sizes(o: &DriveOptions) -> anyhow::Result<()> {
+    match o.scenario {
+        Scenario::Race => {
+            anyhow::ensure!(
+                o.drivers >= 2,
+                "drive race: --drivers is per trip and a race needs at least 2"
+            );
+            anyhow::ensure!(o.trips >= 1, "drive race: --trips (rounds) must be at least 1");
+        }
+        Scenario::RetryStorm => {
+            anyhow::ensure!(o.trips >= 1, "drive retry-storm: --trips (rounds) must be at least 1");
+        }
+        Scenario::Burst => {
+            anyhow::ensure!(
+                o.drivers >= 1 && o.drivers == o.trips,
+                "drive burst: each driver accepts one trip: --drivers and --trips must be the same count of at least 1 (one of them alone sets both)"
+            );
+        }
+        Scenario::Steady | Scenario::Rollout => {
+            anyhow::ensure!(
+                o.rate.is_finite() && o.rate > 0.0 && o.duration_s.is_finite() && o.duration_s > 0.0,
+                "drive: --rate (accepts per second) and --duration (seconds) must be above 0"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Runs a scenario against a running gateway and returns the report.
 pub async fn drive(config: &Config, options: DriveOptions) -> anyhow::Result<Report> {
     anyhow::ensure!(
         !options.guard || options.scenario == Scenario::Rollout,
         "drive: --guard is for the rollout scenario"
     );
+    check_sizes(&options)?;
     let keys = TokenKeys::new(&config.auth.hs256_secret, 3600);
     let admin_token = keys.mint("admin", Role::Admin)?;
     let http = reqwest::Client::builder()
@@ -552,7 +583,7 @@ pub async fn drive(config: &Config, options: DriveOptions) -> anyhow::Result<Rep
         }
         let otps = otp_delivery(&http, &app.url, &admin_token, &checked, &bar).await;
         duplicate_otps += otps.iter().filter(|o| o.repeats > 0).count() as i64;
-        let last_handed = otps.iter().map(|o| o.handed_at).max().unwrap_or(load_ended_ms);
+        let last_handed = otps.iter().map(|o| o.handed_at).max();
         let mut otp_ms: Vec<f64> = otps.into_iter().map(|o| o.delivery_ms).collect();
         let mut latencies = s.latencies_ms;
         let report = CohortReport {
@@ -566,7 +597,7 @@ pub async fn drive(config: &Config, options: DriveOptions) -> anyhow::Result<Rep
             errors: s.errors,
             otp_p50_ms: quantile(&mut otp_ms, 0.50),
             otp_p95_ms: quantile(&mut otp_ms, 0.95),
-            otp_after_load_ms: (last_handed - load_ended_ms).max(0) as f64,
+            otp_after_load_ms: last_handed.map(|at| (at - load_ended_ms).max(0) as f64),
             accepted: s.accepted_trips.len(),
         };
         cohorts.insert(cohort.as_str().to_owned(), report);
@@ -901,7 +932,7 @@ pub fn render(report: &Report) -> String {
     );
     for (cohort, c) in &report.cohorts {
         out.push_str(&format!(
-            "{:<14}{:>9}{:>10}{:>10}{:>10}{:>10}{:>10}{:>9}{:>10}{:>11}{:>11}{:>12.0}  {:?}\n",
+            "{:<14}{:>9}{:>10}{:>10}{:>10}{:>10}{:>10}{:>9}{:>10}{:>11}{:>11}{:>12}  {:?}\n",
             cohort,
             c.requests,
             c.accepted,
@@ -913,7 +944,7 @@ pub fn render(report: &Report) -> String {
             c.retries,
             ms(c.otp_p50_ms, 0),
             ms(c.otp_p95_ms, 0),
-            c.otp_after_load_ms,
+            ms(c.otp_after_load_ms, 0),
             c.errors
         ));
     }

@@ -260,14 +260,19 @@ pub(crate) async fn check_driver(users: &KnownUsers, store: &Storage, cmd: &Acce
     }
 }
 
-/// A driver declines an offer: recorded, 200. Same in both cohorts. A trip the driver has
-/// already accepted is not an offer any more: declining it would answer "rejected" while
-/// the trip stays theirs and the customer waits for them, so it is refused as not pending
-/// (releasing an accepted trip is the backend's cancel, not this route).
+/// A driver declines an offer: recorded, 200. Same in both cohorts. Only a pending trip
+/// without a driver is an offer (SPEC §5's rows hold for both actions, and a refused
+/// request writes nothing): one the driver has already accepted is refused as not pending
+/// — declining it would answer "rejected" while the trip stays theirs and the customer
+/// waits for them (releasing an accepted trip is the backend's cancel, not this route) —,
+/// one another driver has as taken, a cancelled one as not pending.
 pub(crate) async fn reject(store: &Storage, cmd: &AcceptCommand) -> Result<AcceptReply, ApiError> {
     let trip = store.trip_snapshot(&cmd.trip_id).await?.ok_or(ApiError::TripNotFound)?;
-    if trip.driver_id.as_deref() == Some(cmd.driver_id.as_str()) {
-        return Err(ApiError::TripNotPending);
+    match trip.driver_id.as_deref() {
+        Some(d) if d == cmd.driver_id => return Err(ApiError::TripNotPending),
+        Some(_) => return Err(ApiError::TripTaken),
+        None if !trip.is_open() => return Err(ApiError::TripNotPending),
+        None => {}
     }
     store.record_rejection(&cmd.trip_id, &cmd.driver_id).await?;
     Ok(AcceptReply::rejected())

@@ -286,6 +286,17 @@ async fn spec_table_rows(backend: Backend, cohort: Cohort) {
     let full = gw.store.trip_with_relations(&t1).await.unwrap().unwrap();
     assert_eq!(full["driver_id"], d1.as_str());
     assert_eq!(full["rejected_drivers"], json!([]), "{full}");
+    // No longer an offer: another driver's trip, a cancelled one — refused, nothing written.
+    let (status, body, _) = gw.action(&premium, &t1, "rejected").await;
+    assert_eq!((status, code(&body)), (403, "trip_request_driver_403"), "{body}");
+    let t5 = w.trip(std::slice::from_ref(&premium)).await;
+    assert!(gw.store.cancel_trip(&t5).await.unwrap());
+    let (status, body, _) = gw.action(&premium, &t5, "rejected").await;
+    assert_eq!((status, code(&body)), (403, "trip_not_pending_403"), "{body}");
+    for trip in [&t1, &t5] {
+        let full = gw.store.trip_with_relations(trip).await.unwrap().unwrap();
+        assert_eq!(full["rejected_drivers"], json!([]), "{full}");
+    }
     gw.shutdown().await;
 }
 

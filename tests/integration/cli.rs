@@ -572,3 +572,27 @@ fn guard_actions_name_the_actor() {
         "{stderr}"
     );
 }
+
+/// `tripgate drive` refuses sizes that cannot make its scenario (before it reaches the
+/// gateway), instead of quietly running another size.
+#[test]
+fn drive_refuses_sizes_that_make_no_scenario() {
+    let dir = TempDir::new();
+    write_config(dir.path(), "sqlite://data/t.db", "[server]\nlisten = \"127.0.0.1:1\"\n");
+    for (args, says) in [
+        (&["drive", "race", "--drivers", "1"][..], "at least 2"),
+        (&["drive", "race", "--trips", "0"][..], "--trips"),
+        (
+            &["drive", "burst", "--drivers", "10", "--trips", "20"][..],
+            "the same count",
+        ),
+        (&["drive", "burst", "--drivers", "0"][..], "the same count"),
+        (&["drive", "steady", "--rate", "0"][..], "--rate"),
+        (&["drive", "rollout", "--duration=-1"][..], "--duration"),
+    ] {
+        let out = tripgate(dir.path(), args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+}
