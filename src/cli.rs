@@ -408,6 +408,21 @@ async fn flags_command(config: &Config, action: FlagsCommand) -> anyhow::Result<
                 other => anyhow::anyhow!("{}: {other}", path.display()),
             })?;
             println!("{name}: file {from} -> {percent} ({})", path.display());
+            // The file is the declared default: an override of the percent stays in force
+            // over it (except the kill switch), which the person editing it should know.
+            let overrides = async { Storage::connect(&config.database)?.flag_overrides().await };
+            if percent > 0.0
+                && let Ok(Ok(rows)) = tokio::time::timeout(std::time::Duration::from_secs(2), overrides).await
+                && let Some(o) = rows.iter().find(|o| o.flag == name && o.active)
+                && let Some(bp) = o.percent_bp
+            {
+                println!(
+                    "{name}: note: the override of {}% by {} ({}) stays in force over the file; `tripgate flags clear {name}` hands it back to the file",
+                    f64::from(bp) / 100.0,
+                    o.actor,
+                    o.source
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         FlagsCommand::Set {
@@ -535,6 +550,9 @@ async fn flags_in_force(config: &Config) -> anyhow::Result<std::sync::Arc<flags:
         Ok(rows) => {
             handle.set_overrides(fleet::overrides_of(&rows));
         }
+        Err(e) if crate::storage::is_not_migrated(&e) => eprintln!(
+            "tripgate: warning: overrides not read (the database of database.url is not migrated yet: `tripgate migrate`, or start a gateway); showing the file's flags"
+        ),
         Err(e) => eprintln!(
             "tripgate: warning: overrides not read ({}); showing the file's flags",
             one_line(&e.to_string())

@@ -691,6 +691,21 @@ impl Config {
             let http_url = parsed
                 .as_ref()
                 .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some_and(|h| !h.is_empty()));
+            // A webhook's settings on another kind: most likely `kind = "webhook"` was
+            // forgotten, and the messages would go nowhere without a word.
+            if provider.kind != ProviderKind::Webhook && (!provider.url.is_empty() || provider.ca_file.is_some()) {
+                return Err((
+                    if key == "providers.sms" {
+                        "providers.sms.kind"
+                    } else {
+                        "providers.push.kind"
+                    },
+                    format!(
+                        "{:?} with a webhook's url or ca_file: set kind = \"webhook\" (or remove them)",
+                        format!("{:?}", provider.kind).to_lowercase()
+                    ),
+                ));
+            }
             if provider.kind == ProviderKind::Webhook && !http_url {
                 return Err((
                     if key == "providers.sms" {
@@ -979,6 +994,14 @@ mod tests {
             ("[database]\nurl = \"sqlite://data/\"\n", "names a directory"),
             ("[database]\nurl = \"sqlite::memory:\"\n", "database.url"),
             ("[log]\nlevel = \"\"\n", "log.level"),
+            (
+                "[providers.sms]\nurl = \"http://127.0.0.1:9/sms\"\n",
+                "providers.sms.kind",
+            ),
+            (
+                "[providers.push]\nkind = \"log\"\nurl = \"http://127.0.0.1:9/push\"\n",
+                "providers.push.kind",
+            ),
             // A bare word is a target to tracing: "warning" would switch every log off.
             ("[log]\nlevel = \"warning\"\n", "log.level"),
             ("[log]\nlevel = \"info,verbose\"\n", "log.level"),
@@ -1039,6 +1062,8 @@ mod tests {
             SECRET,
             &[
                 ("TRIPGATE_SERVER_DEMO_ROUTES", "false"),
+                ("TRIPGATE_PROVIDERS_SMS_KIND", "webhook"),
+                ("TRIPGATE_PROVIDERS_SMS_URL", "https://sms.example/send"),
                 ("TRIPGATE_PROVIDERS_SMS_CA_FILE", "/etc/provider-ca.pem"),
             ],
         )

@@ -432,6 +432,14 @@ fn flags_show_set_explain() {
         (Some(5000), Some("override"))
     );
 
+    // A file edit while the override holds says the override stays in force over it.
+    let out = tripgate(dir.path(), &["flags", "set", "--file", "trip_accept_v2", "10"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("the override of 50% by") && text.contains("stays in force"),
+        "{text}"
+    );
+
     // `flags clear` goes back to the file; clearing nothing says so.
     let out = tripgate(dir.path(), &["flags", "clear", "trip_accept_v2"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("override cleared, 50 -> 10"));
