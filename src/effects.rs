@@ -367,11 +367,7 @@ impl EffectRunner {
             Effect::TripAcceptedEvent => {
                 let data = json!({"trip_id": ctx.trip_id, "driver_id": ctx.driver_id, "cohort": ctx.cohort.as_str()});
                 self.events.publish("trip.accepted", data).await.map_err(|e| Failed {
-                    // A PUBLISH that timed out may have run.
-                    maybe_done: match &e {
-                        crate::redis_conn::RedisError::Timeout(_) => true,
-                        crate::redis_conn::RedisError::Redis(e) => e.is_timeout(),
-                    },
+                    maybe_done: e.maybe_done,
                     reason: e.to_string(),
                 })
             }

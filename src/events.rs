@@ -7,6 +7,16 @@ use serde_json::Value;
 
 use crate::redis_conn::{RedisError, RedisHandle};
 
+/// A publish that did not complete.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct PublishError {
+    /// What failed.
+    pub error: RedisError,
+    /// The PUBLISH was sent and not answered in time: it may have run.
+    pub maybe_done: bool,
+}
+
 /// Where events go.
 #[derive(Clone, Debug)]
 pub enum EventBus {
@@ -31,7 +41,7 @@ impl EventBus {
     }
 
     /// Publishes `{"event": name, "data": data}`.
-    pub async fn publish(&self, name: &str, data: Value) -> Result<(), RedisError> {
+    pub async fn publish(&self, name: &str, data: Value) -> Result<(), PublishError> {
         let payload = serde_json::json!({ "event": name, "data": data }).to_string();
         match self {
             Self::InProcess => {
@@ -39,7 +49,11 @@ impl EventBus {
                 Ok(())
             }
             Self::Redis(redis) => {
-                let mut conn = redis.connection().await?;
+                // Not connected: nothing was sent.
+                let mut conn = redis.connection().await.map_err(|error| PublishError {
+                    error,
+                    maybe_done: false,
+                })?;
                 let _: i64 = redis
                     .bounded(
                         redis::cmd("PUBLISH")
@@ -47,7 +61,15 @@ impl EventBus {
                             .arg(payload)
                             .query_async(&mut conn),
                     )
-                    .await?;
+                    .await
+                    .map_err(|error| PublishError {
+                        // Sent, no answer in time: it may have run.
+                        maybe_done: match &error {
+                            RedisError::Timeout(_) => true,
+                            RedisError::Redis(e) => e.is_timeout(),
+                        },
+                        error,
+                    })?;
                 Ok(())
             }
         }

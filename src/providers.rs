@@ -68,7 +68,9 @@ impl ProviderError {
 /// A failed call: a timeout says so (with the limit); otherwise reqwest's message and its
 /// causes ("error sending request for url (…)" alone does not say what failed).
 fn transport_error(e: &reqwest::Error, timeout: Duration) -> ProviderError {
-    if e.is_timeout() {
+    // A connection never made (refused, or not within CONNECT_TIMEOUT) sent nothing: a
+    // certain failure, whose next call is a retry.
+    if e.is_timeout() && !e.is_connect() {
         return ProviderError::TimedOut(timeout.as_millis());
     }
     let mut text = e.to_string();
@@ -172,10 +174,14 @@ impl Providers {
     }
 }
 
+/// Bound on a webhook's TCP and TLS connect (within `timeout_ms`, which bounds the whole
+/// call): a provider host that does not answer fails as not reached, nothing sent.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// An HTTP client over rustls: the system's roots, or only the CA certificates of
 /// `ca_file` (PEM).
 fn http_client(ca_file: Option<&std::path::Path>) -> Result<reqwest::Client, String> {
-    let mut builder = reqwest::Client::builder();
+    let mut builder = reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT);
     let named = |e: reqwest::Error| match ca_file {
         // A certificate that parsed but that rustls refuses (a truncated one) fails here.
         Some(path) => format!("{}: HTTP client with its certificates: {e:#}", path.display()),

@@ -151,20 +151,26 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
     } else {
         Some(RedisHandle::new(&config.redis)?)
     };
-    let (locks, events): (Arc<dyn LockStore>, EventBus) = match &redis {
+    // `events` for the workers, `inline_events` for legacy's inline run (before its
+    // answer).
+    let (locks, events, inline_events): (Arc<dyn LockStore>, EventBus, EventBus) = match &redis {
         Some(r) => (
             Arc::new(RedisLockStore::new(r.clone(), config.redis.lock_ttl_s)),
-            // Events are published by the jobs, after the answer: a connection of their
-            // own, bounded by at least EVENT_TIMEOUT — a Redis slower than the lock calls'
-            // bound (tens of ms, which an accept can wait) would otherwise fail every
-            // publish (perhaps after it ran) and retry it until the job died.
+            // The workers publish after the answer: a connection of their own, bounded by
+            // at least EVENT_TIMEOUT — a Redis slower than the lock calls' bound (tens of
+            // ms, which an accept can wait) would otherwise fail every publish (perhaps
+            // after it ran) and retry it until the job died.
             EventBus::Redis(RedisHandle::new(&crate::config::RedisConfig {
                 timeout_ms: config.redis.timeout_ms.max(EVENT_TIMEOUT_MS),
                 ..config.redis.clone()
             })?),
+            // Legacy publishes before its answer: the lock calls' bound, as before (a slow
+            // Redis must not slow its requests, nor the guard's comparison of the cohorts).
+            EventBus::Redis(r.clone()),
         ),
         None => (
             Arc::new(MemoryLockStore::new(Duration::from_secs(config.redis.lock_ttl_s))),
+            EventBus::in_process(),
             EventBus::in_process(),
         ),
     };
@@ -185,14 +191,14 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
         .with_own_pools(config.jobs.db_connections, config.database.acquire_timeout_ms)?
         .observed_as("jobs", &metrics);
     let policy = RetryPolicy::from_config(&config.jobs);
-    let runner = |store: &Storage| {
+    let runner = |store: &Storage, events: &EventBus| {
         JobRunner::new(
             store.clone(),
             EffectRunner::new(store.clone(), providers.clone(), events.clone(), metrics.clone()),
             policy.clone(),
         )
     };
-    let job_runners: Vec<JobRunner> = job_shards.all().iter().map(runner).collect();
+    let job_runners: Vec<JobRunner> = job_shards.all().iter().map(|s| runner(s, &events)).collect();
     let lease_ms = (config.jobs.visibility_timeout_s * 1000) as i64;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -237,9 +243,14 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
             .all()
             .iter()
             .map(|shard| AcceptServices {
-                legacy: LegacyAccept::new(shard.clone(), runner(shard), lease_ms, config.client.timeout_ms as i64)
-                    .with_known_users(known_users.clone())
-                    .with_tasks(tasks.clone()),
+                legacy: LegacyAccept::new(
+                    shard.clone(),
+                    runner(shard, &inline_events),
+                    lease_ms,
+                    config.client.timeout_ms as i64,
+                )
+                .with_known_users(known_users.clone())
+                .with_tasks(tasks.clone()),
                 atomic: AtomicAsyncAccept::with_budget(
                     shard.clone(),
                     TripLocks::new(locks.clone(), metrics.clone()),

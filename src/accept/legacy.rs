@@ -27,7 +27,7 @@ impl LegacyAccept {
     /// long the request's own claim on its job lasts: if the process dies while the effects
     /// run, a worker finishes them after that. `deadline_ms` (`client.timeout_ms`) bounds,
     /// from the request's arrival, how long a committed accept waits out a database that
-    /// went away.
+    /// went away (it answers a margin before it).
     pub fn new(store: Storage, jobs: JobRunner, lease_ms: i64, deadline_ms: i64) -> Self {
         Self::from_strategy(Legacy {
             store,
@@ -67,12 +67,15 @@ impl Strategy for Legacy {
         };
         // Inline, before the answer: bidding, parcel SMS, cleanup, OTP push, OTP SMS,
         // arrival estimate, "trip taken" pushes, the trip.accepted event.
-        let deadline = cmd.received_at_ms + self.deadline_ms;
-        self.jobs.run_inline(&job, deadline).await;
+        // The answer must reach the app before it gives up (client.timeout_ms): the waits
+        // for a database that went away end a margin before (a quarter of it, at least 1 s),
+        // the effects' half a second before the reload's.
+        let answer_by = cmd.received_at_ms + self.deadline_ms - (self.deadline_ms / 4).max(1_000);
+        self.jobs.run_inline(&job, answer_by - 500).await;
         // The heavy reload with every relation. The accept is committed: a database away
-        // until the deadline does not make it a 503 (the driver would take the trip for
-        // lost, and their retry is refused as taken), it answers with what is known.
-        let left = std::time::Duration::from_millis(u64::try_from(deadline - now_ms()).unwrap_or(0));
+        // until then does not make it a 503 (the driver would take the trip for lost, and
+        // their retry is refused as taken), it answers with what is known.
+        let left = std::time::Duration::from_millis(u64::try_from(answer_by - now_ms()).unwrap_or(0));
         let trip = match while_unreachable(left, || self.store.trip_with_relations(&cmd.trip_id)).await {
             Ok(trip) => trip.ok_or(ApiError::TripNotFound)?,
             Err(e) if is_unavailable(&e) => {

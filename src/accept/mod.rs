@@ -274,7 +274,10 @@ pub(crate) async fn reject(store: &Storage, cmd: &AcceptCommand) -> Result<Accep
         None if !trip.is_open() => return Err(ApiError::TripNotPending),
         None => {}
     }
-    store.record_rejection(&cmd.trip_id, &cmd.driver_id).await?;
+    if !store.record_rejection(&cmd.trip_id, &cmd.driver_id).await? {
+        // Taken or cancelled since the look above.
+        return Err(ApiError::TripNotPending);
+    }
     Ok(AcceptReply::rejected())
 }
 

@@ -56,8 +56,12 @@ const POLL: Duration = Duration::from_secs(5);
 enum Seen {
     /// Written in place, still open: read it once it is closed.
     Writing,
-    /// Closed after a write, replaced, renamed, linked: read it once the burst settles.
+    /// Closed after a write, or replaced (created, renamed, removed): read it once the
+    /// burst settles.
     Changed,
+    /// Something else in a watched folder (a ConfigMap's `..data` swap, another file): read
+    /// the file once the burst settles, but a write of the file in progress still is one.
+    Other,
 }
 
 impl FlagsWatcher {
@@ -109,7 +113,9 @@ async fn settle(events: &mut tokio::sync::mpsc::UnboundedReceiver<Seen>, first: 
         let left = WRITE_WAIT.saturating_sub(began.elapsed());
         let wait = if writing { left } else { DEBOUNCE.min(left) };
         match tokio::time::timeout(wait, events.recv()).await {
-            Ok(Some(seen)) => writing = seen == Seen::Writing,
+            Ok(Some(Seen::Writing)) => writing = true,
+            Ok(Some(Seen::Changed)) => writing = false,
+            Ok(Some(Seen::Other)) => {}
             Ok(None) | Err(_) => return,
         }
         if began.elapsed() >= WRITE_WAIT {
@@ -239,10 +245,11 @@ fn seen(event: &notify::Event, names: &[std::ffi::OsString]) -> Option<Seen> {
             .any(|p| p.file_name().is_some_and(|n| names.iter().any(|name| name == n)))
     };
     match event.kind {
-        EventKind::Access(AccessKind::Close(AccessMode::Write)) => Some(Seen::Changed),
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) if of_the_file() => Some(Seen::Changed),
         EventKind::Access(_) => None,
         EventKind::Modify(ModifyKind::Data(_)) if of_the_file() => Some(Seen::Writing),
-        _ => Some(Seen::Changed),
+        _ if of_the_file() => Some(Seen::Changed),
+        _ => Some(Seen::Other),
     }
 }
 

@@ -478,15 +478,20 @@ async fn step(
             row.reason = reason.clone();
             row.passes = 0;
             match cfg.on_fail {
-                OnFail::Rollback
-                    if still(store, read).await?
-                        && set_percent(store, flags, metrics, 0, &reason, Some(row.seen_change.unwrap_or(0)))
-                            .await? =>
-                {
-                    row.state = "rolled_back".into();
-                    row.threshold = 0;
+                // A person's pause, resume or ack since the judge read the row: its save
+                // is refused anyway, and people win.
+                OnFail::Rollback if !still(store, read).await? => {}
+                OnFail::Rollback => {
+                    if set_percent(store, flags, metrics, 0, &reason, Some(row.seen_change.unwrap_or(0))).await? {
+                        row.state = "rolled_back".into();
+                        row.threshold = 0;
+                    } else {
+                        // A person's change (or the kill switch) came first: people win, the
+                        // next tick pauses on it; the verdict is on record.
+                        row.reason = format!("{reason}; not rolled back: a person's change came first");
+                    }
                 }
-                OnFail::Rollback | OnFail::Hold => {
+                OnFail::Hold => {
                     row.state = "holding".into();
                     let by = ChangeBy {
                         actor: "guard".into(),

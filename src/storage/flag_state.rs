@@ -212,6 +212,27 @@ impl Storage {
         people_after: Option<i64>,
     ) -> Result<OverrideSet, sqlx::Error> {
         let mut tx = self.begin().await?;
+        // The file the fleet's gateways hold, as they last recorded it, over the caller's
+        // copy (a CLI host's stale checkout, an instance that has not reloaded yet): its
+        // kill switch refuses the override (`KillSwitch`) — else the override would wait,
+        // recorded as in force while it was not, and take over when the file rose again.
+        // Read under the lock a file change takes on that row: a kill switch being recorded
+        // is waited for (and refuses this), and one recorded after this commits sees the
+        // override (and clears it) — also the first override of the flag, whose row a
+        // concurrent record could not see, let alone lock, before this commits.
+        let recorded: Option<i64> = sqlx::query_scalar(&format!(
+            "SELECT percent_bp FROM flag_file_state WHERE flag = $1 {}",
+            self.dialect.lock_rows()
+        ))
+        .bind(flag)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let file_bp = match recorded.map(u32::try_from) {
+            Some(Ok(0)) => return Ok(OverrideSet::KillSwitch),
+            Some(Ok(bp)) => bp,
+            _ => file_bp,
+        };
+        // (That row first, then the override's, as a file change takes them: no deadlock.)
         // A row to lock even for the flag's first override (as a cleared one, which no one
         // sees: this transaction overwrites it): two first sets at once then go one after
         // the other, so neither loses the other's fields and each entry's `from` is what
@@ -234,21 +255,6 @@ impl Storage {
         .bind(flag)
         .fetch_optional(&mut *tx)
         .await?;
-        // The file the fleet's gateways hold, as they last recorded it, over the caller's
-        // copy (a CLI host's stale checkout, an instance that has not reloaded yet): its
-        // kill switch refuses the override (`None`) — else the override would wait,
-        // recorded as in force while it was not, and take over when the file rose again.
-        // A kill switch recorded after this read clears the override this sets (its
-        // transaction waits for this one's lock on the row).
-        let recorded: Option<i64> = sqlx::query_scalar("SELECT percent_bp FROM flag_file_state WHERE flag = $1")
-            .bind(flag)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let file_bp = match recorded.map(u32::try_from) {
-            Some(Ok(0)) => return Ok(OverrideSet::KillSwitch),
-            Some(Ok(bp)) => bp,
-            _ => file_bp,
-        };
         // A person's change commits under the same row lock as this one, so it is either
         // seen here or made after this commits (and then pauses the guard on its own).
         if let Some(seen) = people_after {

@@ -260,9 +260,14 @@ impl Storage {
     }
 
     /// Records that a driver declined a trip (idempotent).
-    pub async fn record_rejection(&self, trip_id: &str, driver_id: &str) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO rejected_driver_requests (trip_request_id, user_id, created_at) VALUES ($1, $2, $3) \
+    /// Only while the trip is an offer (pending, no driver), checked in the statement itself:
+    /// false (nothing written) once it is not — an accept may commit between the caller's
+    /// look and this.
+    pub async fn record_rejection(&self, trip_id: &str, driver_id: &str) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(
+            "INSERT INTO rejected_driver_requests (trip_request_id, user_id, created_at) \
+             SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM trip_requests \
+               WHERE id = $1 AND driver_id IS NULL AND current_status = 'pending') \
              ON CONFLICT DO NOTHING",
         )
         .bind(trip_id)
@@ -270,7 +275,18 @@ impl Storage {
         .bind(now_ms())
         .execute(&mut *self.conn().await?)
         .await?;
-        Ok(())
+        if done.rows_affected() > 0 {
+            return Ok(true);
+        }
+        // Nothing written: already rejected before (a repeat: still an offer), or no longer
+        // an offer.
+        let open: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM trip_requests WHERE id = $1 AND driver_id IS NULL AND current_status = 'pending'",
+        )
+        .bind(trip_id)
+        .fetch_one(&mut *self.conn().await?)
+        .await?;
+        Ok(open > 0)
     }
 
     /// The trip row.

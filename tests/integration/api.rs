@@ -293,6 +293,9 @@ async fn spec_table_rows(backend: Backend, cohort: Cohort) {
     assert!(gw.store.cancel_trip(&t5).await.unwrap());
     let (status, body, _) = gw.action(&premium, &t5, "rejected").await;
     assert_eq!((status, code(&body)), (403, "trip_not_pending_403"), "{body}");
+    // The statement itself checks it is still an offer (an accept may commit between the
+    // look and the write).
+    assert!(!gw.store.record_rejection(&t1, &premium).await.unwrap());
     for trip in [&t1, &t5] {
         let full = gw.store.trip_with_relations(trip).await.unwrap().unwrap();
         assert_eq!(full["rejected_drivers"], json!([]), "{full}");

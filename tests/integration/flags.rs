@@ -54,7 +54,8 @@ async fn reload_within_a_second_for_each_write_style() {
 
     // 1b. In place, by a writer that pauses halfway with the file open: what it wrote so
     //     far ("percent = 0" of "percent = 0.5") is valid and would be the kill switch.
-    //     It is read once the writer closes the file.
+    //     It is read once the writer closes the file (the pause is well within the 0.8 s
+    //     the watcher waits for a writer that keeps the file open).
     let full = flags_text(0.5, &[]);
     let cut = full.find("percent = 0").unwrap() + "percent = 0".len();
     let watching = {
@@ -85,7 +86,9 @@ async fn reload_within_a_second_for_each_write_style() {
         let mut file = std::fs::File::create(&path).unwrap();
         file.write_all(&full.as_bytes()[..cut]).unwrap();
         file.flush().unwrap();
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        // Another file of the folder changing meanwhile does not end the wait.
+        std::fs::write(dir.join("README"), "flags folder").unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
         file.write_all(&full.as_bytes()[cut..]).unwrap();
         Instant::now()
     };

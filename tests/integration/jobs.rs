@@ -1321,8 +1321,8 @@ async fn a_slow_redis_still_takes_the_events_once() {
     let w = World::new(&gw.store).await;
     let d = w.driver().await;
     let trip = w.trip(std::slice::from_ref(&d)).await;
-    // Past the lock calls' 200 ms (the SQL fence decides alone), within the events' 1 s.
-    proxy.slow_replies(400);
+    // Past the lock calls' 200 ms (the SQL fence decides alone), well within the events' 1 s.
+    proxy.slow_replies(300);
     assert_eq!(gw.accept(&d, &trip).await.0, 200);
     let job = eventually(Duration::from_secs(15), "the job finished", || async {
         let (_, body) = gw.admin_get("/admin/jobs").await;
@@ -1367,6 +1367,8 @@ async fn a_database_blip_during_a_legacy_accept_answers_200_and_sends_nothing_tw
         acquire_timeout_ms: 500,
         // Short, so that an outcome lost to the blip would be called again within the test.
         visibility_timeout_s: 3,
+        // Room on a loaded machine: the run waits until 1 s + 25 % before this, less 0.5 s.
+        client_timeout_ms: 10_000,
         ..Options::default()
     };
     let mut config = crate::support::config(&db.url, dir.path(), &options);
