@@ -68,9 +68,10 @@ impl Strategy for Legacy {
         // Inline, before the answer: bidding, parcel SMS, cleanup, OTP push, OTP SMS,
         // arrival estimate, "trip taken" pushes, the trip.accepted event.
         // The answer must reach the app before it gives up (client.timeout_ms): the waits
-        // for a database that went away end a margin before (a quarter of it, at least 1 s),
-        // the effects' half a second before the reload's.
-        let answer_by = cmd.received_at_ms + self.deadline_ms - (self.deadline_ms / 4).max(1_000);
+        // for a database that went away end a margin before (a quarter of it, at least 1 s,
+        // at most half), the effects' half a second before the reload's.
+        let margin = (self.deadline_ms / 4).max(1_000).min(self.deadline_ms / 2);
+        let answer_by = cmd.received_at_ms + self.deadline_ms - margin;
         self.jobs.run_inline(&job, answer_by - 500).await;
         // The heavy reload with every relation. The accept is committed: a database away
         // until then does not make it a 503 (the driver would take the trip for lost, and

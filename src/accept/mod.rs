@@ -267,18 +267,24 @@ pub(crate) async fn check_driver(users: &KnownUsers, store: &Storage, cmd: &Acce
 /// waits for them (releasing an accepted trip is the backend's cancel, not this route) —,
 /// one another driver has as taken, a cancelled one as not pending.
 pub(crate) async fn reject(store: &Storage, cmd: &AcceptCommand) -> Result<AcceptReply, ApiError> {
-    let trip = store.trip_snapshot(&cmd.trip_id).await?.ok_or(ApiError::TripNotFound)?;
-    match trip.driver_id.as_deref() {
-        Some(d) if d == cmd.driver_id => return Err(ApiError::TripNotPending),
-        Some(_) => return Err(ApiError::TripTaken),
-        None if !trip.is_open() => return Err(ApiError::TripNotPending),
-        None => {}
-    }
+    not_an_offer(store, cmd).await?;
     if !store.record_rejection(&cmd.trip_id, &cmd.driver_id).await? {
-        // Taken or cancelled since the look above.
+        // Taken or cancelled since: answered as if it had been before.
+        not_an_offer(store, cmd).await?;
         return Err(ApiError::TripNotPending);
     }
     Ok(AcceptReply::rejected())
+}
+
+/// Why the trip is no offer to decline for the driver, if it is not.
+async fn not_an_offer(store: &Storage, cmd: &AcceptCommand) -> Result<(), ApiError> {
+    let trip = store.trip_snapshot(&cmd.trip_id).await?.ok_or(ApiError::TripNotFound)?;
+    match trip.driver_id.as_deref() {
+        Some(d) if d == cmd.driver_id => Err(ApiError::TripNotPending),
+        Some(_) => Err(ApiError::TripTaken),
+        None if !trip.is_open() => Err(ApiError::TripNotPending),
+        None => Ok(()),
+    }
 }
 
 /// The error for an accept transaction that did not commit.

@@ -264,12 +264,19 @@ impl Storage {
     /// false (nothing written) once it is not — an accept may commit between the caller's
     /// look and this.
     pub async fn record_rejection(&self, trip_id: &str, driver_id: &str) -> Result<bool, sqlx::Error> {
-        let done = sqlx::query(
+        // Postgres: FOR SHARE waits for an accept that holds the row and sees its commit
+        // (a plain read would see the row as it was before it). SQLite: writers are one at
+        // a time anyway.
+        let share = match self.dialect {
+            super::Dialect::Postgres => "FOR SHARE",
+            super::Dialect::Sqlite => "",
+        };
+        let done = sqlx::query(&format!(
             "INSERT INTO rejected_driver_requests (trip_request_id, user_id, created_at) \
              SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM trip_requests \
-               WHERE id = $1 AND driver_id IS NULL AND current_status = 'pending') \
-             ON CONFLICT DO NOTHING",
-        )
+               WHERE id = $1 AND driver_id IS NULL AND current_status = 'pending' {share}) \
+             ON CONFLICT DO NOTHING"
+        ))
         .bind(trip_id)
         .bind(driver_id)
         .bind(now_ms())
