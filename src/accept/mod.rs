@@ -269,9 +269,9 @@ pub(crate) async fn check_driver(users: &KnownUsers, store: &Storage, cmd: &Acce
 pub(crate) async fn reject(store: &Storage, cmd: &AcceptCommand) -> Result<AcceptReply, ApiError> {
     not_an_offer(store, cmd).await?;
     if !store.record_rejection(&cmd.trip_id, &cmd.driver_id).await? {
-        // Taken or cancelled since: answered as if it had been before.
+        // Nothing written: taken or cancelled since (answered as if it had been before),
+        // or declined before (a repeat, answered as the first).
         not_an_offer(store, cmd).await?;
-        return Err(ApiError::TripNotPending);
     }
     Ok(AcceptReply::rejected())
 }

@@ -259,10 +259,10 @@ impl Storage {
             .await
     }
 
-    /// Records that a driver declined a trip (idempotent).
-    /// Only while the trip is an offer (pending, no driver), checked in the statement itself:
-    /// false (nothing written) once it is not — an accept may commit between the caller's
-    /// look and this.
+    /// Records that a driver declined a trip (idempotent), only while the trip is an offer
+    /// (pending, no driver), checked in the statement itself — an accept may commit
+    /// between the caller's look and this. Whether a row was written: false when the trip
+    /// is no offer any more, or when the driver declined it before.
     pub async fn record_rejection(&self, trip_id: &str, driver_id: &str) -> Result<bool, sqlx::Error> {
         // Postgres: FOR SHARE waits for an accept that holds the row and sees its commit
         // (a plain read would see the row as it was before it). SQLite: writers are one at
@@ -282,18 +282,7 @@ impl Storage {
         .bind(now_ms())
         .execute(&mut *self.conn().await?)
         .await?;
-        if done.rows_affected() > 0 {
-            return Ok(true);
-        }
-        // Nothing written: already rejected before (a repeat: still an offer), or no longer
-        // an offer.
-        let open: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM trip_requests WHERE id = $1 AND driver_id IS NULL AND current_status = 'pending'",
-        )
-        .bind(trip_id)
-        .fetch_one(&mut *self.conn().await?)
-        .await?;
-        Ok(open > 0)
+        Ok(done.rows_affected() > 0)
     }
 
     /// The trip row.
