@@ -1365,8 +1365,10 @@ async fn a_database_blip_during_a_legacy_accept_answers_200_and_sends_nothing_tw
         percent: 0.0,
         webhook: Some(format!("http://{}", stub.addr)),
         acquire_timeout_ms: 500,
-        // Short, so that an outcome lost to the blip would be called again within the test.
-        visibility_timeout_s: 3,
+        // Short, so that an outcome lost to the blip would be called again within the test,
+        // but longer than the blip and the reconnect (at 3 s a loaded CI machine saw the
+        // lease run out mid-wait and a worker repeat the call).
+        visibility_timeout_s: 6,
         // Room on a loaded machine: the run waits until 1 s + 25 % before this, less 0.5 s.
         client_timeout_ms: 10_000,
         ..Options::default()
@@ -1388,7 +1390,7 @@ async fn a_database_blip_during_a_legacy_accept_answers_200_and_sends_nothing_tw
     assert_eq!(status, 200, "{body}");
     crate::support::wait_effects_done(&store, &trip, Duration::from_secs(20)).await;
     // Past a lease: a lost outcome would have been called again by now.
-    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    tokio::time::sleep(Duration::from_millis(6_500)).await;
     assert_eq!(stub.calls_for("otp_sms", &trip).len(), 1, "the OTP SMS sent twice");
     for r in store.effect_rows(&trip).await.unwrap() {
         assert_eq!((r.effect.as_str(), r.repeats), (r.effect.as_str(), 0));
