@@ -2,6 +2,10 @@
 # Pass-through overhead (#15): wrk against a fast upstream — the gateway's own admin
 # `/healthz` — directly, and through the gateway's pass-through (`upstream.url` = the admin
 # listener), in the same run. Needs a release build and `wrk` (Debian package).
+# With nginx installed (Debian `nginx-light`), the same upstream is also reached through
+# nginx as a reverse proxy (2 workers, a keep-alive pool of 64, the same forwarding
+# headers): a same-machine proxy reference, since a proxy does the socket work of both
+# sides on the cores wrk and the upstream also use.
 #   bash benches/e2e/passthrough.sh            # OUT=/tmp/passthrough to keep the files
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -9,6 +13,7 @@ BIN=${BIN:-target/release/tripgate}
 OUT=${OUT:-$(mktemp -d)}
 DURATION=${DURATION:-10s}
 mkdir -p "$OUT/flags"
+: > "$OUT/report.txt"
 printf '[trip_accept_v2]\npercent = 0\n' > "$OUT/flags/rollout.toml"
 cat > "$OUT/config.toml" <<TOML
 [server]
@@ -32,13 +37,53 @@ for _ in $(seq 100); do curl -sf http://127.0.0.1:18191/readyz > /dev/null && br
 direct=http://127.0.0.1:18191/healthz
 via=http://127.0.0.1:18181/healthz
 curl -sf "$via" > /dev/null   # warm the pool
-echo "== sequential (1 connection): latency" | tee "$OUT/report.txt"
-for target in "$direct" "$via"; do
+targets=("$direct" "$via")
+if command -v nginx >/dev/null; then
+  mkdir -p "$OUT/nginx"
+  cat > "$OUT/nginx/nginx.conf" <<NGINX
+worker_processes 2;
+daemon off;
+pid $OUT/nginx/nginx.pid;
+error_log $OUT/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $OUT/nginx/body;
+  proxy_temp_path $OUT/nginx/proxy;
+  fastcgi_temp_path $OUT/nginx/fastcgi;
+  uwsgi_temp_path $OUT/nginx/uwsgi;
+  scgi_temp_path $OUT/nginx/scgi;
+  upstream admin { server 127.0.0.1:18191; keepalive 64; }
+  server {
+    listen 127.0.0.1:18182;
+    location / {
+      proxy_pass http://admin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto \$scheme;
+      proxy_set_header X-Forwarded-Host \$host;
+      add_header Via "1.1 nginx";
+    }
+  }
+}
+NGINX
+  nginx -p "$OUT/nginx" -c "$OUT/nginx/nginx.conf" > "$OUT/nginx/stdout.log" 2>&1 &
+  NGINX_PID=$!
+  trap 'kill $PID $NGINX_PID 2>/dev/null || true' EXIT
+  nginx_url=http://127.0.0.1:18182/healthz
+  for _ in $(seq 50); do curl -sf "$nginx_url" > /dev/null && break; sleep 0.1; done
+  targets+=("$nginx_url")
+else
+  echo "(nginx not installed: no same-machine proxy reference; apt-get install nginx-light)" | tee -a "$OUT/report.txt"
+fi
+echo "== sequential (1 connection): latency" | tee -a "$OUT/report.txt"
+for target in "${targets[@]}"; do
   echo "-- $target" | tee -a "$OUT/report.txt"
   wrk -t1 -c1 -d"$DURATION" --latency "$target" | grep -E "Latency|50%|90%|99%|Requests/sec" | tee -a "$OUT/report.txt"
 done
 echo "== saturation (2 threads, 64 connections)" | tee -a "$OUT/report.txt"
-for target in "$direct" "$via"; do
+for target in "${targets[@]}"; do
   echo "-- $target" | tee -a "$OUT/report.txt"
   wrk -t2 -c64 -d"$DURATION" --latency "$target" | grep -E "Latency|50%|99%|Requests/sec" | tee -a "$OUT/report.txt"
 done
@@ -46,7 +91,7 @@ if command -v oha >/dev/null; then
   # Paced (wrk2-style, with latency correction): a fixed RATE requests/s over 32 connections.
   RATE=${RATE:-2000}
   echo "== paced at $RATE requests/s (oha, latency-corrected)" | tee -a "$OUT/report.txt"
-  for target in "$direct" "$via"; do
+  for target in "${targets[@]}"; do
     oha -z "$DURATION" -q "$RATE" -c 32 --latency-correction --no-tui --output-format json "$target" > "$OUT/oha.json"
     python3 -c "import json,sys; d=json.load(open('$OUT/oha.json')); p=d['latencyPercentiles']; print('-- $target  p50 %.3f ms  p99 %.3f ms  rps %.0f' % (p['p50']*1000, p['p99']*1000, d['summary']['requestsPerSec']))" | tee -a "$OUT/report.txt"
   done
