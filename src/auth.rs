@@ -445,6 +445,46 @@ mod tests {
         assert!(keys.verify("garbage").is_none());
     }
 
+    /// A JWKS whose cache holds `kid` (as fetched long ago) and whose endpoint is `url`.
+    fn jwks_knowing(kid: &str, url: String) -> Jwks {
+        let key = (DecodingKey::from_secret(b"cached-key"), Algorithm::RS256);
+        Jwks {
+            url,
+            http: reqwest::Client::new(),
+            keys: std::sync::RwLock::new([(kid.to_owned(), key)].into()),
+            fetched: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_keys_we_had_serve_while_the_jwks_endpoint_is_down_or_broken() {
+        // Down: nothing listens there.
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let down = format!("http://{}/jwks", closed.local_addr().unwrap());
+        drop(closed);
+        let jwks = jwks_knowing("k1", down);
+        let (_, alg) = jwks.key("k1").await.expect("a cached key, its refresh failed");
+        assert_eq!(alg, Algorithm::RS256);
+        assert!(jwks.key("k2").await.is_none(), "an unknown kid stays unknown");
+        assert!(jwks.key("k1").await.is_some(), "and the cached key keeps serving");
+
+        // Broken: it answers, but without a keys array.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let broken = format!("http://{}/jwks", listener.local_addr().unwrap());
+        let app = axum::Router::new().route(
+            "/jwks",
+            axum::routing::get(|| async { axum::Json(serde_json::json!({"nope": 1})) }),
+        );
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let jwks = jwks_knowing("k1", broken);
+        assert!(
+            jwks.key("k1").await.is_some(),
+            "a set without keys does not empty the cache"
+        );
+        assert!(jwks.fetched.lock().await.is_some(), "the set was fetched");
+        server.abort();
+    }
+
     fn b64(s: &str) -> String {
         const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
         let bytes = s.as_bytes();
