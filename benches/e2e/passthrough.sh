@@ -12,68 +12,19 @@ cd "$(dirname "$0")/../.."
 BIN=${BIN:-target/release/tripgate}
 OUT=${OUT:-$(mktemp -d)}
 DURATION=${DURATION:-10s}
-mkdir -p "$OUT/flags"
+mkdir -p "$OUT"
 : > "$OUT/report.txt"
-printf '[trip_accept_v2]\npercent = 0\n' > "$OUT/flags/rollout.toml"
-cat > "$OUT/config.toml" <<TOML
-[server]
-listen = "127.0.0.1:18181"
-admin_listen = "127.0.0.1:18191"
-[database]
-url = "sqlite://$OUT/t.db"
-[auth]
-hs256_secret = "passthrough-bench-secret-0123"
-[flags]
-path = "$OUT/flags/rollout.toml"
-[log]
-level = "warn"
-[upstream]
-url = "http://127.0.0.1:18191"
-TOML
-"$BIN" serve --config "$OUT/config.toml" > "$OUT/serve.log" 2>&1 &
-PID=$!
-trap 'kill $PID 2>/dev/null || true' EXIT
-for _ in $(seq 100); do curl -sf http://127.0.0.1:18191/readyz > /dev/null && break; sleep 0.1; done
+source benches/e2e/proxy_setup.sh
+GATEWAY_PID="" NGINX_PID=""
+trap 'kill $GATEWAY_PID $NGINX_PID 2>/dev/null || true' EXIT
+start_gateway http://127.0.0.1:18191
 direct=http://127.0.0.1:18191/healthz
 via=http://127.0.0.1:18181/healthz
 curl -sf "$via" > /dev/null   # warm the pool
 targets=("$direct" "$via")
 if command -v nginx >/dev/null; then
-  mkdir -p "$OUT/nginx"
-  cat > "$OUT/nginx/nginx.conf" <<NGINX
-worker_processes 2;
-daemon off;
-pid $OUT/nginx/nginx.pid;
-error_log $OUT/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $OUT/nginx/body;
-  proxy_temp_path $OUT/nginx/proxy;
-  fastcgi_temp_path $OUT/nginx/fastcgi;
-  uwsgi_temp_path $OUT/nginx/uwsgi;
-  scgi_temp_path $OUT/nginx/scgi;
-  upstream admin { server 127.0.0.1:18191; keepalive 64; }
-  server {
-    listen 127.0.0.1:18182;
-    location / {
-      proxy_pass http://admin;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-      proxy_set_header X-Forwarded-Proto \$scheme;
-      proxy_set_header X-Forwarded-Host \$host;
-      add_header Via "1.1 nginx";
-    }
-  }
-}
-NGINX
-  nginx -p "$OUT/nginx" -c "$OUT/nginx/nginx.conf" > "$OUT/nginx/stdout.log" 2>&1 &
-  NGINX_PID=$!
-  trap 'kill $PID $NGINX_PID 2>/dev/null || true' EXIT
-  nginx_url=http://127.0.0.1:18182/healthz
-  for _ in $(seq 50); do curl -sf "$nginx_url" > /dev/null && break; sleep 0.1; done
-  targets+=("$nginx_url")
+  start_nginx 18191
+  targets+=(http://127.0.0.1:18182/healthz)
 else
   echo "(nginx not installed: no same-machine proxy reference; apt-get install nginx-light)" | tee -a "$OUT/report.txt"
 fi

@@ -10,56 +10,13 @@ BIN=$(realpath "${BIN:-target/release/tripgate}")
 OUT=$(realpath -m "${OUT:-$(mktemp -d)}")
 DURATION=${DURATION:-6s}
 ROUNDS=${ROUNDS:-2}
-mkdir -p "$OUT/flags" "$OUT/nginx"
-printf '[trip_accept_v2]\npercent = 0\n' > "$OUT/flags/rollout.toml"
-cat > "$OUT/config.toml" <<TOML
-[server]
-listen = "127.0.0.1:18181"
-admin_listen = "127.0.0.1:18191"
-[database]
-url = "sqlite://$OUT/t.db"
-[auth]
-hs256_secret = "passthrough-bench-secret-0123"
-[flags]
-path = "$OUT/flags/rollout.toml"
-[log]
-level = "warn"
-[upstream]
-url = "http://127.0.0.1:18183"
-TOML
-cat > "$OUT/nginx/nginx.conf" <<NGINX
-worker_processes 2;
-daemon off;
-pid $OUT/nginx/nginx.pid;
-error_log $OUT/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $OUT/nginx/body;
-  proxy_temp_path $OUT/nginx/proxy;
-  fastcgi_temp_path $OUT/nginx/fastcgi;
-  uwsgi_temp_path $OUT/nginx/uwsgi;
-  scgi_temp_path $OUT/nginx/scgi;
-  upstream fast { server 127.0.0.1:18183; keepalive 64; }
-  server { listen 127.0.0.1:18183; location / { default_type application/json; return 200 '{"status":"ok"}'; } }
-  server {
-    listen 127.0.0.1:18182;
-    location / {
-      proxy_pass http://fast;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-      add_header Via "1.1 nginx";
-    }
-  }
-}
-NGINX
-"$BIN" serve --config "$OUT/config.toml" > "$OUT/serve.log" 2>&1 &
-PID=$!
-nginx -p "$OUT/nginx" -c "$OUT/nginx/nginx.conf" > "$OUT/nginx/stdout.log" 2>&1 &
-NGINX_PID=$!
-trap 'kill $PID $NGINX_PID 2>/dev/null || true' EXIT
-for _ in $(seq 100); do curl -sf http://127.0.0.1:18181/healthz > /dev/null && break; sleep 0.1; done
+mkdir -p "$OUT"
+source benches/e2e/proxy_setup.sh
+GATEWAY_PID="" NGINX_PID=""
+trap 'kill $GATEWAY_PID $NGINX_PID 2>/dev/null || true' EXIT
+start_gateway http://127.0.0.1:18183
+start_nginx 18183
+PID=$GATEWAY_PID
 workers=$(pgrep -P "$NGINX_PID" | tr '\n' ' ')
 # CPU ticks (user + system) of the processes given.
 ticks() { local t=0 p; for p in "$@"; do read -ra s <<< "$(sed 's/.*) //' "/proc/$p/stat")"; t=$((t + s[11] + s[12])); done; echo "$t"; }

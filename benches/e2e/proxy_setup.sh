@@ -1,0 +1,67 @@
+# Sourced by passthrough.sh and proxy_cpu.sh: the processes they compare, started in $OUT
+# from $BIN. Ports: the gateway 18181 (admin 18191), nginx's proxy 18182, nginx's static
+# answer 18183.
+
+# start_gateway UPSTREAM_URL: `tripgate serve` on SQLite with that pass-through upstream,
+# ready; its pid in GATEWAY_PID.
+start_gateway() {
+  mkdir -p "$OUT/flags"
+  printf '[trip_accept_v2]\npercent = 0\n' > "$OUT/flags/rollout.toml"
+  cat > "$OUT/config.toml" <<TOML
+[server]
+listen = "127.0.0.1:18181"
+admin_listen = "127.0.0.1:18191"
+[database]
+url = "sqlite://$OUT/t.db"
+[auth]
+hs256_secret = "passthrough-bench-secret-0123"
+[flags]
+path = "$OUT/flags/rollout.toml"
+[log]
+level = "warn"
+[upstream]
+url = "$1"
+TOML
+  "$BIN" serve --config "$OUT/config.toml" > "$OUT/serve.log" 2>&1 &
+  GATEWAY_PID=$!
+  for _ in $(seq 100); do curl -sf http://127.0.0.1:18191/readyz > /dev/null && break; sleep 0.1; done
+}
+
+# start_nginx UPSTREAM_PORT: nginx (2 workers) as a reverse proxy on 18182 to that port, a
+# keep-alive pool of 64, the forwarding headers tripgate sets; and a static `return 200`
+# on 18183. Its pid in NGINX_PID.
+start_nginx() {
+  mkdir -p "$OUT/nginx"
+  cat > "$OUT/nginx/nginx.conf" <<NGINX
+worker_processes 2;
+daemon off;
+pid $OUT/nginx/nginx.pid;
+error_log $OUT/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $OUT/nginx/body;
+  proxy_temp_path $OUT/nginx/proxy;
+  fastcgi_temp_path $OUT/nginx/fastcgi;
+  uwsgi_temp_path $OUT/nginx/uwsgi;
+  scgi_temp_path $OUT/nginx/scgi;
+  upstream backend { server 127.0.0.1:$1; keepalive 64; }
+  server { listen 127.0.0.1:18183; location / { default_type application/json; return 200 '{"status":"ok"}'; } }
+  server {
+    listen 127.0.0.1:18182;
+    location / {
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto \$scheme;
+      proxy_set_header X-Forwarded-Host \$host;
+      add_header Via "1.1 nginx";
+    }
+  }
+}
+NGINX
+  nginx -p "$OUT/nginx" -c "$OUT/nginx/nginx.conf" > "$OUT/nginx/stdout.log" 2>&1 &
+  NGINX_PID=$!
+  for _ in $(seq 50); do curl -sf http://127.0.0.1:18182/healthz > /dev/null && break; sleep 0.1; done
+}
