@@ -16,18 +16,17 @@ GATEWAY_PID="" NGINX_PID=""
 trap 'kill $GATEWAY_PID $NGINX_PID 2>/dev/null || true' EXIT
 start_gateway http://127.0.0.1:18183
 start_nginx 18183
-PID=$GATEWAY_PID
 workers=$(pgrep -P "$NGINX_PID" | tr '\n' ' ')
 # CPU ticks (user + system) of the processes given.
 ticks() { local t=0 p; for p in "$@"; do read -ra s <<< "$(sed 's/.*) //' "/proc/$p/stat")"; t=$((t + s[11] + s[12])); done; echo "$t"; }
 hz=$(getconf CLK_TCK)
+secs=${DURATION%s}
 for _ in $(seq "$ROUNDS"); do
   for target in 18183:"nginx static answer" 18181:"through tripgate" 18182:"through nginx"; do
     port=${target%%:*}
-    a=$(ticks "$PID"); b=$(ticks $workers)
+    a=$(ticks "$GATEWAY_PID"); b=$(ticks $workers)
     rps=$(wrk -t2 -c64 -d"$DURATION" "http://127.0.0.1:$port/healthz" | awk '/Requests\/sec/ {print $2}')
-    a2=$(ticks "$PID"); b2=$(ticks $workers)
-    secs=${DURATION%s}
+    a2=$(ticks "$GATEWAY_PID"); b2=$(ticks $workers)
     python3 -c "
 r, n = $rps, $rps * $secs
 print('%-24s %9.0f requests/s  tripgate %5.1f us/request  nginx %5.1f us/request' % ('${target#*:}', r, ($a2 - $a) * 1e6 / $hz / n, ($b2 - $b) * 1e6 / $hz / n))"
