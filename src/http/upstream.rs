@@ -59,8 +59,11 @@ pub struct Inner {
     client: Client<HttpConnector, Body>,
     /// Scheme and authority.
     base: Uri,
-    /// Path prefix of the upstream URL (without a trailing `/`).
-    prefix: String,
+    /// The upstream's authority, as the forwarded requests' `Host`.
+    host: Option<HeaderValue>,
+    /// Scheme, authority and the URL's path prefix (without a trailing `/`): what a
+    /// forwarded request's path and query are appended to.
+    origin: String,
     timeout: Duration,
     idle: Duration,
     labels: Arc<Vec<String>>,
@@ -77,14 +80,17 @@ impl std::fmt::Debug for Upstream {
 }
 
 /// The hop-by-hop headers a proxy never forwards (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 6] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "transfer-encoding",
-    "upgrade",
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
+
+/// What tripgate adds to `Via`.
+const VIA: &str = "1.1 tripgate";
 
 impl Upstream {
     /// The upstream of `config` (already validated: an `http://` URL); at most
@@ -106,8 +112,13 @@ impl Upstream {
             .build(connector);
         Ok(Self(Arc::new(Inner {
             client,
+            host: base.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+            origin: format!(
+                "{}{}",
+                base.to_string().trim_end_matches('/'),
+                uri.path().trim_end_matches('/')
+            ),
             base,
-            prefix: uri.path().trim_end_matches('/').to_owned(),
             timeout: Duration::from_millis(config.timeout_ms),
             idle: Duration::from_millis(config.idle_timeout_ms),
             labels: Arc::new(config.route_labels.clone()),
@@ -115,6 +126,15 @@ impl Upstream {
             tunnels: Arc::new(tokio::sync::Semaphore::new(max_tunnels)),
             metrics,
         })))
+    }
+
+    /// Where a request for `path_and_query` (it starts with `/`) goes: the upstream's
+    /// origin, its path prefix, then the request's path and query.
+    fn target(&self, path_and_query: &str) -> Option<Uri> {
+        let mut target = String::with_capacity(self.origin.len() + path_and_query.len());
+        target.push_str(&self.origin);
+        target.push_str(path_and_query);
+        target.parse().ok()
     }
 
     /// The bounded `route` label of `path`.
@@ -129,7 +149,7 @@ impl Upstream {
 /// The fallback of the API router: forwards the request.
 pub async fn forward(State(up): State<Upstream>, mut req: Request) -> Response {
     let started = Instant::now();
-    let route = up.label(req.uri().path()).to_owned();
+    let route = up.label(req.uri().path());
     let websocket = is_websocket(req.headers());
     let tunnel_slot = if websocket {
         match up.tunnels.clone().try_acquire_owned() {
@@ -162,15 +182,8 @@ pub async fn forward(State(up): State<Upstream>, mut req: Request) -> Response {
     else {
         return ApiError::invalid("path", "Only requests for a path (/…) are forwarded.").into_response();
     };
-    let uri = match format!(
-        "{}{}{path_and_query}",
-        up.base.to_string().trim_end_matches('/'),
-        up.prefix
-    )
-    .parse::<Uri>()
-    {
-        Ok(uri) => uri,
-        Err(_) => return ApiError::invalid("path", "The request path cannot be forwarded.").into_response(),
+    let Some(uri) = up.target(path_and_query) else {
+        return ApiError::invalid("path", "The request path cannot be forwarded.").into_response();
     };
     let mut headers = parts.headers;
     // HTTP/2 carries the host as `:authority`, not as a Host header.
@@ -203,16 +216,15 @@ pub async fn forward(State(up): State<Upstream>, mut req: Request) -> Response {
         }
     }
     forwarded_headers(&mut headers, peer, original_host);
-    if let Some(authority) = up.base.authority()
-        && let Ok(host) = HeaderValue::from_str(authority.as_str())
-    {
-        headers.insert(header::HOST, host);
+    if let Some(host) = &up.host {
+        headers.insert(header::HOST, host.clone());
     }
     let bodiless = body.is_end_stream();
     let (body, mut upload) = if websocket || bodiless {
-        (Body::empty(), Upload::done())
+        (Body::empty(), None)
     } else {
-        Upload::of(Body::new(TimeoutBody::new(up.idle, body)))
+        let (body, upload) = Upload::of(Body::new(TimeoutBody::new(up.idle, body)));
+        (body, Some(upload))
     };
     // A safe request without a body is sent again, once, when its pooled connection failed
     // before an answer (the upstream closed it while idle: the usual race of keep-alive),
@@ -228,7 +240,11 @@ pub async fn forward(State(up): State<Upstream>, mut req: Request) -> Response {
         upstream_req
     };
     let sent = up.client.request(request(parts.method, uri, headers, body));
-    let mut answer = head_after_upload(up.timeout, up.idle, sent, &mut upload).await;
+    let mut answer = match &mut upload {
+        Some(upload) => head_after_upload(up.timeout, up.idle, sent, upload).await,
+        // Only a head to send: the wait for the answer starts at once.
+        None => tokio::time::timeout(up.timeout, sent).await.ok(),
+    };
     if let (Some(Err(e)), Some((method, uri, headers))) = (&answer, again)
         && !e.is_connect()
     {
@@ -239,20 +255,20 @@ pub async fn forward(State(up): State<Upstream>, mut req: Request) -> Response {
             .ok();
     }
     let mut res = match answer {
-        None => return failed(&up, &route, "timeout", ApiError::GatewayTimeout, started),
+        None => return failed(&up, route, "timeout", ApiError::GatewayTimeout, started),
         // The client stopped sending for `idle_timeout_ms`.
-        Some(Err(_)) if upload.stalled.load(Ordering::Acquire) => {
-            return failed(&up, &route, "timeout", ApiError::GatewayTimeout, started);
+        Some(Err(_)) if upload.is_some_and(|u| u.stalled.load(Ordering::Acquire)) => {
+            return failed(&up, route, "timeout", ApiError::GatewayTimeout, started);
         }
         Some(Err(e)) => {
             let kind = if e.is_connect() { "connect" } else { "reset" };
             tracing::debug!(error = %e, kind, "upstream request failed");
-            return failed(&up, &route, kind, ApiError::BadGateway, started);
+            return failed(&up, route, kind, ApiError::BadGateway, started);
         }
         Some(Ok(res)) => res,
     };
     up.metrics
-        .upstream_request(&route, res.status().as_u16(), started.elapsed());
+        .upstream_request(route, res.status().as_u16(), started.elapsed());
 
     if res.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade
@@ -343,11 +359,6 @@ struct Upload {
 }
 
 impl Upload {
-    /// No body to send: the wait for the answer's head starts at once.
-    fn done() -> Self {
-        Self::of(Body::empty()).1
-    }
-
     /// `body`, watched.
     fn of(body: Body) -> (Body, Self) {
         let (tx, sent) = oneshot::channel();
@@ -485,11 +496,16 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = String> + '_ {
 
 /// Removes the hop-by-hop headers and every header `Connection` names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<String> = connection_tokens(headers).collect();
-    for name in named.iter().map(String::as_str).chain(HOP_BY_HOP) {
-        if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
-            headers.remove(name);
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<String> = connection_tokens(headers).collect();
+        for name in named {
+            if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
+                headers.remove(name);
+            }
         }
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
     }
 }
 
@@ -497,7 +513,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// proxy in front already set them), `Via`.
 fn forwarded_headers(headers: &mut HeaderMap, peer: Option<std::net::IpAddr>, host: Option<HeaderValue>) {
     if let Some(ip) = peer {
-        append_to_list(headers, HeaderName::from_static("x-forwarded-for"), &ip.to_string());
+        let name = HeaderName::from_static("x-forwarded-for");
+        if headers.contains_key(&name) {
+            append_to_list(headers, name, &ip.to_string());
+        } else if let Ok(ip) = HeaderValue::try_from(ip.to_string()) {
+            headers.insert(name, ip);
+        }
     }
     if !headers.contains_key("x-forwarded-proto") {
         headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
@@ -511,7 +532,11 @@ fn forwarded_headers(headers: &mut HeaderMap, peer: Option<std::net::IpAddr>, ho
 }
 
 fn add_via(headers: &mut HeaderMap) {
-    append_to_list(headers, header::VIA, "1.1 tripgate");
+    if headers.contains_key(header::VIA) {
+        append_to_list(headers, header::VIA, VIA);
+    } else {
+        headers.insert(header::VIA, HeaderValue::from_static(VIA));
+    }
 }
 
 /// Appends `item` to the list header `name`. Several lines of it are one comma-separated
@@ -558,6 +583,26 @@ mod tests {
         }
         strip_hop_by_hop(&mut h);
         assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
+    }
+
+    #[tokio::test]
+    async fn a_request_goes_to_the_upstream_origin_under_its_path_prefix() {
+        let to = |url: &str, path: &str| {
+            let config = UpstreamConfig {
+                url: url.into(),
+                ..UpstreamConfig::default()
+            };
+            let metrics = Arc::new(Metrics::new(Duration::from_secs(7), &[]));
+            let up = Upstream::new(&config, 1, metrics).unwrap();
+            (up.target(path).map(|u| u.to_string()), up.host.clone())
+        };
+        let (uri, host) = to("http://127.0.0.1:9", "/api/v1/x?a=1&b=%20");
+        assert_eq!(uri.as_deref(), Some("http://127.0.0.1:9/api/v1/x?a=1&b=%20"));
+        assert_eq!(host, Some(HeaderValue::from_static("127.0.0.1:9")));
+        let (uri, _) = to("http://backend.internal:8080/legacy/", "/api/v1/x?a=1");
+        assert_eq!(uri.as_deref(), Some("http://backend.internal:8080/legacy/api/v1/x?a=1"));
+        let (uri, _) = to("http://backend.internal:8080/legacy", "/");
+        assert_eq!(uri.as_deref(), Some("http://backend.internal:8080/legacy/"));
     }
 
     #[test]
