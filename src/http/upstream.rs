@@ -89,6 +89,19 @@ const HOP_BY_HOP: [HeaderName; 6] = [
     header::UPGRADE,
 ];
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// A client's own forwarding headers that tripgate does not set, dropped unless
+/// `upstream.trust_forwarded`.
+const CLIENT_FORWARDED: [HeaderName; 4] = [
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-real-ip"),
+    header::FORWARDED,
+];
+
 /// What tripgate adds to `Via`.
 const VIA: &str = "1.1 tripgate";
 
@@ -204,14 +217,10 @@ pub async fn forward(State(up): State<Upstream>, mut req: Request) -> Response {
     if !up.trust_forwarded {
         // A client's own say on how it reached us (spoofable): what tripgate saw replaces
         // Proto and Host; the rest, which tripgate does not set, goes.
-        for name in [
-            "x-forwarded-proto",
-            "x-forwarded-host",
-            "x-forwarded-port",
-            "x-forwarded-prefix",
-            "x-real-ip",
-            "forwarded",
-        ] {
+        for name in [X_FORWARDED_PROTO, X_FORWARDED_HOST]
+            .into_iter()
+            .chain(CLIENT_FORWARDED)
+        {
             headers.remove(name);
         }
     }
@@ -513,20 +522,19 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// proxy in front already set them), `Via`.
 fn forwarded_headers(headers: &mut HeaderMap, peer: Option<std::net::IpAddr>, host: Option<HeaderValue>) {
     if let Some(ip) = peer {
-        let name = HeaderName::from_static("x-forwarded-for");
-        if headers.contains_key(&name) {
-            append_to_list(headers, name, &ip.to_string());
+        if headers.contains_key(X_FORWARDED_FOR) {
+            append_to_list(headers, X_FORWARDED_FOR, &ip.to_string());
         } else if let Ok(ip) = HeaderValue::try_from(ip.to_string()) {
-            headers.insert(name, ip);
+            headers.insert(X_FORWARDED_FOR, ip);
         }
     }
-    if !headers.contains_key("x-forwarded-proto") {
-        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-    }
-    if !headers.contains_key("x-forwarded-host")
-        && let Some(host) = host
+    headers
+        .entry(X_FORWARDED_PROTO)
+        .or_insert(HeaderValue::from_static("http"));
+    if let Some(host) = host
+        && let header::Entry::Vacant(entry) = headers.entry(X_FORWARDED_HOST)
     {
-        headers.insert("x-forwarded-host", host);
+        entry.insert(host);
     }
     add_via(headers);
 }
