@@ -278,9 +278,9 @@ pub fn api_router(state: AppState, accept: Vec<driver::AcceptServices>) -> Route
     let router = router.method_not_allowed_fallback(method_not_allowed);
     // Every route tripgate does not own goes to the upstream when there is one.
     let router = match state.upstream.clone() {
-        // The handler as a service of its own: every method goes, with no method router
-        // cloned per request.
-        Some(upstream) => router.fallback_service(axum::handler::Handler::with_state(upstream::forward, upstream)),
+        // Through a method router (not the bare handler): axum then empties the body of an
+        // answer to HEAD, which hyper's HTTP/2 server would otherwise send.
+        Some(upstream) => router.fallback_service(axum::routing::any(upstream::forward).with_state(upstream)),
         None => router.fallback(|| async { ApiError::NotFound("route").into_response() }),
     };
     let router = router.layer(DefaultBodyLimit::max(limit));

@@ -603,6 +603,15 @@ async fn own_routes_stay_demo_routes_pass_and_a_dead_upstream_is_502() {
         metric(&metrics, "tripgate_upstream_errors_total{kind=\"connect\"}"),
         1.0
     );
+    // The answer to HEAD has no body, over HTTP/2 too (a DATA frame on a HEAD stream is a
+    // protocol error to the client).
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let res = h2.head(format!("{}/api/v1/anything", gw.api)).send().await.unwrap();
+    assert_eq!(
+        (res.version(), res.status()),
+        (reqwest::Version::HTTP_2, StatusCode::BAD_GATEWAY)
+    );
+    assert!(res.bytes().await.unwrap().is_empty());
     gw.shutdown().await;
 }
 
