@@ -57,8 +57,6 @@ impl std::ops::Deref for Upstream {
 /// What an [`Upstream`] holds.
 pub struct Inner {
     client: Client<HttpConnector, Body>,
-    /// Scheme and authority.
-    base: Uri,
     /// The upstream's authority, as the forwarded requests' `Host`.
     host: Option<HeaderValue>,
     /// Scheme, authority and the URL's path prefix (without a trailing `/`): what a
@@ -75,7 +73,7 @@ pub struct Inner {
 
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Upstream({})", self.0.base)
+        write!(f, "Upstream({})", self.0.origin)
     }
 }
 
@@ -131,7 +129,6 @@ impl Upstream {
                 base.to_string().trim_end_matches('/'),
                 uri.path().trim_end_matches('/')
             ),
-            base,
             timeout: Duration::from_millis(config.timeout_ms),
             idle: Duration::from_millis(config.idle_timeout_ms),
             labels: Arc::new(config.route_labels.clone()),
