@@ -518,12 +518,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// `X-Forwarded-For` (appended), `X-Forwarded-Proto` and `X-Forwarded-Host` (kept when a
 /// proxy in front already set them), `Via`.
 fn forwarded_headers(headers: &mut HeaderMap, peer: Option<std::net::IpAddr>, host: Option<HeaderValue>) {
-    if let Some(ip) = peer {
-        if headers.contains_key(X_FORWARDED_FOR) {
-            append_to_list(headers, X_FORWARDED_FOR, &ip.to_string());
-        } else if let Ok(ip) = HeaderValue::try_from(ip.to_string()) {
-            headers.insert(X_FORWARDED_FOR, ip);
-        }
+    if let Some(ip) = peer
+        && let Ok(ip) = HeaderValue::try_from(ip.to_string())
+    {
+        append_to_list(headers, X_FORWARDED_FOR, ip);
     }
     headers
         .entry(X_FORWARDED_PROTO)
@@ -537,29 +535,28 @@ fn forwarded_headers(headers: &mut HeaderMap, peer: Option<std::net::IpAddr>, ho
 }
 
 fn add_via(headers: &mut HeaderMap) {
-    if headers.contains_key(header::VIA) {
-        append_to_list(headers, header::VIA, VIA);
-    } else {
-        headers.insert(header::VIA, HeaderValue::from_static(VIA));
-    }
+    append_to_list(headers, header::VIA, HeaderValue::from_static(VIA));
 }
 
 /// Appends `item` to the list header `name`. Several lines of it are one comma-separated
 /// list (RFC 9110 §5.3): they are joined in order into one line, none dropped. A line that
-/// is not visible ASCII is kept as it is, with `item` on a line of its own.
-fn append_to_list(headers: &mut HeaderMap, name: HeaderName, item: &str) {
+/// is not visible ASCII is kept as it is, with `item` on a line of its own. With no line
+/// yet, `item` is the header as it is (nothing to join, nothing copied).
+fn append_to_list(headers: &mut HeaderMap, name: HeaderName, item: HeaderValue) {
+    if !headers.contains_key(&name) {
+        headers.insert(name, item);
+        return;
+    }
     let lines: Option<Vec<&str>> = headers.get_all(&name).iter().map(|v| v.to_str().ok()).collect();
-    let Some(lines) = lines else {
-        if let Ok(v) = HeaderValue::from_str(item) {
-            headers.append(name, v);
-        }
+    let (Some(lines), Ok(text)) = (lines, item.to_str()) else {
+        headers.append(name, item);
         return;
     };
     let joined = lines
         .into_iter()
         .map(str::trim)
         .filter(|l| !l.is_empty())
-        .chain(std::iter::once(item))
+        .chain(std::iter::once(text))
         .collect::<Vec<_>>()
         .join(", ");
     if let Ok(v) = HeaderValue::from_str(&joined) {
@@ -654,5 +651,12 @@ mod tests {
         let all = |k: &str| h.get_all(k).iter().map(|v| v.to_str().unwrap()).collect::<Vec<_>>();
         assert_eq!(all("x-forwarded-for"), ["1.1.1.1, 2.2.2.2, 3.3.3.3, 127.0.0.1"]);
         assert_eq!(all("via"), ["1.0 a, 1.0 b, 1.1 tripgate"]);
+
+        // A line that is not visible ASCII is kept as it is; ours goes on a line of its own.
+        let mut h = HeaderMap::new();
+        h.insert(header::VIA, HeaderValue::from_bytes(b"1.0 caf\xe9").unwrap());
+        add_via(&mut h);
+        let lines: Vec<&[u8]> = h.get_all(header::VIA).iter().map(HeaderValue::as_bytes).collect();
+        assert_eq!(lines, [&b"1.0 caf\xe9"[..], b"1.1 tripgate"]);
     }
 }
