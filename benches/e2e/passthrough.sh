@@ -5,7 +5,9 @@
 # With nginx installed (Debian `nginx-light`), the same upstream is also reached through
 # nginx as a reverse proxy (2 workers, a keep-alive pool of 64, the same forwarding
 # headers): a same-machine proxy reference, since a proxy does the socket work of both
-# sides on the cores wrk and the upstream also use.
+# sides on the cores wrk and the upstream also use. With cargo, the bare proxies of
+# benches/e2e/proxy_floor (hyper and hyper-util alone) are measured too: the floor of
+# tripgate's own stack (`FLOOR=0` skips them).
 #   bash benches/e2e/passthrough.sh            # OUT=/tmp/passthrough to keep the files
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -15,8 +17,8 @@ DURATION=${DURATION:-10s}
 mkdir -p "$OUT"
 : > "$OUT/report.txt"
 source benches/e2e/proxy_setup.sh
-GATEWAY_PID="" NGINX_PID=""
-trap 'kill $GATEWAY_PID $NGINX_PID 2>/dev/null || true' EXIT
+GATEWAY_PID="" NGINX_PID="" FLOOR_PIDS=""
+trap 'kill $GATEWAY_PID $NGINX_PID $FLOOR_PIDS 2>/dev/null || true' EXIT
 start_gateway http://127.0.0.1:18191
 direct=http://127.0.0.1:18191/healthz
 via=http://127.0.0.1:18181/healthz
@@ -28,15 +30,25 @@ if command -v nginx >/dev/null; then
 else
   echo "(nginx not installed: no same-machine proxy reference; apt-get install nginx-light)" | tee -a "$OUT/report.txt"
 fi
+if start_floor 18191; then
+  for entry in "${FLOOR_PORTS[@]}"; do targets+=("http://127.0.0.1:${entry%%:*}/healthz"); done
+fi
 echo "== sequential (1 connection): latency" | tee -a "$OUT/report.txt"
 for target in "${targets[@]}"; do
   echo "-- $target" | tee -a "$OUT/report.txt"
   wrk -t1 -c1 -d"$DURATION" --latency "$target" | grep -E "Latency|50%|90%|99%|Requests/sec" | tee -a "$OUT/report.txt"
 done
 echo "== saturation (2 threads, 64 connections)" | tee -a "$OUT/report.txt"
+declare -A saturated
 for target in "${targets[@]}"; do
   echo "-- $target" | tee -a "$OUT/report.txt"
-  wrk -t2 -c64 -d"$DURATION" --latency "$target" | grep -E "Latency|50%|99%|Requests/sec" | tee -a "$OUT/report.txt"
+  wrk -t2 -c64 -d"$DURATION" --latency "$target" | grep -E "Latency|50%|99%|Requests/sec" | tee "$OUT/wrk.txt" >> "$OUT/report.txt"
+  cat "$OUT/wrk.txt"
+  saturated[$target]=$(awk '/Requests\/sec/ {print $2}' "$OUT/wrk.txt")
+done
+echo "== saturation, each ÷ direct" | tee -a "$OUT/report.txt"
+for target in "${targets[@]}"; do
+  python3 -c "print('-- $target  %.2f' % (${saturated[$target]} / ${saturated[$direct]}))" | tee -a "$OUT/report.txt"
 done
 if command -v oha >/dev/null; then
   # Paced (wrk2-style, with latency correction): a fixed RATE requests/s over 32 connections.

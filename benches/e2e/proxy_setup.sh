@@ -1,6 +1,6 @@
 # Sourced by passthrough.sh and proxy_cpu.sh: the processes they compare, started in $OUT
 # from $BIN. Ports: the gateway 18181 (admin 18191), nginx's proxy 18182, nginx's static
-# answer 18183.
+# answer 18183, the bare proxies of benches/e2e/proxy_floor 18184-18186.
 
 # start_gateway UPSTREAM_URL: `tripgate serve` on SQLite with that pass-through upstream,
 # ready; its pid in GATEWAY_PID.
@@ -64,4 +64,23 @@ NGINX
   nginx -p "$OUT/nginx" -c "$OUT/nginx/nginx.conf" > "$OUT/nginx/stdout.log" 2>&1 &
   NGINX_PID=$!
   for _ in $(seq 50); do curl -sf http://127.0.0.1:18182/healthz > /dev/null && break; sleep 0.1; done
+}
+
+# The bare proxies (benches/e2e/proxy_floor: hyper and hyper-util with nothing of
+# tripgate's) in front of UPSTREAM_PORT, built when cargo is there: `pooled` on 18184,
+# `axum` on 18185, `same-task` on 18186. Their pids in FLOOR_PIDS; `FLOOR=0` skips them.
+FLOOR_PORTS=(18184:pooled 18185:axum 18186:same-task)
+start_floor() {
+  FLOOR_PIDS=""
+  [ "${FLOOR:-1}" = 0 ] && return 1
+  command -v cargo > /dev/null || return 1
+  CARGO_TARGET_DIR=target/proxy-floor cargo build -q --release \
+    --manifest-path benches/e2e/proxy_floor/Cargo.toml || return 1
+  local entry
+  for entry in "${FLOOR_PORTS[@]}"; do
+    target/proxy-floor/release/proxy-floor "${entry#*:}" "127.0.0.1:${entry%%:*}" "127.0.0.1:$1" \
+      > "$OUT/floor-${entry#*:}.log" 2>&1 &
+    FLOOR_PIDS="$FLOOR_PIDS $!"
+    for _ in $(seq 50); do curl -sf "http://127.0.0.1:${entry%%:*}/healthz" > /dev/null && break; sleep 0.1; done
+  done
 }
