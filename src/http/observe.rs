@@ -3,16 +3,24 @@
 //! One structured line per request: request id, method, route template, status, driver,
 //! cohort, outcome, latency. The cohort and outcome come from response extensions the
 //! router and the handlers set, so nothing parses bodies.
+//!
+//! All of it is one tower layer, [`Observe`], with no allocation of its own per request
+//! besides a new request id: it used to be four (tower-http's two request-id layers and
+//! two axum middlewares), and they cost a fifth of a pass-through request's CPU
+//! (BENCHMARKS.md §0c run 9).
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::{MatchedPath, Request, State};
-use axum::http::HeaderName;
-use axum::middleware::Next;
+use axum::extract::{MatchedPath, Request};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method};
 use axum::response::Response;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower::{Layer, Service};
 
 use crate::auth::AuthUser;
 use crate::domain::Cohort;
@@ -22,83 +30,196 @@ use crate::metrics::Metrics;
 /// The request id header, set when the client did not send one and echoed back.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Wraps `router` in the request-id and observe layers (the request id outermost, so the
-/// log line has it). With `metrics` the requests are also counted (the API listener); the
-/// admin listener's requests (scrapes, health checks) are only logged.
+/// Wraps `router` in the observe layer. With `metrics` the requests are also counted (the
+/// API listener); the admin listener's requests (scrapes, health checks) are only logged.
 pub fn wrap(router: Router, metrics: Option<Arc<Metrics>>) -> Router {
-    router
-        .layer(axum::middleware::from_fn_with_state(metrics, observe))
-        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
-        .layer(axum::middleware::map_request(drop_unusable_request_id))
+    router.layer(ObserveLayer { metrics })
 }
 
 /// The longest client request id kept; a longer one is replaced as an unusable one is.
 const MAX_REQUEST_ID: usize = 128;
 
-/// A client's request id that is empty, too long or not printable ASCII (it would be
-/// logged as "" or flood the log line) is dropped, so the request gets one of ours.
-async fn drop_unusable_request_id(mut req: Request) -> Request {
-    let usable = |v: &axum::http::HeaderValue| {
+/// The request's id: the client's own when it sent exactly one usable one, else a new one
+/// (a UUID) that replaces whatever it sent. An id that is empty, too long or not printable
+/// ASCII would be logged as "" or flood the log line.
+fn request_id(headers: &mut HeaderMap) -> HeaderValue {
+    let usable = |v: &HeaderValue| {
         let bytes = v.as_bytes();
         !bytes.is_empty() && bytes.len() <= MAX_REQUEST_ID && bytes.iter().all(|b| b.is_ascii_graphic())
     };
-    let headers = req.headers_mut();
-    let all: Vec<_> = headers.get_all(&REQUEST_ID).iter().collect();
-    if all.len() > 1 || all.first().is_some_and(|v| !usable(v)) {
-        headers.remove(&REQUEST_ID);
+    let mut sent = headers.get_all(&REQUEST_ID).iter();
+    if let (Some(id), None) = (sent.next(), sent.next())
+        && usable(id)
+    {
+        return id.clone();
     }
-    req
+    let mut text = uuid::Uuid::encode_buffer();
+    let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
+    let id = HeaderValue::from_str(text).unwrap_or(HeaderValue::from_static("-"));
+    headers.insert(REQUEST_ID, id.clone());
+    id
 }
 
-async fn observe(State(metrics): State<Option<Arc<Metrics>>>, req: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = req.method().clone();
-    let request_id = req
-        .headers()
-        .get(&REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    let response = next.run(req).await;
-    let elapsed = started.elapsed();
-    let status = response.status();
-    let cohort = response.extensions().get::<Cohort>().copied();
-    let outcome = response
-        .extensions()
-        .get::<Outcome>()
-        .copied()
-        .unwrap_or(if status.is_server_error() {
-            Outcome::Error
-        } else if status.is_client_error() {
-            Outcome::Invalid
-        } else {
-            // A 2xx that is not an accept's (those set their own outcome).
-            Outcome::Ok
-        });
-    let driver = response
-        .extensions()
-        .get::<AuthUser>()
-        .map(|u| u.id.as_str())
-        .unwrap_or("");
-    tracing::info!(
-        request_id = %request_id,
-        method = %method,
-        route = %route,
-        status = status.as_u16(),
-        driver = %driver,
-        cohort = cohort.map_or("none", Cohort::as_str),
-        outcome = outcome.as_str(),
-        latency_ms = elapsed.as_secs_f64() * 1000.0,
-        "request"
-    );
-    let pass_through = response.extensions().get::<super::upstream::PassThrough>().is_some();
-    if let Some(metrics) = metrics.filter(|_| !pass_through) {
-        metrics.request(cohort, driver, &route, outcome, status.as_u16(), elapsed);
+/// The [`Layer`] of [`Observe`].
+#[derive(Clone)]
+struct ObserveLayer {
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+
+    fn layer(&self, inner: S) -> Observe<S> {
+        Observe {
+            inner,
+            metrics: self.metrics.clone(),
+        }
     }
-    response
+}
+
+/// Gives each request its id (on the request, for the handlers and the upstream, and on
+/// the answer), then logs and counts the answer.
+#[derive(Clone)]
+struct Observe<S> {
+    inner: S,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl<S> Service<Request> for Observe<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Observed<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request) -> Self::Future {
+        let seen = Seen {
+            started: Instant::now(),
+            id: request_id(req.headers_mut()),
+            route: req.extensions().get::<MatchedPath>().cloned(),
+            method: req.method().clone(),
+            metrics: self.metrics.clone(),
+        };
+        Observed {
+            answer: self.inner.call(req),
+            seen: Some(seen),
+        }
+    }
+}
+
+/// What the log line and the metrics need of the request.
+struct Seen {
+    started: Instant,
+    id: HeaderValue,
+    route: Option<MatchedPath>,
+    method: Method,
+    metrics: Option<Arc<Metrics>>,
+}
+
+pin_project_lite::pin_project! {
+    /// The answer of an [`Observe`]d request.
+    struct Observed<F> {
+        #[pin]
+        answer: F,
+        seen: Option<Seen>,
+    }
+}
+
+impl<F: Future<Output = Result<Response, Infallible>>> Future for Observed<F> {
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Ok(mut response) = ready!(this.answer.poll(cx));
+        if let Some(seen) = this.seen.take() {
+            seen.answered(&mut response);
+        }
+        Poll::Ready(Ok(response))
+    }
+}
+
+impl Seen {
+    /// Logs and counts `response`, and echoes the request id on it.
+    fn answered(self, response: &mut Response) {
+        let elapsed = self.started.elapsed();
+        let route = self.route.as_ref().map_or("unmatched", MatchedPath::as_str);
+        let status = response.status();
+        let cohort = response.extensions().get::<Cohort>().copied();
+        let outcome = response
+            .extensions()
+            .get::<Outcome>()
+            .copied()
+            .unwrap_or(if status.is_server_error() {
+                Outcome::Error
+            } else if status.is_client_error() {
+                Outcome::Invalid
+            } else {
+                // A 2xx that is not an accept's (those set their own outcome).
+                Outcome::Ok
+            });
+        let driver = response
+            .extensions()
+            .get::<AuthUser>()
+            .map(|u| u.id.as_str())
+            .unwrap_or("");
+        tracing::info!(
+            request_id = self.id.to_str().unwrap_or_default(),
+            method = %self.method,
+            route = %route,
+            status = status.as_u16(),
+            driver = %driver,
+            cohort = cohort.map_or("none", Cohort::as_str),
+            outcome = outcome.as_str(),
+            latency_ms = elapsed.as_secs_f64() * 1000.0,
+            "request"
+        );
+        let pass_through = response.extensions().get::<super::upstream::PassThrough>().is_some();
+        if let Some(metrics) = self.metrics.filter(|_| !pass_through) {
+            metrics.request(cohort, driver, route, outcome, status.as_u16(), elapsed);
+        }
+        // An upstream's own request id (pass-through) is its answer's to keep.
+        response.headers_mut().entry(REQUEST_ID).or_insert(self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(lines: &[&[u8]]) -> (HeaderValue, Vec<HeaderValue>) {
+        let mut headers = HeaderMap::new();
+        for line in lines {
+            headers.append(REQUEST_ID, HeaderValue::from_bytes(line).unwrap());
+        }
+        let id = request_id(&mut headers);
+        (id, headers.get_all(REQUEST_ID).iter().cloned().collect())
+    }
+
+    #[test]
+    fn a_single_usable_id_is_kept_and_anything_else_replaced_by_one_of_ours() {
+        let (id, on_request) = ids(&[b"abc-1"]);
+        assert_eq!(
+            (id.as_bytes(), on_request),
+            (&b"abc-1"[..], vec![HeaderValue::from_static("abc-1")])
+        );
+        let long = vec![b'a'; MAX_REQUEST_ID + 1];
+        let sent: [&[&[u8]]; 6] = [
+            &[],
+            &[b"a", b"b"],
+            &[b""],
+            &[&long],
+            &["caf\u{e9}".as_bytes()],
+            &[b"a b"],
+        ];
+        for sent in sent {
+            let (id, on_request) = ids(sent);
+            assert!(uuid::Uuid::parse_str(id.to_str().unwrap()).is_ok(), "{sent:?} → {id:?}");
+            assert_eq!(on_request, vec![id], "the request carries the new id, alone");
+        }
+    }
 }

@@ -95,6 +95,7 @@ async fn upstream() -> SocketAddr {
         h.insert("x-up-secret", "1".parse().unwrap());
         h.insert("keep-alive", "timeout=5".parse().unwrap());
         h.insert("x-up-kept", "2".parse().unwrap());
+        h.insert("x-request-id", "up-7".parse().unwrap());
         res
     }
     async fn ws(upgrade: WebSocketUpgrade) -> Response {
@@ -264,6 +265,7 @@ async fn requests_pass_through_intact_and_bodies_stream() {
         .unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["via"], "1.1 tripgate");
+    assert_eq!(res.headers()["x-request-id"], "req-42", "echoed");
     let seen: Value = res.json().await.unwrap();
     assert_eq!(seen["method"], "PATCH");
     assert_eq!(seen["path"], "/api/v1/profile/7");
@@ -305,7 +307,11 @@ async fn requests_pass_through_intact_and_bodies_stream() {
         .send()
         .await
         .unwrap();
+    // No request id sent: the gateway's own goes to the upstream, and back in the answer.
+    let id = res.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert!(uuid::Uuid::parse_str(&id).is_ok(), "{id}");
     let h = &res.json::<Value>().await.unwrap()["headers"];
+    assert_eq!(h["x-request-id"], id.as_str());
     assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 127.0.0.1");
     assert_eq!(h["via"], "1.0 a, 1.0 b, 1.1 tripgate");
     // Over HTTP/2 the host comes as `:authority`; it is the forwarded host all the same.
@@ -318,6 +324,11 @@ async fn requests_pass_through_intact_and_bodies_stream() {
     let res = http.get(format!("{api}/hop")).send().await.unwrap();
     assert!(res.headers().get("x-up-secret").is_none() && res.headers().get("keep-alive").is_none());
     assert_eq!(res.headers()["x-up-kept"], "2");
+    assert_eq!(
+        res.headers()["x-request-id"],
+        "up-7",
+        "the upstream's own request id is its answer's"
+    );
 
     // The upstream's own errors pass through with their bodies.
     for code in [500u16, 404] {
