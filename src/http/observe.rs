@@ -168,7 +168,7 @@ impl Seen {
             .map(|u| u.id.as_str())
             .unwrap_or("");
         tracing::info!(
-            request_id = self.id.to_str().unwrap_or_default(),
+            request_id = %self.id.to_str().unwrap_or_default(),
             method = %self.method,
             route = %route,
             status = status.as_u16(),
@@ -189,7 +189,53 @@ impl Seen {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
+    use axum::body::Body;
+
     use super::*;
+
+    /// A log sink for the test's subscriber.
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_is_one_log_line_with_its_id_echoed() {
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let sink = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || Capture(sink.clone()))
+            .with_ansi(false)
+            .finish();
+        let _default = tracing::subscriber::set_default(subscriber);
+        let answer = tower::service_fn(|_: Request| async { Ok::<_, Infallible>(Response::new(Body::empty())) });
+        let mut service = ObserveLayer { metrics: None }.layer(answer);
+        let req = Request::builder()
+            .uri("/x")
+            .header(REQUEST_ID, "abc-1")
+            .body(Body::empty())
+            .unwrap();
+        let res = service.call(req).await.unwrap();
+        assert_eq!(res.headers()[REQUEST_ID], "abc-1");
+        let log = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+        assert_eq!(log.lines().count(), 1, "{log}");
+        assert!(
+            log.contains(
+                "request request_id=abc-1 method=GET route=unmatched status=200 driver= cohort=\"none\" outcome=\"ok\""
+            ),
+            "{log}"
+        );
+    }
 
     fn ids(lines: &[&[u8]]) -> (HeaderValue, Vec<HeaderValue>) {
         let mut headers = HeaderMap::new();
