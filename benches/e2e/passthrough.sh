@@ -36,13 +36,13 @@ fi
 echo "== sequential (1 connection): latency" | tee -a "$OUT/report.txt"
 for target in "${targets[@]}"; do
   echo "-- $target" | tee -a "$OUT/report.txt"
-  wrk -t1 -c1 -d"$DURATION" --latency "$target" | grep -E "Latency|50%|90%|99%|Requests/sec" | tee -a "$OUT/report.txt"
+  wrk -t1 -c1 -d"$DURATION" --latency "$target" | grep -E "Latency|50%|90%|99%|Requests/sec|Non-2xx|Socket errors" | tee -a "$OUT/report.txt"
 done
 echo "== saturation (2 threads, 64 connections)" | tee -a "$OUT/report.txt"
 declare -A saturated
 for target in "${targets[@]}"; do
   echo "-- $target" | tee -a "$OUT/report.txt"
-  wrk -t2 -c64 -d"$DURATION" --latency "$target" | grep -E "Latency|50%|99%|Requests/sec" | tee "$OUT/wrk.txt" >> "$OUT/report.txt"
+  wrk -t2 -c64 -d"$DURATION" --latency "$target" | grep -E "Latency|50%|99%|Requests/sec|Non-2xx|Socket errors" | tee "$OUT/wrk.txt" >> "$OUT/report.txt"
   cat "$OUT/wrk.txt"
   saturated[$target]=$(awk '/Requests\/sec/ {print $2}' "$OUT/wrk.txt")
 done

@@ -37,10 +37,13 @@ for _ in $(seq "$ROUNDS"); do
     port=${target%%:*} rest=${target#*:}
     pid=${rest%%:*} name=${rest#*:}
     a=$(ticks "$pid"); b=$(ticks $workers)
-    rps=$(wrk -t2 -c64 -d"$DURATION" "http://127.0.0.1:$port/healthz" | awk '/Requests\/sec/ {print $2}')
+    out=$(wrk -t2 -c64 -d"$DURATION" "http://127.0.0.1:$port/healthz")
     a2=$(ticks "$pid"); b2=$(ticks $workers)
+    rps=$(awk '/Requests\/sec/ {print $2}' <<< "$out")
+    # Failed answers are cheap ones: a row with any is marked, not silently counted.
+    failed=$(grep -E "Non-2xx|Socket errors" <<< "$out" | tr -s ' ' | paste -sd ';' || true)
     python3 -c "
 r, n = $rps, $rps * $secs
-print('%-24s %9.0f requests/s  tripgate %5.1f us/request  nginx %5.1f us/request' % ('$name', r, ($a2 - $a) * 1e6 / $hz / n, ($b2 - $b) * 1e6 / $hz / n))"
+print('%-24s %9.0f requests/s  tripgate %5.1f us/request  nginx %5.1f us/request%s' % ('$name', r, ($a2 - $a) * 1e6 / $hz / n, ($b2 - $b) * 1e6 / $hz / n, '  FAILED ANSWERS:$failed' if '$failed' else ''))"
   done
 done | tee "$OUT/report.txt"

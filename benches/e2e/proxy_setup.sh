@@ -40,6 +40,9 @@ error_log $OUT/nginx/error.log warn;
 events { worker_connections 4096; }
 http {
   access_log off;
+  # Keep-alive connections as tripgate keeps them: not closed after nginx's default of 1,000
+  # requests (which made wrk reconnect, and a proxy without a pool answer 502).
+  keepalive_requests 1000000;
   client_body_temp_path $OUT/nginx/body;
   proxy_temp_path $OUT/nginx/proxy;
   fastcgi_temp_path $OUT/nginx/fastcgi;
@@ -76,11 +79,19 @@ start_floor() {
   command -v cargo > /dev/null || return 1
   CARGO_TARGET_DIR=target/proxy-floor cargo build -q --release \
     --manifest-path benches/e2e/proxy_floor/Cargo.toml || return 1
-  local entry
+  local entry pid
   for entry in "${FLOOR_PORTS[@]}"; do
     target/proxy-floor/release/proxy-floor "${entry#*:}" "127.0.0.1:${entry%%:*}" "127.0.0.1:$1" \
       > "$OUT/floor-${entry#*:}.log" 2>&1 &
-    FLOOR_PIDS="$FLOOR_PIDS $!"
+    pid=$!
+    FLOOR_PIDS="$FLOOR_PIDS $pid"
     for _ in $(seq 50); do curl -sf "http://127.0.0.1:${entry%%:*}/healthz" > /dev/null && break; sleep 0.1; done
+    # Not up (its port taken by a leftover of an earlier run, say): no floor rows at all.
+    if ! kill -0 "$pid" 2> /dev/null || ! curl -sf "http://127.0.0.1:${entry%%:*}/healthz" > /dev/null; then
+      echo "(bare proxy ${entry#*:} did not start on ${entry%%:*}: see $OUT/floor-${entry#*:}.log)" >&2
+      kill $FLOOR_PIDS 2> /dev/null || true
+      FLOOR_PIDS=""
+      return 1
+    fi
   done
 }

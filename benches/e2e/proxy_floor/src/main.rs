@@ -10,7 +10,8 @@
 //! * `axum`: the same behind an axum router's fallback, as tripgate's is;
 //! * `same-task`: no pool — each client connection gets its own upstream connection, driven
 //!   in the client connection's task (hyper's `client::conn`), so a request never crosses
-//!   tasks. The best a pool of our own over `client::conn` could do.
+//!   tasks. The best a pool of our own over `client::conn` could do. When the upstream
+//!   closes its connection, the client's is closed too.
 
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -68,6 +69,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let (client, origin) = (client.clone(), origin.clone());
                 async move { pooled(&client, &origin, req).await }
             });
+            let listener = axum::serve::ListenerExt::tap_io(listener, |stream: &mut TcpStream| {
+                let _ = stream.set_nodelay(true);
+            });
             axum::serve(listener, app).await?;
         }
         "pooled" => loop {
@@ -108,8 +112,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     }
                 });
                 let server = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-                // Both connections in this one task.
-                let _ = tokio::join!(server, connection);
+                // Both connections in this one task. When the upstream closes its side (an
+                // nginx ends a keep-alive connection after `keepalive_requests`), the client
+                // connection ends too, and the client's next connection gets a new one.
+                tokio::select! {
+                    _ = server => {}
+                    _ = connection => {}
+                }
             });
         },
         other => return Err(format!("unknown mode {other}").into()),
