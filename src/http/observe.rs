@@ -4,10 +4,10 @@
 //! cohort, outcome, latency. The cohort and outcome come from response extensions the
 //! router and the handlers set, so nothing parses bodies.
 //!
-//! All of it is one tower layer, [`Observe`], with no allocation of its own per request
-//! besides a new request id: it used to be four (tower-http's two request-id layers and
-//! two axum middlewares), and they cost a fifth of a pass-through request's CPU
-//! (BENCHMARKS.md §0c run 9).
+//! All of it is one tower layer, [`Observe`], which allocates nothing per request besides
+//! a new request id. It used to be four layers (tower-http's two request-id layers and two
+//! axum middlewares), which cost about 2 µs more per pass-through request (BENCHMARKS.md
+//! §0c run 9).
 
 use std::convert::Infallible;
 use std::future::Future;
