@@ -1,7 +1,8 @@
 """Where a saturated accept's CPU goes (BENCHMARKS.md §0), for `SCENARIOS=cpu-split`.
 
   python3 cpu_sample.py sample SERVE_PID FILE   every 250 ms until the gateway exits: the CPU
-                                                ticks of the gateway, `tripgate drive`, every
+                                                ticks of the gateway, the load generator (`BIN
+                                                drive --config …`, whatever BIN is called), every
                                                 Postgres backend and Redis, and the gateway's
                                                 accept counter
   python3 cpu_sample.py window FILE             each one's CPU per accept over the seconds the
@@ -43,7 +44,7 @@ def sample(serve, path):
     with open(path, "w") as out:
         while os.path.exists(f"/proc/{serve}"):
             cpu = open("/proc/stat").readline().split()
-            out.write(f"{time.time():.2f} {ticks([serve])} {ticks(pids('tripgate drive'))} "
+            out.write(f"{time.time():.2f} {ticks([serve])} {ticks(pids(' drive --config '))} "
                       f"{ticks(pids('postgres:'))} {ticks(pids('redis-server'))} {accepts()} "
                       f"{cpu[4]} {sum(int(x) for x in cpu[1:8])}\n")
             out.flush()
