@@ -125,12 +125,20 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
         metrics.without_flags();
     }
     let store = Storage::connect(&config.database)?.observed_as("api", &metrics);
-    let flag_set = FlagSet::load(&config.flags.path)?;
-    let flags = FlagsHandle::new(flag_set, config.flags.path.clone());
+    // How long the start waits for the database's flag state.
+    let wait = Duration::from_millis(config.database.acquire_timeout_ms).min(Duration::from_secs(2));
+    let path = config.flags.path.clone();
+    let flags = match role {
+        Role::Serve => match FlagSet::load(&path) {
+            Ok(set) => FlagsHandle::new(set, path),
+            Err(bad) => FlagsHandle::standing_in(fleets_last_good_flags(&store, bad, wait, &metrics).await?, path),
+        },
+        // A worker routes no request: it needs no flags file.
+        Role::Worker => FlagsHandle::standing_in(FlagSet::default(), path),
+    };
     if role == Role::Serve {
         // An override in force is served from the first request (a database that does not
         // answer in time leaves the file's flags until the sync reads them).
-        let wait = Duration::from_millis(config.database.acquire_timeout_ms).min(Duration::from_secs(2));
         match tokio::time::timeout(wait, store.flag_overrides()).await {
             Ok(Ok(rows)) => {
                 flags.set_overrides(fleet::overrides_of(&rows));
@@ -296,7 +304,8 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
         ));
     } else {
         // A worker serves /metrics, /healthz and /readyz on its own admin listener
-        // (`jobs.admin_listen`).
+        // (`jobs.admin_listen`). SIGHUP is ignored from before it answers.
+        servers.push(crate::flags::watcher::ignore_hangup(shutdown_rx.clone()));
         let admin = bind("jobs.admin_listen", config.jobs.admin_listen).await?;
         admin_addr = admin.local_addr().ok();
         servers.push(serve_http(
@@ -451,6 +460,39 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
         shutdown: shutdown_tx,
         task,
     })
+}
+
+/// A `serve` whose flags file is bad or missing (`bad`) at start serves the flags the fleet
+/// last recorded from a good one (SPEC §4: the last good flags stay in force; nothing
+/// crashes — a restart during a bad ConfigMap push must not take the instance down), logs
+/// why and counts a reload error, and the watcher swaps the file in once it is fixed. With no
+/// such record (a first start, or a database that does not answer within `wait`) there are
+/// no last good flags to keep, and it refuses to start.
+async fn fleets_last_good_flags(
+    store: &Storage,
+    bad: crate::flags::FlagsError,
+    wait: Duration,
+    metrics: &Metrics,
+) -> Result<FlagSet, StartError> {
+    let recorded = match tokio::time::timeout(wait, fleet::last_recorded_file(store)).await {
+        Ok(recorded) => recorded,
+        Err(_) => Err("the database did not answer for the fleet's last good flags".to_owned()),
+    };
+    match recorded {
+        Ok(set) => {
+            metrics.flags_reload("error");
+            tracing::error!(
+                error = %bad,
+                flags = ?set.flags.keys().collect::<Vec<_>>(),
+                "flags file refused at start: serving the fleet's last good flags, as recorded in the database (no guard section) until the file is fixed"
+            );
+            Ok(set)
+        }
+        Err(why) => Err(StartError::Flags(crate::flags::FlagsError::NoLastGood {
+            bad: Box::new(bad),
+            why,
+        })),
+    }
 }
 
 /// Runs `db`'s migrations, retrying while it does not answer; false when shutdown came

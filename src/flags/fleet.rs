@@ -133,6 +133,42 @@ pub fn overrides_of(rows: &[OverrideRow]) -> BTreeMap<String, Override> {
         .collect()
 }
 
+/// The flags file as the fleet last recorded it, for a gateway that starts while its own
+/// file is bad or missing: the running gateways hold it as their last good flags (SPEC §4),
+/// so this one serves the same cohorts instead of refusing to start. Without its `[guard]`
+/// sections, which are not recorded: the guard waits for a good file. `Err` says why there
+/// is nothing to stand in: no file recorded yet, or one recorded by the previous release
+/// (its percent alone: the salt and lists are unknown, and guessing them would move drivers
+/// between cohorts).
+pub async fn last_recorded_file(store: &Storage) -> Result<super::FlagSet, String> {
+    let rows = store
+        .recorded_file_flags()
+        .await
+        .map_err(|e| format!("the fleet's last good flags could not be read from the database ({e})"))?;
+    let mut set = super::FlagSet::default();
+    for (name, threshold, lists) in rows {
+        let Some(lists) = lists else {
+            return Err(format!(
+                "the database holds {name}'s percent from a previous release without its salt and lists"
+            ));
+        };
+        set.flags.insert(
+            name,
+            super::Flag {
+                threshold,
+                salt: lists.salt,
+                allow: lists.allow.into_iter().collect(),
+                deny: lists.deny.into_iter().collect(),
+                guard: None,
+            },
+        );
+    }
+    if !set.flags.contains_key(crate::domain::TRIP_ACCEPT_FLAG) {
+        return Err("no gateway has recorded a good flags file in the database yet".into());
+    }
+    Ok(set)
+}
+
 /// Records, oldest first, each file content this instance loaded and has not recorded yet.
 /// Stops at the first error (the rest wait for the next round, in order).
 async fn record_file_changes(handle: &FlagsHandle, store: &Storage) -> Result<(), sqlx::Error> {

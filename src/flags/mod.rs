@@ -52,6 +52,14 @@ pub enum FlagsError {
     /// The routing flag is absent.
     #[error("flag {0} is missing")]
     Missing(String),
+    /// Bad at start, with no last good flags to keep.
+    #[error("{bad}, and there are no last good flags to keep: {why}")]
+    NoLastGood {
+        /// What is wrong with the file.
+        bad: Box<FlagsError>,
+        /// Why the fleet's last good flags cannot stand in.
+        why: String,
+    },
     /// The file could not be written.
     #[error("cannot write {path}: {reason}")]
     Write {
@@ -486,8 +494,19 @@ impl FileSeen {
 impl FlagsHandle {
     /// A handle starting with the file's `set` and no override.
     pub fn new(set: FlagSet, path: PathBuf) -> Self {
+        let handle = Self::standing_in(set, path);
+        let seen = FileSeen::of(&handle.snapshot().file, handle.snapshot().file_loaded_at_ms);
+        if let Ok(mut queue) = handle.file_seen.lock() {
+            queue.push_back(seen);
+        }
+        handle
+    }
+
+    /// A handle on `set` as the file's flags although this instance did not load it from
+    /// `path` (the fleet's last good flags, when the file is bad at start): not recorded as
+    /// a file change, which it is not.
+    pub fn standing_in(set: FlagSet, path: PathBuf) -> Self {
         let now = now_ms();
-        let seen = FileSeen::of(&set, now);
         Self {
             current: Arc::new(ArcSwap::from_pointee(Snapshot {
                 set: set.clone(),
@@ -499,7 +518,7 @@ impl FlagsHandle {
                 path,
             })),
             writer: Arc::new(std::sync::Mutex::new(())),
-            file_seen: Arc::new(std::sync::Mutex::new([seen].into())),
+            file_seen: Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new())),
             file_changed: Arc::new(tokio::sync::Notify::new()),
             refreshing: Arc::new(tokio::sync::Mutex::new(())),
         }

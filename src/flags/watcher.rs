@@ -72,11 +72,13 @@ impl FlagsWatcher {
         metrics: Arc<Metrics>,
         mut shutdown: watch::Receiver<bool>,
     ) -> JoinHandle<()> {
+        // Registered before this returns: a SIGHUP from then on reloads (its default action
+        // would end the process).
+        let mut hangup = hangup_signal();
         tokio::spawn(async move {
             let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
             // Kept alive for as long as the loop runs; dropping it stops the OS watch.
             let mut folders = Folders::watch(&path, tx);
-            let mut hangup = hangup_signal();
             let mut seen = fingerprint(&path);
             loop {
                 let forced = tokio::select! {
@@ -102,6 +104,26 @@ impl FlagsWatcher {
             }
         })
     }
+}
+
+/// For a process that follows no flags file (`tripgate worker`): `SIGHUP`, which ops send
+/// to every tripgate process after a flags edit, is logged and otherwise ignored — its
+/// default action would end the process at once, without a drain.
+pub fn ignore_hangup(mut shutdown: watch::Receiver<bool>) -> JoinHandle<()> {
+    let mut hangup = hangup_signal();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = recv_hangup(&mut hangup) => {
+                    tracing::info!("SIGHUP: a worker follows no flags file; nothing to reload");
+                }
+                // Shutdown, or the start failed after this (its sender is gone).
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() { return; }
+                }
+            }
+        }
+    })
 }
 
 /// Waits until the burst of events that began with `first` is over: no event for

@@ -354,6 +354,23 @@ impl Storage {
         Ok(bp.and_then(|bp| u32::try_from(bp).ok()))
     }
 
+    /// Every flag the fleet last recorded from its flags file: name, percent (basis points)
+    /// and salt and lists (`None` where the previous release recorded the percent alone) —
+    /// the file the running gateways hold as their last good one.
+    pub async fn recorded_file_flags(&self) -> Result<Vec<(String, u32, Option<FileLists>)>, sqlx::Error> {
+        let rows: Vec<(String, i64, Option<String>)> =
+            sqlx::query_as("SELECT flag, percent_bp, lists FROM flag_file_state ORDER BY flag")
+                .fetch_all(&mut *self.conn().await?)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(flag, bp, lists)| {
+                let lists = lists.as_deref().and_then(|l| serde_json::from_str(l).ok());
+                Some((flag, u32::try_from(bp).ok()?, lists))
+            })
+            .collect())
+    }
+
     /// [`Storage::record_file_flag`] without the lists (as the previous release recorded).
     pub async fn record_file_percent(&self, flag: &str, percent_bp: u32, at: i64) -> Result<FileRecord, sqlx::Error> {
         self.record_file_flag(flag, percent_bp, None, at).await

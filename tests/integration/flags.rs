@@ -262,6 +262,73 @@ async fn bad_files_keep_the_last_good_flags() {
     gw.shutdown().await;
 }
 
+/// A gateway that starts while its flags file is bad (a restart during a bad ConfigMap push)
+/// serves the fleet's last good flags — percent, salt and lists as the database recorded
+/// them — instead of refusing to start, counts the error, and takes the file once it is
+/// fixed. With no last good flags anywhere (a first start) it refuses, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gateway_started_on_a_bad_file_serves_the_fleets_last_good_flags() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let options = Options {
+        percent: 50.0,
+        ..Options::default()
+    };
+    let first = Gateway::start(&db, options.clone()).await;
+    let store = db.store().await;
+    let w = World::new(&store).await;
+    let drivers = w.drivers(24).await;
+    let declared = format!(
+        "[trip_accept_v2]\npercent = 50\nsalt = \"reshuffled\"\nallow = [{:?}]\ndeny = [{:?}]\n",
+        drivers[1], drivers[0]
+    );
+    std::fs::write(&first.config.flags.path, &declared).unwrap();
+    crate::support::eventually(Duration::from_secs(10), "the file recorded for the fleet", || {
+        let store = store.clone();
+        async move {
+            let rows = store.recorded_file_flags().await.ok()?;
+            rows.iter()
+                .any(|(_, _, lists)| lists.as_ref().is_some_and(|l| l.salt == "reshuffled"))
+                .then_some(())
+        }
+    })
+    .await;
+    let before = cohorts_of(&first, &w, &drivers).await;
+    assert_eq!((before[0].as_str(), before[1].as_str()), ("legacy", "atomic_async"));
+    first.shutdown().await;
+
+    let dir = crate::support::TempDir::new();
+    let config = crate::support::config(&db.url, dir.path(), &options);
+    std::fs::write(&config.flags.path, "[trip_accept_v2\npercent = 100\n").unwrap();
+    let second = Gateway::start_with(config, dir).await;
+    assert_eq!(percent_in_force(&second).await.0, 50.0);
+    assert_eq!(cohorts_of(&second, &w, &drivers).await, before, "routing changed");
+    let errors = metric(
+        &second.metrics().await,
+        "tripgate_flags_reloads_total{result=\"error\"}",
+    );
+    assert_eq!(errors, 1.0, "the refused file counted");
+    std::fs::write(
+        &second.config.flags.path,
+        declared.replace("percent = 50", "percent = 100"),
+    )
+    .unwrap();
+    time_to_reload(&second, 100.0, Instant::now()).await;
+    second.shutdown().await;
+
+    // Nothing recorded anywhere: no last good flags to keep.
+    let fresh = TestDb::new(Backend::Sqlite).await;
+    let dir = crate::support::TempDir::new();
+    let config = crate::support::config(&fresh.url, dir.path(), &options);
+    std::fs::write(&config.flags.path, "[trip_accept_v2\npercent = 100\n").unwrap();
+    let refused = tripgate::server::start(config, tripgate::server::Role::Serve).await;
+    let why = refused.err().expect("a first start on a bad file refused").to_string();
+    assert!(
+        why.starts_with("flags.path: syntax error") && why.contains("no last good flags"),
+        "{why}"
+    );
+    store.close().await;
+}
+
 /// While a client sends a steady stream of accepts, ops move the rollout 10 → 50 → 100 → 0.
 /// No request fails, and every request's cohort is the one the flags in force decide.
 async fn rollout_under_steady_load(backend: Backend) {

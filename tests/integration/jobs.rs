@@ -237,7 +237,8 @@ async fn previous_release_accept(db: &TestDb, driver: &str, trip: &str, trip_typ
 }
 
 /// Two `tripgate worker` processes on one queue: every job runs once, every effect is
-/// called once.
+/// called once. A worker needs no flags file (it routes nothing), and the `SIGHUP` ops send
+/// every tripgate process after a flags edit does not end it.
 async fn two_worker_processes_share_the_queue(backend: Backend) {
     let db = TestDb::new(backend).await;
     let stub = WebhookStub::start().await;
@@ -250,11 +251,24 @@ async fn two_worker_processes_share_the_queue(backend: Backend) {
         webhook: Some(format!("http://{}", stub.addr)),
         ..Options::default()
     };
-    let config = crate::support::config(&db.url, dir.path(), &options);
-    let _workers = [
-        Process::spawn("worker", &config, dir.path()),
+    let mut config = crate::support::config(&db.url, dir.path(), &options);
+    config.flags.path = dir.path().join("no-flags-file-on-a-worker-host.toml");
+    let admin = crate::support::free_port();
+    let mut first = config.clone();
+    first.jobs.admin_listen = format!("127.0.0.1:{admin}").parse().unwrap();
+    let mut workers = [
+        Process::spawn("worker", &first, dir.path()),
         Process::spawn("worker", &config, dir.path()),
     ];
+    crate::support::wait_process_ready(format!("127.0.0.1:{admin}")).await;
+    let pid = workers[0].child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     eventually(Duration::from_secs(60), "all jobs done", || {
         let store = store.clone();
         async move { (store.list_jobs(Some(JobState::Done)).await.ok()?.len() == 30).then_some(()) }
@@ -270,6 +284,8 @@ async fn two_worker_processes_share_the_queue(backend: Backend) {
         }
     }
     assert!(store.list_jobs(None).await.unwrap().iter().all(|j| j.attempts == 1));
+    assert!(workers[0].child.try_wait().unwrap().is_none(), "SIGHUP ended a worker");
+    crate::support::wait_process_ready(format!("127.0.0.1:{admin}")).await;
     store.close().await;
 }
 
