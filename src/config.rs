@@ -130,8 +130,9 @@ pub struct ServerConfig {
     pub shutdown_grace_ms: u64,
     /// Connections served at once per listener; one more gets a 503 and is closed.
     pub max_connections: usize,
-    /// A client must send its request headers within this (slow-loris guard); an HTTP/1.1
-    /// keep-alive connection waits this long for its next request.
+    /// A client must send its request headers within this (slow-loris guard), and on
+    /// tripgate's own routes its body within as long again (408); an HTTP/1.1 keep-alive
+    /// connection waits this long for its next request.
     pub header_read_timeout_ms: u64,
     /// An HTTP/2 connection with no request in progress for this long is closed.
     pub idle_timeout_ms: u64,

@@ -72,6 +72,9 @@ pub enum ApiError {
     /// The body exceeds `server.max_body_bytes`.
     #[error("request body too large")]
     PayloadTooLarge,
+    /// The body did not all arrive within `server.header_read_timeout_ms`.
+    #[error("request body not received within {0:?}")]
+    BodyTimeout(std::time::Duration),
     /// The body is not `application/json`.
     #[error("unsupported content type")]
     UnsupportedMediaType,
@@ -116,6 +119,7 @@ impl ApiError {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -129,7 +133,9 @@ impl ApiError {
     /// The envelope's `response_code` (SPEC §5).
     pub fn response_code(&self) -> &'static str {
         match self {
-            Self::Invalid(_) | Self::PayloadTooLarge | Self::UnsupportedMediaType => "default_400",
+            Self::Invalid(_) | Self::PayloadTooLarge | Self::BodyTimeout(_) | Self::UnsupportedMediaType => {
+                "default_400"
+            }
             Self::Unauthorized => "auth_login_401",
             Self::Forbidden | Self::NotYourTrip => "auth_forbidden_403",
             Self::TripTaken => "trip_request_driver_403",
@@ -152,7 +158,9 @@ impl ApiError {
     /// The metrics `outcome` label (SPEC §7).
     pub fn outcome(&self) -> Outcome {
         match self {
-            Self::Invalid(_) | Self::PayloadTooLarge | Self::UnsupportedMediaType => Outcome::Invalid,
+            Self::Invalid(_) | Self::PayloadTooLarge | Self::BodyTimeout(_) | Self::UnsupportedMediaType => {
+                Outcome::Invalid
+            }
             Self::Unauthorized | Self::Forbidden | Self::NotYourTrip | Self::CsrfRefused => Outcome::Unauthorized,
             Self::TripTaken => Outcome::Taken,
             Self::DriverUnavailable => Outcome::Unavailable,
@@ -180,6 +188,7 @@ impl ApiError {
             Self::MethodNotAllowed => "This route does not take this method (see the Allow header).".into(),
             Self::Conflict(why) => why.clone(),
             Self::PayloadTooLarge => "Request body too large.".into(),
+            Self::BodyTimeout(within) => format!("The request body did not arrive within {} ms.", within.as_millis()),
             Self::UnsupportedMediaType => "Content-Type must be application/json.".into(),
             Self::RateLimited => "Too many requests.".into(),
             Self::Unavailable(_) => "Service temporarily unavailable, try again.".into(),

@@ -39,13 +39,17 @@ pub fn routes(state: AppState) -> Router {
     } else {
         admin
     };
+    let body = super::BodyRead::of(&state.config);
     let admin = admin
         .merge(super::console::admin_routes())
+        .route_layer(axum::middleware::from_fn_with_state(body, super::read_body))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             super::console::admins,
         ));
-    health_routes(state.clone()).merge(admin.merge(super::console::public_routes()).with_state(state))
+    let public =
+        super::console::public_routes().route_layer(axum::middleware::from_fn_with_state(body, super::read_body));
+    health_routes(state.clone()).merge(admin.merge(public).with_state(state))
 }
 
 /// `/metrics`, `/healthz`, `/readyz`: all a worker's admin listener serves.

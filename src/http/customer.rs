@@ -19,12 +19,15 @@ use crate::storage::trips::NewTrip;
 
 /// The customer routes.
 pub fn routes(state: &AppState) -> Router {
+    let body = super::BodyRead::of(&state.config);
     let create = Router::new()
         .route("/api/customer/ride/create", post(create))
         .route("/api/customer/ride/cancel/{id}", post(cancel))
+        .route_layer(axum::middleware::from_fn_with_state(body, super::read_body))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), super::customers));
     let read = Router::new()
         .route("/api/customer/ride/details/{id}", get(details))
+        .route_layer(axum::middleware::from_fn_with_state(body, super::read_body))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             super::customers_or_admins,

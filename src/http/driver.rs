@@ -89,6 +89,10 @@ pub fn routes(state: &AppState, services: Vec<AcceptServices>) -> Router {
     routes
         .with_state(route)
         .route_layer(axum::middleware::from_fn_with_state(
+            super::BodyRead::of(&state.config),
+            super::read_body,
+        ))
+        .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             super::drivers_checked_by_route,
         ))

@@ -2,8 +2,9 @@
 //! (`server.admin_listen`), built with axum.
 //!
 //! Layers, outside in: request id → per-request log line (and metrics) → body limit →
-//! auth (401/403 before anything reads the body) → the route's handler; for the driver
-//! routes that parses the command and hands it to the rollout router.
+//! auth (401/403 before anything reads the body) → the body read whole, bounded in size
+//! and time ([`read_body`]) → the route's handler; for the driver routes that parses the
+//! command and hands it to the rollout router.
 
 pub mod admin;
 pub mod console;
@@ -243,6 +244,58 @@ pub async fn admins(State(s): State<AppState>, req: Request, next: Next) -> Resp
 pub fn query<T>(q: Result<axum::extract::Query<T>, axum::extract::rejection::QueryRejection>) -> Result<T, ApiError> {
     q.map(|axum::extract::Query(q)| q)
         .map_err(|e| ApiError::invalid("query", e.body_text()))
+}
+
+/// The bounds of reading a request body on tripgate's own routes.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyRead {
+    /// `server.max_body_bytes`.
+    max: usize,
+    /// `server.header_read_timeout_ms`: the body, once the headers are in, within as long
+    /// again.
+    within: std::time::Duration,
+}
+
+impl BodyRead {
+    /// The bounds `config` sets.
+    pub fn of(config: &Config) -> Self {
+        Self {
+            max: config.server.max_body_bytes,
+            within: std::time::Duration::from_millis(config.server.header_read_timeout_ms),
+        }
+    }
+}
+
+/// Middleware: the request's body read whole before the handler, bounded in size and time.
+/// A declared `Content-Length` over `server.max_body_bytes` is 413 at once, unread; a body
+/// that has not all arrived within `server.header_read_timeout_ms` is 408. Without this, a
+/// client that sends its headers and then stalls or trickles its body held its connection
+/// and its task for ever (the listener's timeout covers the headers only). Pass-through
+/// requests are not read here: they stream, bounded by `upstream.idle_timeout_ms`.
+/// On each own route inside its auth layer, so 401/403 come before any read.
+pub async fn read_body(State(bounds): State<BodyRead>, req: Request, next: Next) -> Response {
+    {
+        use http_body_util::BodyExt;
+        let (parts, body) = req.into_parts();
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|len| len > bounds.max as u64) {
+            return ApiError::PayloadTooLarge.into_response();
+        }
+        let limited = http_body_util::Limited::new(body, bounds.max);
+        let body = match tokio::time::timeout(bounds.within, limited.collect()).await {
+            Ok(Ok(collected)) => collected.to_bytes(),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+                return ApiError::PayloadTooLarge.into_response();
+            }
+            Ok(Err(e)) => return ApiError::invalid("body", format!("the body could not be read: {e}")).into_response(),
+            Err(_) => return ApiError::BodyTimeout(bounds.within).into_response(),
+        };
+        next.run(Request::from_parts(parts, axum::body::Body::from(body))).await
+    }
 }
 
 /// The body of a JSON request: 413 past the limit, 415 for another content type.

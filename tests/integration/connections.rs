@@ -75,6 +75,52 @@ async fn slow_loris_is_cut_and_the_cap_refuses_cleanly() {
         );
     }
 
+    // On tripgate's own routes the body too: headers, then part of the body and silence, is
+    // 408 once `header_read_timeout_ms` is up (on the API and the admin listener); a
+    // declared length over `max_body_bytes` is 413 at once, unread.
+    let w = World::new(&gw.store).await;
+    let driver = gw.token(&w.driver().await, Role::Driver);
+    let admin = gw.token("ops", Role::Admin);
+    let stalled = [
+        (
+            api.clone(),
+            "POST /api/driver/trip/request-action",
+            driver.clone(),
+            200u64,
+            "408",
+        ),
+        (addr(&gw.admin), "PUT /admin/flags/trip_accept_v2", admin, 200, "408"),
+        (
+            api.clone(),
+            "POST /api/driver/trip/request-action",
+            driver,
+            99_999_999_999,
+            "413",
+        ),
+    ];
+    for (to, line, token, declared, status) in stalled {
+        let mut slow = TcpStream::connect(&to).await.unwrap();
+        let head = format!(
+            "{line} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\n\
+             content-type: application/json\r\ncontent-length: {declared}\r\n\r\n{{\"trip_request_id\":"
+        );
+        slow.write_all(head.as_bytes()).await.unwrap();
+        let started = Instant::now();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut answer)).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(read.is_ok(), "{line} with a stalled body still unanswered after 5 s");
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")) && answer.contains("default_400"),
+            "{line}: {answer}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "answered after {:?}",
+            started.elapsed()
+        );
+    }
+
     // The cap: 4 idle keep-alive connections are served; a 5th gets a clean 503.
     let mut held = Vec::new();
     for _ in 0..4 {
