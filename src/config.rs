@@ -525,17 +525,7 @@ impl Config {
     pub fn from_toml(path: &Path, text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let file: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
             path: path.to_owned(),
-            message: match e.span() {
-                // Where: the line, and the line itself, as the parser's own (multi-line)
-                // rendering shows it.
-                Some(span) => {
-                    let before = &text.as_bytes()[..span.start.min(text.len())];
-                    let line = before.iter().filter(|b| **b == b'\n').count() + 1;
-                    let source = text.lines().nth(line - 1).unwrap_or_default().trim();
-                    format!("line {line} ({source}): {}", one_line(e.message()))
-                }
-                None => one_line(e.message()),
-            },
+            message: toml_error(text, &e),
         })?;
         // Start from the defaults so every key exists and can be overridden from the
         // environment even when the file leaves it out.
@@ -919,6 +909,20 @@ fn parse_env_value(raw: &str, like: &toml::Value) -> toml::Value {
         return v.clone();
     }
     toml::Value::String(raw.to_owned())
+}
+
+/// A TOML parse error of `text` in one line, saying where: the line, and the line itself,
+/// as the parser's own (multi-line) rendering shows it.
+pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => {
+            let before = &text.as_bytes()[..span.start.min(text.len())];
+            let line = before.iter().filter(|b| **b == b'\n').count() + 1;
+            let source = text.lines().nth(line - 1).unwrap_or_default().trim();
+            format!("line {line} ({source}): {}", one_line(e.message()))
+        }
+        None => one_line(e.message()),
+    }
 }
 
 /// `message` with every run of white space (newlines included) folded to one space, so

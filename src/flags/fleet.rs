@@ -146,7 +146,11 @@ pub async fn last_recorded_file(store: &Storage) -> Result<super::FlagSet, Strin
         .await
         .map_err(|e| format!("the fleet's last good flags could not be read from the database ({e})"))?;
     let mut set = super::FlagSet::default();
-    for (name, threshold, lists) in rows {
+    // Only the flag a file may hold (an earlier release took any table).
+    for (name, threshold, lists) in rows
+        .into_iter()
+        .filter(|(name, ..)| name == crate::domain::TRIP_ACCEPT_FLAG)
+    {
         let Some(lists) = lists else {
             return Err(format!(
                 "the database holds {name}'s percent from a previous release without its salt and lists"

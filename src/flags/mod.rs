@@ -49,6 +49,11 @@ pub enum FlagsError {
         /// What is wrong.
         reason: String,
     },
+    /// A table that names no flag tripgate has: a misspelt name would otherwise be taken
+    /// as a flag of its own, leaving the real one as it was while the file seems to say
+    /// otherwise.
+    #[error("unknown flag [{0}]: tripgate routes by {TRIP_ACCEPT_FLAG} only")]
+    UnknownFlag(String),
     /// The routing flag is absent.
     #[error("flag {0} is missing")]
     Missing(String),
@@ -164,7 +169,7 @@ impl FlagSet {
         }
         let table: toml::Table = text
             .parse()
-            .map_err(|e: toml::de::Error| FlagsError::Syntax(crate::config::one_line(e.message())))?;
+            .map_err(|e: toml::de::Error| FlagsError::Syntax(crate::config::toml_error(text, &e)))?;
         let mut flags = BTreeMap::new();
         for (name, value) in table {
             let invalid = |key: &str, reason: String| FlagsError::Invalid {
@@ -177,6 +182,9 @@ impl FlagSet {
                     "{name} must be a table ([{name}]); a key above the first [name] belongs to no flag"
                 )));
             };
+            if name != TRIP_ACCEPT_FLAG {
+                return Err(FlagsError::UnknownFlag(name));
+            }
             let mut threshold = None;
             let mut salt = name.clone();
             let mut allow = BTreeSet::new();
@@ -745,6 +753,14 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_syntax_error_names_its_line() {
+        let e = FlagSet::parse("[trip_accept_v2]\npercent = 10\nsalt = \"s\"\npercent = 20\n").unwrap_err();
+        assert_eq!(e.to_string(), "syntax error: line 4 (percent = 20): duplicate key");
+        let e = FlagSet::parse("[trip_accept_v2]\npercent = \n").unwrap_err();
+        assert!(e.to_string().starts_with("syntax error: line 2 (percent =): "), "{e}");
+    }
+
     fn override_of(threshold: Option<u32>, allow: &[&str], deny: &[&str]) -> BTreeMap<String, Override> {
         let o = Override {
             threshold,
@@ -815,7 +831,13 @@ mod tests {
             ("[trip_accept_v2]\npercent = 10\ncolour = 1\n", "unknown key"),
             ("[trip_accept_v2]\nsalt = \"x\"\n", "required"),
             ("[trip_accept_v2]\npercent = 10\nallow = [1]\n", "strings"),
-            ("[other]\npercent = 10\n", "missing"),
+            ("# only a comment\n", "missing"),
+            ("[other]\npercent = 10\n", "unknown flag [other]"),
+            // A misspelt table beside the real one: not a second flag.
+            (
+                "[trip_accept_v2]\npercent = 20\n[trip_acept_v2]\npercent = 30\n",
+                "unknown flag [trip_acept_v2]",
+            ),
             // Beyond these the guard's time stamp arithmetic would overflow.
             (
                 "[trip_accept_v2]\npercent = 10\n[trip_accept_v2.guard]\nwindow_s = 2305843009213693952\n",

@@ -39,7 +39,7 @@ pub fn routes(state: AppState) -> Router {
     } else {
         admin
     };
-    let body = super::BodyRead::of(&state.config);
+    let body = super::BodyRead::admin(&state.config);
     let admin = admin
         .merge(super::console::admin_routes())
         .route_layer(axum::middleware::from_fn_with_state(body, super::read_body))

@@ -257,34 +257,37 @@ pub struct BodyRead {
 }
 
 impl BodyRead {
-    /// The bounds `config` sets.
+    /// The bounds `config` sets for the API's routes.
     pub fn of(config: &Config) -> Self {
         Self {
             max: config.server.max_body_bytes,
             within: std::time::Duration::from_millis(config.server.header_read_timeout_ms),
         }
     }
+
+    /// The admin listener's: the same time, and axum's default size (2 MiB) as before —
+    /// `server.max_body_bytes` is the API's (SPEC §3).
+    pub fn admin(config: &Config) -> Self {
+        Self {
+            max: 2 << 20,
+            ..Self::of(config)
+        }
+    }
 }
 
-/// Middleware: the request's body read whole before the handler, bounded in size and time.
-/// A declared `Content-Length` over `server.max_body_bytes` is 413 at once, unread; a body
-/// that has not all arrived within `server.header_read_timeout_ms` is 408. Without this, a
-/// client that sends its headers and then stalls or trickles its body held its connection
-/// and its task for ever (the listener's timeout covers the headers only). Pass-through
-/// requests are not read here: they stream, bounded by `upstream.idle_timeout_ms`.
+/// Middleware: the request's body read whole before the handler, bounded in size and time:
+/// 413 past `server.max_body_bytes`, 408 when it has not all arrived within
+/// `server.header_read_timeout_ms`. Without this, a client that sends its headers and then
+/// stalls or trickles its body held its connection and its task for ever (the listener's
+/// timeout covers the headers only). A `Content-Length` over the limit is not answered
+/// before the body is read up to the limit: the connection closes after the answer, and a
+/// client still sending would see a reset instead of the 413. Pass-through requests are not
+/// read here: they stream, bounded by `upstream.idle_timeout_ms`.
 /// On each own route inside its auth layer, so 401/403 come before any read.
 pub async fn read_body(State(bounds): State<BodyRead>, req: Request, next: Next) -> Response {
     {
         use http_body_util::BodyExt;
         let (parts, body) = req.into_parts();
-        let declared = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        if declared.is_some_and(|len| len > bounds.max as u64) {
-            return ApiError::PayloadTooLarge.into_response();
-        }
         let limited = http_body_util::Limited::new(body, bounds.max);
         let body = match tokio::time::timeout(bounds.within, limited.collect()).await {
             Ok(Ok(collected)) => collected.to_bytes(),
