@@ -16,16 +16,21 @@ use std::sync::Arc;
 use crate::redis_conn::{RedisError, RedisHandle};
 
 /// The GCRA step, the body shared by the budget's own script and the lock claim's:
-/// `KEYS[1]` the driver's theoretical arrival time (ms); `ARGV[1]` the emission interval
-/// (ms), `ARGV[2]` the burst tolerance (ms). Leaves `allowed` true or false.
+/// `KEYS[1]` the driver's theoretical arrival time (ms, to the µs); `ARGV[1]` the emission
+/// interval (ms, fractional: 600 requests/s is 1.667 ms, which whole milliseconds would
+/// round to 1 and let 1,000/s through), `ARGV[2]` the burst tolerance (ms). Leaves
+/// `allowed` true or false. The time is stored with four decimals (Lua's own number format
+/// keeps 14 digits: 0.1 ms here, which would add up over a burst); the comparison allows
+/// 1 µs for that rounding. The previous release, which stored and read whole milliseconds,
+/// reads it as well.
 pub const GCRA_STEP: &str = "local t = redis.call('TIME') \
-    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) \
+    local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000 \
     local interval = tonumber(ARGV[1]) local tolerance = tonumber(ARGV[2]) \
     local tat = tonumber(redis.call('GET', KEYS[1]) or now) \
     if tat < now then tat = now end \
-    local allowed = tat - now <= tolerance \
+    local allowed = tat - now <= tolerance + 0.001 \
     if allowed then \
-      redis.call('SET', KEYS[1], tat + interval, 'PX', math.ceil(tat + interval - now) + 1000) \
+      redis.call('SET', KEYS[1], string.format('%.4f', tat + interval), 'PX', math.ceil(tat + interval - now) + 1000) \
     end ";
 
 /// The keyed in-process limiter: one token bucket per driver id.
@@ -36,10 +41,10 @@ type Limiter = governor::DefaultKeyedRateLimiter<String>;
 pub struct FleetBudget {
     redis: RedisHandle,
     script: Arc<redis::Script>,
-    /// The emission interval (ms): one request per interval in the long run.
-    pub interval_ms: u64,
+    /// The emission interval (ms, fractional): one request per interval in the long run.
+    pub interval_ms: f64,
     /// How far ahead of its schedule a driver may be (ms): the burst.
-    pub tolerance_ms: u64,
+    pub tolerance_ms: f64,
 }
 
 impl FleetBudget {
@@ -70,7 +75,7 @@ impl DriverBudget {
     /// 1); kept in `redis` for the whole fleet when given.
     pub fn new(per_second: u32, redis: Option<RedisHandle>) -> Self {
         let per_second = NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN);
-        let interval_ms = (1000 / u64::from(per_second.get())).max(1);
+        let interval_ms = 1000.0 / f64::from(per_second.get());
         Self {
             limiter: Arc::new(governor::RateLimiter::keyed(governor::Quota::per_second(per_second))),
             fleet: redis.map(|redis| FleetBudget {
@@ -79,7 +84,7 @@ impl DriverBudget {
                     "{GCRA_STEP} if allowed then return 1 end return 0"
                 ))),
                 interval_ms,
-                tolerance_ms: interval_ms * u64::from(per_second.get() - 1),
+                tolerance_ms: interval_ms * f64::from(per_second.get() - 1),
             }),
         }
     }

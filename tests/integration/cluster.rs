@@ -418,3 +418,47 @@ async fn one_node_budget_rides_in_the_lock_claim() {
         gw.shutdown().await;
     }
 }
+
+/// The fleet budget keeps a rate above 100 per second: 600/s is an interval of 1.667 ms,
+/// which whole milliseconds rounded down to 1 — 1,000/s let through. 300 requests at once
+/// put the driver's schedule 300 × 1.667 ms ≈ 500 ms ahead of the server's clock (less
+/// the time they took), not 300 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_budget_keeps_a_sub_millisecond_interval() {
+    let Some(url) = crate::support::redis_url() else {
+        return;
+    };
+    let prefix = crate::support::unique("tgrate");
+    let config = tripgate::config::RedisConfig {
+        url: url.clone(),
+        key_prefix: prefix.clone(),
+        ..Default::default()
+    };
+    let handle = tripgate::redis_conn::RedisHandle::new(&config).unwrap();
+    let budget = tripgate::budget::DriverBudget::new(600, Some(handle));
+    for i in 0..300 {
+        assert!(budget.check("d1").await, "request {i} of a burst of 600 refused");
+    }
+    let mut conn = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let tat: String = redis::cmd("GET")
+        .arg(format!("{prefix}:rate:{{d1}}"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (s, us): (String, String) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    let now_ms = s.parse::<f64>().unwrap() * 1000.0 + us.parse::<f64>().unwrap() / 1000.0;
+    let ahead = tat.parse::<f64>().unwrap() - now_ms;
+    assert!(
+        (400.0..=501.0).contains(&ahead),
+        "schedule {ahead:.1} ms ahead after 300 requests"
+    );
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{prefix}:rate:{{d1}}"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
