@@ -633,7 +633,12 @@ async fn migrate(store: &Storage, key: &str) -> anyhow::Result<()> {
     };
     Err(match store.connect_error().await {
         Some(cause) => anyhow::anyhow!(
-            "cannot reach the {:?} database of {}: {}",
+            "cannot {} the {:?} database of {}: {}",
+            if store.kind() == crate::config::DatabaseKind::Sqlite {
+                "open"
+            } else {
+                "reach"
+            },
             store.kind(),
             key,
             one_line(&cause)

@@ -824,21 +824,36 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
 /// The keys that exist only as overrides of a default, and those without one (`Option`s),
 /// as `TRIPGATE_*` names.
 fn env_names() -> Vec<String> {
-    fn walk(table: &toml::Table, prefix: &str, out: &mut Vec<String>) {
+    env_keys().into_iter().map(|(name, _)| name).collect()
+}
+
+/// Each setting's variable and its dotted key (`TRIPGATE_SERVER_LISTEN`, `server.listen`).
+fn env_keys() -> Vec<(String, String)> {
+    fn walk(table: &toml::Table, prefix: &str, dotted: &str, out: &mut Vec<(String, String)>) {
         for (key, value) in table {
             let name = format!("{prefix}_{}", key.to_ascii_uppercase());
+            let path = if dotted.is_empty() {
+                key.clone()
+            } else {
+                format!("{dotted}.{key}")
+            };
             match value {
-                toml::Value::Table(inner) => walk(inner, &name, out),
-                _ => out.push(name),
+                toml::Value::Table(inner) => walk(inner, &name, &path, out),
+                _ => out.push((name, path)),
             }
         }
     }
     let mut out = Vec::new();
     if let Ok(defaults) = toml::Table::try_from(Config::default()) {
-        walk(&defaults, "TRIPGATE", &mut out);
+        walk(&defaults, "TRIPGATE", "", &mut out);
     }
     out.extend(
-        ["SERVER_DEMO_ROUTES", "PROVIDERS_SMS_CA_FILE", "PROVIDERS_PUSH_CA_FILE"].map(|n| format!("TRIPGATE_{n}")),
+        ["server.demo_routes", "providers.sms.ca_file", "providers.push.ca_file"].map(|k| {
+            (
+                format!("TRIPGATE_{}", k.replace('.', "_").to_ascii_uppercase()),
+                k.to_owned(),
+            )
+        }),
     );
     out
 }
@@ -856,13 +871,25 @@ fn check_env_names(vars: impl Iterator<Item = String>) -> Result<(), ConfigError
         })
         .unwrap_or_default();
     for name in vars {
-        if let Some(section) = sections.iter().find(|s| name.starts_with(s.as_str()))
-            && !known.contains(&name)
-        {
+        if known.contains(&name) {
+            continue;
+        }
+        if let Some(section) = sections.iter().find(|s| name.starts_with(s.as_str())) {
             return Err(ConfigError::Invalid {
                 path: PathBuf::from(format!("environment {name}")),
                 key: section["TRIPGATE_".len()..section.len() - 1].to_ascii_lowercase(),
                 message: format!("{name} names no setting of this section (misspelt?)"),
+            });
+        }
+        // A misspelt section (TRIPGATE_DATABSE_URL): a name a letter or two from a setting's.
+        // Other TRIPGATE_ variables, far from every setting, are none of ours.
+        if name.starts_with("TRIPGATE_")
+            && let Some((meant, key)) = env_keys().into_iter().find(|(k, _)| strsim::levenshtein(k, &name) <= 2)
+        {
+            return Err(ConfigError::Invalid {
+                path: PathBuf::from(format!("environment {name}")),
+                key,
+                message: format!("{name} names no setting; did you mean {meant}?"),
             });
         }
     }
@@ -1059,6 +1086,11 @@ mod tests {
         let err = vars(&["TRIPGATE_SERVER_BOGUS"]).unwrap_err().to_string();
         assert!(err.contains("TRIPGATE_SERVER_BOGUS names no setting"), "{err}");
         assert!(vars(&["TRIPGATE_PROVIDERS_SMS_URLL"]).is_err());
+        // A misspelt section: a letter from a setting's name.
+        let err = vars(&["TRIPGATE_DATABSE_URL"]).unwrap_err().to_string();
+        assert!(err.contains("did you mean TRIPGATE_DATABASE_URL?"), "{err}");
+        // Far from every setting: not ours, left alone.
+        assert!(vars(&["TRIPGATE_IMAGE_VERSION", "TRIPGATE_BOGUS_X"]).is_ok());
     }
 
     #[test]

@@ -355,7 +355,12 @@ pub(super) fn sqlite_url(url: &str) -> std::io::Result<String> {
     if let Some(parent) = std::path::Path::new(path).parent()
         && !parent.as_os_str().is_empty()
     {
-        std::fs::create_dir_all(parent)?;
+        std::fs::create_dir_all(parent).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot create the folder {} of the SQLite file: {e}", parent.display()),
+            )
+        })?;
     }
     Ok(if query.contains("mode=") {
         url.to_owned()

@@ -150,7 +150,10 @@ impl Storage {
         sqlx::any::install_default_drivers();
         let (dialect, url) = match config.kind() {
             Some(DatabaseKind::Postgres) => (Dialect::Postgres, config.url.clone()),
-            _ => (Dialect::Sqlite, dialect::sqlite_url(&config.url)?),
+            _ => (
+                Dialect::Sqlite,
+                dialect::sqlite_url(&config.url).map_err(|e| sqlx::Error::Configuration(e.into()))?,
+            ),
         };
         let limits = PoolLimits {
             acquire_timeout_ms: config.acquire_timeout_ms,
@@ -258,12 +261,20 @@ impl Storage {
     /// (a pool only reports that it timed out), bounded by the acquire timeout.
     pub async fn connect_error(&self) -> Option<String> {
         use sqlx::Connection;
-        let attempt = sqlx::AnyConnection::connect(&self.url);
+        // A SQLite file opens whatever it holds: the first read of its schema says whether
+        // it is a database.
+        let probe = match self.dialect {
+            Dialect::Sqlite => "SELECT COUNT(*) FROM sqlite_master",
+            Dialect::Postgres => "SELECT 1",
+        };
+        let attempt = async {
+            let mut conn = sqlx::AnyConnection::connect(&self.url).await?;
+            let answered = conn.execute(probe).await.map(|_| ());
+            let _ = conn.close().await;
+            answered
+        };
         match tokio::time::timeout(self.pool.options().get_acquire_timeout(), attempt).await {
-            Ok(Ok(conn)) => {
-                let _ = conn.close().await;
-                None
-            }
+            Ok(Ok(())) => None,
             Ok(Err(e)) => Some(e.to_string()),
             Err(_) => Some(format!(
                 "no answer within database.acquire_timeout_ms ({} ms)",

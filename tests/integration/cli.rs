@@ -72,6 +72,11 @@ fn bad_configuration_fails_with_one_line_naming_the_key() {
             "environment TRIPGATE_SERVER_RATE_LIMIT_PER_DRIVER: server.rate_limit_per_driver",
         ),
         ("TRIPGATE_SERVER_BOGUS", "1", "TRIPGATE_SERVER_BOGUS names no setting"),
+        (
+            "TRIPGATE_DATABSE_URL",
+            "postgres://x@127.0.0.1:1/y",
+            "database.url: TRIPGATE_DATABSE_URL names no setting; did you mean TRIPGATE_DATABASE_URL?",
+        ),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_tripgate"))
             .current_dir(dir.path())
@@ -82,6 +87,26 @@ fn bad_configuration_fails_with_one_line_naming_the_key() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{stderr}");
         assert!(stderr.contains(says), "{stderr}");
+    }
+    // A SQLite file that cannot be made or is not a database: the reason, naming the place.
+    std::fs::write(dir.path().join("garbage.db"), vec![0x5a_u8; 5000]).unwrap();
+    for (url, says) in [
+        (
+            "sqlite:///dev/null/x.db",
+            "cannot create the folder /dev/null of the SQLite file",
+        ),
+        (
+            "sqlite://garbage.db",
+            "cannot open the Sqlite database of database.url: error returned from database: (code: 26) file is not a database",
+        ),
+    ] {
+        let mut config = format!("[database]\nurl = \"{url}\"\nacquire_timeout_ms = 500\n");
+        config.push_str("[auth]\nhs256_secret = \"0123456789abcdef0123\"\n");
+        std::fs::write(dir.path().join("sqlite.toml"), config).unwrap();
+        let out = tripgate(dir.path(), &["--config", "sqlite.toml", "migrate"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.lines().last().unwrap_or_default().contains(says), "{stderr}");
     }
     // A config file named on the command line must exist: a typo in its name does not
     // start the gateway on the defaults (SQLite in the working folder).
