@@ -464,6 +464,9 @@ async fn flags_command(config: &Config, action: FlagsCommand) -> anyhow::Result<
         }
         FlagsCommand::Guard { action } => guard_command(config, action).await,
         FlagsCommand::Explain { name, driver_id, json } => {
+            if driver_id.trim().is_empty() {
+                anyhow::bail!("flags explain: the driver id must not be empty");
+            }
             let snapshot = flags_in_force(config).await?;
             let e = snapshot
                 .explain(&name, &driver_id)

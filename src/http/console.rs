@@ -307,6 +307,9 @@ async fn explain(
     State(state): State<AppState>,
     Path((flag, driver)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
+    if driver.trim().is_empty() {
+        return Err(ApiError::invalid("driver", "must not be empty"));
+    }
     let e = state
         .flags
         .snapshot()

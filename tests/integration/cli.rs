@@ -359,6 +359,10 @@ fn the_cli_refuses_what_the_api_refuses() {
 fn flags_show_set_explain() {
     let dir = TempDir::new();
     write_config(dir.path(), "sqlite://data/t.db", "");
+    let out = tripgate(dir.path(), &["flags", "explain", "trip_accept_v2", " ", "--json"]);
+    assert_eq!(out.status.code(), Some(2), "an empty driver id has no cohort");
+    let why = String::from_utf8_lossy(&out.stderr);
+    assert!(why.contains("the driver id must not be empty"), "{why}");
     let out = tripgate(dir.path(), &["flags", "explain", "trip_accept_v2", "vip", "--json"]);
     assert!(out.status.success());
     let e: Value = serde_json::from_slice(&out.stdout).unwrap();

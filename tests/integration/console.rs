@@ -295,6 +295,15 @@ async fn session_cookies_and_csrf() {
     let res = login(Some("https"), token.clone()).await;
     assert_eq!(res.status(), 200);
     let cookie = res.headers()["set-cookie"].to_str().unwrap().to_owned();
+    // A blank driver id has no cohort to explain.
+    let blank = gw
+        .http
+        .get(format!("{}/admin/explain/trip_accept_v2/%20", gw.admin))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(blank.status(), 400);
     for part in [
         "tg_session=",
         "HttpOnly",
