@@ -638,6 +638,111 @@ async fn postgres_outage_under_load() {
     store.close().await;
 }
 
+/// Start-up with the database unreachable (SPEC §11): `serve` starts, `/readyz` answers 503
+/// while it stays away, and once it answers the migrations run, `/readyz` turns 200 and an
+/// accept succeeds — no restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn database_unreachable_at_start() {
+    let Some(base) = crate::support::postgres_url() else {
+        return;
+    };
+    let db = TestDb::new(Backend::Postgres).await;
+    let (proxy, url) = crate::support::proxied_postgres(&base, &db).await;
+    proxy.cut();
+    let dir = TempDir::new();
+    let options = Options {
+        percent: 100.0,
+        acquire_timeout_ms: 500,
+        ..Options::default()
+    };
+    let config = crate::support::config(&url, dir.path(), &options);
+    let running = tripgate::server::start(config, tripgate::server::Role::Serve)
+        .await
+        .expect("serve starts while the database is away");
+    let (api, admin) = (running.api_addr.unwrap(), running.admin_addr.unwrap());
+    let http = reqwest::Client::new();
+    for _ in 0..2 {
+        let res = http.get(format!("http://{admin}/readyz")).send().await.unwrap();
+        assert_eq!(res.status(), 503, "not ready without its database");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    proxy.restore();
+    eventually(Duration::from_secs(20), "readyz 200 once the database answers", || {
+        let request = http.get(format!("http://{admin}/readyz")).send();
+        async move { (request.await.ok()?.status() == 200).then_some(()) }
+    })
+    .await;
+    let store = db.store().await;
+    let w = World::new(&store).await;
+    let (driver, trip) = (w.driver().await, w.trip(&[]).await);
+    let token = TokenKeys::new(SECRET, 600).mint(&driver, Role::Driver).unwrap();
+    let res = http
+        .post(format!("http://{api}/api/driver/trip/request-action"))
+        .bearer_auth(token)
+        .json(&json!({"trip_request_id": trip, "action": "accepted"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    running.shutdown().await;
+    store.close().await;
+}
+
+/// Start-up with Redis unreachable (SPEC §11): `serve` runs on the fence alone, `/readyz` is
+/// 200 and names Redis down, every race has one winner; once Redis answers, `/readyz` says so
+/// and the trip locks are taken there again, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_unreachable_at_start() {
+    if !crate::support::redis_server_available() {
+        return;
+    }
+    let mut redis = crate::support::PrivateRedis::start().await;
+    redis.stop();
+    let db = TestDb::new(Backend::Sqlite).await;
+    let options = Options {
+        percent: 100.0,
+        redis_url: Some(redis.url()),
+        ..Options::default()
+    };
+    let gw = crate::support::Gateway::start(&db, options).await;
+    let (status, ready) = gw.admin_get("/readyz").await;
+    assert_eq!((status, &ready["redis"]), (200, &json!("down")), "{ready}");
+    let w = World::new(&gw.store).await;
+    let race_once = || async {
+        let drivers = vec![w.driver().await, w.driver().await, w.driver().await];
+        let trip = w.trip(&drivers).await;
+        let results = crate::support::race(&gw, &drivers, &trip).await;
+        assert_eq!(results.iter().filter(|r| r.0 == 200).count(), 1, "{results:?}");
+        assert!(results.iter().all(|r| r.0 < 500), "{results:?}");
+        trip
+    };
+    for _ in 0..3 {
+        race_once().await;
+    }
+    redis.restart().await;
+    eventually(Duration::from_secs(15), "readyz naming Redis up", || async {
+        let (_, ready) = gw.admin_get("/readyz").await;
+        (ready["redis"] == "up").then_some(())
+    })
+    .await;
+    let trip = race_once().await;
+    let out = std::process::Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis.port.to_string(),
+            "--scan",
+            "--pattern",
+            &format!("*trip-lock:{{{trip}}}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).trim().is_empty(),
+        "the winner's lock taken in Redis once it answers"
+    );
+    gw.shutdown().await;
+}
+
 /// Redis stops and comes back during steady racing load: every trip still gets exactly one
 /// winner (the fence decides alone while Redis is down), nothing answers 5xx, `/readyz`
 /// stays 200 and names Redis down then up, and the lock store is used again afterwards
