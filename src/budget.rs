@@ -19,10 +19,9 @@ use crate::redis_conn::{RedisError, RedisHandle};
 /// `KEYS[1]` the driver's theoretical arrival time (ms, to the µs); `ARGV[1]` the emission
 /// interval (ms, fractional: 600 requests/s is 1.667 ms, which whole milliseconds would
 /// round to 1 and let 1,000/s through), `ARGV[2]` the burst tolerance (ms). Leaves
-/// `allowed` true or false. The time is stored with four decimals (Lua's own number format
-/// keeps 14 digits: 0.1 ms here, which would add up over a burst); the comparison allows
-/// 1 µs for that rounding. The previous release, which stored and read whole milliseconds,
-/// reads it as well.
+/// `allowed` true or false. The time is stored as text with four decimals (0.1 µs, what a
+/// double holds at this magnitude); the comparison allows 1 µs for that rounding. The
+/// previous release, which stored and read whole milliseconds, reads it as well.
 pub const GCRA_STEP: &str = "local t = redis.call('TIME') \
     local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000 \
     local interval = tonumber(ARGV[1]) local tolerance = tonumber(ARGV[2]) \

@@ -870,8 +870,9 @@ fn check_env_names(vars: impl Iterator<Item = String>) -> Result<(), ConfigError
                 .collect()
         })
         .unwrap_or_default();
+    let keys = env_keys();
     for name in vars {
-        if known.contains(&name) {
+        if known.contains(&name) || kubernetes_service_link(&name) {
             continue;
         }
         if let Some(section) = sections.iter().find(|s| name.starts_with(s.as_str())) {
@@ -884,7 +885,12 @@ fn check_env_names(vars: impl Iterator<Item = String>) -> Result<(), ConfigError
         // A misspelt section (TRIPGATE_DATABSE_URL): a name a letter or two from a setting's.
         // Other TRIPGATE_ variables, far from every setting, are none of ours.
         if name.starts_with("TRIPGATE_")
-            && let Some((meant, key)) = env_keys().into_iter().find(|(k, _)| strsim::levenshtein(k, &name) <= 2)
+            && let Some((meant, key)) = keys
+                .iter()
+                .map(|(k, key)| (strsim::levenshtein(k, &name), k, key))
+                .filter(|(distance, ..)| *distance <= 2)
+                .min_by_key(|(distance, ..)| *distance)
+                .map(|(_, k, key)| (k.clone(), key.clone()))
         {
             return Err(ConfigError::Invalid {
                 path: PathBuf::from(format!("environment {name}")),
@@ -894,6 +900,31 @@ fn check_env_names(vars: impl Iterator<Item = String>) -> Result<(), ConfigError
         }
     }
     Ok(())
+}
+
+/// A variable Kubernetes sets for a Service in the namespace (`TRIPGATE_REDIS_PORT`,
+/// `TRIPGATE_REDIS_SERVICE_HOST`, `TRIPGATE_REDIS_PORT_6379_TCP_ADDR` for a Service named
+/// `tripgate-redis`): not a setting, and not a typo of one.
+fn kubernetes_service_link(name: &str) -> bool {
+    let parts: Vec<&str> = name.split('_').collect();
+    let is_port = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
+    (1..parts.len()).any(|i| {
+        let rest = &parts[i + 1..];
+        match (parts[i - 1], parts[i]) {
+            ("SERVICE", "HOST") => rest.is_empty(),
+            ("SERVICE", "PORT") => rest.len() <= 1,
+            (_, "PORT") => match rest {
+                [] => true,
+                [port, proto, tail @ ..] => {
+                    is_port(port)
+                        && ["TCP", "UDP", "SCTP"].contains(proto)
+                        && matches!(tail, [] | ["PROTO"] | ["PORT"] | ["ADDR"])
+                }
+                _ => false,
+            },
+            _ => false,
+        }
+    })
 }
 
 fn apply_env(table: &mut toml::Table, prefix: &str, env: &impl Fn(&str) -> Option<String>) {
@@ -1091,6 +1122,20 @@ mod tests {
         assert!(err.contains("did you mean TRIPGATE_DATABASE_URL?"), "{err}");
         // Far from every setting: not ours, left alone.
         assert!(vars(&["TRIPGATE_IMAGE_VERSION", "TRIPGATE_BOGUS_X"]).is_ok());
+        // What Kubernetes sets for a Service named tripgate-redis or tripgate-server: left alone.
+        assert!(
+            vars(&[
+                "TRIPGATE_REDIS_PORT",
+                "TRIPGATE_REDIS_SERVICE_HOST",
+                "TRIPGATE_REDIS_SERVICE_PORT",
+                "TRIPGATE_REDIS_SERVICE_PORT_REDIS",
+                "TRIPGATE_REDIS_PORT_6379_TCP",
+                "TRIPGATE_REDIS_PORT_6379_TCP_ADDR",
+                "TRIPGATE_SERVER_PORT_8080_TCP_PROTO",
+            ])
+            .is_ok()
+        );
+        assert!(vars(&["TRIPGATE_REDIS_PORTT"]).is_err());
     }
 
     #[test]

@@ -50,6 +50,7 @@ pub struct Metrics {
     rollout_percent: GaugeVec,
     cohort_assignments: IntCounterVec,
     flags_reloads: IntCounterVec,
+    flags_file_refused: IntGauge,
     flags_last_reload: Gauge,
     flags_override: IntGaugeVec,
     flags_changes: IntCounterVec,
@@ -200,6 +201,12 @@ impl Metrics {
             "Flags file reloads by result: ok, unchanged, error.",
             &["result"],
         );
+        let flags_file_refused = IntGauge::new(
+            "tripgate_flags_file_refused",
+            "1 while the flags file as last read is refused and earlier flags are in force (the last good file's, or at start the fleet's recorded ones); 0 once a good file is.",
+        )
+        .expect("valid gauge");
+        r.register(Box::new(flags_file_refused.clone())).expect("unique metric");
         let flags_last_reload = Gauge::new(
             "tripgate_flags_last_reload_timestamp_seconds",
             "When the flags in force were loaded (Unix time).",
@@ -380,6 +387,7 @@ impl Metrics {
             rollout_percent,
             cohort_assignments,
             flags_reloads,
+            flags_file_refused,
             flags_last_reload,
             flags_override,
             flags_changes,
@@ -516,8 +524,12 @@ impl Metrics {
     }
 
     /// A flags reload: `result` is ok, unchanged or error.
+    /// The file refused (`error`) also sets `tripgate_flags_file_refused`, which, unlike the
+    /// counter's increase, says so from the first scrape of a gateway that started on a bad
+    /// file, and for as long as it stays bad; a good one clears it.
     pub fn flags_reload(&self, result: &str) {
         self.flags_reloads.with_label_values(&[result]).inc();
+        self.flags_file_refused.set(i64::from(result == "error"));
     }
 
     /// The flags in force changed (or were first loaded): each flag's percentage.

@@ -128,10 +128,15 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
     // How long the start waits for the database's flag state.
     let wait = Duration::from_millis(config.database.acquire_timeout_ms).min(Duration::from_secs(2));
     let path = config.flags.path.clone();
+    // Whether the flags in force are a stand-in for a bad file's.
+    let mut standing_in = false;
     let flags = match role {
         Role::Serve => match FlagSet::load(&path) {
             Ok(set) => FlagsHandle::new(set, path),
-            Err(bad) => FlagsHandle::standing_in(fleets_last_good_flags(&store, bad, wait, &metrics).await?, path),
+            Err(bad) => {
+                standing_in = true;
+                FlagsHandle::standing_in(fleets_last_good_flags(&store, bad, wait, &metrics).await?, path)
+            }
         },
         // A worker routes no request: it needs no flags file.
         Role::Worker => FlagsHandle::standing_in(FlagSet::default(), path),
@@ -289,6 +294,8 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
             config.flags.path.clone(),
             metrics.clone(),
             shutdown_rx.clone(),
+            // Fixed while this start read the database and bound its listeners?
+            standing_in,
         ));
         servers.push(fleet::spawn(
             flags.clone(),

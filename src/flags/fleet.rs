@@ -141,20 +141,28 @@ pub fn overrides_of(rows: &[OverrideRow]) -> BTreeMap<String, Override> {
 /// (its percent alone: the salt and lists are unknown, and guessing them would move drivers
 /// between cohorts).
 pub async fn last_recorded_file(store: &Storage) -> Result<super::FlagSet, String> {
-    let rows = store
-        .recorded_file_flags()
-        .await
-        .map_err(|e| format!("the fleet's last good flags could not be read from the database ({e})"))?;
-    let mut set = super::FlagSet::default();
-    // Only the flag a file may hold (an earlier release took any table).
-    for (name, threshold, lists) in rows
-        .into_iter()
-        .filter(|(name, ..)| name == crate::domain::TRIP_ACCEPT_FLAG)
-    {
-        let Some(lists) = lists else {
+    use crate::domain::TRIP_ACCEPT_FLAG;
+    let none_yet = "no gateway has recorded a good flags file in the database yet";
+    let rows = match store.recorded_file_flags().await {
+        Ok(rows) => rows,
+        // A first start: its migrations have not run yet.
+        Err(e) if crate::storage::is_not_migrated(&e) => return Err(none_yet.into()),
+        Err(e) => {
             return Err(format!(
-                "the database holds {name}'s percent from a previous release without its salt and lists"
+                "the fleet's last good flags could not be read from the database ({e})"
             ));
+        }
+    };
+    let mut set = super::FlagSet::default();
+    for (name, threshold, lists) in rows {
+        let Some(lists) = lists else {
+            if name == TRIP_ACCEPT_FLAG {
+                return Err(format!(
+                    "the database holds {name}'s percent from a previous release without its salt and lists"
+                ));
+            }
+            // Another flag routes nothing: left out rather than guessed.
+            continue;
         };
         set.flags.insert(
             name,
@@ -167,8 +175,8 @@ pub async fn last_recorded_file(store: &Storage) -> Result<super::FlagSet, Strin
             },
         );
     }
-    if !set.flags.contains_key(crate::domain::TRIP_ACCEPT_FLAG) {
-        return Err("no gateway has recorded a good flags file in the database yet".into());
+    if !set.flags.contains_key(TRIP_ACCEPT_FLAG) {
+        return Err(none_yet.into());
     }
     Ok(set)
 }

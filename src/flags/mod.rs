@@ -49,10 +49,10 @@ pub enum FlagsError {
         /// What is wrong.
         reason: String,
     },
-    /// A table that names no flag tripgate has: a misspelt name would otherwise be taken
-    /// as a flag of its own, leaving the real one as it was while the file seems to say
-    /// otherwise.
-    #[error("unknown flag [{0}]: tripgate routes by {TRIP_ACCEPT_FLAG} only")]
+    /// A table a letter or three from the routing flag's name: a misspelt one would
+    /// otherwise be taken as a flag of its own, leaving the real one as it was while the
+    /// file seems to say otherwise.
+    #[error("unknown flag [{0}]: did you mean [{TRIP_ACCEPT_FLAG}]?")]
     UnknownFlag(String),
     /// The routing flag is absent.
     #[error("flag {0} is missing")]
@@ -182,7 +182,9 @@ impl FlagSet {
                     "{name} must be a table ([{name}]); a key above the first [name] belongs to no flag"
                 )));
             };
-            if name != TRIP_ACCEPT_FLAG {
+            // A misspelt name of the routing flag would be taken as a flag of its own, the
+            // real one left as it was. Other names are flags of their own, as before.
+            if name != TRIP_ACCEPT_FLAG && strsim::levenshtein(&name, TRIP_ACCEPT_FLAG) <= 3 {
                 return Err(FlagsError::UnknownFlag(name));
             }
             let mut threshold = None;
@@ -832,11 +834,16 @@ mod tests {
             ("[trip_accept_v2]\nsalt = \"x\"\n", "required"),
             ("[trip_accept_v2]\npercent = 10\nallow = [1]\n", "strings"),
             ("# only a comment\n", "missing"),
-            ("[other]\npercent = 10\n", "unknown flag [other]"),
+            ("[other]\npercent = 10\n", "missing"),
+            ("[trip_accept_v3]\npercent = 10\n", "did you mean [trip_accept_v2]?"),
             // A misspelt table beside the real one: not a second flag.
             (
                 "[trip_accept_v2]\npercent = 20\n[trip_acept_v2]\npercent = 30\n",
                 "unknown flag [trip_acept_v2]",
+            ),
+            (
+                "[trip_accept_v2]\npercent = 20\n[Trip_Accept_V2]\npercent = 30\n",
+                "unknown flag [Trip_Accept_V2]",
             ),
             // Beyond these the guard's time stamp arithmetic would overflow.
             (

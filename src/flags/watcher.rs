@@ -65,12 +65,15 @@ enum Seen {
 }
 
 impl FlagsWatcher {
-    /// Starts watching until `shutdown` turns true.
+    /// Starts watching until `shutdown` turns true. `read_now`: read the file once the
+    /// watch is up, as after an event (the flags in force are not the file's — it was bad at
+    /// start — and it may have been fixed since).
     pub fn spawn(
         handle: FlagsHandle,
         path: PathBuf,
         metrics: Arc<Metrics>,
         mut shutdown: watch::Receiver<bool>,
+        read_now: bool,
     ) -> JoinHandle<()> {
         // Registered before this returns: a SIGHUP from then on reloads (its default action
         // would end the process).
@@ -80,6 +83,9 @@ impl FlagsWatcher {
             // Kept alive for as long as the loop runs; dropping it stops the OS watch.
             let mut folders = Folders::watch(&path, tx);
             let mut seen = fingerprint(&path);
+            if read_now && FlagSet::load(&path).is_ok() {
+                apply(&handle, &path, &metrics, false);
+            }
             loop {
                 let forced = tokio::select! {
                     Some(first) = events.recv() => {

@@ -285,20 +285,18 @@ impl BodyRead {
 /// read here: they stream, bounded by `upstream.idle_timeout_ms`.
 /// On each own route inside its auth layer, so 401/403 come before any read.
 pub async fn read_body(State(bounds): State<BodyRead>, req: Request, next: Next) -> Response {
-    {
-        use http_body_util::BodyExt;
-        let (parts, body) = req.into_parts();
-        let limited = http_body_util::Limited::new(body, bounds.max);
-        let body = match tokio::time::timeout(bounds.within, limited.collect()).await {
-            Ok(Ok(collected)) => collected.to_bytes(),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-                return ApiError::PayloadTooLarge.into_response();
-            }
-            Ok(Err(e)) => return ApiError::invalid("body", format!("the body could not be read: {e}")).into_response(),
-            Err(_) => return ApiError::BodyTimeout(bounds.within).into_response(),
-        };
-        next.run(Request::from_parts(parts, axum::body::Body::from(body))).await
-    }
+    use http_body_util::BodyExt;
+    let (parts, body) = req.into_parts();
+    let limited = http_body_util::Limited::new(body, bounds.max);
+    let body = match tokio::time::timeout(bounds.within, limited.collect()).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return ApiError::PayloadTooLarge.into_response();
+        }
+        Ok(Err(e)) => return ApiError::invalid("body", format!("the body could not be read: {e}")).into_response(),
+        Err(_) => return ApiError::BodyTimeout(bounds.within).into_response(),
+    };
+    next.run(Request::from_parts(parts, axum::body::Body::from(body))).await
 }
 
 /// The body of a JSON request: 413 past the limit, 415 for another content type.

@@ -436,7 +436,9 @@ impl Storage {
             tx.commit().await?;
             return Ok(FileRecord::AlreadyRecorded);
         }
-        sqlx::query("UPDATE flag_file_state SET percent_bp = $2, at = $3, lists = COALESCE($4, lists) WHERE flag = $1")
+        // A record without lists (the previous release's) of a new percent leaves none: the
+        // salt and lists recorded before may not be what that file says.
+        sqlx::query("UPDATE flag_file_state SET percent_bp = $2, at = $3, lists = $4 WHERE flag = $1")
             .bind(flag)
             .bind(i64::from(percent_bp))
             .bind(at)

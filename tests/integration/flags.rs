@@ -302,17 +302,18 @@ async fn a_gateway_started_on_a_bad_file_serves_the_fleets_last_good_flags() {
     let second = Gateway::start_with(config, dir).await;
     assert_eq!(percent_in_force(&second).await.0, 50.0);
     assert_eq!(cohorts_of(&second, &w, &drivers).await, before, "routing changed");
-    let errors = metric(
-        &second.metrics().await,
-        "tripgate_flags_reloads_total{result=\"error\"}",
-    );
+    let exposition = second.metrics().await;
+    let errors = metric(&exposition, "tripgate_flags_reloads_total{result=\"error\"}");
     assert_eq!(errors, 1.0, "the refused file counted");
+    // From the first scrape on (the counter's increase would say nothing: it starts at 1).
+    assert_eq!(metric(&exposition, "tripgate_flags_file_refused"), 1.0);
     std::fs::write(
         &second.config.flags.path,
         declared.replace("percent = 50", "percent = 100"),
     )
     .unwrap();
     time_to_reload(&second, 100.0, Instant::now()).await;
+    assert_eq!(metric(&second.metrics().await, "tripgate_flags_file_refused"), 0.0);
     second.shutdown().await;
 
     // Nothing recorded anywhere: no last good flags to keep.

@@ -653,7 +653,11 @@ async fn a_pause_names_who_moved_the_percent() {
 async fn a_restart_mid_step_resumes_and_people_win() {
     let db = TestDb::new(Backend::Sqlite).await;
     let dir = TempDir::new();
-    write_flags(dir.path(), &guard_flags(10.0, 6, "rollback", &[]));
+    // What is tested is the restart and the person, not the judge: a latency tolerance
+    // that a loaded machine (the whole suite at once) does not cross. At 1.2 it is 0.2 ms
+    // on these 1 ms rejects, and one CI run rolled back on a 0.6 ms shift.
+    let flags = guard_flags(10.0, 6, "rollback", &[]).replace("max_p99_ratio = 1.2", "max_p99_ratio = 10");
+    write_flags(dir.path(), &flags);
     let config = crate::support::config(&db.url, dir.path(), &Options::default());
     let gw = Gateway::start_with(config.clone(), dir).await;
     let w = World::new(&gw.store).await;
