@@ -338,6 +338,73 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4096))]
+
+        /// The driver request decoding on any bytes, and on JSON objects made of the
+        /// request's own fields with values of every kind: a valid request with a canonical
+        /// UUID, or named field errors, never a panic or another error. This is the request
+        /// fuzz target's check (`tests/fuzz.sh`), run on every test run.
+        #[test]
+        fn decoding_gives_a_canonical_id_or_named_errors(body in request_bodies()) {
+            match parse_request(&body) {
+                Ok((trip_id, _)) => proptest::prop_assert_eq!(
+                    uuid::Uuid::parse_str(&trip_id).map(|u| u.to_string()).ok(),
+                    Some(trip_id)
+                ),
+                Err(ApiError::Invalid(errors)) => proptest::prop_assert!(!errors.is_empty()),
+                Err(other) => proptest::prop_assert!(false, "unexpected error {other:?}"),
+            }
+        }
+    }
+
+    /// Raw bytes, or a request object whose two fields are each right, nearly right, of
+    /// another type or missing, with other fields beside them.
+    fn request_bodies() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        use serde_json::json;
+        let trip_id = prop_oneof![
+            4 => Just(json!("6f1c2b8e-7a8e-4a3e-9d7c-6a0c1f7b2d11")),
+            1 => Just(json!("6F1C2B8E-7A8E-4A3E-9D7C-6A0C1F7B2D11")),
+            1 => Just(json!("6f1c2b8e7a8e4a3e9d7c6a0c1f7b2d11")),
+            1 => Just(json!("{6f1c2b8e-7a8e-4a3e-9d7c-6a0c1f7b2d11}")),
+            1 => Just(json!("urn:uuid:6f1c2b8e-7a8e-4a3e-9d7c-6a0c1f7b2d11")),
+            1 => Just(json!(" 6f1c2b8e-7a8e-4a3e-9d7c-6a0c1f7b2d11")),
+            1 => "[0-9a-fA-F-]{30,40}".prop_map(Value::from),
+        ];
+        let action = prop_oneof![
+            3 => Just(json!("accepted")),
+            2 => Just(json!("rejected")),
+            1 => Just(json!("Accepted")),
+            1 => "[a-z]{0,9}".prop_map(Value::from),
+        ];
+        let other = prop_oneof![
+            Just(Value::Null),
+            any::<i64>().prop_map(Value::from),
+            any::<bool>().prop_map(Value::from),
+            ".{0,20}".prop_map(Value::from),
+            Just(json!([])),
+            Just(json!({"action": "accepted"})),
+        ];
+        let field = |right: BoxedStrategy<Value>, other: BoxedStrategy<Value>| prop_oneof![6 => right.prop_map(Some), 1 => other.prop_map(Some), 1 => Just(None)];
+        let object = (
+            field(trip_id.boxed(), other.clone().boxed()),
+            field(action.boxed(), other.clone().boxed()),
+            prop::collection::vec(("[a-z_]{0,16}", other), 0..3),
+        )
+            .prop_map(|(trip_id, action, extra)| {
+                let mut object: serde_json::Map<String, Value> = extra.into_iter().collect();
+                if let Some(v) = trip_id {
+                    object.insert("trip_request_id".into(), v);
+                }
+                if let Some(v) = action {
+                    object.insert("action".into(), v);
+                }
+                serde_json::to_vec(&object).unwrap_or_default()
+            });
+        prop_oneof![1 => prop::collection::vec(any::<u8>(), 0..200), 3 => object]
+    }
+
     #[test]
     fn otp_is_four_digits() {
         for _ in 0..100 {

@@ -732,10 +732,40 @@ mod tests {
     }
 
     proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4096))]
+
         /// Whatever bytes the file holds, parsing never panics: it validates or is refused.
         #[test]
         fn parser_never_panics(text in ".{0,400}") {
             let _ = FlagSet::parse(&text);
+        }
+
+        /// Files assembled from the format's own pieces (and near misses of them), so that
+        /// most reach validation rather than stop at TOML syntax: whatever is accepted is
+        /// within the contract, and every refusal can be shown. This is the flags file
+        /// fuzz target's check (`tests/fuzz.sh`), run on every test run.
+        #[test]
+        fn whatever_the_parser_accepts_is_within_the_contract(lines in flags_file_lines()) {
+            let text = lines.join("\n");
+            match FlagSet::parse(&text) {
+                Ok(set) => {
+                    proptest::prop_assert!(set.flags.contains_key(TRIP_ACCEPT_FLAG), "{text}");
+                    for (name, flag) in &set.flags {
+                        proptest::prop_assert!(flag.threshold <= 10_000, "{text}");
+                        proptest::prop_assert!(!flag.salt.is_empty(), "{text}");
+                        let _ = flag.decide("driver");
+                        let _ = flag.explain(name, "driver");
+                        if let Some(g) = &flag.guard {
+                            proptest::prop_assert!(!g.steps.is_empty() && g.steps[0] > 0, "{text}");
+                            proptest::prop_assert!(g.steps.windows(2).all(|w| w[0] < w[1]), "{text}");
+                            proptest::prop_assert!(g.steps.iter().all(|s| *s <= 10_000), "{text}");
+                            let alpha = g.alpha_per_look();
+                            proptest::prop_assert!(alpha.is_finite() && alpha > 0.0, "{text}");
+                        }
+                    }
+                }
+                Err(e) => proptest::prop_assert!(!e.to_string().is_empty()),
+            }
         }
 
         /// Any valid percentage survives a write and a parse unchanged.
@@ -744,6 +774,124 @@ mod tests {
             let text = format!("[trip_accept_v2]\npercent = {}\n", f64::from(bp) / 100.0);
             proptest::prop_assert_eq!(FlagSet::parse(&text).unwrap().flags[TRIP_ACCEPT_FLAG].threshold, bp);
         }
+    }
+
+    /// Lines of a flags file: sections and keys the format knows, values mostly of the
+    /// key's kind and at or past its bounds, near misses of names, and now and then junk.
+    fn flags_file_lines() -> impl proptest::strategy::Strategy<Value = Vec<String>> {
+        use proptest::prelude::*;
+        let header = prop_oneof![
+            6 => Just("[trip_accept_v2]"),
+            3 => Just("[trip_accept_v2.guard]"),
+            2 => Just("[other_flag]"),
+            1 => Just("[other_flag.guard]"),
+            1 => Just("[trip_accept_v3]"),
+            1 => Just("[[trip_accept_v2]]"),
+        ];
+        let line = |keys: Vec<&'static str>| {
+            prop::sample::select(keys).prop_flat_map(|k| flag_value(k).prop_map(move |v| format!("{k} = {v}")))
+        };
+        let flag_keys = line(vec!["salt", "allow", "deny", "guard", "percnt", "percent", "enabled"]);
+        let guard_keys = line(vec![
+            "enabled",
+            "step_after_s",
+            "window_s",
+            "min_requests",
+            "max_error_rate_delta",
+            "max_p99_ratio",
+            "confidence",
+            "on_fail",
+            "steps",
+            "percent",
+        ]);
+        let section = (
+            header,
+            prop::bool::weighted(0.8),
+            flag_value("percent"),
+            flag_value("steps"),
+            prop::collection::vec(flag_keys, 0..4),
+            prop::collection::vec(guard_keys, 0..5),
+        )
+            .prop_map(|(h, usual, percent, steps, flag_lines, guard_lines)| {
+                let mut lines = vec![h.to_owned()];
+                if h.ends_with(".guard]") {
+                    if usual {
+                        lines.push(format!("steps = {steps}"));
+                    }
+                    lines.extend(guard_lines);
+                } else {
+                    if usual {
+                        lines.push(format!("percent = {percent}"));
+                    }
+                    lines.extend(flag_lines);
+                }
+                lines
+            });
+        let junk = prop_oneof![8 => Just(None), 1 => ".{0,20}".prop_map(Some)];
+        (prop::collection::vec(section, 1..4), junk).prop_map(|(sections, junk)| {
+            let mut lines: Vec<String> = sections.concat();
+            if let Some(j) = junk {
+                let at = j.len() % (lines.len() + 1);
+                lines.insert(at, j);
+            }
+            lines
+        })
+    }
+
+    /// A value for `key`: usually of its kind (in range or just out of it), else anything.
+    fn flag_value(key: &'static str) -> proptest::strategy::BoxedStrategy<String> {
+        use proptest::prelude::*;
+        let percent = || {
+            prop_oneof![
+                (0u32..=10_000).prop_map(|bp| format!("{:?}", f64::from(bp) / 100.0)),
+                (-2i64..=102).prop_map(|n| n.to_string())
+            ]
+        };
+        let number = |lo: f64, hi: f64| (lo..hi).prop_map(|f| format!("{f:?}"));
+        let ids = || prop::collection::vec("[a-z0-9]{0,3}", 0..3).prop_map(|v| format!("{v:?}"));
+        let anything = prop::sample::select(vec![
+            "0",
+            "1",
+            "100.01",
+            "-0.0",
+            "0.005",
+            "1e308",
+            "nan",
+            "inf",
+            "-inf",
+            "\"\"",
+            "\"s\"",
+            "true",
+            "[]",
+            "[\"a\", 1]",
+            "[50, 10]",
+            "[0, 10]",
+            "{}",
+            "{ enabled = true }",
+            "1979-05-27",
+            "9223372036854775807",
+        ])
+        .prop_map(String::from);
+        let kind: BoxedStrategy<String> = match key {
+            "percent" => percent().boxed(),
+            "salt" => "\"[a-z]{0,4}\"".boxed(),
+            "allow" | "deny" => ids().boxed(),
+            "enabled" => any::<bool>().prop_map(|b| b.to_string()).boxed(),
+            "steps" => prop::collection::vec(percent(), 1..4)
+                .prop_map(|v| format!("[{}]", v.join(", ")))
+                .boxed(),
+            "step_after_s" | "window_s" | "min_requests" => prop_oneof![0i64..=700, 2_591_990i64..=2_592_010]
+                .prop_map(|n| n.to_string())
+                .boxed(),
+            "max_error_rate_delta" => number(-0.1, 1.1).boxed(),
+            "max_p99_ratio" => number(0.5, 30.0).boxed(),
+            "confidence" => number(0.4, 1.05).boxed(),
+            "on_fail" => prop::sample::select(vec!["\"rollback\"", "\"hold\"", "\"stop\""])
+                .prop_map(String::from)
+                .boxed(),
+            _ => anything.clone().boxed(),
+        };
+        prop_oneof![5 => kind, 1 => anything].boxed()
     }
 
     #[test]
