@@ -146,7 +146,14 @@ pub async fn last_recorded_file(store: &Storage) -> Result<super::FlagSet, Strin
     let rows = match store.recorded_file_flags().await {
         Ok(rows) => rows,
         // A first start: its migrations have not run yet.
-        Err(e) if crate::storage::is_not_migrated(&e) => return Err(none_yet.into()),
+        Err(e) if crate::storage::is_missing_table(&e) => return Err(none_yet.into()),
+        // The previous release's database, before this release's migrations: a file it
+        // recorded holds no salt and lists.
+        Err(e) if crate::storage::is_not_migrated(&e) => {
+            return Err(format!(
+                "the database is not migrated to this release yet (the previous release records a flags file without its salt and lists): {e}"
+            ));
+        }
         Err(e) => {
             return Err(format!(
                 "the fleet's last good flags could not be read from the database ({e})"

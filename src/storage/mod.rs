@@ -464,11 +464,28 @@ where
 /// database has not been migrated yet (a gateway's first start on an empty database reads
 /// before its migrations have run). Postgres `42P01` (undefined_table); SQLite's `no such
 /// table`.
-pub fn is_not_migrated(e: &sqlx::Error) -> bool {
+pub fn is_missing_table(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Database(db) => db.code().as_deref() == Some("42P01") || db.message().starts_with("no such table"),
         _ => false,
     }
+}
+
+/// True when `e` says a table or a column does not exist: the database is not migrated to
+/// this release yet — empty (a first start), part-way through the migrations this process is
+/// running (a table made by an earlier one, the column of a later one not yet), or left
+/// by the previous release. Postgres `42703` (undefined_column); SQLite's `no such column`
+/// (a read) and `table … has no column named …` (a write).
+pub fn is_not_migrated(e: &sqlx::Error) -> bool {
+    is_missing_table(e)
+        || match e {
+            sqlx::Error::Database(db) => {
+                db.code().as_deref() == Some("42703")
+                    || db.message().starts_with("no such column")
+                    || db.message().contains(" has no column named ")
+            }
+            _ => false,
+        }
 }
 
 /// Postgres class 08 (connection), 57P0x (shutdown) and 55P03 (a lock not granted within

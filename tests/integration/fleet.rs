@@ -819,3 +819,44 @@ async fn the_previous_audit_log_survives_the_upgrade(backend: Backend) {
 }
 
 crate::backend_tests!(the_previous_audit_log_survives_the_upgrade);
+
+/// A database part-way through the migrations (a gateway's first start migrates while its
+/// fleet sync already reads; or the previous release's database): the flag-state table is
+/// there, the column a later migration adds is not. That is "not migrated yet" — which the
+/// sync and the start pass over in silence until the migrations have run — not a failure to
+/// warn of; and a gateway on a bad file is told why no recorded file can stand in.
+async fn a_database_part_way_through_the_migrations_is_not_migrated_yet(backend: Backend) {
+    use tripgate::storage::flag_state::FileLists;
+    let db = TestDb::new(backend).await;
+    // Every migration before the one that adds `lists`, as the files are in this checkout.
+    let before = |dialect: &str| -> &'static [&'static str] {
+        let dir = format!("{}/migrations/{dialect}", env!("CARGO_MANIFEST_DIR"));
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|f| f.unwrap().file_name().into_string().unwrap())
+            .collect();
+        files.sort();
+        let lists = files.iter().position(|f| f.ends_with("_file_lists.sql")).unwrap();
+        files.truncate(lists);
+        files.into_iter().map(|f| &*f.leak()).collect::<Vec<_>>().leak()
+    };
+    crate::support::apply_migrations(&db, before("sqlite"), before("postgres")).await;
+    let store = crate::jobs::unmigrated_store(&db);
+    let lists = FileLists {
+        salt: "s".into(),
+        allow: vec![],
+        deny: vec![],
+    };
+    let write = store.record_file_flag("f", 1000, Some(&lists), 1).await.unwrap_err();
+    assert!(tripgate::storage::is_not_migrated(&write), "{write}");
+    assert!(!tripgate::storage::is_missing_table(&write), "{write}");
+    let read = store.recorded_file_flags().await.unwrap_err();
+    assert!(tripgate::storage::is_not_migrated(&read), "{read}");
+    let why = tripgate::flags::fleet::last_recorded_file(&store).await.unwrap_err();
+    assert!(why.contains("not migrated to this release yet"), "{why}");
+    store.migrate().await.unwrap();
+    store.record_file_flag("f", 1000, Some(&lists), 1).await.unwrap();
+    store.close().await;
+}
+
+crate::backend_tests!(a_database_part_way_through_the_migrations_is_not_migrated_yet);
