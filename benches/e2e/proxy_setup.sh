@@ -1,6 +1,6 @@
 # Sourced by passthrough.sh and proxy_cpu.sh: the processes they compare, started in $OUT
 # from $BIN. Ports: the gateway 18181 (admin 18191), nginx's proxy 18182, nginx's static
-# answer 18183, the bare proxies of benches/e2e/proxy_floor 18184-18186.
+# answer 18183, the bare proxies of benches/e2e/proxy_floor 18184-18187.
 
 # start_gateway UPSTREAM_URL: `tripgate serve` on SQLite with that pass-through upstream,
 # ready; its pid in GATEWAY_PID.
@@ -71,8 +71,9 @@ NGINX
 
 # The bare proxies (benches/e2e/proxy_floor: hyper and hyper-util with nothing of
 # tripgate's) in front of UPSTREAM_PORT, built when cargo is there: `pooled` on 18184,
-# `axum` on 18185, `same-task` on 18186. Their pids in FLOOR_PIDS; `FLOOR=0` skips them.
-FLOOR_PORTS=(18184:pooled 18185:axum 18186:same-task)
+# `axum` on 18185, `same-task` on 18186, `per-core` on 18187. Their pids in FLOOR_PIDS;
+# `FLOOR=0` skips them.
+FLOOR_PORTS=(18184:pooled 18185:axum 18186:same-task 18187:per-core)
 start_floor() {
   FLOOR_PIDS=""
   [ "${FLOOR:-1}" = 0 ] && return 1

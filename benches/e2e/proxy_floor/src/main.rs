@@ -12,6 +12,10 @@
 //!   in the client connection's task (hyper's `client::conn`), so a request never crosses
 //!   tasks. The best a pool of our own over `client::conn` could do. When the upstream
 //!   closes its connection, the client's is closed too.
+//! * `per-core`: `pooled` on one single-threaded runtime per core, each with a listener of
+//!   its own on the same address (`SO_REUSEPORT`: the kernel spreads the connections) and a
+//!   pool of its own — nginx's shape (a worker per core, nothing shared), on the same stack.
+//!   A request and its upstream connection stay on one thread.
 
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -52,18 +56,71 @@ async fn pooled(client: &Pooled, origin: &str, req: Request<Body>) -> Response<B
     }
 }
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().collect();
     let [_, mode, listen, upstream] = args.as_slice() else {
-        return Err("usage: proxy-floor pooled|axum|same-task LISTEN UPSTREAM".into());
+        return Err("usage: proxy-floor pooled|axum|same-task|per-core LISTEN UPSTREAM".into());
     };
-    let origin: Arc<str> = format!("http://{upstream}").into();
-    let listener = TcpListener::bind(listen).await?;
+    if mode == "per-core" {
+        let cores = std::thread::available_parallelism()?.get();
+        let threads: Vec<_> = (0..cores)
+            .map(|_| {
+                let (listen, upstream) = (listen.clone(), upstream.clone());
+                std::thread::spawn(move || -> Result<(), Error> {
+                    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                    runtime.block_on(async {
+                        let socket = tokio::net::TcpSocket::new_v4()?;
+                        socket.set_reuseport(true)?;
+                        socket.bind(listen.parse()?)?;
+                        pooled_server(socket.listen(1024)?, &upstream).await
+                    })
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().map_err(|_| "a worker thread panicked")??;
+        }
+        return Ok(());
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(serve(mode, listen, upstream))
+}
+
+fn client() -> Arc<Pooled> {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
-    let client = Arc::new(Client::builder(TokioExecutor::new()).build(connector));
-    match mode.as_str() {
+    Arc::new(Client::builder(TokioExecutor::new()).build(connector))
+}
+
+/// The `pooled` mode on `listener`, with a pool of its own.
+async fn pooled_server(listener: TcpListener, upstream: &str) -> Result<(), Error> {
+    let origin: Arc<str> = format!("http://{upstream}").into();
+    let client = client();
+    loop {
+        let (stream, _) = listener.accept().await?;
+        stream.set_nodelay(true)?;
+        let (client, origin) = (client.clone(), origin.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let (client, origin) = (client.clone(), origin.clone());
+                async move { Ok::<_, Infallible>(pooled(&client, &origin, req.map(Body::new)).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn serve(mode: &str, listen: &str, upstream: &str) -> Result<(), Error> {
+    let listener = TcpListener::bind(listen).await?;
+    let origin: Arc<str> = format!("http://{upstream}").into();
+    let client = client();
+    match mode {
         "axum" => {
             let app = axum::Router::new().fallback(move |req: Request<Body>| {
                 let (client, origin) = (client.clone(), origin.clone());
@@ -74,24 +131,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             });
             axum::serve(listener, app).await?;
         }
-        "pooled" => loop {
-            let (stream, _) = listener.accept().await?;
-            stream.set_nodelay(true)?;
-            let (client, origin) = (client.clone(), origin.clone());
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let (client, origin) = (client.clone(), origin.clone());
-                    async move { Ok::<_, Infallible>(pooled(&client, &origin, req.map(Body::new)).await) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        },
+        "pooled" => pooled_server(listener, upstream).await?,
         "same-task" => loop {
             let (stream, _) = listener.accept().await?;
             stream.set_nodelay(true)?;
-            let upstream = upstream.clone();
+            let upstream = upstream.to_string();
             tokio::spawn(async move {
                 let Ok(up) = TcpStream::connect(&upstream).await else {
                     return;
