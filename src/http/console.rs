@@ -255,14 +255,21 @@ struct StatsQuery {
 /// Width of one point of the console's charts.
 const POINT_MS: i64 = 5 * SLOT_MS;
 
-/// `GET /admin/stats?seconds=N` (default 300, at most 3600): per 5 s and cohort, over every
-/// instance: requests/s, p50/p95/p99 ms, 5xx and timeout rates, OTP delivery p95 ms.
+/// `GET /admin/stats?seconds=N` (10 to 3600, default 300; else 400): per 5 s and cohort,
+/// over every instance: requests/s, p50/p95/p99 ms, 5xx and timeout rates, OTP delivery p95
+/// ms.
 async fn stats(
     State(state): State<AppState>,
     q: Result<Query<StatsQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let q = super::query(q)?;
-    let seconds = q.seconds.unwrap_or(300).clamp(10, 3600);
+    let seconds = q.seconds.unwrap_or(300);
+    if !(10..=3600).contains(&seconds) {
+        return Err(ApiError::invalid(
+            "seconds",
+            format!("the window is 10 to 3600 seconds, not {seconds}"),
+        ));
+    }
     let now = now_ms();
     let end = now - now.rem_euclid(SLOT_MS);
     let start = end - seconds * 1000;

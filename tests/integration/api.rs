@@ -991,6 +991,17 @@ async fn demo_routes_seed_and_checks(backend: Backend) {
         assert_eq!((status, code(&body)), (400, "default_400"), "{path}: {body}");
         assert_eq!(body["errors"][0]["error_code"], "query", "{path}: {body}");
     }
+    // A window outside 10 to 3600 seconds is refused, not quietly clamped.
+    for seconds in ["-5", "0", "9", "3601"] {
+        let (status, body) = gw.admin_get(&format!("/admin/stats?seconds={seconds}")).await;
+        assert_eq!((status, code(&body)), (400, "default_400"), "{seconds}: {body}");
+        assert_eq!(body["errors"][0]["error_code"], "seconds", "{seconds}: {body}");
+    }
+    for seconds in ["10", "3600"] {
+        let (status, body) = gw.admin_get(&format!("/admin/stats?seconds={seconds}")).await;
+        assert_eq!(status, 200, "{seconds}: {body}");
+        assert_eq!(body["step_ms"], 5000, "{seconds}: {body}");
+    }
     gw.shutdown().await;
 
     let dir = crate::support::TempDir::new();
