@@ -267,7 +267,7 @@ async fn stats(
     if !(10..=3600).contains(&seconds) {
         return Err(ApiError::invalid(
             "seconds",
-            format!("the window is 10 to 3600 seconds, not {seconds}"),
+            "The seconds must be a whole number in 10..=3600.",
         ));
     }
     let now = now_ms();
