@@ -234,7 +234,16 @@ async fn a_row_locked_elsewhere_fails_only_its_member() {
     .unwrap();
     let batch: Vec<Fence> = trips.iter().zip(&drivers).map(|(t, d)| fence(t, d)).collect();
     let results = store.accept_fenced_batch(&batch).await;
-    assert_eq!(outcomes(&results), ["accepted", "error", "accepted", "error"]);
+    let errors: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .map(|e| e.to_string())
+        .collect();
+    assert_eq!(
+        outcomes(&results),
+        ["accepted", "error", "accepted", "error"],
+        "{errors:?}"
+    );
     for i in [1, 3] {
         let e = results[i].as_ref().unwrap_err();
         assert!(tripgate::storage::is_unavailable(e), "503, try again: {e}");
