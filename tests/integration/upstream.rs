@@ -197,10 +197,19 @@ fn upstream_options(config: &mut tripgate::config::Config, upstream: SocketAddr)
 
 /// A gateway (in this process) in front of `upstream`, with `idle_timeout_ms`.
 async fn in_front_of(db: &TestDb, upstream: SocketAddr, idle_timeout_ms: u64) -> Gateway {
+    in_front_of_with(db, upstream, |config| config.upstream.idle_timeout_ms = idle_timeout_ms).await
+}
+
+/// A gateway (in this process) in front of `upstream`, its config changed by `adjust`.
+async fn in_front_of_with(
+    db: &TestDb,
+    upstream: SocketAddr,
+    adjust: impl FnOnce(&mut tripgate::config::Config),
+) -> Gateway {
     let dir = TempDir::new();
     let mut config = crate::support::config(&db.url, dir.path(), &Options::default());
     upstream_options(&mut config, upstream);
-    config.upstream.idle_timeout_ms = idle_timeout_ms;
+    adjust(&mut config);
     Gateway::start_with(config, dir).await
 }
 
@@ -458,13 +467,10 @@ async fn websockets_tunnel_and_a_thousand_requests_are_answered() {
     // upstream.timeout_ms as shipped (30 s), not the 500 ms the timeout tests use: a
     // thousand requests at once on a loaded two-core machine can wait longer than 500 ms
     // for their answers, and a 504 then is the gateway doing its job, not this test's failure.
-    let gw = {
-        let dir = TempDir::new();
-        let mut config = crate::support::config(&db.url, dir.path(), &Options::default());
-        upstream_options(&mut config, upstream().await);
+    let gw = in_front_of_with(&db, upstream().await, |config| {
         config.upstream.timeout_ms = tripgate::config::Config::default().upstream.timeout_ms;
-        Gateway::start_with(config, dir).await
-    };
+    })
+    .await;
 
     let ws_url = format!("{}/ws", gw.api.replacen("http://", "ws://", 1));
     let (mut socket, res) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
