@@ -72,7 +72,11 @@ impl Strategy for Legacy {
         // at most half), the effects' half a second before the reload's.
         let margin = (self.deadline_ms / 4).max(1_000).min(self.deadline_ms / 2);
         let answer_by = cmd.received_at_ms + self.deadline_ms - margin;
-        self.jobs.run_inline(&job, answer_by - 500).await;
+        // (No job: the trip had its job from an earlier accept, before the backend put it
+        // back to pending; each effect happens once per trip.)
+        if let Some(job) = &job {
+            self.jobs.run_inline(job, answer_by - 500).await;
+        }
         // The heavy reload with every relation. The accept is committed: a database away
         // until then does not make it a 503 (the driver would take the trip for lost, and
         // their retry is refused as taken), it answers with what is known.

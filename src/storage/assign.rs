@@ -74,8 +74,11 @@ pub struct Fence {
 pub enum AssignOutcome {
     /// Committed, with the job that carries its side effects (as written).
     Accepted {
-        /// The job.
-        job: Job,
+        /// The job this accept queued; `None` when the trip already had its job (an earlier
+        /// accept of a trip the backend put back to pending: each effect happens once per
+        /// trip, and that job has them). The Postgres batch statement does not say which,
+        /// so atomic_async accepts (which never read it) carry the job they offered.
+        job: Option<Job>,
     },
     /// The trip already has this driver.
     AlreadyMine,
@@ -135,11 +138,13 @@ impl Storage {
         }
         let job = Job::new(&a.trip_id, a.cohort, JobState::Running, 1);
         let now = now_ms();
-        if !write_accept(&mut tx, a, &job, now, Some(now + lease_ms)).await? {
+        let Written::Accepted { job_queued } = write_accept(&mut tx, a, &job, now, Some(now + lease_ms)).await? else {
             return Ok(AssignOutcome::DriverBusy);
-        }
+        };
         tx.commit().await?;
-        Ok(AssignOutcome::Accepted { job })
+        Ok(AssignOutcome::Accepted {
+            job: job_queued.then_some(job),
+        })
     }
 
     /// The atomic_async accept: the pre-checks and the fence in one step on the locked
@@ -399,7 +404,7 @@ impl Fenced {
 /// One member's outcome from its row of `tripgate_accept_batch_checked`.
 fn fenced_from_row(row: &AnyRow, f: &Fence, job: &Job) -> Result<Fenced, sqlx::Error> {
     let outcome = match row.try_get::<String, _>("outcome")?.as_str() {
-        "accepted" => AssignOutcome::Accepted { job: job.clone() },
+        "accepted" => AssignOutcome::Accepted { job: Some(job.clone()) },
         "already_mine" => AssignOutcome::AlreadyMine,
         "taken" => AssignOutcome::Taken,
         "not_pending" => AssignOutcome::NotPending,
@@ -462,10 +467,11 @@ async fn sqlite_accept(
                         trip_type: trip.trip_type,
                         requested_at_ms: f.requested_at_ms,
                     };
-                    if write_accept(tx, &a, job, now_ms(), None).await? {
-                        AssignOutcome::Accepted { job: job.clone() }
-                    } else {
-                        AssignOutcome::DriverBusy
+                    match write_accept(tx, &a, job, now_ms(), None).await? {
+                        Written::Accepted { job_queued } => AssignOutcome::Accepted {
+                            job: job_queued.then(|| job.clone()),
+                        },
+                        Written::DriverBusy => AssignOutcome::DriverBusy,
                     }
                 }
                 Some(_) => AssignOutcome::VehicleMismatch,
@@ -503,25 +509,40 @@ fn minimal_trip(r: &AnyRow, trip_id: &str) -> Result<Value, sqlx::Error> {
     }))
 }
 
+/// What [`write_accept`] did.
+enum Written {
+    /// The driver could not take the trip: nothing was written (the caller drops the
+    /// transaction, or goes on with the next member of its batch).
+    DriverBusy,
+    /// The trip is the driver's. `job_queued` is false when the trip already had its job
+    /// (an earlier accept of a trip the backend put back to pending): each effect happens
+    /// once per trip (`tripgate_accept` does the same, migration 0018).
+    Accepted {
+        /// Whether the job was written.
+        job_queued: bool,
+    },
+}
+
 /// The writes of an accept, in the transaction that checked the trip: the driver row
-/// first — `on_trip` only while still available (check and write in one statement), and
+/// first — `on_trip` only while still available and holding no accepted or ongoing trip
+/// (whatever their row says: the backend owns it; check and write in one statement), and
 /// locked from then on, so every accept takes the trip row, then the driver row, then
 /// writes the trip's driver (the order `tripgate_accept` keeps too: a legacy and an
 /// atomic_async accept of one driver never wait for each other in a circle) — then the
 /// trip, its status and the job (the job creates its effects' records, see the module
-/// doc). False
-/// when the driver could not take it (nothing more is
-/// written; the caller drops the transaction).
+/// doc).
 async fn write_accept(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
     a: &Assignment,
     job: &Job,
     now: i64,
     locked_until: Option<i64>,
-) -> Result<bool, sqlx::Error> {
+) -> Result<Written, sqlx::Error> {
     let driver = sqlx::query(
         "UPDATE driver_details SET availability_status = 'on_trip', updated_at = $2 \
-         WHERE user_id = $1 AND is_online = TRUE AND availability_status IN ('available', 'on_bidding')",
+         WHERE user_id = $1 AND is_online = TRUE AND availability_status IN ('available', 'on_bidding') \
+           AND NOT EXISTS (SELECT 1 FROM trip_requests WHERE driver_id = $1 \
+                            AND current_status IN ('accepted', 'ongoing'))",
     )
     .bind(&a.driver_id)
     .bind(now)
@@ -529,7 +550,7 @@ async fn write_accept(
     .await?
     .rows_affected();
     if driver == 0 {
-        return Ok(false);
+        return Ok(Written::DriverBusy);
     }
     let assigned = sqlx::query(ASSIGN_SQL)
         .bind(&a.trip_id)
@@ -544,9 +565,9 @@ async fn write_accept(
     match assigned {
         Ok(_) => {}
         // The partial unique index (one active trip per driver): a trip of this driver
-        // committed by a writer that did not take the driver row first (none today; an
-        // older release). It fires at this update, not at commit.
-        Err(e) if is_unique_violation(&e) => return Ok(false),
+        // committed since the driver row's check by a writer that did not take the driver
+        // row first (none of tripgate's). It fires at this update, not at commit.
+        Err(e) if is_unique_violation(&e) => return Ok(Written::DriverBusy),
         Err(e) => return Err(e),
     }
     sqlx::query("UPDATE trip_status SET accepted = $2 WHERE trip_request_id = $1")
@@ -554,19 +575,21 @@ async fn write_accept(
         .bind(now)
         .execute(&mut **tx)
         .await?;
-    insert_job(tx, job, now, locked_until).await?;
-    Ok(true)
+    let job_queued = insert_job(tx, job, now, locked_until).await?;
+    Ok(Written::Accepted { job_queued })
 }
 
+/// Writes `job`; false when the trip already has its job of that kind (one per trip).
 async fn insert_job(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
     job: &Job,
     now: i64,
     locked_until: Option<i64>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
+) -> Result<bool, sqlx::Error> {
+    let written = sqlx::query(
         "INSERT INTO jobs (id, kind, trip_request_id, cohort, state, attempts, claims, run_at, locked_until, \
-         locked_by, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $6, $7, $8, $9, $7, $7)",
+         locked_by, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $6, $7, $8, $9, $7, $7) \
+         ON CONFLICT (trip_request_id, kind) DO NOTHING",
     )
     .bind(&job.id)
     .bind(job.kind.as_str())
@@ -580,7 +603,7 @@ async fn insert_job(
     .bind(locked_until.map(|_| super::jobs::instance_id()))
     .execute(&mut **tx)
     .await?;
-    Ok(())
+    Ok(written.rows_affected() == 1)
 }
 
 impl Job {

@@ -104,6 +104,10 @@ impl Dialect {
                     "file lists",
                     include_str!("../../migrations/postgres/0017_file_lists.sql"),
                 ),
+                (
+                    "accept refusals not errors",
+                    include_str!("../../migrations/postgres/0018_accept_refusals_not_errors.sql"),
+                ),
             ],
             Self::Sqlite => &[
                 ("init", include_str!("../../migrations/sqlite/0001_init.sql")),

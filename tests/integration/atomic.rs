@@ -32,6 +32,7 @@ backend_tests!(
     many_refused_lock_holders_do_not_turn_the_right_driver_away,
     a_lost_race_closes_the_lock,
     a_reopened_trip_is_not_blocked_by_its_old_lock,
+    a_reopened_trip_is_accepted_again_on_legacy,
 );
 
 /// A lock store that takes the lock, then loses the answer: a Redis call that timed out
@@ -713,7 +714,7 @@ async fn a_lost_race_closes_the_lock(backend: Backend) {
 /// A trip the backend puts back to pending (its driver gave it up) while the lock of the
 /// accept that took it still lives, marked won: that driver's new accept is not made to
 /// wait on its own old lock until the deadline (503) — the lock goes and the accept runs.
-/// (The old job goes too here: a trip has one job of a kind, see the notes.)
+/// The trip keeps its one job: each effect happens once per trip, so no second OTP.
 async fn a_reopened_trip_is_not_blocked_by_its_old_lock(backend: Backend) {
     let db = TestDb::new(backend).await;
     let stub = WebhookStub::start().await;
@@ -733,9 +734,7 @@ async fn a_reopened_trip_is_not_blocked_by_its_old_lock(backend: Backend) {
         &db,
         &format!(
             "UPDATE trip_requests SET driver_id = NULL, current_status = 'pending' WHERE id = '{trip}'; \
-             UPDATE driver_details SET availability_status = 'available' WHERE user_id = '{d}'; \
-             DELETE FROM side_effects WHERE trip_request_id = '{trip}'; \
-             DELETE FROM jobs WHERE trip_request_id = '{trip}';"
+             UPDATE driver_details SET availability_status = 'available' WHERE user_id = '{d}';"
         ),
     )
     .await;
@@ -743,6 +742,40 @@ async fn a_reopened_trip_is_not_blocked_by_its_old_lock(backend: Backend) {
     let (status, body, _) = gw.accept(&d, &trip).await;
     assert_eq!((status, code(&body)), (200, "default_update_200"), "{body}");
     assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(stub.calls_for("otp_sms", &trip).len(), 1, "one OTP per trip");
+    gw.shutdown().await;
+}
+
+/// The same on legacy, which runs the effects inline: the trip put back to pending is
+/// accepted again (it was a 500: the trip's one job was there), with no second OTP.
+async fn a_reopened_trip_is_accepted_again_on_legacy(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let stub = WebhookStub::start().await;
+    let gw = Gateway::start(
+        &db,
+        Options {
+            percent: 0.0,
+            ..options(backend, &stub)
+        },
+    )
+    .await;
+    let w = World::new(&gw.store).await;
+    let (d1, d2, trip) = (w.driver().await, w.driver().await, w.trip(&[]).await);
+    let (status, body, cohort) = gw.accept(&d1, &trip).await;
+    assert_eq!((status, cohort.as_str()), (200, "legacy"), "{body}");
+    execute_sql(
+        &db,
+        &format!(
+            "UPDATE trip_requests SET driver_id = NULL, current_status = 'pending' WHERE id = '{trip}'; \
+             UPDATE driver_details SET availability_status = 'available' WHERE user_id = '{d1}';"
+        ),
+    )
+    .await;
+    let (status, body, _) = gw.accept(&d2, &trip).await;
+    assert_eq!((status, code(&body)), (200, "default_update_200"), "{body}");
+    assert_eq!(body["data"]["driver_id"], d2.as_str(), "{body}");
+    assert_eq!(stub.calls_for("otp_sms", &trip).len(), 1, "one OTP per trip");
     gw.shutdown().await;
 }
 

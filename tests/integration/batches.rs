@@ -12,6 +12,7 @@ backend_tests!(
     same_trip_twice_in_a_batch_first_wins,
     one_driver_on_two_trips_in_a_batch,
     refusals_do_not_fail_their_batch_mates,
+    what_the_backend_left_behind_does_not_fail_batch_mates,
     a_database_error_fails_the_whole_batch_and_writes_nothing,
     concurrent_accepts_are_committed_together,
 );
@@ -151,6 +152,58 @@ async fn refusals_do_not_fail_their_batch_mates(backend: Backend) {
         "a refused driver is told nothing of the trip"
     );
     assert!(store.driver_snapshot(&gone).await.unwrap().unwrap().is_available());
+    store.close().await;
+}
+
+/// States only the backend that owns the tables makes: a driver who holds an accepted trip
+/// while their row says available, and a trip put back to pending after its accept (its
+/// driver gave it up). Neither may fail its batch-mates (Postgres raised on both: the one
+/// active trip per driver index, the one job per trip). The driver is busy, alone or in a
+/// batch; the reopened trip is accepted again with no second job (each effect happens once
+/// per trip).
+async fn what_the_backend_left_behind_does_not_fail_batch_mates(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.store().await;
+    let w = World::new(&store).await;
+    let (busy, gave_up, d3, d4) = (w.driver().await, w.driver().await, w.driver().await, w.driver().await);
+    let (held, reopened, t3, t4) = (
+        w.trip(&[]).await,
+        w.trip(&[]).await,
+        w.trip(&[]).await,
+        w.trip(&[]).await,
+    );
+    let first = store
+        .accept_fenced_batch(&[fence(&held, &busy), fence(&reopened, &gave_up)])
+        .await;
+    assert_eq!(outcomes(&first), ["accepted", "accepted"]);
+    store
+        .set_driver_status(&busy, true, Availability::Available)
+        .await
+        .unwrap();
+    execute_sql(
+        &db,
+        &format!(
+            "UPDATE trip_requests SET driver_id = NULL, current_status = 'pending' WHERE id = '{reopened}'; \
+             UPDATE driver_details SET availability_status = 'available' WHERE user_id = '{gave_up}';"
+        ),
+    )
+    .await;
+    let results = store
+        .accept_fenced_batch(&[fence(&t3, &busy), fence(&reopened, &d3), fence(&t4, &d4)])
+        .await;
+    assert_eq!(
+        outcomes(&results),
+        ["driver_busy", "accepted", "accepted"],
+        "{results:?}"
+    );
+    let alone = store.accept_fenced_batch(&[fence(&t3, &busy)]).await;
+    assert_eq!(outcomes(&alone), ["driver_busy"], "{alone:?}");
+    assert!(store.trip_snapshot(&t3).await.unwrap().unwrap().is_open());
+    let now = store.trip_snapshot(&reopened).await.unwrap().unwrap();
+    assert_eq!(now.driver_id.as_deref(), Some(d3.as_str()));
+    assert_eq!(jobs_of(&store, &reopened).await, 1, "one job per trip");
+    // (Its double_assignments counts the busy driver's row the test left available.)
+    assert_eq!(store.checks().await.unwrap().drivers_with_two_trips, 0);
     store.close().await;
 }
 
