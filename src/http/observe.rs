@@ -4,10 +4,16 @@
 //! cohort, outcome, latency. The cohort and outcome come from response extensions the
 //! router and the handlers set, so nothing parses bodies.
 //!
-//! All of it is one tower layer, [`Observe`], which allocates nothing per request besides
-//! a new request id. It used to be four layers (tower-http's two request-id layers and two
-//! axum middlewares), which cost about 2 µs more per pass-through request (BENCHMARKS.md
-//! §0c run 9).
+//! All of it is one tower layer, [`Observe`], which allocates nothing per pass-through or
+//! admin request besides a new request id. It used to be four layers (tower-http's two
+//! request-id layers and two axum middlewares), which cost about 2 µs more per pass-through
+//! request (BENCHMARKS.md §0c run 9).
+//!
+//! A request to one of tripgate's own routes on the API listener is answered by a task of
+//! its own, which measures it: a driver app that gives up at `client.timeout_ms` hangs up,
+//! hyper then drops what serves the connection, and the slow requests — the ones the
+//! timeouts metric and the cohort comparison are about — would go unmeasured. Such a line
+//! says `hung_up=true`.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -19,12 +25,12 @@ use std::time::Instant;
 use axum::Router;
 use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use tower::{Layer, Service};
 
 use crate::auth::AuthUser;
 use crate::domain::Cohort;
-use crate::error::Outcome;
+use crate::error::{ApiError, Outcome};
 use crate::metrics::Metrics;
 
 /// The request id header, set when the client did not send one and echoed back.
@@ -88,6 +94,7 @@ struct Observe<S> {
 impl<S> Service<Request> for Observe<S>
 where
     S: Service<Request, Response = Response, Error = Infallible>,
+    S::Future: Send + 'static,
 {
     type Response = Response;
     type Error = Infallible;
@@ -105,8 +112,20 @@ where
             method: req.method().clone(),
             metrics: self.metrics.clone(),
         };
-        Observed {
-            answer: self.inner.call(req),
+        let answer = self.inner.call(req);
+        // Tripgate's own routes (a matched path) on the listener that counts requests; not
+        // pass-through (the fallback), whose body or tunnel ends with its client.
+        if seen.metrics.is_some() && seen.route.is_some() {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move {
+                let Ok(mut response) = answer.await;
+                seen.answered(&mut response, tx.is_closed());
+                let _ = tx.send(response);
+            });
+            return Observed::Detached { answer: rx };
+        }
+        Observed::Here {
+            answer,
             seen: Some(seen),
         }
     }
@@ -123,10 +142,18 @@ struct Seen {
 
 pin_project_lite::pin_project! {
     /// The answer of an [`Observe`]d request.
-    struct Observed<F> {
-        #[pin]
-        answer: F,
-        seen: Option<Seen>,
+    #[project = ObservedProj]
+    enum Observed<F> {
+        /// Made and measured here, in the connection's task.
+        Here {
+            #[pin]
+            answer: F,
+            seen: Option<Seen>,
+        },
+        /// Made and measured by a task of its own, whether or not the client still waits.
+        Detached {
+            answer: tokio::sync::oneshot::Receiver<Response>,
+        },
     }
 }
 
@@ -134,18 +161,29 @@ impl<F: Future<Output = Result<Response, Infallible>>> Future for Observed<F> {
     type Output = Result<Response, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let Ok(mut response) = ready!(this.answer.poll(cx));
-        if let Some(seen) = this.seen.take() {
-            seen.answered(&mut response);
+        match self.project() {
+            ObservedProj::Here { answer, seen } => {
+                let Ok(mut response) = ready!(answer.poll(cx));
+                if let Some(seen) = seen.take() {
+                    seen.answered(&mut response, false);
+                }
+                Poll::Ready(Ok(response))
+            }
+            // Its task ended without an answer: the handler panicked, or the runtime is
+            // shutting down.
+            ObservedProj::Detached { answer } => {
+                Poll::Ready(Ok(ready!(Pin::new(answer).poll(cx)).unwrap_or_else(|_| {
+                    ApiError::Internal("the request's task ended without an answer".into()).into_response()
+                })))
+            }
         }
-        Poll::Ready(Ok(response))
     }
 }
 
 impl Seen {
-    /// Logs and counts `response`, and echoes the request id on it.
-    fn answered(self, response: &mut Response) {
+    /// Logs and counts `response`, and echoes the request id on it. `hung_up`: the client
+    /// closed its connection before the answer (it was not sent).
+    fn answered(self, response: &mut Response, hung_up: bool) {
         let elapsed = self.started.elapsed();
         let route = self.route.as_ref().map_or("unmatched", MatchedPath::as_str);
         let status = response.status();
@@ -176,6 +214,7 @@ impl Seen {
             cohort = cohort.map_or("none", Cohort::as_str),
             outcome = outcome.as_str(),
             latency_ms = elapsed.as_secs_f64() * 1000.0,
+            hung_up,
             "request"
         );
         let pass_through = response.extensions().get::<super::upstream::PassThrough>().is_some();

@@ -200,6 +200,56 @@ fn alert_rules_check_and_unit_tests_pass() {
     }
 }
 
+/// A driver app gives up at `client.timeout_ms` and hangs up: its request is still measured
+/// (a timeout of its cohort, with the outcome it came to), not lost with the connection.
+/// The slow requests are the ones the cohort comparison is about.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_whose_app_hung_up_is_still_measured() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let store = db.store().await;
+    let w = World::new(&store).await;
+    let (d, trip) = (w.driver().await, w.trip(&[]).await);
+    let gw = Gateway::start(
+        &db,
+        Options {
+            percent: 0.0,
+            provider_latency_ms: 400,
+            client_timeout_ms: 300,
+            ..Options::default()
+        },
+    )
+    .await;
+    let impatient = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let sent = impatient
+        .post(format!("{}/api/driver/trip/request-action", gw.api))
+        .bearer_auth(gw.token(&d, tripgate::auth::Role::Driver))
+        .json(&serde_json::json!({"trip_request_id": trip, "action": "accepted"}))
+        .send()
+        .await;
+    assert!(sent.is_err_and(|e| e.is_timeout()), "the app did not give up");
+    let route = "route=\"/api/driver/trip/request-action\"";
+    let timeouts = format!("tripgate_http_timeouts_total{{cohort=\"legacy\",{route}}}");
+    let accepted = format!("tripgate_http_requests_total{{cohort=\"legacy\",outcome=\"accepted\",{route}}}");
+    crate::support::eventually(
+        std::time::Duration::from_secs(10),
+        "the hung-up request measured",
+        || {
+            let (gw, timeouts, accepted) = (&gw, &timeouts, &accepted);
+            async move {
+                let text = gw.metrics().await;
+                let value = |series: &str| text.lines().find(|l| l.starts_with(series)).map(|l| l.ends_with(" 1"));
+                (value(timeouts) == Some(true) && value(accepted) == Some(true)).then_some(())
+            }
+        },
+    )
+    .await;
+    assert!(store.trip_snapshot(&trip).await.unwrap().unwrap().driver_id.is_some());
+    gw.shutdown().await;
+}
+
 /// A legacy request slower than `client.timeout_ms` (slow simulated providers) counts as a
 /// timeout of the legacy cohort only; a fast atomic_async request does not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
