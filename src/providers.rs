@@ -48,9 +48,13 @@ pub enum ProviderError {
     /// The webhook answered with a non-2xx status.
     #[error("webhook answered {0}")]
     Status(u16),
-    /// The webhook could not be reached, or failed before it answered.
+    /// The webhook could not be reached (no connection was made): nothing was sent.
     #[error("webhook call failed: {0}")]
     Transport(String),
+    /// The connection failed once the request was on its way (reset, closed before an
+    /// answer): the message may have been delivered all the same.
+    #[error("webhook call failed: {0}")]
+    Broken(String),
     /// No answer within `providers.*.timeout_ms`: the message may have been delivered
     /// all the same.
     #[error("webhook call failed: timed out after {0} ms (providers.*.timeout_ms)")]
@@ -59,9 +63,10 @@ pub enum ProviderError {
 
 impl ProviderError {
     /// Whether the message may have reached the provider all the same: a call that timed
-    /// out may have been sent and handled (its next call is a repeat, not a retry).
+    /// out, or whose connection broke after it was sent, may have been handled (its next
+    /// call is a repeat, not a retry).
     pub fn maybe_done(&self) -> bool {
-        matches!(self, Self::TimedOut(_))
+        matches!(self, Self::TimedOut(_) | Self::Broken(_))
     }
 }
 
@@ -79,7 +84,11 @@ fn transport_error(e: &reqwest::Error, timeout: Duration) -> ProviderError {
         text = format!("{text}: {c}");
         cause = c.source();
     }
-    ProviderError::Transport(text)
+    if e.is_connect() || e.is_builder() {
+        ProviderError::Transport(text)
+    } else {
+        ProviderError::Broken(text)
+    }
 }
 
 /// Sends messages of one channel (SMS or push).
@@ -255,5 +264,23 @@ mod tests {
         assert!(!err.maybe_done());
         let err = err.to_string();
         assert!(err.to_lowercase().contains("refused"), "{err}");
+        // A provider that reads the request and closes the connection without an answer
+        // may have handled it: unknown as well.
+        let closing = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/sms", closing.local_addr().unwrap());
+        let reader = std::thread::spawn(move || {
+            use std::io::Read;
+            let (mut conn, _) = closing.accept().unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !request.ends_with(b"}") {
+                let n = conn.read(&mut buf).unwrap();
+                assert!(n > 0, "the request ended early");
+                request.extend_from_slice(&buf[..n]);
+            }
+        });
+        let err = provider(url).send(&message).await.unwrap_err();
+        reader.join().unwrap();
+        assert!(err.maybe_done(), "{err}");
     }
 }
