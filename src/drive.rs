@@ -197,8 +197,8 @@ impl App {
         }
     }
 
-    /// One HTTP attempt; returns (cohort, status or None on timeout/transport error).
-    async fn attempt(&self, driver: &str, trip: &str, token: &str) -> (Cohort, Option<u16>) {
+    /// One HTTP attempt: its cohort and how it ended.
+    async fn attempt(&self, driver: &str, trip: &str, token: &str) -> (Cohort, Attempt) {
         let started = Instant::now();
         let result = self
             .http
@@ -230,7 +230,7 @@ impl App {
                         s.accepted_trips.push(trip.to_owned());
                     }
                 });
-                (cohort, Some(status))
+                (cohort, Attempt::Answered(status))
             }
             Err(e) => {
                 let cohort = self.cohort_guess(driver);
@@ -243,25 +243,42 @@ impl App {
                     *s.errors.entry(kind.into()).or_default() += 1;
                     s.unanswered_trips.push(trip.to_owned());
                 });
-                (cohort, None)
+                (
+                    cohort,
+                    if e.is_timeout() {
+                        Attempt::TimedOut
+                    } else {
+                        Attempt::Failed
+                    },
+                )
             }
         }
     }
 
-    /// The app's accept: up to 3 automatic retries after a timeout.
+    /// The app's accept: up to 3 automatic retries after a timeout (only: a connection
+    /// refused or broken is an error the driver sees).
     async fn accept(&self, driver: &str, trip: &str) -> Option<u16> {
         let token = self.keys.mint(driver, Role::Driver).ok()?;
         for attempt in 0..4 {
-            let (cohort, status) = self.attempt(driver, trip, &token).await;
-            if status.is_some() {
-                return status;
-            }
-            if attempt < 3 {
-                self.record(cohort, |s| s.retries += 1);
+            match self.attempt(driver, trip, &token).await {
+                (_, Attempt::Answered(status)) => return Some(status),
+                (_, Attempt::Failed) => return None,
+                (cohort, Attempt::TimedOut) if attempt < 3 => self.record(cohort, |s| s.retries += 1),
+                (_, Attempt::TimedOut) => {}
             }
         }
         None
     }
+}
+
+/// How one HTTP attempt of an accept ended.
+enum Attempt {
+    /// An answer with this status.
+    Answered(u16),
+    /// No answer within the app's timeout.
+    TimedOut,
+    /// The connection was refused or broke.
+    Failed,
 }
 
 /// Sizes that cannot make the scenario are refused, not quietly changed.
@@ -970,7 +987,35 @@ pub fn render(report: &Report) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{Scenario, quantile};
+    use super::*;
+
+    /// The app retries after a timeout only (SPEC 9): a refused connection is an error the
+    /// driver sees, not three retries.
+    #[tokio::test]
+    async fn an_accept_is_retried_after_a_timeout_only() {
+        let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let app = |listener: &std::net::TcpListener| App {
+            http: reqwest::Client::new(),
+            url: format!("http://{}", listener.local_addr().unwrap()),
+            keys: TokenKeys::new("drive-test-secret-0123456789abcdef", 60),
+            timeout: Duration::from_millis(100),
+            samples: Mutex::new(HashMap::new()),
+            flags: Mutex::new(None),
+        };
+        let counts = |app: &App| {
+            let samples = app.samples.lock().unwrap();
+            let s = &samples[&Cohort::Legacy];
+            (s.requests, s.retries, s.timeouts)
+        };
+        let refused = app(&gone);
+        drop(gone);
+        assert_eq!(refused.accept("d", "t").await, None);
+        assert_eq!(counts(&refused), (1, 0, 0));
+        let slow = app(&silent);
+        assert_eq!(slow.accept("d", "t").await, None);
+        assert_eq!(counts(&slow), (4, 3, 4));
+    }
 
     #[test]
     fn scenario_sizes_default_to_readme() {

@@ -163,6 +163,10 @@ async fn drive_checks_accepts_that_timed_out(backend: Backend) {
     let burst = drive(&gw, &["burst", "--drivers", "3", "--trips", "3"]);
     let legacy = &burst["cohorts"]["legacy"];
     assert!(legacy["timeouts"].as_u64().unwrap() >= 3, "{burst}");
+    assert!(
+        legacy["retries"].as_u64().unwrap() >= 3,
+        "retried after the timeouts: {burst}"
+    );
     assert_eq!(legacy["accepted"], 0, "no accept was answered 200: {burst}");
     assert!(
         legacy["otp_p50_ms"].as_f64().unwrap() > 0.0,
