@@ -374,6 +374,29 @@ async fn step(
                 f64::from(in_force) / 100.0
             );
             tracing::warn!(flag = TRIP_ACCEPT_FLAG, reason = %row.reason, "guard paused: people win");
+        } else if active
+            && by_guard
+            && let Some(own) = snapshot.override_in_force(TRIP_ACCEPT_FLAG)
+        {
+            // The guard's own change committed, its state did not (the judge died, its
+            // lease passed, the save failed): the state is what that change made it. A
+            // guard override of 0 is a rollback, latched until acknowledged — taken as a
+            // fresh start it would walk the failed cohort back to the first step; any
+            // other is a promotion, whose step counts its passes from its own first window.
+            row.reason = format!("{} (its state recovered after it was not saved)", own.reason);
+            if in_force == 0 {
+                row.state = "rolled_back".into();
+            } else {
+                row.state = if cfg.next_step(in_force).is_none() {
+                    "done"
+                } else {
+                    "watching"
+                }
+                .into();
+                row.next_window_end = align_up(now, window) + window;
+            }
+            row.passes = 0;
+            tracing::warn!(flag = TRIP_ACCEPT_FLAG, state = %row.state, reason = %row.reason, "guard state recovered from its own override");
         }
         row.threshold = i64::from(in_force);
         row.updated_at = now;

@@ -699,3 +699,56 @@ async fn a_restart_mid_step_resumes_and_people_win() {
     assert!(flags_path.exists());
     restarted.shutdown().await;
 }
+
+/// The guard's own change committed but its state was not saved (the judge died between
+/// the two, its lease passed, the save failed): the next judge takes the guard's override
+/// for what it was. A rollback (an override of 0) stays latched — it used to be taken for a
+/// fresh start and walked back to the first step, the failed cohort back in traffic with no
+/// one's ack. A promotion counts its passes from its own first window — it used to keep the
+/// old step's passes and promote again after one window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_guard_change_whose_state_was_not_saved_is_taken_for_what_it_was() {
+    for (own_percent, old_threshold, state) in [(0u32, 5000, "rolled_back"), (5000, 1000, "watching")] {
+        let db = TestDb::new(Backend::Sqlite).await;
+        let store = db.store().await;
+        let dir = TempDir::new();
+        write_flags(dir.path(), &guard_flags(10.0, 600, "rollback", &[]));
+        let now = tripgate::domain::now_ms();
+        // Passes enough to promote at the next window, which is already due.
+        execute_sql(
+            &db,
+            &format!(
+                "INSERT INTO guard_state (flag, state, threshold, passes, next_window_end, reason, judge, lease_until, updated_at) \
+                 VALUES ('trip_accept_v2', 'promoting', {old_threshold}, 599, {}, 'passing', '', 0, {now})",
+                now - 5_000
+            ),
+        )
+        .await;
+        let patch = tripgate::storage::flag_state::OverridePatch {
+            percent_bp: Some(own_percent),
+            ..Default::default()
+        };
+        let by = tripgate::storage::flag_state::ChangeBy {
+            actor: "guard".into(),
+            source: "guard".into(),
+            reason: "guard: its own change".into(),
+            at: now,
+        };
+        store
+            .set_flag_override("trip_accept_v2", &patch, &by, 1000, None)
+            .await
+            .unwrap();
+        store.close().await;
+        let config = crate::support::config(&db.url, dir.path(), &Options::default());
+        let gw = Gateway::start_with(config, dir).await;
+        let admin = Admin::new();
+        let g = admin.wait_state(&gw.admin, state, Duration::from_secs(10)).await;
+        assert_eq!(g["passes"], 0, "{g}");
+        // No traffic: ticks go by, nothing moves.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let g = admin.guard(&gw.admin).await;
+        assert_eq!(g["state"], state, "{g}");
+        assert_eq!(admin.percent(&gw.admin).await, f64::from(own_percent) / 100.0, "{g}");
+        gw.shutdown().await;
+    }
+}
