@@ -338,7 +338,48 @@ pub fn api_router(state: AppState, accept: Vec<driver::AcceptServices>) -> Route
         None => router.fallback(|| async { ApiError::NotFound("route").into_response() }),
     };
     let router = router.layer(DefaultBodyLimit::max(limit));
-    observe::wrap(router, Some(state.metrics.clone()))
+    let router = observe::wrap(router, Some(state.metrics.clone()));
+    if state.upstream.is_none() {
+        return router;
+    }
+    // Before routing (a URI changed after it would not be routed again).
+    Router::new().fallback_service(tower::util::MapRequest::new(router, as_owned_route))
+}
+
+/// A path the backend would take for one of tripgate's driver routes, though it is not
+/// written as one — with escapes (`%2D`), a trailing `/` or a doubled `/` (Laravel matches
+/// the decoded path less its trailing slashes): forwarded, it would reach the backend's own
+/// accept and pass by the rollout, the rate limit and the fence. It is served as the route.
+fn owned_alias(path: &str) -> Option<&'static str> {
+    if !(path.ends_with('/') || path.contains('%') || path.contains("//")) {
+        return None;
+    }
+    let decoded = percent_encoding::percent_decode_str(path).decode_utf8().ok()?;
+    let mut canonical = String::with_capacity(decoded.len());
+    for segment in decoded.split('/').filter(|s| !s.is_empty()) {
+        canonical.push('/');
+        canonical.push_str(segment);
+    }
+    driver::ROUTES.into_iter().find(|route| *route == canonical)
+}
+
+/// [`owned_alias`]'s route in place of the path (the query kept).
+fn as_owned_route(mut req: Request) -> Request {
+    let Some(route) = owned_alias(req.uri().path()) else {
+        return req;
+    };
+    let path_and_query = match req.uri().query() {
+        Some(query) => format!("{route}?{query}"),
+        None => route.to_owned(),
+    };
+    let mut parts = req.uri().clone().into_parts();
+    if let Ok(path_and_query) = path_and_query.parse() {
+        parts.path_and_query = Some(path_and_query);
+        if let Ok(uri) = axum::http::Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+    }
+    req
 }
 
 /// The admin router.

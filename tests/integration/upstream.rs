@@ -611,6 +611,33 @@ async fn own_routes_stay_demo_routes_pass_and_a_dead_upstream_is_502() {
     );
     let (status, _) = gw.admin_get("/admin/checks").await;
     assert_eq!(status, 404, "demo admin routes are off in front of a backend");
+    // Spellings of a driver route that the backend would take for it (escaped, a trailing
+    // or doubled slash) are tripgate's: forwarded, they would reach the backend's accept
+    // and pass by the rollout, the rate limit and the fence.
+    let token = gw.token(&d, Role::Driver);
+    for path in [
+        "/api/driver/ride/trip-action/",
+        "/api/driver/ride/trip%2Daction",
+        "//api/driver//trip/request-action///?from=app",
+        "/api%2Fdriver%2Fride%2Ftrip-action",
+    ] {
+        let body = json!({"trip_request_id": w.trip(&[]).await, "action": "rejected"});
+        let (status, body, cohort) = gw
+            .post_raw(path, Some(&token), "application/json", body.to_string().into_bytes())
+            .await;
+        assert_eq!(
+            (status, cohort.as_str(), body["response_code"].as_str()),
+            (200, "legacy", Some("default_update_200")),
+            "{path}: {body}"
+        );
+    }
+    // Another path, or one that does not decode, is the backend's.
+    for path in ["/api/driver/ride/trip-actions", "/api/driver/ride/trip-action%FF/"] {
+        let (_, body, cohort) = gw
+            .post_raw(path, Some(&token), "application/json", b"{}".to_vec())
+            .await;
+        assert_eq!((cohort.as_str(), body["path"].as_str()), ("", Some(path)), "{body}");
+    }
     gw.shutdown().await;
 
     // Nothing listens on the upstream port: 502 at once.
