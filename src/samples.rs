@@ -188,6 +188,14 @@ impl DriverSketch {
         m * (m / zeros).ln()
     }
 
+    /// The estimate's variance (linear counting, Whang et al. 1990: `m·(e^t − t − 1)` at
+    /// a load `t` of drivers per bit).
+    pub fn variance(&self) -> f64 {
+        let m = SKETCH_BITS as f64;
+        let t = self.estimate() / m;
+        m * (t.exp() - t - 1.0)
+    }
+
     /// Hex text form (what the database stores).
     pub fn encode(&self) -> String {
         self.0.iter().map(|w| format!("{w:016x}")).collect()

@@ -56,8 +56,6 @@ pub const VERDICTS_SHOWN: i64 = 20;
 const SRM_P: f64 = 0.001;
 /// Fewest distinct drivers for a sample-ratio test.
 const SRM_MIN_DRIVERS: f64 = 20.0;
-/// Most drivers the sample-ratio test counts (see [`judge`]).
-const SRM_SCALE: f64 = 1000.0;
 /// Fewest requests per cohort for a p99.
 const TAIL_MIN: u64 = 100;
 
@@ -163,11 +161,15 @@ pub fn judge(cfg: &GuardConfig, threshold: u32, legacy: &CohortSample, atomic: &
             numbers,
         };
     }
-    // The sketch estimates counts to a few percent, so the test runs on the estimated
-    // shares at a population of at most SRM_SCALE drivers: the sketch's own error cannot
-    // make a mismatch of a big fleet, a real one (a share off by ~10 %) still shows.
-    let scale = (SRM_SCALE / (d_a + d_l).max(1.0)).min(1.0);
-    let (chi2, p_srm) = stats::sample_ratio(d_a * scale, d_l * scale, f64::from(threshold) / 10_000.0);
+    // The counts are the sketches' estimates: their own variance widens the test, so a
+    // big fleet's estimation error is no mismatch, and a real one still shows at any size.
+    let (chi2, p_srm) = stats::sample_ratio(
+        d_a,
+        atomic.drivers.variance(),
+        d_l,
+        legacy.drivers.variance(),
+        f64::from(threshold) / 10_000.0,
+    );
     let countable = !legacy.drivers.saturated() && !atomic.drivers.saturated();
     numbers["p_value"]["sample_ratio"] = json!(p_srm);
     if countable && d_a + d_l >= SRM_MIN_DRIVERS && p_srm < SRM_P {
@@ -829,5 +831,34 @@ mod tests {
         );
         assert_eq!(v.verdict, "inconclusive");
         assert!(v.reason.starts_with("sample ratio mismatch"), "{}", v.reason);
+    }
+
+    /// A big fleet: a fifth of atomic_async's drivers missing at 10 % (5,550 vs 450 where
+    /// 5,400 vs 600 are due) is a mismatch whatever the fleet's size; a healthy split of
+    /// 6,000 drivers, which the sketches estimate to a few percent, is not.
+    #[test]
+    fn the_sample_ratio_holds_for_a_big_fleet() {
+        let cfg = shipped();
+        let mut rng = StdRng::seed_from_u64(11);
+        let v = judge(
+            &cfg,
+            1000,
+            &cohort(&mut rng, 5550, 0.01, 40.0, 1.0),
+            &cohort(&mut rng, 450, 0.01, 40.0, 1.0),
+        );
+        assert_eq!(v.verdict, "inconclusive", "{}", v.reason);
+        assert!(v.reason.starts_with("sample ratio mismatch"), "{}", v.reason);
+        let mut mismatches = 0;
+        for _ in 0..100 {
+            let atomic = (0..6000).filter(|_| rng.random::<f64>() < 0.1).count() as u64;
+            let v = judge(
+                &cfg,
+                1000,
+                &cohort(&mut rng, 6000 - atomic, 0.01, 40.0, 1.0),
+                &cohort(&mut rng, atomic, 0.01, 40.0, 1.0),
+            );
+            mismatches += usize::from(v.reason.starts_with("sample ratio mismatch"));
+        }
+        assert!(mismatches <= 2, "{mismatches} of 100 healthy windows were mismatches");
     }
 }

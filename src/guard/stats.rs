@@ -137,13 +137,19 @@ pub fn binomial_upper(k: u64, n: u64, p: f64) -> f64 {
 
 /// Sample-ratio mismatch: distinct drivers `d_a`, `d_l` against the expected share `q` of
 /// atomic_async. Returns `(χ², p)` (one degree of freedom).
-pub fn sample_ratio(d_a: f64, d_l: f64, q: f64) -> (f64, f64) {
+///
+/// The counts are estimates (a sketch per cohort), with variances `var_a`, `var_l`: they
+/// add to the binomial variance of the split. With two cells the design's
+/// `(d_a − Dq)²/(Dq) + (d_l − D(1−q))²/(D(1−q))` is `((1−q)·d_a − q·d_l)² / (D·q·(1−q))`,
+/// and the estimates' errors add `(1−q)²·var_a + q²·var_l` to that denominator (0: exact
+/// counts, the design's χ²).
+pub fn sample_ratio(d_a: f64, var_a: f64, d_l: f64, var_l: f64, q: f64) -> (f64, f64) {
     let d = d_a + d_l;
     if d <= 0.0 || q <= 0.0 || q >= 1.0 {
         return (0.0, 1.0);
     }
-    let (e_a, e_l) = (d * q, d * (1.0 - q));
-    let chi2 = (d_a - e_a).powi(2) / e_a + (d_l - e_l).powi(2) / e_l;
+    let spread = d * q * (1.0 - q) + (1.0 - q).powi(2) * var_a.max(0.0) + q.powi(2) * var_l.max(0.0);
+    let chi2 = ((1.0 - q) * d_a - q * d_l).powi(2) / spread;
     (chi2, erfc((chi2 / 2.0).sqrt()))
 }
 
@@ -200,9 +206,14 @@ mod tests {
     #[test]
     fn sample_ratio_matches_scipy() {
         // chi2.sf(4.0, 1) = 0.04550026389635857: 60 vs 40 drivers at 50 %.
-        let (chi2, p) = sample_ratio(60.0, 40.0, 0.5);
+        let (chi2, p) = sample_ratio(60.0, 0.0, 40.0, 0.0, 0.5);
         assert!((chi2 - 4.0).abs() < 1e-12);
         assert!((p - 0.045_500_263_896_358_57).abs() < 1e-7, "{p}");
+        // The same at 10 %: 20 vs 80 against 10 vs 90 (chi2.sf(100/9 + 100/81 ... ) form).
+        let (chi2, _) = sample_ratio(20.0, 0.0, 80.0, 0.0, 0.1);
+        assert!((chi2 - (100.0 / 10.0 + 100.0 / 90.0)).abs() < 1e-9, "{chi2}");
+        // An estimate's own error widens it.
+        assert!(sample_ratio(60.0, 25.0, 40.0, 25.0, 0.5).0 < 4.0);
     }
 
     #[test]
