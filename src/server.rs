@@ -119,6 +119,7 @@ impl Running {
 /// database may still be down (then migrations are retried in the background and
 /// `/readyz` says 503 until they ran).
 pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
+    crate::flags::watcher::hold_hangup();
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new(config.client_timeout(), &crate::http::driver::ROUTES));
     if role == Role::Worker {

@@ -65,9 +65,11 @@ enum Seen {
 }
 
 impl FlagsWatcher {
-    /// Starts watching until `shutdown` turns true. `read_now`: read the file once the
-    /// watch is up, as after an event (the flags in force are not the file's — it was bad at
-    /// start — and it may have been fixed since).
+    /// Starts watching until `shutdown` turns true. Once the watch is up, the file is read
+    /// again, as after an event, when it changed since `handle`'s flags were read from it
+    /// (the start waited for the database and bound its listeners meanwhile, and no event
+    /// came for a change before the watch) or when `read_now` (the flags in force are not
+    /// the file's — it was bad at start — and it may have been fixed since).
     pub fn spawn(
         handle: FlagsHandle,
         path: PathBuf,
@@ -83,7 +85,7 @@ impl FlagsWatcher {
             // Kept alive for as long as the loop runs; dropping it stops the OS watch.
             let mut folders = Folders::watch(&path, tx);
             let mut seen = fingerprint(&path);
-            if read_now && FlagSet::load(&path).is_ok() {
+            if FlagSet::load(&path).is_ok_and(|set| read_now || set != handle.snapshot().file) {
                 apply(&handle, &path, &metrics, false);
             }
             loop {
@@ -110,6 +112,16 @@ impl FlagsWatcher {
             }
         })
     }
+}
+
+/// Takes `SIGHUP` from its default action, ending the process, for good (tokio keeps a
+/// signal's handler once one is registered): called first thing at start, so that a start
+/// still waiting for its database does not die of the `SIGHUP` ops send every tripgate
+/// process after a flags edit. What it then does is the watcher's (reload) or
+/// [`ignore_hangup`]'s (log); one that came before them is dropped — the watcher reads a
+/// file changed meanwhile all the same.
+pub fn hold_hangup() {
+    drop(hangup_signal());
 }
 
 /// For a process that follows no flags file (`tripgate worker`): `SIGHUP`, which ops send

@@ -724,3 +724,58 @@ async fn file_list_and_salt_edits_are_audited_and_counted() {
     );
     gw.shutdown().await;
 }
+
+/// `serve` still waiting for its database at start: a `SIGHUP` then (ops send it to every
+/// tripgate process after a flags edit) does not end it — its default action would — and a
+/// flags file changed then, before the watch was up (no event comes for it, and the poll's
+/// baseline is taken after it), is in force soon after the start all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_start_waiting_for_its_database_survives_sighup_and_sees_a_flags_edit() {
+    let dir = crate::support::TempDir::new();
+    // A database that takes connections and never answers: the start waits its 2 s.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("postgres://postgres@{}/test", silent.local_addr().unwrap());
+    let mut config = crate::support::config(
+        &url,
+        dir.path(),
+        &Options {
+            percent: 10.0,
+            ..Options::default()
+        },
+    );
+    config.database.acquire_timeout_ms = 2_000;
+    let port = crate::support::free_port;
+    config.server.listen = format!("127.0.0.1:{}", port()).parse().unwrap();
+    config.server.admin_listen = format!("127.0.0.1:{}", port()).parse().unwrap();
+    let mut serve = crate::support::Process::spawn("serve", &config, dir.path());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = serve.child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let tmp = config.flags.path.with_extension("new");
+    std::fs::write(&tmp, flags_text(20.0, &[])).unwrap();
+    std::fs::rename(&tmp, &config.flags.path).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        serve.child.try_wait().unwrap().is_none(),
+        "SIGHUP ended serve as it started"
+    );
+    let admin = format!("http://{}", config.server.admin_listen);
+    crate::support::eventually(Duration::from_secs(15), "the edit in force", || {
+        let admin = admin.clone();
+        async move {
+            let text = reqwest::get(format!("{admin}/metrics")).await.ok()?.text().await.ok()?;
+            text.lines()
+                .any(|l| l == "tripgate_rollout_percent{flag=\"trip_accept_v2\"} 20")
+                .then_some(())
+        }
+    })
+    .await;
+    assert!(serve.child.try_wait().unwrap().is_none());
+    drop(silent);
+}
