@@ -42,8 +42,12 @@ pub fn spawn(
         let mut failing = false;
         loop {
             let result = async {
-                record_file_changes(&handle, &store).await?;
-                refresh(&handle, &store, &metrics).await
+                // The file's state first (a kill switch it records clears the override this
+                // read then sees), but a record that keeps failing must not keep this
+                // instance from the fleet's overrides: they are read all the same.
+                let recorded = record_file_changes(&handle, &store).await;
+                refresh(&handle, &store, &metrics).await?;
+                recorded
             }
             .await;
             match result {
@@ -57,7 +61,7 @@ pub fn spawn(
                 Err(e) if crate::storage::is_not_migrated(&e) && !store.is_migrated() => {}
                 Err(e) if !failing => {
                     failing = true;
-                    tracing::warn!(error = %e, "cannot read the flag overrides; the last known flags stay in force");
+                    tracing::warn!(error = %e, "cannot read the flag overrides or record the file's state; the last known flags stay in force");
                 }
                 _ => {}
             }

@@ -182,6 +182,12 @@ impl FlagSet {
                     "{name} must be a table ([{name}]); a key above the first [name] belongs to no flag"
                 )));
             };
+            // A name no database column can hold (a NUL) or no log line shows as it is.
+            if name.is_empty() || name.chars().any(char::is_control) {
+                return Err(FlagsError::Syntax(format!(
+                    "{name:?} is not a flag name: it must not be empty or hold control characters"
+                )));
+            }
             // A misspelt name of the routing flag would be taken as a flag of its own, the
             // real one left as it was. Other names are flags of their own, as before.
             if name != TRIP_ACCEPT_FLAG && strsim::levenshtein(&name, TRIP_ACCEPT_FLAG) <= 3 {
@@ -984,6 +990,15 @@ mod tests {
             ("# only a comment\n", "missing"),
             ("[other]\npercent = 10\n", "missing"),
             ("[trip_accept_v3]\npercent = 10\n", "did you mean [trip_accept_v2]?"),
+            // A name the database cannot store (the fleet records each flag's file state).
+            (
+                "[\"a\\u0000\"]\npercent = 1\n[trip_accept_v2]\npercent = 10\n",
+                "control characters",
+            ),
+            (
+                "[\"\"]\npercent = 1\n[trip_accept_v2]\npercent = 10\n",
+                "not a flag name",
+            ),
             // A misspelt table beside the real one: not a second flag.
             (
                 "[trip_accept_v2]\npercent = 20\n[trip_acept_v2]\npercent = 30\n",

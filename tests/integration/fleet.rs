@@ -860,3 +860,50 @@ async fn a_database_part_way_through_the_migrations_is_not_migrated_yet(backend:
 }
 
 crate::backend_tests!(a_database_part_way_through_the_migrations_is_not_migrated_yet);
+
+/// The file's state cannot be recorded, round after round (here a trigger refuses it): the
+/// overrides the fleet sets still reach this instance. Recording came first in each round
+/// and its error skipped the read, so an override set elsewhere never arrived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_file_state_that_cannot_be_recorded_does_not_hold_back_the_overrides() {
+    if crate::support::postgres_url().is_none() {
+        return;
+    }
+    let db = TestDb::new(Backend::Postgres).await;
+    let store = db.store().await;
+    crate::support::execute_sql(
+        &db,
+        "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$ LANGUAGE plpgsql;
+         CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON flag_file_state FOR EACH ROW EXECUTE FUNCTION refuse();",
+    )
+    .await;
+    let gw = Gateway::start(
+        &db,
+        Options {
+            percent: 10.0,
+            ..Options::default()
+        },
+    )
+    .await;
+    let by = tripgate::storage::flag_state::ChangeBy {
+        actor: "bob".into(),
+        source: "cli".into(),
+        reason: "elsewhere".into(),
+        at: tripgate::domain::now_ms(),
+    };
+    let patch = tripgate::storage::flag_state::OverridePatch {
+        percent_bp: Some(3000),
+        ..Default::default()
+    };
+    store
+        .set_flag_override("trip_accept_v2", &patch, &by, 1000, None)
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), "the override in force here", || async {
+        let (_, flags) = gw.admin_get("/admin/flags").await;
+        (flags["flags"]["trip_accept_v2"]["percent"] == 30.0).then_some(())
+    })
+    .await;
+    gw.shutdown().await;
+    store.close().await;
+}
