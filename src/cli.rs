@@ -673,11 +673,14 @@ async fn claim_places(shards: &Shards) -> anyhow::Result<()> {
     }
 }
 
-/// A `--reason`: at most 1000 bytes, as `PUT /admin/flags/{name}` takes (it is shown in
-/// every flags listing).
+/// A `--reason`: one line of at most 1000 bytes, as `PUT /admin/flags/{name}` takes (it is
+/// shown in every flags listing, and logged).
 fn reason_text(text: &str) -> Result<String, String> {
     if text.len() > 1000 {
         return Err(format!("{} bytes; at most 1000", text.len()));
+    }
+    if text.chars().any(char::is_control) {
+        return Err("one line of text, without control characters".into());
     }
     Ok(text.to_owned())
 }

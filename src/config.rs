@@ -584,7 +584,7 @@ impl Config {
                 "database.url",
                 format!(
                     "unsupported URL {:?}: use sqlite://path.db or postgres://…",
-                    self.database.url
+                    without_passwords(&self.database.url)
                 ),
             ));
         }
@@ -598,13 +598,19 @@ impl Config {
             if kind_of(shard).is_none() {
                 return Err((
                     "database.shards",
-                    format!("unsupported URL {shard:?}: use sqlite://path.db or postgres://…"),
+                    format!(
+                        "unsupported URL {:?}: use sqlite://path.db or postgres://…",
+                        without_passwords(shard)
+                    ),
                 ));
             }
             if *shard == self.database.url || self.database.shards[..i].contains(shard) {
                 return Err((
                     "database.shards",
-                    format!("{shard:?} appears twice: each shard (and the global database) is a database of its own"),
+                    format!(
+                        "{:?} appears twice: each shard (and the global database) is a database of its own",
+                        without_passwords(shard)
+                    ),
                 ));
             }
         }
@@ -619,7 +625,8 @@ impl Config {
             return Err((
                 "redis.url",
                 format!(
-                    "{bad:?} is not a redis:// URL (leave it empty for in-process; several, comma-separated, for a cluster)"
+                    "{:?} is not a redis:// URL (leave it empty for in-process; several, comma-separated, for a cluster)",
+                    without_passwords(bad)
                 ),
             ));
         }
@@ -635,7 +642,11 @@ impl Config {
                 "give auth.public_key_file or auth.jwks_url, not both".into(),
             ));
         }
-        if !self.auth.jwks_url.is_empty() && !self.auth.jwks_url.starts_with("http") {
+        if !self.auth.jwks_url.is_empty()
+            && !self.auth.jwks_url.parse::<axum::http::Uri>().is_ok_and(|uri| {
+                matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some_and(|h| !h.is_empty())
+            })
+        {
             return Err((
                 "auth.jwks_url",
                 format!("{:?} is not an http(s) URL", self.auth.jwks_url),
@@ -646,6 +657,25 @@ impl Config {
         }
         if !self.upstream.url.is_empty() {
             match self.upstream.url.parse::<axum::http::Uri>() {
+                // Credentials in the URL would be sent to the backend as its Host header.
+                Ok(uri) if uri.authority().is_some_and(|a| a.as_str().contains('@')) => {
+                    return Err((
+                        "upstream.url",
+                        format!(
+                            "{:?} holds credentials: tripgate forwards the clients' own (Authorization), it has none of its own for the backend",
+                            without_passwords(&self.upstream.url)
+                        ),
+                    ));
+                }
+                Ok(uri) if forwards_to(&uri, self.server.listen) => {
+                    return Err((
+                        "upstream.url",
+                        format!(
+                            "{:?} is tripgate's own server.listen: every request it does not own would come back to it",
+                            self.upstream.url
+                        ),
+                    ));
+                }
                 Ok(uri) if uri.scheme_str() == Some("http") && uri.authority().is_some() && uri.query().is_none() => {}
                 _ => {
                     return Err((
@@ -970,16 +1000,75 @@ fn parse_env_value(raw: &str, like: &toml::Value) -> toml::Value {
 }
 
 /// A TOML parse error of `text` in one line, saying where: the line, and the line itself,
-/// as the parser's own (multi-line) rendering shows it.
+/// as the parser's own (multi-line) rendering shows it — less the value of a key that may
+/// hold a secret, and less the passwords of URLs (the message goes to logs).
 pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
     match e.span() {
         Some(span) => {
             let before = &text.as_bytes()[..span.start.min(text.len())];
             let line = before.iter().filter(|b| **b == b'\n').count() + 1;
             let source = text.lines().nth(line - 1).unwrap_or_default().trim();
+            let secret = source.split_once('=').is_some_and(|(key, _)| {
+                let key = key.to_ascii_lowercase();
+                ["secret", "password", "token", "key"].iter().any(|k| key.contains(k))
+            });
+            let source = match source.split_once('=') {
+                Some((key, _)) if secret => format!("{} = …", key.trim()),
+                _ => without_passwords(source),
+            };
             format!("line {line} ({source}): {}", one_line(e.message()))
         }
         None => one_line(e.message()),
+    }
+}
+
+/// `text` with the password of every URL in it (`scheme://user:password@host`) shown as
+/// `***`: configuration errors go to logs.
+pub fn without_passwords(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| matches!(c, '/' | '?' | '#' | '"' | '\'' | ',' | ']') || c.is_whitespace())
+            .unwrap_or(tail.len());
+        match tail[..end].rfind('@') {
+            Some(at) => {
+                let user = tail[..at].split(':').next().unwrap_or_default();
+                if tail[..at].contains(':') {
+                    out.push_str(user);
+                    out.push_str(":***");
+                } else {
+                    out.push_str(&tail[..at]);
+                }
+                out.push_str(&tail[at..end]);
+            }
+            None => out.push_str(&tail[..end]),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Whether `upstream` names the address tripgate itself serves on (`listen`): the same
+/// port on the same address, a loopback name or the wildcard it listens on.
+fn forwards_to(upstream: &axum::http::Uri, listen: std::net::SocketAddr) -> bool {
+    let (Some(host), Some(port)) = (upstream.host(), upstream.port_u16()) else {
+        return false;
+    };
+    if port != listen.port() {
+        return false;
+    }
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => {
+            ip == listen.ip()
+                || ((ip.is_loopback() || ip.is_unspecified())
+                    && (listen.ip().is_unspecified() || listen.ip().is_loopback()))
+        }
+        Err(_) => host.eq_ignore_ascii_case("localhost") && (listen.ip().is_loopback() || listen.ip().is_unspecified()),
     }
 }
 
@@ -1098,6 +1187,54 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("line 4 (rate_limit_per_driver = 20 20)"), "{err}");
+    }
+
+    /// Configuration errors go to logs: no secret or password in them; an upstream that
+    /// would receive credentials, or tripgate's own address, and a key set URL that is none
+    /// are refused at start.
+    #[test]
+    fn errors_keep_secrets_out_and_odd_urls_are_refused() {
+        let err = parse("[auth]\nhs256_secret = \"supersecret0123456\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 2 (hs256_secret = …)") && !err.contains("supersecret"),
+            "{err}"
+        );
+        let err = parse(SECRET, &[("TRIPGATE_DATABASE_URL", "postgresql+tls://u:hunter2@db/x")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("u:***@db/x") && !err.contains("hunter2"), "{err}");
+        let err = parse(&format!("{SECRET}[redis]\nurl = \"http://:hunter2@cache:6379\"\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(":***@cache") && !err.contains("hunter2"), "{err}");
+        let err = parse(&format!("{SECRET}[database]\nshards = [\"mysql://a:hunter2@x\"\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+        for (text, says) in [
+            ("[upstream]\nurl = \"http://u:hunter2@backend:8000\"\n", "credentials"),
+            ("[upstream]\nurl = \"http://127.0.0.1:8080\"\n", "own server.listen"),
+            ("[upstream]\nurl = \"http://localhost:8080\"\n", "own server.listen"),
+            (
+                "[server]\nlisten = \"0.0.0.0:9000\"\n[upstream]\nurl = \"http://127.0.0.1:9000\"\n",
+                "own server.listen",
+            ),
+            ("jwks_url = \"http\"\n", "auth.jwks_url"),
+            ("jwks_url = \"https//idp/jwks\"\n", "auth.jwks_url"),
+            ("jwks_url = \"http://\"\n", "auth.jwks_url"),
+        ] {
+            let err = parse(&format!("{SECRET}{text}"), &[]).unwrap_err().to_string();
+            assert!(err.contains(says) && !err.contains("hunter2"), "{text:?} gave {err:?}");
+        }
+        for good in [
+            "[upstream]\nurl = \"http://127.0.0.1:8081\"\n",
+            "[upstream]\nurl = \"http://backend:8080\"\n",
+            "jwks_url = \"https://idp.example/.well-known/jwks.json\"\n",
+        ] {
+            assert!(parse(&format!("{SECRET}{good}"), &[]).is_ok(), "{good} refused");
+        }
     }
 
     #[test]

@@ -214,13 +214,14 @@ async fn clear_override(
 fn change_by(user: &AuthUser, console: bool, fields: &serde_json::Map<String, Value>) -> Result<ChangeBy, ApiError> {
     let reason = match fields.get("reason") {
         None => String::new(),
+        // One line: it goes into log lines, where a newline could forge another.
         Some(v) => v
             .as_str()
-            .filter(|r| r.len() <= REASON_MAX)
+            .filter(|r| r.len() <= REASON_MAX && !r.chars().any(char::is_control))
             .ok_or_else(|| {
                 ApiError::invalid(
                     "reason",
-                    format!("The reason must be text of at most {REASON_MAX} bytes."),
+                    format!("The reason must be one line of text of at most {REASON_MAX} bytes."),
                 )
             })?
             .trim()

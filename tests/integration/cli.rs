@@ -350,6 +350,10 @@ fn the_cli_refuses_what_the_api_refuses() {
         "at most 1000",
     );
     refused(&["flags", "clear", "trip_accept_v2", "--reason", &long], "at most 1000");
+    refused(
+        &["flags", "set", "trip_accept_v2", "20", "--reason", "two\nlines"],
+        "one line",
+    );
     refused(&["flags", "set", "--file", "trip_accept_v2", "-1"], "percent");
     std::fs::write(dir.path().join("flags/rollout.toml"), "[trip_accept_v2\n").unwrap();
     refused(&["flags", "set", "--file", "trip_accept_v2", "20"], "rollout.toml");

@@ -539,6 +539,8 @@ async fn overrides_on_the_embedded_default() {
         json!({"reason": "nothing to change"}),
         json!({"percent": 5, "colour": "red"}),
         json!({"percent": 5, "reason": 7}),
+        // A reason goes into log lines: a newline in it would forge one.
+        json!({"percent": 5, "reason": "x\nrequest request_id=forged status=200"}),
     ] {
         let (status, _) = send(gw.http.put(&url).bearer_auth(&carol).json(&bad)).await;
         assert_eq!(status, 400, "{bad}");
