@@ -43,6 +43,8 @@ pub struct Metrics {
     otp_delivery: HistogramVec,
     side_effects: IntCounterVec,
     jobs: IntGaugeVec,
+    /// Each shard's job counts as it last answered (the gauges are their sum).
+    shard_jobs: std::sync::Mutex<Vec<Vec<(JobState, i64)>>>,
     job_duration: HistogramVec,
     job_attempts: IntCounterVec,
     lock_duration: HistogramVec,
@@ -380,6 +382,7 @@ impl Metrics {
             otp_delivery,
             side_effects,
             jobs,
+            shard_jobs: std::sync::Mutex::new(Vec::new()),
             job_duration,
             job_attempts,
             lock_duration,
@@ -505,10 +508,23 @@ impl Metrics {
         self.job_attempts.with_label_values(&[kind.as_str(), result]).inc();
     }
 
-    /// Sets the job gauges from counts per state (states not listed are 0).
-    pub fn set_job_counts(&self, counts: &[(JobState, i64)]) {
+    /// Sets the job gauges from shard `shard`'s counts per state (states not listed are
+    /// 0): each gauge is the sum over the shards of what each last answered, so a shard
+    /// that does not answer now keeps its last counts and holds back no other's.
+    pub fn set_job_counts(&self, shard: usize, counts: &[(JobState, i64)]) {
+        let Ok(mut shards) = self.shard_jobs.lock() else {
+            return;
+        };
+        if shards.len() <= shard {
+            shards.resize(shard + 1, Vec::new());
+        }
+        shards[shard] = counts.to_vec();
         for state in JobState::ALL {
-            let n = counts.iter().find(|(s, _)| *s == state).map_or(0, |(_, n)| *n);
+            let n: i64 = shards
+                .iter()
+                .flat_map(|c| c.iter().filter(|(s, _)| *s == state))
+                .map(|(_, n)| *n)
+                .sum();
             self.jobs.with_label_values(&[state.as_str()]).set(n);
         }
     }

@@ -63,10 +63,21 @@ pub fn health_routes(state: AppState) -> Router {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    // Job gauges are read at scrape time; a database that does not answer quickly leaves
-    // the last values in place rather than stalling the scrape.
-    if let Ok(Ok(counts)) = tokio::time::timeout(Duration::from_millis(500), state.shards.job_counts()).await {
-        state.metrics.set_job_counts(&counts);
+    // Job gauges are read at scrape time, every shard at once; a shard that does not
+    // answer quickly keeps its last counts rather than stalling the scrape or holding back
+    // the others' (a dead job on a healthy shard still shows while another is down).
+    let counts = futures_util::future::join_all(
+        state
+            .shards
+            .all()
+            .iter()
+            .map(|store| tokio::time::timeout(Duration::from_millis(500), store.job_counts())),
+    )
+    .await;
+    for (shard, counts) in counts.into_iter().enumerate() {
+        if let Ok(Ok(counts)) = counts {
+            state.metrics.set_job_counts(shard, &counts);
+        }
     }
     state.store.report_pool();
     for store in state.shards.all().iter().chain(state.job_shards.all()) {

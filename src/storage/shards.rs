@@ -139,20 +139,6 @@ impl Shards {
         Ok(total)
     }
 
-    /// Jobs per state over every shard.
-    pub async fn job_counts(&self) -> Result<Vec<(JobState, i64)>, sqlx::Error> {
-        let mut total: Vec<(JobState, i64)> = Vec::new();
-        for store in self.all() {
-            for (state, n) in store.job_counts().await? {
-                match total.iter_mut().find(|(s, _)| *s == state) {
-                    Some((_, sum)) => *sum += n,
-                    None => total.push((state, n)),
-                }
-            }
-        }
-        Ok(total)
-    }
-
     /// The newest jobs (in `state`) of every shard, at most 500: each shard's newest first,
     /// taken in turn, so no shard hides another's.
     pub async fn list_jobs(&self, state: Option<JobState>) -> Result<Vec<Job>, sqlx::Error> {

@@ -231,6 +231,13 @@ async fn one_shard_down_holds_up_no_other() {
     let answers = race(&gw, &drivers, &trip).await;
     assert_eq!(answers.iter().filter(|a| a.0 == 200).count(), 1, "{answers:?}");
     wait_effects_done(&shards.all()[0], &trip, Duration::from_secs(20)).await;
+    // Shard 0's job gauges are not held back by shard 1: a dead job shows.
+    crate::support::execute_sql(&up_db, "UPDATE jobs SET state = 'dead'").await;
+    crate::support::eventually(Duration::from_secs(10), "shard 0's dead job counted", || async {
+        let text = gw.metrics().await;
+        text.lines().any(|l| l == "tripgate_jobs{state=\"dead\"} 1").then_some(())
+    })
+    .await;
 
     // A driver of shard 1 (an id that hashes there) gets 503 on a trip of shard 1 while it
     // is down (a trip of shard 0 is 404 to them, down or not).
