@@ -117,6 +117,18 @@ async fn trip_action(
     let shards = &route.state.shards;
     let shard = shards.index_of(&user.id);
     if shards.index_of(&trip_id) != shard {
+        // A driver the auth layer left to the accept to check is checked here, where no
+        // accept follows: someone who is no driver is unauthenticated (401), not told of
+        // trips (404), and reaches no cohort.
+        if unchecked.is_some() {
+            let kind = match route.state.known_users.user_type(shards.for_id(&user.id), &user.id).await {
+                Ok(kind) => kind,
+                Err(e) => return ApiError::from(e).into_response(),
+            };
+            if kind.as_deref() != Some(crate::auth::Role::Driver.as_str()) {
+                return ApiError::Unauthorized.into_response();
+            }
+        }
         let cohort = route.state.flags.load().trip_accept_cohort(&user.id);
         route.state.metrics.cohort_assigned(TRIP_ACCEPT_FLAG, cohort);
         return tag(ApiError::TripNotFound.into_response(), cohort);

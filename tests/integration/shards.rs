@@ -106,6 +106,14 @@ async fn two_shards(backend: Backend) {
         let (status, body, _) = gw.action(&stranger, &trip, action).await;
         assert_eq!((status, code(&body)), (404, "trip_request_404"), "{action}: {body}");
     }
+    // Someone who is no driver (no such user; an id of shard 0) is unauthenticated, as on
+    // a trip of their own shard — not told the trip is not found.
+    let nobody = (0..)
+        .map(|_| uuid::Uuid::new_v4().to_string())
+        .find(|id| shard_of(id, 2) == 0)
+        .unwrap();
+    let (status, body, cohort) = gw.accept(&nobody, &trip).await;
+    assert_eq!((status, code(&body), cohort.as_str()), (401, "auth_login_401", ""), "{body}");
     assert_eq!(gw.details(&trip).await["current_status"], "pending");
     assert_eq!(gw.accept(&locals[0], &trip).await.0, 200);
     let (status, _, _) = gw
@@ -240,7 +248,8 @@ async fn one_shard_down_holds_up_no_other() {
     .await;
 
     // A driver of shard 1 (an id that hashes there) gets 503 on a trip of shard 1 while it
-    // is down (a trip of shard 0 is 404 to them, down or not).
+    // is down, and on a trip of shard 0 too: whether they are a driver at all is for shard
+    // 1 to say.
     let of_shard_1 = || {
         (0..)
             .map(|_| uuid::Uuid::new_v4().to_string())
@@ -249,7 +258,7 @@ async fn one_shard_down_holds_up_no_other() {
     };
     let (stranger, their_trip) = (of_shard_1(), of_shard_1());
     assert_eq!(gw.accept(&stranger, &their_trip).await.0, 503);
-    assert_eq!(gw.accept(&stranger, &trip).await.0, 404);
+    assert_eq!(gw.accept(&stranger, &trip).await.0, 503);
 
     // Back: migrated, then serving.
     proxy.restore();
