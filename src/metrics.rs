@@ -40,6 +40,7 @@ pub struct Metrics {
     http_requests: IntCounterVec,
     http_timeouts: IntCounterVec,
     http_errors: IntCounterVec,
+    http_failures: IntCounterVec,
     otp_delivery: HistogramVec,
     side_effects: IntCounterVec,
     jobs: IntGaugeVec,
@@ -138,6 +139,12 @@ impl Metrics {
             &r,
             "tripgate_http_errors_total",
             "Requests answered 5xx.",
+            &["cohort", "route"],
+        );
+        let http_failures = counter(
+            &r,
+            "tripgate_http_failures_total",
+            "Requests answered 5xx or slower than client.timeout_ms, each counted once (what the guard compares).",
             &["cohort", "route"],
         );
         let otp_delivery = histogram(
@@ -331,6 +338,7 @@ impl Metrics {
             for &route in hot_routes {
                 http_timeouts.with_label_values(&[cohort, route]);
                 http_errors.with_label_values(&[cohort, route]);
+                http_failures.with_label_values(&[cohort, route]);
                 for outcome in Outcome::ALL {
                     let labels = [cohort, route, outcome.as_str()];
                     request_children.insert(
@@ -379,6 +387,7 @@ impl Metrics {
             http_requests,
             http_timeouts,
             http_errors,
+            http_failures,
             otp_delivery,
             side_effects,
             jobs,
@@ -451,11 +460,15 @@ impl Metrics {
                 self.http_requests.with_label_values(&labels).inc();
             }
         }
-        if elapsed > self.client_timeout {
+        let (timed_out, error) = (elapsed > self.client_timeout, status >= 500);
+        if timed_out {
             self.http_timeouts.with_label_values(&[cohort, route]).inc();
         }
-        if status >= 500 {
+        if error {
             self.http_errors.with_label_values(&[cohort, route]).inc();
+        }
+        if timed_out || error {
+            self.http_failures.with_label_values(&[cohort, route]).inc();
         }
     }
 
@@ -680,5 +693,40 @@ impl BatchSizes {
     /// A batch of `accepts` went to the database.
     pub fn batch(&self, accepts: usize) {
         self.0.observe(accepts as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request both 5xx and past the client's timeout is one failure, as the guard
+    /// counts it (the dashboard's "what the guard compares" reads this, not the sum of
+    /// errors and timeouts).
+    #[test]
+    fn a_slow_5xx_is_one_failure() {
+        let route = "/api/driver/trip/request-action";
+        let m = Metrics::new(Duration::from_millis(100), &[route]);
+        let slow = Duration::from_millis(150);
+        m.request(Some(Cohort::Legacy), "d", route, Outcome::Error, 503, slow);
+        m.request(Some(Cohort::Legacy), "d", route, Outcome::Accepted, 200, slow);
+        m.request(Some(Cohort::Legacy), "d", route, Outcome::Error, 500, Duration::from_millis(5));
+        m.request(Some(Cohort::Legacy), "d", route, Outcome::Accepted, 200, Duration::from_millis(5));
+        let text = m.render();
+        let value = |name: &str| {
+            let series = format!("{name}{{cohort=\"legacy\",route=\"{route}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(&series))
+                .unwrap_or_else(|| panic!("no {series} in {text}"))
+                .to_owned()
+        };
+        assert_eq!(
+            (
+                value("tripgate_http_errors_total"),
+                value("tripgate_http_timeouts_total"),
+                value("tripgate_http_failures_total")
+            ),
+            ("2".into(), "2".into(), "3".into())
+        );
     }
 }
