@@ -710,8 +710,22 @@ mod tests {
         let slow = Duration::from_millis(150);
         m.request(Some(Cohort::Legacy), "d", route, Outcome::Error, 503, slow);
         m.request(Some(Cohort::Legacy), "d", route, Outcome::Accepted, 200, slow);
-        m.request(Some(Cohort::Legacy), "d", route, Outcome::Error, 500, Duration::from_millis(5));
-        m.request(Some(Cohort::Legacy), "d", route, Outcome::Accepted, 200, Duration::from_millis(5));
+        m.request(
+            Some(Cohort::Legacy),
+            "d",
+            route,
+            Outcome::Error,
+            500,
+            Duration::from_millis(5),
+        );
+        m.request(
+            Some(Cohort::Legacy),
+            "d",
+            route,
+            Outcome::Accepted,
+            200,
+            Duration::from_millis(5),
+        );
         let text = m.render();
         let value = |name: &str| {
             let series = format!("{name}{{cohort=\"legacy\",route=\"{route}\"}} ");

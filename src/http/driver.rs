@@ -121,7 +121,12 @@ async fn trip_action(
         // accept follows: someone who is no driver is unauthenticated (401), not told of
         // trips (404), and reaches no cohort.
         if unchecked.is_some() {
-            let kind = match route.state.known_users.user_type(shards.for_id(&user.id), &user.id).await {
+            let kind = match route
+                .state
+                .known_users
+                .user_type(shards.for_id(&user.id), &user.id)
+                .await
+            {
                 Ok(kind) => kind,
                 Err(e) => return ApiError::from(e).into_response(),
             };

@@ -113,7 +113,11 @@ async fn two_shards(backend: Backend) {
         .find(|id| shard_of(id, 2) == 0)
         .unwrap();
     let (status, body, cohort) = gw.accept(&nobody, &trip).await;
-    assert_eq!((status, code(&body), cohort.as_str()), (401, "auth_login_401", ""), "{body}");
+    assert_eq!(
+        (status, code(&body), cohort.as_str()),
+        (401, "auth_login_401", ""),
+        "{body}"
+    );
     assert_eq!(gw.details(&trip).await["current_status"], "pending");
     assert_eq!(gw.accept(&locals[0], &trip).await.0, 200);
     let (status, _, _) = gw
@@ -243,7 +247,9 @@ async fn one_shard_down_holds_up_no_other() {
     crate::support::execute_sql(&up_db, "UPDATE jobs SET state = 'dead'").await;
     crate::support::eventually(Duration::from_secs(10), "shard 0's dead job counted", || async {
         let text = gw.metrics().await;
-        text.lines().any(|l| l == "tripgate_jobs{state=\"dead\"} 1").then_some(())
+        text.lines()
+            .any(|l| l == "tripgate_jobs{state=\"dead\"} 1")
+            .then_some(())
     })
     .await;
 
