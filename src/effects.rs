@@ -9,7 +9,7 @@
 //! after a recorded failure (a retry), or when the attempt that made it died or stalled
 //! between the call and its record (a repeat) — and then with the same idempotency key.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use futures_util::future::join_all;
@@ -131,7 +131,36 @@ impl EffectRunner {
                 })
             })
             .collect();
-        let begun = self.store.begin_calls_batch(&to_begin).await?;
+        // Their effect records reference their trips, so one trip row held elsewhere past
+        // the lock timeout (a transaction of the backend's) failed the whole statement,
+        // before any call: each job then begins on its own, and only that trip's job fails
+        // this attempt (and tries again later) instead of the whole batch, again and again.
+        let mut stuck: HashMap<usize, String> = HashMap::new();
+        let begun = match self.store.begin_calls_batch(&to_begin).await {
+            Ok(begun) => begun,
+            Err(e) if crate::storage::is_lock_timeout(&e) && to_begin.len() > 1 => {
+                let each = join_all(
+                    to_begin
+                        .iter()
+                        .map(|one| self.store.begin_calls_batch(std::slice::from_ref(one))),
+                )
+                .await;
+                let mut begun = Vec::new();
+                for (one, result) in to_begin.iter().zip(each) {
+                    match result {
+                        Ok(mut some) => begun.append(&mut some),
+                        Err(e) if crate::storage::is_lock_timeout(&e) => {
+                            if let Some(i) = jobs.iter().position(|j| j.trip_id == one.trip_id) {
+                                stuck.insert(i, format!("storage: {e}"));
+                            }
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                begun
+            }
+            Err(e) => return Err(e),
+        };
         let mut calls = Vec::with_capacity(begun.len());
         for (trip, effect, call) in begun {
             if let Some(i) = jobs.iter().position(|j| j.trip_id == trip)
@@ -144,14 +173,18 @@ impl EffectRunner {
         let mut lost = HashSet::new();
         for (i, job) in jobs.iter().enumerate() {
             if ctx_of(&job.trip_id).is_some()
+                && !stuck.contains_key(&i)
                 && !calls.iter().any(|(j, ..)| *j == i)
                 && !self.store.holds(&job.attempt).await?
             {
                 lost.insert(i);
             }
         }
-        let (failures, lost_calling) = self.call(jobs, calls, held).await?;
+        let (mut failures, lost_calling) = self.call(jobs, calls, held).await?;
         lost.extend(lost_calling);
+        for (i, reason) in stuck {
+            failures[i] = effects[i].iter().map(|e| (*e, reason.clone())).collect();
+        }
         Ok(jobs
             .iter()
             .zip(failures)
@@ -201,12 +234,28 @@ impl EffectRunner {
                     }
                     let trips: Vec<String> = group.iter().map(|(_, ctx, _)| ctx.trip_id.clone()).collect();
                     let handed_at = now_ms();
-                    let result = match effect {
-                        Effect::Bidding => self.store.settle_unbid_fares(&trips).await,
-                        _ => self.store.cleanup_rejections_of(&trips).await,
-                    }
-                    .map_err(|e| e.to_string());
-                    for (i, ctx, call) in group {
+                    let run = |trips: Vec<String>| async move {
+                        match effect {
+                            Effect::Bidding => self.store.settle_unbid_fares(&trips).await,
+                            _ => self.store.cleanup_rejections_of(&trips).await,
+                        }
+                        .map_err(|e| e.to_string())
+                    };
+                    let results = match run(trips.clone()).await {
+                        Ok(()) => vec![Ok(()); trips.len()],
+                        // One trip's trouble (its row locked elsewhere past the lock timeout,
+                        // say) must not fail the others' effect and cost them an attempt:
+                        // each goes again on its own.
+                        Err(_) if trips.len() > 1 => {
+                            let mut each = Vec::with_capacity(trips.len());
+                            for trip in &trips {
+                                each.push(run(vec![trip.clone()]).await);
+                            }
+                            each
+                        }
+                        Err(e) => vec![Err(e); trips.len()],
+                    };
+                    for ((i, ctx, call), result) in group.into_iter().zip(results) {
                         self.metrics.effect_done(
                             ctx.cohort,
                             effect,
@@ -220,7 +269,7 @@ impl EffectRunner {
                             CallOutcome {
                                 effect,
                                 handed_at,
-                                result: result.clone(),
+                                result,
                                 maybe_done: false,
                             },
                         ));

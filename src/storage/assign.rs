@@ -172,7 +172,7 @@ impl Storage {
             Ok(fenced) => fenced,
             // A lone accept keeps its error (a bug stays a 500).
             Err(e) if fences.len() == 1 => return vec![Err(e)],
-            Err(e) if is_lock_timeout(&e) => self.without_rows_locked_elsewhere(fences, &e).await,
+            Err(e) if super::is_lock_timeout(&e) => self.without_rows_locked_elsewhere(fences, &e).await,
             Err(e) => {
                 tracing::warn!(accepts = fences.len(), error = %e, "accept batch failed");
                 fences.iter().map(|_| Err(batch_failed(&e))).collect()
@@ -489,11 +489,6 @@ async fn sqlite_accept(
 }
 
 /// The error each member of a failed batch of several gets: unavailable (503, try again).
-/// Postgres `55P03`: a lock not granted within `database.lock_timeout_ms`.
-fn is_lock_timeout(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"))
-}
-
 fn batch_failed(e: &sqlx::Error) -> sqlx::Error {
     sqlx::Error::Io(std::io::Error::other(format!("accept batch failed: {e}")))
 }

@@ -501,6 +501,12 @@ fn is_unavailable_code(code: &str) -> bool {
     code.parse::<i64>().is_ok_and(|n| matches!(n & 0xff, 5 | 6))
 }
 
+/// Postgres `55P03`: a lock not granted within `database.lock_timeout_ms` (a row held by
+/// a transaction outside this statement).
+pub fn is_lock_timeout(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"))
+}
+
 /// A unique index refused a write.
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())

@@ -1414,3 +1414,62 @@ async fn a_database_blip_during_a_legacy_accept_answers_200_and_sends_nothing_tw
     gw.shutdown().await;
     store.close().await;
 }
+
+/// One trip's row held by a transaction outside tripgate (the backend's) past
+/// `database.lock_timeout_ms` failed the batch of jobs it was in: under `FOR UPDATE` the
+/// statement that begins the batch's calls (their effect records reference the trips),
+/// under an update's `FOR NO KEY UPDATE` the bookkeeping statement shared by the batch's
+/// trips. Every job of the batch spent an attempt, again and again, and went dead over
+/// another trip's lock. Now only that trip's job waits for its row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_trip_locked_elsewhere_holds_back_only_its_own_job() {
+    if crate::support::postgres_url().is_none() {
+        return;
+    }
+    use sqlx::Connection;
+    for lock in ["FOR UPDATE", "FOR NO KEY UPDATE"] {
+        let db = TestDb::new(Backend::Postgres).await;
+        let stub = WebhookStub::start().await;
+        let store = db.store().await;
+        let w = World::new(&store).await;
+        let trips = accepted_trips(&store, &w, 3).await;
+        let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        sqlx::raw_sql(&format!(
+            "BEGIN; SELECT 1 FROM trip_requests WHERE id = '{}' {lock}",
+            trips[0]
+        ))
+        .execute(&mut holder)
+        .await
+        .unwrap();
+        let dir = TempDir::new();
+        let options = Options {
+            webhook: Some(format!("http://{}", stub.addr)),
+            ..Options::default()
+        };
+        let mut config = crate::support::config(&db.url, dir.path(), &options);
+        config.database.lock_timeout_ms = 300;
+        let gw = Gateway::start_with(config, dir).await;
+        eventually(Duration::from_secs(15), "the free trips' jobs done at once", || {
+            let (store, trips) = (store.clone(), trips.clone());
+            async move {
+                let jobs = store.list_jobs(None).await.ok()?;
+                let free: Vec<_> = jobs.iter().filter(|j| j.trip_id != trips[0]).collect();
+                (free.len() == 2 && free.iter().all(|j| j.state == JobState::Done && j.attempts == 1)).then_some(())
+            }
+        })
+        .await;
+        let jobs = store.list_jobs(None).await.unwrap();
+        let held = jobs.iter().find(|j| j.trip_id == trips[0]).unwrap();
+        assert!(
+            !matches!(held.state, JobState::Done | JobState::Dead),
+            "{lock}: {held:?}"
+        );
+        holder.close().await.unwrap();
+        crate::support::wait_effects_done(&store, &trips[0], Duration::from_secs(30)).await;
+        for trip in &trips {
+            assert_eq!(stub.calls_for("otp_sms", trip).len(), 1, "{lock}: one OTP for {trip}");
+        }
+        gw.shutdown().await;
+        store.close().await;
+    }
+}
