@@ -170,14 +170,21 @@ impl EffectRunner {
             }
         }
         // A job with a driver and nothing begun: all done already, or its attempt lost.
+        // The others' calls are begun by now (in flight): a read that fails here fails
+        // only its own job, as the calls must still be made — failing the batch would
+        // leave them in flight uncalled, and their next attempt would count repeats.
         let mut lost = HashSet::new();
         for (i, job) in jobs.iter().enumerate() {
-            if ctx_of(&job.trip_id).is_some()
-                && !stuck.contains_key(&i)
-                && !calls.iter().any(|(j, ..)| *j == i)
-                && !self.store.holds(&job.attempt).await?
-            {
-                lost.insert(i);
+            if ctx_of(&job.trip_id).is_some() && !stuck.contains_key(&i) && !calls.iter().any(|(j, ..)| *j == i) {
+                match self.store.holds(&job.attempt).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        lost.insert(i);
+                    }
+                    Err(e) => {
+                        stuck.insert(i, format!("storage: {e}"));
+                    }
+                }
             }
         }
         let (mut failures, lost_calling) = self.call(jobs, calls, held).await?;
