@@ -474,6 +474,8 @@ impl Dispatcher {
                         jobs = in_hand.values().map(Vec::len).sum::<usize>(),
                         "shutdown grace over; unfinished jobs returned to the queue"
                     );
+                    // For the next process to run at once, not at its poll.
+                    self.store.wake_other_processes().await;
                     break;
                 }
             }

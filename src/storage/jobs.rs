@@ -231,6 +231,7 @@ impl Storage {
         tx.commit().await?;
         if back > 0 {
             tracing::warn!(jobs = back, "jobs cut off by the shutdown returned to the queue");
+            self.wake_other_processes().await;
         }
         Ok(back)
     }

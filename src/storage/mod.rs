@@ -382,6 +382,18 @@ impl Storage {
         }
     }
 
+    /// Wakes other processes' workers now, awaited (Postgres `NOTIFY`; SQLite has no other
+    /// process): for jobs put back by a process that is stopping, whose coalesced wake-up
+    /// task might not run before it exits — they would wait for the others' poll.
+    pub async fn wake_other_processes(&self) {
+        if self.remote_wake.is_none() {
+            return;
+        }
+        if let Err(e) = sqlx::query("NOTIFY tripgate_jobs").execute(&self.pool).await {
+            tracing::debug!(error = %e, "job NOTIFY failed; other processes' workers poll");
+        }
+    }
+
     /// Starts forwarding other processes' job wake-ups (Postgres `LISTEN`).
     pub fn forward_wakeups(&self) {
         self.dialect

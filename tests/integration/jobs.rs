@@ -1473,3 +1473,58 @@ async fn a_trip_locked_elsewhere_holds_back_only_its_own_job() {
         store.close().await;
     }
 }
+
+/// A worker stopping with a job in hand past its grace puts the job back for the next
+/// process to run at once: the others' workers are woken (Postgres `NOTIFY`), not left to
+/// find it at their poll (a minute here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_put_back_at_shutdown_is_taken_by_another_process_at_once() {
+    if crate::support::postgres_url().is_none() {
+        return;
+    }
+    let db = TestDb::new(Backend::Postgres).await;
+    let stub = WebhookStub::start().await;
+    stub.set_delay_for("otp_sms", 30_000);
+    let store = db.store().await;
+    let w = World::new(&store).await;
+    let dir = TempDir::new();
+    let options = Options {
+        webhook: Some(format!("http://{}", stub.addr)),
+        ..Options::default()
+    };
+    let mut config = crate::support::config(&db.url, dir.path(), &options);
+    config.jobs.poll_interval_ms = 60_000;
+    config.server.shutdown_grace_ms = 200;
+    let port = crate::support::free_port;
+    let (mut first, mut second) = (config.clone(), config.clone());
+    first.jobs.admin_listen = format!("127.0.0.1:{}", port()).parse().unwrap();
+    second.jobs.admin_listen = format!("127.0.0.1:{}", port()).parse().unwrap();
+    let mut a = Process::spawn("worker", &first, dir.path());
+    crate::support::wait_process_ready(first.jobs.admin_listen).await;
+    let (d, t) = (w.driver().await, w.trip(&[]).await);
+    accepted(&store, &d, &t).await;
+    eventually(Duration::from_secs(10), "the first worker's OTP call", || {
+        let n = stub.calls_for("otp_sms", &t).len();
+        async move { (n == 1).then_some(()) }
+    })
+    .await;
+    let _b = Process::spawn("worker", &second, dir.path());
+    crate::support::wait_process_ready(second.jobs.admin_listen).await;
+    // B claimed nothing at its start (the job is A's) and now waits for a wake-up.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = a.child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    eventually(Duration::from_secs(5), "the other worker's call at once", || {
+        let n = stub.calls_for("otp_sms", &t).len();
+        async move { (n == 2).then_some(()) }
+    })
+    .await;
+    let _ = a.child.wait();
+    store.close().await;
+}
