@@ -374,7 +374,7 @@ impl Storage {
         let sql = format!(
             "WITH v AS ({}) \
              UPDATE side_effects SET state = v.state, last_error = v.last_error, handed_at = v.handed_at, \
-               done_at = $1, in_flight = v.in_flight \
+               done_at = CASE WHEN v.state = 'done' THEN $1 END, in_flight = v.in_flight \
              FROM v WHERE side_effects.trip_request_id = v.trip AND side_effects.effect = v.effect \
                AND side_effects.state <> 'done' AND {} \
              RETURNING side_effects.trip_request_id, side_effects.effect",

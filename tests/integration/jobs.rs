@@ -471,6 +471,10 @@ async fn failing_provider_dead_then_admin_retry(backend: Backend) {
         details["side_effects"]["bidding"], "done",
         "effects that succeeded are kept"
     );
+    // A record's done_at says when it was done: none for a failed one.
+    for record in details["side_effect_details"].as_array().unwrap() {
+        assert_eq!(record["done_at"].is_null(), record["state"] != "done", "{record}");
+    }
     let metrics = gw.metrics().await;
     assert!(metrics.contains("tripgate_jobs{state=\"dead\"} 1"), "dead jobs gauge");
     assert!(metrics.contains("tripgate_job_attempts_total{kind=\"trip_accepted\",result=\"dead\"} 1"));
