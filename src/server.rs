@@ -340,12 +340,11 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
         );
     }
 
-    // Every process writes its per-second request and OTP samples for the rollout guard.
-    servers.push(crate::guard::write_samples(
-        store.clone(),
-        metrics.samples(),
-        shutdown_rx.clone(),
-    ));
+    // Set once every request of this process ended (the accepts' own tasks too).
+    let (gone_tx, gone_rx) = watch::channel(false);
+    // Every process writes its per-second request and OTP samples for the rollout guard —
+    // until its last request ended, so the slow ones a shutdown drains are judged too.
+    let samples_written = crate::guard::write_samples(store.clone(), metrics.samples(), gone_rx.clone());
 
     // Migrations, retried until each database answers: the global one (then `/readyz` can
     // say ready), and each shard on its own task — which then checks the shard's recorded
@@ -361,7 +360,6 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
         }));
     }
     // Each shard's heartbeat, kept up until every request of this process ended.
-    let (gone_tx, gone_rx) = watch::channel(false);
     let heartbeats: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>> = Arc::default();
     for (shard, job_runner) in shards.all().iter().cloned().zip(job_runners) {
         let (jobs, metrics, mut shutdown) = (config.jobs.clone(), metrics.clone(), shutdown_rx.clone());
@@ -440,6 +438,7 @@ pub async fn start(config: Config, role: Role) -> Result<Running, StartError> {
             tracing::warn!("accepts still running after the shutdown cut them");
         }
         let _ = gone_tx.send(true);
+        let _ = samples_written.await;
         let beats = heartbeats
             .lock()
             .map(|mut b| std::mem::take(&mut *b))

@@ -59,15 +59,16 @@ const SRM_MIN_DRIVERS: f64 = 20.0;
 /// Fewest requests per cohort for a p99.
 const TAIL_MIN: u64 = 100;
 
-/// Writes this process's closed sample slots every second (and all of them at shutdown);
-/// slots that cannot be written wait for the next round.
-pub fn write_samples(store: Storage, samples: Arc<Samples>, mut shutdown: watch::Receiver<bool>) -> JoinHandle<()> {
+/// Writes this process's closed sample slots every second, and all of them once `gone`
+/// turns true (every request of the process ended) or its sender is dropped; slots that
+/// cannot be written wait for the next round.
+pub fn write_samples(store: Storage, samples: Arc<Samples>, mut gone: watch::Receiver<bool>) -> JoinHandle<()> {
     let instance = uuid::Uuid::new_v4().to_string();
     tokio::spawn(async move {
         loop {
             let stopping = tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(SLOT_MS as u64)) => false,
-                _ = shutdown.changed() => *shutdown.borrow(),
+                changed = gone.changed() => changed.is_err() || *gone.borrow(),
             };
             let closed = samples.take_closed(now_ms(), stopping);
             for chunk in closed.chunks(200) {

@@ -752,3 +752,39 @@ async fn a_guard_change_whose_state_was_not_saved_is_taken_for_what_it_was() {
         gw.shutdown().await;
     }
 }
+
+/// A request still running when the process is told to stop — a slow legacy accept, the
+/// kind the guard compares — is written to the guard's samples once it ends within the
+/// shutdown grace; the samples used to be flushed at the signal, and it was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_drained_at_shutdown_reaches_the_guard_samples() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let gw = Gateway::start(
+        &db,
+        Options {
+            percent: 0.0,
+            provider_latency_ms: 400,
+            ..Options::default()
+        },
+    )
+    .await;
+    let w = World::new(&gw.store).await;
+    let (d, trip) = (w.driver().await, w.trip(&[]).await);
+    let gw = Arc::new(gw);
+    let accept = {
+        let (gw, d, trip) = (gw.clone(), d.clone(), trip.clone());
+        tokio::spawn(async move { gw.accept(&d, &trip).await.0 })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let running = gw.running.as_ref().unwrap().shutdown_trigger();
+    let _ = running.send(true);
+    assert_eq!(accept.await.unwrap(), 200, "the accept finished within the grace");
+    let gw = Arc::into_inner(gw).expect("the only handle left");
+    gw.shutdown().await;
+    let written = crate::support::query_i64(
+        &db,
+        "SELECT COALESCE(SUM(requests), 0) FROM guard_samples WHERE cohort = 'legacy'",
+    )
+    .await;
+    assert_eq!(written, 1, "the drained accept's sample");
+}
