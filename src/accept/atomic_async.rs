@@ -249,7 +249,8 @@ impl AtomicAsync {
     /// would leave the trip with nobody. The lock says when it is decided — marked, or
     /// released (`None`: try again) — so a loser of a race between atomic_async drivers
     /// costs Redis reads, not database reads; the database is asked when the lock is marked
-    /// closed (the answer is taken or not pending), every [`DATABASE_EVERY`] of waiting (a
+    /// closed (the answer is taken or not pending) or won longer ago than a request runs
+    /// (the trip may have changed hands since), every [`DATABASE_EVERY`] of waiting (a
     /// winner whose mark was lost, or a gateway of a previous release that does not mark),
     /// and at the deadline.
     async fn await_other(
@@ -262,10 +263,15 @@ impl AtomicAsync {
         let mut ask_database_at = Instant::now() + DATABASE_EVERY;
         loop {
             match holder.mark() {
-                Some(Mark::Won) => return Err(ApiError::TripTaken),
-                // Taken by someone without a lock (legacy) or no longer pending: the database
-                // says which. Open after all (the backend reopened it): that lock goes.
-                Some(Mark::Closed) => {
+                // A win of the last few seconds (a race being settled): taken, without a
+                // database read.
+                Some(Mark::Won) if !self.is_stale(&holder) => return Err(ApiError::TripTaken),
+                // Taken by someone without a lock (legacy) or no longer pending, or won
+                // longer ago than any request runs — the trip may have changed hands since
+                // (the backend reopened it; a legacy accept, or one while the lock store
+                // did not answer, took it, perhaps this very driver's): the database says
+                // which. Open after all: that lock goes.
+                Some(Mark::Won | Mark::Closed) => {
                     return match self.decided(cmd).await? {
                         Some(decided) => decided.map(Some),
                         None => {

@@ -33,6 +33,7 @@ backend_tests!(
     a_lost_race_closes_the_lock,
     a_reopened_trip_is_not_blocked_by_its_old_lock,
     a_reopened_trip_is_accepted_again_on_legacy,
+    an_old_win_of_another_driver_is_checked_against_the_database,
 );
 
 /// A lock store that takes the lock, then loses the answer: a Redis call that timed out
@@ -776,6 +777,51 @@ async fn a_reopened_trip_is_accepted_again_on_legacy(backend: Backend) {
     assert_eq!((status, code(&body)), (200, "default_update_200"), "{body}");
     assert_eq!(body["data"]["driver_id"], d2.as_str(), "{body}");
     assert_eq!(stub.calls_for("otp_sms", &trip).len(), 1, "one OTP per trip");
+    gw.shutdown().await;
+}
+
+/// A lock marked won by another driver turns the others away without a database read —
+/// while the race is being settled. Won longer ago than any request runs, the trip may
+/// have changed hands: here the backend reopened it and this driver took it through legacy
+/// (or while the lock store did not answer). Their retry on atomic_async is the same
+/// driver again: 200 `already_accepted`, not "taken by another driver".
+async fn an_old_win_of_another_driver_is_checked_against_the_database(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let stub = WebhookStub::start().await;
+    let gw = Gateway::start(
+        &db,
+        Options {
+            client_timeout_ms: 300,
+            ..options(backend, &stub)
+        },
+    )
+    .await;
+    let w = World::new(&gw.store).await;
+    let (b, a, trip) = (w.driver().await, w.driver().await, w.trip(&[]).await);
+    assert_eq!(gw.accept(&b, &trip).await.0, 200);
+    let locks = gw.running.as_ref().unwrap().locks.clone();
+    eventually(Duration::from_secs(2), "the lock marked won", || {
+        let (locks, trip) = (locks.clone(), trip.clone());
+        async move { locks.holder(&trip).await.unwrap().filter(|h| h.contains(":won-")) }
+    })
+    .await;
+    // Fresh, the win turns another driver away at once.
+    let (status, body, _) = gw.accept(&a, &trip).await;
+    assert_eq!((status, code(&body)), (403, "trip_request_driver_403"), "{body}");
+    execute_sql(
+        &db,
+        &format!(
+            "UPDATE driver_details SET availability_status = 'available' WHERE user_id = '{b}'; \
+             UPDATE trip_requests SET driver_id = '{a}', current_status = 'accepted' WHERE id = '{trip}'; \
+             UPDATE driver_details SET availability_status = 'on_trip' WHERE user_id = '{a}';"
+        ),
+    )
+    .await;
+    // Older than client.timeout_ms + 1 s.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let (status, body, _) = gw.accept(&a, &trip).await;
+    assert_eq!((status, code(&body)), (200, "default_update_200"), "{body}");
+    assert_eq!(body["data"]["already_accepted"], true, "{body}");
     gw.shutdown().await;
 }
 
