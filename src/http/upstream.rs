@@ -462,20 +462,34 @@ where
 }
 
 /// Removes the console's session cookie (`tg_session`) from `Cookie`: cookies ignore
-/// ports, so a browser may send it to the API listener too.
+/// ports, so a browser may send it to the API listener too. Every other cookie goes on
+/// as its bytes are (a UTF-8 value such as `city=München` included), and a request
+/// without that cookie keeps its `Cookie` lines untouched.
 fn strip_session_cookie(headers: &mut HeaderMap) {
-    let kept: Vec<String> = headers
+    const SESSION: &[u8] = b"tg_session=";
+    let holds_session = headers
         .get_all(header::COOKIE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .map(str::trim)
-        .filter(|c| !c.is_empty() && !c.starts_with("tg_session="))
-        .map(str::to_owned)
-        .collect();
+        .any(|v| v.as_bytes().windows(SESSION.len()).any(|w| w == SESSION));
+    if !holds_session {
+        return;
+    }
+    let mut kept: Vec<u8> = Vec::new();
+    for value in headers.get_all(header::COOKIE) {
+        for pair in value.as_bytes().split(|b| *b == b';') {
+            let pair = pair.trim_ascii();
+            if pair.is_empty() || pair.starts_with(SESSION) {
+                continue;
+            }
+            if !kept.is_empty() {
+                kept.extend_from_slice(b"; ");
+            }
+            kept.extend_from_slice(pair);
+        }
+    }
     headers.remove(header::COOKIE);
     if !kept.is_empty()
-        && let Ok(v) = HeaderValue::from_str(&kept.join("; "))
+        && let Ok(v) = HeaderValue::from_bytes(&kept)
     {
         headers.insert(header::COOKIE, v);
     }

@@ -31,7 +31,7 @@ async fn upstream() -> SocketAddr {
         let headers: serde_json::Map<String, Value> = parts
             .headers
             .iter()
-            .map(|(k, v)| (k.as_str().to_owned(), json!(v.to_str().unwrap_or(""))))
+            .map(|(k, v)| (k.as_str().to_owned(), json!(String::from_utf8_lossy(v.as_bytes()))))
             .collect();
         axum::Json(json!({
             "method": parts.method.as_str(),
@@ -282,6 +282,21 @@ async fn requests_pass_through_intact_and_bodies_stream() {
     assert_eq!(seen["body"], r#"{"name":"Ada"}"#);
     let h = &seen["headers"];
     assert_eq!(h["cookie"], "app=1", "the console's session stays with tripgate");
+    // Cookie values in UTF-8 (browsers send them as they are) go on as they are, with the
+    // console's session taken out or not there at all.
+    for (sent, arrives) in [
+        ("laravel_session=abc; city=München", "laravel_session=abc; city=München"),
+        ("city=München; tg_session=console-secret; a=1", "city=München; a=1"),
+    ] {
+        let res = http
+            .get(format!("{api}/api/v1/profile/cookies"))
+            .header("cookie", axum::http::HeaderValue::from_bytes(sent.as_bytes()).unwrap())
+            .send()
+            .await
+            .unwrap();
+        let seen: Value = res.json().await.unwrap();
+        assert_eq!(seen["headers"]["cookie"], arrives, "{sent}");
+    }
     for gone in [
         "x-hop-secret",
         "keep-alive",
@@ -393,7 +408,8 @@ async fn requests_pass_through_intact_and_bodies_stream() {
             &metrics,
             "tripgate_upstream_requests_total{route=\"/api/v1/\",status_class=\"2xx\"}"
         ),
-        1.0
+        3.0,
+        "the profile and the two cookie requests"
     );
     assert_eq!(
         metric(
