@@ -106,6 +106,7 @@ where
 
     fn call(&mut self, mut req: Request) -> Self::Future {
         let seen = Seen {
+            done: false,
             started: Instant::now(),
             id: request_id(req.headers_mut()),
             route: req.extensions().get::<MatchedPath>().cloned(),
@@ -133,6 +134,8 @@ where
 
 /// What the log line and the metrics need of the request.
 struct Seen {
+    /// Logged (and counted): a `Seen` dropped before is a request whose client hung up.
+    done: bool,
     started: Instant,
     id: HeaderValue,
     route: Option<MatchedPath>,
@@ -183,7 +186,8 @@ impl<F: Future<Output = Result<Response, Infallible>>> Future for Observed<F> {
 impl Seen {
     /// Logs and counts `response`, and echoes the request id on it. `hung_up`: the client
     /// closed its connection before the answer (it was not sent).
-    fn answered(self, response: &mut Response, hung_up: bool) {
+    fn answered(mut self, response: &mut Response, hung_up: bool) {
+        self.done = true;
         let elapsed = self.started.elapsed();
         let route = self.route.as_ref().map_or("unmatched", MatchedPath::as_str);
         let status = response.status();
@@ -218,11 +222,35 @@ impl Seen {
             "request"
         );
         let pass_through = response.extensions().get::<super::upstream::PassThrough>().is_some();
-        if let Some(metrics) = self.metrics.filter(|_| !pass_through) {
+        if let Some(metrics) = self.metrics.take().filter(|_| !pass_through) {
             metrics.request(cohort, driver, route, outcome, status.as_u16(), elapsed);
         }
         // An upstream's own request id (pass-through) is its answer's to keep.
-        response.headers_mut().entry(REQUEST_ID).or_insert(self.id);
+        response.headers_mut().entry(REQUEST_ID).or_insert(self.id.clone());
+    }
+}
+
+impl Drop for Seen {
+    /// The client hung up before the answer (hyper dropped what served the request): a
+    /// pass-through request, or one tripgate answered in place. Logged all the same, with
+    /// nginx's 499 ("client closed request"); a pass-through request is counted when its
+    /// upstream answers ([`super::upstream`]).
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        tracing::info!(
+            request_id = %self.id.to_str().unwrap_or_default(),
+            method = %self.method,
+            route = %self.route.as_ref().map_or("unmatched", MatchedPath::as_str),
+            status = 499_u16,
+            driver = "",
+            cohort = "none",
+            outcome = "hung_up",
+            latency_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            hung_up = true,
+            "request"
+        );
     }
 }
 

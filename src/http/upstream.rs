@@ -245,12 +245,20 @@ pub async fn forward(State(up): State<Upstream>, mut req: Request) -> Response {
         *upstream_req.version_mut() = axum::http::Version::HTTP_11;
         upstream_req
     };
-    let sent = up.client.request(request(parts.method, uri, headers, body));
-    let mut answer = match &mut upload {
-        Some(upload) => head_after_upload(up.timeout, up.idle, sent, upload).await,
-        // Only a head to send: the wait for the answer starts at once.
-        None => tokio::time::timeout(up.timeout, sent).await.ok(),
+    let mut sent = Pending {
+        answer: Some(up.client.request(request(parts.method, uri, headers, body))),
+        up: &up,
+        route,
+        started,
+        client_broke: upload.as_ref().map(|u| u.client_broke.clone()),
     };
+    let mut answer = match &mut upload {
+        Some(upload) => head_after_upload(up.timeout, up.idle, &mut sent, upload).await,
+        // Only a head to send: the wait for the answer starts at once.
+        None => tokio::time::timeout(up.timeout, &mut sent).await.ok(),
+    };
+    // From here every way out counts the request itself.
+    sent.answer = None;
     if let (Some(Err(e)), Some((method, uri, headers))) = (&answer, again)
         && !e.is_connect()
     {
@@ -262,6 +270,15 @@ pub async fn forward(State(up): State<Upstream>, mut req: Request) -> Response {
     }
     let mut res = match answer {
         None => return failed(&up, route, "timeout", ApiError::GatewayTimeout, started),
+        // The client's own upload broke off (an abort, a malformed chunked body): its
+        // fault, not the upstream's.
+        Some(Err(_)) if upload.as_ref().is_some_and(|u| u.client_broke.load(Ordering::Acquire)) => {
+            let mut res = ApiError::invalid("body", "The request body broke off before its end.").into_response();
+            up.metrics
+                .upstream_request(route, res.status().as_u16(), started.elapsed());
+            res.extensions_mut().insert(PassThrough);
+            return res;
+        }
         // The client stopped sending for `idle_timeout_ms`.
         Some(Err(_)) if upload.is_some_and(|u| u.stalled.load(Ordering::Acquire)) => {
             return failed(&up, route, "timeout", ApiError::GatewayTimeout, started);
@@ -306,6 +323,61 @@ pub async fn forward(State(up): State<Upstream>, mut req: Request) -> Response {
     let mut out = Response::from_parts(parts, Body::new(body));
     out.extensions_mut().insert(PassThrough);
     out
+}
+
+/// The upstream's answer being waited for. Dropped before it came — the client hung up,
+/// and hyper dropped the handler — it is still awaited in the background, until
+/// `timeout_ms`, and counted as it ends: a backend that hangs shows its 504s although the
+/// apps give up first (the driver app at 7 s, `timeout_ms` 30 s). The normal way out
+/// takes `answer` first and counts the request itself.
+struct Pending<'a> {
+    answer: Option<hyper_util::client::legacy::ResponseFuture>,
+    up: &'a Upstream,
+    route: &'a str,
+    started: Instant,
+    /// The client's upload broke off: no upstream outcome to count then.
+    client_broke: Option<Arc<AtomicBool>>,
+}
+
+impl Future for Pending<'_> {
+    type Output = Result<axum::http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.answer.as_mut() {
+            Some(answer) => Pin::new(answer).poll(cx),
+            None => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        let Some(answer) = self.answer.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (up, route, started) = (self.up.clone(), self.route.to_owned(), self.started);
+        let client_broke = self.client_broke.take();
+        let left = up.timeout.saturating_sub(started.elapsed());
+        runtime.spawn(async move {
+            let status = match tokio::time::timeout(left, answer).await {
+                Err(_) => {
+                    up.metrics.upstream_error("timeout");
+                    StatusCode::GATEWAY_TIMEOUT.as_u16()
+                }
+                Ok(Err(_)) if client_broke.is_some_and(|b| b.load(Ordering::Acquire)) => return,
+                Ok(Err(e)) => {
+                    up.metrics
+                        .upstream_error(if e.is_connect() { "connect" } else { "reset" });
+                    StatusCode::BAD_GATEWAY.as_u16()
+                }
+                Ok(Ok(res)) => res.status().as_u16(),
+            };
+            up.metrics.upstream_request(&route, status, started.elapsed());
+        });
+    }
 }
 
 /// Whether a body's error is (or was caused by) `idle_timeout_ms` running out.
@@ -358,6 +430,8 @@ struct Upload {
     sent: oneshot::Receiver<()>,
     /// The upload stopped moving for `idle_timeout_ms`.
     stalled: Arc<AtomicBool>,
+    /// The client's body failed (not by `idle_timeout_ms`): aborted, or malformed.
+    client_broke: Arc<AtomicBool>,
     /// When the upload began.
     began: Instant,
     /// When it last moved: milliseconds after `began`.
@@ -371,6 +445,7 @@ impl Upload {
         let upload = Self {
             sent,
             stalled: Arc::new(AtomicBool::new(false)),
+            client_broke: Arc::new(AtomicBool::new(false)),
             began: Instant::now(),
             moved_ms: Arc::new(AtomicU64::new(0)),
         };
@@ -378,6 +453,7 @@ impl Upload {
             inner: body,
             sent: Some(tx),
             stalled: upload.stalled.clone(),
+            client_broke: upload.client_broke.clone(),
             began: upload.began,
             moved_ms: upload.moved_ms.clone(),
         };
@@ -396,6 +472,7 @@ struct Watched {
     inner: Body,
     sent: Option<oneshot::Sender<()>>,
     stalled: Arc<AtomicBool>,
+    client_broke: Arc<AtomicBool>,
     began: Instant,
     moved_ms: Arc<AtomicU64>,
 }
@@ -411,10 +488,12 @@ impl HttpBody for Watched {
         let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
         let moved = self.began.elapsed().as_millis() as u64;
         self.moved_ms.store(moved, Ordering::Release);
-        if let Some(Err(e)) = &frame
-            && std::error::Error::source(e).is_some_and(is_timeout)
-        {
-            self.stalled.store(true, Ordering::Release);
+        if let Some(Err(e)) = &frame {
+            if std::error::Error::source(e).is_some_and(is_timeout) {
+                self.stalled.store(true, Ordering::Release);
+            } else {
+                self.client_broke.store(true, Ordering::Release);
+            }
         }
         if frame.is_none() || self.inner.is_end_stream() {
             self.sent.take();

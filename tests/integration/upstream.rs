@@ -1029,3 +1029,52 @@ async fn reject_with_owned(http: reqwest::Client, api: String, trip: String, tok
 async fn reject_with(gw: &Gateway, w: &World, token: String) -> u16 {
     reject_with_owned(gw.http.clone(), gw.api.clone(), w.trip(&[]).await, token).await
 }
+
+/// A backend that hangs while the apps give up first (the driver app at 7 s, `timeout_ms`
+/// 30 s): each request whose client hung up is still awaited and counted as it ends —
+/// a 504 here — instead of vanishing with the client. And a client's own upload that
+/// breaks off (a malformed chunked body) is a 400 of the client's, not a reset of the
+/// upstream's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hung_up_client_and_a_broken_upload_are_counted_as_what_they_are() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let up = upstream().await;
+    let gw = in_front_of_with(&db, up, |config| config.upstream.timeout_ms = 1_000).await;
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    assert!(impatient.get(format!("{}/slow", gw.api)).send().await.is_err());
+    crate::support::eventually(
+        Duration::from_secs(5),
+        "the hung-up request counted as a 504",
+        || async {
+            let metrics = gw.metrics().await;
+            let counted = |series: &str| metrics.lines().any(|l| l == series);
+            (counted("tripgate_upstream_requests_total{route=\"other\",status_class=\"5xx\"} 1")
+                && counted("tripgate_upstream_errors_total{kind=\"timeout\"} 1"))
+            .then_some(())
+        },
+    )
+    .await;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = gw.api.trim_start_matches("http://").to_owned();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    conn.write_all(b"POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+        .await
+        .unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let head = String::from_utf8_lossy(&answer[..n]);
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    let metrics = gw.metrics().await;
+    assert!(
+        !metrics.contains("tripgate_upstream_errors_total{kind=\"reset\"} 1"),
+        "counted as the upstream's reset"
+    );
+    gw.shutdown().await;
+}
