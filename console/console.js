@@ -6,6 +6,7 @@ const $ = (sel) => document.querySelector(sel);
 let csrf = null;
 let pending = null; // the change waiting for its confirmation
 let statsTimer = null;
+let refreshedAt = null; // when every live figure last refreshed
 
 function el(tag, attrs, ...children) {
   const e = document.createElement(tag);
@@ -63,7 +64,34 @@ async function start() {
   $("#logout").hidden = false;
   await refresh();
   await drawStats();
-  statsTimer = setInterval(() => { drawStats().catch(() => {}); refreshGuard().catch(() => {}); }, 2000);
+  refreshedAt = new Date();
+  statsTimer = setInterval(poll, 2000);
+}
+
+// Every 2 s: the charts, the guard, the audit, and the flags — unless a flag is being
+// edited (a field focused or changed, a change waiting for its confirmation), which a
+// redraw would undo. A failure says so, with the time of the last refresh: figures that
+// silently stop moving would pass for current ones (and it is when the database is down
+// that ops watch).
+async function poll() {
+  const work = [drawStats(), refreshGuard(), refreshAudit()];
+  if (!flagsBeingEdited()) work.push(refreshFlags());
+  const failed = (await Promise.allSettled(work)).find((r) => r.status === "rejected");
+  const note = $("#live-error");
+  if (failed) {
+    const since = refreshedAt ? refreshedAt.toLocaleTimeString() : "the page loaded";
+    note.textContent = `Not refreshed since ${since} (${failed.reason.message || failed.reason}): the figures below may be out of date.`;
+    note.hidden = false;
+  } else {
+    refreshedAt = new Date();
+    note.hidden = true;
+  }
+}
+
+function flagsBeingEdited() {
+  const box = $("#flags");
+  if (box.contains(document.activeElement) || !$("#confirm-box").hidden) return true;
+  return [...box.querySelectorAll("input")].some((i) => i.value !== i.dataset.rendered);
 }
 
 async function refresh() {
@@ -80,6 +108,7 @@ async function refreshFlags() {
       ? `override by ${o.actor} (${o.source}) since ${new Date(o.at).toLocaleString()}${o.reason ? ": " + o.reason : ""}; the file says ${f.file_percent}%`
       : (o && !o.in_force ? `file (kill switch: the override by ${o.actor} is not in force)` : "file");
     const input = el("input", { type: "number", min: "0", max: "100", step: "0.01", value: f.percent, testid: `percent-input-${name}`, "aria-label": `new percent for ${name}` });
+    input.dataset.rendered = input.value;
     const apply = el("button", { type: "button", testid: `percent-apply-${name}`, text: "Set percent" });
     apply.addEventListener("click", () => {
       // An empty field (or text, which a number input reports as empty) is no percent:
@@ -254,7 +283,24 @@ document.addEventListener("DOMContentLoaded", () => {
     await start();
   });
   $("#logout").addEventListener("click", async () => {
-    await fetch("/admin/logout", { method: "POST", credentials: "same-origin", headers: { "X-CSRF-Token": csrf || "" } });
+    // Only a logout the server made (or a session already gone: 401) shows the login
+    // form: one that failed (the database down: 503; a stale CSRF token: 403) leaves the
+    // cookie valid, and a reload would log straight back in.
+    const err = $("#session-error");
+    let why = null;
+    try {
+      const res = await fetch("/admin/logout", { method: "POST", credentials: "same-origin", headers: { "X-CSRF-Token": csrf || "" } });
+      if (!res.ok && res.status !== 401) {
+        const body = await res.json().catch(() => null);
+        why = `HTTP ${res.status}${body && body.message ? ": " + body.message : ""}`;
+      }
+    } catch (e) { why = String(e.message || e); }
+    if (why) {
+      err.textContent = `Logging out failed (${why}). You are still logged in; try again.`;
+      err.hidden = false;
+      return;
+    }
+    err.hidden = true;
     csrf = null;
     showLogin("");
   });

@@ -417,3 +417,70 @@ async fn session_cookies_and_csrf() {
     );
     gw.shutdown().await;
 }
+
+/// What the console could not do, it says: figures that stopped refreshing (the database
+/// failing) are marked out of date, a logout that failed leaves you logged in and says so
+/// — and what others change (another admin, the guard) shows without a reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_console_says_what_it_could_not_do_and_follows_others() {
+    let Some((_driver, c)) = browser().await else {
+        return;
+    };
+    let db = TestDb::new(Backend::Sqlite).await;
+    let gw = Gateway::start(
+        &db,
+        Options {
+            percent: 10.0,
+            ..Options::default()
+        },
+    )
+    .await;
+    c.goto(&format!("{}/", gw.admin)).await.unwrap();
+    fill(&c, "input[name='token']", &gw.token("alice", Role::Admin)).await;
+    click(&c, "login-submit").await;
+    wait_text(&c, "flag-percent-trip_accept_v2", |t| t == "10").await;
+
+    // Another admin changes the percent through the API: the page follows.
+    let res = gw
+        .http
+        .put(format!("{}/admin/flags/trip_accept_v2", gw.admin))
+        .bearer_auth(gw.token("bob", Role::Admin))
+        .json(&json!({"percent": 40, "reason": "elsewhere"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    wait_text(&c, "flag-percent-trip_accept_v2", |t| t == "40").await;
+    wait_text(&c, "audit-table", |t| t.contains("elsewhere")).await;
+
+    // The live figures cannot be read: said, and unsaid once they can again.
+    crate::support::execute_sql(&db, "ALTER TABLE guard_samples RENAME TO guard_samples_away").await;
+    let said = wait_text(&c, "live-error", |t| !t.is_empty()).await;
+    assert!(said.contains("Not refreshed since"), "{said}");
+    crate::support::execute_sql(&db, "ALTER TABLE guard_samples_away RENAME TO guard_samples").await;
+    wait_text(&c, "live-error", str::is_empty).await;
+
+    // A logout the server refused (here a stale CSRF token: 403) keeps the session, and
+    // the page says so instead of showing the login form.
+    c.execute("csrf = 'stale';", vec![]).await.unwrap();
+    click(&c, "logout").await;
+    let said = wait_text(&c, "session-error", |t| !t.is_empty()).await;
+    assert!(said.contains("Logging out failed") && said.contains("403"), "{said}");
+    let session: Value = c
+        .execute_async(
+            "const done = arguments[arguments.length - 1]; \
+             fetch('/admin/session', {credentials: 'same-origin'}).then(r => done(r.status));",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(session, json!(200), "still logged in, as the page says");
+    // A real logout then shows the login form.
+    c.refresh().await.unwrap();
+    wait_text(&c, "flag-percent-trip_accept_v2", |t| t == "40").await;
+    click(&c, "logout").await;
+    wait_text(&c, "login-submit", |t| t == "Log in").await;
+    assert_eq!(text_of(&c, "session-error").await, "");
+    c.close().await.unwrap();
+    gw.shutdown().await;
+}
