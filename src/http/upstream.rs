@@ -510,33 +510,57 @@ impl HttpBody for Watched {
     }
 }
 
-/// Copies both ways until either side closes or nothing moves for `idle`.
-async fn tunnel<A, B>(mut a: A, mut b: B, idle: Duration)
+/// Copies both ways until either side closes or nothing moves either way for `idle`. The
+/// two directions run side by side: a side that does not read (its buffers full) holds up
+/// only what is sent to it, never what it sends.
+async fn tunnel<A, B>(a: A, b: B, idle: Duration)
 where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (mut buf_a, mut buf_b) = (vec![0u8; 16 * 1024], vec![0u8; 16 * 1024]);
-    loop {
-        let moved = tokio::time::timeout(idle, async {
-            tokio::select! {
-                n = a.read(&mut buf_a) => match n {
-                    Ok(0) | Err(_) => false,
-                    Ok(n) => b.write_all(&buf_a[..n]).await.is_ok(),
-                },
-                n = b.read(&mut buf_b) => match n {
-                    Ok(0) | Err(_) => false,
-                    Ok(n) => a.write_all(&buf_b[..n]).await.is_ok(),
-                },
+    use tokio::io::AsyncWriteExt;
+    let (mut a_read, mut a_write) = tokio::io::split(a);
+    let (mut b_read, mut b_write) = tokio::io::split(b);
+    let began = tokio::time::Instant::now();
+    // When anything last moved, either way: milliseconds after `began`.
+    let moved = AtomicU64::new(0);
+    let quiet = async {
+        loop {
+            let last = began + Duration::from_millis(moved.load(Ordering::Acquire));
+            tokio::time::sleep_until(last + idle).await;
+            if began + Duration::from_millis(moved.load(Ordering::Acquire)) + idle <= tokio::time::Instant::now() {
+                return;
             }
-        })
-        .await;
-        if !matches!(moved, Ok(true)) {
-            let _ = a.shutdown().await;
-            let _ = b.shutdown().await;
+        }
+    };
+    tokio::select! {
+        () = one_way(&mut a_read, &mut b_write, began, &moved) => {}
+        () = one_way(&mut b_read, &mut a_write, began, &moved) => {}
+        () = quiet => {}
+    }
+    let _ = a_write.shutdown().await;
+    let _ = b_write.shutdown().await;
+}
+
+/// Copies `from` to `to` until `from` ends or either fails, noting each move in `moved`.
+async fn one_way<R, W>(from: &mut R, to: &mut W, began: tokio::time::Instant, moved: &AtomicU64)
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    let note = || moved.store(began.elapsed().as_millis() as u64, Ordering::Release);
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        note();
+        if to.write_all(&buf[..n]).await.is_err() {
             return;
         }
+        note();
     }
 }
 
@@ -660,6 +684,37 @@ fn append_to_list(headers: &mut HeaderMap, name: HeaderName, item: HeaderValue) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client that does not read (its buffers full of the upstream's pushes) still gets
+    /// what it sends through; a tunnel where nothing moves either way for `idle` ends.
+    #[tokio::test]
+    async fn one_stalled_direction_holds_up_only_itself() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, client_side) = tokio::io::duplex(1024);
+        let (upstream_side, upstream) = tokio::io::duplex(1024);
+        let tunnelled = tokio::spawn(tunnel(client_side, upstream_side, Duration::from_millis(500)));
+        // The upstream pushes far more than the client's buffers hold; the client reads none.
+        let (mut up_read, mut up_write) = tokio::io::split(upstream);
+        let pushing = tokio::spawn(async move {
+            let chunk = vec![7u8; 4096];
+            while up_write.write_all(&chunk).await.is_ok() {}
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        client.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(1), up_read.read_exact(&mut got))
+            .await
+            .expect("the client's message was held up by the other direction")
+            .unwrap();
+        assert_eq!(&got, b"ping");
+        pushing.abort();
+        // Then nothing moves: the tunnel ends after `idle`.
+        tokio::time::timeout(Duration::from_secs(3), tunnelled)
+            .await
+            .expect("a quiet tunnel ended")
+            .unwrap();
+        drop((client, up_read));
+    }
 
     #[test]
     fn hop_by_hop_headers_and_the_ones_connection_names_go() {
