@@ -326,16 +326,18 @@ pub async fn forward(State(up): State<Upstream>, mut req: Request) -> Response {
 }
 
 /// The upstream's answer being waited for. Dropped before it came — the client hung up,
-/// and hyper dropped the handler — it is still awaited in the background, until
-/// `timeout_ms`, and counted as it ends: a backend that hangs shows its 504s although the
-/// apps give up first (the driver app at 7 s, `timeout_ms` 30 s). The normal way out
-/// takes `answer` first and counts the request itself.
+/// and hyper dropped the handler — the request is counted then, as nginx logs it: status
+/// 499 ("client closed request") with the time it waited, and the upstream request is
+/// cancelled with it (waiting on for the backend's answer would hold its connection, and
+/// load the backend, long after the app gave up). A backend that hangs so shows as 499s at
+/// the apps' timeout instead of nothing. The normal way out takes `answer` first and
+/// counts the request itself.
 struct Pending<'a> {
     answer: Option<hyper_util::client::legacy::ResponseFuture>,
     up: &'a Upstream,
     route: &'a str,
     started: Instant,
-    /// The client's upload broke off: no upstream outcome to count then.
+    /// The client's upload broke off: not a request that waited for its answer.
     client_broke: Option<Arc<AtomicBool>>,
 }
 
@@ -350,33 +352,17 @@ impl Future for Pending<'_> {
     }
 }
 
+/// nginx's status for a request whose client closed the connection before the answer.
+const CLIENT_CLOSED: u16 = 499;
+
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
-        let Some(answer) = self.answer.take() else {
+        if self.answer.take().is_none() || self.client_broke.as_ref().is_some_and(|b| b.load(Ordering::Acquire)) {
             return;
-        };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (up, route, started) = (self.up.clone(), self.route.to_owned(), self.started);
-        let client_broke = self.client_broke.take();
-        let left = up.timeout.saturating_sub(started.elapsed());
-        runtime.spawn(async move {
-            let status = match tokio::time::timeout(left, answer).await {
-                Err(_) => {
-                    up.metrics.upstream_error("timeout");
-                    StatusCode::GATEWAY_TIMEOUT.as_u16()
-                }
-                Ok(Err(_)) if client_broke.is_some_and(|b| b.load(Ordering::Acquire)) => return,
-                Ok(Err(e)) => {
-                    up.metrics
-                        .upstream_error(if e.is_connect() { "connect" } else { "reset" });
-                    StatusCode::BAD_GATEWAY.as_u16()
-                }
-                Ok(Ok(res)) => res.status().as_u16(),
-            };
-            up.metrics.upstream_request(&route, status, started.elapsed());
-        });
+        }
+        self.up
+            .metrics
+            .upstream_request(self.route, CLIENT_CLOSED, self.started.elapsed());
     }
 }
 
