@@ -119,7 +119,13 @@ where
         if seen.metrics.is_some() && seen.route.is_some() {
             let (tx, rx) = tokio::sync::oneshot::channel();
             tokio::spawn(async move {
-                let Ok(mut response) = answer.await;
+                use futures_util::FutureExt;
+                // A handler that panics is a 500, logged and counted as one (not a
+                // request whose client hung up).
+                let mut response = match std::panic::AssertUnwindSafe(answer).catch_unwind().await {
+                    Ok(Ok(response)) => response,
+                    Err(_) => ApiError::Internal("the request's handler panicked".into()).into_response(),
+                };
                 seen.answered(&mut response, tx.is_closed());
                 let _ = tx.send(response);
             });
@@ -172,8 +178,7 @@ impl<F: Future<Output = Result<Response, Infallible>>> Future for Observed<F> {
                 }
                 Poll::Ready(Ok(response))
             }
-            // Its task ended without an answer: the handler panicked, or the runtime is
-            // shutting down.
+            // Its task ended without an answer: the runtime is shutting down.
             ObservedProj::Detached { answer } => {
                 Poll::Ready(Ok(ready!(Pin::new(answer).poll(cx)).unwrap_or_else(|_| {
                     ApiError::Internal("the request's task ended without an answer".into()).into_response()
