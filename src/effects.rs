@@ -12,11 +12,16 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use futures_util::StreamExt;
 use futures_util::future::join_all;
 use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::domain::{Call, Effect, LatLng, now_ms};
+
+/// How many statements of a batch's jobs go at once when they go one job at a time (after
+/// the batch's statement met a row locked elsewhere): about the jobs pool's connections.
+const ONE_AT_A_TIME: usize = 4;
 use crate::events::EventBus;
 use crate::metrics::Metrics;
 use crate::providers::{Message, MessageKind, Providers};
@@ -135,26 +140,30 @@ impl EffectRunner {
         // the lock timeout (a transaction of the backend's) failed the whole statement,
         // before any call: each job then begins on its own, and only that trip's job fails
         // this attempt (and tries again later) instead of the whole batch, again and again.
+        // A few at a time (the jobs pool is small; a locked row holds its connection for
+        // the lock timeout), and any error fails only its own job: others' calls may be
+        // begun (in flight) by then, and failing the batch would leave them uncalled.
         let mut stuck: HashMap<usize, String> = HashMap::new();
         let begun = match self.store.begin_calls_batch(&to_begin).await {
             Ok(begun) => begun,
             Err(e) if crate::storage::is_lock_timeout(&e) && to_begin.len() > 1 => {
-                let each = join_all(
-                    to_begin
-                        .iter()
-                        .map(|one| self.store.begin_calls_batch(std::slice::from_ref(one))),
-                )
-                .await;
+                let singles: Vec<_> = to_begin
+                    .iter()
+                    .map(|one| self.store.begin_calls_batch(std::slice::from_ref(one)))
+                    .collect();
+                let each: Vec<_> = futures_util::stream::iter(singles)
+                    .buffered(ONE_AT_A_TIME)
+                    .collect()
+                    .await;
                 let mut begun = Vec::new();
                 for (one, result) in to_begin.iter().zip(each) {
                     match result {
                         Ok(mut some) => begun.append(&mut some),
-                        Err(e) if crate::storage::is_lock_timeout(&e) => {
+                        Err(e) => {
                             if let Some(i) = jobs.iter().position(|j| j.trip_id == one.trip_id) {
                                 stuck.insert(i, format!("storage: {e}"));
                             }
                         }
-                        Err(e) => return Err(e),
                     }
                 }
                 begun
@@ -246,21 +255,21 @@ impl EffectRunner {
                             Effect::Bidding => self.store.settle_unbid_fares(&trips).await,
                             _ => self.store.cleanup_rejections_of(&trips).await,
                         }
-                        .map_err(|e| e.to_string())
                     };
-                    let results = match run(trips.clone()).await {
+                    let results: Vec<Result<(), String>> = match run(trips.clone()).await {
                         Ok(()) => vec![Ok(()); trips.len()],
-                        // One trip's trouble (its row locked elsewhere past the lock timeout,
-                        // say) must not fail the others' effect and cost them an attempt:
-                        // each goes again on its own.
-                        Err(_) if trips.len() > 1 => {
-                            let mut each = Vec::with_capacity(trips.len());
-                            for trip in &trips {
-                                each.push(run(vec![trip.clone()]).await);
-                            }
-                            each
+                        // One trip's row locked elsewhere past the lock timeout must not fail
+                        // the others' effect and cost them an attempt: each goes again on
+                        // its own, a few at a time.
+                        Err(e) if crate::storage::is_lock_timeout(&e) && trips.len() > 1 => {
+                            let singles: Vec<_> = trips.iter().map(|trip| run(vec![trip.clone()])).collect();
+                            let each: Vec<Result<(), sqlx::Error>> = futures_util::stream::iter(singles)
+                                .buffered(ONE_AT_A_TIME)
+                                .collect()
+                                .await;
+                            each.into_iter().map(|r| r.map_err(|e| e.to_string())).collect()
                         }
-                        Err(e) => vec![Err(e); trips.len()],
+                        Err(e) => vec![Err(e.to_string()); trips.len()],
                     };
                     for ((i, ctx, call), result) in group.into_iter().zip(results) {
                         self.metrics.effect_done(
