@@ -62,9 +62,10 @@ async function start() {
   $("#login-view").hidden = true;
   $("#app-view").hidden = false;
   $("#logout").hidden = false;
-  await refresh();
-  await drawStats();
-  refreshedAt = new Date();
+  // The first load goes through poll too: a database down from the start shows as
+  // out-of-date figures on the page, not as a failed login.
+  refreshedAt = null;
+  await poll();
   statsTimer = setInterval(poll, 2000);
 }
 
@@ -73,10 +74,17 @@ async function start() {
 // redraw would undo. A failure says so, with the time of the last refresh: figures that
 // silently stop moving would pass for current ones (and it is when the database is down
 // that ops watch).
+let polling = false;
 async function poll() {
-  const work = [drawStats(), refreshGuard(), refreshAudit()];
-  if (!flagsBeingEdited()) work.push(refreshFlags());
-  const failed = (await Promise.allSettled(work)).find((r) => r.status === "rejected");
+  if (polling) return; // the previous one is still waiting: its answers would land out of order
+  polling = true;
+  let failed;
+  try {
+    const work = [drawStats(), refreshGuard(), refreshAudit(), refreshFlags({ unlessEdited: true })];
+    failed = (await Promise.allSettled(work)).find((r) => r.status === "rejected");
+  } finally {
+    polling = false;
+  }
   const note = $("#live-error");
   if (failed) {
     const since = refreshedAt ? refreshedAt.toLocaleTimeString() : "the page loaded";
@@ -98,8 +106,10 @@ async function refresh() {
   await Promise.all([refreshFlags(), refreshGuard(), refreshAudit()]);
 }
 
-async function refreshFlags() {
+async function refreshFlags(opts) {
   const data = await api("GET", "/admin/flags");
+  // Checked when the answer is here, not when it was asked for: what was typed meanwhile stays.
+  if (opts && opts.unlessEdited && flagsBeingEdited()) return;
   const box = $("#flags");
   box.replaceChildren();
   for (const [name, f] of Object.entries(data.flags)) {
