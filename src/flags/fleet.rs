@@ -39,29 +39,38 @@ pub fn spawn(
     store.forward_flag_changes(notified.clone());
     let file_changed = handle.file_changed();
     tokio::spawn(async move {
-        let mut failing = false;
+        // Whether reading the overrides, and recording the file's state, fail: each is
+        // warned of once when it starts failing and told when it works again.
+        let (mut reading_fails, mut recording_fails) = (false, false);
         loop {
-            let result = async {
-                // The file's state first (a kill switch it records clears the override this
-                // read then sees), but a record that keeps failing must not keep this
-                // instance from the fleet's overrides: they are read all the same.
-                let recorded = record_file_changes(&handle, &store).await;
-                refresh(&handle, &store, &metrics).await?;
-                recorded
-            }
-            .await;
-            match result {
-                Ok(_) if failing => {
-                    failing = false;
+            // The file's state first (a kill switch it records clears the override this
+            // read then sees), but a record that keeps failing must not keep this instance
+            // from the fleet's overrides: they are read all the same.
+            let recorded = record_file_changes(&handle, &store).await;
+            let read = refresh(&handle, &store, &metrics).await.map(|_| ());
+            // Not migrated yet (a first start): no override to read, and the file's state
+            // is recorded on a later round, once the migrations have run. A table missing
+            // after them is a real failure, and warned of.
+            let first_start = |e: &sqlx::Error| crate::storage::is_not_migrated(e) && !store.is_migrated();
+            match read {
+                Ok(()) if reading_fails => {
+                    reading_fails = false;
                     tracing::info!("flag overrides readable again");
                 }
-                // Not migrated yet (a first start): no override to read, and the file's
-                // state is recorded on a later round, once the migrations have run. A table
-                // missing after them is a real failure, and warned of.
-                Err(e) if crate::storage::is_not_migrated(&e) && !store.is_migrated() => {}
-                Err(e) if !failing => {
-                    failing = true;
-                    tracing::warn!(error = %e, "cannot read the flag overrides or record the file's state; the last known flags stay in force");
+                Err(e) if !reading_fails && !first_start(&e) => {
+                    reading_fails = true;
+                    tracing::warn!(error = %e, "cannot read the flag overrides; the last known flags stay in force");
+                }
+                _ => {}
+            }
+            match recorded {
+                Ok(()) if recording_fails => {
+                    recording_fails = false;
+                    tracing::info!("the flags file's state recorded again");
+                }
+                Err(e) if !recording_fails && !first_start(&e) => {
+                    recording_fails = true;
+                    tracing::warn!(error = %e, "cannot record the flags file's state (changes of it are not audited, and its kill switch clears no override in the database, until it can)");
                 }
                 _ => {}
             }
