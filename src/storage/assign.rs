@@ -108,9 +108,12 @@ pub struct Fenced {
     pub trip: Option<Value>,
 }
 
-/// The update that assigns the trip (legacy: the row is locked and was checked).
+/// The update that assigns the trip (legacy: the row is locked and was checked). A trip
+/// that has an OTP keeps it: accepted before and put back to pending by the backend, its
+/// customer was sent that one (and no second job sends another, see [`write_accept`]).
 const ASSIGN_SQL: &str = "UPDATE trip_requests SET driver_id = $2, vehicle_id = $3, current_status = 'accepted', \
-     otp = $4, accepted_cohort = $5, accept_requested_at = $6, version = version + 1, updated_at = $7 WHERE id = $1";
+     otp = COALESCE(otp, $4), accepted_cohort = $5, accept_requested_at = $6, version = version + 1, updated_at = $7 \
+     WHERE id = $1";
 
 /// The minimal trip: the answer of an atomic_async accept.
 const MINIMAL_TRIP_SQL: &str = "SELECT t.id, t.current_status, t.driver_id, t.customer_id, \

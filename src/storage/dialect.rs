@@ -108,6 +108,10 @@ impl Dialect {
                     "accept refusals not errors",
                     include_str!("../../migrations/postgres/0018_accept_refusals_not_errors.sql"),
                 ),
+                (
+                    "accept keeps the otp",
+                    include_str!("../../migrations/postgres/0019_accept_keeps_the_otp.sql"),
+                ),
             ],
             Self::Sqlite => &[
                 ("init", include_str!("../../migrations/sqlite/0001_init.sql")),

@@ -776,7 +776,17 @@ async fn a_reopened_trip_is_accepted_again_on_legacy(backend: Backend) {
     let (status, body, _) = gw.accept(&d2, &trip).await;
     assert_eq!((status, code(&body)), (200, "default_update_200"), "{body}");
     assert_eq!(body["data"]["driver_id"], d2.as_str(), "{body}");
-    assert_eq!(stub.calls_for("otp_sms", &trip).len(), 1, "one OTP per trip");
+    let sms = stub.calls_for("otp_sms", &trip);
+    assert_eq!(sms.len(), 1, "one OTP per trip");
+    // The trip keeps the OTP its customer was sent: it still opens the ride.
+    let push = stub.calls_for("otp_push", &trip);
+    let sent = push[0]["body"].as_str().unwrap().rsplit(' ').next().unwrap().to_owned();
+    let kept = crate::support::query_i64(
+        &db,
+        &format!("SELECT COUNT(*) FROM trip_requests WHERE id = '{trip}' AND otp = '{sent}'"),
+    )
+    .await;
+    assert_eq!(kept, 1, "the OTP sent ({sent}) is the trip's");
     gw.shutdown().await;
 }
 
