@@ -18,10 +18,6 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::domain::{Call, Effect, LatLng, now_ms};
-
-/// How many statements of a batch's jobs go at once when they go one job at a time (after
-/// the batch's statement met a row locked elsewhere): about the jobs pool's connections.
-const ONE_AT_A_TIME: usize = 4;
 use crate::events::EventBus;
 use crate::metrics::Metrics;
 use crate::providers::{Message, MessageKind, Providers};
@@ -147,14 +143,13 @@ impl EffectRunner {
         let begun = match self.store.begin_calls_batch(&to_begin).await {
             Ok(begun) => begun,
             Err(e) if crate::storage::is_lock_timeout(&e) && to_begin.len() > 1 => {
-                let singles: Vec<_> = to_begin
-                    .iter()
-                    .map(|one| self.store.begin_calls_batch(std::slice::from_ref(one)))
-                    .collect();
-                let each: Vec<_> = futures_util::stream::iter(singles)
-                    .buffered(ONE_AT_A_TIME)
-                    .collect()
-                    .await;
+                let each = a_few_at_a_time(
+                    to_begin
+                        .iter()
+                        .map(|one| self.store.begin_calls_batch(std::slice::from_ref(one)))
+                        .collect(),
+                )
+                .await;
                 let mut begun = Vec::new();
                 for (one, result) in to_begin.iter().zip(each) {
                     match result {
@@ -262,11 +257,8 @@ impl EffectRunner {
                         // the others' effect and cost them an attempt: each goes again on
                         // its own, a few at a time.
                         Err(e) if crate::storage::is_lock_timeout(&e) && trips.len() > 1 => {
-                            let singles: Vec<_> = trips.iter().map(|trip| run(vec![trip.clone()])).collect();
-                            let each: Vec<Result<(), sqlx::Error>> = futures_util::stream::iter(singles)
-                                .buffered(ONE_AT_A_TIME)
-                                .collect()
-                                .await;
+                            let each =
+                                a_few_at_a_time(trips.iter().map(|trip| run(vec![trip.clone()])).collect()).await;
                             each.into_iter().map(|r| r.map_err(|e| e.to_string())).collect()
                         }
                         Err(e) => vec![Err(e.to_string()); trips.len()],
@@ -475,6 +467,15 @@ pub fn arrival_minutes(from: LatLng, to: LatLng) -> u64 {
     let a = (dlat / 2.0).sin().powi(2) + lat1.cos() * lat2.cos() * (dlng / 2.0).sin().powi(2);
     let km = 2.0 * EARTH_RADIUS_KM * a.sqrt().asin();
     ((km / 30.0 * 60.0).ceil() as u64).max(1)
+}
+
+/// How many statements of a batch's jobs go at once when they go one job at a time (after
+/// the batch's statement met a row locked elsewhere): about the jobs pool's connections.
+const ONE_AT_A_TIME: usize = 4;
+
+/// Runs `work` [`ONE_AT_A_TIME`] at a time; the outputs in its order.
+async fn a_few_at_a_time<F: std::future::Future>(work: Vec<F>) -> Vec<F::Output> {
+    futures_util::stream::iter(work).buffered(ONE_AT_A_TIME).collect().await
 }
 
 #[cfg(test)]
