@@ -9,11 +9,13 @@
 //! request-id layers and two axum middlewares), which cost about 2 µs more per pass-through
 //! request (BENCHMARKS.md §0c run 9).
 //!
-//! A request to one of tripgate's own routes on the API listener is answered by a task of
-//! its own, which measures it: a driver app that gives up at `client.timeout_ms` hangs up,
-//! hyper then drops what serves the connection, and the slow requests — the ones the
-//! timeouts metric and the cohort comparison are about — would go unmeasured. Such a line
-//! says `hung_up=true`.
+//! A request to one of tripgate's own routes on the API listener is served in place, its
+//! answer's future boxed: when a driver app gives up at `client.timeout_ms` and hangs up,
+//! hyper drops what serves the connection, and the rest of the request then runs on a task
+//! of its own and is measured — else the slow requests, the ones the timeouts metric and
+//! the cohort comparison are about, would go unmeasured. Such a line says `hung_up=true`.
+//! (A task for every request instead cost the idle accept 0.3–0.5 ms on two shared cores,
+//! BENCHMARKS.md §0 "U".)
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -117,19 +119,12 @@ where
         // Tripgate's own routes (a matched path) on the listener that counts requests; not
         // pass-through (the fallback), whose body or tunnel ends with its client.
         if seen.metrics.is_some() && seen.route.is_some() {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            tokio::spawn(async move {
-                use futures_util::FutureExt;
-                // A handler that panics is a 500, logged and counted as one (not a
-                // request whose client hung up).
-                let mut response = match std::panic::AssertUnwindSafe(answer).catch_unwind().await {
-                    Ok(Ok(response)) => response,
-                    Err(_) => ApiError::Internal("the request's handler panicked".into()).into_response(),
-                };
-                seen.answered(&mut response, tx.is_closed());
-                let _ = tx.send(response);
-            });
-            return Observed::Detached { answer: rx };
+            return Observed::Owned {
+                answer: Finishing {
+                    answer: Some(Box::pin(answer)),
+                    seen: Some(seen),
+                },
+            };
         }
         Observed::Here {
             answer,
@@ -159,9 +154,10 @@ pin_project_lite::pin_project! {
             answer: F,
             seen: Option<Seen>,
         },
-        /// Made and measured by a task of its own, whether or not the client still waits.
-        Detached {
-            answer: tokio::sync::oneshot::Receiver<Response>,
+        /// Made and measured here, and finished on a task of its own if the client hangs
+        /// up first.
+        Owned {
+            answer: Finishing,
         },
     }
 }
@@ -178,13 +174,62 @@ impl<F: Future<Output = Result<Response, Infallible>>> Future for Observed<F> {
                 }
                 Poll::Ready(Ok(response))
             }
-            // Its task ended without an answer: the runtime is shutting down.
-            ObservedProj::Detached { answer } => {
-                Poll::Ready(Ok(ready!(Pin::new(answer).poll(cx)).unwrap_or_else(|_| {
-                    ApiError::Internal("the request's task ended without an answer".into()).into_response()
-                })))
-            }
+            ObservedProj::Owned { answer } => Pin::new(answer).poll(cx).map(Ok),
         }
+    }
+}
+
+/// An own-route request's answer, served in the connection's task (no task hop on the
+/// hot path), its future boxed so that it can move: dropped unfinished — the client hung
+/// up, and hyper drops what serves the connection — the rest runs on a task of its own and
+/// is measured (`hung_up=true`). A handler that panics is a 500, logged and counted.
+struct Finishing {
+    answer: Option<Answer>,
+    seen: Option<Seen>,
+}
+
+/// A route's answer, boxed.
+type Answer = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+impl Future for Finishing {
+    type Output = Response;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response> {
+        let Some(answer) = self.answer.as_mut() else {
+            return Poll::Pending;
+        };
+        let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| answer.as_mut().poll(cx)));
+        let mut response = match polled {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready(Ok(response))) => response,
+            Err(_) => ApiError::Internal("the request's handler panicked".into()).into_response(),
+        };
+        self.answer = None;
+        if let Some(seen) = self.seen.take() {
+            seen.answered(&mut response, false);
+        }
+        Poll::Ready(response)
+    }
+}
+
+impl Drop for Finishing {
+    fn drop(&mut self) {
+        let (Some(answer), Some(seen)) = (self.answer.take(), self.seen.take()) else {
+            return;
+        };
+        // (No runtime — the process is ending: the unfinished request is logged as one
+        // whose client hung up, when `seen` drops.)
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            use futures_util::FutureExt;
+            let mut response = match std::panic::AssertUnwindSafe(answer).catch_unwind().await {
+                Ok(Ok(response)) => response,
+                Err(_) => ApiError::Internal("the request's handler panicked".into()).into_response(),
+            };
+            seen.answered(&mut response, true);
+        });
     }
 }
 
