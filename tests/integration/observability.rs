@@ -131,7 +131,12 @@ async fn metrics_after_traffic_pass_promtool() {
     .await;
     let w = World::new(&gw.store).await;
     let mut cohorts = BTreeSet::new();
-    for _ in 0..12 {
+    // Until both cohorts have had traffic: twelve random drivers all land in one at 50 %
+    // about one time in two thousand.
+    let mut sent = 0;
+    while sent < 12 || cohorts.len() < 2 {
+        assert!(sent < 200, "no traffic through both cohorts: {cohorts:?}");
+        sent += 1;
         let d = w.driver().await;
         let t = w.trip(&[]).await;
         let (status, _, cohort) = gw.accept(&d, &t).await;
