@@ -386,19 +386,14 @@ async fn step(
             // guard override of 0 is a rollback, latched until acknowledged — taken as a
             // fresh start it would walk the failed cohort back to the first step; any
             // other is a promotion, whose step counts its passes from its own first window.
-            row.reason = format!("{} (its state recovered after it was not saved)", own.reason);
+            let reason = format!("{} (its state recovered after it was not saved)", own.reason);
             if in_force == 0 {
                 row.state = "rolled_back".into();
+                row.reason = reason;
+                row.passes = 0;
             } else {
-                row.state = if cfg.next_step(in_force).is_none() {
-                    "done"
-                } else {
-                    "watching"
-                }
-                .into();
-                row.next_window_end = align_up(now, window) + window;
+                at_step(row, cfg, in_force, reason, now);
             }
-            row.passes = 0;
             tracing::warn!(flag = TRIP_ACCEPT_FLAG, state = %row.state, reason = %row.reason, "guard state recovered from its own override");
         }
         row.threshold = i64::from(in_force);
@@ -563,6 +558,13 @@ async fn promote(
         reason,
         "guard promoted"
     );
+    at_step(row, cfg, to, reason.to_owned(), now);
+    Ok(())
+}
+
+/// The state of a step the guard's own change just put in force: no passes yet, its first
+/// window the next whole one; done at the last step.
+fn at_step(row: &mut GuardRow, cfg: &GuardConfig, to: u32, reason: String, now: i64) {
     row.threshold = i64::from(to);
     row.passes = 0;
     row.state = if cfg.next_step(to).is_none() {
@@ -571,11 +573,10 @@ async fn promote(
         "watching"
     }
     .into();
-    row.reason = reason.to_owned();
+    row.reason = reason;
     let window = (cfg.window_s * 1000) as i64;
     row.next_window_end = align_up(now, window) + window;
     row.updated_at = now;
-    Ok(())
 }
 
 /// Sets the fleet-wide override (source `guard`) and applies it here at once, unless a
