@@ -234,13 +234,19 @@ impl App {
             }
             Err(e) => {
                 let cohort = self.cohort_guess(driver);
-                let kind = if e.is_timeout() { "timeout" } else { "transport" };
                 self.record(cohort, |s| {
                     s.requests += 1;
+                    // The app waited this long for nothing: the driver's latency too (left
+                    // out, a cohort that times out its slowest requests would show the
+                    // better p99). A timeout is counted in `timeouts`, not again in
+                    // `errors` (response codes, and `transport` for a connection that
+                    // failed without one).
+                    s.latencies_ms.push(elapsed_ms);
                     if e.is_timeout() {
                         s.timeouts += 1;
+                    } else {
+                        *s.errors.entry("transport".into()).or_default() += 1;
                     }
-                    *s.errors.entry(kind.into()).or_default() += 1;
                     s.unanswered_trips.push(trip.to_owned());
                 });
                 (
@@ -307,7 +313,37 @@ fn check_sizes(o: &DriveOptions) -> anyhow::Result<()> {
             );
         }
     }
+    let (pairs, per_trip) = trips_and_offer(o);
+    let max = crate::http::admin::SEED_MAX;
+    anyhow::ensure!(
+        pairs
+            .checked_add(2)
+            .and_then(|n| n.checked_mul(per_trip))
+            .is_some_and(|n| n as u64 <= max),
+        "drive: this run needs {pairs} trips of {per_trip} driver(s) each, more drivers than the gateway seeds (at most {max}): lower {}",
+        match o.scenario {
+            Scenario::Steady | Scenario::Rollout => "--rate × --duration",
+            Scenario::Race => "--drivers × --trips",
+            _ => "--drivers / --trips",
+        }
+    );
     Ok(())
+}
+
+/// How many trips the scenario accepts, and how many drivers each is offered to.
+fn trips_and_offer(o: &DriveOptions) -> (usize, usize) {
+    let trips = match o.scenario {
+        Scenario::Race | Scenario::RetryStorm => o.trips.max(1),
+        Scenario::Burst => o.drivers.max(o.trips).max(1),
+        // (A float cast saturates: a huge rate is refused, not wrapped.)
+        Scenario::Steady | Scenario::Rollout => ((o.rate * o.duration_s).ceil() as usize).max(1),
+    };
+    let per_trip = if o.scenario == Scenario::Race {
+        o.drivers.max(2)
+    } else {
+        1
+    };
+    (trips, per_trip)
 }
 
 /// Runs a scenario against a running gateway and returns the report.
@@ -334,16 +370,7 @@ pub async fn drive(config: &Config, options: DriveOptions) -> anyhow::Result<Rep
     refresh_flags(&app, &http, &options.admin_url, &admin_token).await;
 
     // === data ===
-    let pairs_needed = match options.scenario {
-        Scenario::Race | Scenario::RetryStorm => options.trips.max(1),
-        Scenario::Burst => options.drivers.max(options.trips).max(1),
-        Scenario::Steady | Scenario::Rollout => ((options.rate * options.duration_s).ceil() as usize).max(1),
-    };
-    let drivers_per_trip = if options.scenario == Scenario::Race {
-        options.drivers.max(2)
-    } else {
-        1
-    };
+    let (pairs_needed, drivers_per_trip) = trips_and_offer(&options);
     // Drivers and a customer through `POST /admin/seed`; the drivers come spread over the
     // seeded categories, so each trip is offered to drivers of one category. A trip is
     // created by a customer of its drivers' shard (a sharded gateway seeds each shard its
@@ -586,18 +613,12 @@ pub async fn drive(config: &Config, options: DriveOptions) -> anyhow::Result<Rep
     );
     let mut cohorts = BTreeMap::new();
     let mut duplicate_otps = 0;
+    let mut trips = trips_by_cohort(&samples);
     // Both cohorts, with or without requests: scripts read either one.
     let mut samples = samples;
     for cohort in [Cohort::Legacy, Cohort::AtomicAsync] {
         let s = samples.remove(&cohort).unwrap_or_default();
-        // The answered accepts and every trip whose accept went unanswered (timed out at the
-        // client: the ones that matter) — each trip once.
-        let mut checked: Vec<String> = s.accepted_trips.clone();
-        for trip in &s.unanswered_trips {
-            if !checked.contains(trip) {
-                checked.push(trip.clone());
-            }
-        }
+        let checked = trips.remove(&cohort).unwrap_or_default();
         let otps = otp_delivery(&http, &app.url, &admin_token, &checked, &bar).await;
         duplicate_otps += otps.iter().filter(|o| o.repeats > 0).count() as i64;
         let last_handed = otps.iter().map(|o| o.handed_at).max();
@@ -644,6 +665,37 @@ pub async fn drive(config: &Config, options: DriveOptions) -> anyhow::Result<Rep
         elapsed_s,
         guard,
     })
+}
+
+/// The trips whose OTPs each cohort's figures measure: the answered accepts and every trip
+/// whose accept went unanswered (timed out at the client: the ones that matter) — each trip
+/// once, in one cohort. A trip requested in both (a race across cohorts, a retry after the
+/// percentage moved) is the cohort's that was answered its acceptance; one nobody was
+/// answered, legacy's when both asked.
+fn trips_by_cohort(samples: &HashMap<Cohort, Samples>) -> BTreeMap<Cohort, Vec<String>> {
+    let mut owner: HashMap<&str, Cohort> = HashMap::new();
+    let mut order: Vec<&str> = Vec::new();
+    for (cohort, s) in samples {
+        for trip in &s.accepted_trips {
+            if owner.insert(trip, *cohort).is_none() {
+                order.push(trip);
+            }
+        }
+    }
+    // The cohorts in a fixed order: a run's figures do not depend on a hash's.
+    for cohort in [Cohort::Legacy, Cohort::AtomicAsync] {
+        for trip in samples.get(&cohort).map_or(&[][..], |s| &s.unanswered_trips[..]) {
+            if !owner.contains_key(trip.as_str()) {
+                owner.insert(trip, cohort);
+                order.push(trip);
+            }
+        }
+    }
+    let mut out: BTreeMap<Cohort, Vec<String>> = BTreeMap::new();
+    for trip in order {
+        out.entry(owner[trip]).or_default().push(trip.to_owned());
+    }
+    out
 }
 
 /// One trip's OTP SMS as its details show it.
@@ -1015,6 +1067,71 @@ mod tests {
         let slow = app(&silent);
         assert_eq!(slow.accept("d", "t").await, None);
         assert_eq!(counts(&slow), (4, 3, 4));
+        // A timeout is in `timeouts` and in the latencies (the app waited that long), not
+        // in `errors` as well; a refused connection is an error without a response code.
+        let samples = slow.samples.lock().unwrap();
+        let s = &samples[&Cohort::Legacy];
+        assert!(s.errors.is_empty(), "{:?}", s.errors);
+        assert_eq!(s.latencies_ms.len(), 4);
+        assert!(s.latencies_ms.iter().all(|ms| *ms >= 100.0), "{:?}", s.latencies_ms);
+        let samples = refused.samples.lock().unwrap();
+        assert_eq!(
+            samples[&Cohort::Legacy].errors,
+            BTreeMap::from([("transport".to_owned(), 1)])
+        );
+    }
+
+    /// Each trip's OTP is measured once, in one cohort: a trip a legacy driver's timed-out
+    /// attempt asked for and an atomic_async driver was answered for is atomic_async's.
+    #[test]
+    fn a_trip_is_checked_in_one_cohort() {
+        let trips = |v: &[&str]| v.iter().map(|t| t.to_string()).collect::<Vec<_>>();
+        let samples = HashMap::from([
+            (
+                Cohort::Legacy,
+                Samples {
+                    accepted_trips: trips(&["a"]),
+                    unanswered_trips: trips(&["b", "c", "c", "d"]),
+                    ..Samples::default()
+                },
+            ),
+            (
+                Cohort::AtomicAsync,
+                Samples {
+                    accepted_trips: trips(&["b"]),
+                    unanswered_trips: trips(&["d", "e"]),
+                    ..Samples::default()
+                },
+            ),
+        ]);
+        let by = trips_by_cohort(&samples);
+        assert_eq!(by[&Cohort::Legacy], trips(&["a", "c", "d"]));
+        assert_eq!(by[&Cohort::AtomicAsync], trips(&["b", "e"]));
+    }
+
+    /// A run that needs more drivers than the gateway seeds is refused before it starts,
+    /// with the options to lower; sizes that overflow are refused, not wrapped.
+    #[test]
+    fn a_run_bigger_than_the_seed_is_refused() {
+        let options = |scenario, drivers, trips, rate, duration_s| DriveOptions {
+            scenario,
+            url: String::new(),
+            admin_url: String::new(),
+            drivers,
+            trips,
+            rate,
+            duration_s,
+            timeout: Duration::from_secs(7),
+            concurrency: 0,
+            guard: false,
+        };
+        let refused = |o: DriveOptions| check_sizes(&o).unwrap_err().to_string();
+        assert!(refused(options(Scenario::Steady, 0, 0, 100.0, 1000.0)).contains("--rate × --duration"));
+        assert!(refused(options(Scenario::Rollout, 0, 0, 1e300, 1e300)).contains("--rate × --duration"));
+        assert!(refused(options(Scenario::Race, usize::MAX, 2, 0.0, 0.0)).contains("--drivers × --trips"));
+        assert!(refused(options(Scenario::Burst, 99_999, 99_999, 0.0, 0.0)).contains("at most 100000"));
+        check_sizes(&options(Scenario::Burst, 99_998, 99_998, 0.0, 0.0)).unwrap();
+        check_sizes(&options(Scenario::Steady, 0, 0, 100.0, 999.0)).unwrap();
     }
 
     #[test]

@@ -351,7 +351,7 @@ async fn retry_job(State(state): State<AppState>, Path(id): Path<String>) -> Res
 }
 
 /// Most rows of each kind one `POST /admin/seed` creates.
-const SEED_MAX: u64 = 100_000;
+pub const SEED_MAX: u64 = 100_000;
 
 /// `POST /admin/seed` `{"drivers", "customers", "trips"}` (each a count, absent = 0) →
 /// what was created, as `tripgate seed --json` prints it.

@@ -168,6 +168,10 @@ async fn drive_checks_accepts_that_timed_out(backend: Backend) {
         "retried after the timeouts: {burst}"
     );
     assert_eq!(legacy["accepted"], 0, "no accept was answered 200: {burst}");
+    // The timed-out attempts are in the latencies (the app waited), and counted as
+    // timeouts only: `errors` holds response codes.
+    assert!(legacy["p99_ms"].as_f64().unwrap() >= 250.0, "{burst}");
+    assert!(legacy["errors"].get("timeout").is_none(), "{burst}");
     assert!(
         legacy["otp_p50_ms"].as_f64().unwrap() > 0.0,
         "the timed-out accepts' OTPs are measured: {burst}"
