@@ -1337,5 +1337,10 @@ mod tests {
         assert_eq!(c.providers.sms.kind, ProviderKind::Simulated);
         assert_eq!(c.providers.sms.latency_ms, 1_500);
         assert_eq!(c.providers.push.latency_ms, 800);
+        // The demo routes follow `[upstream]`: on for the embedded demo, off in front of a
+        // backend (its own customer routes answer; the shipped file used to force them on).
+        assert!(c.demo_routes());
+        let c = parse(text, &[("TRIPGATE_UPSTREAM_URL", "http://127.0.0.1:8000")]).unwrap();
+        assert!(!c.demo_routes());
     }
 }
