@@ -320,12 +320,16 @@ impl Jwks {
                 Ok(set) => set,
                 Err(e) => {
                     // The keys we had stay usable while the endpoint is down.
-                    tracing::warn!(url = %self.url, error = %e, "JWKS not fetched");
+                    let (url, error) = (
+                        crate::config::without_passwords(&self.url),
+                        crate::config::without_passwords(&e.to_string()),
+                    );
+                    tracing::warn!(%url, %error, "JWKS not fetched");
                     return self.cached(kid);
                 }
             };
         let Some(entries) = set["keys"].as_array() else {
-            tracing::warn!(url = %self.url, "JWKS without a keys array; the keys we had stay");
+            tracing::warn!(url = %crate::config::without_passwords(&self.url), "JWKS without a keys array; the keys we had stay");
             return self.cached(kid);
         };
         // Each key on its own: one this gateway cannot use (another curve, an encryption

@@ -727,6 +727,20 @@ fn init_tracing(config: &Config, long_running: bool) {
         LogFormat::Json => {
             let done = builder.json().flatten_event(true).try_init();
             JSON_LOGS.store(done.is_ok() && long_running, std::sync::atomic::Ordering::Relaxed);
+            if done.is_ok() {
+                // A panic's report is a JSON line too, not text between them (a handler's
+                // panic is answered 500 and the process goes on).
+                std::panic::set_hook(Box::new(|info| {
+                    let message = info
+                        .payload()
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    let at = info.location().map(ToString::to_string).unwrap_or_default();
+                    tracing::error!(panic = %message, at = %at, "panicked");
+                }));
+            }
             done
         }
         LogFormat::Text => builder.try_init(),

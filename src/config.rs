@@ -649,7 +649,7 @@ impl Config {
         {
             return Err((
                 "auth.jwks_url",
-                format!("{:?} is not an http(s) URL", self.auth.jwks_url),
+                format!("{:?} is not an http(s) URL", without_passwords(&self.auth.jwks_url)),
             ));
         }
         if self.auth.role_claim.is_empty() {
@@ -736,7 +736,7 @@ impl Config {
                     },
                     format!(
                         "{:?}: a webhook provider needs an http(s)://host/… url{}",
-                        provider.url,
+                        without_passwords(&provider.url),
                         parsed.err().map(|e| format!(" ({e})")).unwrap_or_default()
                     ),
                 ));
@@ -1022,16 +1022,19 @@ pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
     }
 }
 
-/// `text` with the password of every URL in it (`scheme://user:password@host`) shown as
-/// `***`: configuration errors go to logs.
+/// `text` with the password of every URL in it (`scheme://user:password@host`) and the
+/// values of its query (`?api_key=…`, libpq's `?password=…`) shown as `***`: configuration
+/// errors and warnings go to logs.
 pub fn without_passwords(text: &str) -> String {
+    // Where a URL ends in running text.
+    let ends = |c: char| matches!(c, '"' | '\'' | ',' | ']' | ')') || c.is_whitespace();
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(i) = rest.find("://") {
         let (head, tail) = rest.split_at(i + 3);
         out.push_str(head);
         let end = tail
-            .find(|c: char| matches!(c, '/' | '?' | '#' | '"' | '\'' | ',' | ']') || c.is_whitespace())
+            .find(|c: char| matches!(c, '/' | '?' | '#') || ends(c))
             .unwrap_or(tail.len());
         match tail[..end].rfind('@') {
             Some(at) => {
@@ -1047,6 +1050,28 @@ pub fn without_passwords(text: &str) -> String {
             None => out.push_str(&tail[..end]),
         }
         rest = &tail[end..];
+        // The path as it is; each query value hidden (its names stay: they say what it was).
+        let url_end = rest.find(ends).unwrap_or(rest.len());
+        let (url, after) = rest.split_at(url_end);
+        let (path, query) = url.split_once('?').map_or((url, None), |(p, q)| (p, Some(q)));
+        out.push_str(path);
+        if let Some(query) = query {
+            let (query, fragment) = query.split_once('#').map_or((query, None), |(q, f)| (q, Some(f)));
+            out.push('?');
+            let pairs: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((name, _)) => format!("{name}=***"),
+                    None => pair.to_owned(),
+                })
+                .collect();
+            out.push_str(&pairs.join("&"));
+            if let Some(fragment) = fragment {
+                out.push('#');
+                out.push_str(fragment);
+            }
+        }
+        rest = after;
     }
     out.push_str(rest);
     out
@@ -1213,6 +1238,35 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!err.contains("hunter2"), "{err}");
+        // A provider's key in its webhook URL's query, libpq's password parameter.
+        let err = parse(
+            &format!("{SECRET}[providers.sms]\nkind = \"webhook\"\nurl = \"ftp://sms/send?api_key=hunter2&to=x\"\n"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("ftp://sms/send?api_key=***&to=***") && !err.contains("hunter2"),
+            "{err}"
+        );
+        let err = parse(
+            SECRET,
+            &[("TRIPGATE_DATABASE_URL", "postgresql+tls://db/x?password=hunter2")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("db/x?password=***") && !err.contains("hunter2"), "{err}");
+        let err = parse(
+            &format!("{SECRET}[auth]\njwks_url = \"idp://keys?token=hunter2\"\n"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert_eq!(
+            without_passwords("warn url=https://u:p@h:1/a/b?k=v&flag#frag, next"),
+            "warn url=https://u:***@h:1/a/b?k=***&flag#frag, next"
+        );
         for (text, says) in [
             ("[upstream]\nurl = \"http://u:hunter2@backend:8000\"\n", "credentials"),
             ("[upstream]\nurl = \"http://127.0.0.1:8080\"\n", "own server.listen"),

@@ -200,11 +200,17 @@ impl ApiError {
     }
 }
 
+/// Why a request failed (a 500's or 503's reason, which its answer does not show), on the
+/// answer's extensions: the request's log line carries it, with its request id.
+#[derive(Debug, Clone)]
+pub struct FailureReason(pub String);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if let Self::Internal(reason) | Self::Unavailable(reason) = &self {
-            tracing::error!(%reason, code = self.response_code(), "request failed");
-        }
+        let reason = match &self {
+            Self::Internal(reason) | Self::Unavailable(reason) => Some(FailureReason(reason.clone())),
+            _ => None,
+        };
         let errors = match &self {
             Self::Invalid(errors) => errors.clone(),
             _ => Vec::new(),
@@ -225,6 +231,9 @@ impl IntoResponse for ApiError {
             );
         }
         response.extensions_mut().insert(self.outcome());
+        if let Some(reason) = reason {
+            response.extensions_mut().insert(reason);
+        }
         response
     }
 }

@@ -78,7 +78,12 @@ fn transport_error(e: &reqwest::Error, timeout: Duration) -> ProviderError {
     if e.is_timeout() && !e.is_connect() {
         return ProviderError::TimedOut(timeout.as_millis());
     }
+    // reqwest names the URL in its text: a provider's key in its query stays out of the
+    // failure reason, which is logged and kept in the effect's record.
     let mut text = e.to_string();
+    if let Some(url) = e.url() {
+        text = text.replace(url.as_str(), &crate::config::without_passwords(url.as_str()));
+    }
     let mut cause = std::error::Error::source(e);
     while let Some(c) = cause {
         text = format!("{text}: {c}");
@@ -257,13 +262,15 @@ mod tests {
         assert!(err.contains("timed out after 200 ms"), "{err}");
         let port = silent.local_addr().unwrap().port();
         drop(silent);
-        let err = provider(format!("http://127.0.0.1:{port}/sms"))
+        let err = provider(format!("http://127.0.0.1:{port}/sms?api_key=hunter2"))
             .send(&message)
             .await
             .unwrap_err();
         assert!(!err.maybe_done());
         let err = err.to_string();
         assert!(err.to_lowercase().contains("refused"), "{err}");
+        // The reason is logged and kept: a key in the URL's query is not in it.
+        assert!(err.contains("/sms?api_key=***") && !err.contains("hunter2"), "{err}");
         // A provider that reads the request and closes the connection without an answer
         // may have handled it: unknown as well.
         let closing = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -21,7 +21,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::Router;
@@ -32,7 +32,7 @@ use tower::{Layer, Service};
 
 use crate::auth::AuthUser;
 use crate::domain::Cohort;
-use crate::error::{ApiError, Outcome};
+use crate::error::{ApiError, FailureReason, Outcome};
 use crate::metrics::Metrics;
 
 /// The request id header, set when the client did not send one and echoed back.
@@ -168,7 +168,14 @@ impl<F: Future<Output = Result<Response, Infallible>>> Future for Observed<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
             ObservedProj::Here { answer, seen } => {
-                let Ok(mut response) = ready!(answer.poll(cx));
+                // A panicking handler (admin, pass-through) is a counted, logged 500 here
+                // too — not a connection dropped and logged as the client's hang-up.
+                let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| answer.poll(cx)));
+                let mut response = match polled {
+                    Ok(Poll::Pending) => return Poll::Pending,
+                    Ok(Poll::Ready(Ok(response))) => response,
+                    Err(_) => ApiError::Internal("the request's handler panicked".into()).into_response(),
+                };
                 if let Some(seen) = seen.take() {
                     seen.answered(&mut response, false);
                 }
@@ -233,6 +240,16 @@ impl Drop for Finishing {
     }
 }
 
+/// A method as logged: a client's own method (forwarded as sent) can be as long as the
+/// request head; its log line takes at most 32 bytes of it.
+fn method_shown(method: &Method) -> &str {
+    let m = method.as_str();
+    match m.char_indices().nth(32) {
+        Some((cut, _)) => &m[..cut],
+        None => m,
+    }
+}
+
 impl Seen {
     /// Logs and counts `response`, and echoes the request id on it. `hung_up`: the client
     /// closed its connection before the answer (it was not sent).
@@ -259,18 +276,30 @@ impl Seen {
             .get::<AuthUser>()
             .map(|u| u.id.as_str())
             .unwrap_or("");
-        tracing::info!(
-            request_id = %self.id.to_str().unwrap_or_default(),
-            method = %self.method,
-            route = %route,
-            status = status.as_u16(),
-            driver = %driver,
-            cohort = cohort.map_or("none", Cohort::as_str),
-            outcome = outcome.as_str(),
-            latency_ms = elapsed.as_secs_f64() * 1000.0,
-            hung_up,
-            "request"
-        );
+        // One line per request; a failure's reason in it, at error level.
+        let failure = response.extensions().get::<FailureReason>().map(|r| r.0.as_str());
+        macro_rules! request_line {
+            ($level:ident) => {
+                tracing::$level!(
+                    request_id = %self.id.to_str().unwrap_or_default(),
+                    method = %method_shown(&self.method),
+                    route = %route,
+                    status = status.as_u16(),
+                    driver = %driver,
+                    cohort = cohort.map_or("none", Cohort::as_str),
+                    outcome = outcome.as_str(),
+                    latency_ms = elapsed.as_secs_f64() * 1000.0,
+                    hung_up,
+                    error = failure.unwrap_or_default(),
+                    "request"
+                )
+            };
+        }
+        if failure.is_some() {
+            request_line!(error);
+        } else {
+            request_line!(info);
+        }
         let pass_through = response.extensions().get::<super::upstream::PassThrough>().is_some();
         if let Some(metrics) = self.metrics.take().filter(|_| !pass_through) {
             metrics.request(cohort, driver, route, outcome, status.as_u16(), elapsed);
@@ -291,7 +320,7 @@ impl Drop for Seen {
         }
         tracing::info!(
             request_id = %self.id.to_str().unwrap_or_default(),
-            method = %self.method,
+            method = %method_shown(&self.method),
             route = %self.route.as_ref().map_or("unmatched", MatchedPath::as_str),
             status = 499_u16,
             driver = "",
@@ -350,6 +379,57 @@ mod tests {
             log.contains(
                 "request request_id=abc-1 method=GET route=unmatched status=200 driver= cohort=\"none\" outcome=\"ok\""
             ),
+            "{log}"
+        );
+    }
+
+    /// A 500's or 503's reason is in its request's one line (at error level, with its id),
+    /// not on a line of its own that no request id ties to it; a handler that panics on
+    /// the admin listener or in pass-through is a logged 500, not a client's hang-up; a
+    /// client's own method is logged cut short.
+    #[tokio::test]
+    async fn a_failure_is_one_line_with_its_reason() {
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let sink = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || Capture(sink.clone()))
+            .with_ansi(false)
+            .finish();
+        let _default = tracing::subscriber::set_default(subscriber);
+        let failing = tower::service_fn(|req: Request| async move {
+            if req.uri().path() == "/panic" {
+                panic!("a handler's bug");
+            }
+            Ok::<_, Infallible>(ApiError::Unavailable("database down".into()).into_response())
+        });
+        let mut service = ObserveLayer { metrics: None }.layer(failing);
+        let method = format!("X{}", "Y".repeat(200));
+        for (path, method) in [("/down", "GET"), ("/panic", "POST"), ("/down", method.as_str())] {
+            let req = Request::builder()
+                .uri(path)
+                .method(method)
+                .header(REQUEST_ID, "abc-2")
+                .body(Body::empty())
+                .unwrap();
+            let status = service.call(req).await.unwrap().status().as_u16();
+            assert_eq!(status, if path == "/panic" { 500 } else { 503 });
+        }
+        let log = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = log.lines().filter(|l| !l.contains("panicked at")).collect();
+        assert_eq!(lines.len(), 3, "{log}");
+        assert!(
+            lines[0].contains("ERROR")
+                && lines[0].contains("request_id=abc-2")
+                && lines[0].contains("status=503")
+                && lines[0].contains("error=\"database down\""),
+            "{log}"
+        );
+        assert!(
+            lines[1].contains("status=500") && lines[1].contains("panicked") && !lines[1].contains("hung_up=true"),
+            "{log}"
+        );
+        assert!(
+            lines[2].contains(&format!("method={}", &method[..32])) && !lines[2].contains(&method[..33]),
             "{log}"
         );
     }
