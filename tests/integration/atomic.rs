@@ -1024,8 +1024,11 @@ async fn the_first_redis_calls_at_once_share_one_dial() {
     let Some(url) = crate::support::redis_url() else {
         return;
     };
+    // Through a proxy that counts the dials.
+    let target = url.trim_start_matches("redis://").trim_end_matches('/');
+    let proxy = crate::support::Proxy::start(target.parse().unwrap()).await;
     let handle = tripgate::redis_conn::RedisHandle::new(&tripgate::config::RedisConfig {
-        url,
+        url: format!("redis://127.0.0.1:{}", proxy.port),
         // Room for a loaded machine's dial, and still a bound.
         timeout_ms: 2_000,
         ..tripgate::config::RedisConfig::default()
@@ -1043,4 +1046,5 @@ async fn the_first_redis_calls_at_once_share_one_dial() {
         let result = call.unwrap();
         assert!(result.is_ok(), "{result:?}");
     }
+    assert_eq!(proxy.connections(), 1, "one dial for the sixteen first calls");
 }

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tripgate::auth::Role;
@@ -279,16 +280,60 @@ async fn ten_thousand_keep_alive_connections() {
     assert!(started.elapsed() < Duration::from_secs(120));
 }
 
-fn arbitrary_body() -> impl Strategy<Value = Vec<u8>> {
+/// Request bodies that must be refused without a write: arbitrary bytes and JSON, and —
+/// so that a write is possible at all — bodies naming the real `trip` with an action that
+/// is almost right, a right action with the trip's id almost right, and well-formed
+/// requests for trips that do not exist (past the parser, to the cohorts and the database).
+fn arbitrary_body(trip: String) -> impl Strategy<Value = Vec<u8>> {
+    let near_actions = prop_oneof![
+        Just(json!("Accepted")),
+        Just(json!("accepted ")),
+        Just(json!("accept")),
+        Just(json!("rejected\u{0}")),
+        Just(json!("")),
+        Just(json!(1)),
+        Just(json!(["accepted"])),
+        Just(json!({"action": "accepted"})),
+        ".{0,12}".prop_map(|s| json!(s)),
+    ];
+    let real = trip.clone();
+    let near_ids = (0..trip.len(), any::<char>(), 0..4usize).prop_map(move |(at, c, how)| {
+        let mut id: Vec<char> = real.chars().collect();
+        match how {
+            // A character that is no hex digit, dash or brace in its place.
+            0 => {
+                id[at] = if c.is_ascii_hexdigit() || c == '-' || c == '{' || c == '}' {
+                    'g'
+                } else {
+                    c
+                }
+            }
+            1 => {
+                id.remove(at);
+            }
+            2 => id.insert(at, 'a'),
+            _ => id.push('0'),
+        }
+        json!(id.into_iter().collect::<String>())
+    });
+    let action = prop_oneof![Just("accepted"), Just("rejected")];
     prop_oneof![
         proptest::collection::vec(any::<u8>(), 0..600),
         ".{0,300}".prop_map(String::into_bytes),
         (any::<Option<String>>(), any::<Option<String>>(), any::<bool>()).prop_map(|(id, action, extra)| {
-            let mut v = serde_json::json!({"trip_request_id": id, "action": action});
+            let mut v = json!({"trip_request_id": id, "action": action});
             if extra {
-                v["more"] = serde_json::json!([1, {"x": null}]);
+                v["more"] = json!([1, {"x": null}]);
             }
             v.to_string().into_bytes()
+        }),
+        near_actions.prop_map(move |a| json!({"trip_request_id": trip, "action": a}).to_string().into_bytes()),
+        (near_ids, action.clone())
+            .prop_map(|(id, a)| json!({"trip_request_id": id, "action": a}).to_string().into_bytes()),
+        (any::<u128>(), action).prop_map(|(n, a)| {
+            json!({"trip_request_id": uuid::Uuid::from_u128(n).to_string(), "action": a})
+                .to_string()
+                .into_bytes()
         }),
     ]
 }
@@ -312,10 +357,11 @@ async fn arbitrary_bodies_never_5xx_or_write() {
     let tokens: Vec<String> = drivers.iter().map(|d| gw.token(d, Role::Driver)).collect();
     // Draw the bodies from the strategy (deterministic seed), then send each for real.
     let mut runner = proptest::test_runner::TestRunner::deterministic();
-    let strategy = arbitrary_body();
+    let strategy = arbitrary_body(trip.clone());
     let bodies: Vec<Vec<u8>> = (0..300)
         .map(|_| strategy.new_tree(&mut runner).unwrap().current())
         .collect();
+    let mut statuses = std::collections::BTreeSet::new();
     for (i, body) in bodies.into_iter().enumerate() {
         let token = &tokens[i % 2];
         let (status, _, _) = gw
@@ -327,7 +373,10 @@ async fn arbitrary_bodies_never_5xx_or_write() {
             )
             .await;
         assert!(status < 500, "{status} for {:?}", String::from_utf8_lossy(&body));
+        statuses.insert(status);
     }
+    // Some got past the parser: the trips that do not exist.
+    assert!(statuses.contains(&404) && statuses.contains(&400), "{statuses:?}");
     let snapshot = gw.store.trip_snapshot(&trip).await.unwrap().unwrap();
     assert_eq!((snapshot.driver_id, snapshot.status.as_str()), (None, "pending"));
     let full = gw.store.trip_with_relations(&trip).await.unwrap().unwrap();

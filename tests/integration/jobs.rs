@@ -242,7 +242,8 @@ async fn previous_release_accept(db: &TestDb, driver: &str, trip: &str, trip_typ
 async fn two_worker_processes_share_the_queue(backend: Backend) {
     let db = TestDb::new(backend).await;
     let stub = WebhookStub::start().await;
-    stub.set_delay(20);
+    // Slow enough calls that one worker cannot finish the queue before the other is up.
+    stub.set_delay(100);
     let store = db.store().await;
     let w = World::new(&store).await;
     let trips = accepted_trips(&store, &w, 30).await;
@@ -253,14 +254,19 @@ async fn two_worker_processes_share_the_queue(backend: Backend) {
     };
     let mut config = crate::support::config(&db.url, dir.path(), &options);
     config.flags.path = dir.path().join("no-flags-file-on-a-worker-host.toml");
-    let admin = crate::support::free_port();
-    let mut first = config.clone();
-    first.jobs.admin_listen = format!("127.0.0.1:{admin}").parse().unwrap();
-    let mut workers = [
-        Process::spawn("worker", &first, dir.path()),
-        Process::spawn("worker", &config, dir.path()),
-    ];
-    crate::support::wait_process_ready(format!("127.0.0.1:{admin}")).await;
+    // Each on an admin port of its own, to read what it did; a few jobs at a time each, so
+    // one claim does not take the whole queue.
+    config.jobs.workers = 4;
+    let admins = [crate::support::free_port(), crate::support::free_port()];
+    let mut workers = admins.map(|port| {
+        let mut each = config.clone();
+        each.jobs.admin_listen = format!("127.0.0.1:{port}").parse().unwrap();
+        Process::spawn("worker", &each, dir.path())
+    });
+    for port in admins {
+        crate::support::wait_process_ready(format!("127.0.0.1:{port}")).await;
+    }
+    let admin = admins[0];
     let pid = workers[0].child.id().to_string();
     assert!(
         std::process::Command::new("kill")
@@ -286,6 +292,22 @@ async fn two_worker_processes_share_the_queue(backend: Backend) {
     assert!(store.list_jobs(None).await.unwrap().iter().all(|j| j.attempts == 1));
     assert!(workers[0].child.try_wait().unwrap().is_none(), "SIGHUP ended a worker");
     crate::support::wait_process_ready(format!("127.0.0.1:{admin}")).await;
+    // Both took part: each made calls of its own.
+    for (k, port) in admins.iter().enumerate() {
+        assert!(workers[k].child.try_wait().unwrap().is_none(), "worker {k} ended");
+        let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let calls: f64 = metrics
+            .lines()
+            .filter(|l| l.starts_with("tripgate_side_effects_total{") && l.contains("result=\"ok\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert!(calls > 0.0, "worker {k} made no call:\n{metrics}");
+    }
     store.close().await;
 }
 

@@ -923,6 +923,11 @@ impl Proxy {
         }
     }
 
+    /// Connections let through so far (not counting any held or refused while cut).
+    pub fn connections(&self) -> usize {
+        self.conns.lock().unwrap().len()
+    }
+
     /// Delays each chunk of the server's answers by `ms` (0: none).
     pub fn slow_replies(&self, ms: u64) {
         self.reply_delay_ms.store(ms, Ordering::SeqCst);
