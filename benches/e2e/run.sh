@@ -82,8 +82,9 @@ for s in $SCENARIOS; do
       drive burst-pg burst --drivers 1000 --trips 1000
       stop ;;
     burst-sqlite)  # the same on the embedded default
-      start burst-sqlite "sqlite://$PWD/$OUT/burst-sqlite.db" "" 100 1500 800
+      # A fresh file each run (OUT is absolute: sqlite:///abs/path).
       rm -f "$OUT"/burst-sqlite.db*
+      start burst-sqlite "sqlite://$OUT/burst-sqlite.db" "" 100 1500 800
       drive burst-sqlite burst --drivers 1000 --trips 1000
       stop ;;
     hot-path)  # issue #11: the accept vs pgbench's minimal fence transaction, same run
