@@ -130,7 +130,7 @@ pub enum FlagsCommand {
         #[arg(long)]
         file: bool,
         /// Who (the audit's actor; default: $USER).
-        #[arg(long, env = "TRIPGATE_ACTOR")]
+        #[arg(long, env = "TRIPGATE_ACTOR", value_parser = actor_text)]
         actor: Option<String>,
     },
     /// Clear a flag's override: the file's flags are in force again.
@@ -141,7 +141,7 @@ pub enum FlagsCommand {
         #[arg(long, default_value = "", value_parser = reason_text)]
         reason: String,
         /// Who (the audit's actor; default: $USER).
-        #[arg(long, env = "TRIPGATE_ACTOR")]
+        #[arg(long, env = "TRIPGATE_ACTOR", value_parser = actor_text)]
         actor: Option<String>,
     },
     /// The guarded rollout: status, pause, resume, ack.
@@ -176,7 +176,7 @@ pub enum GuardCommand {
         /// Flag name.
         name: String,
         /// Who (named in the guard's reason; default: $USER).
-        #[arg(long, env = "TRIPGATE_ACTOR")]
+        #[arg(long, env = "TRIPGATE_ACTOR", value_parser = actor_text)]
         actor: Option<String>,
     },
     /// Walk on from the percent in force.
@@ -184,7 +184,7 @@ pub enum GuardCommand {
         /// Flag name.
         name: String,
         /// Who (named in the guard's reason; default: $USER).
-        #[arg(long, env = "TRIPGATE_ACTOR")]
+        #[arg(long, env = "TRIPGATE_ACTOR", value_parser = actor_text)]
         actor: Option<String>,
     },
     /// Acknowledge a rollback or hold; the guard stays paused.
@@ -192,7 +192,7 @@ pub enum GuardCommand {
         /// Flag name.
         name: String,
         /// Who (named in the guard's reason; default: $USER).
-        #[arg(long, env = "TRIPGATE_ACTOR")]
+        #[arg(long, env = "TRIPGATE_ACTOR", value_parser = actor_text)]
         actor: Option<String>,
     },
 }
@@ -653,7 +653,7 @@ async fn migrate(store: &Storage, key: &str) -> anyhow::Result<()> {
 /// A change made through the CLI: `--actor`, else `$USER`, else `cli`.
 fn cli_change(actor: Option<String>, reason: String) -> ChangeBy {
     let actor = actor
-        .or_else(|| std::env::var("USER").ok())
+        .or_else(|| std::env::var("USER").ok().filter(|u| actor_text(u).is_ok()))
         .filter(|a| !a.trim().is_empty())
         .unwrap_or_else(|| "cli".into());
     ChangeBy {
@@ -678,6 +678,18 @@ async fn claim_places(shards: &Shards) -> anyhow::Result<()> {
 fn reason_text(text: &str) -> Result<String, String> {
     if text.len() > 1000 {
         return Err(format!("{} bytes; at most 1000", text.len()));
+    }
+    if text.chars().any(char::is_control) {
+        return Err("one line of text, without control characters".into());
+    }
+    Ok(text.to_owned())
+}
+
+/// An `--actor`: one line of at most 200 bytes (the audit shows it, the logs carry it: a
+/// newline in it would forge a log line).
+fn actor_text(text: &str) -> Result<String, String> {
+    if text.len() > 200 {
+        return Err(format!("{} bytes; at most 200", text.len()));
     }
     if text.chars().any(char::is_control) {
         return Err("one line of text, without control characters".into());

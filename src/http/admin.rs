@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{Extension, Path, Query, State};
+use axum::extract::{Extension, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
@@ -14,7 +14,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{AppState, json_body};
+use super::{AppState, Params, json_body};
 use crate::auth::AuthUser;
 use crate::domain::{JobState, now_ms};
 use crate::error::ApiError;
@@ -159,6 +159,14 @@ async fn get_flags(State(state): State<AppState>) -> Json<Value> {
 const REASON_MAX: usize = 1000;
 /// Most driver ids in an override's allow or deny list.
 const IDS_MAX: usize = 10_000;
+/// Longest driver id in an allow or deny list (ids are UUIDs; each audit entry keeps the
+/// lists, and every instance reads them every half second).
+const ID_MAX: usize = 128;
+/// Longest actor (a token's subject) an override change records.
+const ACTOR_MAX: usize = 200;
+/// Audit entries `GET /admin/audit` returns by default, and at most (`?limit=`).
+const AUDIT_DEFAULT: i64 = 1_000;
+const AUDIT_MAX: i64 = 10_000;
 
 /// `PUT /admin/flags/{name}` `{"percent"?, "allow"?, "deny"?, "reason"?}`: sets the
 /// fleet-wide override (absent fields keep the override's current values), audited with
@@ -168,7 +176,7 @@ async fn put_flag(
     State(state): State<AppState>,
     Extension(user): Extension<AuthUser>,
     console: Option<Extension<super::console::ViaConsole>>,
-    Path(name): Path<String>,
+    Params(name): Params<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -204,7 +212,7 @@ async fn clear_override(
     State(state): State<AppState>,
     Extension(user): Extension<AuthUser>,
     console: Option<Extension<super::console::ViaConsole>>,
-    Path(name): Path<String>,
+    Params(name): Params<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -238,6 +246,15 @@ fn change_by(user: &AuthUser, console: bool, fields: &serde_json::Map<String, Va
             .trim()
             .to_owned(),
     };
+    // The token's subject is the audit's actor, shown and logged as the reason is.
+    if user.id.len() > ACTOR_MAX || user.id.chars().any(char::is_control) {
+        return Err(ApiError::invalid(
+            "actor",
+            format!(
+                "The token's subject must be one line of at most {ACTOR_MAX} bytes to be recorded as who made a change."
+            ),
+        ));
+    }
     Ok(ChangeBy {
         actor: user.id.clone(),
         source: if console { "console" } else { "api" }.into(),
@@ -254,7 +271,9 @@ fn driver_ids(fields: &serde_json::Map<String, Value>, field: &'static str) -> R
     let invalid = || {
         ApiError::invalid(
             field,
-            format!("The {field} list must be an array of at most {IDS_MAX} non-empty driver id strings."),
+            format!(
+                "The {field} list must be an array of at most {IDS_MAX} driver id strings, each of 1 to {ID_MAX} bytes without control characters."
+            ),
         )
     };
     let items = value.as_array().filter(|a| a.len() <= IDS_MAX).ok_or_else(invalid)?;
@@ -262,7 +281,7 @@ fn driver_ids(fields: &serde_json::Map<String, Value>, field: &'static str) -> R
         .iter()
         .map(|v| {
             v.as_str()
-                .filter(|s| !s.is_empty())
+                .filter(|s| !s.is_empty() && s.len() <= ID_MAX && !s.chars().any(char::is_control))
                 .map(str::to_owned)
                 .ok_or_else(invalid)
         })
@@ -287,7 +306,7 @@ async fn guard_action(
     State(state): State<AppState>,
     Extension(user): Extension<AuthUser>,
     console: Option<Extension<super::console::ViaConsole>>,
-    Path((name, action)): Path<(String, String)>,
+    Params((name, action)): Params<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     let action = crate::guard::Action::parse(&action).ok_or(ApiError::NotFound("route"))?;
     if name != crate::domain::TRIP_ACCEPT_FLAG {
@@ -306,8 +325,28 @@ async fn guard_action(
     }
 }
 
-async fn audit(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let entries = state.store.flag_audit().await?;
+#[derive(Deserialize)]
+struct AuditQuery {
+    limit: Option<i64>,
+}
+
+/// The newest `?limit=` entries (default 1,000, at most 10,000), newest last: the log only
+/// grows, and each entry keeps the lists in force.
+async fn audit(
+    State(state): State<AppState>,
+    q: Result<Query<AuditQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = match super::query(q)?.limit {
+        None => AUDIT_DEFAULT,
+        Some(n) if (1..=AUDIT_MAX).contains(&n) => n,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "limit",
+                format!("The limit must be a whole number in 1..={AUDIT_MAX}."),
+            ));
+        }
+    };
+    let entries = state.store.flag_audit(limit).await?;
     Ok(Json(json!({"entries": entries})))
 }
 
@@ -336,7 +375,7 @@ async fn jobs(
     Ok(Json(json!({"jobs": jobs})))
 }
 
-async fn retry_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn retry_job(State(state): State<AppState>, Params(id): Params<String>) -> Result<Json<Value>, ApiError> {
     // Job ids are UUIDs: anything else names no job (and some bytes, NUL, no SQL text).
     if uuid::Uuid::parse_str(&id).is_err() {
         return Err(ApiError::NotFound("dead job"));

@@ -12,7 +12,7 @@
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -21,7 +21,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::AppState;
+use super::{AppState, Params};
 use crate::auth::{AuthUser, Role};
 use crate::domain::{Cohort, now_ms};
 use crate::error::ApiError;
@@ -312,7 +312,7 @@ async fn stats(
 /// under the flags in force, and their source.
 async fn explain(
     State(state): State<AppState>,
-    Path((flag, driver)): Path<(String, String)>,
+    Params((flag, driver)): Params<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     if driver.trim().is_empty() {
         return Err(ApiError::invalid("driver", "must not be empty"));

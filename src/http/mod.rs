@@ -246,6 +246,27 @@ pub fn query<T>(q: Result<axum::extract::Query<T>, axum::extract::rejection::Que
         .map_err(|e| ApiError::invalid("query", e.body_text()))
 }
 
+/// A route's path parameters (axum's `Path`), refused in the envelope: a parameter that is
+/// not UTF-8 (`%FF`) or not of its type is a `400 default_400`, not axum's plain text.
+pub struct Params<T>(pub T);
+
+impl<S, T> axum::extract::FromRequestParts<S> for Params<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        use axum::extract::rejection::PathRejection;
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(t)) => Ok(Params(t)),
+            Err(PathRejection::FailedToDeserializePathParams(e)) => Err(ApiError::invalid("path", e.body_text())),
+            Err(e) => Err(ApiError::Internal(e.body_text())),
+        }
+    }
+}
+
 /// The bounds of reading a request body on tripgate's own routes.
 #[derive(Debug, Clone, Copy)]
 pub struct BodyRead {

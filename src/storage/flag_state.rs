@@ -532,11 +532,16 @@ impl Storage {
         tx.commit().await
     }
 
-    /// The change log, oldest first.
-    pub async fn flag_audit(&self) -> Result<Vec<AuditEntry>, sqlx::Error> {
-        sqlx::query_as(&format!("SELECT {AUDIT_COLUMNS} FROM flag_audit ORDER BY id"))
-            .fetch_all(&mut *self.conn().await?)
-            .await
+    /// The newest `limit` entries of the change log, oldest first.
+    pub async fn flag_audit(&self, limit: i64) -> Result<Vec<AuditEntry>, sqlx::Error> {
+        let mut newest: Vec<AuditEntry> = sqlx::query_as(&format!(
+            "SELECT {AUDIT_COLUMNS} FROM flag_audit ORDER BY id DESC LIMIT $1"
+        ))
+        .bind(limit)
+        .fetch_all(&mut *self.conn().await?)
+        .await?;
+        newest.reverse();
+        Ok(newest)
     }
 
     /// The last change of `flag` that took effect (a file change while an override held

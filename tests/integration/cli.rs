@@ -354,6 +354,10 @@ fn the_cli_refuses_what_the_api_refuses() {
         &["flags", "set", "trip_accept_v2", "20", "--reason", "two\nlines"],
         "one line",
     );
+    refused(
+        &["flags", "set", "trip_accept_v2", "20", "--actor", "two\nlines"],
+        "one line",
+    );
     refused(&["flags", "set", "--file", "trip_accept_v2", "-1"], "percent");
     std::fs::write(dir.path().join("flags/rollout.toml"), "[trip_accept_v2\n").unwrap();
     refused(&["flags", "set", "--file", "trip_accept_v2", "20"], "rollout.toml");
@@ -424,7 +428,7 @@ fn flags_show_set_explain() {
             config.database.url = format!("sqlite://{}", dir.path().join("data/t.db").display());
             tripgate::storage::Storage::connect(&config.database)
                 .unwrap()
-                .flag_audit()
+                .flag_audit(10_000)
                 .await
                 .unwrap()
         })
@@ -556,7 +560,7 @@ fn overrides_need_no_good_flags_file() {
     let out = tripgate(dir.path(), &["flags", "set", "other_flag", "5"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("flags file: cannot read"), "{}", stderr(&out));
-    assert_eq!(rt.block_on(store.flag_audit()).unwrap().len(), 2);
+    assert_eq!(rt.block_on(store.flag_audit(10_000)).unwrap().len(), 2);
 }
 
 /// `flags guard pause|resume|ack` name who acted as `flags set` does (`--actor`, else

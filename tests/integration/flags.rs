@@ -410,6 +410,24 @@ async fn rollout_under_steady_load(backend: Backend) {
             .iter()
             .all(|e| e["actor"] == "admin" && e["source"] == "api" && e["action"] == "set")
     );
+    // The newest entries only when asked (the log only grows), still newest last.
+    let (status, newest) = gw.admin_get("/admin/audit?limit=2").await;
+    assert_eq!(status, 200, "{newest}");
+    let newest: Vec<(f64, f64)> = newest["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["from"].as_f64().unwrap(), e["to"].as_f64().unwrap()))
+        .collect();
+    assert_eq!(newest, [(50.0, 100.0), (100.0, 0.0)]);
+    for bad in ["0", "10001", "x", "-1"] {
+        let (status, body) = gw.admin_get(&format!("/admin/audit?limit={bad}")).await;
+        assert_eq!(
+            (status, body["response_code"].as_str()),
+            (400, Some("default_400")),
+            "{bad}: {body}"
+        );
+    }
     match Arc::try_unwrap(gw) {
         Ok(gw) => gw.shutdown().await,
         Err(_) => panic!("gateway still shared"),
@@ -532,6 +550,7 @@ async fn overrides_on_the_embedded_default() {
         (res.status().as_u16(), res.json::<Value>().await.unwrap_or(Value::Null))
     };
     assert_eq!(cohorts_of(&gw, &w, &drivers).await, ["atomic_async"; 3]);
+    let audited = gw.store.flag_audit(10_000).await.unwrap().len();
     for bad in [
         json!({"deny": "d1"}),
         json!({"deny": [1]}),
@@ -541,10 +560,39 @@ async fn overrides_on_the_embedded_default() {
         json!({"percent": 5, "reason": 7}),
         // A reason goes into log lines: a newline in it would forge one.
         json!({"percent": 5, "reason": "x\nrequest request_id=forged status=200"}),
+        // Ids are bounded (each audit entry keeps the lists) and one line too.
+        json!({"deny": ["d".repeat(129)]}),
+        json!({"deny": ["d1\nrequest request_id=forged"]}),
     ] {
         let (status, _) = send(gw.http.put(&url).bearer_auth(&carol).json(&bad)).await;
         assert_eq!(status, 400, "{bad}");
     }
+    // The token's subject is the audit's actor: the same holds for it. A path parameter
+    // that is not UTF-8 is refused in the envelope, not in axum's plain text.
+    let forger = gw.token("carol\nrequest request_id=forged", Role::Admin);
+    let (status, body) = send(gw.http.put(&url).bearer_auth(&forger).json(&json!({"percent": 5}))).await;
+    assert_eq!(
+        (status, body["response_code"].as_str()),
+        (400, Some("default_400")),
+        "{body}"
+    );
+    let (status, body) = send(
+        gw.http
+            .put(format!("{}/admin/flags/%FF", gw.admin))
+            .bearer_auth(&carol)
+            .json(&json!({"percent": 5})),
+    )
+    .await;
+    assert_eq!(
+        (status, body["response_code"].as_str()),
+        (400, Some("default_400")),
+        "{body}"
+    );
+    assert_eq!(
+        gw.store.flag_audit(10_000).await.unwrap().len(),
+        audited,
+        "a refused change wrote"
+    );
     let (status, body) = send(
         gw.http
             .put(&url)

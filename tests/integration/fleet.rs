@@ -420,7 +420,7 @@ async fn with_the_database_down_the_last_state_holds() {
         alice.put(&gw.admin, json!({"percent": 50, "reason": "ramp"})).await.0,
         200
     );
-    let entries = gw.store.flag_audit().await.unwrap().len();
+    let entries = gw.store.flag_audit(10_000).await.unwrap().len();
 
     proxy.cut();
     let (status, body) = alice.put(&gw.admin, json!({"percent": 70})).await;
@@ -513,7 +513,7 @@ async fn file_changes_are_recorded_once(backend: Backend) {
     assert_eq!(race(1000, 6).await, 0, "a B -> A seen before the last change recorded");
     assert_eq!(race(2000, 7).await, 0, "and the A -> B after it");
     let entries: Vec<(Option<f64>, f64, i64)> = store
-        .flag_audit()
+        .flag_audit(10_000)
         .await
         .unwrap()
         .into_iter()
@@ -560,7 +560,7 @@ async fn the_fleet_s_kill_switch_refuses_an_override_whatever_the_caller_s_file_
     let refused = set_override(&store, Some(2_000), "f", &patch, &by).await;
     assert!(matches!(refused, Err(OverrideError::KillSwitch(_))), "{refused:?}");
     assert!(store.flag_overrides().await.unwrap().iter().all(|o| !o.active));
-    assert_eq!(store.flag_audit().await.unwrap().len(), 1, "only the kill switch");
+    assert_eq!(store.flag_audit(10_000).await.unwrap().len(), 1, "only the kill switch");
     // The file rises again: nothing was waiting to take over, and an override now counts
     // from the file's percent the fleet holds.
     store.record_file_percent("f", 500, 3).await.unwrap();
@@ -623,7 +623,7 @@ async fn file_salt_and_list_changes_are_recorded(backend: Backend) {
     ));
     type Entry = (String, Option<f64>, f64, bool, String, Option<Vec<String>>);
     let entries: Vec<Entry> = store
-        .flag_audit()
+        .flag_audit(10_000)
         .await
         .unwrap()
         .into_iter()
@@ -667,7 +667,7 @@ async fn file_salt_and_list_changes_are_recorded(backend: Backend) {
         record(2000, lists("s4", &[]), 9).await,
         FileRecord::Recorded(_)
     ));
-    assert_eq!(store.flag_audit().await.unwrap().len(), 6);
+    assert_eq!(store.flag_audit(10_000).await.unwrap().len(), 6);
 }
 
 crate::backend_tests!(file_salt_and_list_changes_are_recorded);
@@ -802,7 +802,7 @@ async fn the_previous_audit_log_survives_the_upgrade(backend: Backend) {
     let store = crate::jobs::unmigrated_store(&db);
     store.migrate().await.unwrap();
     let entries: Vec<(String, String, Option<f64>, f64, bool, String)> = store
-        .flag_audit()
+        .flag_audit(10_000)
         .await
         .unwrap()
         .into_iter()
