@@ -676,20 +676,19 @@ async fn claim_places(shards: &Shards) -> anyhow::Result<()> {
 /// A `--reason`: one line of at most 1000 bytes, as `PUT /admin/flags/{name}` takes (it is
 /// shown in every flags listing, and logged).
 fn reason_text(text: &str) -> Result<String, String> {
-    if text.len() > 1000 {
-        return Err(format!("{} bytes; at most 1000", text.len()));
-    }
-    if text.chars().any(char::is_control) {
-        return Err("one line of text, without control characters".into());
-    }
-    Ok(text.to_owned())
+    line_of(text, 1000)
 }
 
 /// An `--actor`: one line of at most 200 bytes (the audit shows it, the logs carry it: a
 /// newline in it would forge a log line).
 fn actor_text(text: &str) -> Result<String, String> {
-    if text.len() > 200 {
-        return Err(format!("{} bytes; at most 200", text.len()));
+    line_of(text, 200)
+}
+
+/// `text` if it is one line of at most `max` bytes.
+fn line_of(text: &str, max: usize) -> Result<String, String> {
+    if text.len() > max {
+        return Err(format!("{} bytes; at most {max}", text.len()));
     }
     if text.chars().any(char::is_control) {
         return Err("one line of text, without control characters".into());

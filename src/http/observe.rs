@@ -355,15 +355,20 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_request_is_one_log_line_with_its_id_echoed() {
+    /// This thread's log lines, written to the returned buffer while the guard lives.
+    fn capture() -> (Arc<Mutex<Vec<u8>>>, tracing::subscriber::DefaultGuard) {
         let out = Arc::new(Mutex::new(Vec::new()));
         let sink = out.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_writer(move || Capture(sink.clone()))
             .with_ansi(false)
             .finish();
-        let _default = tracing::subscriber::set_default(subscriber);
+        (out, tracing::subscriber::set_default(subscriber))
+    }
+
+    #[tokio::test]
+    async fn a_request_is_one_log_line_with_its_id_echoed() {
+        let (out, _default) = capture();
         let answer = tower::service_fn(|_: Request| async { Ok::<_, Infallible>(Response::new(Body::empty())) });
         let mut service = ObserveLayer { metrics: None }.layer(answer);
         let req = Request::builder()
@@ -389,13 +394,7 @@ mod tests {
     /// client's own method is logged cut short.
     #[tokio::test]
     async fn a_failure_is_one_line_with_its_reason() {
-        let out = Arc::new(Mutex::new(Vec::new()));
-        let sink = out.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || Capture(sink.clone()))
-            .with_ansi(false)
-            .finish();
-        let _default = tracing::subscriber::set_default(subscriber);
+        let (out, _default) = capture();
         let failing = tower::service_fn(|req: Request| async move {
             if req.uri().path() == "/panic" {
                 panic!("a handler's bug");
